@@ -1,0 +1,17 @@
+//! NovaCron's shared vocabulary: ids, the wire protocol (messages, framing,
+//! versioning), PKI helpers and the QUIC/TLS configuration builders.
+//!
+//! This crate has no async runtime and no libvirt: the agent and the server
+//! both build on it, and everything in it can be tested without I/O.
+
+pub mod backoff;
+pub mod codec;
+pub mod duration;
+pub mod framing;
+pub mod ids;
+pub mod pki;
+pub mod protocol;
+pub mod tls;
+
+/// The ALPN protocol name both ends of a NovaCron QUIC connection must offer.
+pub const ALPN: &[u8] = b"novacron/1";

@@ -1,0 +1,402 @@
+//! The wire protocol: one enum per direction, plus version negotiation.
+//!
+//! Layout rules (see ARCHITECTURE.md): a connection's first frame is always
+//! framed at [`HANDSHAKE_VERSION`], and the layouts of [`Hello`], [`Welcome`],
+//! [`JoinRequest`] and [`WireError`] are frozen forever, so that peers of any
+//! two versions can always tell each other which versions they speak. After
+//! the welcome, every frame carries the negotiated version. New message kinds
+//! are appended at the end of the enums, never inserted.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{HostId, OpId};
+
+/// The oldest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// The newest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
+/// The frame version of the first frame on a connection (hello or join).
+pub const HANDSHAKE_VERSION: u16 = 1;
+
+/// Everything an agent sends to the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    /// First frame of an enrolled agent's control stream.
+    Hello(Hello),
+    /// First and only request on an enrollment connection (no client certificate).
+    Join(JoinRequest),
+    /// Liveness, sent every heartbeat interval.
+    Heartbeat(Heartbeat),
+    /// What the host has and runs; sent after the welcome and on change.
+    Inventory(Inventory),
+    /// The outcome of a [`Command`].
+    CommandResult(CommandResult),
+    /// A batch of metric samples.
+    Metrics(MetricBatch),
+    /// A new CSR for the same host id, sent before the certificate expires.
+    RenewCertificate(RenewRequest),
+}
+
+/// Everything the server sends to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    /// Accepts a hello: the negotiated version and who the agent is.
+    Welcome(Welcome),
+    /// Accepts a join: the signed certificate.
+    Joined(JoinReply),
+    /// Echo of a heartbeat's sequence number.
+    HeartbeatAck(HeartbeatAck),
+    /// Something the agent must do.
+    Command(Command),
+    /// Metric batches up to and including `upto_seq` are stored.
+    MetricsAck(MetricsAck),
+    /// A renewed certificate.
+    CertificateRenewed(RenewReply),
+    /// A refusal; the connection is closed after it when `fatal`.
+    Error(WireError),
+}
+
+/// The agent's opening: which versions it speaks and what it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Oldest version the agent speaks.
+    pub min_version: u16,
+    /// Newest version the agent speaks.
+    pub max_version: u16,
+    /// The agent's build version, e.g. `0.1.0`.
+    pub agent_version: String,
+    /// The host's name as the host itself knows it.
+    pub hostname: String,
+}
+
+/// The server's reply to a hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The version all further frames use.
+    pub version: u16,
+    /// The host id the server read from the agent's certificate.
+    pub host_id: HostId,
+    /// How often the server expects heartbeats, in milliseconds.
+    pub heartbeat_interval_ms: u32,
+}
+
+/// An enrollment request, sent over a connection that pins the CA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// Oldest version the agent speaks.
+    pub min_version: u16,
+    /// Newest version the agent speaks.
+    pub max_version: u16,
+    /// The one-time join token.
+    pub token: String,
+    /// A PKCS#10 certificate signing request (DER) for a key made on the host.
+    pub csr_der: Vec<u8>,
+    /// The host's name as the host itself knows it.
+    pub hostname: String,
+    /// The agent's build version.
+    pub agent_version: String,
+}
+
+/// A successful enrollment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinReply {
+    /// The id assigned to this host.
+    pub host_id: HostId,
+    /// The host's certificate (DER), naming the host id.
+    pub cert_der: Vec<u8>,
+    /// The fleet CA certificate (DER).
+    pub ca_der: Vec<u8>,
+}
+
+/// Liveness from the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Increases by one per heartbeat within a connection.
+    pub seq: u64,
+}
+
+/// The server's echo of a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatAck {
+    /// The acknowledged heartbeat.
+    pub seq: u64,
+}
+
+/// What a host offers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+}
+
+/// A VM's state as libvirt reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// Defined but not running.
+    Stopped,
+    /// Running.
+    Running,
+    /// Paused (suspended in memory).
+    Paused,
+    /// Shutting down.
+    ShuttingDown,
+    /// Crashed.
+    Crashed,
+    /// Suspended to disk by the guest (pmsuspended).
+    Suspended,
+    /// Any state libvirt reports that we do not map.
+    Unknown,
+}
+
+/// One VM as observed on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmObserved {
+    /// The libvirt domain name.
+    pub name: String,
+    /// The libvirt domain UUID.
+    pub uuid: String,
+    /// Its state.
+    pub state: VmState,
+}
+
+/// The host's full observed state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    /// What the host offers.
+    pub capacity: Capacity,
+    /// The hypervisor connection the agent manages (e.g. `qemu:///system`).
+    pub hypervisor: String,
+    /// Every VM the hypervisor knows.
+    pub vms: Vec<VmObserved>,
+}
+
+/// A command from the server; idempotent by `op_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Identifies this operation across retries.
+    pub op_id: OpId,
+    /// What to do.
+    pub kind: CommandKind,
+}
+
+/// Every command the server can give an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandKind {
+    /// Re-read the hypervisor and send a fresh inventory.
+    RefreshInventory,
+}
+
+/// The outcome of a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    /// The operation this answers.
+    pub op_id: OpId,
+    /// How it ended.
+    pub outcome: CommandOutcome,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandOutcome {
+    /// Done (or was already done: commands are idempotent).
+    Done,
+    /// Failed; the message says why.
+    Failed {
+        /// Why it failed, for the operator.
+        message: String,
+    },
+}
+
+/// One metric sample.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Which series (host- or VM-scoped; defined with the collectors).
+    pub series: u32,
+    /// When, in milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    /// The value.
+    pub value: f64,
+}
+
+/// A sequenced batch of samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricBatch {
+    /// Per-host sequence number, increasing by one per batch.
+    pub seq: u64,
+    /// The samples.
+    pub samples: Vec<Sample>,
+}
+
+/// Acknowledges stored metric batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsAck {
+    /// Every batch with a sequence number up to this one is stored.
+    pub upto_seq: u64,
+}
+
+/// A certificate renewal request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewRequest {
+    /// A CSR (DER) for a fresh key made on the host.
+    pub csr_der: Vec<u8>,
+}
+
+/// A renewed certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewReply {
+    /// The new certificate (DER), same host id.
+    pub cert_der: Vec<u8>,
+}
+
+/// A refusal or failure, with a stable code and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// What kind of error.
+    pub code: ErrorCode,
+    /// What was wrong and what to do about it.
+    pub message: String,
+}
+
+/// Stable error codes; also used as QUIC application close codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The peers share no protocol version.
+    UnsupportedVersion,
+    /// A frame could not be decoded.
+    MalformedFrame,
+    /// A frame exceeded the size cap.
+    FrameTooLarge,
+    /// A message arrived that is not allowed at this point.
+    UnexpectedMessage,
+    /// The join token is unknown.
+    TokenInvalid,
+    /// The join token has expired.
+    TokenExpired,
+    /// The join token was already used.
+    TokenUsed,
+    /// The CSR could not be parsed or verified.
+    BadCsr,
+    /// No client certificate, or one that maps to no known host.
+    Unauthenticated,
+    /// The host's certificate has been revoked.
+    Revoked,
+    /// A newer connection for the same host replaced this one.
+    Replaced,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// A feature the peer asked for is not available in this build.
+    Unsupported,
+    /// Heartbeats stopped arriving.
+    Timeout,
+    /// The server failed internally; the message says where.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, in wire order.
+    pub const ALL: [ErrorCode; 15] = [
+        Self::UnsupportedVersion,
+        Self::MalformedFrame,
+        Self::FrameTooLarge,
+        Self::UnexpectedMessage,
+        Self::TokenInvalid,
+        Self::TokenExpired,
+        Self::TokenUsed,
+        Self::BadCsr,
+        Self::Unauthenticated,
+        Self::Revoked,
+        Self::Replaced,
+        Self::ShuttingDown,
+        Self::Unsupported,
+        Self::Timeout,
+        Self::Internal,
+    ];
+
+    /// The QUIC application close code for this error (0 is a clean close).
+    pub fn close_code(self) -> u32 {
+        Self::ALL
+            .iter()
+            .position(|c| *c == self)
+            .map_or(u32::MAX, |i| 0x100 + i as u32)
+    }
+
+    /// The error for a QUIC application close code, if it is one of ours.
+    pub fn from_close_code(code: u64) -> Option<ErrorCode> {
+        let i = code.checked_sub(0x100)?;
+        Self::ALL.get(usize::try_from(i).ok()?).copied()
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// The two sides share no protocol version.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "protocol version mismatch: we speak {ours_min}..={ours_max}, the peer speaks \
+     {theirs_min}..={theirs_max}; upgrade the older side"
+)]
+pub struct VersionMismatch {
+    /// Our oldest.
+    pub ours_min: u16,
+    /// Our newest.
+    pub ours_max: u16,
+    /// Their oldest.
+    pub theirs_min: u16,
+    /// Their newest.
+    pub theirs_max: u16,
+}
+
+/// Picks the newest version both sides speak.
+pub fn negotiate(
+    ours: (u16, u16),
+    theirs_min: u16,
+    theirs_max: u16,
+) -> Result<u16, VersionMismatch> {
+    let lo = ours.0.max(theirs_min);
+    let hi = ours.1.min(theirs_max);
+    if lo <= hi && theirs_min <= theirs_max {
+        Ok(hi)
+    } else {
+        Err(VersionMismatch {
+            ours_min: ours.0,
+            ours_max: ours.1,
+            theirs_min,
+            theirs_max,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiate_picks_newest_common() {
+        assert_eq!(negotiate((1, 3), 2, 5), Ok(3));
+        assert_eq!(negotiate((1, 1), 1, 1), Ok(1));
+        let e = negotiate((1, 1), 2, 3).unwrap_err();
+        assert!(e.to_string().contains("we speak 1..=1"), "{e}");
+        assert!(negotiate((1, 3), 3, 2).is_err());
+    }
+
+    #[test]
+    fn close_codes_round_trip() {
+        for c in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_close_code(u64::from(c.close_code())), Some(c));
+        }
+        assert_eq!(ErrorCode::from_close_code(0), None);
+        assert_eq!(ErrorCode::from_close_code(0x100 + 999), None);
+    }
+}
