@@ -1,1 +1,162 @@
-fn main(){}
+//! `novacron-agent`: parses the command line and wires the parts together.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use novacron_agent::config::{self, split_host_port, AgentConfig};
+use novacron_agent::hypervisor::Hypervisor;
+use novacron_agent::identity::{Enrollment, Identity, IdentityError, Paths};
+use novacron_agent::link::{self, LinkConfig, LinkStats};
+
+/// The NovaCron host agent: runs the VMs the server wants on this host's
+/// libvirt and streams the host's state to the server over mutual TLS.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Path to the TOML config file. Without it, /etc/novacron/agent.toml is
+    /// read if it exists, and built-in defaults are used otherwise.
+    #[arg(long, short, env = "NOVACRON_AGENT_CONFIG", global = true)]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Enroll this host: make a key here, send a CSR with a one-time token
+    /// over a connection that pins the fleet CA, and store the certificate.
+    Join {
+        /// The server's agent address, host:port (e.g. fleet.example.com:7443).
+        #[arg(long)]
+        server: String,
+        /// The one-time join token from `novacron-server token create`.
+        #[arg(long, env = "NOVACRON_JOIN_TOKEN")]
+        token: String,
+        /// SHA-256 fingerprint of the fleet CA, from `novacron-server ca fingerprint`.
+        #[arg(long)]
+        ca_fingerprint: String,
+        /// The name on the server's certificate, if not the host part of --server.
+        #[arg(long)]
+        server_name: Option<String>,
+        /// Join again even if this host already joined a fleet.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the agent until SIGINT or SIGTERM.
+    Run {
+        /// Offer only these protocol versions, as MIN-MAX (for compatibility tests).
+        #[arg(long, hide = true, value_parser = parse_range)]
+        protocol_versions: Option<(u16, u16)>,
+    },
+    /// Check the config file (and the enrollment, if any) and exit.
+    Validate,
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or("expected MIN-MAX")?;
+    Ok((a.parse().map_err(|_| "bad MIN")?, b.parse().map_err(|_| "bad MAX")?))
+}
+
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = {
+        let (p, explicit) = match &cli.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(config::DEFAULT_PATH), false),
+        };
+        AgentConfig::load(&p, explicit)?
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(cli.command, cfg))
+}
+
+fn hostname(cfg: &AgentConfig) -> String {
+    cfg.hostname.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown".into())
+    })
+}
+
+async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
+    let paths = Paths::new(&cfg.data_dir);
+    match command {
+        Command::Validate => {
+            let enrolled = match Enrollment::load(&paths) {
+                Ok(e) => format!("enrolled as host {} with {}", e.host_id, e.server),
+                Err(IdentityError::NotEnrolled(_)) => "not enrolled yet".into(),
+                Err(e) => return Err(e.into()),
+            };
+            println!("config OK (data_dir {}, libvirt {}); {enrolled}", cfg.data_dir.display(), cfg.libvirt_uri);
+        }
+        Command::Join { server, token, ca_fingerprint, server_name, force } => {
+            if !force && paths.identity().exists() {
+                return Err(IdentityError::AlreadyEnrolled(paths.identity().display().to_string()).into());
+            }
+            let (host, _) = split_host_port(&server).map_err(anyhow::Error::msg)?;
+            let server_name = server_name.unwrap_or(host);
+            let link_cfg = LinkConfig::new(server.clone(), server_name.clone(), hostname(&cfg));
+            let started = std::time::Instant::now();
+            let identity = link::join(&link_cfg, &token, &ca_fingerprint, novacron_agent::VERSION)
+                .await
+                .map_err(|e| anyhow::anyhow!("join failed: {}", link::error_chain(&e)))?;
+            identity.save(&paths)?;
+            Enrollment { server, server_name, host_id: identity.host_id.to_string() }.save(&paths)?;
+            println!("joined as host {} in {:?}; certificate valid until {:?}", identity.host_id, started.elapsed(), identity.validity.not_after);
+            println!("start the agent with `novacron-agent run` (or `systemctl start novacron-agent`)");
+        }
+        Command::Run { protocol_versions } => {
+            let identity = Identity::load(&paths)?;
+            let enrollment = Enrollment::load(&paths)?;
+            let server = cfg.server.clone().unwrap_or(enrollment.server);
+            let server_name = match (&cfg.server_name, &cfg.server) {
+                (Some(n), _) => n.clone(),
+                (None, Some(s)) => split_host_port(s).map_err(anyhow::Error::msg)?.0,
+                (None, None) => enrollment.server_name,
+            };
+            let mut link_cfg = LinkConfig::new(server, server_name, hostname(&cfg));
+            if let Some(v) = protocol_versions {
+                link_cfg.versions = v;
+            }
+            let hv = Hypervisor::start(&cfg.libvirt_uri, Duration::from_secs(30))?;
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tracing::info!(host_id = %identity.host_id, server = %link_cfg.server, libvirt = %cfg.libvirt_uri, "novacron-agent starting");
+            let link = tokio::spawn(link::run(link_cfg, identity, paths, hv, Arc::new(LinkStats::default()), rx));
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r?,
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down; VMs keep running");
+            let _ = tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(5), link).await;
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,2 @@
-fn main(){}
+//! NovaCron benchmark harness (the fleet simulator lands here).
+fn main() {}

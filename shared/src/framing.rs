@@ -156,7 +156,41 @@ impl FrameDecoder {
     }
 }
 
-/// Reads one frame from a QUIC stream. `Ok(None)` means the peer finished
+/// A QUIC receive stream with a frame decoder: [`FramedRecv::next`] is
+/// cancel-safe, so it can sit in a `select!` beside timers and outboxes.
+#[derive(Debug)]
+pub struct FramedRecv {
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl FramedRecv {
+    /// Wraps `recv`, refusing frames longer than `max`.
+    pub fn new(recv: quinn::RecvStream, max: u32) -> Self {
+        Self {
+            recv,
+            decoder: FrameDecoder::new(max),
+        }
+    }
+
+    /// The next frame; `Ok(None)` when the peer finished the stream cleanly
+    /// between frames.
+    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<(u16, T)>, FrameError> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame()? {
+                return Ok(Some(frame));
+            }
+            match self.recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => self.decoder.push(&chunk.bytes),
+                Ok(None) if self.decoder.buffered() == 0 => return Ok(None),
+                Ok(None) => return Err(FrameError::Truncated),
+                Err(e) => return Err(FrameError::Io(e.into())),
+            }
+        }
+    }
+}
+
+/// Reads one frame from a QUIC stream (not cancel-safe: see [`FramedRecv`]). `Ok(None)` means the peer finished
 /// the stream cleanly between frames.
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,

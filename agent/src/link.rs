@@ -1,0 +1,413 @@
+//! The agent's link to the server: enrollment over a CA-pinned connection,
+//! then a mutual-TLS session with hello, heartbeats, inventory, commands and
+//! certificate renewal, reconnecting with capped exponential backoff.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use novacron_shared::backoff::Backoff;
+use novacron_shared::framing::{self, FrameError, FramedRecv, MAX_FRAME_LEN};
+use novacron_shared::pki;
+use novacron_shared::protocol::{
+    AgentMessage, CommandKind, CommandOutcome, CommandResult, ErrorCode, Heartbeat, Hello,
+    JoinReply, JoinRequest, RenewRequest, ServerMessage, WireError, HANDSHAKE_VERSION,
+    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+};
+use tokio::sync::watch;
+
+use crate::hypervisor::Hypervisor;
+use crate::identity::{Identity, IdentityError, Paths};
+
+/// Idle timeout of the QUIC connection.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed to connect and get the first reply.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The link failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The server address did not resolve.
+    #[error("cannot resolve {0}")]
+    Resolve(String, #[source] std::io::Error),
+    /// The local UDP endpoint could not be made.
+    #[error("cannot open a UDP socket")]
+    Endpoint(#[source] std::io::Error),
+    /// Building the TLS configuration failed.
+    #[error("TLS setup failed")]
+    Tls(#[from] novacron_shared::tls::TlsError),
+    /// The identity is unusable.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// Starting the connection failed.
+    #[error("cannot connect to {addr}")]
+    Connect {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: quinn::ConnectError,
+    },
+    /// The connection failed or was closed.
+    #[error("connection to the server failed: {0}")]
+    Connection(#[source] quinn::ConnectionError),
+    /// The server refused us, with its code and message.
+    #[error("the server refused: {0}")]
+    Refused(WireError),
+    /// A frame could not be read or written.
+    #[error("protocol framing failed")]
+    Frame(#[from] FrameError),
+    /// The server broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The server did not answer in time.
+    #[error("the server did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Making a key or CSR failed.
+    #[error("key generation failed")]
+    Pki(#[from] pki::PkiError),
+}
+
+impl LinkError {
+    /// Whether retrying cannot help until an operator acts.
+    pub fn needs_operator(&self) -> bool {
+        matches!(
+            self,
+            LinkError::Refused(WireError {
+                code: ErrorCode::Revoked | ErrorCode::UnsupportedVersion | ErrorCode::Unauthenticated,
+                ..
+            })
+        )
+    }
+}
+
+/// Settings for the link.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// `host:port` of the server.
+    pub server: String,
+    /// The name the server certificate must carry.
+    pub server_name: String,
+    /// The host name to report.
+    pub hostname: String,
+    /// Protocol versions offered (oldest, newest).
+    pub versions: (u16, u16),
+}
+
+impl LinkConfig {
+    /// A config offering this build's protocol versions.
+    pub fn new(server: String, server_name: String, hostname: String) -> Self {
+        Self {
+            server,
+            server_name,
+            hostname,
+            versions: (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
+        }
+    }
+}
+
+async fn resolve(server: &str) -> Result<SocketAddr, LinkError> {
+    let mut addrs = tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| LinkError::Resolve(server.to_string(), e))?;
+    addrs
+        .next()
+        .ok_or_else(|| LinkError::Resolve(server.to_string(), std::io::Error::other("no addresses")))
+}
+
+fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, LinkError> {
+    let bind: SocketAddr = if server.is_ipv6() {
+        "[::]:0".parse().map_err(|_| LinkError::Protocol("bad bind address".into()))?
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    };
+    quinn::Endpoint::client(bind).map_err(LinkError::Endpoint)
+}
+
+/// Turns a closed connection into the clearest error we can give.
+fn closed_error(conn: &quinn::Connection, fallback: LinkError) -> LinkError {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(ac)) => {
+            match ErrorCode::from_close_code(ac.error_code.into_inner()) {
+                Some(code) => LinkError::Refused(WireError {
+                    code,
+                    message: String::from_utf8_lossy(&ac.reason).into_owned(),
+                }),
+                None => LinkError::Connection(quinn::ConnectionError::ApplicationClosed(ac)),
+            }
+        }
+        Some(e) => LinkError::Connection(e),
+        None => fallback,
+    }
+}
+
+/// Enrolls this host: makes a key, sends a CSR with the token over a
+/// connection that pins the CA fingerprint, and returns the identity.
+pub async fn join(cfg: &LinkConfig, token: &str, ca_fingerprint: &str, agent_version: &str) -> Result<Identity, LinkError> {
+    let fp = pki::parse_fingerprint(ca_fingerprint)?;
+    let addr = resolve(&cfg.server).await?;
+    let endpoint = client_endpoint(addr)?;
+    let client_cfg = novacron_shared::tls::client_config_pinned(&fp, IDLE_TIMEOUT)?;
+    let (key, csr_der) = pki::make_csr(&cfg.hostname)?;
+    let connecting = endpoint
+        .connect_with(client_cfg, addr, &cfg.server_name)
+        .map_err(|source| LinkError::Connect { addr, source })?;
+    let conn = tokio::time::timeout(OPEN_TIMEOUT, connecting)
+        .await
+        .map_err(|_| LinkError::Timeout(OPEN_TIMEOUT))?
+        .map_err(LinkError::Connection)?;
+    let result = async {
+        let (mut send, recv) = conn.open_bi().await.map_err(LinkError::Connection)?;
+        let mut recv = FramedRecv::new(recv, MAX_FRAME_LEN);
+        let req = AgentMessage::Join(JoinRequest {
+            min_version: cfg.versions.0,
+            max_version: cfg.versions.1,
+            token: token.trim().to_string(),
+            csr_der,
+            hostname: cfg.hostname.clone(),
+            agent_version: agent_version.to_string(),
+        });
+        let mut buf = Vec::new();
+        framing::write_frame(&mut send, HANDSHAKE_VERSION, &req, &mut buf).await?;
+        let _ = send.finish();
+        let reply = tokio::time::timeout(OPEN_TIMEOUT, recv.next::<ServerMessage>())
+            .await
+            .map_err(|_| LinkError::Timeout(OPEN_TIMEOUT))?;
+        match reply {
+            Ok(Some((_, ServerMessage::Joined(JoinReply { host_id, cert_der, ca_der })))) => {
+                if pki::fingerprint(&ca_der) != fp {
+                    return Err(LinkError::Protocol("the server sent a CA that does not match the pinned fingerprint".into()));
+                }
+                let id = Identity::new(cert_der, key.serialize_pem(), ca_der)?;
+                if id.host_id != host_id {
+                    return Err(LinkError::Protocol("the certificate does not name the assigned host id".into()));
+                }
+                Ok(id)
+            }
+            Ok(Some((_, ServerMessage::Error(e)))) => Err(LinkError::Refused(e)),
+            Ok(Some((_, other))) => Err(LinkError::Protocol(format!("unexpected reply to join: {other:?}"))),
+            Ok(None) => Err(closed_error(&conn, LinkError::Protocol("the server closed the stream without a reply".into()))),
+            Err(e) => Err(closed_error(&conn, e.into())),
+        }
+    }
+    .await;
+    conn.close(0u32.into(), b"joined");
+    endpoint.wait_idle().await;
+    result
+}
+
+/// Counters the agent exposes to tests and logs.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Sessions that got a welcome.
+    pub sessions: std::sync::atomic::AtomicU64,
+    /// Heartbeats acknowledged.
+    pub heartbeat_acks: std::sync::atomic::AtomicU64,
+}
+
+/// Runs the link forever: connect, serve the session, back off, reconnect.
+/// Returns only when `shutdown` turns true.
+pub async fn run(
+    cfg: LinkConfig,
+    mut identity: Identity,
+    paths: Paths,
+    hv: Hypervisor,
+    stats: Arc<LinkStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut endpoint: Option<quinn::Endpoint> = None;
+    loop {
+        let attempt = session(&cfg, &mut identity, &paths, &hv, &stats, &mut endpoint, &mut backoff, &mut shutdown).await;
+        if *shutdown.borrow() {
+            if let Some(ep) = endpoint.take() {
+                ep.close(0u32.into(), b"agent shutting down");
+                let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+            }
+            return;
+        }
+        let delay = backoff.next_delay(rand::random::<f64>());
+        match attempt {
+            Ok(()) => tracing::warn!(retry_in = ?delay, "session ended; reconnecting"),
+            Err(e) if e.needs_operator() => {
+                tracing::error!(error = %e, retry_in = ?delay, "the server refused this agent; an operator must act (retrying anyway)")
+            }
+            Err(e) => tracing::warn!(error = %error_chain(&e), retry_in = ?delay, "link down; reconnecting"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// An error with its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    cfg: &LinkConfig,
+    identity: &mut Identity,
+    paths: &Paths,
+    hv: &Hypervisor,
+    stats: &LinkStats,
+    endpoint: &mut Option<quinn::Endpoint>,
+    backoff: &mut Backoff,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), LinkError> {
+    let addr = resolve(&cfg.server).await?;
+    let ep = match endpoint {
+        Some(ep) => ep.clone(),
+        None => {
+            let ep = client_endpoint(addr)?;
+            *endpoint = Some(ep.clone());
+            ep
+        }
+    };
+    let client_cfg = identity.client_config(IDLE_TIMEOUT)?;
+    let connecting = ep
+        .connect_with(client_cfg, addr, &cfg.server_name)
+        .map_err(|source| LinkError::Connect { addr, source })?;
+    let conn = tokio::time::timeout(OPEN_TIMEOUT, connecting)
+        .await
+        .map_err(|_| LinkError::Timeout(OPEN_TIMEOUT))?
+        .map_err(LinkError::Connection)?;
+    let r = serve(cfg, &conn, identity, paths, hv, stats, backoff, shutdown).await;
+    if *shutdown.borrow() {
+        conn.close(0u32.into(), b"agent shutting down");
+    }
+    r.map_err(|e| match e {
+        LinkError::Frame(_) | LinkError::Connection(_) => closed_error(&conn, e),
+        other => other,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    cfg: &LinkConfig,
+    conn: &quinn::Connection,
+    identity: &mut Identity,
+    paths: &Paths,
+    hv: &Hypervisor,
+    stats: &LinkStats,
+    backoff: &mut Backoff,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), LinkError> {
+    let (mut send, recv) = conn.open_bi().await.map_err(LinkError::Connection)?;
+    let mut recv = FramedRecv::new(recv, MAX_FRAME_LEN);
+    let mut buf = Vec::new();
+    let hello = AgentMessage::Hello(Hello {
+        min_version: cfg.versions.0,
+        max_version: cfg.versions.1,
+        agent_version: crate::VERSION.to_string(),
+        hostname: cfg.hostname.clone(),
+    });
+    framing::write_frame(&mut send, HANDSHAKE_VERSION, &hello, &mut buf).await?;
+    let first = tokio::time::timeout(OPEN_TIMEOUT, recv.next::<ServerMessage>())
+        .await
+        .map_err(|_| LinkError::Timeout(OPEN_TIMEOUT))??;
+    let welcome = match first {
+        Some((_, ServerMessage::Welcome(w))) => w,
+        Some((_, ServerMessage::Error(e))) => return Err(LinkError::Refused(e)),
+        Some((_, other)) => return Err(LinkError::Protocol(format!("expected a welcome, got {other:?}"))),
+        None => return Err(closed_error(conn, LinkError::Protocol("the server closed the stream before the welcome".into()))),
+    };
+    if welcome.host_id != identity.host_id {
+        return Err(LinkError::Protocol(format!("the server took us for host {}, we are {}", welcome.host_id, identity.host_id)));
+    }
+    let version = welcome.version;
+    backoff.reset();
+    stats.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(host_id = %identity.host_id, version, "connected to the server");
+
+    match hv.inventory().await {
+        Ok(inv) => framing::write_frame(&mut send, version, &AgentMessage::Inventory(inv), &mut buf).await?,
+        Err(e) => tracing::warn!(error = %e, "cannot read the inventory; the server will see it on the next change"),
+    }
+
+    let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let mut pending_key: Option<rcgen_key::Key> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    let _ = send.finish();
+                    return Ok(());
+                }
+            }
+            _ = ticker.tick() => {
+                seq += 1;
+                framing::write_frame(&mut send, version, &AgentMessage::Heartbeat(Heartbeat { seq }), &mut buf).await?;
+                if pending_key.is_none() && SystemTime::now() >= identity.validity.renew_at() {
+                    let (key, csr_der) = pki::make_csr(&cfg.hostname)?;
+                    tracing::info!(host_id = %identity.host_id, "certificate due for renewal; sending a CSR");
+                    framing::write_frame(&mut send, version, &AgentMessage::RenewCertificate(RenewRequest { csr_der }), &mut buf).await?;
+                    pending_key = Some(rcgen_key::Key(key.serialize_pem()));
+                }
+            }
+            frame = recv.next::<ServerMessage>() => {
+                let Some((v, msg)) = frame? else {
+                    return Err(closed_error(conn, LinkError::Protocol("the server ended the control stream".into())));
+                };
+                if v != version {
+                    return Err(LinkError::Protocol(format!("frame version {v}, session negotiated {version}")));
+                }
+                match msg {
+                    ServerMessage::HeartbeatAck(_) => {
+                        stats.heartbeat_acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    ServerMessage::Command(cmd) => {
+                        let outcome = match cmd.kind {
+                            CommandKind::RefreshInventory => match hv.inventory().await {
+                                Ok(inv) => {
+                                    framing::write_frame(&mut send, version, &AgentMessage::Inventory(inv), &mut buf).await?;
+                                    CommandOutcome::Done
+                                }
+                                Err(e) => CommandOutcome::Failed { message: e.to_string() },
+                            },
+                        };
+                        let result = AgentMessage::CommandResult(CommandResult { op_id: cmd.op_id, outcome });
+                        framing::write_frame(&mut send, version, &result, &mut buf).await?;
+                    }
+                    ServerMessage::CertificateRenewed(r) => {
+                        let Some(key) = pending_key.take() else {
+                            tracing::warn!("unrequested certificate from the server; ignored");
+                            continue;
+                        };
+                        let next = identity.renewed(r.cert_der, key.0)?;
+                        next.save(paths)?;
+                        tracing::info!(host_id = %next.host_id, not_after = ?next.validity.not_after, "certificate renewed and saved");
+                        *identity = next;
+                    }
+                    ServerMessage::Error(e) => {
+                        if e.code == ErrorCode::BadCsr {
+                            pending_key = None;
+                        }
+                        tracing::warn!(code = %e.code, message = %e.message, "the server reported an error");
+                    }
+                    ServerMessage::Welcome(_) | ServerMessage::Joined(_) | ServerMessage::MetricsAck(_) => {
+                        tracing::debug!("ignoring a message that does not apply here");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The PEM of a key made for a pending renewal.
+mod rcgen_key {
+    /// Private key, PKCS#8 PEM.
+    pub struct Key(pub String);
+}

@@ -1,0 +1,234 @@
+//! The web API (HTTP/1.1, JSON, under `/v1`).
+//!
+//! Every request is authenticated with a bearer token (stored hashed);
+//! mutating requests need the admin role. Bodies are size-limited, requests
+//! time out, and every error is JSON with a stable code and a message that
+//! says what was wrong.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use novacron_shared::ids::HostId;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::fleet::{Fleet, RevokeError};
+use crate::ratelimit::LogLimiter;
+use crate::store::{Role, Store};
+use crate::{secrets, warn_limited};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Longest a request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Shared state of the API.
+#[derive(Debug)]
+pub struct Api {
+    fleet: Arc<Fleet>,
+    store: Store,
+    limiter: LogLimiter,
+}
+
+/// An API error: HTTP status, stable code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn ok<T: serde::Serialize>(status: StatusCode, body: &T) -> Result<Resp, ApiError> {
+    serde_json::to_value(body)
+        .map(|v| json_response(status, &v))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "encode", e.to_string()))
+}
+
+fn error_response(e: &ApiError) -> Resp {
+    json_response(e.status, &json!({"error": {"code": e.code, "message": e.message}}))
+}
+
+impl Api {
+    /// The API over the fleet and its store.
+    pub fn new(fleet: Arc<Fleet>, store: Store) -> Arc<Self> {
+        Arc::new(Self {
+            fleet,
+            store,
+            limiter: LogLimiter::new(20, Duration::from_secs(60)),
+        })
+    }
+
+    /// Serves HTTP on `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        loop {
+            let (stream, remote) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn_limited!(self.limiter, error = %e, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let api = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(api.handle(req, remote).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Resp {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, self.route(req)).await;
+        let resp = match result {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                if e.status.is_server_error() {
+                    tracing::error!(%method, %path, code = e.code, message = %e.message, "API request failed");
+                } else {
+                    warn_limited!(self.limiter, %remote, %method, %path, code = e.code, "API request refused");
+                }
+                error_response(&e)
+            }
+            Err(_) => error_response(&ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", "the request took too long")),
+        };
+        tracing::debug!(%method, %path, status = resp.status().as_u16(), "API request");
+        resp
+    }
+
+    fn authenticate(&self, req: &Request<Incoming>) -> Result<Role, ApiError> {
+        let header = req
+            .headers()
+            .get(AUTHORIZATION)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "missing `Authorization: Bearer <token>` header"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "the Authorization header must be `Bearer <token>`"))?;
+        let rec = self
+            .store
+            .api_token(&secrets::hash(token))
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))?
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown API token"))?;
+        Ok(rec.role)
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
+        let path = req.uri().path().trim_end_matches('/').to_string();
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        if req.method() == Method::GET && segments == ["healthz"] {
+            return Ok(json_response(StatusCode::OK, &json!({"status": "ok"})));
+        }
+        let role = self.authenticate(&req)?;
+        let need_admin = || {
+            if role == Role::Admin {
+                Ok(())
+            } else {
+                Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this needs an admin token"))
+            }
+        };
+        let internal = |e: &dyn std::fmt::Display| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
+        match (req.method().clone(), segments.as_slice()) {
+            (Method::GET, ["v1", "hosts"]) => {
+                let hosts = self.fleet.hosts().map_err(|e| internal(&e))?;
+                ok(StatusCode::OK, &HostList { hosts })
+            }
+            (Method::GET, ["v1", "hosts", id]) => {
+                let id = parse_host_id(id)?;
+                match self.fleet.host(id).map_err(|e| internal(&e))? {
+                    Some(h) => ok(StatusCode::OK, &h),
+                    None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no host with id {id}"))),
+                }
+            }
+            (Method::POST, ["v1", "hosts", id, "revoke"]) => {
+                need_admin()?;
+                let id = parse_host_id(id)?;
+                match self.fleet.revoke(id) {
+                    Ok(h) => ok(StatusCode::OK, &h),
+                    Err(RevokeError::UnknownHost(_)) => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no host with id {id}"))),
+                    Err(e) => Err(internal(&e)),
+                }
+            }
+            (Method::POST, ["v1", "join-tokens"]) => {
+                need_admin()?;
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    ttl: Option<String>,
+                }
+                let body: Body = read_json(req).await?;
+                let ttl = match body.ttl.as_deref() {
+                    None => Duration::from_secs(3600),
+                    Some(s) => novacron_shared::duration::parse(s)
+                        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("ttl: {e}")))?,
+                };
+                if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(30 * 86_400) {
+                    return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "ttl must be between 1s and 30d"));
+                }
+                let (token, expires_ms) = self.fleet.create_join_token(ttl).map_err(|e| internal(&e))?;
+                Ok(json_response(StatusCode::CREATED, &json!({"token": token, "expires_ms": expires_ms})))
+            }
+            (_, ["v1", "hosts"] | ["v1", "hosts", _] | ["v1", "hosts", _, "revoke"] | ["v1", "join-tokens"]) => {
+                Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this path"))
+            }
+            _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}"))),
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct HostList {
+    hosts: Vec<crate::fleet::HostView>,
+}
+
+fn parse_host_id(s: &str) -> Result<HostId, ApiError> {
+    s.parse()
+        .map_err(|e: novacron_shared::ids::ParseIdError| ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", e.to_string()))
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request bodies are limited to {MAX_BODY} bytes")))?
+        .to_bytes();
+    let bytes = if body.is_empty() { Bytes::from_static(b"{}") } else { body };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("request body is not valid JSON for this call: {e}")))
+}

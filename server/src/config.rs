@@ -1,0 +1,268 @@
+//! The server's TOML configuration, validated into typed values before any
+//! socket is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use novacron_shared::duration::serde_human;
+use serde::{Deserialize, Serialize};
+
+/// Where the server looks for its config when none is given.
+pub const DEFAULT_PATH: &str = "/etc/novacron/server.toml";
+
+/// A config that could not be loaded or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or has unknown keys.
+    #[error("config file {path} is invalid: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's explanation, with line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config key {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+}
+
+/// The server configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Where the CA, certificates, database and tokens live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The agent link.
+    #[serde(default)]
+    pub quic: QuicConfig,
+    /// The web API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Agent policies.
+    #[serde(default)]
+    pub agents: AgentPolicy,
+}
+
+/// The agent link (QUIC).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicConfig {
+    /// UDP address to listen on.
+    #[serde(default = "default_quic_listen")]
+    pub listen: SocketAddr,
+    /// DNS names and IPs written into the server certificate at `init`.
+    #[serde(default = "default_server_names")]
+    pub server_names: Vec<String>,
+}
+
+/// The web API (HTTP).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// TCP address to listen on.
+    #[serde(default = "default_api_listen")]
+    pub listen: SocketAddr,
+}
+
+/// How agents are treated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentPolicy {
+    /// How often agents send heartbeats.
+    #[serde(default = "default_heartbeat", with = "serde_human")]
+    pub heartbeat_interval: Duration,
+    /// A session with no frame for this long is closed.
+    #[serde(default = "default_session_timeout", with = "serde_human")]
+    pub session_timeout: Duration,
+    /// Lifetime of host certificates; agents renew at two thirds.
+    #[serde(default = "default_cert_ttl", with = "serde_human")]
+    pub cert_ttl: Duration,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/novacron")
+}
+fn default_quic_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7443))
+}
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7080))
+}
+fn default_server_names() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into()]
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_session_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_cert_ttl() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_quic_listen(),
+            server_names: default_server_names(),
+        }
+    }
+}
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_api_listen(),
+        }
+    }
+}
+impl Default for AgentPolicy {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: default_heartbeat(),
+            session_timeout: default_session_timeout(),
+            cert_ttl: default_cert_ttl(),
+        }
+    }
+}
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            quic: QuicConfig::default(),
+            api: ApiConfig::default(),
+            agents: AgentPolicy::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Loads and validates a config file. With `explicit == false`, a
+    /// missing file means "use the defaults".
+    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                let c = Self::default();
+                c.validate()?;
+                return Ok(c);
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        };
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let c: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks ranges and relations between values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let hb = self.agents.heartbeat_interval;
+        if hb < Duration::from_millis(100) || hb > Duration::from_secs(60) {
+            return Err(ConfigError::Invalid {
+                key: "agents.heartbeat_interval",
+                message: "must be between 100ms and 60s".into(),
+            });
+        }
+        if self.agents.session_timeout < hb * 3 {
+            return Err(ConfigError::Invalid {
+                key: "agents.session_timeout",
+                message: format!(
+                    "must be at least three heartbeat intervals ({})",
+                    novacron_shared::duration::format(hb * 3)
+                ),
+            });
+        }
+        let ttl = self.agents.cert_ttl;
+        if ttl < Duration::from_secs(5) || ttl > Duration::from_secs(10 * 365 * 86_400) {
+            return Err(ConfigError::Invalid {
+                key: "agents.cert_ttl",
+                message: "must be between 5s and 3650d".into(),
+            });
+        }
+        if self.quic.server_names.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "quic.server_names",
+                message: "list at least one DNS name or IP agents use to reach the server".into(),
+            });
+        }
+        for n in &self.quic.server_names {
+            let ok = !n.is_empty()
+                && n.len() <= 253
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    key: "quic.server_names",
+                    message: format!("{n:?} is not a DNS name or IP address"),
+                });
+            }
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "data_dir",
+                message: "must not be empty".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_partial_files_fill_in() {
+        let c = ServerConfig::parse("data_dir = \"/tmp/x\"\n[agents]\ncert_ttl = \"1h\"\n", "t")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.agents.cert_ttl, Duration::from_secs(3600));
+        assert_eq!(c.agents.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(c.quic.listen.port(), 7443);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let e = ServerConfig::parse("data_dri = \"/x\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("data_dri"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        let e = ServerConfig::parse("[agents]\nheartbeat_interval = \"10ms\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("agents.heartbeat_interval"), "{e}");
+        let e = ServerConfig::parse("[agents]\nheartbeat_interval = \"5s\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("session_timeout"), "{e}");
+        let e = ServerConfig::parse("[quic]\nserver_names = [\"a b\"]\n", "t").unwrap_err();
+        assert!(e.to_string().contains("server_names"), "{e}");
+        let e = ServerConfig::parse("[api]\nlisten = \"nope\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+    }
+}

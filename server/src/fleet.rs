@@ -1,0 +1,710 @@
+//! Agent sessions over QUIC: enrollment, mutual-TLS sessions, heartbeats,
+//! certificate renewal and revocation.
+//!
+//! One task per connection owns that connection's control stream. The
+//! session table maps host ids to the live connection so that a newer
+//! connection replaces an older one and a revocation closes it at once.
+//! Host status changes go to one writer task that batches them into redb
+//! transactions, so a fleet reconnecting at once costs a few commits, not
+//! thousands.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use novacron_shared::framing::{self, FrameError, MAX_FRAME_LEN};
+use novacron_shared::ids::HostId;
+use novacron_shared::pki::{CertInfo, FleetCa, Validity};
+use novacron_shared::protocol::{
+    self, AgentMessage, Capacity, ErrorCode, HeartbeatAck, Inventory, JoinReply, JoinRequest,
+    RenewReply, ServerMessage, Welcome, WireError, HANDSHAKE_VERSION, PROTOCOL_VERSION_MAX,
+    PROTOCOL_VERSION_MIN,
+};
+use novacron_shared::tls::peer_leaf;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::config::AgentPolicy;
+use crate::ratelimit::LogLimiter;
+use crate::store::{HostRecord, HostState, JoinFailure, Store, StoreError, TokenRefusal};
+use crate::{secrets, unix_ms, warn_limited};
+
+/// Largest frame accepted on an enrollment connection.
+const JOIN_FRAME_LEN: u32 = 64 * 1024;
+/// Time allowed for a handshake or for the first frame of a stream.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a live session's last-seen time is persisted.
+const PERSIST_SEEN_EVERY: Duration = Duration::from_secs(15);
+
+/// A live session, as the API sees it.
+#[derive(Debug)]
+pub struct LiveSession {
+    conn: quinn::Connection,
+    conn_id: u64,
+    outbox: mpsc::Sender<ServerMessage>,
+    last_seen_ms: AtomicU64,
+    version: u16,
+    inventory: Mutex<Option<Inventory>>,
+}
+
+/// A host's record merged with its live session, for the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostView {
+    /// The stored record.
+    #[serde(flatten)]
+    pub record: HostRecord,
+    /// Whether a session is open now.
+    pub connected: bool,
+    /// The negotiated protocol version of the open session.
+    pub protocol_version: Option<u16>,
+    /// VMs in the latest inventory.
+    pub vm_count: Option<usize>,
+}
+
+enum HostEvent {
+    Connected {
+        id: HostId,
+        name: String,
+        agent_version: String,
+        address: String,
+        now_ms: u64,
+    },
+    Seen {
+        id: HostId,
+        now_ms: u64,
+    },
+    Capacity {
+        id: HostId,
+        capacity: Capacity,
+    },
+    CertRenewed {
+        id: HostId,
+        serial: String,
+        not_after: i64,
+    },
+    Disconnected {
+        id: HostId,
+        now_ms: u64,
+    },
+}
+
+/// Counters for tests, benchmarks and (later) the Prometheus exposition.
+#[derive(Debug, Default)]
+pub struct FleetCounters {
+    /// Heartbeats received.
+    pub heartbeats: AtomicU64,
+    /// Sessions opened (welcome sent).
+    pub sessions_opened: AtomicU64,
+    /// Connections refused or closed for an error.
+    pub refused: AtomicU64,
+    /// Successful enrollments.
+    pub joins: AtomicU64,
+}
+
+/// The fleet's session layer.
+pub struct Fleet {
+    store: Store,
+    ca: FleetCa,
+    policy: AgentPolicy,
+    sessions: Mutex<HashMap<HostId, Arc<LiveSession>>>,
+    revoked_serials: RwLock<HashSet<String>>,
+    revoked_hosts: RwLock<HashSet<HostId>>,
+    next_conn: AtomicU64,
+    events: mpsc::UnboundedSender<HostEvent>,
+    limiter: LogLimiter,
+    /// Counters.
+    pub counters: FleetCounters,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet").finish_non_exhaustive()
+    }
+}
+
+/// Revoking a host failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    /// No such host.
+    #[error("no host with id {0}")]
+    UnknownHost(HostId),
+    /// The store failed.
+    #[error("could not record the revocation")]
+    Store(#[from] StoreError),
+}
+
+impl Fleet {
+    /// Builds the session layer and starts its store writer task.
+    pub fn new(store: Store, ca: FleetCa, policy: AgentPolicy) -> Result<Arc<Self>, StoreError> {
+        let mut serials = HashSet::new();
+        let mut hosts = HashSet::new();
+        for (serial, rec) in store.revoked_serials()? {
+            serials.insert(serial);
+            hosts.insert(rec.host_id);
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(host_writer(store.clone(), rx));
+        Ok(Arc::new(Self {
+            store,
+            ca,
+            policy,
+            sessions: Mutex::new(HashMap::new()),
+            revoked_serials: RwLock::new(serials),
+            revoked_hosts: RwLock::new(hosts),
+            next_conn: AtomicU64::new(1),
+            events: tx,
+            limiter: LogLimiter::new(20, Duration::from_secs(60)),
+            counters: FleetCounters::default(),
+        }))
+    }
+
+    /// Accepts connections until the endpoint closes.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let fleet = self.clone();
+            tokio::spawn(async move { fleet.handle_incoming(incoming).await });
+        }
+    }
+
+    /// Number of open sessions.
+    pub fn session_count(&self) -> usize {
+        self.lock_sessions().len()
+    }
+
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<HostId, Arc<LiveSession>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// All hosts with their live status.
+    pub fn hosts(&self) -> Result<Vec<HostView>, StoreError> {
+        let records = self.store.hosts()?;
+        let sessions = self.lock_sessions();
+        Ok(records
+            .into_iter()
+            .map(|r| {
+                let live = sessions.get(&r.id);
+                view(r, live)
+            })
+            .collect())
+    }
+
+    /// One host with its live status.
+    pub fn host(&self, id: HostId) -> Result<Option<HostView>, StoreError> {
+        let Some(r) = self.store.host(id)? else {
+            return Ok(None);
+        };
+        let sessions = self.lock_sessions();
+        Ok(Some(view(r, sessions.get(&id))))
+    }
+
+    /// Revokes a host: its certificates are refused from now on and its
+    /// live session is closed.
+    pub fn revoke(&self, id: HostId) -> Result<HostRecord, RevokeError> {
+        let rec = self
+            .store
+            .revoke_host(id, unix_ms(SystemTime::now()))?
+            .ok_or(RevokeError::UnknownHost(id))?;
+        self.revoked_serials
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.cert_serial.clone());
+        self.revoked_hosts.write().unwrap_or_else(|p| p.into_inner()).insert(id);
+        if let Some(s) = self.lock_sessions().remove(&id) {
+            close(&s.conn, ErrorCode::Revoked, "this host's certificate was revoked");
+        }
+        tracing::info!(host_id = %id, serial = %rec.cert_serial, "host revoked");
+        Ok(rec)
+    }
+
+    /// Creates a join token valid for `ttl`; returns it and its expiry (Unix ms).
+    pub fn create_join_token(&self, ttl: Duration) -> Result<(String, u64), StoreError> {
+        let token = secrets::new_token("ncj");
+        let now = unix_ms(SystemTime::now());
+        let expires_ms = now + u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX / 2);
+        self.store.put_join_token(
+            &secrets::hash(&token),
+            &crate::store::JoinTokenRecord {
+                created_ms: now,
+                expires_ms,
+                used_by: None,
+            },
+        )?;
+        Ok((token, expires_ms))
+    }
+
+    fn is_revoked(&self, serial: &str, id: HostId) -> bool {
+        self.revoked_serials
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(serial)
+            || self.revoked_hosts.read().unwrap_or_else(|p| p.into_inner()).contains(&id)
+    }
+
+    async fn handle_incoming(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match tokio::time::timeout(OPEN_TIMEOUT, incoming).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                warn_limited!(self.limiter, %remote, error = %e, "agent handshake failed");
+                return;
+            }
+            Err(_) => {
+                warn_limited!(self.limiter, %remote, "agent handshake timed out");
+                return;
+            }
+        };
+        match peer_leaf(&conn) {
+            None => self.handle_join(conn).await,
+            Some(leaf) => self.handle_agent(conn, &leaf).await,
+        }
+    }
+
+    fn refuse_conn(&self, conn: &quinn::Connection, code: ErrorCode, message: &str) {
+        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        warn_limited!(self.limiter, remote = %conn.remote_address(), %code, message, "agent refused");
+        close(conn, code, message);
+    }
+
+    /// Sends an error frame, waits briefly for the peer to read it, closes.
+    async fn refuse(&self, conn: &quinn::Connection, send: &mut quinn::SendStream, version: u16, err: WireError) {
+        let mut buf = Vec::new();
+        let _ = framing::write_frame(send, version, &ServerMessage::Error(err.clone()), &mut buf).await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        self.refuse_conn(conn, err.code, &err.message);
+    }
+
+    async fn handle_join(&self, conn: quinn::Connection) {
+        let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(OPEN_TIMEOUT, conn.accept_bi()).await else {
+            return self.refuse_conn(&conn, ErrorCode::Timeout, "no request within 10s");
+        };
+        let mut buf = Vec::new();
+        let first = tokio::time::timeout(
+            OPEN_TIMEOUT,
+            framing::read_frame::<AgentMessage>(&mut recv, JOIN_FRAME_LEN, &mut buf),
+        )
+        .await;
+        let req = match first {
+            Err(_) => return self.refuse_conn(&conn, ErrorCode::Timeout, "no request within 10s"),
+            Ok(Err(e)) => return self.refuse_conn(&conn, e.code(), &e.to_string()),
+            Ok(Ok(None)) => return close(&conn, ErrorCode::UnexpectedMessage, "stream ended"),
+            Ok(Ok(Some((v, _)))) if v != HANDSHAKE_VERSION => {
+                let err = version_error(v);
+                return self.refuse(&conn, &mut send, HANDSHAKE_VERSION, err).await;
+            }
+            Ok(Ok(Some((_, AgentMessage::Join(req))))) => req,
+            Ok(Ok(Some(_))) => {
+                let err = WireError {
+                    code: ErrorCode::Unauthenticated,
+                    message: "no client certificate: only a join is allowed; run `novacron-agent join` first".into(),
+                };
+                return self.refuse(&conn, &mut send, HANDSHAKE_VERSION, err).await;
+            }
+        };
+        let reply = match self.join(&req, &conn).await {
+            Ok(r) => ServerMessage::Joined(r),
+            Err(err) => return self.refuse(&conn, &mut send, HANDSHAKE_VERSION, err).await,
+        };
+        let _ = framing::write_frame(&mut send, HANDSHAKE_VERSION, &reply, &mut buf).await;
+        let _ = send.finish();
+        // Let the agent read the reply and close; do not hold the slot forever.
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    }
+
+    async fn join(&self, req: &JoinRequest, conn: &quinn::Connection) -> Result<JoinReply, WireError> {
+        if let Err(e) = protocol::negotiate(
+            (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
+            req.min_version,
+            req.max_version,
+        ) {
+            return Err(WireError {
+                code: ErrorCode::UnsupportedVersion,
+                message: e.to_string(),
+            });
+        }
+        let store = self.store.clone();
+        let hash = secrets::hash(&req.token);
+        let host_id = HostId::random();
+        let now = SystemTime::now();
+        let validity = Validity::for_ttl(now, self.policy.cert_ttl);
+        let csr = req.csr_der.clone();
+        let name = clean_name(&req.hostname);
+        let agent_version = clean_name(&req.agent_version);
+        let address = conn.remote_address().to_string();
+        let signed = tokio::task::block_in_place(|| {
+            let mut cert = None;
+            let r = store.consume_join_token(&hash, unix_ms(now), || {
+                let der = self.ca.sign_host_csr(&csr, host_id, validity)?;
+                let info = CertInfo::parse(&der)?;
+                cert = Some(der);
+                Ok::<_, novacron_shared::pki::PkiError>(HostRecord {
+                    id: host_id,
+                    name,
+                    addresses: vec![address],
+                    capacity: Capacity::default(),
+                    agent_version,
+                    first_seen_ms: unix_ms(now),
+                    last_seen_ms: unix_ms(now),
+                    state: HostState::Enrolled,
+                    cert_serial: info.serial,
+                    cert_not_after: info.not_after,
+                })
+            });
+            r.map(|inner| inner.map(|h| (h, cert)))
+        });
+        let internal = |e: &dyn std::fmt::Display| WireError {
+            code: ErrorCode::Internal,
+            message: format!("server could not complete the join: {e}"),
+        };
+        match signed {
+            Err(e) => {
+                tracing::error!(error = %e, "join failed in the store");
+                Err(internal(&e))
+            }
+            Ok(Err(JoinFailure::Token(refusal))) => {
+                let (code, message) = match refusal {
+                    TokenRefusal::Unknown => (ErrorCode::TokenInvalid, "unknown join token; create one with `novacron-server token create`"),
+                    TokenRefusal::Expired => (ErrorCode::TokenExpired, "the join token has expired; create a new one"),
+                    TokenRefusal::Used => (ErrorCode::TokenUsed, "the join token was already used; each token enrolls one host"),
+                };
+                Err(WireError { code, message: message.into() })
+            }
+            Ok(Err(JoinFailure::Host(e))) => Err(WireError {
+                code: ErrorCode::BadCsr,
+                message: format!("the certificate signing request was refused: {e}"),
+            }),
+            Ok(Ok((host, Some(cert)))) => {
+                self.counters.joins.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(host_id = %host.id, name = %host.name, "host enrolled");
+                Ok(JoinReply {
+                    host_id: host.id,
+                    cert_der: cert.to_vec(),
+                    ca_der: self.ca.cert_der().to_vec(),
+                })
+            }
+            Ok(Ok((_, None))) => Err(internal(&"certificate missing after signing")),
+        }
+    }
+
+    async fn handle_agent(self: Arc<Self>, conn: quinn::Connection, leaf: &[u8]) {
+        let info = match CertInfo::parse(leaf).and_then(|i| i.host_id().map(|id| (id, i))) {
+            Ok(x) => x,
+            Err(e) => return self.refuse_conn(&conn, ErrorCode::Unauthenticated, &e.to_string()),
+        };
+        let (host_id, cert) = info;
+        if self.is_revoked(&cert.serial, host_id) {
+            return self.refuse_conn(&conn, ErrorCode::Revoked, "this host's certificate was revoked; re-join the host with a new token");
+        }
+        match self.store.host(host_id) {
+            Ok(Some(h)) if h.state != HostState::Revoked => {}
+            Ok(Some(_)) => return self.refuse_conn(&conn, ErrorCode::Revoked, "this host was revoked"),
+            Ok(None) => return self.refuse_conn(&conn, ErrorCode::Unauthenticated, "unknown host id; re-join the host"),
+            Err(e) => {
+                tracing::error!(error = %e, "store lookup failed");
+                return close(&conn, ErrorCode::Internal, "server store failure");
+            }
+        }
+        let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(OPEN_TIMEOUT, conn.accept_bi()).await else {
+            return self.refuse_conn(&conn, ErrorCode::Timeout, "no control stream within 10s");
+        };
+        let mut buf = Vec::new();
+        let first = tokio::time::timeout(
+            OPEN_TIMEOUT,
+            framing::read_frame::<AgentMessage>(&mut recv, MAX_FRAME_LEN, &mut buf),
+        )
+        .await;
+        let hello = match first {
+            Err(_) => return self.refuse_conn(&conn, ErrorCode::Timeout, "no hello within 10s"),
+            Ok(Err(e)) => return self.refuse_conn(&conn, e.code(), &e.to_string()),
+            Ok(Ok(None)) => return close(&conn, ErrorCode::UnexpectedMessage, "stream ended before hello"),
+            Ok(Ok(Some((v, _)))) if v != HANDSHAKE_VERSION => {
+                return self.refuse(&conn, &mut send, HANDSHAKE_VERSION, version_error(v)).await;
+            }
+            Ok(Ok(Some((_, AgentMessage::Hello(h))))) => h,
+            Ok(Ok(Some(_))) => {
+                let err = WireError { code: ErrorCode::UnexpectedMessage, message: "the first frame must be a hello".into() };
+                return self.refuse(&conn, &mut send, HANDSHAKE_VERSION, err).await;
+            }
+        };
+        let version = match protocol::negotiate(
+            (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
+            hello.min_version,
+            hello.max_version,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                let err = WireError { code: ErrorCode::UnsupportedVersion, message: e.to_string() };
+                tracing::warn!(host_id = %host_id, error = %e, "agent speaks no common protocol version");
+                return self.refuse(&conn, &mut send, HANDSHAKE_VERSION, err).await;
+            }
+        };
+        let mut recv = framing::FramedRecv::new(recv, MAX_FRAME_LEN);
+        let (outbox, mut outbox_rx) = mpsc::channel(64);
+        let now_ms = unix_ms(SystemTime::now());
+        let session = Arc::new(LiveSession {
+            conn: conn.clone(),
+            conn_id: self.next_conn.fetch_add(1, Ordering::Relaxed),
+            outbox,
+            last_seen_ms: AtomicU64::new(now_ms),
+            version,
+            inventory: Mutex::new(None),
+        });
+        if let Some(old) = self.lock_sessions().insert(host_id, session.clone()) {
+            close(&old.conn, ErrorCode::Replaced, "replaced by a newer connection from the same host");
+        }
+        // A revocation may have raced with the registration.
+        if self.is_revoked(&cert.serial, host_id) {
+            self.deregister(host_id, session.conn_id);
+            return close(&conn, ErrorCode::Revoked, "this host's certificate was revoked");
+        }
+        let _ = self.events.send(HostEvent::Connected {
+            id: host_id,
+            name: clean_name(&hello.hostname),
+            agent_version: clean_name(&hello.agent_version),
+            address: conn.remote_address().to_string(),
+            now_ms,
+        });
+        self.counters.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(host_id = %host_id, version, remote = %conn.remote_address(), "agent session open");
+        let welcome = ServerMessage::Welcome(Welcome {
+            version,
+            host_id,
+            heartbeat_interval_ms: u32::try_from(self.policy.heartbeat_interval.as_millis()).unwrap_or(1000),
+        });
+        let mut wbuf = Vec::new();
+        let outcome = match framing::write_frame(&mut send, HANDSHAKE_VERSION, &welcome, &mut wbuf).await {
+            Err(e) => Err((e.code(), e.to_string())),
+            Ok(()) => {
+                self.session_loop(host_id, &session, &mut send, &mut recv, &mut outbox_rx).await
+            }
+        };
+        if let Err((code, message)) = outcome {
+            if code != ErrorCode::Replaced && code != ErrorCode::Revoked {
+                warn_limited!(self.limiter, host_id = %host_id, %code, message, "agent session closed with an error");
+            }
+            close(&conn, code, &message);
+        }
+        if self.deregister(host_id, session.conn_id) {
+            let _ = self.events.send(HostEvent::Disconnected { id: host_id, now_ms: unix_ms(SystemTime::now()) });
+            tracing::info!(host_id = %host_id, "agent session closed");
+        }
+    }
+
+    fn deregister(&self, id: HostId, conn_id: u64) -> bool {
+        let mut s = self.lock_sessions();
+        if s.get(&id).is_some_and(|cur| cur.conn_id == conn_id) {
+            s.remove(&id);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Runs an open session until it ends; `Err` carries the close code.
+    async fn session_loop(
+        &self,
+        host_id: HostId,
+        session: &LiveSession,
+        send: &mut quinn::SendStream,
+        recv: &mut framing::FramedRecv,
+        outbox: &mut mpsc::Receiver<ServerMessage>,
+    ) -> Result<(), (ErrorCode, String)> {
+        let version = session.version;
+        let mut wbuf = Vec::new();
+        let mut last_persist = Instant::now();
+        loop {
+            let msg = tokio::select! {
+                r = tokio::time::timeout(self.policy.session_timeout, recv.next::<AgentMessage>()) => r,
+                out = outbox.recv() => {
+                    let Some(out) = out else { return Ok(()) };
+                    framing::write_frame(send, version, &out, &mut wbuf).await.map_err(|e| (e.code(), e.to_string()))?;
+                    continue;
+                }
+            };
+            let (v, msg) = match msg {
+                Err(_) => return Err((ErrorCode::Timeout, format!("no frame for {}", novacron_shared::duration::format(self.policy.session_timeout)))),
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Err(FrameError::Io(e))) => {
+                    // The connection closed (agent gone, replaced or revoked).
+                    tracing::debug!(host_id = %host_id, error = %e, "control stream ended");
+                    return Ok(());
+                }
+                Ok(Err(e)) => return Err((e.code(), e.to_string())),
+                Ok(Ok(Some(m))) => m,
+            };
+            if v != version {
+                return Err((ErrorCode::UnsupportedVersion, format!("frame version {v}, session negotiated {version}")));
+            }
+            let now_ms = unix_ms(SystemTime::now());
+            session.last_seen_ms.store(now_ms, Ordering::Relaxed);
+            if last_persist.elapsed() >= PERSIST_SEEN_EVERY {
+                last_persist = Instant::now();
+                let _ = self.events.send(HostEvent::Seen { id: host_id, now_ms });
+            }
+            let reply = match msg {
+                AgentMessage::Heartbeat(hb) => {
+                    self.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    Some(ServerMessage::HeartbeatAck(HeartbeatAck { seq: hb.seq }))
+                }
+                AgentMessage::Inventory(inv) => {
+                    let _ = self.events.send(HostEvent::Capacity { id: host_id, capacity: inv.capacity });
+                    tracing::debug!(host_id = %host_id, vms = inv.vms.len(), "inventory");
+                    *session.inventory.lock().unwrap_or_else(|p| p.into_inner()) = Some(inv);
+                    None
+                }
+                AgentMessage::CommandResult(r) => {
+                    tracing::info!(host_id = %host_id, op_id = %r.op_id, outcome = ?r.outcome, "command result");
+                    None
+                }
+                AgentMessage::Metrics(_) => Some(ServerMessage::Error(WireError {
+                    code: ErrorCode::Unsupported,
+                    message: "this server does not ingest metrics yet; batches are not acknowledged".into(),
+                })),
+                AgentMessage::RenewCertificate(req) => Some(self.renew(host_id, &req.csr_der)),
+                AgentMessage::Hello(_) | AgentMessage::Join(_) => {
+                    return Err((ErrorCode::UnexpectedMessage, "hello or join inside an open session".into()));
+                }
+            };
+            if let Some(reply) = reply {
+                framing::write_frame(send, version, &reply, &mut wbuf).await.map_err(|e| (e.code(), e.to_string()))?;
+            }
+        }
+    }
+
+    fn renew(&self, host_id: HostId, csr: &[u8]) -> ServerMessage {
+        let validity = Validity::for_ttl(SystemTime::now(), self.policy.cert_ttl);
+        let signed = self
+            .ca
+            .sign_host_csr(csr, host_id, validity)
+            .and_then(|der| CertInfo::parse(&der).map(|i| (der, i)));
+        match signed {
+            Ok((der, info)) => {
+                tracing::info!(host_id = %host_id, serial = %info.serial, "certificate renewed");
+                let _ = self.events.send(HostEvent::CertRenewed { id: host_id, serial: info.serial, not_after: info.not_after });
+                ServerMessage::CertificateRenewed(RenewReply { cert_der: der.to_vec() })
+            }
+            Err(e) => ServerMessage::Error(WireError {
+                code: ErrorCode::BadCsr,
+                message: format!("renewal refused: {e}"),
+            }),
+        }
+    }
+
+    /// Sends a message to a host's live session, if it has one.
+    pub fn send_to(&self, id: HostId, msg: ServerMessage) -> bool {
+        let s = self.lock_sessions().get(&id).cloned();
+        s.is_some_and(|s| s.outbox.try_send(msg).is_ok())
+    }
+
+    /// Closes every session (server shutdown).
+    pub fn close_all(&self) {
+        for s in self.lock_sessions().values() {
+            close(&s.conn, ErrorCode::ShuttingDown, "server shutting down");
+        }
+    }
+}
+
+fn view(record: HostRecord, live: Option<&Arc<LiveSession>>) -> HostView {
+    let mut record = record;
+    if let Some(s) = live {
+        record.last_seen_ms = record.last_seen_ms.max(s.last_seen_ms.load(Ordering::Relaxed));
+        if record.state != HostState::Revoked {
+            record.state = HostState::Online;
+        }
+    }
+    HostView {
+        connected: live.is_some(),
+        protocol_version: live.map(|s| s.version),
+        vm_count: live.and_then(|s| s.inventory.lock().ok().and_then(|i| i.as_ref().map(|i| i.vms.len()))),
+        record,
+    }
+}
+
+fn version_error(v: u16) -> WireError {
+    WireError {
+        code: ErrorCode::UnsupportedVersion,
+        message: format!(
+            "the first frame must use version {HANDSHAKE_VERSION}, got {v}; this server speaks {PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION_MAX}"
+        ),
+    }
+}
+
+/// Closes a connection with one of our error codes and a reason.
+pub fn close(conn: &quinn::Connection, code: ErrorCode, message: &str) {
+    let reason: String = message.chars().take(200).collect();
+    conn.close(code.close_code().into(), reason.as_bytes());
+}
+
+/// Keeps names from peers printable and short.
+fn clean_name(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(128).collect()
+}
+
+async fn host_writer(store: Store, mut rx: mpsc::UnboundedReceiver<HostEvent>) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let events = std::mem::take(&mut batch);
+        let store2 = store.clone();
+        let r = tokio::task::spawn_blocking(move || apply_events(&store2, events)).await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "persisting host status failed"),
+            Err(e) => tracing::error!(error = %e, "host writer task failed"),
+        }
+    }
+}
+
+fn apply_events(store: &Store, events: Vec<HostEvent>) -> Result<(), StoreError> {
+    let mut by_host: HashMap<HostId, Vec<HostEvent>> = HashMap::new();
+    for ev in events {
+        let id = match &ev {
+            HostEvent::Connected { id, .. }
+            | HostEvent::Seen { id, .. }
+            | HostEvent::Capacity { id, .. }
+            | HostEvent::CertRenewed { id, .. }
+            | HostEvent::Disconnected { id, .. } => *id,
+        };
+        by_host.entry(id).or_default().push(ev);
+    }
+    // Read-modify-write inside one transaction, so a revocation committed
+    // meanwhile is never overwritten by a stale copy.
+    store.update_hosts(by_host.keys().copied().collect::<Vec<_>>(), |h| {
+        let revoked = h.state == HostState::Revoked;
+        for ev in by_host.remove(&h.id).unwrap_or_default() {
+            match ev {
+                HostEvent::Connected { name, agent_version, address, now_ms, .. } => {
+                    h.name = name;
+                    h.agent_version = agent_version;
+                    h.addresses.retain(|a| *a != address);
+                    h.addresses.insert(0, address);
+                    h.addresses.truncate(4);
+                    h.last_seen_ms = now_ms;
+                    if !revoked {
+                        h.state = HostState::Online;
+                    }
+                }
+                HostEvent::Seen { now_ms, .. } => h.last_seen_ms = h.last_seen_ms.max(now_ms),
+                HostEvent::Capacity { capacity, .. } => h.capacity = capacity,
+                HostEvent::CertRenewed { serial, not_after, .. } => {
+                    h.cert_serial = serial;
+                    h.cert_not_after = not_after;
+                }
+                HostEvent::Disconnected { now_ms, .. } => {
+                    h.last_seen_ms = h.last_seen_ms.max(now_ms);
+                    if !revoked {
+                        h.state = HostState::Offline;
+                    }
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,119 @@
+//! NovaCron server: agent sessions, the redb store and the web API.
+//!
+//! `main.rs` only parses the command line; [`start`] wires the parts.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod datadir;
+pub mod demo;
+pub mod fleet;
+pub mod ratelimit;
+pub mod secrets;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use config::ServerConfig;
+use datadir::{DataDir, DataDirError};
+use fleet::Fleet;
+use store::Store;
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Starting the server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory is missing or broken.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    /// The store failed to open.
+    #[error("cannot open the store")]
+    Store(#[from] store::StoreError),
+    /// TLS setup failed.
+    #[error("TLS setup failed")]
+    Tls(#[from] novacron_shared::tls::TlsError),
+    /// A socket could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Running {
+    /// The session layer.
+    pub fleet: Arc<Fleet>,
+    /// The QUIC endpoint agents connect to.
+    pub endpoint: quinn::Endpoint,
+    /// Where the QUIC endpoint listens.
+    pub quic_addr: SocketAddr,
+    /// Where the API listens.
+    pub api_addr: SocketAddr,
+}
+
+impl Running {
+    /// Closes every session and the endpoint, and waits briefly for the
+    /// close to reach the agents.
+    pub async fn shutdown(&self) {
+        self.fleet.close_all();
+        self.endpoint.close(
+            novacron_shared::protocol::ErrorCode::ShuttingDown.close_code().into(),
+            b"server shutting down",
+        );
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Opens the store, binds the QUIC endpoint and the API, and starts serving.
+pub async fn start(cfg: &ServerConfig) -> Result<Running, StartError> {
+    let dir = DataDir::new(&cfg.data_dir);
+    let pki = dir.load_pki()?;
+    let store = Store::open(&dir.db())?;
+    let server_cfg = novacron_shared::tls::server_config(
+        pki.ca.cert_der().clone(),
+        pki.chain,
+        pki.key,
+        cfg.agents.session_timeout,
+    )?;
+    let endpoint = quinn::Endpoint::server(server_cfg, cfg.quic.listen).map_err(|source| StartError::Bind {
+        addr: cfg.quic.listen,
+        source,
+    })?;
+    let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.quic.listen,
+        source,
+    })?;
+    let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: cfg.api.listen,
+            source,
+        })?;
+    let api_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.api.listen,
+        source,
+    })?;
+    let fleet = Fleet::new(store.clone(), pki.ca, cfg.agents.clone())?;
+    tokio::spawn(fleet.clone().serve(endpoint.clone()));
+    tokio::spawn(api::Api::new(fleet.clone(), store).serve(listener));
+    tracing::info!(%quic_addr, %api_addr, "novacron-server started");
+    Ok(Running {
+        fleet,
+        endpoint,
+        quic_addr,
+        api_addr,
+    })
+}

@@ -1,0 +1,515 @@
+//! The server's durable state in redb: hosts, join tokens, revocations and
+//! API tokens.
+//!
+//! Every value is stored as `[record version: u8][codec payload]`; a reader
+//! that meets an older version migrates it (see [`Record::decode`]), and one
+//! that meets a newer version refuses it rather than misreading it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use novacron_shared::codec;
+use novacron_shared::ids::HostId;
+use novacron_shared::protocol::Capacity;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const HOSTS: TableDefinition<u128, &[u8]> = TableDefinition::new("hosts");
+const JOIN_TOKENS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("join_tokens");
+const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_serials");
+const API_TOKENS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("api_tokens");
+
+/// The layout version of the database as a whole.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Opening the database file failed.
+    #[error("cannot open the database at {path}")]
+    Open {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: redb::DatabaseError,
+    },
+    /// redb failed.
+    #[error("database operation failed")]
+    Db(#[from] redb::Error),
+    /// A stored value did not decode.
+    #[error("stored {table} record is corrupt")]
+    Corrupt {
+        /// Which table.
+        table: &'static str,
+        /// Why.
+        #[source]
+        source: codec::CodecError,
+    },
+    /// A stored value is of a newer version than this build understands.
+    #[error("stored {table} record has version {found}, newer than this build ({known}); upgrade the server")]
+    TooNew {
+        /// Which table.
+        table: &'static str,
+        /// Version found.
+        found: u8,
+        /// Newest version known.
+        known: u8,
+    },
+    /// The database was written by a newer server.
+    #[error("database schema {found} is newer than this build ({SCHEMA_VERSION}); upgrade the server")]
+    SchemaTooNew {
+        /// Version found.
+        found: u32,
+    },
+    /// Encoding a value failed.
+    #[error("encoding a record failed")]
+    Encode(#[source] codec::CodecError),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A value with a version marker.
+pub trait Record: Serialize + DeserializeOwned {
+    /// The table name, for errors.
+    const TABLE: &'static str;
+    /// The current encoding version.
+    const VERSION: u8;
+
+    /// Encodes with the version marker.
+    fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        let mut out = vec![Self::VERSION];
+        codec::encode_into(self, &mut out).map_err(StoreError::Encode)?;
+        Ok(out)
+    }
+
+    /// Decodes, migrating older versions (none exist yet: version 1 is the first).
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let (&v, body) = bytes.split_first().ok_or(StoreError::Corrupt {
+            table: Self::TABLE,
+            source: codec::CodecError::TrailingBytes(0),
+        })?;
+        if v > Self::VERSION {
+            return Err(StoreError::TooNew {
+                table: Self::TABLE,
+                found: v,
+                known: Self::VERSION,
+            });
+        }
+        codec::decode(body).map_err(|source| StoreError::Corrupt {
+            table: Self::TABLE,
+            source,
+        })
+    }
+}
+
+/// Where a host stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostState {
+    /// Joined, never connected yet.
+    Enrolled,
+    /// A session is open.
+    Online,
+    /// No session.
+    Offline,
+    /// Its certificates are refused.
+    Revoked,
+}
+
+/// One host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Its id (also in its certificate).
+    pub id: HostId,
+    /// Its name, as the host reported it.
+    pub name: String,
+    /// Addresses it connected from, most recent first.
+    pub addresses: Vec<String>,
+    /// What it offers.
+    pub capacity: Capacity,
+    /// The agent build it runs.
+    pub agent_version: String,
+    /// Enrollment time, Unix ms.
+    pub first_seen_ms: u64,
+    /// Last heartbeat or connection, Unix ms.
+    pub last_seen_ms: u64,
+    /// Where it stands.
+    pub state: HostState,
+    /// Serial of the newest certificate issued to it (hex).
+    pub cert_serial: String,
+    /// Expiry of that certificate, Unix seconds.
+    pub cert_not_after: i64,
+}
+
+impl Record for HostRecord {
+    const TABLE: &'static str = "hosts";
+    const VERSION: u8 = 1;
+}
+
+/// A join token (stored by hash only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    /// Created, Unix ms.
+    pub created_ms: u64,
+    /// Expires, Unix ms.
+    pub expires_ms: u64,
+    /// Which host used it, if any.
+    pub used_by: Option<HostId>,
+}
+
+impl Record for JoinTokenRecord {
+    const TABLE: &'static str = "join_tokens";
+    const VERSION: u8 = 1;
+}
+
+/// A revoked certificate serial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedRecord {
+    /// The host it belonged to.
+    pub host_id: HostId,
+    /// When, Unix ms.
+    pub revoked_ms: u64,
+}
+
+impl Record for RevokedRecord {
+    const TABLE: &'static str = "revoked_serials";
+    const VERSION: u8 = 1;
+}
+
+/// What an API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Role {
+    /// Read only.
+    Viewer,
+    /// Read and operate VMs.
+    Operator,
+    /// Everything, including tokens and hosts.
+    Admin,
+}
+
+/// An API token (stored by hash only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenRecord {
+    /// A name for people.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// Created, Unix ms.
+    pub created_ms: u64,
+}
+
+impl Record for ApiTokenRecord {
+    const TABLE: &'static str = "api_tokens";
+    const VERSION: u8 = 1;
+}
+
+/// Why a join token was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No such token.
+    Unknown,
+    /// Past its expiry.
+    Expired,
+    /// Already used.
+    Used,
+}
+
+/// The redb database.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database and its tables.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let tx = db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let found = meta
+                .get("schema_version")?
+                .map(|v| {
+                    let b = v.value();
+                    u32::from_le_bytes([
+                        b.first().copied().unwrap_or(0),
+                        b.get(1).copied().unwrap_or(0),
+                        b.get(2).copied().unwrap_or(0),
+                        b.get(3).copied().unwrap_or(0),
+                    ])
+                });
+            match found {
+                Some(v) if v > SCHEMA_VERSION => return Err(StoreError::SchemaTooNew { found: v }),
+                Some(_) => {}
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())?;
+                }
+            }
+            tx.open_table(HOSTS)?;
+            tx.open_table(JOIN_TOKENS)?;
+            tx.open_table(REVOKED)?;
+            tx.open_table(API_TOKENS)?;
+        }
+        tx.commit()?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    /// Adds a join token by hash.
+    pub fn put_join_token(&self, hash: &[u8; 32], rec: &JoinTokenRecord) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(JOIN_TOKENS)?.insert(hash, rec.encode()?.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Consumes a join token and creates the host in one transaction.
+    /// `make_host` runs inside the transaction (to sign the certificate) and
+    /// its error aborts everything, leaving the token unused.
+    pub fn consume_join_token<E>(
+        &self,
+        hash: &[u8; 32],
+        now_ms: u64,
+        make_host: impl FnOnce() -> Result<HostRecord, E>,
+    ) -> Result<Result<HostRecord, JoinFailure<E>>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let host = {
+            let mut tokens = tx.open_table(JOIN_TOKENS)?;
+            let rec = match tokens.get(hash)? {
+                None => return Ok(Err(JoinFailure::Token(TokenRefusal::Unknown))),
+                Some(v) => JoinTokenRecord::decode(v.value())?,
+            };
+            if rec.used_by.is_some() {
+                return Ok(Err(JoinFailure::Token(TokenRefusal::Used)));
+            }
+            if now_ms >= rec.expires_ms {
+                return Ok(Err(JoinFailure::Token(TokenRefusal::Expired)));
+            }
+            let host = match make_host() {
+                Ok(h) => h,
+                Err(e) => return Ok(Err(JoinFailure::Host(e))),
+            };
+            let used = JoinTokenRecord {
+                used_by: Some(host.id),
+                ..rec
+            };
+            tokens.insert(hash, used.encode()?.as_slice())?;
+            tx.open_table(HOSTS)?.insert(host.id.0, host.encode()?.as_slice())?;
+            host
+        };
+        tx.commit()?;
+        Ok(Ok(host))
+    }
+
+    /// Writes host records (one transaction for all of them).
+    pub fn put_hosts(&self, hosts: &[HostRecord]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(HOSTS)?;
+            for h in hosts {
+                t.insert(h.id.0, h.encode()?.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Applies `f` to each of the given hosts that exists, in one write
+    /// transaction (read-modify-write; unknown ids are skipped).
+    pub fn update_hosts(
+        &self,
+        ids: Vec<HostId>,
+        mut f: impl FnMut(&mut HostRecord),
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(HOSTS)?;
+            for id in ids {
+                let Some(mut h) = t.get(id.0)?.map(|v| HostRecord::decode(v.value())).transpose()? else {
+                    continue;
+                };
+                f(&mut h);
+                t.insert(id.0, h.encode()?.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// One host.
+    pub fn host(&self, id: HostId) -> Result<Option<HostRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(HOSTS)?;
+        t.get(id.0)?.map(|v| HostRecord::decode(v.value())).transpose()
+    }
+
+    /// All hosts, by id.
+    pub fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(HOSTS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (_, v) = row?;
+            out.push(HostRecord::decode(v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Revokes a host: marks it revoked and records its current serial, in
+    /// one transaction. Returns the updated record, or `None` if unknown.
+    pub fn revoke_host(&self, id: HostId, now_ms: u64) -> Result<Option<HostRecord>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let updated = {
+            let mut hosts = tx.open_table(HOSTS)?;
+            let Some(mut host) = hosts.get(id.0)?.map(|v| HostRecord::decode(v.value())).transpose()? else {
+                return Ok(None);
+            };
+            host.state = HostState::Revoked;
+            hosts.insert(id.0, host.encode()?.as_slice())?;
+            let rec = RevokedRecord {
+                host_id: id,
+                revoked_ms: now_ms,
+            };
+            tx.open_table(REVOKED)?
+                .insert(host.cert_serial.as_str(), rec.encode()?.as_slice())?;
+            host
+        };
+        tx.commit()?;
+        Ok(Some(updated))
+    }
+
+    /// Every revoked serial.
+    pub fn revoked_serials(&self) -> Result<Vec<(String, RevokedRecord)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(REVOKED)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), RevokedRecord::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Adds an API token by hash.
+    pub fn put_api_token(&self, hash: &[u8; 32], rec: &ApiTokenRecord) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(API_TOKENS)?.insert(hash, rec.encode()?.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Looks up an API token by hash.
+    pub fn api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiTokenRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(API_TOKENS)?;
+        t.get(hash)?.map(|v| ApiTokenRecord::decode(v.value())).transpose()
+    }
+}
+
+/// Why a join failed inside the transaction.
+#[derive(Debug)]
+pub enum JoinFailure<E> {
+    /// The token was refused.
+    Token(TokenRefusal),
+    /// Making the host (signing its certificate) failed.
+    Host(E),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(id: u128) -> HostRecord {
+        HostRecord {
+            id: HostId(id),
+            name: format!("h{id}"),
+            addresses: vec![],
+            capacity: Capacity::default(),
+            agent_version: "0.1.0".into(),
+            first_seen_ms: 1,
+            last_seen_ms: 1,
+            state: HostState::Enrolled,
+            cert_serial: format!("{id:x}"),
+            cert_not_after: 0,
+        }
+    }
+
+    #[test]
+    fn join_token_is_single_use_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("db.redb");
+        let h = [7u8; 32];
+        {
+            let s = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
+            s.put_join_token(&h, &JoinTokenRecord { created_ms: 0, expires_ms: 100, used_by: None })
+                .unwrap_or_else(|e| panic!("{e}"));
+            let r = s.consume_join_token(&h, 50, || Ok::<_, ()>(host(1))).unwrap_or_else(|e| panic!("{e}"));
+            assert!(r.is_ok());
+            let again = s.consume_join_token(&h, 50, || Ok::<_, ()>(host(2))).unwrap_or_else(|e| panic!("{e}"));
+            assert!(matches!(again, Err(JoinFailure::Token(TokenRefusal::Used))));
+        }
+        let s = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.hosts().unwrap_or_default().len(), 1);
+        assert!(s.host(HostId(2)).unwrap_or(None).is_none());
+    }
+
+    #[test]
+    fn expired_and_unknown_tokens_and_failed_signing_leave_token_unused() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = Store::open(&dir.path().join("db.redb")).unwrap_or_else(|e| panic!("{e}"));
+        let h = [1u8; 32];
+        s.put_join_token(&h, &JoinTokenRecord { created_ms: 0, expires_ms: 100, used_by: None })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let r = s.consume_join_token(&[2u8; 32], 0, || Ok::<_, ()>(host(1))).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(r, Err(JoinFailure::Token(TokenRefusal::Unknown))));
+        let r = s.consume_join_token(&h, 10, || Err::<HostRecord, _>("bad csr")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(r, Err(JoinFailure::Host("bad csr"))));
+        let r = s.consume_join_token(&h, 100, || Ok::<_, ()>(host(1))).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(r, Err(JoinFailure::Token(TokenRefusal::Expired))));
+        assert!(s.hosts().unwrap_or_default().is_empty());
+    }
+
+    #[test]
+    fn revoke_marks_host_and_serial() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = Store::open(&dir.path().join("db.redb")).unwrap_or_else(|e| panic!("{e}"));
+        s.put_hosts(&[host(5)]).unwrap_or_else(|e| panic!("{e}"));
+        let h = s.revoke_host(HostId(5), 9).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(h.map(|h| h.state), Some(HostState::Revoked));
+        let serials = s.revoked_serials().unwrap_or_default();
+        assert_eq!(serials.len(), 1);
+        assert_eq!(serials[0].0, "5");
+        assert!(s.revoke_host(HostId(6), 9).unwrap_or(Some(host(0))).is_none());
+    }
+
+    #[test]
+    fn newer_record_version_is_refused() {
+        let mut bytes = host(1).encode().unwrap_or_default();
+        bytes[0] = 9;
+        assert!(matches!(HostRecord::decode(&bytes), Err(StoreError::TooNew { found: 9, .. })));
+    }
+}
