@@ -609,6 +609,9 @@ impl Fleet {
 fn view(record: HostRecord, live: Option<&Arc<LiveSession>>) -> HostView {
     let mut record = record;
     if let Some(s) = live {
+        if let Some(inv) = s.inventory.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            record.capacity = inv.capacity;
+        }
         record.last_seen_ms = record.last_seen_ms.max(s.last_seen_ms.load(Ordering::Relaxed));
         if record.state != HostState::Revoked {
             record.state = HostState::Online;

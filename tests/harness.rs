@@ -1,0 +1,370 @@
+//! Test harness for NovaCron's end-to-end tests: starts real
+//! `novacron-server` and `novacron-agent` processes in temporary
+//! directories, talks to the API over plain HTTP, and opens raw QUIC
+//! connections for the bad-peer cases.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which
+//! `make test` does); a missing binary is a loud failure, never a skip.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use novacron_shared::framing::{self, FramedRecv, MAX_FRAME_LEN};
+use novacron_shared::protocol::{AgentMessage, Hello, ServerMessage, HANDSHAKE_VERSION};
+
+/// The path of a workspace binary next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` (make test does)",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout`
+/// with `what` in the message.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A minimal HTTP/1.1 call; returns status and JSON body.
+pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, serde_json::Value) {
+    let mut s = TcpStream::connect(addr).expect("connect to API");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.unwrap_or("");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status: u16 = out.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    let json = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, serde_json::from_str(json).unwrap_or(serde_json::Value::Null))
+}
+
+/// A server process with its own data directory.
+pub struct Server {
+    /// Holds the data directory and logs.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+    child: Option<Child>,
+    /// The QUIC address.
+    pub quic: SocketAddr,
+    /// The API address.
+    pub api: SocketAddr,
+    /// The admin token.
+    pub token: String,
+    /// The CA fingerprint.
+    pub fingerprint: String,
+    starts: u32,
+}
+
+impl Server {
+    /// Initialises a data directory and starts the server. `agents_toml` is
+    /// appended to the `[agents]` table of the config.
+    pub fn start(agents_toml: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("server.toml");
+        let text = format!(
+            "data_dir = \"{}\"\n[quic]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[agents]\n{agents_toml}\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(&config, text).unwrap();
+        let out = Command::new(bin("novacron-server")).arg("-c").arg(&config).arg("init").output().unwrap();
+        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap().trim().to_string();
+        let fp = Command::new(bin("novacron-server")).arg("-c").arg(&config).args(["ca", "fingerprint"]).output().unwrap();
+        let fingerprint = String::from_utf8_lossy(&fp.stdout).trim().to_string();
+        let mut s = Server {
+            dir,
+            config,
+            child: None,
+            quic: "0.0.0.0:0".parse().unwrap(),
+            api: "0.0.0.0:0".parse().unwrap(),
+            token,
+            fingerprint,
+            starts: 0,
+        };
+        s.spawn();
+        // Pin the ports so that restarts come back on the same addresses.
+        let text = std::fs::read_to_string(&s.config)
+            .unwrap()
+            .replace("listen = \"127.0.0.1:0\"\n[api]", &format!("listen = \"{}\"\n[api]", s.quic))
+            .replace("listen = \"127.0.0.1:0\"\n[agents]", &format!("listen = \"{}\"\n[agents]", s.api));
+        std::fs::write(&s.config, text).unwrap();
+        s
+    }
+
+    /// The current log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("server-{}.log", self.starts))
+    }
+
+    /// Everything the server logged in all its runs.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|i| std::fs::read_to_string(self.dir.path().join(format!("server-{i}.log"))).unwrap_or_default())
+            .collect()
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new(bin("novacron-server"))
+            .arg("-c")
+            .arg(&self.config)
+            .arg("run")
+            .env("RUST_LOG", "info,novacron_server=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let path = self.log_path();
+        let (q, a) = wait_for("server to start", Duration::from_secs(30), || {
+            let text = std::fs::read_to_string(&path).ok()?;
+            let line = text.lines().find(|l| l.contains("novacron-server started"))?;
+            let field = |k: &str| -> Option<SocketAddr> {
+                line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok())
+            };
+            Some((field("quic_addr=")?, field("api_addr=")?))
+        });
+        self.quic = q;
+        self.api = a;
+    }
+
+    /// Starts the server again after [`Server::kill9`].
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    /// SIGKILLs the server.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Whether the server process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Runs `novacron-server -c CONFIG ARGS…`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("novacron-server")).arg("-c").arg(&self.config).args(args).output().unwrap()
+    }
+
+    /// A fresh join token.
+    pub fn join_token(&self, ttl: &str) -> String {
+        let out = self.cli(&["token", "create", "--ttl", ttl]);
+        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// GET with the admin token.
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        let (status, v) = http(self.api, "GET", path, Some(&self.token), None);
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// The host record for `id`.
+    pub fn host(&self, id: &str) -> serde_json::Value {
+        self.get(&format!("/v1/hosts/{id}"))
+    }
+
+    /// Waits until host `id` has `connected == want`.
+    pub fn wait_connected(&self, id: &str, want: bool) -> serde_json::Value {
+        wait_for(&format!("host {id} connected == {want}"), Duration::from_secs(30), || {
+            let h = self.host(id);
+            (h["connected"] == want).then_some(h)
+        })
+    }
+
+    /// The fleet CA, loaded from the data directory (to forge test certificates).
+    pub fn ca(&self) -> novacron_shared::pki::FleetCa {
+        let d = self.dir.path().join("data");
+        novacron_shared::pki::FleetCa::from_pem(
+            &std::fs::read_to_string(d.join("ca.pem")).unwrap(),
+            &std::fs::read_to_string(d.join("ca.key")).unwrap(),
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// An agent with its own data directory, on a libvirt test-driver host.
+pub struct Agent {
+    /// Holds the data directory and logs.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+    /// The host id, once joined.
+    pub host_id: String,
+}
+
+impl Agent {
+    /// A new, not yet enrolled agent called `name`.
+    pub fn new(name: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{}\"\nlibvirt_uri = \"test:///default\"\nhostname = \"{name}\"\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        Agent { dir, config, child: None, starts: 0, host_id: String::new() }
+    }
+
+    /// The agent's data directory.
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Runs `join`; returns the process output (does not assert success).
+    pub fn try_join(&self, server: &Server, token: &str, fingerprint: &str) -> Output {
+        Command::new(bin("novacron-agent"))
+            .arg("-c")
+            .arg(&self.config)
+            .args(["join", "--force", "--server", &server.quic.to_string(), "--token", token, "--ca-fingerprint", fingerprint])
+            .output()
+            .unwrap()
+    }
+
+    /// Joins with a fresh token and remembers the host id.
+    pub fn join(&mut self, server: &Server) {
+        let token = server.join_token("10m");
+        let out = self.try_join(server, &token, &server.fingerprint);
+        assert!(out.status.success(), "join failed: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        self.host_id = text
+            .split_whitespace()
+            .skip_while(|w| *w != "host")
+            .nth(1)
+            .expect("host id in join output")
+            .to_string();
+    }
+
+    /// Starts `run` with extra arguments.
+    pub fn start(&mut self, extra: &[&str]) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new(bin("novacron-agent"))
+            .arg("-c")
+            .arg(&self.config)
+            .arg("run")
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// The current log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("agent-{}.log", self.starts))
+    }
+
+    /// The current run's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// SIGKILLs the agent.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// The certificate's serial, read from the identity file.
+    pub fn cert_serial(&self) -> String {
+        let id = novacron_agent::identity::Identity::load(&novacron_agent::identity::Paths::new(self.data())).unwrap();
+        novacron_shared::pki::CertInfo::parse(&id.cert_der).unwrap().serial
+    }
+
+    /// The agent's identity.
+    pub fn identity(&self) -> novacron_agent::identity::Identity {
+        novacron_agent::identity::Identity::load(&novacron_agent::identity::Paths::new(self.data())).unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Opens a raw QUIC connection to `addr` with `cfg`.
+pub async fn raw_connect(addr: SocketAddr, cfg: quinn::ClientConfig) -> Result<(quinn::Endpoint, quinn::Connection), quinn::ConnectionError> {
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep.connect_with(cfg, addr, "localhost").unwrap().await?;
+    Ok((ep, conn))
+}
+
+/// Sends a hello on a new control stream and returns the first reply, or
+/// the error that ended the connection.
+pub async fn hello(conn: &quinn::Connection, versions: (u16, u16)) -> Result<(quinn::SendStream, FramedRecv, ServerMessage), String> {
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let mut recv = FramedRecv::new(recv, MAX_FRAME_LEN);
+    let msg = AgentMessage::Hello(Hello {
+        min_version: versions.0,
+        max_version: versions.1,
+        agent_version: "test".into(),
+        hostname: "raw".into(),
+    });
+    let mut buf = Vec::new();
+    framing::write_frame(&mut send, HANDSHAKE_VERSION, &msg, &mut buf).await.map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(15), recv.next::<ServerMessage>()).await {
+        Ok(Ok(Some((_, m)))) => Ok((send, recv, m)),
+        Ok(Ok(None)) => Err("stream finished".into()),
+        Ok(Err(e)) => Err(format!("{e}: {:?}", conn.close_reason())),
+        Err(_) => Err("timeout".into()),
+    }
+}
+
+/// The error code a closed connection was closed with, if it was one of ours.
+pub async fn close_code(conn: &quinn::Connection) -> Option<novacron_shared::protocol::ErrorCode> {
+    match tokio::time::timeout(Duration::from_secs(15), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(ac)) => {
+            novacron_shared::protocol::ErrorCode::from_close_code(ac.error_code.into_inner())
+        }
+        _ => None,
+    }
+}
