@@ -38,17 +38,28 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// A minimal HTTP/1.1 call; returns status and JSON body.
-pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, serde_json::Value) {
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
     let mut s = TcpStream::connect(addr).expect("connect to API");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let body = body.unwrap_or("");
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -57,9 +68,16 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, bod
     .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    let status: u16 = out.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    let status: u16 = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
     let json = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, serde_json::from_str(json).unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// A server process with its own data directory.
@@ -91,10 +109,27 @@ impl Server {
             dir.path().join("data").display()
         );
         std::fs::write(&config, text).unwrap();
-        let out = Command::new(bin("novacron-server")).arg("-c").arg(&config).arg("init").output().unwrap();
-        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
-        let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap().trim().to_string();
-        let fp = Command::new(bin("novacron-server")).arg("-c").arg(&config).args(["ca", "fingerprint"]).output().unwrap();
+        let out = Command::new(bin("novacron-server"))
+            .arg("-c")
+            .arg(&config)
+            .arg("init")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = std::fs::read_to_string(dir.path().join("data/admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let fp = Command::new(bin("novacron-server"))
+            .arg("-c")
+            .arg(&config)
+            .args(["ca", "fingerprint"])
+            .output()
+            .unwrap();
         let fingerprint = String::from_utf8_lossy(&fp.stdout).trim().to_string();
         let mut s = Server {
             dir,
@@ -110,8 +145,14 @@ impl Server {
         // Pin the ports so that restarts come back on the same addresses.
         let text = std::fs::read_to_string(&s.config)
             .unwrap()
-            .replace("listen = \"127.0.0.1:0\"\n[api]", &format!("listen = \"{}\"\n[api]", s.quic))
-            .replace("listen = \"127.0.0.1:0\"\n[agents]", &format!("listen = \"{}\"\n[agents]", s.api));
+            .replace(
+                "listen = \"127.0.0.1:0\"\n[api]",
+                &format!("listen = \"{}\"\n[api]", s.quic),
+            )
+            .replace(
+                "listen = \"127.0.0.1:0\"\n[agents]",
+                &format!("listen = \"{}\"\n[agents]", s.api),
+            );
         std::fs::write(&s.config, text).unwrap();
         s
     }
@@ -124,7 +165,9 @@ impl Server {
     /// Everything the server logged in all its runs.
     pub fn logs(&self) -> String {
         (1..=self.starts)
-            .map(|i| std::fs::read_to_string(self.dir.path().join(format!("server-{i}.log"))).unwrap_or_default())
+            .map(|i| {
+                std::fs::read_to_string(self.dir.path().join(format!("server-{i}.log"))).unwrap_or_default()
+            })
             .collect()
     }
 
@@ -146,7 +189,9 @@ impl Server {
             let text = std::fs::read_to_string(&path).ok()?;
             let line = text.lines().find(|l| l.contains("novacron-server started"))?;
             let field = |k: &str| -> Option<SocketAddr> {
-                line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok())
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .and_then(|v| v.parse().ok())
             };
             Some((field("quic_addr=")?, field("api_addr=")?))
         });
@@ -169,18 +214,29 @@ impl Server {
 
     /// Whether the server process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     /// Runs `novacron-server -c CONFIG ARGS…`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("novacron-server")).arg("-c").arg(&self.config).args(args).output().unwrap()
+        Command::new(bin("novacron-server"))
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// A fresh join token.
     pub fn join_token(&self, ttl: &str) -> String {
         let out = self.cli(&["token", "create", "--ttl", ttl]);
-        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -198,10 +254,14 @@ impl Server {
 
     /// Waits until host `id` has `connected == want`.
     pub fn wait_connected(&self, id: &str, want: bool) -> serde_json::Value {
-        wait_for(&format!("host {id} connected == {want}"), Duration::from_secs(30), || {
-            let h = self.host(id);
-            (h["connected"] == want).then_some(h)
-        })
+        wait_for(
+            &format!("host {id} connected == {want}"),
+            Duration::from_secs(30),
+            || {
+                let h = self.host(id);
+                (h["connected"] == want).then_some(h)
+            },
+        )
     }
 
     /// The fleet CA, loaded from the data directory (to forge test certificates).
@@ -246,7 +306,13 @@ impl Agent {
             ),
         )
         .unwrap();
-        Agent { dir, config, child: None, starts: 0, host_id: String::new() }
+        Agent {
+            dir,
+            config,
+            child: None,
+            starts: 0,
+            host_id: String::new(),
+        }
     }
 
     /// The agent's data directory.
@@ -259,7 +325,16 @@ impl Agent {
         Command::new(bin("novacron-agent"))
             .arg("-c")
             .arg(&self.config)
-            .args(["join", "--force", "--server", &server.quic.to_string(), "--token", token, "--ca-fingerprint", fingerprint])
+            .args([
+                "join",
+                "--force",
+                "--server",
+                &server.quic.to_string(),
+                "--token",
+                token,
+                "--ca-fingerprint",
+                fingerprint,
+            ])
             .output()
             .unwrap()
     }
@@ -268,7 +343,11 @@ impl Agent {
     pub fn join(&mut self, server: &Server) {
         let token = server.join_token("10m");
         let out = self.try_join(server, &token, &server.fingerprint);
-        assert!(out.status.success(), "join failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "join failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         self.host_id = text
             .split_whitespace()
@@ -315,8 +394,11 @@ impl Agent {
 
     /// The certificate's serial, read from the identity file.
     pub fn cert_serial(&self) -> String {
-        let id = novacron_agent::identity::Identity::load(&novacron_agent::identity::Paths::new(self.data())).unwrap();
-        novacron_shared::pki::CertInfo::parse(&id.cert_der).unwrap().serial
+        let id = novacron_agent::identity::Identity::load(&novacron_agent::identity::Paths::new(self.data()))
+            .unwrap();
+        novacron_shared::pki::CertInfo::parse(&id.cert_der)
+            .unwrap()
+            .serial
     }
 
     /// The agent's identity.
@@ -332,7 +414,10 @@ impl Drop for Agent {
 }
 
 /// Opens a raw QUIC connection to `addr` with `cfg`.
-pub async fn raw_connect(addr: SocketAddr, cfg: quinn::ClientConfig) -> Result<(quinn::Endpoint, quinn::Connection), quinn::ConnectionError> {
+pub async fn raw_connect(
+    addr: SocketAddr,
+    cfg: quinn::ClientConfig,
+) -> Result<(quinn::Endpoint, quinn::Connection), quinn::ConnectionError> {
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let conn = ep.connect_with(cfg, addr, "localhost").unwrap().await?;
     Ok((ep, conn))
@@ -340,7 +425,10 @@ pub async fn raw_connect(addr: SocketAddr, cfg: quinn::ClientConfig) -> Result<(
 
 /// Sends a hello on a new control stream and returns the first reply, or
 /// the error that ended the connection.
-pub async fn hello(conn: &quinn::Connection, versions: (u16, u16)) -> Result<(quinn::SendStream, FramedRecv, ServerMessage), String> {
+pub async fn hello(
+    conn: &quinn::Connection,
+    versions: (u16, u16),
+) -> Result<(quinn::SendStream, FramedRecv, ServerMessage), String> {
     let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let mut recv = FramedRecv::new(recv, MAX_FRAME_LEN);
     let msg = AgentMessage::Hello(Hello {
@@ -350,7 +438,9 @@ pub async fn hello(conn: &quinn::Connection, versions: (u16, u16)) -> Result<(qu
         hostname: "raw".into(),
     });
     let mut buf = Vec::new();
-    framing::write_frame(&mut send, HANDSHAKE_VERSION, &msg, &mut buf).await.map_err(|e| e.to_string())?;
+    framing::write_frame(&mut send, HANDSHAKE_VERSION, &msg, &mut buf)
+        .await
+        .map_err(|e| e.to_string())?;
     match tokio::time::timeout(Duration::from_secs(15), recv.next::<ServerMessage>()).await {
         Ok(Ok(Some((_, m)))) => Ok((send, recv, m)),
         Ok(Ok(None)) => Err("stream finished".into()),

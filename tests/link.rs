@@ -21,7 +21,9 @@ fn last_seen(server: &Server, id: &str) -> u64 {
 /// Waits until the host's last-seen time moves: the session is alive.
 fn assert_still_heartbeating(server: &Server, id: &str) {
     let before = last_seen(server, id);
-    wait_for("heartbeats to keep arriving", Duration::from_secs(10), || (last_seen(server, id) > before).then_some(()));
+    wait_for("heartbeats to keep arriving", Duration::from_secs(10), || {
+        (last_seen(server, id) > before).then_some(())
+    });
     assert_eq!(server.host(id)["connected"], true);
 }
 
@@ -31,20 +33,31 @@ fn join_then_run_connects_heartbeats_and_reports_inventory() {
     let mut agent = Agent::new("host-a");
     agent.join(&server);
     for f in ["identity.pem", "ca.pem", "enrollment.toml"] {
-        let mode = std::fs::metadata(agent.data().join(f)).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(agent.data().join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600, "{f} must be private");
     }
     // The private key is in the identity file and nowhere on the server.
     let identity = std::fs::read_to_string(agent.data().join("identity.pem")).unwrap();
     assert!(identity.contains("PRIVATE KEY"));
-    let key_line = identity.lines().find(|l| !l.starts_with("-----") && identity.find(l) > identity.find("PRIVATE KEY")).unwrap();
+    let key_line = identity
+        .lines()
+        .find(|l| !l.starts_with("-----") && identity.find(l) > identity.find("PRIVATE KEY"))
+        .unwrap();
     for entry in std::fs::read_dir(server.dir.path().join("data")).unwrap() {
         let p = entry.unwrap().path();
         if p.extension().is_some_and(|e| e == "redb") {
             continue;
         }
         let text = std::fs::read_to_string(&p).unwrap_or_default();
-        assert!(!text.contains(key_line), "the host key leaked into {}", p.display());
+        assert!(
+            !text.contains(key_line),
+            "the host key leaked into {}",
+            p.display()
+        );
     }
     let rec = server.host(&agent.host_id);
     assert_eq!(rec["state"], "Enrolled");
@@ -79,20 +92,29 @@ fn bad_join_attempts_are_refused_with_clear_errors_and_create_nothing() {
 
     let out = agent.try_join(&server, "ncj_nonsense", &server.fingerprint);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("unknown join token"), "unknown token: {err}");
+    assert!(
+        !out.status.success() && err.contains("unknown join token"),
+        "unknown token: {err}"
+    );
 
     // The token survived the failed attempts and works once.
     let out = agent.try_join(&server, &token, &server.fingerprint);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = agent.try_join(&server, &token, &server.fingerprint);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("already used"), "reused token: {err}");
+    assert!(
+        !out.status.success() && err.contains("already used"),
+        "reused token: {err}"
+    );
 
     let short = server.join_token("1s");
     std::thread::sleep(Duration::from_millis(1500));
     let out = agent.try_join(&server, &short, &server.fingerprint);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("expired"), "expired token: {err}");
+    assert!(
+        !out.status.success() && err.contains("expired"),
+        "expired token: {err}"
+    );
 
     // Exactly one host came out of all that.
     assert_eq!(server.get("/v1/hosts")["hosts"].as_array().unwrap().len(), 1);
@@ -109,7 +131,8 @@ async fn unauthenticated_foreign_expired_and_revoked_clients_are_refused_others_
     let ca_der = CertificateDer::from(good.identity().ca_der.clone());
 
     // No client certificate: only a join is allowed.
-    let cfg = tls::client_config_pinned(&server.fingerprint.replace("sha256:", ""), Duration::from_secs(5)).unwrap();
+    let cfg = tls::client_config_pinned(&server.fingerprint.replace("sha256:", ""), Duration::from_secs(5))
+        .unwrap();
     let (_ep, conn) = raw_connect(server.quic, cfg).await.unwrap();
     match hello(&conn, (1, 1)).await {
         Ok((_, _, ServerMessage::Error(e))) => assert_eq!(e.code, ErrorCode::Unauthenticated),
@@ -117,12 +140,23 @@ async fn unauthenticated_foreign_expired_and_revoked_clients_are_refused_others_
     }
 
     // A certificate from another CA: the handshake fails.
-    let (other_ca, _) = pki::FleetCa::generate("other CA", SystemTime::now(), Duration::from_secs(3600)).unwrap();
+    let (other_ca, _) =
+        pki::FleetCa::generate("other CA", SystemTime::now(), Duration::from_secs(3600)).unwrap();
     let (key, csr) = pki::make_csr("intruder").unwrap();
     let foreign = other_ca
-        .sign_host_csr(&csr, good.identity().host_id, Validity::for_ttl(SystemTime::now(), Duration::from_secs(3600)))
+        .sign_host_csr(
+            &csr,
+            good.identity().host_id,
+            Validity::for_ttl(SystemTime::now(), Duration::from_secs(3600)),
+        )
         .unwrap();
-    let cfg = tls::client_config_mtls(ca_der.clone(), vec![foreign], pki::key_from_pem(&key.serialize_pem()).unwrap(), Duration::from_secs(5)).unwrap();
+    let cfg = tls::client_config_mtls(
+        ca_der.clone(),
+        vec![foreign],
+        pki::key_from_pem(&key.serialize_pem()).unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
     let r = match raw_connect(server.quic, cfg).await {
         Err(e) => Err(e.to_string()),
         Ok((_ep, c)) => hello(&c, (1, 1)).await.map(|x| x.2),
@@ -134,9 +168,22 @@ async fn unauthenticated_foreign_expired_and_revoked_clients_are_refused_others_
     let past = SystemTime::now() - Duration::from_secs(7200);
     let expired = server
         .ca()
-        .sign_host_csr(&csr, good.identity().host_id, Validity { not_before: past, not_after: past + Duration::from_secs(60) })
+        .sign_host_csr(
+            &csr,
+            good.identity().host_id,
+            Validity {
+                not_before: past,
+                not_after: past + Duration::from_secs(60),
+            },
+        )
         .unwrap();
-    let cfg = tls::client_config_mtls(ca_der.clone(), vec![expired], pki::key_from_pem(&key.serialize_pem()).unwrap(), Duration::from_secs(5)).unwrap();
+    let cfg = tls::client_config_mtls(
+        ca_der.clone(),
+        vec![expired],
+        pki::key_from_pem(&key.serialize_pem()).unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
     let r = match raw_connect(server.quic, cfg).await {
         Err(e) => Err(e.to_string()),
         Ok((_ep, c)) => hello(&c, (1, 1)).await.map(|x| x.2),
@@ -153,7 +200,9 @@ async fn unauthenticated_foreign_expired_and_revoked_clients_are_refused_others_
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let h = server.wait_connected(&bad.host_id, false);
     assert_eq!(h["state"], "Revoked");
-    wait_for("the agent to log the revocation", Duration::from_secs(10), || bad.log().contains("Revoked").then_some(()));
+    wait_for("the agent to log the revocation", Duration::from_secs(10), || {
+        bad.log().contains("Revoked").then_some(())
+    });
     let cfg = bad_identity.client_config(Duration::from_secs(5)).unwrap();
     let (_ep, c) = raw_connect(server.quic, cfg).await.unwrap();
     let r = hello(&c, (1, 1)).await.map(|x| x.2);
@@ -183,9 +232,11 @@ async fn protocol_version_mismatch_is_a_clear_error_on_both_sides() {
     let mut agent = Agent::new("future");
     agent.join(&server);
     agent.start(&["--protocol-versions", "7-9"]);
-    wait_for("the agent to report the mismatch", Duration::from_secs(15), || {
-        agent.log().contains("protocol version mismatch").then_some(())
-    });
+    wait_for(
+        "the agent to report the mismatch",
+        Duration::from_secs(15),
+        || agent.log().contains("protocol version mismatch").then_some(()),
+    );
     assert!(agent.log().contains("UnsupportedVersion"), "{}", agent.log());
     wait_for("the server to log the mismatch", Duration::from_secs(5), || {
         server.logs().contains("no common protocol version").then_some(())
@@ -201,7 +252,10 @@ async fn protocol_version_mismatch_is_a_clear_error_on_both_sides() {
             assert_eq!(e.code, ErrorCode::UnsupportedVersion);
             assert!(e.message.contains("1..=1"), "{}", e.message);
         }
-        other => panic!("expected an UnsupportedVersion error, got {:?}", other.map(|x| x.2)),
+        other => panic!(
+            "expected an UnsupportedVersion error, got {:?}",
+            other.map(|x| x.2)
+        ),
     }
 }
 
@@ -238,7 +292,9 @@ async fn oversized_and_garbage_frames_close_only_that_connection() {
     // Garbage as the very first frame, before any hello.
     let (_ep3, c) = raw_connect(server.quic, cfg).await.unwrap();
     let (mut send, _recv) = c.open_bi().await.unwrap();
-    send.write_all(&[0, 0, 0, 7, 0, 1, 0xde, 0xad, 0xbe, 0xef, 0x00]).await.unwrap();
+    send.write_all(&[0, 0, 0, 7, 0, 1, 0xde, 0xad, 0xbe, 0xef, 0x00])
+        .await
+        .unwrap();
     assert_eq!(close_code(&c).await, Some(ErrorCode::MalformedFrame));
 
     assert!(server.is_running_check(), "the server survived");
@@ -260,7 +316,11 @@ async fn a_second_connection_for_the_same_host_replaces_the_first() {
         ServerMessage::Welcome(w) => assert_eq!(w.host_id, agent.host_id.parse::<HostId>().unwrap()),
         other => panic!("expected a welcome, got {other:?}"),
     }
-    wait_for("the agent's session to be replaced", Duration::from_secs(10), || agent.log().contains("Replaced").then_some(()));
+    wait_for(
+        "the agent's session to be replaced",
+        Duration::from_secs(10),
+        || agent.log().contains("Replaced").then_some(()),
+    );
     // The agent reconnects by itself and, in turn, replaces the raw session.
     assert_eq!(close_code(&c).await, Some(ErrorCode::Replaced));
     server.wait_connected(&agent.host_id, true);
@@ -282,7 +342,12 @@ fn agents_reconnect_after_the_server_is_killed_and_records_survive() {
     // Let the host writer persist the online state before the crash.
     wait_for("hosts persisted online", Duration::from_secs(10), || {
         let l = server.get("/v1/hosts");
-        l["hosts"].as_array().unwrap().iter().all(|h| h["capacity"]["cpus"] == 16).then_some(())
+        l["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["capacity"]["cpus"] == 16)
+            .then_some(())
     });
     server.kill9();
     std::thread::sleep(Duration::from_millis(500));
@@ -311,10 +376,15 @@ fn agents_renew_certificates_before_expiry_and_use_them_after_restart() {
         let s = agent.cert_serial();
         (s != first).then_some(s)
     });
-    assert!(SystemTime::now() < first_expiry, "renewal must happen before expiry");
-    wait_for("the server to record the new serial", Duration::from_secs(10), || {
-        (server.host(&agent.host_id)["cert_serial"] == renewed.as_str()).then_some(())
-    });
+    assert!(
+        SystemTime::now() < first_expiry,
+        "renewal must happen before expiry"
+    );
+    wait_for(
+        "the server to record the new serial",
+        Duration::from_secs(10),
+        || (server.host(&agent.host_id)["cert_serial"] == renewed.as_str()).then_some(()),
+    );
     // Restart once the first certificate has expired: the agent must come
     // back with the renewed one.
     agent.kill9();

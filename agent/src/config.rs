@@ -112,12 +112,18 @@ impl AgentConfig {
     /// Checks values.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(s) = &self.server {
-            split_host_port(s).map_err(|message| ConfigError::Invalid { key: "server", message })?;
+            split_host_port(s).map_err(|message| ConfigError::Invalid {
+                key: "server",
+                message,
+            })?;
         }
         if !self.libvirt_uri.contains(":///") && !self.libvirt_uri.contains("://") {
             return Err(ConfigError::Invalid {
                 key: "libvirt_uri",
-                message: format!("{:?} is not a libvirt URI (e.g. qemu:///system, test:///default)", self.libvirt_uri),
+                message: format!(
+                    "{:?} is not a libvirt URI (e.g. qemu:///system, test:///default)",
+                    self.libvirt_uri
+                ),
             });
         }
         if let Some(h) = &self.hostname {
@@ -153,8 +159,11 @@ mod tests {
 
     #[test]
     fn parses_and_validates() {
-        let c = AgentConfig::parse("server = \"10.0.0.1:7443\"\nlibvirt_uri = \"test:///default\"\n", "t")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let c = AgentConfig::parse(
+            "server = \"10.0.0.1:7443\"\nlibvirt_uri = \"test:///default\"\n",
+            "t",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.server.as_deref(), Some("10.0.0.1:7443"));
         assert!(AgentConfig::parse("server = \"nope\"\n", "t").is_err());
         assert!(AgentConfig::parse("libvirt_uri = \"qemu\"\n", "t").is_err());

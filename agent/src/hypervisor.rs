@@ -180,7 +180,8 @@ mod tests {
 
     #[tokio::test]
     async fn inventory_from_the_test_driver() {
-        let hv = Hypervisor::start("test:///default", Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
+        let hv =
+            Hypervisor::start("test:///default", Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
         let inv = hv.inventory().await.unwrap_or_else(|e| panic!("{e}"));
         // test:///default has one running domain called "test" on a 16-CPU node.
         assert_eq!(inv.capacity.cpus, 16);
@@ -199,7 +200,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_hung_call_times_out_and_the_driver_stays_usable() {
-        let hv = Hypervisor::start("test:///default", Duration::from_millis(200)).unwrap_or_else(|e| panic!("{e}"));
+        let hv = Hypervisor::start("test:///default", Duration::from_millis(200))
+            .unwrap_or_else(|e| panic!("{e}"));
         let e = hv
             .call(|_| {
                 std::thread::sleep(Duration::from_millis(600));
@@ -209,7 +211,10 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, HvError::Timeout(_)), "{e}");
         // The slow job finishes; the next call goes through.
-        let hv2 = Hypervisor { timeout: Duration::from_secs(10), ..hv };
+        let hv2 = Hypervisor {
+            timeout: Duration::from_secs(10),
+            ..hv
+        };
         assert!(hv2.inventory().await.is_ok());
     }
 }

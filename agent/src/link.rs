@@ -10,9 +10,9 @@ use novacron_shared::backoff::Backoff;
 use novacron_shared::framing::{self, FrameError, FramedRecv, MAX_FRAME_LEN};
 use novacron_shared::pki;
 use novacron_shared::protocol::{
-    AgentMessage, CommandKind, CommandOutcome, CommandResult, ErrorCode, Heartbeat, Hello,
-    JoinReply, JoinRequest, RenewRequest, ServerMessage, WireError, HANDSHAKE_VERSION,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    AgentMessage, CommandKind, CommandOutcome, CommandResult, ErrorCode, Heartbeat, Hello, JoinReply,
+    JoinRequest, RenewRequest, ServerMessage, WireError, HANDSHAKE_VERSION, PROTOCOL_VERSION_MAX,
+    PROTOCOL_VERSION_MIN,
 };
 use tokio::sync::watch;
 
@@ -117,7 +117,9 @@ async fn resolve(server: &str) -> Result<SocketAddr, LinkError> {
 
 fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, LinkError> {
     let bind: SocketAddr = if server.is_ipv6() {
-        "[::]:0".parse().map_err(|_| LinkError::Protocol("bad bind address".into()))?
+        "[::]:0"
+            .parse()
+            .map_err(|_| LinkError::Protocol("bad bind address".into()))?
     } else {
         SocketAddr::from(([0, 0, 0, 0], 0))
     };
@@ -143,7 +145,12 @@ fn closed_error(conn: &quinn::Connection, fallback: LinkError) -> LinkError {
 
 /// Enrolls this host: makes a key, sends a CSR with the token over a
 /// connection that pins the CA fingerprint, and returns the identity.
-pub async fn join(cfg: &LinkConfig, token: &str, ca_fingerprint: &str, agent_version: &str) -> Result<Identity, LinkError> {
+pub async fn join(
+    cfg: &LinkConfig,
+    token: &str,
+    ca_fingerprint: &str,
+    agent_version: &str,
+) -> Result<Identity, LinkError> {
     let fp = pki::parse_fingerprint(ca_fingerprint)?;
     let addr = resolve(&cfg.server).await?;
     let endpoint = client_endpoint(addr)?;
@@ -174,19 +181,35 @@ pub async fn join(cfg: &LinkConfig, token: &str, ca_fingerprint: &str, agent_ver
             .await
             .map_err(|_| LinkError::Timeout(OPEN_TIMEOUT))?;
         match reply {
-            Ok(Some((_, ServerMessage::Joined(JoinReply { host_id, cert_der, ca_der })))) => {
+            Ok(Some((
+                _,
+                ServerMessage::Joined(JoinReply {
+                    host_id,
+                    cert_der,
+                    ca_der,
+                }),
+            ))) => {
                 if pki::fingerprint(&ca_der) != fp {
-                    return Err(LinkError::Protocol("the server sent a CA that does not match the pinned fingerprint".into()));
+                    return Err(LinkError::Protocol(
+                        "the server sent a CA that does not match the pinned fingerprint".into(),
+                    ));
                 }
                 let id = Identity::new(cert_der, key.serialize_pem(), ca_der)?;
                 if id.host_id != host_id {
-                    return Err(LinkError::Protocol("the certificate does not name the assigned host id".into()));
+                    return Err(LinkError::Protocol(
+                        "the certificate does not name the assigned host id".into(),
+                    ));
                 }
                 Ok(id)
             }
             Ok(Some((_, ServerMessage::Error(e)))) => Err(LinkError::Refused(e)),
-            Ok(Some((_, other))) => Err(LinkError::Protocol(format!("unexpected reply to join: {other:?}"))),
-            Ok(None) => Err(closed_error(&conn, LinkError::Protocol("the server closed the stream without a reply".into()))),
+            Ok(Some((_, other))) => Err(LinkError::Protocol(format!(
+                "unexpected reply to join: {other:?}"
+            ))),
+            Ok(None) => Err(closed_error(
+                &conn,
+                LinkError::Protocol("the server closed the stream without a reply".into()),
+            )),
             Err(e) => Err(closed_error(&conn, e.into())),
         }
     }
@@ -218,7 +241,17 @@ pub async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let mut endpoint: Option<quinn::Endpoint> = None;
     loop {
-        let attempt = session(&cfg, &mut identity, &paths, &hv, &stats, &mut endpoint, &mut backoff, &mut shutdown).await;
+        let attempt = session(
+            &cfg,
+            &mut identity,
+            &paths,
+            &hv,
+            &stats,
+            &mut endpoint,
+            &mut backoff,
+            &mut shutdown,
+        )
+        .await;
         if *shutdown.borrow() {
             if let Some(ep) = endpoint.take() {
                 ep.close(0u32.into(), b"agent shutting down");
@@ -319,10 +352,18 @@ async fn serve(
         Some((_, ServerMessage::Welcome(w))) => w,
         Some((_, ServerMessage::Error(e))) => return Err(LinkError::Refused(e)),
         Some((_, other)) => return Err(LinkError::Protocol(format!("expected a welcome, got {other:?}"))),
-        None => return Err(closed_error(conn, LinkError::Protocol("the server closed the stream before the welcome".into()))),
+        None => {
+            return Err(closed_error(
+                conn,
+                LinkError::Protocol("the server closed the stream before the welcome".into()),
+            ))
+        }
     };
     if welcome.host_id != identity.host_id {
-        return Err(LinkError::Protocol(format!("the server took us for host {}, we are {}", welcome.host_id, identity.host_id)));
+        return Err(LinkError::Protocol(format!(
+            "the server took us for host {}, we are {}",
+            welcome.host_id, identity.host_id
+        )));
     }
     let version = welcome.version;
     backoff.reset();
@@ -331,7 +372,9 @@ async fn serve(
 
     match hv.inventory().await {
         Ok(inv) => framing::write_frame(&mut send, version, &AgentMessage::Inventory(inv), &mut buf).await?,
-        Err(e) => tracing::warn!(error = %e, "cannot read the inventory; the server will see it on the next change"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the inventory; the server will see it on the next change")
+        }
     }
 
     let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));

@@ -58,7 +58,10 @@ enum Command {
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once('-').ok_or("expected MIN-MAX")?;
-    Ok((a.parse().map_err(|_| "bad MIN")?, b.parse().map_err(|_| "bad MAX")?))
+    Ok((
+        a.parse().map_err(|_| "bad MIN")?,
+        b.parse().map_err(|_| "bad MAX")?,
+    ))
 }
 
 fn main() -> std::process::ExitCode {
@@ -114,9 +117,19 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
                 Err(IdentityError::NotEnrolled(_)) => "not enrolled yet".into(),
                 Err(e) => return Err(e.into()),
             };
-            println!("config OK (data_dir {}, libvirt {}); {enrolled}", cfg.data_dir.display(), cfg.libvirt_uri);
+            println!(
+                "config OK (data_dir {}, libvirt {}); {enrolled}",
+                cfg.data_dir.display(),
+                cfg.libvirt_uri
+            );
         }
-        Command::Join { server, token, ca_fingerprint, server_name, force } => {
+        Command::Join {
+            server,
+            token,
+            ca_fingerprint,
+            server_name,
+            force,
+        } => {
             if !force && paths.identity().exists() {
                 return Err(IdentityError::AlreadyEnrolled(paths.identity().display().to_string()).into());
             }
@@ -128,8 +141,18 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("join failed: {}", link::error_chain(&e)))?;
             identity.save(&paths)?;
-            Enrollment { server, server_name, host_id: identity.host_id.to_string() }.save(&paths)?;
-            println!("joined as host {} in {:?}; certificate valid until {:?}", identity.host_id, started.elapsed(), identity.validity.not_after);
+            Enrollment {
+                server,
+                server_name,
+                host_id: identity.host_id.to_string(),
+            }
+            .save(&paths)?;
+            println!(
+                "joined as host {} in {:?}; certificate valid until {:?}",
+                identity.host_id,
+                started.elapsed(),
+                identity.validity.not_after
+            );
             println!("start the agent with `novacron-agent run` (or `systemctl start novacron-agent`)");
         }
         Command::Run { protocol_versions } => {
@@ -148,7 +171,14 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             let hv = Hypervisor::start(&cfg.libvirt_uri, Duration::from_secs(30))?;
             let (tx, rx) = tokio::sync::watch::channel(false);
             tracing::info!(host_id = %identity.host_id, server = %link_cfg.server, libvirt = %cfg.libvirt_uri, "novacron-agent starting");
-            let link = tokio::spawn(link::run(link_cfg, identity, paths, hv, Arc::new(LinkStats::default()), rx));
+            let link = tokio::spawn(link::run(
+                link_cfg,
+                identity,
+                paths,
+                hv,
+                Arc::new(LinkStats::default()),
+                rx,
+            ));
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 r = tokio::signal::ctrl_c() => r?,

@@ -60,8 +60,10 @@ type Resp = Response<Full<Bytes>>;
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -72,7 +74,10 @@ fn ok<T: serde::Serialize>(status: StatusCode, body: &T) -> Result<Resp, ApiErro
 }
 
 fn error_response(e: &ApiError) -> Resp {
-    json_response(e.status, &json!({"error": {"code": e.code, "message": e.message}}))
+    json_response(
+        e.status,
+        &json!({"error": {"code": e.code, "message": e.message}}),
+    )
 }
 
 impl Api {
@@ -125,22 +130,35 @@ impl Api {
                 }
                 error_response(&e)
             }
-            Err(_) => error_response(&ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", "the request took too long")),
+            Err(_) => error_response(&ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                "the request took too long",
+            )),
         };
         tracing::debug!(%method, %path, status = resp.status().as_u16(), "API request");
         resp
     }
 
     fn authenticate(&self, req: &Request<Incoming>) -> Result<Role, ApiError> {
-        let header = req
-            .headers()
-            .get(AUTHORIZATION)
-            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "missing `Authorization: Bearer <token>` header"))?;
+        let header = req.headers().get(AUTHORIZATION).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "missing `Authorization: Bearer <token>` header",
+            )
+        })?;
         let token = header
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "the Authorization header must be `Bearer <token>`"))?;
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    "the Authorization header must be `Bearer <token>`",
+                )
+            })?;
         let rec = self
             .store
             .api_token(&secrets::hash(token))
@@ -160,10 +178,16 @@ impl Api {
             if role == Role::Admin {
                 Ok(())
             } else {
-                Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this needs an admin token"))
+                Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "this needs an admin token",
+                ))
             }
         };
-        let internal = |e: &dyn std::fmt::Display| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
+        let internal = |e: &dyn std::fmt::Display| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+        };
         match (req.method().clone(), segments.as_slice()) {
             (Method::GET, ["v1", "hosts"]) => {
                 let hosts = self.fleet.hosts().map_err(|e| internal(&e))?;
@@ -173,7 +197,11 @@ impl Api {
                 let id = parse_host_id(id)?;
                 match self.fleet.host(id).map_err(|e| internal(&e))? {
                     Some(h) => ok(StatusCode::OK, &h),
-                    None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no host with id {id}"))),
+                    None => Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        format!("no host with id {id}"),
+                    )),
                 }
             }
             (Method::POST, ["v1", "hosts", id, "revoke"]) => {
@@ -181,7 +209,11 @@ impl Api {
                 let id = parse_host_id(id)?;
                 match self.fleet.revoke(id) {
                     Ok(h) => ok(StatusCode::OK, &h),
-                    Err(RevokeError::UnknownHost(_)) => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no host with id {id}"))),
+                    Err(RevokeError::UnknownHost(_)) => Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        format!("no host with id {id}"),
+                    )),
                     Err(e) => Err(internal(&e)),
                 }
             }
@@ -195,19 +227,36 @@ impl Api {
                 let body: Body = read_json(req).await?;
                 let ttl = match body.ttl.as_deref() {
                     None => Duration::from_secs(3600),
-                    Some(s) => novacron_shared::duration::parse(s)
-                        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("ttl: {e}")))?,
+                    Some(s) => novacron_shared::duration::parse(s).map_err(|e| {
+                        ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("ttl: {e}"))
+                    })?,
                 };
                 if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(30 * 86_400) {
-                    return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "ttl must be between 1s and 30d"));
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_body",
+                        "ttl must be between 1s and 30d",
+                    ));
                 }
                 let (token, expires_ms) = self.fleet.create_join_token(ttl).map_err(|e| internal(&e))?;
-                Ok(json_response(StatusCode::CREATED, &json!({"token": token, "expires_ms": expires_ms})))
+                Ok(json_response(
+                    StatusCode::CREATED,
+                    &json!({"token": token, "expires_ms": expires_ms}),
+                ))
             }
-            (_, ["v1", "hosts"] | ["v1", "hosts", _] | ["v1", "hosts", _, "revoke"] | ["v1", "join-tokens"]) => {
-                Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this path"))
-            }
-            _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}"))),
+            (
+                _,
+                ["v1", "hosts"] | ["v1", "hosts", _] | ["v1", "hosts", _, "revoke"] | ["v1", "join-tokens"],
+            ) => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this path",
+            )),
+            _ => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route for {path}"),
+            )),
         }
     }
 }
@@ -218,17 +267,33 @@ struct HostList {
 }
 
 fn parse_host_id(s: &str) -> Result<HostId, ApiError> {
-    s.parse()
-        .map_err(|e: novacron_shared::ids::ParseIdError| ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", e.to_string()))
+    s.parse().map_err(|e: novacron_shared::ids::ParseIdError| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", e.to_string())
+    })
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     let body = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request bodies are limited to {MAX_BODY} bytes")))?
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request bodies are limited to {MAX_BODY} bytes"),
+            )
+        })?
         .to_bytes();
-    let bytes = if body.is_empty() { Bytes::from_static(b"{}") } else { body };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("request body is not valid JSON for this call: {e}")))
+    let bytes = if body.is_empty() {
+        Bytes::from_static(b"{}")
+    } else {
+        body
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("request body is not valid JSON for this call: {e}"),
+        )
+    })
 }

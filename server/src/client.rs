@@ -47,7 +47,9 @@ pub async fn call(
         .uri(format!("http://{addr}{path}"))
         .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))
+        .body(Full::new(Bytes::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        )))
         .map_err(|e| ClientError::Reply(e.to_string()))?;
     let resp = client
         .request(req)
@@ -60,7 +62,8 @@ pub async fn call(
         .await
         .map_err(|e| ClientError::Reply(e.to_string()))?
         .to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| ClientError::Reply(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Reply(e.to_string()))?;
     if !status.is_success() {
         let message = v["error"]["message"].as_str().unwrap_or("no message").to_string();
         return Err(ClientError::Refused {

@@ -217,7 +217,8 @@ impl ServerConfig {
         for n in &self.quic.server_names {
             let ok = !n.is_empty()
                 && n.len() <= 253
-                && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
             if !ok {
                 return Err(ConfigError::Invalid {
                     key: "quic.server_names",

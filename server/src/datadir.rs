@@ -108,7 +108,9 @@ impl DataDir {
     /// admin token. Refuses to touch an existing CA.
     pub fn init(&self, cfg: &ServerConfig, now: SystemTime) -> Result<InitReport, DataDirError> {
         if self.ca_cert().exists() {
-            return Err(DataDirError::AlreadyInitialised(self.ca_cert().display().to_string()));
+            return Err(DataDirError::AlreadyInitialised(
+                self.ca_cert().display().to_string(),
+            ));
         }
         std::fs::create_dir_all(&self.root).map_err(|source| io("create", &self.root, source))?;
         std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
@@ -118,7 +120,10 @@ impl DataDir {
         // Key before certificate: a crash in between leaves no CA, so init can run again.
         write_private(&self.ca_key(), ca_pem.key_pem.as_bytes())?;
         write_private(&self.server_key(), server.key_pem.as_bytes())?;
-        write_private(&self.server_cert(), format!("{}{}", server.cert_pem, ca_pem.cert_pem).as_bytes())?;
+        write_private(
+            &self.server_cert(),
+            format!("{}{}", server.cert_pem, ca_pem.cert_pem).as_bytes(),
+        )?;
         let store = Store::open(&self.db())?;
         let admin_token = secrets::new_token("nca");
         store.put_api_token(
@@ -192,7 +197,6 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
     Ok(())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,7 +209,9 @@ mod tests {
         let report = dd.init(&cfg, SystemTime::now()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(dd.ca_fingerprint().ok(), Some(report.ca_fingerprint.clone()));
         assert_eq!(dd.read_admin_token().ok(), Some(report.admin_token));
-        let mode = std::fs::metadata(dd.ca_cert()).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+        let mode = std::fs::metadata(dd.ca_cert())
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0);
         assert_eq!(mode, 0o600);
         let pki = dd.load_pki().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(pki.chain.len(), 2);

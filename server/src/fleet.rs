@@ -17,9 +17,8 @@ use novacron_shared::framing::{self, FrameError, MAX_FRAME_LEN};
 use novacron_shared::ids::HostId;
 use novacron_shared::pki::{CertInfo, FleetCa, Validity};
 use novacron_shared::protocol::{
-    self, AgentMessage, Capacity, ErrorCode, HeartbeatAck, Inventory, JoinReply, JoinRequest,
-    RenewReply, ServerMessage, Welcome, WireError, HANDSHAKE_VERSION, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN,
+    self, AgentMessage, Capacity, ErrorCode, HeartbeatAck, Inventory, JoinReply, JoinRequest, RenewReply,
+    ServerMessage, Welcome, WireError, HANDSHAKE_VERSION, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 use novacron_shared::tls::peer_leaf;
 use serde::Serialize;
@@ -209,7 +208,10 @@ impl Fleet {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(rec.cert_serial.clone());
-        self.revoked_hosts.write().unwrap_or_else(|p| p.into_inner()).insert(id);
+        self.revoked_hosts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
         if let Some(s) = self.lock_sessions().remove(&id) {
             close(&s.conn, ErrorCode::Revoked, "this host's certificate was revoked");
         }
@@ -238,7 +240,11 @@ impl Fleet {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains(serial)
-            || self.revoked_hosts.read().unwrap_or_else(|p| p.into_inner()).contains(&id)
+            || self
+                .revoked_hosts
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&id)
     }
 
     async fn handle_incoming(self: Arc<Self>, incoming: quinn::Incoming) {
@@ -268,7 +274,13 @@ impl Fleet {
     }
 
     /// Sends an error frame, waits briefly for the peer to read it, closes.
-    async fn refuse(&self, conn: &quinn::Connection, send: &mut quinn::SendStream, version: u16, err: WireError) {
+    async fn refuse(
+        &self,
+        conn: &quinn::Connection,
+        send: &mut quinn::SendStream,
+        version: u16,
+        err: WireError,
+    ) {
         let mut buf = Vec::new();
         let _ = framing::write_frame(send, version, &ServerMessage::Error(err.clone()), &mut buf).await;
         let _ = send.finish();
@@ -298,7 +310,8 @@ impl Fleet {
             Ok(Ok(Some(_))) => {
                 let err = WireError {
                     code: ErrorCode::Unauthenticated,
-                    message: "no client certificate: only a join is allowed; run `novacron-agent join` first".into(),
+                    message: "no client certificate: only a join is allowed; run `novacron-agent join` first"
+                        .into(),
                 };
                 return self.refuse(&conn, &mut send, HANDSHAKE_VERSION, err).await;
             }
@@ -365,11 +378,23 @@ impl Fleet {
             }
             Ok(Err(JoinFailure::Token(refusal))) => {
                 let (code, message) = match refusal {
-                    TokenRefusal::Unknown => (ErrorCode::TokenInvalid, "unknown join token; create one with `novacron-server token create`"),
-                    TokenRefusal::Expired => (ErrorCode::TokenExpired, "the join token has expired; create a new one"),
-                    TokenRefusal::Used => (ErrorCode::TokenUsed, "the join token was already used; each token enrolls one host"),
+                    TokenRefusal::Unknown => (
+                        ErrorCode::TokenInvalid,
+                        "unknown join token; create one with `novacron-server token create`",
+                    ),
+                    TokenRefusal::Expired => (
+                        ErrorCode::TokenExpired,
+                        "the join token has expired; create a new one",
+                    ),
+                    TokenRefusal::Used => (
+                        ErrorCode::TokenUsed,
+                        "the join token was already used; each token enrolls one host",
+                    ),
                 };
-                Err(WireError { code, message: message.into() })
+                Err(WireError {
+                    code,
+                    message: message.into(),
+                })
             }
             Ok(Err(JoinFailure::Host(e))) => Err(WireError {
                 code: ErrorCode::BadCsr,
@@ -395,12 +420,22 @@ impl Fleet {
         };
         let (host_id, cert) = info;
         if self.is_revoked(&cert.serial, host_id) {
-            return self.refuse_conn(&conn, ErrorCode::Revoked, "this host's certificate was revoked; re-join the host with a new token");
+            return self.refuse_conn(
+                &conn,
+                ErrorCode::Revoked,
+                "this host's certificate was revoked; re-join the host with a new token",
+            );
         }
         match self.store.host(host_id) {
             Ok(Some(h)) if h.state != HostState::Revoked => {}
             Ok(Some(_)) => return self.refuse_conn(&conn, ErrorCode::Revoked, "this host was revoked"),
-            Ok(None) => return self.refuse_conn(&conn, ErrorCode::Unauthenticated, "unknown host id; re-join the host"),
+            Ok(None) => {
+                return self.refuse_conn(
+                    &conn,
+                    ErrorCode::Unauthenticated,
+                    "unknown host id; re-join the host",
+                )
+            }
             Err(e) => {
                 tracing::error!(error = %e, "store lookup failed");
                 return close(&conn, ErrorCode::Internal, "server store failure");
@@ -420,11 +455,16 @@ impl Fleet {
             Ok(Err(e)) => return self.refuse_conn(&conn, e.code(), &e.to_string()),
             Ok(Ok(None)) => return close(&conn, ErrorCode::UnexpectedMessage, "stream ended before hello"),
             Ok(Ok(Some((v, _)))) if v != HANDSHAKE_VERSION => {
-                return self.refuse(&conn, &mut send, HANDSHAKE_VERSION, version_error(v)).await;
+                return self
+                    .refuse(&conn, &mut send, HANDSHAKE_VERSION, version_error(v))
+                    .await;
             }
             Ok(Ok(Some((_, AgentMessage::Hello(h))))) => h,
             Ok(Ok(Some(_))) => {
-                let err = WireError { code: ErrorCode::UnexpectedMessage, message: "the first frame must be a hello".into() };
+                let err = WireError {
+                    code: ErrorCode::UnexpectedMessage,
+                    message: "the first frame must be a hello".into(),
+                };
                 return self.refuse(&conn, &mut send, HANDSHAKE_VERSION, err).await;
             }
         };
@@ -435,7 +475,10 @@ impl Fleet {
         ) {
             Ok(v) => v,
             Err(e) => {
-                let err = WireError { code: ErrorCode::UnsupportedVersion, message: e.to_string() };
+                let err = WireError {
+                    code: ErrorCode::UnsupportedVersion,
+                    message: e.to_string(),
+                };
                 tracing::warn!(host_id = %host_id, error = %e, "agent speaks no common protocol version");
                 return self.refuse(&conn, &mut send, HANDSHAKE_VERSION, err).await;
             }
@@ -452,7 +495,11 @@ impl Fleet {
             inventory: Mutex::new(None),
         });
         if let Some(old) = self.lock_sessions().insert(host_id, session.clone()) {
-            close(&old.conn, ErrorCode::Replaced, "replaced by a newer connection from the same host");
+            close(
+                &old.conn,
+                ErrorCode::Replaced,
+                "replaced by a newer connection from the same host",
+            );
         }
         // A revocation may have raced with the registration.
         if self.is_revoked(&cert.serial, host_id) {
@@ -477,7 +524,8 @@ impl Fleet {
         let outcome = match framing::write_frame(&mut send, HANDSHAKE_VERSION, &welcome, &mut wbuf).await {
             Err(e) => Err((e.code(), e.to_string())),
             Ok(()) => {
-                self.session_loop(host_id, &session, &mut send, &mut recv, &mut outbox_rx).await
+                self.session_loop(host_id, &session, &mut send, &mut recv, &mut outbox_rx)
+                    .await
             }
         };
         if let Err((code, message)) = outcome {
@@ -487,7 +535,10 @@ impl Fleet {
             close(&conn, code, &message);
         }
         if self.deregister(host_id, session.conn_id) {
-            let _ = self.events.send(HostEvent::Disconnected { id: host_id, now_ms: unix_ms(SystemTime::now()) });
+            let _ = self.events.send(HostEvent::Disconnected {
+                id: host_id,
+                now_ms: unix_ms(SystemTime::now()),
+            });
             tracing::info!(host_id = %host_id, "agent session closed");
         }
     }
@@ -524,7 +575,15 @@ impl Fleet {
                 }
             };
             let (v, msg) = match msg {
-                Err(_) => return Err((ErrorCode::Timeout, format!("no frame for {}", novacron_shared::duration::format(self.policy.session_timeout)))),
+                Err(_) => {
+                    return Err((
+                        ErrorCode::Timeout,
+                        format!(
+                            "no frame for {}",
+                            novacron_shared::duration::format(self.policy.session_timeout)
+                        ),
+                    ))
+                }
                 Ok(Ok(None)) => return Ok(()),
                 Ok(Err(FrameError::Io(e))) => {
                     // The connection closed (agent gone, replaced or revoked).
@@ -535,7 +594,10 @@ impl Fleet {
                 Ok(Ok(Some(m))) => m,
             };
             if v != version {
-                return Err((ErrorCode::UnsupportedVersion, format!("frame version {v}, session negotiated {version}")));
+                return Err((
+                    ErrorCode::UnsupportedVersion,
+                    format!("frame version {v}, session negotiated {version}"),
+                ));
             }
             let now_ms = unix_ms(SystemTime::now());
             session.last_seen_ms.store(now_ms, Ordering::Relaxed);
@@ -549,7 +611,10 @@ impl Fleet {
                     Some(ServerMessage::HeartbeatAck(HeartbeatAck { seq: hb.seq }))
                 }
                 AgentMessage::Inventory(inv) => {
-                    let _ = self.events.send(HostEvent::Capacity { id: host_id, capacity: inv.capacity });
+                    let _ = self.events.send(HostEvent::Capacity {
+                        id: host_id,
+                        capacity: inv.capacity,
+                    });
                     tracing::debug!(host_id = %host_id, vms = inv.vms.len(), "inventory");
                     *session.inventory.lock().unwrap_or_else(|p| p.into_inner()) = Some(inv);
                     None
@@ -564,11 +629,16 @@ impl Fleet {
                 })),
                 AgentMessage::RenewCertificate(req) => Some(self.renew(host_id, &req.csr_der)),
                 AgentMessage::Hello(_) | AgentMessage::Join(_) => {
-                    return Err((ErrorCode::UnexpectedMessage, "hello or join inside an open session".into()));
+                    return Err((
+                        ErrorCode::UnexpectedMessage,
+                        "hello or join inside an open session".into(),
+                    ));
                 }
             };
             if let Some(reply) = reply {
-                framing::write_frame(send, version, &reply, &mut wbuf).await.map_err(|e| (e.code(), e.to_string()))?;
+                framing::write_frame(send, version, &reply, &mut wbuf)
+                    .await
+                    .map_err(|e| (e.code(), e.to_string()))?;
             }
         }
     }
@@ -582,8 +652,14 @@ impl Fleet {
         match signed {
             Ok((der, info)) => {
                 tracing::info!(host_id = %host_id, serial = %info.serial, "certificate renewed");
-                let _ = self.events.send(HostEvent::CertRenewed { id: host_id, serial: info.serial, not_after: info.not_after });
-                ServerMessage::CertificateRenewed(RenewReply { cert_der: der.to_vec() })
+                let _ = self.events.send(HostEvent::CertRenewed {
+                    id: host_id,
+                    serial: info.serial,
+                    not_after: info.not_after,
+                });
+                ServerMessage::CertificateRenewed(RenewReply {
+                    cert_der: der.to_vec(),
+                })
             }
             Err(e) => ServerMessage::Error(WireError {
                 code: ErrorCode::BadCsr,
@@ -620,7 +696,12 @@ fn view(record: HostRecord, live: Option<&Arc<LiveSession>>) -> HostView {
     HostView {
         connected: live.is_some(),
         protocol_version: live.map(|s| s.version),
-        vm_count: live.and_then(|s| s.inventory.lock().ok().and_then(|i| i.as_ref().map(|i| i.vms.len()))),
+        vm_count: live.and_then(|s| {
+            s.inventory
+                .lock()
+                .ok()
+                .and_then(|i| i.as_ref().map(|i| i.vms.len()))
+        }),
         record,
     }
 }
@@ -684,7 +765,13 @@ fn apply_events(store: &Store, events: Vec<HostEvent>) -> Result<(), StoreError>
         let revoked = h.state == HostState::Revoked;
         for ev in by_host.remove(&h.id).unwrap_or_default() {
             match ev {
-                HostEvent::Connected { name, agent_version, address, now_ms, .. } => {
+                HostEvent::Connected {
+                    name,
+                    agent_version,
+                    address,
+                    now_ms,
+                    ..
+                } => {
                     h.name = name;
                     h.agent_version = agent_version;
                     h.addresses.retain(|a| *a != address);
@@ -697,7 +784,9 @@ fn apply_events(store: &Store, events: Vec<HostEvent>) -> Result<(), StoreError>
                 }
                 HostEvent::Seen { now_ms, .. } => h.last_seen_ms = h.last_seen_ms.max(now_ms),
                 HostEvent::Capacity { capacity, .. } => h.capacity = capacity,
-                HostEvent::CertRenewed { serial, not_after, .. } => {
+                HostEvent::CertRenewed {
+                    serial, not_after, ..
+                } => {
                     h.cert_serial = serial;
                     h.cert_not_after = not_after;
                 }

@@ -70,7 +70,9 @@ impl Running {
     pub async fn shutdown(&self) {
         self.fleet.close_all();
         self.endpoint.close(
-            novacron_shared::protocol::ErrorCode::ShuttingDown.close_code().into(),
+            novacron_shared::protocol::ErrorCode::ShuttingDown
+                .close_code()
+                .into(),
             b"server shutting down",
         );
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -88,10 +90,11 @@ pub async fn start(cfg: &ServerConfig) -> Result<Running, StartError> {
         pki.key,
         cfg.agents.session_timeout,
     )?;
-    let endpoint = quinn::Endpoint::server(server_cfg, cfg.quic.listen).map_err(|source| StartError::Bind {
-        addr: cfg.quic.listen,
-        source,
-    })?;
+    let endpoint =
+        quinn::Endpoint::server(server_cfg, cfg.quic.listen).map_err(|source| StartError::Bind {
+            addr: cfg.quic.listen,
+            source,
+        })?;
     let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
         addr: cfg.quic.listen,
         source,

@@ -123,15 +123,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let dir = DataDir::new(&cfg.data_dir);
     match cli.command {
         Command::Validate => {
-            println!("config OK (data_dir {}, quic {}, api {})", cfg.data_dir.display(), cfg.quic.listen, cfg.api.listen);
+            println!(
+                "config OK (data_dir {}, quic {}, api {})",
+                cfg.data_dir.display(),
+                cfg.quic.listen,
+                cfg.api.listen
+            );
         }
         Command::Init => {
             let report = dir.init(&cfg, SystemTime::now())?;
             println!("Initialised {}", dir.root().display());
             println!("CA fingerprint: sha256:{}", report.ca_fingerprint);
-            println!("Admin API token (also in {}): {}", dir.admin_token().display(), report.admin_token);
+            println!(
+                "Admin API token (also in {}): {}",
+                dir.admin_token().display(),
+                report.admin_token
+            );
             println!("Next: `novacron-server run`, then `novacron-server token create` and on each host");
-            println!("  novacron-agent join --server <this-host>:{} --token <token> --ca-fingerprint {}", cfg.quic.listen.port(), report.ca_fingerprint);
+            println!(
+                "  novacron-agent join --server <this-host>:{} --token <token> --ca-fingerprint {}",
+                cfg.quic.listen.port(),
+                report.ca_fingerprint
+            );
         }
         Command::Run => {
             let running = novacron_server::start(&cfg).await?;
@@ -139,17 +152,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("shutting down");
             running.shutdown().await;
         }
-        Command::Ca { command: CaCommand::Fingerprint } => {
+        Command::Ca {
+            command: CaCommand::Fingerprint,
+        } => {
             println!("sha256:{}", dir.ca_fingerprint()?);
         }
-        Command::Token { command: TokenCommand::Create { ttl } } => {
+        Command::Token {
+            command: TokenCommand::Create { ttl },
+        } => {
             let d = novacron_shared::duration::parse(&ttl)?;
-            let v = api(&cfg, &dir, Method::POST, "/v1/join-tokens", Some(serde_json::json!({"ttl": novacron_shared::duration::format(d)}))).await?;
+            let v = api(
+                &cfg,
+                &dir,
+                Method::POST,
+                "/v1/join-tokens",
+                Some(serde_json::json!({"ttl": novacron_shared::duration::format(d)})),
+            )
+            .await?;
             println!("{}", v["token"].as_str().unwrap_or_default());
         }
-        Command::Host { command: HostCommand::List } => {
+        Command::Host {
+            command: HostCommand::List,
+        } => {
             let v = api(&cfg, &dir, Method::GET, "/v1/hosts", None).await?;
-            println!("{:<38} {:<20} {:<9} {:>5} {:>9}", "ID", "NAME", "STATE", "CPUS", "MEM MiB");
+            println!(
+                "{:<38} {:<20} {:<9} {:>5} {:>9}",
+                "ID", "NAME", "STATE", "CPUS", "MEM MiB"
+            );
             for h in v["hosts"].as_array().into_iter().flatten() {
                 println!(
                     "{:<38} {:<20} {:<9} {:>5} {:>9}",
@@ -161,9 +190,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Host { command: HostCommand::Revoke { id } } => {
+        Command::Host {
+            command: HostCommand::Revoke { id },
+        } => {
             let v = api(&cfg, &dir, Method::POST, &format!("/v1/hosts/{id}/revoke"), None).await?;
-            println!("revoked host {} (serial {})", v["id"].as_str().unwrap_or(&id), v["cert_serial"].as_str().unwrap_or("?"));
+            println!(
+                "revoked host {} (serial {})",
+                v["id"].as_str().unwrap_or(&id),
+                v["cert_serial"].as_str().unwrap_or("?")
+            );
         }
         Command::Demo(_) => unreachable!("handled above"),
     }
@@ -182,9 +217,12 @@ async fn api(
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    Ok(tokio::time::timeout(Duration::from_secs(30), client::call(addr, &token, method, path, body))
-        .await
-        .context("the API did not answer within 30s")??)
+    Ok(tokio::time::timeout(
+        Duration::from_secs(30),
+        client::call(addr, &token, method, path, body),
+    )
+    .await
+    .context("the API did not answer within 30s")??)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -49,7 +49,9 @@ pub enum StoreError {
         source: codec::CodecError,
     },
     /// A stored value is of a newer version than this build understands.
-    #[error("stored {table} record has version {found}, newer than this build ({known}); upgrade the server")]
+    #[error(
+        "stored {table} record has version {found}, newer than this build ({known}); upgrade the server"
+    )]
     TooNew {
         /// Which table.
         table: &'static str,
@@ -252,17 +254,15 @@ impl Store {
         let tx = db.begin_write()?;
         {
             let mut meta = tx.open_table(META)?;
-            let found = meta
-                .get("schema_version")?
-                .map(|v| {
-                    let b = v.value();
-                    u32::from_le_bytes([
-                        b.first().copied().unwrap_or(0),
-                        b.get(1).copied().unwrap_or(0),
-                        b.get(2).copied().unwrap_or(0),
-                        b.get(3).copied().unwrap_or(0),
-                    ])
-                });
+            let found = meta.get("schema_version")?.map(|v| {
+                let b = v.value();
+                u32::from_le_bytes([
+                    b.first().copied().unwrap_or(0),
+                    b.get(1).copied().unwrap_or(0),
+                    b.get(2).copied().unwrap_or(0),
+                    b.get(3).copied().unwrap_or(0),
+                ])
+            });
             match found {
                 Some(v) if v > SCHEMA_VERSION => return Err(StoreError::SchemaTooNew { found: v }),
                 Some(_) => {}
@@ -282,7 +282,8 @@ impl Store {
     /// Adds a join token by hash.
     pub fn put_join_token(&self, hash: &[u8; 32], rec: &JoinTokenRecord) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
-        tx.open_table(JOIN_TOKENS)?.insert(hash, rec.encode()?.as_slice())?;
+        tx.open_table(JOIN_TOKENS)?
+            .insert(hash, rec.encode()?.as_slice())?;
         tx.commit()?;
         Ok(())
     }
@@ -318,7 +319,8 @@ impl Store {
                 ..rec
             };
             tokens.insert(hash, used.encode()?.as_slice())?;
-            tx.open_table(HOSTS)?.insert(host.id.0, host.encode()?.as_slice())?;
+            tx.open_table(HOSTS)?
+                .insert(host.id.0, host.encode()?.as_slice())?;
             host
         };
         tx.commit()?;
@@ -385,7 +387,11 @@ impl Store {
         let tx = self.db.begin_write()?;
         let updated = {
             let mut hosts = tx.open_table(HOSTS)?;
-            let Some(mut host) = hosts.get(id.0)?.map(|v| HostRecord::decode(v.value())).transpose()? else {
+            let Some(mut host) = hosts
+                .get(id.0)?
+                .map(|v| HostRecord::decode(v.value()))
+                .transpose()?
+            else {
                 return Ok(None);
             };
             host.state = HostState::Revoked;
@@ -417,7 +423,8 @@ impl Store {
     /// Adds an API token by hash.
     pub fn put_api_token(&self, hash: &[u8; 32], rec: &ApiTokenRecord) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
-        tx.open_table(API_TOKENS)?.insert(hash, rec.encode()?.as_slice())?;
+        tx.open_table(API_TOKENS)?
+            .insert(hash, rec.encode()?.as_slice())?;
         tx.commit()?;
         Ok(())
     }
@@ -426,7 +433,9 @@ impl Store {
     pub fn api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiTokenRecord>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(API_TOKENS)?;
-        t.get(hash)?.map(|v| ApiTokenRecord::decode(v.value())).transpose()
+        t.get(hash)?
+            .map(|v| ApiTokenRecord::decode(v.value()))
+            .transpose()
     }
 }
 
@@ -465,11 +474,22 @@ mod tests {
         let h = [7u8; 32];
         {
             let s = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
-            s.put_join_token(&h, &JoinTokenRecord { created_ms: 0, expires_ms: 100, used_by: None })
+            s.put_join_token(
+                &h,
+                &JoinTokenRecord {
+                    created_ms: 0,
+                    expires_ms: 100,
+                    used_by: None,
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let r = s
+                .consume_join_token(&h, 50, || Ok::<_, ()>(host(1)))
                 .unwrap_or_else(|e| panic!("{e}"));
-            let r = s.consume_join_token(&h, 50, || Ok::<_, ()>(host(1))).unwrap_or_else(|e| panic!("{e}"));
             assert!(r.is_ok());
-            let again = s.consume_join_token(&h, 50, || Ok::<_, ()>(host(2))).unwrap_or_else(|e| panic!("{e}"));
+            let again = s
+                .consume_join_token(&h, 50, || Ok::<_, ()>(host(2)))
+                .unwrap_or_else(|e| panic!("{e}"));
             assert!(matches!(again, Err(JoinFailure::Token(TokenRefusal::Used))));
         }
         let s = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
@@ -482,13 +502,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let s = Store::open(&dir.path().join("db.redb")).unwrap_or_else(|e| panic!("{e}"));
         let h = [1u8; 32];
-        s.put_join_token(&h, &JoinTokenRecord { created_ms: 0, expires_ms: 100, used_by: None })
+        s.put_join_token(
+            &h,
+            &JoinTokenRecord {
+                created_ms: 0,
+                expires_ms: 100,
+                used_by: None,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let r = s
+            .consume_join_token(&[2u8; 32], 0, || Ok::<_, ()>(host(1)))
             .unwrap_or_else(|e| panic!("{e}"));
-        let r = s.consume_join_token(&[2u8; 32], 0, || Ok::<_, ()>(host(1))).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(r, Err(JoinFailure::Token(TokenRefusal::Unknown))));
-        let r = s.consume_join_token(&h, 10, || Err::<HostRecord, _>("bad csr")).unwrap_or_else(|e| panic!("{e}"));
+        let r = s
+            .consume_join_token(&h, 10, || Err::<HostRecord, _>("bad csr"))
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(r, Err(JoinFailure::Host("bad csr"))));
-        let r = s.consume_join_token(&h, 100, || Ok::<_, ()>(host(1))).unwrap_or_else(|e| panic!("{e}"));
+        let r = s
+            .consume_join_token(&h, 100, || Ok::<_, ()>(host(1)))
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(r, Err(JoinFailure::Token(TokenRefusal::Expired))));
         assert!(s.hosts().unwrap_or_default().is_empty());
     }
@@ -510,6 +543,9 @@ mod tests {
     fn newer_record_version_is_refused() {
         let mut bytes = host(1).encode().unwrap_or_default();
         bytes[0] = 9;
-        assert!(matches!(HostRecord::decode(&bytes), Err(StoreError::TooNew { found: 9, .. })));
+        assert!(matches!(
+            HostRecord::decode(&bytes),
+            Err(StoreError::TooNew { found: 9, .. })
+        ));
     }
 }

@@ -46,8 +46,7 @@ pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), Cod
 
 /// Decodes exactly one `T` from `bytes`; trailing bytes are an error.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (value, used) =
-        bincode::serde::decode_from_slice(bytes, config()).map_err(CodecError::Decode)?;
+    let (value, used) = bincode::serde::decode_from_slice(bytes, config()).map_err(CodecError::Decode)?;
     if used != bytes.len() {
         return Err(CodecError::TrailingBytes(bytes.len() - used));
     }

@@ -103,10 +103,7 @@ pub fn encode_frame<T: Serialize>(
     let len = out.len() - start - 4;
     if len > max as usize {
         out.truncate(start);
-        return Err(FrameError::TooLarge {
-            len: len as u64,
-            max,
-        });
+        return Err(FrameError::TooLarge { len: len as u64, max });
     }
     out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
     out[start + 4..start + 6].copy_from_slice(&version.to_be_bytes());
@@ -123,10 +120,7 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder that refuses frames longer than `max`.
     pub fn new(max: u32) -> Self {
-        Self {
-            buf: Vec::new(),
-            max,
-        }
+        Self { buf: Vec::new(), max }
     }
 
     /// Appends received bytes.
@@ -225,9 +219,7 @@ pub async fn write_frame<T: Serialize>(
 ) -> Result<(), FrameError> {
     buf.clear();
     encode_frame(version, msg, MAX_FRAME_LEN, buf)?;
-    send.write_all(buf)
-        .await
-        .map_err(|e| FrameError::Io(e.into()))
+    send.write_all(buf).await.map_err(|e| FrameError::Io(e.into()))
 }
 
 #[cfg(test)]
@@ -261,9 +253,7 @@ mod tests {
             }),
             AgentMessage::CommandResult(CommandResult {
                 op_id: OpId(7),
-                outcome: CommandOutcome::Failed {
-                    message: "no".into(),
-                },
+                outcome: CommandOutcome::Failed { message: "no".into() },
             }),
             AgentMessage::Metrics(MetricBatch {
                 seq: 9,
@@ -373,15 +363,15 @@ mod tests {
                     seq,
                     samples: s
                         .into_iter()
-                        .map(|(series, ts_ms, value)| Sample {
-                            series,
-                            ts_ms,
-                            value
-                        })
+                        .map(|(series, ts_ms, value)| Sample { series, ts_ms, value })
                         .collect(),
                 })),
-            (any::<u32>(), any::<u64>(), proptest::collection::vec(".{0,16}", 0..16)).prop_map(
-                |(cpus, memory_mib, names)| AgentMessage::Inventory(Inventory {
+            (
+                any::<u32>(),
+                any::<u64>(),
+                proptest::collection::vec(".{0,16}", 0..16)
+            )
+                .prop_map(|(cpus, memory_mib, names)| AgentMessage::Inventory(Inventory {
                     capacity: Capacity { cpus, memory_mib },
                     hypervisor: "test:///default".into(),
                     vms: names
@@ -392,8 +382,7 @@ mod tests {
                             state: VmState::Paused,
                         })
                         .collect(),
-                })
-            ),
+                })),
         ]
     }
 

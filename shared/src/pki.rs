@@ -7,8 +7,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -66,10 +66,7 @@ impl Validity {
 
     /// The moment two thirds of the lifetime have passed: renew from here on.
     pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
+        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
         self.not_before + life.mul_f64(2.0 / 3.0)
     }
 }
@@ -111,7 +108,10 @@ pub struct CertAndKey {
 impl FleetCa {
     /// Makes a new CA valid for `ttl`.
     pub fn generate(name: &str, now: SystemTime, ttl: Duration) -> Result<(Self, CertAndKey), PkiError> {
-        let key = KeyPair::generate().map_err(|source| PkiError::Generate { what: "CA key", source })?;
+        let key = KeyPair::generate().map_err(|source| PkiError::Generate {
+            what: "CA key",
+            source,
+        })?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
@@ -123,9 +123,10 @@ impl FleetCa {
         let v = Validity::for_ttl(now, ttl);
         params.not_before = to_offset(v.not_before);
         params.not_after = to_offset(v.not_after);
-        let cert = params
-            .self_signed(&key)
-            .map_err(|source| PkiError::Generate { what: "CA certificate", source })?;
+        let cert = params.self_signed(&key).map_err(|source| PkiError::Generate {
+            what: "CA certificate",
+            source,
+        })?;
         let pair = CertAndKey {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -141,8 +142,8 @@ impl FleetCa {
 
     /// Loads a CA from its PEM certificate and key.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
-        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|_| PkiError::Pem("certificate"))?;
+        let cert_der =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|_| PkiError::Pem("certificate"))?;
         let key = KeyPair::from_pem(key_pem).map_err(|_| PkiError::Pem("private key"))?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|_| PkiError::Certificate)?;
         Ok(Self { cert_der, issuer })
@@ -160,9 +161,14 @@ impl FleetCa {
 
     /// Issues the server's own certificate for the given DNS names and IPs.
     pub fn issue_server(&self, names: &[String], validity: Validity) -> Result<CertAndKey, PkiError> {
-        let key = KeyPair::generate().map_err(|source| PkiError::Generate { what: "server key", source })?;
-        let mut params = CertificateParams::new(names.to_vec())
-            .map_err(|source| PkiError::Generate { what: "server certificate names", source })?;
+        let key = KeyPair::generate().map_err(|source| PkiError::Generate {
+            what: "server key",
+            source,
+        })?;
+        let mut params = CertificateParams::new(names.to_vec()).map_err(|source| PkiError::Generate {
+            what: "server certificate names",
+            source,
+        })?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "novacron-server");
         params.distinguished_name = dn;
@@ -174,7 +180,10 @@ impl FleetCa {
         params.not_after = to_offset(validity.not_after);
         let cert = params
             .signed_by(&key, &self.issuer)
-            .map_err(|source| PkiError::Generate { what: "server certificate", source })?;
+            .map_err(|source| PkiError::Generate {
+                what: "server certificate",
+                source,
+            })?;
         Ok(CertAndKey {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -203,14 +212,20 @@ impl FleetCa {
         params.not_after = to_offset(validity.not_after);
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
-            .map_err(|source| PkiError::Generate { what: "host certificate", source })?;
+            .map_err(|source| PkiError::Generate {
+                what: "host certificate",
+                source,
+            })?;
         Ok(cert.der().clone())
     }
 }
 
 /// Makes a fresh host key and a CSR for it. The key never leaves the host.
 pub fn make_csr(hostname: &str) -> Result<(KeyPair, Vec<u8>), PkiError> {
-    let key = KeyPair::generate().map_err(|source| PkiError::Generate { what: "host key", source })?;
+    let key = KeyPair::generate().map_err(|source| PkiError::Generate {
+        what: "host key",
+        source,
+    })?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, hostname);
@@ -230,8 +245,15 @@ pub fn fingerprint(der: &[u8]) -> String {
 /// Normalises a fingerprint written by a person (`sha256:`, colons, case).
 pub fn parse_fingerprint(s: &str) -> Result<String, PkiError> {
     let t = s.trim();
-    let t = t.strip_prefix("sha256:").or_else(|| t.strip_prefix("SHA256:")).unwrap_or(t);
-    let hex: String = t.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    let t = t
+        .strip_prefix("sha256:")
+        .or_else(|| t.strip_prefix("SHA256:"))
+        .unwrap_or(t);
+    let hex: String = t
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase();
     if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(hex)
     } else {
@@ -310,7 +332,10 @@ pub fn cert_to_pem(der: &[u8]) -> String {
     const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = String::with_capacity(der.len() * 4 / 3 + 4);
     for chunk in der.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
         for i in 0..4 {
             if i <= chunk.len() {
                 b64.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
@@ -342,7 +367,11 @@ mod tests {
         let (_key, csr) = make_csr("evil-host; CN=admin").unwrap_or_else(|e| panic!("{e}"));
         let id = HostId(42);
         let der = ca
-            .sign_host_csr(&csr, id, Validity::for_ttl(SystemTime::now(), Duration::from_secs(60)))
+            .sign_host_csr(
+                &csr,
+                id,
+                Validity::for_ttl(SystemTime::now(), Duration::from_secs(60)),
+            )
             .unwrap_or_else(|e| panic!("{e}"));
         let info = CertInfo::parse(&der).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(info.host_id().ok(), Some(id));
@@ -353,7 +382,10 @@ mod tests {
     fn garbage_csr_is_refused() {
         let (ca, _) = ca();
         let v = Validity::for_ttl(SystemTime::now(), Duration::from_secs(60));
-        assert!(matches!(ca.sign_host_csr(b"not a csr", HostId(1), v), Err(PkiError::Csr(_))));
+        assert!(matches!(
+            ca.sign_host_csr(b"not a csr", HostId(1), v),
+            Err(PkiError::Csr(_))
+        ));
     }
 
     #[test]

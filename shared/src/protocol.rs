@@ -359,11 +359,7 @@ pub struct VersionMismatch {
 }
 
 /// Picks the newest version both sides speak.
-pub fn negotiate(
-    ours: (u16, u16),
-    theirs_min: u16,
-    theirs_max: u16,
-) -> Result<u16, VersionMismatch> {
+pub fn negotiate(ours: (u16, u16), theirs_min: u16, theirs_max: u16) -> Result<u16, VersionMismatch> {
     let lo = ours.0.max(theirs_min);
     let hi = ours.1.min(theirs_max);
     if lo <= hi && theirs_min <= theirs_max {

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what building and testing NovaCron needs on Debian 12, and nothing
+# that is already there. Idempotent; needs root (or sudo) only when
+# something is missing.
+set -euo pipefail
+
+need=()
+pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev pkg-config)
+command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi

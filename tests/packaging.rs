@@ -1,0 +1,136 @@
+//! The shipped systemd units, example configs and the README's demo command.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use novacron_e2e::bin;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+#[test]
+fn systemd_units_pass_systemd_analyze_verify() {
+    let analyze = Command::new("systemd-analyze").arg("--version").output();
+    assert!(
+        analyze.is_ok_and(|o| o.status.success()),
+        "systemd-analyze is required (apt-get install systemd; make test installs it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for unit in ["novacron-server.service", "novacron-agent.service"] {
+        // Point the units at the freshly built binaries so verify can check
+        // that the commands exist and are executable.
+        let text = std::fs::read_to_string(repo().join("systemd").join(unit)).unwrap();
+        assert!(
+            text.contains("ExecStartPre=") && text.contains(" validate"),
+            "{unit} must validate its config first"
+        );
+        let text = text
+            .replace(
+                "/usr/bin/novacron-server",
+                &bin("novacron-server").display().to_string(),
+            )
+            .replace(
+                "/usr/bin/novacron-agent",
+                &bin("novacron-agent").display().to_string(),
+            );
+        let path = dir.path().join(unit);
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // An unknown key only warns, so read the output, not just the code.
+        let ours: Vec<&str> = stderr.lines().filter(|l| l.contains(unit)).collect();
+        assert!(out.status.success() && ours.is_empty(), "{unit}: {stderr}");
+    }
+}
+
+#[test]
+fn example_configs_validate_and_broken_ones_are_refused_with_the_key_named() {
+    let out = Command::new(bin("novacron-server"))
+        .args([
+            "-c",
+            repo().join("packaging/etc/server.toml").to_str().unwrap(),
+            "validate",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin("novacron-agent"))
+        .args([
+            "-c",
+            repo().join("packaging/etc/agent.toml").to_str().unwrap(),
+            "validate",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[agents]\nheartbeat_interval = \"5ms\"\n").unwrap();
+    let out = Command::new(bin("novacron-server"))
+        .args(["-c", bad.to_str().unwrap(), "validate"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("agents.heartbeat_interval"),
+        "{err}"
+    );
+    std::fs::write(&bad, "libvirt_uri = 3\n").unwrap();
+    let out = Command::new(bin("novacron-agent"))
+        .args(["-c", bad.to_str().unwrap(), "validate"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("libvirt_uri"), "{err}");
+    let missing = dir.path().join("absent.toml");
+    let out = Command::new(bin("novacron-server"))
+        .args(["-c", missing.to_str().unwrap(), "validate"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("absent.toml"), "{err}");
+}
+
+#[test]
+fn demo_brings_up_an_enrolled_connected_fleet_and_stops_by_itself() {
+    let out = Command::new(bin("novacron-server"))
+        .args([
+            "demo",
+            "--agents",
+            "2",
+            "--duration",
+            "2s",
+            "--api",
+            "127.0.0.1:0",
+            "--quic",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let online = stdout
+        .lines()
+        .filter(|l| l.contains("demo-host-") && l.contains("Online"))
+        .count();
+    assert_eq!(online, 2, "{stdout}");
+    assert!(
+        stdout.contains("/v1/hosts"),
+        "the demo says where to look: {stdout}"
+    );
+}
