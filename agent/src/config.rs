@@ -1,41 +1,12 @@
 //! The agent's TOML configuration, validated before anything connects.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+pub use novacron_shared::config::{ConfigError, ConfigFile};
 use serde::{Deserialize, Serialize};
 
 /// Where the agent looks for its config when none is given.
 pub const DEFAULT_PATH: &str = "/etc/novacron/agent.toml";
-
-/// A config that could not be loaded or is invalid.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}")]
-    Read {
-        /// The file.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TOML did not parse or has unknown keys.
-    #[error("config file {path} is invalid: {message}")]
-    Parse {
-        /// The file.
-        path: String,
-        /// The parser's explanation.
-        message: String,
-    },
-    /// A value is out of range.
-    #[error("config key {key}: {message}")]
-    Invalid {
-        /// The key.
-        key: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-}
 
 /// The agent configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,38 +50,9 @@ impl Default for AgentConfig {
     }
 }
 
-impl AgentConfig {
-    /// Loads and validates a config file; a missing default file means defaults.
-    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-                let c = Self::default();
-                c.validate()?;
-                return Ok(c);
-            }
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })
-            }
-        };
-        Self::parse(&text, &path.display().to_string())
-    }
-
-    /// Parses and validates TOML text.
-    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let c: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_string(),
-            message: e.to_string(),
-        })?;
-        c.validate()?;
-        Ok(c)
-    }
-
+impl ConfigFile for AgentConfig {
     /// Checks values.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         if let Some(s) = &self.server {
             split_host_port(s).map_err(|message| ConfigError::Invalid {
                 key: "server",

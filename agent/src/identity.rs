@@ -1,8 +1,6 @@
 //! The host's identity on disk: its key and certificate (one file, so a
 //! renewal replaces both atomically), the fleet CA, and the enrollment.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -205,17 +203,7 @@ fn read(path: &Path) -> Result<String, IdentityError> {
     })
 }
 
-/// Writes a file readable by its owner only, atomically.
+/// Writes a private file (0600, atomically), naming it in the error.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|source| io("create", &tmp, source))?;
-    f.write_all(bytes).map_err(|source| io("write", &tmp, source))?;
-    f.sync_all().map_err(|source| io("sync", &tmp, source))?;
-    std::fs::rename(&tmp, path).map_err(|source| io("rename", path, source))
+    novacron_shared::files::write_private(path, bytes).map_err(|source| io("write", path, source))
 }

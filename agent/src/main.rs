@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use novacron_agent::config::{self, split_host_port, AgentConfig};
+use novacron_agent::config::{self, split_host_port, AgentConfig, ConfigFile};
 use novacron_agent::hypervisor::Hypervisor;
 use novacron_agent::identity::{Enrollment, Identity, IdentityError, Paths};
 use novacron_agent::link::{self, LinkConfig, LinkStats};

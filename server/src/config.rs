@@ -2,44 +2,15 @@
 //! socket is bound.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
+pub use novacron_shared::config::{ConfigError, ConfigFile};
 use novacron_shared::duration::serde_human;
 use serde::{Deserialize, Serialize};
 
 /// Where the server looks for its config when none is given.
 pub const DEFAULT_PATH: &str = "/etc/novacron/server.toml";
-
-/// A config that could not be loaded or is invalid.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}")]
-    Read {
-        /// The file.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TOML did not parse or has unknown keys.
-    #[error("config file {path} is invalid: {message}")]
-    Parse {
-        /// The file.
-        path: String,
-        /// The parser's explanation, with line and column.
-        message: String,
-    },
-    /// A value is out of range.
-    #[error("config key {key}: {message}")]
-    Invalid {
-        /// The key.
-        key: &'static str,
-        /// What is wrong and what is allowed.
-        message: String,
-    },
-}
 
 /// The server configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,39 +123,9 @@ impl Default for ServerConfig {
     }
 }
 
-impl ServerConfig {
-    /// Loads and validates a config file. With `explicit == false`, a
-    /// missing file means "use the defaults".
-    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-                let c = Self::default();
-                c.validate()?;
-                return Ok(c);
-            }
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })
-            }
-        };
-        Self::parse(&text, &path.display().to_string())
-    }
-
-    /// Parses and validates TOML text.
-    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let c: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_string(),
-            message: e.to_string(),
-        })?;
-        c.validate()?;
-        Ok(c)
-    }
-
+impl ConfigFile for ServerConfig {
     /// Checks ranges and relations between values.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         let hb = self.agents.heartbeat_interval;
         if hb < Duration::from_millis(100) || hb > Duration::from_secs(60) {
             return Err(ConfigError::Invalid {

@@ -1,8 +1,7 @@
 //! The server's data directory: fleet CA, server certificate, database and
 //! the first admin token, and `init`, which creates them.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -181,20 +180,9 @@ fn read(path: &Path) -> Result<String, DataDirError> {
     })
 }
 
-/// Writes a file readable by its owner only, atomically (temp file + rename).
-pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|source| io("create", &tmp, source))?;
-    f.write_all(bytes).map_err(|source| io("write", &tmp, source))?;
-    f.sync_all().map_err(|source| io("sync", &tmp, source))?;
-    std::fs::rename(&tmp, path).map_err(|source| io("rename", path, source))?;
-    Ok(())
+/// Writes a private file (0600, atomically), naming it in the error.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
+    novacron_shared::files::write_private(path, bytes).map_err(|source| io("write", path, source))
 }
 
 #[cfg(test)]

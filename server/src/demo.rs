@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context};
 use tokio::process::{Child, Command};
 
-use crate::config::ServerConfig;
+use crate::config::{ConfigFile, ServerConfig};
 use crate::datadir::DataDir;
 
 /// Arguments of `novacron-server demo`.

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hyper::Method;
-use novacron_server::config::{self, ServerConfig};
+use novacron_server::config::{self, ConfigFile, ServerConfig};
 use novacron_server::datadir::DataDir;
 use novacron_server::{client, demo};
 

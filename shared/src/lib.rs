@@ -6,7 +6,9 @@
 
 pub mod backoff;
 pub mod codec;
+pub mod config;
 pub mod duration;
+pub mod files;
 pub mod framing;
 pub mod ids;
 pub mod pki;
