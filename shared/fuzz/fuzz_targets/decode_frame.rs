@@ -111,7 +111,11 @@ fn check_stream<T: Msg>(stream: &[u8], chunk: usize) {
     let mut whole_frames = Vec::new();
     let whole_result = drain::<T>(&mut whole, &mut whole_frames);
 
-    assert_eq!(frames.len(), whole_frames.len(), "chunking changed the frame count");
+    assert_eq!(
+        frames.len(),
+        whole_frames.len(),
+        "chunking changed the frame count"
+    );
     match (&failed, &whole_result) {
         (None, Ok(())) => {
             assert_eq!(dec.buffered(), whole.buffered(), "chunking changed the leftover");

@@ -1,2 +1,0 @@
-//! NovaCron benchmark harness (the fleet simulator lands here).
-fn main() {}
