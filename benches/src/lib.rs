@@ -147,6 +147,49 @@ pub fn udp_rcvbuf_errors() -> Option<u64> {
     values.split_whitespace().nth(i)?.parse().ok()
 }
 
+/// CPU time of the whole machine, in clock ticks summed over all CPUs, from
+/// the `cpu` line of `/proc/stat`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineTicks {
+    /// Time in processes (user, nice, system).
+    pub processes: u64,
+    /// Time in interrupts and softirqs (loopback traffic is processed here,
+    /// charged to no process).
+    pub interrupts: u64,
+    /// Time the hypervisor says it took from this VM's CPUs.
+    pub steal: u64,
+}
+
+impl MachineTicks {
+    /// Reads `/proc/stat`.
+    pub fn read() -> Option<Self> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = text.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let at = |i: usize| v.get(i).copied();
+        Some(Self {
+            processes: at(0)? + at(1)? + at(2)?,
+            interrupts: at(5)? + at(6)?,
+            steal: at(7)?,
+        })
+    }
+}
+
+/// The 1-minute load average.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Order statistics of a set of durations.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {
@@ -249,6 +292,12 @@ mod tests {
         let l = "  263: 0100007F:B660 00000000:0000 07 00000000:00000000 00:00000000 00000000 0 0 1 2 0 17";
         assert_eq!(parse_udp_line(l), Some((0xB660, 17)));
         assert!(udp_rcvbuf_errors().is_some());
+    }
+
+    #[test]
+    fn machine_counters() {
+        assert!(MachineTicks::read().is_some());
+        assert!(load_average().is_some());
     }
 
     #[test]

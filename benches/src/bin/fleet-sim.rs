@@ -25,7 +25,8 @@ use hyper::Method;
 use novacron_agent::identity::Identity;
 use novacron_agent::link::{self, LinkConfig};
 use novacron_bench::{
-    clock_ticks_per_sec, machine_description, mib, udp_rcvbuf_errors, udp_socket_drops, ProcSample, Summary,
+    clock_ticks_per_sec, load_average, machine_description, mib, udp_rcvbuf_errors, udp_socket_drops,
+    MachineTicks, ProcSample, Summary,
 };
 use novacron_server::client;
 use novacron_server::datadir::DataDir;
@@ -65,6 +66,9 @@ struct Args {
     /// Simulated agents sharing one client QUIC endpoint (UDP socket).
     #[arg(long, default_value_t = 256)]
     agents_per_endpoint: usize,
+    /// Receive buffer requested for each client endpoint's socket, KiB (0: kernel default).
+    #[arg(long, default_value_t = 4096)]
+    client_rcvbuf_kib: usize,
     /// Concurrent API calls while creating the join tokens.
     #[arg(long, default_value_t = 8)]
     token_concurrency: usize,
@@ -695,6 +699,26 @@ impl UdpDrops {
     }
 }
 
+/// A client endpoint on 127.0.0.1 whose socket asks for `rcvbuf` bytes of
+/// receive buffer (the kernel caps it at `net.core.rmem_max`), so that the
+/// simulator's own sockets do not drop the server's packets; returns the
+/// endpoint and the buffer size granted.
+fn client_endpoint(rcvbuf: usize) -> anyhow::Result<(quinn::Endpoint, usize)> {
+    let sock = std::net::UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let state = quinn::udp::UdpSocketState::new((&sock).into())?;
+    if rcvbuf > 0 {
+        state.set_recv_buffer_size((&sock).into(), rcvbuf)?;
+    }
+    let granted = state.recv_buffer_size((&sock).into())?;
+    let ep = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        sock,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    Ok((ep, granted))
+}
+
 fn own_sample() -> anyhow::Result<ProcSample> {
     ProcSample::read(std::process::id()).context("cannot read /proc/self")
 }
@@ -732,10 +756,18 @@ async fn simulate(args: &Args, server: &mut ServerProc) -> anyhow::Result<()> {
     );
 
     let n_ep = n.div_ceil(args.agents_per_endpoint);
-    let endpoints = (0..n_ep)
-        .map(|_| quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))))
-        .collect::<Result<Vec<_>, _>>()
-        .context("cannot open a client UDP endpoint")?;
+    let mut endpoints = Vec::with_capacity(n_ep);
+    let mut rcvbuf = 0;
+    for _ in 0..n_ep {
+        let (ep, size) =
+            client_endpoint(args.client_rcvbuf_kib * 1024).context("cannot open a client UDP endpoint")?;
+        endpoints.push(ep);
+        rcvbuf = size;
+    }
+    println!(
+        "simulator: {n_ep} client endpoints for sessions, receive buffer {} KiB each (joins use link::join's own sockets)",
+        rcvbuf / 1024
+    );
     let sh = Arc::new(Shared {
         endpoints,
         per_endpoint: args.agents_per_endpoint,
@@ -806,6 +838,7 @@ async fn simulate(args: &Args, server: &mut ServerProc) -> anyhow::Result<()> {
     sh.measuring.store(true, Relaxed);
     let (srv0, sim0, udp0) = (server_sample(server)?, own_sample()?, UdpDrops::read(server, &sh));
     let (acks0, sent0, live0) = (c.acks.load(Relaxed), c.sent.load(Relaxed), c.live.load(Relaxed));
+    let m0 = MachineTicks::read().unwrap_or_default();
     let window = Duration::from_secs(args.duration);
     let wstart = Instant::now();
     while wstart.elapsed() < window {
@@ -822,6 +855,7 @@ async fn simulate(args: &Args, server: &mut ServerProc) -> anyhow::Result<()> {
     }
     let (srv1, sim1, udp1) = (server_sample(server)?, own_sample()?, UdpDrops::read(server, &sh));
     let (acks1, sent1, live1) = (c.acks.load(Relaxed), c.sent.load(Relaxed), c.live.load(Relaxed));
+    let m1 = MachineTicks::read().unwrap_or_default();
     sh.measuring.store(false, Relaxed);
     let (hosts_connected1, _) = server.hosts().await?;
 
@@ -897,11 +931,12 @@ async fn simulate(args: &Args, server: &mut ServerProc) -> anyhow::Result<()> {
         0.0
     };
     println!(
-        "server process: RSS {} (peak {}, idle {}, {per_session_kib:.1} KiB per session), {} threads; \
-         CPU {:.1}% of one core over the steady window",
+        "server process: RSS {} (peak {}, idle {}, {per_session_kib:.1} KiB per session), threads {} at the window start \
+         and {} at its end; CPU {:.1}% of one core over the steady window",
         mib(srv1.rss_kib),
         mib(srv1.hwm_kib),
         mib(idle.rss_kib),
+        srv0.threads,
         srv1.threads,
         srv1.cpu_percent_since(&srv0, ticks)
     );
@@ -909,6 +944,18 @@ async fn simulate(args: &Args, server: &mut ServerProc) -> anyhow::Result<()> {
         "simulator process: RSS {}, CPU {:.1}% of one core over the steady window",
         mib(sim1.rss_kib),
         sim1.cpu_percent_since(&sim0, ticks)
+    );
+    let others = (m1.processes.saturating_sub(m0.processes))
+        .saturating_sub(srv1.cpu_ticks - srv0.cpu_ticks)
+        .saturating_sub(sim1.cpu_ticks - sim0.cpu_ticks);
+    let pct = |t: u64| 100.0 * t as f64 / ticks as f64 / wsecs;
+    println!(
+        "machine over the steady window: other processes {:.1}%, interrupts/softirq {:.1}%, steal {:.1}% \
+         (of one core; steal as the hypervisor reports it); load average now {:.2}",
+        pct(others),
+        pct(m1.interrupts.saturating_sub(m0.interrupts)),
+        pct(m1.steal.saturating_sub(m0.steal)),
+        load_average().unwrap_or(0.0)
     );
     let errors = std::mem::take(&mut *sh.errors.lock().unwrap_or_else(|p| p.into_inner()));
     if errors.is_empty() {
