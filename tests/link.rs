@@ -27,6 +27,22 @@ fn assert_still_heartbeating(server: &Server, id: &str) {
     assert_eq!(server.host(id)["connected"], true);
 }
 
+/// Connects with `cert` and `key` and sends a hello: the server's first
+/// reply, or why there was none.
+async fn try_session(
+    server: &Server,
+    ca: &CertificateDer<'static>,
+    cert: CertificateDer<'static>,
+    key: &rcgen::KeyPair,
+) -> Result<ServerMessage, String> {
+    let key = pki::key_from_pem(&key.serialize_pem()).unwrap();
+    let cfg = tls::client_config_mtls(ca.clone(), vec![cert], key, Duration::from_secs(5)).unwrap();
+    match raw_connect(server.quic, cfg).await {
+        Err(e) => Err(e.to_string()),
+        Ok((_ep, c)) => hello(&c, (1, 1)).await.map(|x| x.2),
+    }
+}
+
 #[test]
 fn join_then_run_connects_heartbeats_and_reports_inventory() {
     let server = Server::start("");
@@ -150,17 +166,7 @@ async fn unauthenticated_foreign_expired_and_revoked_clients_are_refused_others_
             Validity::for_ttl(SystemTime::now(), Duration::from_secs(3600)),
         )
         .unwrap();
-    let cfg = tls::client_config_mtls(
-        ca_der.clone(),
-        vec![foreign],
-        pki::key_from_pem(&key.serialize_pem()).unwrap(),
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    let r = match raw_connect(server.quic, cfg).await {
-        Err(e) => Err(e.to_string()),
-        Ok((_ep, c)) => hello(&c, (1, 1)).await.map(|x| x.2),
-    };
+    let r = try_session(&server, &ca_der, foreign, &key).await;
     assert!(r.is_err(), "a certificate from another CA was accepted: {r:?}");
 
     // An expired certificate from the right CA: refused too.
@@ -177,17 +183,7 @@ async fn unauthenticated_foreign_expired_and_revoked_clients_are_refused_others_
             },
         )
         .unwrap();
-    let cfg = tls::client_config_mtls(
-        ca_der.clone(),
-        vec![expired],
-        pki::key_from_pem(&key.serialize_pem()).unwrap(),
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    let r = match raw_connect(server.quic, cfg).await {
-        Err(e) => Err(e.to_string()),
-        Ok((_ep, c)) => hello(&c, (1, 1)).await.map(|x| x.2),
-    };
+    let r = try_session(&server, &ca_der, expired, &key).await;
     assert!(r.is_err(), "an expired certificate was accepted: {r:?}");
 
     // A revoked host: its live session is closed and it cannot come back.

@@ -126,6 +126,22 @@ fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, LinkError> {
     quinn::Endpoint::client(bind).map_err(LinkError::Endpoint)
 }
 
+/// Connects to `addr`, with the open timeout.
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    client_cfg: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, LinkError> {
+    let connecting = endpoint
+        .connect_with(client_cfg, addr, server_name)
+        .map_err(|source| LinkError::Connect { addr, source })?;
+    tokio::time::timeout(OPEN_TIMEOUT, connecting)
+        .await
+        .map_err(|_| LinkError::Timeout(OPEN_TIMEOUT))?
+        .map_err(LinkError::Connection)
+}
+
 /// Turns a closed connection into the clearest error we can give.
 fn closed_error(conn: &quinn::Connection, fallback: LinkError) -> LinkError {
     match conn.close_reason() {
@@ -156,13 +172,7 @@ pub async fn join(
     let endpoint = client_endpoint(addr)?;
     let client_cfg = novacron_shared::tls::client_config_pinned(&fp, IDLE_TIMEOUT)?;
     let (key, csr_der) = pki::make_csr(&cfg.hostname)?;
-    let connecting = endpoint
-        .connect_with(client_cfg, addr, &cfg.server_name)
-        .map_err(|source| LinkError::Connect { addr, source })?;
-    let conn = tokio::time::timeout(OPEN_TIMEOUT, connecting)
-        .await
-        .map_err(|_| LinkError::Timeout(OPEN_TIMEOUT))?
-        .map_err(LinkError::Connection)?;
+    let conn = connect(&endpoint, client_cfg, addr, &cfg.server_name).await?;
     let result = async {
         let (mut send, recv) = conn.open_bi().await.map_err(LinkError::Connection)?;
         let mut recv = FramedRecv::new(recv, MAX_FRAME_LEN);
@@ -307,13 +317,7 @@ async fn session(
         }
     };
     let client_cfg = identity.client_config(IDLE_TIMEOUT)?;
-    let connecting = ep
-        .connect_with(client_cfg, addr, &cfg.server_name)
-        .map_err(|source| LinkError::Connect { addr, source })?;
-    let conn = tokio::time::timeout(OPEN_TIMEOUT, connecting)
-        .await
-        .map_err(|_| LinkError::Timeout(OPEN_TIMEOUT))?
-        .map_err(LinkError::Connection)?;
+    let conn = connect(&ep, client_cfg, addr, &cfg.server_name).await?;
     let r = serve(cfg, &conn, identity, paths, hv, stats, backoff, shutdown).await;
     if *shutdown.borrow() {
         conn.close(0u32.into(), b"agent shutting down");
