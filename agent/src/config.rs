@@ -29,6 +29,119 @@ pub struct AgentConfig {
     /// The host name reported to the server. Defaults to the kernel's.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// How VMs are laid out on this host.
+    #[serde(default)]
+    pub vms: VmConfig,
+}
+
+/// The `[vms]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The libvirt storage pool for VM disks (dir-backed; created if missing).
+    #[serde(default = "default_pool")]
+    pub storage_pool: String,
+    /// The pool's directory.
+    #[serde(default = "default_pool_path")]
+    pub storage_path: PathBuf,
+    /// Where serial console logs are written (by libvirt's virtlogd).
+    #[serde(default = "default_console_dir")]
+    pub console_log_dir: PathBuf,
+    /// `auto` (kvm when the host offers it, else qemu), `kvm` or `qemu`.
+    #[serde(default = "default_virt_type")]
+    pub virt_type: String,
+    /// How long a guest gets to shut down (ACPI) before it is powered off.
+    #[serde(default = "default_shutdown", with = "novacron_shared::duration::serde_human")]
+    pub shutdown_timeout: std::time::Duration,
+    /// How long one libvirt call may take before it counts as hung.
+    #[serde(
+        default = "default_call_timeout",
+        with = "novacron_shared::duration::serde_human"
+    )]
+    pub call_timeout: std::time::Duration,
+}
+
+fn default_pool() -> String {
+    "novacron".into()
+}
+fn default_pool_path() -> PathBuf {
+    PathBuf::from("/var/lib/libvirt/images/novacron")
+}
+fn default_console_dir() -> PathBuf {
+    PathBuf::from("/var/log/libvirt/qemu")
+}
+fn default_virt_type() -> String {
+    "auto".into()
+}
+fn default_shutdown() -> std::time::Duration {
+    std::time::Duration::from_secs(120)
+}
+fn default_call_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            storage_pool: default_pool(),
+            storage_path: default_pool_path(),
+            console_log_dir: default_console_dir(),
+            virt_type: default_virt_type(),
+            shutdown_timeout: default_shutdown(),
+            call_timeout: default_call_timeout(),
+        }
+    }
+}
+
+impl VmConfig {
+    /// The driver's view of this section.
+    pub fn host_setup(&self) -> crate::vmops::HostSetup {
+        use crate::domxml::VirtType;
+        crate::vmops::HostSetup {
+            pool: self.storage_pool.clone(),
+            pool_path: self.storage_path.to_string_lossy().into_owned(),
+            console_dir: self.console_log_dir.to_string_lossy().into_owned(),
+            virt_type: match self.virt_type.as_str() {
+                "kvm" => Some(VirtType::Kvm),
+                "qemu" => Some(VirtType::Qemu),
+                _ => None,
+            },
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Err(m) = novacron_shared::spec::check_name(&self.storage_pool, 63) {
+            return Err(ConfigError::Invalid {
+                key: "vms.storage_pool",
+                message: m,
+            });
+        }
+        for (key, p) in [
+            ("vms.storage_path", &self.storage_path),
+            ("vms.console_log_dir", &self.console_log_dir),
+        ] {
+            let s = p.to_string_lossy();
+            if !p.is_absolute() || s.chars().any(char::is_control) || s.contains("/../") {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("{s:?} must be a clean absolute path"),
+                });
+            }
+        }
+        if !matches!(self.virt_type.as_str(), "auto" | "kvm" | "qemu") {
+            return Err(ConfigError::Invalid {
+                key: "vms.virt_type",
+                message: format!("{:?} is not one of auto, kvm, qemu", self.virt_type),
+            });
+        }
+        if self.call_timeout < std::time::Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "vms.call_timeout",
+                message: "must be at least 1s".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -46,6 +159,7 @@ impl Default for AgentConfig {
             data_dir: default_data_dir(),
             libvirt_uri: default_uri(),
             hostname: None,
+            vms: VmConfig::default(),
         }
     }
 }
@@ -76,7 +190,7 @@ impl ConfigFile for AgentConfig {
                 });
             }
         }
-        Ok(())
+        self.vms.validate()
     }
 }
 
@@ -111,6 +225,18 @@ mod tests {
         assert!(AgentConfig::parse("libvirt_uri = \"qemu\"\n", "t").is_err());
         let e = AgentConfig::parse("sever = \"x:1\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("sever"), "{e}");
+        let c = AgentConfig::parse("[vms]\nvirt_type = \"qemu\"\nshutdown_timeout = \"20s\"\n", "t")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.vms.shutdown_timeout, std::time::Duration::from_secs(20));
+        assert_eq!(c.vms.storage_pool, "novacron");
+        for bad in [
+            "virt_type = \"xen\"",
+            "storage_path = \"rel/dir\"",
+            "storage_pool = \"a b\"",
+        ] {
+            let e = AgentConfig::parse(&format!("[vms]\n{bad}\n"), "t").unwrap_err();
+            assert!(e.to_string().contains("vms."), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -4,13 +4,17 @@
 //! agent's runtime or its heartbeats.
 
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use novacron_shared::protocol::{Capacity, Inventory, VmObserved, VmState};
-use tokio::sync::oneshot;
+use novacron_shared::ids::VmId;
+use novacron_shared::protocol::{Capacity, Inventory, VmObserved};
+use novacron_shared::spec::DesiredVm;
+use tokio::sync::{mpsc, oneshot};
 use virt::connect::Connect;
-use virt::domain::DomainState;
-use virt::enumutil::Enum;
+
+use crate::events::{self, LifecycleEvent};
+use crate::vmops::{self, Defined, HostSetup, ObservedVm};
 
 /// A libvirt call failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +35,9 @@ pub enum HvError {
         /// libvirt's message.
         message: String,
     },
+    /// The request cannot be carried out as asked.
+    #[error("{0}")]
+    Invalid(String),
     /// The call did not finish in time (libvirtd slow or hung).
     #[error("libvirt did not answer within {0:?}")]
     Timeout(Duration),
@@ -44,67 +51,114 @@ type Job = Box<dyn FnOnce(&mut Driver) + Send>;
 /// Handle to the libvirt driver thread.
 #[derive(Debug, Clone)]
 pub struct Hypervisor {
-    jobs: std_mpsc::Sender<Job>,
+    jobs: Arc<Mutex<std_mpsc::Sender<Job>>>,
     uri: String,
     timeout: Duration,
+    setup: Arc<HostSetup>,
+    sink: mpsc::UnboundedSender<LifecycleEvent>,
+    /// Driver threads abandoned because a call hung.
+    pub abandoned: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// State owned by the driver thread.
 pub struct Driver {
     uri: String,
     conn: Option<Connect>,
+    sink: mpsc::UnboundedSender<LifecycleEvent>,
+    setup: Arc<HostSetup>,
+    /// Connections opened so far (a change means libvirtd restarted or the
+    /// driver thread was replaced: state must be re-read).
+    pub connects: u64,
 }
 
 impl Driver {
-    /// The live connection, (re)connecting if needed.
+    /// The live connection, (re)connecting and re-registering for events
+    /// if needed.
     pub fn conn(&mut self) -> Result<&Connect, HvError> {
         let alive = self.conn.as_ref().is_some_and(|c| c.is_alive().unwrap_or(false));
         if !alive {
-            // Dropping the old handle closes it.
+            // Dropping the old handle closes it (and its event registration).
             self.conn = None;
             let c = Connect::open(Some(&self.uri)).map_err(|e| HvError::Connect {
                 uri: self.uri.clone(),
                 message: e.to_string(),
             })?;
-            tracing::info!(uri = %self.uri, "connected to libvirt");
+            if let Err(e) = events::register(&c, self.sink.clone()) {
+                tracing::warn!(error = %e, "cannot register for libvirt events; changes will show on the next resync");
+            }
+            // Keepalive: a dead libvirtd is noticed within ~15 s even when idle.
+            let _ = c.set_keep_alive(5, 3);
+            self.connects += 1;
+            tracing::info!(uri = %self.uri, connects = self.connects, "connected to libvirt");
             self.conn = Some(c);
         }
         self.conn.as_ref().ok_or(HvError::Gone)
     }
+
+    /// The connection and the host setup.
+    pub fn parts(&mut self) -> Result<(&Connect, &HostSetup), HvError> {
+        self.conn()?;
+        match &self.conn {
+            Some(c) => Ok((c, &self.setup)),
+            None => Err(HvError::Gone),
+        }
+    }
 }
 
-fn call_err(op: &'static str) -> impl Fn(virt::error::Error) -> HvError {
-    move |e| HvError::Call {
-        op,
-        message: e.to_string(),
-    }
+fn spawn_driver(
+    uri: &str,
+    setup: Arc<HostSetup>,
+    sink: mpsc::UnboundedSender<LifecycleEvent>,
+    connects: u64,
+) -> Result<std_mpsc::Sender<Job>, HvError> {
+    let (tx, rx) = std_mpsc::channel::<Job>();
+    let mut d = Driver {
+        uri: uri.to_string(),
+        conn: None,
+        sink,
+        setup,
+        connects,
+    };
+    std::thread::Builder::new()
+        .name("libvirt".into())
+        .spawn(move || {
+            while let Ok(job) = rx.recv() {
+                job(&mut d);
+            }
+        })
+        .map_err(|e| HvError::Connect {
+            uri: uri.to_string(),
+            message: format!("cannot start the driver thread: {e}"),
+        })?;
+    Ok(tx)
 }
 
 impl Hypervisor {
     /// Starts the driver thread for `uri`; calls time out after `timeout`.
-    pub fn start(uri: &str, timeout: Duration) -> Result<Self, HvError> {
-        let (tx, rx) = std_mpsc::channel::<Job>();
-        let thread_uri = uri.to_string();
-        std::thread::Builder::new()
-            .name("libvirt".into())
-            .spawn(move || {
-                let mut d = Driver {
-                    uri: thread_uri,
-                    conn: None,
-                };
-                while let Ok(job) = rx.recv() {
-                    job(&mut d);
-                }
-            })
-            .map_err(|e| HvError::Connect {
-                uri: uri.to_string(),
-                message: format!("cannot start the driver thread: {e}"),
-            })?;
-        Ok(Self {
-            jobs: tx,
+    /// Lifecycle events arrive on the returned receiver.
+    pub fn start(
+        uri: &str,
+        timeout: Duration,
+        setup: HostSetup,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<LifecycleEvent>), HvError> {
+        events::start_event_loop().map_err(|message| HvError::Connect {
             uri: uri.to_string(),
-            timeout,
-        })
+            message: format!("cannot start the libvirt event loop: {message}"),
+        })?;
+        let (sink, events) = mpsc::unbounded_channel();
+        let setup = Arc::new(setup);
+        let tx = spawn_driver(uri, setup.clone(), sink.clone(), 0)?;
+        Ok((
+            Self {
+                jobs: Arc::new(Mutex::new(tx)),
+                uri: uri.to_string(),
+                timeout,
+                setup,
+                sink,
+                abandoned: Arc::default(),
+            },
+            events,
+        ))
     }
 
     /// The libvirt URI.
@@ -112,65 +166,198 @@ impl Hypervisor {
         &self.uri
     }
 
-    /// Runs `f` on the driver thread, with the timeout.
+    /// The host setup.
+    pub fn setup(&self) -> &HostSetup {
+        &self.setup
+    }
+
+    /// Runs `f` on the driver thread, with the default timeout.
     pub async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Driver) -> Result<R, HvError> + Send + 'static,
     ) -> Result<R, HvError> {
+        self.call_within(self.timeout, f).await
+    }
+
+    /// Runs `f` on the driver thread. When it does not answer in time the
+    /// thread is presumed hung: it is abandoned (it ends once its call
+    /// returns, if ever) and a fresh thread with a fresh connection takes
+    /// the following calls, so one hung call never blocks the next.
+    pub async fn call_within<R: Send + 'static>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce(&mut Driver) -> Result<R, HvError> + Send + 'static,
+    ) -> Result<R, HvError> {
         let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |d| {
+            let _ = tx.send(f(d));
+        });
         self.jobs
-            .send(Box::new(move |d| {
-                let _ = tx.send(f(d));
-            }))
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job)
             .map_err(|_| HvError::Gone)?;
-        match tokio::time::timeout(self.timeout, rx).await {
+        match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(HvError::Gone),
-            Err(_) => Err(HvError::Timeout(self.timeout)),
+            Err(_) => {
+                let n = self.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                tracing::error!(uri = %self.uri, ?timeout, abandoned = n, "libvirt call hung; replacing the driver thread");
+                // A large connect count marks the new thread's connections as
+                // new, so the reconciler re-reads everything.
+                let fresh = spawn_driver(&self.uri, self.setup.clone(), self.sink.clone(), n << 32)?;
+                *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+                Err(HvError::Timeout(timeout))
+            }
         }
     }
 
-    /// Capacity and every domain with its state.
-    pub async fn inventory(&self) -> Result<Inventory, HvError> {
-        let uri = self.uri.clone();
-        self.call(move |d| {
-            let c = d.conn()?;
-            let info = c.node_info().map_err(call_err("node_info"))?;
-            let domains = c.list_all_domains(0).map_err(call_err("list_all_domains"))?;
-            let mut vms = Vec::with_capacity(domains.len());
-            for dom in domains {
-                let name = dom.name().map_err(call_err("domain name"))?;
-                let uuid = dom.uuid_string().map_err(call_err("domain uuid"))?;
-                let state = match dom.state() {
-                    Ok((Enum::Known(s), _)) => map_state(s),
-                    Ok((Enum::Unknown(_), _)) => VmState::Unknown,
-                    Err(e) => return Err(call_err("domain state")(e)),
-                };
-                vms.push(VmObserved { name, uuid, state });
-            }
-            vms.sort_by(|a, b| a.name.cmp(&b.name));
-            Ok(Inventory {
-                capacity: Capacity {
-                    cpus: info.cpus,
-                    memory_mib: info.memory / 1024,
-                },
-                hypervisor: uri,
-                vms,
-            })
+    /// Connects if needed; returns the connection counter (it changes when
+    /// libvirt was reconnected).
+    pub async fn ping(&self) -> Result<u64, HvError> {
+        self.call(|d| {
+            d.conn()?;
+            Ok(d.connects)
         })
         .await
     }
+
+    /// Capacity and every domain, as the reconciler needs them.
+    pub async fn observe(&self) -> Result<(Capacity, Vec<ObservedVm>), HvError> {
+        self.call(|d| {
+            let (c, s) = d.parts()?;
+            vmops::observe(c, s)
+        })
+        .await
+    }
+
+    /// Capacity and every domain with its state, for the server.
+    pub async fn inventory(&self) -> Result<Inventory, HvError> {
+        let (capacity, vms) = self.observe().await?;
+        Ok(to_inventory(&self.uri, capacity, &vms))
+    }
+
+    /// Defines or updates a VM.
+    pub async fn define(&self, vm: DesiredVm) -> Result<Defined, HvError> {
+        self.call(move |d| {
+            let (c, s) = d.parts()?;
+            vmops::define(c, s, &vm)
+        })
+        .await
+    }
+
+    /// Runs a one-VM operation on the driver thread.
+    async fn vm_op(
+        &self,
+        id: VmId,
+        f: impl FnOnce(&Connect, &HostSetup, VmId) -> Result<(), HvError> + Send + 'static,
+    ) -> Result<(), HvError> {
+        self.call(move |d| {
+            let (c, s) = d.parts()?;
+            f(c, s, id)
+        })
+        .await
+    }
+
+    /// Starts (or resumes) a VM.
+    pub async fn start_vm(&self, id: VmId) -> Result<(), HvError> {
+        self.vm_op(id, |c, _, id| vmops::start(c, id)).await
+    }
+
+    /// Powers a VM off at once.
+    pub async fn destroy(&self, id: VmId) -> Result<(), HvError> {
+        self.vm_op(id, |c, _, id| vmops::destroy(c, id)).await
+    }
+
+    /// Reboots a VM.
+    pub async fn reboot(&self, id: VmId) -> Result<(), HvError> {
+        self.vm_op(id, |c, _, id| vmops::reboot(c, id)).await
+    }
+
+    /// Pauses a VM.
+    pub async fn suspend(&self, id: VmId) -> Result<(), HvError> {
+        self.vm_op(id, |c, _, id| vmops::suspend(c, id)).await
+    }
+
+    /// Resumes a VM.
+    pub async fn resume(&self, id: VmId) -> Result<(), HvError> {
+        self.vm_op(id, |c, _, id| vmops::resume(c, id)).await
+    }
+
+    /// Graceful shutdown: ACPI power button, then a hard power-off when
+    /// the guest has not stopped after `grace`. Returns whether it had to
+    /// force it.
+    pub async fn shutdown(&self, id: VmId, grace: Duration) -> Result<bool, HvError> {
+        let asked = self
+            .call(move |d| {
+                let (c, _) = d.parts()?;
+                vmops::request_shutdown(c, id)
+            })
+            .await?;
+        if !asked {
+            return Ok(false);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(vmops::SHUTDOWN_POLL).await;
+            if self.call(move |d| vmops::is_off(d.conn()?, id)).await? {
+                return Ok(false);
+            }
+        }
+        tracing::warn!(vm = %id, ?grace, "guest did not shut down in time; powering it off");
+        self.destroy(id).await?;
+        Ok(true)
+    }
+
+    /// Removes a VM with its volumes and snapshot metadata.
+    pub async fn remove(&self, uuid: String) -> Result<Vec<String>, HvError> {
+        self.call(move |d| {
+            let (c, s) = d.parts()?;
+            vmops::remove(c, s, &uuid)
+        })
+        .await
+    }
+
+    /// Takes a snapshot.
+    pub async fn snapshot_create(&self, id: VmId, name: String) -> Result<(), HvError> {
+        self.vm_op(id, move |c, _, id| vmops::snapshot_create(c, id, &name))
+            .await
+    }
+
+    /// Reverts to a snapshot.
+    pub async fn snapshot_revert(&self, id: VmId, name: String) -> Result<(), HvError> {
+        self.vm_op(id, move |c, _, id| vmops::snapshot_revert(c, id, &name))
+            .await
+    }
+
+    /// Deletes a snapshot.
+    pub async fn snapshot_delete(&self, id: VmId, name: String) -> Result<(), HvError> {
+        self.vm_op(id, move |c, _, id| vmops::snapshot_delete(c, id, &name))
+            .await
+    }
+
+    /// Grows a disk.
+    pub async fn resize_disk(&self, id: VmId, disk: String, size_mib: u64) -> Result<(), HvError> {
+        self.vm_op(id, move |c, s, id| vmops::resize_disk(c, s, id, &disk, size_mib))
+            .await
+    }
 }
 
-fn map_state(s: DomainState) -> VmState {
-    match s {
-        DomainState::Running | DomainState::Blocked => VmState::Running,
-        DomainState::Paused => VmState::Paused,
-        DomainState::Shutdown => VmState::ShuttingDown,
-        DomainState::Shutoff => VmState::Stopped,
-        DomainState::Crashed => VmState::Crashed,
-        DomainState::PMSuspended => VmState::Suspended,
-        DomainState::NoState => VmState::Unknown,
+/// The wire form of an observation.
+pub fn to_inventory(uri: &str, capacity: Capacity, vms: &[ObservedVm]) -> Inventory {
+    Inventory {
+        capacity,
+        hypervisor: uri.to_string(),
+        vms: vms
+            .iter()
+            .map(|v| VmObserved {
+                name: v.name.clone(),
+                uuid: v.uuid.clone(),
+                state: v.state,
+                managed: v.meta.is_some(),
+                snapshots: v.snapshots.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -178,43 +365,53 @@ fn map_state(s: DomainState) -> VmState {
 mod tests {
     use super::*;
 
+    fn test_hv(uri: &str, timeout: Duration) -> (Hypervisor, mpsc::UnboundedReceiver<LifecycleEvent>) {
+        let dir = std::env::temp_dir().join(format!("novacron-hv-test-{}", VmId::random()));
+        let setup = HostSetup {
+            pool: "novacron".into(),
+            pool_path: dir.to_string_lossy().into_owned(),
+            console_dir: dir.to_string_lossy().into_owned(),
+            virt_type: None,
+        };
+        Hypervisor::start(uri, timeout, setup).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     #[tokio::test]
     async fn inventory_from_the_test_driver() {
-        let hv =
-            Hypervisor::start("test:///default", Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
+        let (hv, _ev) = test_hv("test:///default", Duration::from_secs(10));
         let inv = hv.inventory().await.unwrap_or_else(|e| panic!("{e}"));
         // test:///default has one running domain called "test" on a 16-CPU node.
         assert_eq!(inv.capacity.cpus, 16);
         assert_eq!(inv.vms.len(), 1);
         assert_eq!(inv.vms[0].name, "test");
-        assert_eq!(inv.vms[0].state, VmState::Running);
+        assert_eq!(inv.vms[0].state, novacron_shared::protocol::VmState::Running);
     }
 
     #[tokio::test]
     async fn unreachable_libvirt_is_a_clear_error() {
-        let hv = Hypervisor::start("qemu+tcp://127.0.0.1:1/system", Duration::from_secs(10))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (hv, _ev) = test_hv("qemu+tcp://127.0.0.1:1/system", Duration::from_secs(10));
         let e = hv.inventory().await.unwrap_err();
         assert!(matches!(e, HvError::Connect { .. }), "{e}");
     }
 
     #[tokio::test]
     async fn a_hung_call_times_out_and_the_driver_stays_usable() {
-        let hv = Hypervisor::start("test:///default", Duration::from_millis(200))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (hv, _ev) = test_hv("test:///default", Duration::from_secs(2));
+        // A call that never returns while `release` lives.
+        let (release, hang) = std_mpsc::channel::<()>();
         let e = hv
-            .call(|_| {
-                std::thread::sleep(Duration::from_millis(600));
+            .call_within(Duration::from_millis(200), move |_| {
+                let _ = hang.recv();
                 Ok(())
             })
             .await
             .unwrap_err();
         assert!(matches!(e, HvError::Timeout(_)), "{e}");
-        // The slow job finishes; the next call goes through.
-        let hv2 = Hypervisor {
-            timeout: Duration::from_secs(10),
-            ..hv
-        };
-        assert!(hv2.inventory().await.is_ok());
+        assert_eq!(hv.abandoned.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // The old thread is still stuck; a fresh one serves the next call
+        // (it would time out if it queued behind the hung one).
+        let inv = hv.inventory().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(inv.vms.len(), 1);
+        drop(release);
     }
 }

@@ -10,12 +10,12 @@ use novacron_shared::backoff::Backoff;
 use novacron_shared::framing::{self, FrameError, FramedRecv, MAX_FRAME_LEN};
 use novacron_shared::pki;
 use novacron_shared::protocol::{
-    AgentMessage, CommandKind, CommandOutcome, CommandResult, ErrorCode, Heartbeat, Hello, JoinReply,
-    JoinRequest, RenewRequest, ServerMessage, WireError, HANDSHAKE_VERSION, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN,
+    AgentMessage, DesiredState, ErrorCode, Heartbeat, Hello, JoinReply, JoinRequest, RenewRequest,
+    ServerMessage, WireError, HANDSHAKE_VERSION, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
+use crate::converge::{self, OpCache};
 use crate::hypervisor::Hypervisor;
 use crate::identity::{Identity, IdentityError, Paths};
 
@@ -238,13 +238,47 @@ pub struct LinkStats {
     pub heartbeat_acks: std::sync::atomic::AtomicU64,
 }
 
+/// How the link and the VM loop talk.
+#[derive(Debug)]
+pub struct VmChannels {
+    /// Messages for the server (events, inventories, reports, results),
+    /// sent whenever a session is up.
+    pub outbox: mpsc::Receiver<AgentMessage>,
+    /// A sender into `outbox`, for command results.
+    pub outbox_tx: mpsc::Sender<AgentMessage>,
+    /// Where desired states from the server go.
+    pub desired: watch::Sender<Option<DesiredState>>,
+    /// Outcomes of recent commands, by op id.
+    pub ops: Arc<std::sync::Mutex<OpCache>>,
+}
+
+impl VmChannels {
+    /// Channels with a queue of `capacity` messages; returns the receiving
+    /// ends the VM loop needs.
+    pub fn new(capacity: usize) -> (Self, watch::Receiver<Option<DesiredState>>) {
+        let (outbox_tx, outbox) = mpsc::channel(capacity);
+        let (desired, desired_rx) = watch::channel(None);
+        (
+            Self {
+                outbox,
+                outbox_tx,
+                desired,
+                ops: Arc::default(),
+            },
+            desired_rx,
+        )
+    }
+}
+
 /// Runs the link forever: connect, serve the session, back off, reconnect.
 /// Returns only when `shutdown` turns true.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     cfg: LinkConfig,
     mut identity: Identity,
     paths: Paths,
     hv: Hypervisor,
+    mut vm: VmChannels,
     stats: Arc<LinkStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -256,6 +290,7 @@ pub async fn run(
             &mut identity,
             &paths,
             &hv,
+            &mut vm,
             &stats,
             &mut endpoint,
             &mut backoff,
@@ -302,6 +337,7 @@ async fn session(
     identity: &mut Identity,
     paths: &Paths,
     hv: &Hypervisor,
+    vm: &mut VmChannels,
     stats: &LinkStats,
     endpoint: &mut Option<quinn::Endpoint>,
     backoff: &mut Backoff,
@@ -318,7 +354,7 @@ async fn session(
     };
     let client_cfg = identity.client_config(IDLE_TIMEOUT)?;
     let conn = connect(&ep, client_cfg, addr, &cfg.server_name).await?;
-    let r = serve(cfg, &conn, identity, paths, hv, stats, backoff, shutdown).await;
+    let r = serve(cfg, &conn, identity, paths, hv, vm, stats, backoff, shutdown).await;
     if *shutdown.borrow() {
         conn.close(0u32.into(), b"agent shutting down");
     }
@@ -335,6 +371,7 @@ async fn serve(
     identity: &mut Identity,
     paths: &Paths,
     hv: &Hypervisor,
+    vm: &mut VmChannels,
     stats: &LinkStats,
     backoff: &mut Backoff,
     shutdown: &mut watch::Receiver<bool>,
@@ -374,6 +411,9 @@ async fn serve(
     stats.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(host_id = %identity.host_id, version, "connected to the server");
 
+    // Whatever queued while disconnected is stale: the fresh inventory
+    // below (and the server's desired state) supersede it.
+    while vm.outbox.try_recv().is_ok() {}
     match hv.inventory().await {
         Ok(inv) => framing::write_frame(&mut send, version, &AgentMessage::Inventory(inv), &mut buf).await?,
         Err(e) => {
@@ -393,6 +433,9 @@ async fn serve(
                     let _ = send.finish();
                     return Ok(());
                 }
+            }
+            Some(msg) = vm.outbox.recv() => {
+                framing::write_frame(&mut send, version, &msg, &mut buf).await?;
             }
             _ = ticker.tick() => {
                 seq += 1;
@@ -416,17 +459,13 @@ async fn serve(
                         stats.heartbeat_acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     ServerMessage::Command(cmd) => {
-                        let outcome = match cmd.kind {
-                            CommandKind::RefreshInventory => match hv.inventory().await {
-                                Ok(inv) => {
-                                    framing::write_frame(&mut send, version, &AgentMessage::Inventory(inv), &mut buf).await?;
-                                    CommandOutcome::Done
-                                }
-                                Err(e) => CommandOutcome::Failed { message: e.to_string() },
-                            },
-                        };
-                        let result = AgentMessage::CommandResult(CommandResult { op_id: cmd.op_id, outcome });
-                        framing::write_frame(&mut send, version, &result, &mut buf).await?;
+                        // Off the session loop: heartbeats keep flowing while
+                        // a long operation runs.
+                        converge::spawn_command(hv.clone(), vm.ops.clone(), cmd.op_id, cmd.kind, vm.outbox_tx.clone());
+                    }
+                    ServerMessage::DesiredState(ds) => {
+                        tracing::info!(generation = ds.generation, vms = ds.vms.len(), "desired state from the server");
+                        vm.desired.send_replace(Some(ds));
                     }
                     ServerMessage::CertificateRenewed(r) => {
                         let Some(key) = pending_key.take() else {

@@ -168,14 +168,29 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             if let Some(v) = protocol_versions {
                 link_cfg.versions = v;
             }
-            let hv = Hypervisor::start(&cfg.libvirt_uri, Duration::from_secs(30))?;
+            let (hv, events) =
+                Hypervisor::start(&cfg.libvirt_uri, cfg.vms.call_timeout, cfg.vms.host_setup())?;
             let (tx, rx) = tokio::sync::watch::channel(false);
             tracing::info!(host_id = %identity.host_id, server = %link_cfg.server, libvirt = %cfg.libvirt_uri, "novacron-agent starting");
+            let (channels, desired) = link::VmChannels::new(1024);
+            let converge_cfg = novacron_agent::converge::ConvergeConfig {
+                shutdown_grace: cfg.vms.shutdown_timeout,
+                ..Default::default()
+            };
+            let vms = tokio::spawn(novacron_agent::converge::run(
+                hv.clone(),
+                converge_cfg,
+                desired,
+                events,
+                channels.outbox_tx.clone(),
+                rx.clone(),
+            ));
             let link = tokio::spawn(link::run(
                 link_cfg,
                 identity,
                 paths,
                 hv,
+                channels,
                 Arc::new(LinkStats::default()),
                 rx,
             ));
@@ -187,6 +202,7 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             tracing::info!("shutting down; VMs keep running");
             let _ = tx.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(5), link).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), vms).await;
         }
     }
     Ok(())

@@ -101,7 +101,15 @@ pub trait Record: Serialize + DeserializeOwned {
         Ok(out)
     }
 
-    /// Decodes, migrating older versions (none exist yet: version 1 is the first).
+    /// Decodes an older version's body; records that never changed have none.
+    fn decode_old(_version: u8, body: &[u8]) -> Result<Self, StoreError> {
+        codec::decode(body).map_err(|source| StoreError::Corrupt {
+            table: Self::TABLE,
+            source,
+        })
+    }
+
+    /// Decodes, migrating older versions.
     fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let (&v, body) = bytes.split_first().ok_or(StoreError::Corrupt {
             table: Self::TABLE,
@@ -113,6 +121,9 @@ pub trait Record: Serialize + DeserializeOwned {
                 found: v,
                 known: Self::VERSION,
             });
+        }
+        if v < Self::VERSION {
+            return Self::decode_old(v, body);
         }
         codec::decode(body).map_err(|source| StoreError::Corrupt {
             table: Self::TABLE,
@@ -161,7 +172,52 @@ pub struct HostRecord {
 
 impl Record for HostRecord {
     const TABLE: &'static str = "hosts";
-    const VERSION: u8 = 1;
+    /// 2: capacity gained storage figures.
+    const VERSION: u8 = 2;
+
+    fn decode_old(version: u8, body: &[u8]) -> Result<Self, StoreError> {
+        let corrupt = |source| StoreError::Corrupt {
+            table: Self::TABLE,
+            source,
+        };
+        match version {
+            1 => {
+                let v1: HostRecordV1 = codec::decode(body).map_err(corrupt)?;
+                Ok(HostRecord {
+                    id: v1.id,
+                    name: v1.name,
+                    addresses: v1.addresses,
+                    capacity: Capacity {
+                        cpus: v1.capacity.0,
+                        memory_mib: v1.capacity.1,
+                        ..Capacity::default()
+                    },
+                    agent_version: v1.agent_version,
+                    first_seen_ms: v1.first_seen_ms,
+                    last_seen_ms: v1.last_seen_ms,
+                    state: v1.state,
+                    cert_serial: v1.cert_serial,
+                    cert_not_after: v1.cert_not_after,
+                })
+            }
+            _ => codec::decode(body).map_err(corrupt),
+        }
+    }
+}
+
+/// [`HostRecord`] as version 1 stored it (capacity was CPUs and MiB only).
+#[derive(Deserialize)]
+struct HostRecordV1 {
+    id: HostId,
+    name: String,
+    addresses: Vec<String>,
+    capacity: (u32, u64),
+    agent_version: String,
+    first_seen_ms: u64,
+    last_seen_ms: u64,
+    state: HostState,
+    cert_serial: String,
+    cert_not_after: i64,
 }
 
 /// A join token (stored by hash only).
@@ -465,6 +521,47 @@ mod tests {
             cert_serial: format!("{id:x}"),
             cert_not_after: 0,
         }
+    }
+
+    #[test]
+    fn a_version_1_host_record_still_decodes() {
+        // The exact field order version 1 wrote, capacity as (cpus, MiB).
+        #[derive(Serialize)]
+        struct V1<'a>(
+            HostId,
+            &'a str,
+            Vec<String>,
+            (u32, u64),
+            &'a str,
+            u64,
+            u64,
+            HostState,
+            &'a str,
+            i64,
+        );
+        let old = V1(
+            HostId(9),
+            "h9",
+            vec!["10.0.0.9:1".into()],
+            (8, 4096),
+            "0.1.0",
+            1,
+            2,
+            HostState::Online,
+            "ab",
+            77,
+        );
+        let mut bytes = vec![1u8];
+        codec::encode_into(&old, &mut bytes).unwrap_or_else(|e| panic!("{e}"));
+        let r = HostRecord::decode(&bytes).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.name, "h9");
+        assert_eq!(
+            (r.capacity.cpus, r.capacity.memory_mib, r.capacity.storage_mib),
+            (8, 4096, 0)
+        );
+        assert_eq!((r.state, r.cert_not_after), (HostState::Online, 77));
+        // And the current version round-trips.
+        assert_eq!(HostRecord::decode(&r.encode().unwrap_or_default()).ok(), Some(r));
     }
 
     #[test]

@@ -243,12 +243,15 @@ mod tests {
                 capacity: Capacity {
                     cpus: 8,
                     memory_mib: 16384,
+                    ..Capacity::default()
                 },
                 hypervisor: "test:///default".into(),
                 vms: vec![VmObserved {
                     name: "web-1".into(),
                     uuid: "u".into(),
                     state: VmState::Running,
+                    managed: true,
+                    snapshots: Vec::new(),
                 }],
             }),
             AgentMessage::CommandResult(CommandResult {
@@ -372,7 +375,11 @@ mod tests {
                 proptest::collection::vec(".{0,16}", 0..16)
             )
                 .prop_map(|(cpus, memory_mib, names)| AgentMessage::Inventory(Inventory {
-                    capacity: Capacity { cpus, memory_mib },
+                    capacity: Capacity {
+                        cpus,
+                        memory_mib,
+                        ..Capacity::default()
+                    },
                     hypervisor: "test:///default".into(),
                     vms: names
                         .into_iter()
@@ -380,6 +387,8 @@ mod tests {
                             uuid: name.clone(),
                             name,
                             state: VmState::Paused,
+                            managed: true,
+                            snapshots: Vec::new(),
                         })
                         .collect(),
                 })),

@@ -1,4 +1,4 @@
-//! Identifiers: hosts and operations.
+//! Identifiers: hosts, VMs and operations.
 
 use std::fmt;
 use std::str::FromStr;
@@ -77,6 +77,11 @@ id_type!(
 id_type!(
     /// An operation id: every command carries one so that retries are idempotent.
     OpId
+);
+id_type!(
+    /// A VM's identity, fixed when the VM is created and used as its libvirt
+    /// domain UUID on whichever host runs it.
+    VmId
 );
 
 /// A string that is not a hyphenated 128-bit hex id.

@@ -1,4 +1,4 @@
-//! NovaCron's shared vocabulary: ids, the wire protocol (messages, framing,
+//! NovaCron's shared vocabulary: ids, VM specs, the wire protocol (messages, framing,
 //! versioning), PKI helpers and the QUIC/TLS configuration builders.
 //!
 //! This crate has no async runtime and no libvirt: the agent and the server
@@ -13,6 +13,7 @@ pub mod framing;
 pub mod ids;
 pub mod pki;
 pub mod protocol;
+pub mod spec;
 pub mod tls;
 
 /// The ALPN protocol name both ends of a NovaCron QUIC connection must offer.

@@ -238,7 +238,12 @@ pub fn make_csr(hostname: &str) -> Result<(KeyPair, Vec<u8>), PkiError> {
 
 /// The SHA-256 fingerprint of a DER certificate, as 64 lowercase hex digits.
 pub fn fingerprint(der: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    sha256_hex(der)
+}
+
+/// SHA-256 of any bytes, as 64 lowercase hex digits.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 

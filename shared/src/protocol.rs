@@ -9,7 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{HostId, OpId};
+use crate::ids::{HostId, OpId, VmId};
+use crate::spec::DesiredVm;
 
 /// The oldest protocol version this build speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
@@ -35,6 +36,10 @@ pub enum AgentMessage {
     Metrics(MetricBatch),
     /// A new CSR for the same host id, sent before the certificate expires.
     RenewCertificate(RenewRequest),
+    /// A libvirt lifecycle event, pushed as it happens.
+    VmEvent(VmEvent),
+    /// What the reconciler did for a desired state, and the drift it cannot fix.
+    Reconciled(ReconcileReport),
 }
 
 /// Everything the server sends to an agent.
@@ -54,6 +59,8 @@ pub enum ServerMessage {
     CertificateRenewed(RenewReply),
     /// A refusal; the connection is closed after it when `fatal`.
     Error(WireError),
+    /// The VMs this host should have; replaces any earlier desired state.
+    DesiredState(DesiredState),
 }
 
 /// The agent's opening: which versions it speaks and what it is.
@@ -129,6 +136,10 @@ pub struct Capacity {
     pub cpus: u32,
     /// Memory in MiB.
     pub memory_mib: u64,
+    /// Size of the VM storage pool, MiB (0 when the pool is unavailable).
+    pub storage_mib: u64,
+    /// Free space in the VM storage pool, MiB.
+    pub storage_free_mib: u64,
 }
 
 /// A VM's state as libvirt reports it.
@@ -159,6 +170,58 @@ pub struct VmObserved {
     pub uuid: String,
     /// Its state.
     pub state: VmState,
+    /// Whether NovaCron defined it (its XML carries NovaCron's metadata).
+    pub managed: bool,
+    /// Its snapshots, oldest first.
+    pub snapshots: Vec<String>,
+}
+
+/// A libvirt domain lifecycle event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmEvent {
+    /// The domain's name.
+    pub name: String,
+    /// The domain's UUID.
+    pub uuid: String,
+    /// What happened (`started`, `stopped`, `suspended`, ...).
+    pub event: String,
+    /// libvirt's detail for it (`booted`, `shutdown`, `destroyed`, ...).
+    pub detail: String,
+    /// The state after the event.
+    pub state: VmState,
+    /// When the agent saw it, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// The VMs a host should have.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    /// Increases with every change; reports name the generation they answer.
+    pub generation: u64,
+    /// Every VM this host should have; managed VMs not listed are removed.
+    pub vms: Vec<DesiredVm>,
+}
+
+/// The reconciler's account of one pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileReport {
+    /// The desired-state generation this pass worked towards.
+    pub generation: u64,
+    /// Whether the host now matches the desired state.
+    pub converged: bool,
+    /// What was done, one line each (`started web-1 (op ...)`).
+    pub actions: Vec<String>,
+    /// Differences it could not fix, per VM.
+    pub drift: Vec<Drift>,
+}
+
+/// A difference between desired and observed state that the agent cannot fix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drift {
+    /// The VM's name.
+    pub vm: String,
+    /// What is wrong, for the operator.
+    pub message: String,
 }
 
 /// The host's full observed state.
@@ -181,11 +244,48 @@ pub struct Command {
     pub kind: CommandKind,
 }
 
-/// Every command the server can give an agent.
+/// Every command the server can give an agent. Power state, creation and
+/// removal go through [`DesiredState`]; these are the one-off operations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CommandKind {
     /// Re-read the hypervisor and send a fresh inventory.
     RefreshInventory,
+    /// Reboot a running VM (ACPI).
+    Reboot {
+        /// The VM's id.
+        vm: VmId,
+    },
+    /// Take an internal snapshot (disks, and memory when running).
+    SnapshotCreate {
+        /// The VM's id.
+        vm: VmId,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// Revert to a snapshot.
+    SnapshotRevert {
+        /// The VM's id.
+        vm: VmId,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// Delete a snapshot.
+    SnapshotDelete {
+        /// The VM's id.
+        vm: VmId,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// Grow one of a VM's disks.
+    ResizeDisk {
+        /// The VM's id.
+        vm: VmId,
+        /// The disk's name in the spec.
+        disk: String,
+        /// The new size, MiB (never smaller than the current one).
+        size_mib: u64,
+    },
 }
 
 /// The outcome of a command.

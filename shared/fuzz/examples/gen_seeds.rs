@@ -68,6 +68,7 @@ fn main() {
                         capacity: Capacity {
                             cpus: 64,
                             memory_mib: 262_144,
+                            ..Capacity::default()
                         },
                         hypervisor: "qemu:///system".into(),
                         vms: vec![
@@ -75,11 +76,15 @@ fn main() {
                                 name: "web-1".into(),
                                 uuid: "6f1c2a4e-0b1d-4c3e-9a8f-1e2d3c4b5a69".into(),
                                 state: VmState::Running,
+                                managed: true,
+                                snapshots: Vec::new(),
                             },
                             VmObserved {
                                 name: "db-1".into(),
                                 uuid: "0d9e8f7a-6b5c-4d3e-2f1a-0b9c8d7e6f5a".into(),
                                 state: VmState::Crashed,
+                                managed: true,
+                                snapshots: Vec::new(),
                             },
                         ],
                     }),

@@ -1,0 +1,361 @@
+//! The agent's VM loop: carries out the reconciler's plans on libvirt,
+//! pushes lifecycle events and fresh inventories to the server, runs
+//! one-off commands off the session loop, and notices libvirtd restarts.
+//!
+//! Nothing here acts before the server has sent a desired state: an agent
+//! that starts while the server is away leaves every VM as it is.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use novacron_shared::ids::OpId;
+use novacron_shared::protocol::{
+    AgentMessage, CommandKind, CommandOutcome, CommandResult, DesiredState, ReconcileReport, VmEvent,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::events::LifecycleEvent;
+use crate::hypervisor::{to_inventory, Hypervisor};
+use crate::reconcile::{Action, Reconciler};
+use crate::vmops::ObservedVm;
+
+/// Settings for the VM loop.
+#[derive(Debug, Clone)]
+pub struct ConvergeConfig {
+    /// How long a guest gets to shut down before it is powered off.
+    pub shutdown_grace: Duration,
+    /// How often libvirt is checked and the state re-read without events.
+    pub resync_every: Duration,
+    /// How often the libvirt connection is checked.
+    pub ping_every: Duration,
+}
+
+impl Default for ConvergeConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: Duration::from_secs(120),
+            resync_every: Duration::from_secs(30),
+            ping_every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Most passes in a row before waiting for the next trigger.
+const MAX_PASSES: usize = 8;
+/// Events within this window are coalesced into one inventory.
+const EVENT_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Queues a message for the server; when the queue is full (a long
+/// disconnect) the message is dropped: the next session starts with a
+/// fresh inventory and report anyway.
+fn post(outbox: &mpsc::Sender<AgentMessage>, msg: AgentMessage) {
+    if outbox.try_send(msg).is_err() {
+        tracing::debug!("server queue full; message dropped (state is resent on reconnect)");
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Runs the VM loop until `shutdown`.
+pub async fn run(
+    hv: Hypervisor,
+    cfg: ConvergeConfig,
+    mut desired: watch::Receiver<Option<DesiredState>>,
+    mut events: mpsc::UnboundedReceiver<LifecycleEvent>,
+    outbox: mpsc::Sender<AgentMessage>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut rec = Reconciler::default();
+    let mut ping = tokio::time::interval(cfg.ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_connects = None;
+    let mut last_pass = Instant::now();
+    let mut dirty = true;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    return;
+                }
+            }
+            r = desired.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                dirty = true;
+            }
+            Some(ev) = events.recv() => {
+                forward(&outbox, &ev);
+                // Coalesce a burst (a start emits several events).
+                let until = tokio::time::Instant::now() + EVENT_DEBOUNCE;
+                while let Ok(Some(ev)) = tokio::time::timeout_at(until, events.recv()).await {
+                    forward(&outbox, &ev);
+                }
+                dirty = true;
+            }
+            _ = ping.tick() => {
+                match hv.ping().await {
+                    Ok(c) => {
+                        if last_connects.is_some_and(|l| l != c) {
+                            tracing::info!("libvirt reconnected; re-reading the host");
+                            dirty = true;
+                        }
+                        last_connects = Some(c);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "libvirt unavailable"),
+                }
+                if last_pass.elapsed() >= cfg.resync_every {
+                    dirty = true;
+                }
+            }
+        }
+        if dirty {
+            let want = desired.borrow().clone();
+            dirty = !pass(&hv, &cfg, &mut rec, want.as_ref(), &outbox).await;
+            last_pass = Instant::now();
+        }
+    }
+}
+
+fn forward(outbox: &mpsc::Sender<AgentMessage>, ev: &LifecycleEvent) {
+    tracing::info!(vm = %ev.name, event = ev.event_name(), detail = ev.detail_name(), "libvirt event");
+    post(
+        outbox,
+        AgentMessage::VmEvent(VmEvent {
+            name: ev.name.clone(),
+            uuid: ev.uuid.clone(),
+            event: ev.event_name().into(),
+            detail: ev.detail_name().into(),
+            state: ev.state(),
+            at_ms: unix_ms(),
+        }),
+    );
+}
+
+/// One reconcile round (several plan/act passes); sends the inventory and,
+/// with a desired state, a report. Returns whether it finished its work
+/// (false: retry on the next tick).
+async fn pass(
+    hv: &Hypervisor,
+    cfg: &ConvergeConfig,
+    rec: &mut Reconciler,
+    want: Option<&DesiredState>,
+    outbox: &mpsc::Sender<AgentMessage>,
+) -> bool {
+    let mut done = Vec::new();
+    let mut observed: Vec<ObservedVm>;
+    let mut passes = 0;
+    let plan = loop {
+        let (capacity, vms) = match hv.observe().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the host; will retry");
+                return false;
+            }
+        };
+        observed = vms;
+        let Some(want) = want else {
+            post(
+                outbox,
+                AgentMessage::Inventory(to_inventory(hv.uri(), capacity, &observed)),
+            );
+            return true;
+        };
+        let now = Instant::now();
+        let plan = rec.plan(now, &want.vms, &observed);
+        passes += 1;
+        if plan.actions.is_empty() || passes > MAX_PASSES {
+            post(
+                outbox,
+                AgentMessage::Inventory(to_inventory(hv.uri(), capacity, &observed)),
+            );
+            break plan;
+        }
+        for a in plan.actions {
+            let name = a.vm_name().to_string();
+            let line = a.to_string();
+            let r = act(hv, cfg, a).await;
+            match &r {
+                Ok(()) => {
+                    tracing::info!(action = %line, "reconciled");
+                    done.push(line);
+                }
+                Err(e) => {
+                    tracing::warn!(action = %line, error = %e, "reconcile action failed");
+                    done.push(format!("{line}: failed: {e}"));
+                }
+            }
+            rec.record(Instant::now(), &name, r);
+        }
+    };
+    let Some(want) = want else { return true };
+    let names: HashSet<&str> = want
+        .vms
+        .iter()
+        .map(|v| v.spec.name.as_str())
+        .chain(observed.iter().map(|o| o.name.as_str()))
+        .collect();
+    rec.forget_except(&names);
+    let converged = plan.converged();
+    if !done.is_empty() || !converged {
+        tracing::info!(
+            generation = want.generation,
+            converged,
+            drift = plan.drift.len(),
+            "reconcile pass"
+        );
+    }
+    post(
+        outbox,
+        AgentMessage::Reconciled(ReconcileReport {
+            generation: want.generation,
+            converged,
+            actions: done,
+            drift: plan.drift,
+        }),
+    );
+    true
+}
+
+async fn act(hv: &Hypervisor, cfg: &ConvergeConfig, a: Action) -> Result<(), String> {
+    let r = match a {
+        Action::Define(vm) | Action::Redefine(vm) => hv.define(vm).await.map(|_| ()),
+        Action::Start(t) => hv.start_vm(t.id).await,
+        Action::Suspend(t) => hv.suspend(t.id).await,
+        Action::Resume(t) => hv.resume(t.id).await,
+        Action::Shutdown(t) => hv.shutdown(t.id, cfg.shutdown_grace).await.map(|_| ()),
+        Action::Remove { uuid, .. } => hv.remove(uuid).await.map(|_| ()),
+    };
+    r.map_err(|e| e.to_string())
+}
+
+/// Outcomes of recent commands, so a retried op id is answered without
+/// running it twice.
+#[derive(Debug, Default)]
+pub struct OpCache {
+    done: HashMap<OpId, CommandOutcome>,
+    order: VecDeque<OpId>,
+    running: HashSet<OpId>,
+}
+
+/// How many finished operations are remembered.
+const OP_CACHE: usize = 4096;
+
+/// What to do with an incoming command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OpStart {
+    /// Run it.
+    Run,
+    /// It is running; its result will follow.
+    Running,
+    /// It already ran; here is its outcome again.
+    Done(CommandOutcome),
+}
+
+impl OpCache {
+    /// Claims an op id.
+    pub fn begin(&mut self, op: OpId) -> OpStart {
+        if let Some(o) = self.done.get(&op) {
+            return OpStart::Done(o.clone());
+        }
+        if !self.running.insert(op) {
+            return OpStart::Running;
+        }
+        OpStart::Run
+    }
+
+    /// Records an outcome.
+    pub fn finish(&mut self, op: OpId, outcome: CommandOutcome) {
+        self.running.remove(&op);
+        if self.done.insert(op, outcome).is_none() {
+            self.order.push_back(op);
+        }
+        while self.order.len() > OP_CACHE {
+            if let Some(old) = self.order.pop_front() {
+                self.done.remove(&old);
+            }
+        }
+    }
+}
+
+/// Runs a command off the session loop and posts its result (and a fresh
+/// inventory) when done. A repeated op id is not run again.
+pub fn spawn_command(
+    hv: Hypervisor,
+    cache: Arc<Mutex<OpCache>>,
+    op_id: OpId,
+    kind: CommandKind,
+    outbox: mpsc::Sender<AgentMessage>,
+) {
+    let start = cache.lock().unwrap_or_else(|p| p.into_inner()).begin(op_id);
+    match start {
+        OpStart::Running => return,
+        OpStart::Done(outcome) => {
+            post(
+                &outbox,
+                AgentMessage::CommandResult(CommandResult { op_id, outcome }),
+            );
+            return;
+        }
+        OpStart::Run => {}
+    }
+    tokio::spawn(async move {
+        let r = match kind {
+            CommandKind::RefreshInventory => Ok(()),
+            CommandKind::Reboot { vm } => hv.reboot(vm).await,
+            CommandKind::SnapshotCreate { vm, name } => hv.snapshot_create(vm, name).await,
+            CommandKind::SnapshotRevert { vm, name } => hv.snapshot_revert(vm, name).await,
+            CommandKind::SnapshotDelete { vm, name } => hv.snapshot_delete(vm, name).await,
+            CommandKind::ResizeDisk { vm, disk, size_mib } => hv.resize_disk(vm, disk, size_mib).await,
+        };
+        let outcome = match r {
+            Ok(()) => CommandOutcome::Done,
+            Err(e) => CommandOutcome::Failed {
+                message: e.to_string(),
+            },
+        };
+        tracing::info!(op_id = %op_id, ?outcome, "command finished");
+        if let Ok(inv) = hv.inventory().await {
+            post(&outbox, AgentMessage::Inventory(inv));
+        }
+        cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finish(op_id, outcome.clone());
+        post(
+            &outbox,
+            AgentMessage::CommandResult(CommandResult { op_id, outcome }),
+        );
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_op_id_runs_once() {
+        let mut c = OpCache::default();
+        assert_eq!(c.begin(OpId(1)), OpStart::Run);
+        assert_eq!(c.begin(OpId(1)), OpStart::Running);
+        c.finish(OpId(1), CommandOutcome::Done);
+        assert_eq!(c.begin(OpId(1)), OpStart::Done(CommandOutcome::Done));
+        assert_eq!(c.begin(OpId(2)), OpStart::Run);
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let mut c = OpCache::default();
+        for i in 0..(OP_CACHE as u128 + 10) {
+            assert_eq!(c.begin(OpId(i)), OpStart::Run);
+            c.finish(OpId(i), CommandOutcome::Done);
+        }
+        assert_eq!(c.done.len(), OP_CACHE);
+        assert_eq!(c.begin(OpId(0)), OpStart::Run, "the oldest was forgotten");
+    }
+}

@@ -1,0 +1,500 @@
+//! The reconciler: desired VMs and observed domains in, actions out. Pure
+//! logic with an explicit `now`, so every rule is testable without libvirt.
+//!
+//! Rules:
+//! - A desired VM that is missing is defined; one whose spec changed is
+//!   redefined (libvirt applies it at the next cold boot).
+//! - Power is driven towards the desired state (start, pause, resume,
+//!   graceful shutdown). A VM that is shutting down is left to finish.
+//! - A domain NovaCron defined that is no longer desired is removed with
+//!   its volumes.
+//! - Domains NovaCron did not define are never touched; a name clash with
+//!   one is reported as drift.
+//! - A VM whose last action failed is retried with exponential backoff and
+//!   reported as drift meanwhile.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use novacron_shared::ids::{OpId, VmId};
+use novacron_shared::protocol::{Drift, VmState};
+use novacron_shared::spec::{DesiredVm, Power};
+
+use crate::domxml::spec_hash;
+use crate::vmops::ObservedVm;
+
+/// One step towards the desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Define a missing VM (volumes, seed, domain).
+    Define(DesiredVm),
+    /// Replace the definition of a VM whose spec changed.
+    Redefine(DesiredVm),
+    /// Start it (or resume it, if paused).
+    Start(Target),
+    /// Pause it.
+    Suspend(Target),
+    /// Resume it.
+    Resume(Target),
+    /// Shut it down gracefully.
+    Shutdown(Target),
+    /// Remove a managed domain that is no longer desired.
+    Remove {
+        /// Its name.
+        name: String,
+        /// Its UUID.
+        uuid: String,
+    },
+}
+
+/// The VM an action is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The VM.
+    pub id: VmId,
+    /// Its name.
+    pub name: String,
+    /// The operation that asked for it.
+    pub op_id: OpId,
+}
+
+impl Action {
+    /// The VM's name (the backoff key).
+    pub fn vm_name(&self) -> &str {
+        match self {
+            Action::Define(v) | Action::Redefine(v) => &v.spec.name,
+            Action::Start(t) | Action::Suspend(t) | Action::Resume(t) | Action::Shutdown(t) => &t.name,
+            Action::Remove { name, .. } => name,
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Define(v) => write!(f, "define {} (op {})", v.spec.name, v.op_id),
+            Action::Redefine(v) => write!(f, "redefine {} (op {})", v.spec.name, v.op_id),
+            Action::Start(t) => write!(f, "start {} (op {})", t.name, t.op_id),
+            Action::Suspend(t) => write!(f, "pause {} (op {})", t.name, t.op_id),
+            Action::Resume(t) => write!(f, "resume {} (op {})", t.name, t.op_id),
+            Action::Shutdown(t) => write!(f, "shut down {} (op {})", t.name, t.op_id),
+            Action::Remove { name, .. } => write!(f, "remove {name}"),
+        }
+    }
+}
+
+/// One pass's plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// What to do now.
+    pub actions: Vec<Action>,
+    /// What is wrong and cannot be fixed now.
+    pub drift: Vec<Drift>,
+    /// VMs in a transition (shutting down) that will settle by themselves.
+    pub settling: usize,
+}
+
+impl Plan {
+    /// Whether the host matches the desired state.
+    pub fn converged(&self) -> bool {
+        self.actions.is_empty() && self.drift.is_empty() && self.settling == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Failure {
+    count: u32,
+    retry_at: Instant,
+    message: String,
+}
+
+/// The reconciler's memory between passes: failures and their backoff.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    failures: HashMap<String, Failure>,
+}
+
+/// First retry delay after a failure.
+pub const RETRY_BASE: Duration = Duration::from_secs(2);
+/// Longest retry delay.
+pub const RETRY_MAX: Duration = Duration::from_secs(300);
+
+impl Reconciler {
+    /// Plans one pass.
+    pub fn plan(&self, now: Instant, desired: &[DesiredVm], observed: &[ObservedVm]) -> Plan {
+        let mut plan = Plan::default();
+        let by_uuid: HashMap<&str, &ObservedVm> = observed.iter().map(|o| (o.uuid.as_str(), o)).collect();
+        let by_name: HashMap<&str, &ObservedVm> = observed.iter().map(|o| (o.name.as_str(), o)).collect();
+        let mut wanted = HashSet::new();
+        for d in desired {
+            let uuid = d.id.to_string();
+            wanted.insert(uuid.clone());
+            if let Some(f) = self.failures.get(&d.spec.name) {
+                if now < f.retry_at {
+                    plan.drift.push(Drift {
+                        vm: d.spec.name.clone(),
+                        message: format!(
+                            "{} (attempt {}; retrying in {}s)",
+                            f.message,
+                            f.count,
+                            f.retry_at.saturating_duration_since(now).as_secs().max(1)
+                        ),
+                    });
+                    continue;
+                }
+            }
+            let target = || Target {
+                id: d.id,
+                name: d.spec.name.clone(),
+                op_id: d.op_id,
+            };
+            let Some(o) = by_uuid.get(uuid.as_str()) else {
+                match by_name.get(d.spec.name.as_str()) {
+                    Some(other) => plan.drift.push(Drift {
+                        vm: d.spec.name.clone(),
+                        message: format!(
+                            "a different domain (UUID {}) already uses this name here; it is left alone",
+                            other.uuid
+                        ),
+                    }),
+                    None => plan.actions.push(Action::Define(d.clone())),
+                }
+                continue;
+            };
+            let Some(meta) = &o.meta else {
+                plan.drift.push(Drift {
+                    vm: d.spec.name.clone(),
+                    message:
+                        "a domain with this VM's UUID exists but NovaCron did not define it; it is left alone"
+                            .into(),
+                });
+                continue;
+            };
+            if o.name != d.spec.name {
+                plan.drift.push(Drift {
+                    vm: d.spec.name.clone(),
+                    message: format!("defined here as {:?}; renaming is not supported", o.name),
+                });
+                continue;
+            }
+            if meta.spec_hash != spec_hash(d) {
+                plan.actions.push(Action::Redefine(d.clone()));
+                continue;
+            }
+            let action = match (d.power, o.state) {
+                (_, VmState::ShuttingDown) => {
+                    plan.settling += 1;
+                    None
+                }
+                (Power::Running, VmState::Running) | (Power::Paused, VmState::Paused) => None,
+                (Power::Stopped, VmState::Stopped) | (Power::Stopped, VmState::Crashed) => None,
+                (Power::Running, VmState::Paused) => Some(Action::Resume(target())),
+                (Power::Running, VmState::Stopped | VmState::Crashed) => Some(Action::Start(target())),
+                (Power::Paused, VmState::Running) => Some(Action::Suspend(target())),
+                (Power::Paused, VmState::Stopped | VmState::Crashed) => Some(Action::Start(target())),
+                (Power::Stopped, VmState::Running | VmState::Paused) => Some(Action::Shutdown(target())),
+                (_, s @ (VmState::Suspended | VmState::Unknown)) => {
+                    plan.drift.push(Drift {
+                        vm: d.spec.name.clone(),
+                        message: format!("the domain is {s:?}, which the agent does not change by itself"),
+                    });
+                    None
+                }
+            };
+            plan.actions.extend(action);
+        }
+        for o in observed {
+            if o.meta.is_some() && !wanted.contains(&o.uuid) {
+                if self.failures.get(&o.name).is_some_and(|f| now < f.retry_at) {
+                    plan.drift.push(Drift {
+                        vm: o.name.clone(),
+                        message: "no longer wanted here; removing it failed, will retry".into(),
+                    });
+                    continue;
+                }
+                plan.actions.push(Action::Remove {
+                    name: o.name.clone(),
+                    uuid: o.uuid.clone(),
+                });
+            }
+        }
+        plan
+    }
+
+    /// Records an action's outcome.
+    pub fn record(&mut self, now: Instant, vm: &str, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                self.failures.remove(vm);
+            }
+            Err(message) => {
+                let count = self.failures.get(vm).map_or(1, |f| f.count + 1);
+                let delay = RETRY_BASE
+                    .saturating_mul(1u32 << (count - 1).min(16))
+                    .min(RETRY_MAX);
+                self.failures.insert(
+                    vm.to_string(),
+                    Failure {
+                        count,
+                        retry_at: now + delay,
+                        message,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Forgets failures of VMs that are gone from both sides.
+    pub fn forget_except(&mut self, names: &HashSet<&str>) {
+        self.failures.retain(|k, _| names.contains(k.as_str()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domxml::Metadata;
+    use novacron_shared::spec::VmSpec;
+    use proptest::prelude::*;
+
+    fn desired(name: &str, id: u128, power: Power) -> DesiredVm {
+        DesiredVm {
+            id: VmId(id),
+            op_id: OpId(id + 1000),
+            spec: VmSpec::minimal(name, 1, 128),
+            power,
+        }
+    }
+
+    fn observed_of(d: &DesiredVm, state: VmState) -> ObservedVm {
+        ObservedVm {
+            name: d.spec.name.clone(),
+            uuid: d.id.to_string(),
+            state,
+            meta: Some(Metadata {
+                vm: d.id,
+                spec_hash: spec_hash(d),
+                op_id: d.op_id,
+            }),
+            snapshots: vec![],
+        }
+    }
+
+    fn foreign(name: &str, uuid: &str) -> ObservedVm {
+        ObservedVm {
+            name: name.into(),
+            uuid: uuid.into(),
+            state: VmState::Running,
+            meta: None,
+            snapshots: vec![],
+        }
+    }
+
+    #[test]
+    fn missing_vms_are_defined_then_started() {
+        let r = Reconciler::default();
+        let now = Instant::now();
+        let d = desired("a", 1, Power::Running);
+        let p = r.plan(now, std::slice::from_ref(&d), &[]);
+        assert_eq!(p.actions, [Action::Define(d.clone())]);
+        let p = r.plan(
+            now,
+            std::slice::from_ref(&d),
+            &[observed_of(&d, VmState::Stopped)],
+        );
+        assert!(matches!(&p.actions[..], [Action::Start(t)] if t.id == d.id));
+        let p = r.plan(
+            now,
+            std::slice::from_ref(&d),
+            &[observed_of(&d, VmState::Running)],
+        );
+        assert!(p.converged(), "{p:?}");
+    }
+
+    #[test]
+    fn power_is_driven_to_the_desired_state() {
+        let r = Reconciler::default();
+        let now = Instant::now();
+        let cases = [
+            (Power::Running, VmState::Paused, "Resume"),
+            (Power::Running, VmState::Crashed, "Start"),
+            (Power::Paused, VmState::Running, "Suspend"),
+            (Power::Stopped, VmState::Running, "Shutdown"),
+            (Power::Stopped, VmState::Paused, "Shutdown"),
+        ];
+        for (power, state, want) in cases {
+            let d = desired("a", 1, power);
+            let p = r.plan(now, std::slice::from_ref(&d), &[observed_of(&d, state)]);
+            let got = format!("{:?}", p.actions);
+            assert!(
+                got.starts_with(&format!("[{want}(")),
+                "{power:?}/{state:?}: {got}"
+            );
+        }
+        let d = desired("a", 1, Power::Stopped);
+        let p = r.plan(
+            now,
+            std::slice::from_ref(&d),
+            &[observed_of(&d, VmState::ShuttingDown)],
+        );
+        assert!(p.actions.is_empty() && p.settling == 1 && !p.converged());
+    }
+
+    #[test]
+    fn unwanted_managed_vms_are_removed_and_foreign_ones_left_alone() {
+        let r = Reconciler::default();
+        let old = desired("old", 2, Power::Running);
+        let p = r.plan(
+            Instant::now(),
+            &[],
+            &[observed_of(&old, VmState::Running), foreign("hand-made", "u-1")],
+        );
+        assert_eq!(
+            p.actions,
+            [Action::Remove {
+                name: "old".into(),
+                uuid: old.id.to_string()
+            }]
+        );
+        assert!(p.drift.is_empty());
+    }
+
+    #[test]
+    fn a_name_clash_with_a_foreign_domain_is_drift_not_action() {
+        let r = Reconciler::default();
+        let d = desired("web", 3, Power::Running);
+        let p = r.plan(Instant::now(), std::slice::from_ref(&d), &[foreign("web", "u-9")]);
+        assert!(p.actions.is_empty());
+        assert_eq!(p.drift.len(), 1);
+        assert!(p.drift[0].message.contains("u-9"), "{:?}", p.drift);
+    }
+
+    #[test]
+    fn a_changed_spec_is_redefined() {
+        let r = Reconciler::default();
+        let d = desired("web", 3, Power::Running);
+        let o = observed_of(&d, VmState::Running);
+        let mut d2 = d.clone();
+        d2.spec.memory_mib = 256;
+        let p = r.plan(Instant::now(), std::slice::from_ref(&d2), &[o]);
+        assert_eq!(p.actions, [Action::Redefine(d2)]);
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_and_show_as_drift() {
+        let mut r = Reconciler::default();
+        let t0 = Instant::now();
+        let d = desired("a", 1, Power::Running);
+        r.record(t0, "a", Err("no space".into()));
+        let p = r.plan(t0 + Duration::from_secs(1), std::slice::from_ref(&d), &[]);
+        assert!(p.actions.is_empty());
+        assert!(p.drift[0].message.contains("no space"), "{:?}", p.drift);
+        assert_eq!(
+            r.plan(t0 + RETRY_BASE, std::slice::from_ref(&d), &[])
+                .actions
+                .len(),
+            1
+        );
+        r.record(t0 + RETRY_BASE, "a", Err("no space".into()));
+        // Second failure: twice the delay.
+        let t1 = t0 + RETRY_BASE;
+        assert!(r
+            .plan(t1 + RETRY_BASE, std::slice::from_ref(&d), &[])
+            .actions
+            .is_empty());
+        assert_eq!(
+            r.plan(t1 + RETRY_BASE * 2, std::slice::from_ref(&d), &[])
+                .actions
+                .len(),
+            1
+        );
+        r.record(t1 + RETRY_BASE * 2, "a", Ok(()));
+        assert_eq!(
+            r.plan(t1 + RETRY_BASE * 2, std::slice::from_ref(&d), &[])
+                .actions
+                .len(),
+            1
+        );
+    }
+
+    proptest! {
+        /// Applying the plan's actions to a model host converges within a
+        /// few passes, never touches foreign domains, and never leaves two
+        /// domains with one name.
+        #[test]
+        fn converges_on_a_model_host(
+            wants in proptest::collection::vec((0u8..6, 0u8..3), 0..6),
+            has in proptest::collection::vec((0u8..6, 0u8..4, any::<bool>()), 0..6),
+        ) {
+            let powers = [Power::Running, Power::Paused, Power::Stopped];
+            let states = [VmState::Running, VmState::Paused, VmState::Stopped, VmState::Crashed];
+            let mut seen = HashSet::new();
+            let want: Vec<DesiredVm> = wants
+                .into_iter()
+                .filter(|(n, _)| seen.insert(*n))
+                .map(|(n, p)| desired(&format!("vm{n}"), u128::from(n) + 1, powers[usize::from(p)]))
+                .collect();
+            let mut seen = HashSet::new();
+            let mut host: Vec<ObservedVm> = has
+                .into_iter()
+                .filter(|(n, _, _)| seen.insert(*n))
+                .map(|(n, s, managed)| {
+                    let d = desired(&format!("vm{n}"), u128::from(n) + 1, Power::Running);
+                    let mut o = observed_of(&d, states[usize::from(s)]);
+                    if !managed {
+                        o.meta = None;
+                        o.uuid = format!("foreign-{n}");
+                    }
+                    o
+                })
+                .collect();
+            let foreign_before: Vec<ObservedVm> = host.iter().filter(|o| o.meta.is_none()).cloned().collect();
+            let r = Reconciler::default();
+            let now = Instant::now();
+            for _ in 0..4 {
+                let plan = r.plan(now, &want, &host);
+                for a in plan.actions {
+                    match a {
+                        Action::Define(d) | Action::Redefine(d) => {
+                            host.retain(|o| o.uuid != d.id.to_string());
+                            host.push(observed_of(&d, VmState::Stopped));
+                        }
+                        Action::Start(t) | Action::Resume(t) => set(&mut host, t.id, VmState::Running),
+                        Action::Suspend(t) => set(&mut host, t.id, VmState::Paused),
+                        Action::Shutdown(t) => set(&mut host, t.id, VmState::Stopped),
+                        Action::Remove { uuid, .. } => host.retain(|o| o.uuid != uuid),
+                    }
+                }
+            }
+            let plan = r.plan(now, &want, &host);
+            prop_assert!(plan.actions.is_empty(), "still acting: {:?}", plan.actions);
+            let foreign_after: Vec<ObservedVm> = host.iter().filter(|o| o.meta.is_none()).cloned().collect();
+            prop_assert_eq!(foreign_before, foreign_after);
+            let mut names = HashSet::new();
+            for o in &host {
+                prop_assert!(names.insert(o.name.clone()), "two domains named {}", o.name);
+            }
+            // Every desired VM without a foreign name clash matches.
+            for d in &want {
+                if let Some(o) = host.iter().find(|o| o.uuid == d.id.to_string()) {
+                    let want = match d.power {
+                        Power::Running => VmState::Running,
+                        Power::Paused => VmState::Paused,
+                        Power::Stopped => o.state, // stopped or crashed both count
+                    };
+                    prop_assert_eq!(o.state, want);
+                } else {
+                    prop_assert!(host.iter().any(|o| o.name == d.spec.name && o.meta.is_none()));
+                }
+            }
+        }
+    }
+
+    fn set(host: &mut [ObservedVm], id: VmId, s: VmState) {
+        for o in host.iter_mut() {
+            if o.uuid == id.to_string() {
+                o.state = s;
+            }
+        }
+    }
+}
