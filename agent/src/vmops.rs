@@ -329,8 +329,9 @@ pub fn request_shutdown(conn: &Connect, id: VmId) -> Result<bool, HvError> {
             if s == VmState::Paused {
                 d.resume().map_err(call("resume"))?;
             }
-            d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-                .map_err(call("shutdown"))?;
+            // Default mode: with no guest agent channel in the definition,
+            // QEMU presses the ACPI power button.
+            d.shutdown().map_err(call("shutdown"))?;
             Ok(true)
         }
     }
@@ -445,24 +446,48 @@ pub fn snapshot_delete(conn: &Connect, id: VmId, name: &str) -> Result<(), HvErr
 }
 
 fn snapshot_names(d: &Domain) -> Vec<String> {
-    let mut snaps: Vec<(i64, String)> = d
+    fn field(xml: &str, open: &str) -> Option<String> {
+        let rest = xml.split(open).nth(1)?;
+        Some(rest.split('<').next()?.trim().to_string())
+    }
+    // (name, parent, creation time); creation times have one-second
+    // resolution, so ties are broken by ancestry.
+    let snaps: Vec<(String, Option<String>, i64)> = d
         .list_all_snapshots(0)
         .unwrap_or_default()
         .into_iter()
         .filter_map(|s| {
-            let name = s.name().ok()?;
             let xml = s.xml_desc(0).unwrap_or_default();
-            let t = xml
-                .split("<creationTime>")
+            let name = s.name().ok()?;
+            let parent = xml
+                .split("<parent>")
                 .nth(1)
-                .and_then(|r| r.split('<').next())
-                .and_then(|t| t.trim().parse().ok())
-                .unwrap_or(0);
-            Some((t, name))
+                .and_then(|p| field(p, "<name>"));
+            let t = field(&xml, "<creationTime>").and_then(|t| t.parse().ok()).unwrap_or(0);
+            Some((name, parent, t))
         })
         .collect();
-    snaps.sort();
-    snaps.into_iter().map(|(_, n)| n).collect()
+    let parents: std::collections::HashMap<&str, &str> = snaps
+        .iter()
+        .filter_map(|(n, p, _)| Some((n.as_str(), p.as_deref()?)))
+        .collect();
+    fn depth<'a>(parents: &std::collections::HashMap<&'a str, &'a str>, mut n: &'a str) -> usize {
+        let mut k = 0;
+        while let Some(p) = parents.get(n) {
+            n = p;
+            k += 1;
+            if k > parents.len() {
+                break;
+            }
+        }
+        k
+    }
+    let mut keyed: Vec<(i64, usize, String)> = snaps
+        .iter()
+        .map(|(n, _, t)| (*t, depth(&parents, n), n.clone()))
+        .collect();
+    keyed.sort();
+    keyed.into_iter().map(|(_, _, n)| n).collect()
 }
 
 /// Grows a disk to `size_mib` (no-op at that size; never shrinks).

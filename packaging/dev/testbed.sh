@@ -126,10 +126,16 @@ daemon_pid() {
   return 1
 }
 
+# Serialise concurrent start/stop calls (parallel tests).
+take_lock() {
+  exec 9>"$RUN_DIR/lock"
+  flock -w 120 9 || die "could not lock $RUN_DIR/lock within 120 s"
+}
+
 virsh_ok() { timeout 10 virsh -c "$URI" uri >/dev/null 2>&1; }
 
-wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
-  local secs=$1 what=$2; shift 2
+wait_for() { # wait_for SECONDS COMMAND...: poll COMMAND until true or timeout
+  local secs=$1; shift
   local end=$((SECONDS + secs))
   until "$@"; do
     [ $SECONDS -lt $end ] || return 1
@@ -146,7 +152,7 @@ start_virtlogd() {
   rm -f "$RUN_DIR/virtlogd.pid" "$LIBVIRT_RUN/virtlogd-sock" "$LIBVIRT_RUN/virtlogd-admin-sock"
   log "start: starting virtlogd"
   virtlogd -d -p "$RUN_DIR/virtlogd.pid" </dev/null >&2 || die "virtlogd failed to start"
-  wait_for 15 "virtlogd socket" test -S "$LIBVIRT_RUN/virtlogd-sock" ||
+  wait_for 15 test -S "$LIBVIRT_RUN/virtlogd-sock" ||
     die "virtlogd did not create $LIBVIRT_RUN/virtlogd-sock within 15 s"
   log "start: virtlogd running (pid $(read_pid "$RUN_DIR/virtlogd.pid"))"
 }
@@ -165,9 +171,9 @@ start_libvirtd() {
     libvirtd -d -p "$RUN_DIR/libvirtd.pid" </dev/null >&2 || die "libvirtd failed to start (see /var/log/libvirt/)"
     log "start: libvirtd running (pid $(read_pid "$RUN_DIR/libvirtd.pid"))"
   fi
-  wait_for $WAIT_SECS "libvirt socket" test -S "$SOCK" ||
+  wait_for $WAIT_SECS test -S "$SOCK" ||
     die "$SOCK did not appear within $WAIT_SECS s"
-  wait_for $WAIT_SECS "virsh uri" virsh_ok ||
+  wait_for $WAIT_SECS virsh_ok ||
     die "'virsh -c $URI uri' did not answer within $WAIT_SECS s"
 }
 
@@ -175,16 +181,18 @@ cmd_start() {
   need_root start
   for c in virsh libvirtd virtlogd qemu-system-x86_64; do need_cmd "$c"; done
   mkdir -p "$RUN_DIR" "$LIBVIRT_RUN"
+  take_lock
   start_virtlogd
   start_libvirtd
   # The first QEMU call on a new daemon pays the capability probe (8-10 s);
   # pay it here, not inside a test's timeout.
-  local t0=$SECONDS
+  local t0
+  t0=$(date +%s%N)
   timeout 120 virsh -c "$URI" capabilities >/dev/null ||
     die "'virsh capabilities' failed"
   timeout 120 virsh -c "$URI" domcapabilities --virttype qemu --arch x86_64 >/dev/null ||
     die "'virsh domcapabilities --virttype qemu' failed (is qemu-system-x86 installed?)"
-  log "start: QEMU capabilities ready ($((SECONDS - t0)) s)"
+  log "start: QEMU capabilities ready ($((($(date +%s%N) - t0) / 1000000)) ms)"
   echo "$URI"
 }
 
@@ -209,6 +217,8 @@ stop_one() {
 
 cmd_stop() {
   need_root stop
+  mkdir -p "$RUN_DIR"
+  take_lock
   stop_one libvirtd
   stop_one virtlogd
   local p

@@ -1,0 +1,334 @@
+//! Every VM operation against libvirt's test driver (in-process, no
+//! daemon): definitions, storage, lifecycle, snapshots, removal, and bad
+//! specs that must leave nothing behind.
+
+use novacron_agent::domxml::VirtType;
+use novacron_agent::vmops::{self, Defined, HostSetup};
+use novacron_shared::ids::{OpId, VmId};
+use novacron_shared::protocol::VmState;
+use novacron_shared::spec::{self, CloudInit, DesiredVm, DiskSpec, Power, VmSpec};
+use virt::connect::Connect;
+use virt::storage_vol::StorageVol;
+
+struct Host {
+    conn: Connect,
+    setup: HostSetup,
+    _dir: tempfile::TempDir,
+}
+
+/// A private test-driver host (test:///default is shared by every
+/// connection in a process; a node file gives each test its own state),
+/// with one domain NovaCron did not define.
+fn host() -> Host {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let node = dir.path().join("node.xml");
+    std::fs::write(
+        &node,
+        "<node><cpu><mhz>2000</mhz><model>x86_64</model><active>8</active><total>8</total>\
+         <nodes>1</nodes><sockets>1</sockets><cores>8</cores><threads>1</threads></cpu>\
+         <memory>16777216</memory>\
+         <domain type='test'><name>test</name><memory>65536</memory><os><type>hvm</type></os></domain>\
+         </node>",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let uri = format!("test://{}", node.display());
+    let conn = Connect::open(Some(&uri)).unwrap_or_else(|e| panic!("{e}"));
+    let setup = HostSetup {
+        pool: "novacron".into(),
+        pool_path: dir.path().join("pool").to_string_lossy().into_owned(),
+        console_dir: dir.path().to_string_lossy().into_owned(),
+        virt_type: None,
+    };
+    Host {
+        conn,
+        setup,
+        _dir: dir,
+    }
+}
+
+fn vm(name: &str, id: u128) -> DesiredVm {
+    let mut spec = VmSpec::minimal(name, 1, 128);
+    spec.disks = vec![
+        DiskSpec {
+            name: "root".into(),
+            size_mib: Some(64),
+            template: None,
+        },
+        DiskSpec {
+            name: "data".into(),
+            size_mib: Some(32),
+            template: None,
+        },
+    ];
+    spec.cloud_init = Some(CloudInit {
+        user_data: Some("#cloud-config\nruncmd: [\"echo '<hi>' && true\"]\n".into()),
+        ssh_authorized_keys: vec!["ssh-ed25519 AAAAC3Nza test@example".into()],
+    });
+    DesiredVm {
+        id: VmId(id),
+        op_id: OpId(id),
+        spec,
+        power: Power::Running,
+    }
+}
+
+fn volumes(h: &Host) -> Vec<String> {
+    let pool = vmops::ensure_pool(&h.conn, &h.setup).unwrap_or_else(|e| panic!("{e}"));
+    let mut v: Vec<String> = pool
+        .list_all_volumes(0)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| v.name().ok())
+        .collect();
+    v.sort();
+    v
+}
+
+fn state(h: &Host, id: VmId) -> VmState {
+    let d = vmops::lookup(&h.conn, id)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no domain {id}"));
+    vmops::state(&d).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn ok<T>(r: Result<T, novacron_agent::hypervisor::HvError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn define_is_idempotent_and_creates_volumes_and_seed() {
+    let h = host();
+    let v = vm("web-1", 1);
+    assert_eq!(ok(vmops::define(&h.conn, &h.setup, &v)), Defined::Created);
+    assert_eq!(ok(vmops::define(&h.conn, &h.setup, &v)), Defined::Unchanged);
+    assert_eq!(volumes(&h), ["web-1.cidata.iso", "web-1.data.qcow2", "web-1.root.qcow2"]);
+    // The seed was written into the pool directory.
+    let seed = std::path::Path::new(&h.setup.pool_path).join("web-1.cidata.iso");
+    let iso = std::fs::read(&seed).unwrap_or_else(|e| panic!("{}: {e}", seed.display()));
+    assert_eq!(&iso[0x8028..0x802e], b"cidata");
+    // libvirt kept our metadata and the test driver's domain type.
+    let d = ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("not defined"));
+    let meta = vmops::metadata(&d).unwrap_or_else(|| panic!("no metadata"));
+    assert_eq!((meta.vm, meta.op_id), (v.id, v.op_id));
+    let xml = d.xml_desc(0).unwrap_or_default();
+    assert!(xml.contains("<domain type='test'"), "{xml}");
+    assert_eq!(ok(vmops::virt_type(&h.conn, &h.setup)), VirtType::Test);
+    // A changed spec updates the definition in place.
+    let mut v2 = v.clone();
+    v2.spec.memory_mib = 256;
+    assert_eq!(ok(vmops::define(&h.conn, &h.setup, &v2)), Defined::Updated);
+    assert_eq!(vmops::lookup(&h.conn, v.id).ok().flatten().map(|d| d.max_memory().unwrap_or(0)), Some(256 * 1024));
+}
+
+#[test]
+fn the_whole_lifecycle() {
+    let h = host();
+    let v = vm("app", 2);
+    ok(vmops::define(&h.conn, &h.setup, &v));
+    assert_eq!(state(&h, v.id), VmState::Stopped);
+    ok(vmops::start(&h.conn, v.id));
+    ok(vmops::start(&h.conn, v.id)); // idempotent
+    assert_eq!(state(&h, v.id), VmState::Running);
+    ok(vmops::suspend(&h.conn, v.id));
+    ok(vmops::suspend(&h.conn, v.id));
+    assert_eq!(state(&h, v.id), VmState::Paused);
+    ok(vmops::resume(&h.conn, v.id));
+    ok(vmops::resume(&h.conn, v.id));
+    assert_eq!(state(&h, v.id), VmState::Running);
+    ok(vmops::reboot(&h.conn, v.id));
+    assert_eq!(state(&h, v.id), VmState::Running);
+
+    ok(vmops::snapshot_create(&h.conn, v.id, "before"));
+    ok(vmops::snapshot_create(&h.conn, v.id, "before")); // idempotent
+    ok(vmops::snapshot_create(&h.conn, v.id, "after"));
+    let (_, vms) = ok(vmops::observe(&h.conn, &h.setup));
+    let o = vms.iter().find(|o| o.name == "app").unwrap_or_else(|| panic!("not observed"));
+    assert_eq!(o.snapshots, ["before", "after"]);
+    ok(vmops::snapshot_revert(&h.conn, v.id, "before"));
+    let e = vmops::snapshot_revert(&h.conn, v.id, "nope").unwrap_err();
+    assert!(e.to_string().contains("no snapshot named \"nope\""), "{e}");
+    ok(vmops::snapshot_delete(&h.conn, v.id, "after"));
+    ok(vmops::snapshot_delete(&h.conn, v.id, "after")); // idempotent
+    let e = vmops::snapshot_create(&h.conn, v.id, "</name>").unwrap_err();
+    assert!(e.to_string().contains("snapshot name"), "{e}");
+
+    // Graceful shutdown: the test driver's guest obeys at once.
+    assert!(ok(vmops::request_shutdown(&h.conn, v.id)));
+    assert!(ok(vmops::is_off(&h.conn, v.id)));
+    assert!(!ok(vmops::request_shutdown(&h.conn, v.id)), "already off: nothing to ask");
+    ok(vmops::start(&h.conn, v.id));
+    ok(vmops::destroy(&h.conn, v.id));
+    ok(vmops::destroy(&h.conn, v.id));
+    assert_eq!(state(&h, v.id), VmState::Stopped);
+
+    // Disks never shrink; the same size is a no-op. (The test driver
+    // cannot resize volumes: growing is covered against real libvirtd.)
+    ok(vmops::resize_disk(&h.conn, &h.setup, v.id, "data", 32));
+    let e = vmops::resize_disk(&h.conn, &h.setup, v.id, "data", 16).unwrap_err();
+    assert!(e.to_string().contains("would lose data"), "{e}");
+    let e = vmops::resize_disk(&h.conn, &h.setup, v.id, "nope", 16).unwrap_err();
+    assert!(e.to_string().contains("no disk"), "{e}");
+
+    // Removal takes the definition, snapshot metadata and every volume.
+    ok(vmops::start(&h.conn, v.id));
+    let removed = ok(vmops::remove(&h.conn, &h.setup, &v.id.to_string()));
+    assert_eq!(removed.len(), 3, "{removed:?}");
+    assert!(ok(vmops::lookup(&h.conn, v.id)).is_none());
+    assert!(volumes(&h).is_empty(), "{:?}", volumes(&h));
+    assert!(ok(vmops::remove(&h.conn, &h.setup, &v.id.to_string())).is_empty());
+}
+
+#[test]
+fn clones_are_overlays_of_the_template() {
+    let h = host();
+    let pool = ok(vmops::ensure_pool(&h.conn, &h.setup));
+    let tmpl = novacron_agent::domxml::volume("base.qcow2", 256 << 20, "qcow2", None);
+    StorageVol::create_xml(&pool, &tmpl, 0).unwrap_or_else(|e| panic!("{e}"));
+    let mut v = vm("clone-1", 3);
+    v.spec.cloud_init = None;
+    v.spec.disks = vec![DiskSpec {
+        name: "root".into(),
+        size_mib: Some(512),
+        template: Some("base.qcow2".into()),
+    }];
+    ok(vmops::define(&h.conn, &h.setup, &v));
+    let vol = pool
+        .lookup_storage_vol_by_name("clone-1.root.qcow2")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(vol.info().map(|i| i.capacity).ok(), Some(512 << 20));
+    // Smaller than the template: refused, nothing left behind.
+    let mut small = vm("clone-2", 4);
+    small.spec.cloud_init = None;
+    small.spec.disks = vec![DiskSpec {
+        name: "root".into(),
+        size_mib: Some(16),
+        template: Some("base.qcow2".into()),
+    }];
+    let e = vmops::define(&h.conn, &h.setup, &small).unwrap_err();
+    assert!(e.to_string().contains("cannot be smaller"), "{e}");
+    assert!(ok(vmops::lookup(&h.conn, small.id)).is_none());
+    assert!(!volumes(&h).iter().any(|v| v.starts_with("clone-2.")), "{:?}", volumes(&h));
+}
+
+#[test]
+fn a_failed_define_leaves_nothing_half_created() {
+    let h = host();
+    let mut v = vm("half", 5);
+    // The first disk is created, then the missing template fails the define.
+    v.spec.disks.push(DiskSpec {
+        name: "third".into(),
+        size_mib: None,
+        template: Some("missing.qcow2".into()),
+    });
+    let e = vmops::define(&h.conn, &h.setup, &v).unwrap_err();
+    assert!(e.to_string().contains("template volume \"missing.qcow2\" is not in storage pool"), "{e}");
+    assert!(ok(vmops::lookup(&h.conn, v.id)).is_none());
+    assert!(volumes(&h).is_empty(), "{:?}", volumes(&h));
+}
+
+#[test]
+fn bad_specs_are_refused_before_libvirt_sees_them() {
+    let h = host();
+    let mut v = vm("ok", 6);
+    v.spec.name = "x'/><evil".into();
+    let e = vmops::define(&h.conn, &h.setup, &v).unwrap_err();
+    assert!(e.to_string().contains("name: contains '\\''"), "{e}");
+    let mut v = vm("big", 7);
+    v.spec.memory_mib = u64::MAX;
+    v.spec.disks[0].size_mib = Some(u64::MAX);
+    let e = vmops::define(&h.conn, &h.setup, &v).unwrap_err();
+    assert!(e.to_string().contains("memory_mib") && e.to_string().contains("disks[0].size_mib"), "{e}");
+    assert!(volumes(&h).is_empty());
+    let names = h.conn.list_all_domains(0).unwrap_or_default();
+    assert_eq!(names.len(), 1, "only the driver's own domain");
+}
+
+#[test]
+fn metacharacters_in_user_values_reach_libvirt_intact() {
+    let h = host();
+    let mut v = vm("meta", 8);
+    v.spec.labels.insert("note".into(), "a<b & c>'d\"".into());
+    v.spec.boot = Some(spec::KernelBoot {
+        kernel: "/boot/vmlinuz".into(),
+        initrd: None,
+        cmdline: "x='<y>' & z=\"1\"".into(),
+    });
+    ok(vmops::define(&h.conn, &h.setup, &v));
+    let d = ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("not defined"));
+    let xml = d.xml_desc(0).unwrap_or_default();
+    // Whatever quoting libvirt re-serializes with, the values read back intact.
+    assert_eq!(text_of(&xml, "cmdline").as_deref(), Some("x='<y>' & z=\"1\""), "{xml}");
+    assert_eq!(text_of(&xml, "description").as_deref(), Some("note=a<b & c>'d\""), "{xml}");
+    assert_eq!(xml.matches("<devices>").count(), 1);
+}
+
+fn text_of(xml: &str, tag: &str) -> Option<String> {
+    let start = xml.find(&format!("<{tag}>"))? + tag.len() + 2;
+    let end = start + xml[start..].find(&format!("</{tag}>"))?;
+    Some(
+        xml[start..end]
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&apos;", "'")
+            .replace("&quot;", "\"")
+            .replace("&amp;", "&"),
+    )
+}
+
+#[test]
+fn a_foreign_domain_with_the_same_name_is_never_touched() {
+    let h = host();
+    // The node file holds a running domain called "test".
+    let v = vm("test", 9);
+    let e = vmops::define(&h.conn, &h.setup, &v).unwrap_err();
+    assert!(e.to_string().contains("already exists here"), "{e}");
+    let foreign = h.conn.lookup_domain_by_name("test").unwrap_or_else(|e| panic!("{e}"));
+    let uuid = foreign.uuid_string().unwrap_or_default();
+    let e = vmops::remove(&h.conn, &h.setup, &uuid).unwrap_err();
+    assert!(e.to_string().contains("not defined by NovaCron"), "{e}");
+    assert!(foreign.is_active().unwrap_or(false));
+    assert!(volumes(&h).is_empty());
+}
+
+/// libvirt's own schema validator accepts every golden XML.
+#[test]
+fn golden_xml_passes_virt_xml_validate() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut checked = 0;
+    for (file, schema) in [("domain-kvm.xml", "domain"), ("domain-qemu-minimal.xml", "domain")] {
+        let out = std::process::Command::new("virt-xml-validate")
+            .arg(dir.join(file))
+            .arg(schema)
+            .output()
+            .unwrap_or_else(|e| panic!("virt-xml-validate (package libvirt-clients) is required: {e}"));
+        assert!(
+            out.status.success(),
+            "{file}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    // The storage golden file holds several documents: validate each.
+    let all = std::fs::read_to_string(dir.join("storage.xml")).unwrap_or_else(|e| panic!("{e}"));
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    for (root, schema) in [("pool", "storagepool"), ("volume", "storagevol"), ("domainsnapshot", "domainsnapshot")] {
+        let open = format!("<{root}");
+        let close = format!("</{root}>");
+        let mut rest = all.as_str();
+        while let Some(start) = rest.find(&open) {
+            let end = rest[start..].find(&close).map(|e| start + e + close.len()).unwrap_or(rest.len());
+            let path = tmp.path().join(format!("{root}-{checked}.xml"));
+            std::fs::write(&path, &rest[start..end]).unwrap_or_else(|e| panic!("{e}"));
+            let out = std::process::Command::new("virt-xml-validate")
+                .arg(&path)
+                .arg(schema)
+                .output()
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(out.status.success(), "{root}: {}", String::from_utf8_lossy(&out.stderr));
+            checked += 1;
+            rest = &rest[end..];
+        }
+    }
+    assert_eq!(checked, 6);
+}
