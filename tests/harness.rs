@@ -247,6 +247,11 @@ impl Server {
         v
     }
 
+    /// A call with the admin token and a JSON body.
+    pub fn send(&self, method: &str, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        http(self.api, method, path, Some(&self.token), Some(&body.to_string()))
+    }
+
     /// The host record for `id`.
     pub fn host(&self, id: &str) -> serde_json::Value {
         self.get(&format!("/v1/hosts/{id}"))
@@ -294,14 +299,31 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// A new, not yet enrolled agent called `name`.
+    /// A new, not yet enrolled agent called `name` on `test:///default`.
     pub fn new(name: &str) -> Agent {
+        Agent::on(name, "test:///default", "")
+    }
+
+    /// A new agent on libvirt `uri`, with `vms_toml` appended to its
+    /// `[vms]` table (its storage pool and console logs live in its own
+    /// directory unless `vms_toml` says otherwise).
+    pub fn on(name: &str, uri: &str, vms_toml: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("agent.toml");
+        let mut vms = String::from(vms_toml);
+        if !vms.contains("storage_path") {
+            vms.push_str(&format!(
+                "\nstorage_path = \"{}\"",
+                dir.path().join("pool").display()
+            ));
+        }
+        if !vms.contains("console_log_dir") {
+            vms.push_str(&format!("\nconsole_log_dir = \"{}\"", dir.path().display()));
+        }
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{}\"\nlibvirt_uri = \"test:///default\"\nhostname = \"{name}\"\n",
+                "data_dir = \"{}\"\nlibvirt_uri = \"{uri}\"\nhostname = \"{name}\"\n[vms]\n{vms}\n",
                 dir.path().join("data").display()
             ),
         )

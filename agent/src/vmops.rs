@@ -459,11 +459,10 @@ fn snapshot_names(d: &Domain) -> Vec<String> {
         .filter_map(|s| {
             let xml = s.xml_desc(0).unwrap_or_default();
             let name = s.name().ok()?;
-            let parent = xml
-                .split("<parent>")
-                .nth(1)
-                .and_then(|p| field(p, "<name>"));
-            let t = field(&xml, "<creationTime>").and_then(|t| t.parse().ok()).unwrap_or(0);
+            let parent = xml.split("<parent>").nth(1).and_then(|p| field(p, "<name>"));
+            let t = field(&xml, "<creationTime>")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
             Some((name, parent, t))
         })
         .collect();

@@ -101,7 +101,10 @@ fn define_is_idempotent_and_creates_volumes_and_seed() {
     let v = vm("web-1", 1);
     assert_eq!(ok(vmops::define(&h.conn, &h.setup, &v)), Defined::Created);
     assert_eq!(ok(vmops::define(&h.conn, &h.setup, &v)), Defined::Unchanged);
-    assert_eq!(volumes(&h), ["web-1.cidata.iso", "web-1.data.qcow2", "web-1.root.qcow2"]);
+    assert_eq!(
+        volumes(&h),
+        ["web-1.cidata.iso", "web-1.data.qcow2", "web-1.root.qcow2"]
+    );
     // The seed was written into the pool directory.
     let seed = std::path::Path::new(&h.setup.pool_path).join("web-1.cidata.iso");
     let iso = std::fs::read(&seed).unwrap_or_else(|e| panic!("{}: {e}", seed.display()));
@@ -117,7 +120,13 @@ fn define_is_idempotent_and_creates_volumes_and_seed() {
     let mut v2 = v.clone();
     v2.spec.memory_mib = 256;
     assert_eq!(ok(vmops::define(&h.conn, &h.setup, &v2)), Defined::Updated);
-    assert_eq!(vmops::lookup(&h.conn, v.id).ok().flatten().map(|d| d.max_memory().unwrap_or(0)), Some(256 * 1024));
+    assert_eq!(
+        vmops::lookup(&h.conn, v.id)
+            .ok()
+            .flatten()
+            .map(|d| d.max_memory().unwrap_or(0)),
+        Some(256 * 1024)
+    );
 }
 
 #[test]
@@ -142,7 +151,10 @@ fn the_whole_lifecycle() {
     ok(vmops::snapshot_create(&h.conn, v.id, "before")); // idempotent
     ok(vmops::snapshot_create(&h.conn, v.id, "after"));
     let (_, vms) = ok(vmops::observe(&h.conn, &h.setup));
-    let o = vms.iter().find(|o| o.name == "app").unwrap_or_else(|| panic!("not observed"));
+    let o = vms
+        .iter()
+        .find(|o| o.name == "app")
+        .unwrap_or_else(|| panic!("not observed"));
     assert_eq!(o.snapshots, ["before", "after"]);
     ok(vmops::snapshot_revert(&h.conn, v.id, "before"));
     let e = vmops::snapshot_revert(&h.conn, v.id, "nope").unwrap_err();
@@ -155,7 +167,10 @@ fn the_whole_lifecycle() {
     // Graceful shutdown: the test driver's guest obeys at once.
     assert!(ok(vmops::request_shutdown(&h.conn, v.id)));
     assert!(ok(vmops::is_off(&h.conn, v.id)));
-    assert!(!ok(vmops::request_shutdown(&h.conn, v.id)), "already off: nothing to ask");
+    assert!(
+        !ok(vmops::request_shutdown(&h.conn, v.id)),
+        "already off: nothing to ask"
+    );
     ok(vmops::start(&h.conn, v.id));
     ok(vmops::destroy(&h.conn, v.id));
     ok(vmops::destroy(&h.conn, v.id));
@@ -207,7 +222,11 @@ fn clones_are_overlays_of_the_template() {
     let e = vmops::define(&h.conn, &h.setup, &small).unwrap_err();
     assert!(e.to_string().contains("cannot be smaller"), "{e}");
     assert!(ok(vmops::lookup(&h.conn, small.id)).is_none());
-    assert!(!volumes(&h).iter().any(|v| v.starts_with("clone-2.")), "{:?}", volumes(&h));
+    assert!(
+        !volumes(&h).iter().any(|v| v.starts_with("clone-2.")),
+        "{:?}",
+        volumes(&h)
+    );
 }
 
 #[test]
@@ -221,7 +240,11 @@ fn a_failed_define_leaves_nothing_half_created() {
         template: Some("missing.qcow2".into()),
     });
     let e = vmops::define(&h.conn, &h.setup, &v).unwrap_err();
-    assert!(e.to_string().contains("template volume \"missing.qcow2\" is not in storage pool"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("template volume \"missing.qcow2\" is not in storage pool"),
+        "{e}"
+    );
     assert!(ok(vmops::lookup(&h.conn, v.id)).is_none());
     assert!(volumes(&h).is_empty(), "{:?}", volumes(&h));
 }
@@ -237,7 +260,10 @@ fn bad_specs_are_refused_before_libvirt_sees_them() {
     v.spec.memory_mib = u64::MAX;
     v.spec.disks[0].size_mib = Some(u64::MAX);
     let e = vmops::define(&h.conn, &h.setup, &v).unwrap_err();
-    assert!(e.to_string().contains("memory_mib") && e.to_string().contains("disks[0].size_mib"), "{e}");
+    assert!(
+        e.to_string().contains("memory_mib") && e.to_string().contains("disks[0].size_mib"),
+        "{e}"
+    );
     assert!(volumes(&h).is_empty());
     let names = h.conn.list_all_domains(0).unwrap_or_default();
     assert_eq!(names.len(), 1, "only the driver's own domain");
@@ -257,8 +283,16 @@ fn metacharacters_in_user_values_reach_libvirt_intact() {
     let d = ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("not defined"));
     let xml = d.xml_desc(0).unwrap_or_default();
     // Whatever quoting libvirt re-serializes with, the values read back intact.
-    assert_eq!(text_of(&xml, "cmdline").as_deref(), Some("x='<y>' & z=\"1\""), "{xml}");
-    assert_eq!(text_of(&xml, "description").as_deref(), Some("note=a<b & c>'d\""), "{xml}");
+    assert_eq!(
+        text_of(&xml, "cmdline").as_deref(),
+        Some("x='<y>' & z=\"1\""),
+        "{xml}"
+    );
+    assert_eq!(
+        text_of(&xml, "description").as_deref(),
+        Some("note=a<b & c>'d\""),
+        "{xml}"
+    );
     assert_eq!(xml.matches("<devices>").count(), 1);
 }
 
@@ -282,7 +316,10 @@ fn a_foreign_domain_with_the_same_name_is_never_touched() {
     let v = vm("test", 9);
     let e = vmops::define(&h.conn, &h.setup, &v).unwrap_err();
     assert!(e.to_string().contains("already exists here"), "{e}");
-    let foreign = h.conn.lookup_domain_by_name("test").unwrap_or_else(|e| panic!("{e}"));
+    let foreign = h
+        .conn
+        .lookup_domain_by_name("test")
+        .unwrap_or_else(|e| panic!("{e}"));
     let uuid = foreign.uuid_string().unwrap_or_default();
     let e = vmops::remove(&h.conn, &h.setup, &uuid).unwrap_err();
     assert!(e.to_string().contains("not defined by NovaCron"), "{e}");
@@ -295,7 +332,10 @@ fn a_foreign_domain_with_the_same_name_is_never_touched() {
 fn golden_xml_passes_virt_xml_validate() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let mut checked = 0;
-    for (file, schema) in [("domain-kvm.xml", "domain"), ("domain-qemu-minimal.xml", "domain")] {
+    for (file, schema) in [
+        ("domain-kvm.xml", "domain"),
+        ("domain-qemu-minimal.xml", "domain"),
+    ] {
         let out = std::process::Command::new("virt-xml-validate")
             .arg(dir.join(file))
             .arg(schema)
@@ -312,12 +352,19 @@ fn golden_xml_passes_virt_xml_validate() {
     // The storage golden file holds several documents: validate each.
     let all = std::fs::read_to_string(dir.join("storage.xml")).unwrap_or_else(|e| panic!("{e}"));
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    for (root, schema) in [("pool", "storagepool"), ("volume", "storagevol"), ("domainsnapshot", "domainsnapshot")] {
+    for (root, schema) in [
+        ("pool", "storagepool"),
+        ("volume", "storagevol"),
+        ("domainsnapshot", "domainsnapshot"),
+    ] {
         let open = format!("<{root}");
         let close = format!("</{root}>");
         let mut rest = all.as_str();
         while let Some(start) = rest.find(&open) {
-            let end = rest[start..].find(&close).map(|e| start + e + close.len()).unwrap_or(rest.len());
+            let end = rest[start..]
+                .find(&close)
+                .map(|e| start + e + close.len())
+                .unwrap_or(rest.len());
             let path = tmp.path().join(format!("{root}-{checked}.xml"));
             std::fs::write(&path, &rest[start..end]).unwrap_or_else(|e| panic!("{e}"));
             let out = std::process::Command::new("virt-xml-validate")
@@ -325,7 +372,11 @@ fn golden_xml_passes_virt_xml_validate() {
                 .arg(schema)
                 .output()
                 .unwrap_or_else(|e| panic!("{e}"));
-            assert!(out.status.success(), "{root}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{root}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             checked += 1;
             rest = &rest[end..];
         }

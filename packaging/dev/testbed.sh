@@ -151,7 +151,7 @@ start_virtlogd() {
   fi
   rm -f "$RUN_DIR/virtlogd.pid" "$LIBVIRT_RUN/virtlogd-sock" "$LIBVIRT_RUN/virtlogd-admin-sock"
   log "start: starting virtlogd"
-  virtlogd -d -p "$RUN_DIR/virtlogd.pid" </dev/null >&2 || die "virtlogd failed to start"
+  virtlogd -d -p "$RUN_DIR/virtlogd.pid" </dev/null >&2 9>&- || die "virtlogd failed to start"
   wait_for 15 test -S "$LIBVIRT_RUN/virtlogd-sock" ||
     die "virtlogd did not create $LIBVIRT_RUN/virtlogd-sock within 15 s"
   log "start: virtlogd running (pid $(read_pid "$RUN_DIR/virtlogd.pid"))"
@@ -168,7 +168,7 @@ start_libvirtd() {
     # $LIBVIRT_RUN/qemu/: it is how a new libvirtd finds running guests.
     rm -f "$RUN_DIR/libvirtd.pid" "$SOCK" "$SOCK-ro" "$LIBVIRT_RUN/libvirt-admin-sock"
     log "start: starting libvirtd"
-    libvirtd -d -p "$RUN_DIR/libvirtd.pid" </dev/null >&2 || die "libvirtd failed to start (see /var/log/libvirt/)"
+    libvirtd -d -p "$RUN_DIR/libvirtd.pid" </dev/null >&2 9>&- || die "libvirtd failed to start (see /var/log/libvirt/)"
     log "start: libvirtd running (pid $(read_pid "$RUN_DIR/libvirtd.pid"))"
   fi
   wait_for $WAIT_SECS test -S "$SOCK" ||

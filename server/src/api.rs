@@ -1,7 +1,11 @@
 //! The web API (HTTP/1.1, JSON, under `/v1`).
 //!
 //! Every request is authenticated with a bearer token (stored hashed);
-//! mutating requests need the admin role. Bodies are size-limited, requests
+//! mutating requests need the admin role. Routes: `GET /healthz`,
+//! `GET /v1/hosts[/{id}]`, `POST /v1/hosts/{id}/revoke`,
+//! `GET|PUT /v1/hosts/{id}/vms` (desired and observed VMs),
+//! `POST /v1/hosts/{id}/commands` (reboot, snapshots, disk resize),
+//! `POST /v1/join-tokens`. Bodies are size-limited, requests
 //! time out, and every error is JSON with a stable code and a message that
 //! says what was wrong.
 
@@ -19,7 +23,7 @@ use novacron_shared::ids::HostId;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::fleet::{Fleet, RevokeError};
+use crate::fleet::{CommandError, DesiredError, Fleet, RevokeError, VmRequest};
 use crate::ratelimit::LogLimiter;
 use crate::store::{Role, Store};
 use crate::{secrets, warn_limited};
@@ -27,7 +31,9 @@ use crate::{secrets, warn_limited};
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 /// Longest a request may take.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a command request waits for the agent's answer.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(50);
 
 /// Shared state of the API.
 #[derive(Debug)]
@@ -217,6 +223,49 @@ impl Api {
                     Err(e) => Err(internal(&e)),
                 }
             }
+            (Method::GET, ["v1", "hosts", id, "vms"]) => {
+                let id = parse_host_id(id)?;
+                match self.fleet.host_vms(id).map_err(|e| internal(&e))? {
+                    Some(v) => ok(StatusCode::OK, &v),
+                    None => Err(no_host(id)),
+                }
+            }
+            (Method::PUT, ["v1", "hosts", id, "vms"]) => {
+                need_admin()?;
+                let id = parse_host_id(id)?;
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    vms: Vec<VmRequest>,
+                }
+                let body: Body = read_json(req).await?;
+                match self.fleet.set_desired(id, body.vms) {
+                    Ok(rec) => ok(StatusCode::OK, &rec),
+                    Err(DesiredError::UnknownHost(_)) => Err(no_host(id)),
+                    Err(DesiredError::Invalid(m)) => {
+                        Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", m))
+                    }
+                    Err(e) => Err(internal(&e)),
+                }
+            }
+            (Method::POST, ["v1", "hosts", id, "commands"]) => {
+                need_admin()?;
+                let id = parse_host_id(id)?;
+                let kind: novacron_shared::protocol::CommandKind = read_json(req).await?;
+                match self.fleet.command(id, kind, COMMAND_TIMEOUT).await {
+                    Ok((op_id, outcome)) => ok(StatusCode::OK, &json!({"op_id": op_id, "outcome": outcome})),
+                    Err(e @ CommandError::NotConnected(_)) => Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "not_connected",
+                        e.to_string(),
+                    )),
+                    Err(e @ CommandError::Timeout { .. }) => Err(ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        e.to_string(),
+                    )),
+                }
+            }
             (Method::POST, ["v1", "join-tokens"]) => {
                 need_admin()?;
                 #[derive(Deserialize)]
@@ -246,7 +295,10 @@ impl Api {
             }
             (
                 _,
-                ["v1", "hosts"] | ["v1", "hosts", _] | ["v1", "hosts", _, "revoke"] | ["v1", "join-tokens"],
+                ["v1", "hosts"]
+                | ["v1", "hosts", _]
+                | ["v1", "hosts", _, "revoke" | "vms" | "commands"]
+                | ["v1", "join-tokens"],
             ) => Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -264,6 +316,14 @@ impl Api {
 #[derive(serde::Serialize)]
 struct HostList {
     hosts: Vec<crate::fleet::HostView>,
+}
+
+fn no_host(id: HostId) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no host with id {id}"),
+    )
 }
 
 fn parse_host_id(s: &str) -> Result<HostId, ApiError> {

@@ -1,5 +1,6 @@
 //! Agent sessions over QUIC: enrollment, mutual-TLS sessions, heartbeats,
-//! certificate renewal and revocation.
+//! certificate renewal and revocation, desired VMs pushed to agents, their
+//! events and reconcile reports, and one-off commands awaited by op id.
 //!
 //! One task per connection owns that connection's control stream. The
 //! session table maps host ids to the live connection so that a newer
@@ -8,25 +9,27 @@
 //! transactions, so a fleet reconnecting at once costs a few commits, not
 //! thousands.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_shared::framing::{self, FrameError, MAX_FRAME_LEN};
-use novacron_shared::ids::HostId;
+use novacron_shared::ids::{HostId, OpId, VmId};
 use novacron_shared::pki::{CertInfo, FleetCa, Validity};
 use novacron_shared::protocol::{
-    self, AgentMessage, Capacity, ErrorCode, HeartbeatAck, Inventory, JoinReply, JoinRequest, RenewReply,
-    ServerMessage, Welcome, WireError, HANDSHAKE_VERSION, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    self, AgentMessage, Capacity, Command, CommandKind, CommandOutcome, DesiredState, ErrorCode,
+    HeartbeatAck, Inventory, JoinReply, JoinRequest, ReconcileReport, RenewReply, ServerMessage, VmEvent,
+    Welcome, WireError, HANDSHAKE_VERSION, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
+use novacron_shared::spec::{DesiredVm, Power, VmSpec};
 use novacron_shared::tls::peer_leaf;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::AgentPolicy;
 use crate::ratelimit::LogLimiter;
-use crate::store::{HostRecord, HostState, JoinFailure, Store, StoreError, TokenRefusal};
+use crate::store::{DesiredRecord, HostRecord, HostState, JoinFailure, Store, StoreError, TokenRefusal};
 use crate::{secrets, unix_ms, warn_limited};
 
 /// Largest frame accepted on an enrollment connection.
@@ -45,6 +48,57 @@ pub struct LiveSession {
     last_seen_ms: AtomicU64,
     version: u16,
     inventory: Mutex<Option<Inventory>>,
+    report: Mutex<Option<ReconcileReport>>,
+    vm_events: Mutex<VecDeque<VmEvent>>,
+    pending: Mutex<HashMap<OpId, oneshot::Sender<CommandOutcome>>>,
+}
+
+/// VM events kept per session for the API.
+const KEEP_VM_EVENTS: usize = 200;
+
+/// A VM as an operator asks for it on a host.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRequest {
+    /// Its id; kept from an earlier request with the same name, or new.
+    #[serde(default)]
+    pub id: Option<VmId>,
+    /// The spec.
+    pub spec: VmSpec,
+    /// The power state (default running).
+    #[serde(default)]
+    pub power: Power,
+}
+
+/// A host's VMs: what should be, what is, and what the agent last said.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostVms {
+    /// The desired-state generation.
+    pub generation: u64,
+    /// The desired VMs.
+    pub desired: Vec<DesiredVm>,
+    /// The latest inventory (while connected).
+    pub observed: Option<Inventory>,
+    /// The latest reconcile report (while connected).
+    pub report: Option<ReconcileReport>,
+    /// Recent libvirt lifecycle events, oldest first.
+    pub events: Vec<VmEvent>,
+}
+
+/// A command could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The host has no open session.
+    #[error("host {0} is not connected")]
+    NotConnected(HostId),
+    /// The agent did not answer in time.
+    #[error("the agent did not finish op {op_id} within {timeout:?}; it may still complete")]
+    Timeout {
+        /// The operation.
+        op_id: OpId,
+        /// How long we waited.
+        timeout: Duration,
+    },
 }
 
 /// A host's record merged with its live session, for the API.
@@ -493,6 +547,9 @@ impl Fleet {
             last_seen_ms: AtomicU64::new(now_ms),
             version,
             inventory: Mutex::new(None),
+            report: Mutex::new(None),
+            vm_events: Mutex::new(VecDeque::new()),
+            pending: Mutex::new(HashMap::new()),
         });
         if let Some(old) = self.lock_sessions().insert(host_id, session.clone()) {
             close(
@@ -521,7 +578,22 @@ impl Fleet {
             heartbeat_interval_ms: u32::try_from(self.policy.heartbeat_interval.as_millis()).unwrap_or(1000),
         });
         let mut wbuf = Vec::new();
-        let outcome = match framing::write_frame(&mut send, HANDSHAKE_VERSION, &welcome, &mut wbuf).await {
+        let mut greeting = framing::write_frame(&mut send, HANDSHAKE_VERSION, &welcome, &mut wbuf).await;
+        if greeting.is_ok() {
+            // The desired state goes first, so the agent can converge at once.
+            match self.store.desired(host_id) {
+                Ok(Some(d)) => {
+                    let msg = ServerMessage::DesiredState(DesiredState {
+                        generation: d.generation,
+                        vms: d.vms,
+                    });
+                    greeting = framing::write_frame(&mut send, version, &msg, &mut wbuf).await;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(host_id = %host_id, error = %e, "cannot read the desired state"),
+            }
+        }
+        let outcome = match greeting {
             Err(e) => Err((e.code(), e.to_string())),
             Ok(()) => {
                 self.session_loop(host_id, &session, &mut send, &mut recv, &mut outbox_rx)
@@ -621,6 +693,25 @@ impl Fleet {
                 }
                 AgentMessage::CommandResult(r) => {
                     tracing::info!(host_id = %host_id, op_id = %r.op_id, outcome = ?r.outcome, "command result");
+                    if let Some(tx) = lock(&session.pending).remove(&r.op_id) {
+                        let _ = tx.send(r.outcome);
+                    }
+                    None
+                }
+                AgentMessage::VmEvent(ev) => {
+                    tracing::info!(host_id = %host_id, vm = %clean_name(&ev.name), event = %clean_name(&ev.event), detail = %clean_name(&ev.detail), "VM event");
+                    let mut q = lock(&session.vm_events);
+                    q.push_back(ev);
+                    while q.len() > KEEP_VM_EVENTS {
+                        q.pop_front();
+                    }
+                    None
+                }
+                AgentMessage::Reconciled(r) => {
+                    if !r.converged || !r.actions.is_empty() {
+                        tracing::info!(host_id = %host_id, generation = r.generation, converged = r.converged, actions = r.actions.len(), drift = r.drift.len(), "reconcile report");
+                    }
+                    *lock(&session.report) = Some(r);
                     None
                 }
                 AgentMessage::Metrics(_) => Some(ServerMessage::Error(WireError {
@@ -668,6 +759,111 @@ impl Fleet {
         }
     }
 
+    /// Replaces a host's desired VMs: validates them, keeps the ids of VMs
+    /// it already had (by name), stores the new state durably, then pushes
+    /// it to the agent if connected.
+    pub fn set_desired(&self, host: HostId, vms: Vec<VmRequest>) -> Result<DesiredRecord, DesiredError> {
+        if self.store.host(host)?.is_none() {
+            return Err(DesiredError::UnknownHost(host));
+        }
+        let mut problems = Vec::new();
+        let mut names = HashSet::new();
+        for (i, v) in vms.iter().enumerate() {
+            if let Err(e) = v.spec.validate() {
+                problems.push(format!("vms[{i}]: {e}"));
+            }
+            if !names.insert(v.spec.name.clone()) {
+                problems.push(format!("vms[{i}]: the name {:?} is used twice", v.spec.name));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(DesiredError::Invalid(problems.join("; ")));
+        }
+        let rec = self.store.update_desired(host, |cur| {
+            let old: HashMap<&str, &DesiredVm> = cur.vms.iter().map(|v| (v.spec.name.as_str(), v)).collect();
+            let vms = vms
+                .into_iter()
+                .map(|r| {
+                    let prev = old.get(r.spec.name.as_str());
+                    let id = r.id.or(prev.map(|p| p.id)).unwrap_or_else(VmId::random);
+                    let unchanged = prev.filter(|p| p.id == id && p.spec == r.spec && p.power == r.power);
+                    DesiredVm {
+                        id,
+                        op_id: unchanged.map_or_else(OpId::random, |p| p.op_id),
+                        spec: r.spec,
+                        power: r.power,
+                    }
+                })
+                .collect();
+            Ok::<_, std::convert::Infallible>(DesiredRecord {
+                generation: cur.generation + 1,
+                vms,
+            })
+        })?;
+        let Ok(rec) = rec;
+        self.send_to(
+            host,
+            ServerMessage::DesiredState(DesiredState {
+                generation: rec.generation,
+                vms: rec.vms.clone(),
+            }),
+        );
+        Ok(rec)
+    }
+
+    /// A host's desired and observed VMs.
+    pub fn host_vms(&self, host: HostId) -> Result<Option<HostVms>, StoreError> {
+        if self.store.host(host)?.is_none() {
+            return Ok(None);
+        }
+        let desired = self.store.desired(host)?.unwrap_or_default();
+        let live = self.lock_sessions().get(&host).cloned();
+        Ok(Some(HostVms {
+            generation: desired.generation,
+            desired: desired.vms,
+            observed: live.as_ref().and_then(|s| lock(&s.inventory).clone()),
+            report: live.as_ref().and_then(|s| lock(&s.report).clone()),
+            events: live
+                .as_ref()
+                .map(|s| lock(&s.vm_events).iter().cloned().collect())
+                .unwrap_or_default(),
+        }))
+    }
+
+    /// Sends a command to a connected agent and waits for its outcome.
+    pub async fn command(
+        &self,
+        host: HostId,
+        kind: CommandKind,
+        timeout: Duration,
+    ) -> Result<(OpId, CommandOutcome), CommandError> {
+        let session = self
+            .lock_sessions()
+            .get(&host)
+            .cloned()
+            .ok_or(CommandError::NotConnected(host))?;
+        let op_id = OpId::random();
+        let (tx, rx) = oneshot::channel();
+        lock(&session.pending).insert(op_id, tx);
+        if session
+            .outbox
+            .send(ServerMessage::Command(Command { op_id, kind }))
+            .await
+            .is_err()
+        {
+            lock(&session.pending).remove(&op_id);
+            return Err(CommandError::NotConnected(host));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(outcome)) => Ok((op_id, outcome)),
+            Ok(Err(_)) => Err(CommandError::NotConnected(host)),
+            Err(_) => {
+                lock(&session.pending).remove(&op_id);
+                Err(CommandError::Timeout { op_id, timeout })
+            }
+        }
+    }
+
     /// Sends a message to a host's live session, if it has one.
     pub fn send_to(&self, id: HostId, msg: ServerMessage) -> bool {
         let s = self.lock_sessions().get(&id).cloned();
@@ -704,6 +900,24 @@ fn view(record: HostRecord, live: Option<&Arc<LiveSession>>) -> HostView {
         }),
         record,
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Setting desired VMs failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DesiredError {
+    /// No such host.
+    #[error("no host with id {0}")]
+    UnknownHost(HostId),
+    /// A VM request is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 fn version_error(v: u16) -> WireError {

@@ -1,5 +1,5 @@
-//! The server's durable state in redb: hosts, join tokens, revocations and
-//! API tokens.
+//! The server's durable state in redb: hosts, join tokens, revocations, API
+//! tokens and each host's desired VMs.
 //!
 //! Every value is stored as `[record version: u8][codec payload]`; a reader
 //! that meets an older version migrates it (see [`Record::decode`]), and one
@@ -11,6 +11,7 @@ use std::sync::Arc;
 use novacron_shared::codec;
 use novacron_shared::ids::HostId;
 use novacron_shared::protocol::Capacity;
+use novacron_shared::spec::DesiredVm;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,7 @@ const HOSTS: TableDefinition<u128, &[u8]> = TableDefinition::new("hosts");
 const JOIN_TOKENS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("join_tokens");
 const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_serials");
 const API_TOKENS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("api_tokens");
+const DESIRED: TableDefinition<u128, &[u8]> = TableDefinition::new("desired_vms");
 
 /// The layout version of the database as a whole.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -220,6 +222,20 @@ struct HostRecordV1 {
     cert_not_after: i64,
 }
 
+/// The VMs one host should run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredRecord {
+    /// Increases with every change.
+    pub generation: u64,
+    /// The VMs.
+    pub vms: Vec<DesiredVm>,
+}
+
+impl Record for DesiredRecord {
+    const TABLE: &'static str = "desired_vms";
+    const VERSION: u8 = 1;
+}
+
 /// A join token (stored by hash only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinTokenRecord {
@@ -330,6 +346,7 @@ impl Store {
             tx.open_table(JOIN_TOKENS)?;
             tx.open_table(REVOKED)?;
             tx.open_table(API_TOKENS)?;
+            tx.open_table(DESIRED)?;
         }
         tx.commit()?;
         Ok(Self { db: Arc::new(db) })
@@ -423,6 +440,39 @@ impl Store {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(HOSTS)?;
         t.get(id.0)?.map(|v| HostRecord::decode(v.value())).transpose()
+    }
+
+    /// A host's desired VMs, if any were ever set.
+    pub fn desired(&self, id: HostId) -> Result<Option<DesiredRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(DESIRED)?;
+        t.get(id.0)?.map(|v| DesiredRecord::decode(v.value())).transpose()
+    }
+
+    /// Replaces a host's desired VMs through `change`, which sees the
+    /// current record, in one durable transaction; returns the new record.
+    pub fn update_desired<E>(
+        &self,
+        id: HostId,
+        change: impl FnOnce(DesiredRecord) -> Result<DesiredRecord, E>,
+    ) -> Result<Result<DesiredRecord, E>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let rec = {
+            let mut t = tx.open_table(DESIRED)?;
+            let cur = t
+                .get(id.0)?
+                .map(|v| DesiredRecord::decode(v.value()))
+                .transpose()?
+                .unwrap_or_default();
+            let next = match change(cur) {
+                Ok(n) => n,
+                Err(e) => return Ok(Err(e)),
+            };
+            t.insert(id.0, next.encode()?.as_slice())?;
+            next
+        };
+        tx.commit()?;
+        Ok(Ok(rec))
     }
 
     /// All hosts, by id.
