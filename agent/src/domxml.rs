@@ -349,8 +349,13 @@ pub fn volume(name: &str, capacity_bytes: u64, format: &str, backing: Option<(&s
         .text("name", &[], name)
         .text("capacity", &[("unit", "bytes")], &capacity_bytes.to_string())
         .open("target", &[])
-        .empty("format", &[("type", format)])
-        .close();
+        .empty("format", &[("type", format)]);
+    if format == "qcow2" {
+        // qcow2 v3: internal snapshots and resizing together (v2 images
+        // with snapshots cannot be resized).
+        x.text("compat", &[], "1.1");
+    }
+    x.close();
     if let Some((path, fmt)) = backing {
         x.open("backingStore", &[])
             .text("path", &[], path)

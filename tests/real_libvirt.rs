@@ -1,0 +1,320 @@
+//! VMs on a real libvirtd with real QEMU (TCG) guests: a tiny kernel and a
+//! busybox initramfs built by `packaging/dev/testbed.sh guest`. Needs root,
+//! libvirtd running (`testbed.sh start`) and the guest files; `.ci/run`
+//! provides all three. Fails loudly when any is missing.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use novacron_agent::domxml::VirtType;
+use novacron_agent::hypervisor::Hypervisor;
+use novacron_agent::vmops::HostSetup;
+use novacron_e2e::{wait_for, Agent, Server};
+use novacron_shared::ids::{OpId, VmId};
+use novacron_shared::protocol::VmState;
+use novacron_shared::spec::{CloudInit, DesiredVm, DiskSpec, KernelBoot, Power, VmSpec};
+use serde_json::{json, Value};
+use virt::connect::Connect;
+
+const URI: &str = "qemu:///system";
+
+fn testbed() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/dev/testbed.sh")
+}
+
+/// The guest kernel and initrd (built by `testbed.sh guest`).
+fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("NOVACRON_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/novacron-guest"));
+    for f in ["vmlinuz", "initrd.img"] {
+        assert!(
+            dir.join(f).exists(),
+            "{} is missing: run `packaging/dev/testbed.sh guest {}` (as .ci/run does)",
+            dir.join(f).display(),
+            dir.display()
+        );
+    }
+    dir
+}
+
+fn conn() -> Connect {
+    Connect::open(Some(URI)).unwrap_or_else(|e| {
+        panic!("cannot reach libvirtd at {URI} ({e}); run `packaging/dev/testbed.sh install && packaging/dev/testbed.sh start` as root")
+    })
+}
+
+/// A unique suffix, so runs never collide with leftovers.
+fn tag() -> String {
+    VmId::random().to_string()[..8].to_string()
+}
+
+/// A storage pool directory QEMU (running as its own user) can reach, and
+/// a console log directory; both removed afterwards with the pool.
+struct Scratch {
+    pool: String,
+    pool_path: PathBuf,
+    console: PathBuf,
+}
+
+impl Scratch {
+    fn new(t: &str) -> Scratch {
+        let s = Scratch {
+            pool: format!("nc-test-{t}"),
+            pool_path: PathBuf::from(format!("/var/lib/libvirt/images/nc-test-{t}")),
+            console: PathBuf::from(format!("/var/log/libvirt/qemu/nc-test-{t}")),
+        };
+        std::fs::create_dir_all(&s.console).unwrap();
+        s
+    }
+
+    fn setup(&self) -> HostSetup {
+        HostSetup {
+            pool: self.pool.clone(),
+            pool_path: self.pool_path.display().to_string(),
+            console_dir: self.console.display().to_string(),
+            virt_type: Some(VirtType::Qemu),
+        }
+    }
+
+    fn vms_toml(&self) -> String {
+        format!(
+            "virt_type = \"qemu\"\nstorage_pool = \"{}\"\nstorage_path = \"{}\"\nconsole_log_dir = \"{}\"\nshutdown_timeout = \"30s\"",
+            self.pool,
+            self.pool_path.display(),
+            self.console.display()
+        )
+    }
+
+    fn volumes(&self) -> Vec<String> {
+        let c = conn();
+        let Ok(p) = c.lookup_storage_pool_by_name(&self.pool) else {
+            return vec![];
+        };
+        let _ = p.refresh(0);
+        p.list_volumes().unwrap_or_default()
+    }
+
+    fn console_log(&self, vm: &str) -> String {
+        std::fs::read_to_string(self.console.join(format!("{vm}.console.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Ok(c) = Connect::open(Some(URI)) {
+            if let Ok(p) = c.lookup_storage_pool_by_name(&self.pool) {
+                let _ = p.destroy();
+                let _ = p.undefine();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.pool_path);
+        let _ = std::fs::remove_dir_all(&self.console);
+    }
+}
+
+fn guest_spec(name: &str) -> VmSpec {
+    let g = guest_dir();
+    let mut spec = VmSpec::minimal(name, 1, 192);
+    spec.disks = vec![DiskSpec {
+        name: "root".into(),
+        size_mib: Some(64),
+        template: None,
+    }];
+    spec.cloud_init = Some(CloudInit {
+        user_data: Some("#cloud-config\nruncmd: [\"echo '<novacron>' && true\"]\n".into()),
+        ssh_authorized_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA test@novacron".into()],
+    });
+    spec.boot = Some(KernelBoot {
+        kernel: g.join("vmlinuz").display().to_string(),
+        initrd: Some(g.join("initrd.img").display().to_string()),
+        cmdline: "console=ttyS0 panic=-1".into(),
+    });
+    spec
+}
+
+fn domain_id(name: &str) -> Option<u32> {
+    let d = conn().lookup_domain_by_name(name).ok()?;
+    if d.is_active().ok()? {
+        d.id()
+    } else {
+        None
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_guest_boots_snapshots_reverts_grows_and_shuts_down_cleanly() {
+    let t = tag();
+    let scratch = Scratch::new(&t);
+    let _ = conn();
+    let (hv, _events) = Hypervisor::start(URI, Duration::from_secs(60), scratch.setup()).unwrap();
+    let name = format!("nc-guest-{t}");
+    let vm = DesiredVm {
+        id: VmId::random(),
+        op_id: OpId::random(),
+        spec: guest_spec(&name),
+        power: Power::Running,
+    };
+    hv.define(vm.clone()).await.unwrap();
+    hv.start_vm(vm.id).await.unwrap();
+    // The guest boots and sees its root disk and the cloud-init seed.
+    let log = wait_for("the guest to boot", Duration::from_secs(90), || {
+        let l = scratch.console_log(&name);
+        l.contains("NOVACRON-GUEST-BOOTED").then_some(l)
+    });
+    let disks = log
+        .lines()
+        .find(|l| l.starts_with("NOVACRON-GUEST-DISKS"))
+        .unwrap_or("");
+    assert!(disks.contains("vda") && disks.contains("vdb"), "{disks}");
+
+    hv.snapshot_create(vm.id, "booted".into()).await.unwrap();
+    let (_, vms) = hv.observe().await.unwrap();
+    let o = vms.iter().find(|o| o.name == name).unwrap();
+    assert_eq!(o.snapshots, ["booted"]);
+    hv.snapshot_revert(vm.id, "booted".into()).await.unwrap();
+    let (_, vms) = hv.observe().await.unwrap();
+    assert_eq!(
+        vms.iter().find(|o| o.name == name).unwrap().state,
+        VmState::Running
+    );
+
+    // Grow the root disk of the running guest.
+    hv.resize_disk(vm.id, "root".into(), 96).await.unwrap();
+    let c = conn();
+    let pool = c.lookup_storage_pool_by_name(&scratch.pool).unwrap();
+    let _ = pool.refresh(0);
+    let vol = pool
+        .lookup_storage_vol_by_name(&format!("{name}.root.qcow2"))
+        .unwrap();
+    assert_eq!(vol.info().unwrap().capacity, 96 << 20);
+    let e = hv.resize_disk(vm.id, "root".into(), 32).await.unwrap_err();
+    assert!(e.to_string().contains("would lose data"), "{e}");
+
+    // Graceful: the guest powers itself off on the ACPI button.
+    let forced = hv.shutdown(vm.id, Duration::from_secs(60)).await.unwrap();
+    assert!(!forced, "the guest ignored the ACPI power button");
+    assert!(scratch.console_log(&name).contains("NOVACRON-GUEST-POWEROFF"));
+
+    // Removal leaves no volume and no definition behind.
+    let removed = hv.remove(vm.id.to_string()).await.unwrap();
+    assert_eq!(removed.len(), 2, "{removed:?}");
+    assert!(c.lookup_domain_by_name(&name).is_err(), "domain still defined");
+    assert!(scratch.volumes().is_empty(), "{:?}", scratch.volumes());
+}
+
+fn testbed_cmd(arg: &str) -> String {
+    let out = Command::new("bash").arg(testbed()).arg(arg).output().unwrap();
+    assert!(
+        out.status.success(),
+        "testbed.sh {arg}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn wait_report(server: &Server, host: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    wait_for(what, Duration::from_secs(120), || {
+        let v = server.get(&format!("/v1/hosts/{host}/vms"));
+        (v["report"]["converged"] == true && f(&v)).then_some(v)
+    })
+}
+
+fn state_of(v: &Value, name: &str) -> Option<String> {
+    v["observed"]["vms"]
+        .as_array()?
+        .iter()
+        .find(|o| o["name"] == name)
+        .map(|o| o["state"].as_str().unwrap_or("").to_string())
+}
+
+#[test]
+fn vms_survive_agent_and_libvirtd_restarts_without_duplicates_or_stops() {
+    let t = tag();
+    let scratch = Scratch::new(&t);
+    let _ = conn();
+    let server = Server::start("heartbeat_interval = \"500ms\"");
+    let mut agent = Agent::on(&format!("real-{t}"), URI, &scratch.vms_toml());
+    agent.join(&server);
+    agent.start(&[]);
+    let host = agent.host_id.clone();
+    server.wait_connected(&host, true);
+    let name = format!("nc-e2e-{t}");
+    let spec = serde_json::to_value(guest_spec(&name)).unwrap();
+    let (status, d) = server.send(
+        "PUT",
+        &format!("/v1/hosts/{host}/vms"),
+        &json!({"vms": [{"spec": spec}]}),
+    );
+    assert_eq!(status, 200, "{d}");
+    wait_report(&server, &host, "the VM running", |v| {
+        state_of(v, &name).as_deref() == Some("Running")
+    });
+    wait_for("the guest to boot", Duration::from_secs(90), || {
+        scratch
+            .console_log(&name)
+            .contains("NOVACRON-GUEST-BOOTED")
+            .then_some(())
+    });
+    let qemu_id = domain_id(&name).unwrap();
+
+    // The agent dies: the VM keeps running. It comes back: nothing is
+    // duplicated and the VM was not restarted (same QEMU domain id).
+    agent.kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(domain_id(&name), Some(qemu_id), "the VM stopped with the agent");
+    agent.start(&[]);
+    server.wait_connected(&host, true);
+    wait_report(&server, &host, "convergence after the agent restart", |v| {
+        state_of(v, &name).as_deref() == Some("Running")
+    });
+    assert_eq!(domain_id(&name), Some(qemu_id), "the VM was restarted");
+    let same_name = conn()
+        .list_all_domains(0)
+        .unwrap()
+        .iter()
+        .filter(|d| d.name().ok().as_deref() == Some(name.as_str()))
+        .count();
+    assert_eq!(same_name, 1);
+    assert!(agent.log().contains("desired state from the server"));
+
+    // libvirtd dies and comes back under the running agent: the agent
+    // reconnects and re-registers for events.
+    let pid = testbed_cmd("libvirtd-pid");
+    let st = Command::new("kill").args(["-9", &pid]).status().unwrap();
+    assert!(st.success());
+    std::thread::sleep(Duration::from_secs(1));
+    testbed_cmd("start");
+    assert_eq!(domain_id(&name), Some(qemu_id), "QEMU must outlive libvirtd");
+    wait_for(
+        "the agent to reconnect to libvirt",
+        Duration::from_secs(60),
+        || (agent.log().matches("connected to libvirt").count() >= 2).then_some(()),
+    );
+    let (status, d) = server.send(
+        "PUT",
+        &format!("/v1/hosts/{host}/vms"),
+        &json!({"vms": [{"spec": spec, "power": "paused"}]}),
+    );
+    assert_eq!(status, 200, "{d}");
+    let v = wait_report(&server, &host, "the VM paused", |v| {
+        state_of(v, &name).as_deref() == Some("Paused")
+    });
+    let events = v["events"].as_array().unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["name"] == name.as_str() && e["event"] == "suspended"),
+        "no suspended event after the libvirtd restart: {events:?}"
+    );
+
+    // Not wanted any more: removed with its volumes.
+    let (status, _) = server.send("PUT", &format!("/v1/hosts/{host}/vms"), &json!({"vms": []}));
+    assert_eq!(status, 200);
+    wait_report(&server, &host, "the VM removed", |v| state_of(v, &name).is_none());
+    assert!(conn().lookup_domain_by_name(&name).is_err());
+    assert!(scratch.volumes().is_empty(), "{:?}", scratch.volumes());
+}
