@@ -388,7 +388,7 @@ impl Agent {
             .arg(&self.config)
             .arg("run")
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("NOVACRON_AGENT_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

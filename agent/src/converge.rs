@@ -116,6 +116,7 @@ pub async fn run(
         }
         if dirty {
             let want = desired.borrow().clone();
+            tracing::debug!(generation = want.as_ref().map(|w| w.generation), "reconcile round");
             dirty = !pass(&hv, &cfg, &mut rec, want.as_ref(), &outbox).await;
             last_pass = Instant::now();
         }
@@ -168,6 +169,7 @@ async fn pass(
         };
         let now = Instant::now();
         let plan = rec.plan(now, &want.vms, &observed);
+        tracing::debug!(?plan, "plan");
         passes += 1;
         if plan.actions.is_empty() || passes > MAX_PASSES {
             post(
@@ -202,6 +204,10 @@ async fn pass(
         .collect();
     rec.forget_except(&names);
     let converged = plan.converged();
+    if converged && rec.converged_generation != Some(want.generation) {
+        tracing::info!(generation = want.generation, vms = want.vms.len(), "converged on the desired state");
+    }
+    rec.converged_generation = converged.then_some(want.generation);
     if !done.is_empty() || !converged {
         tracing::info!(
             generation = want.generation,

@@ -112,6 +112,8 @@ struct Failure {
 #[derive(Debug, Default)]
 pub struct Reconciler {
     failures: HashMap<String, Failure>,
+    /// The generation the host last fully matched (for logging transitions).
+    pub converged_generation: Option<u64>,
 }
 
 /// First retry delay after a failure.
