@@ -2,20 +2,29 @@
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: deps demo test lint fuzz
+.PHONY: deps testbed demo test lint fuzz
+
+GUEST_DIR ?= /var/tmp/novacron-guest
 
 deps:
 	@bash packaging/dev/deps.sh
+
+## Real libvirtd + QEMU and a tiny guest for the real-hypervisor tests (root).
+testbed:
+	@bash packaging/dev/testbed.sh install
+	@bash packaging/dev/testbed.sh start >/dev/null
+	@bash packaging/dev/testbed.sh guest $(GUEST_DIR)
 
 ## Runs a server and three agents on libvirt test-driver hosts until Ctrl-C.
 demo: deps
 	$(CARGO) build --release --locked --bins
 	$(TARGET_DIR)/release/novacron-server demo $(DEMO_ARGS)
 
-## Unit, property and end-to-end tests (the e2e tests start real processes).
-test: deps
+## Unit, property and end-to-end tests (the e2e tests start real processes,
+## and drive a real libvirtd with QEMU guests: run as root).
+test: deps testbed
 	$(CARGO) build --locked --workspace --bins
-	$(CARGO) test --locked --workspace
+	NOVACRON_GUEST_DIR=$(GUEST_DIR) $(CARGO) test --locked --workspace
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -1,7 +1,9 @@
 //! `novacron-server demo`: a whole fleet on this machine with no setup — a
 //! real server and real agent processes, each agent on its own libvirt
 //! test-driver host, all enrolled through the real join path and connected
-//! over mutual-TLS QUIC.
+//! over mutual-TLS QUIC. Each host is then given two VMs through the
+//! desired-state path, and the demo waits until every agent reports that
+//! its host matches.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -116,9 +118,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             std::fs::write(
                 &agent_cfg,
                 format!(
-                    "data_dir = {:?}\nlibvirt_uri = \"test://{}\"\nhostname = {name:?}\n",
+                    "data_dir = {:?}\nlibvirt_uri = \"test://{}\"\nhostname = {name:?}\n[vms]\nstorage_path = {:?}\nconsole_log_dir = {:?}\n",
                     host_dir.join("data").display().to_string(),
-                    node.display()
+                    node.display(),
+                    host_dir.join("pool").display().to_string(),
+                    host_dir.display().to_string(),
                 ),
             )?;
             let (token, _) = running.fleet.create_join_token(Duration::from_secs(600))?;
@@ -172,8 +176,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // Give the first inventories a moment to arrive.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        place_vms(&running).await?;
         print_summary(&running, &config_path, &root, &report.admin_token)?;
         let stop = async {
             match duration {
@@ -216,6 +219,53 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     result
 }
 
+/// Gives every host a web VM (running) and a database VM (stopped), then
+/// waits until each agent reports a converged pass.
+async fn place_vms(running: &crate::Running) -> anyhow::Result<()> {
+    let hosts = running.fleet.hosts()?;
+    let mut want = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let vm = |name: String, power: &str, disk_mib: u64| -> anyhow::Result<crate::fleet::VmRequest> {
+            Ok(serde_json::from_value(serde_json::json!({
+                "spec": {
+                    "name": name,
+                    "vcpus": 1,
+                    "memory_mib": 512,
+                    "disks": [{"name": "root", "size_mib": disk_mib}],
+                    "cloud_init": {"user_data": "#cloud-config\nhostname: demo\n"},
+                    "labels": {"demo": "true"}
+                },
+                "power": power
+            }))?)
+        };
+        let vms = vec![
+            vm(format!("web-{}", i + 1), "running", 2048)?,
+            vm(format!("db-{}", i + 1), "stopped", 4096)?,
+        ];
+        let rec = running.fleet.set_desired(h.record.id, vms)?;
+        want.push((h.record.id, rec.generation));
+    }
+    let start = Instant::now();
+    for (id, generation) in want {
+        loop {
+            let converged = running
+                .fleet
+                .host_vms(id)?
+                .and_then(|v| v.report)
+                .is_some_and(|r| r.generation == generation && r.converged);
+            if converged {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("host {id} did not converge on its VMs within 60s; see its agent log");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    println!("  VMs placed: every host runs web-N and has db-N defined but stopped");
+    Ok(())
+}
+
 fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &str) -> anyhow::Result<()> {
     println!();
     println!(
@@ -234,9 +284,22 @@ fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &s
         );
     }
     println!();
+    for h in running.fleet.hosts()? {
+        if let Some(v) = running.fleet.host_vms(h.record.id)? {
+            for vm in v.observed.map(|o| o.vms).unwrap_or_default() {
+                let kind = if vm.managed { "managed" } else { "not managed" };
+                println!("  {:<14} {:<14} {:<8} {kind}", h.record.name, vm.name, format!("{:?}", vm.state));
+            }
+        }
+    }
+    println!();
     println!("Where to look:");
     println!(
         "  curl -s -H 'Authorization: Bearer {token}' http://{}/v1/hosts",
+        running.api_addr
+    );
+    println!(
+        "  curl -s -H 'Authorization: Bearer {token}' http://{}/v1/hosts/<HOST ID>/vms",
         running.api_addr
     );
     println!("  novacron-server -c {} host list", config.display());
