@@ -388,7 +388,10 @@ impl Agent {
             .arg(&self.config)
             .arg("run")
             .args(extra)
-            .env("RUST_LOG", std::env::var("NOVACRON_AGENT_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("NOVACRON_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

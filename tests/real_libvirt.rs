@@ -21,6 +21,14 @@ use virt::connect::Connect;
 
 const URI: &str = "qemu:///system";
 
+/// The tests share one libvirtd and one of them kills it: run them one at
+/// a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn testbed() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/dev/testbed.sh")
 }
@@ -145,8 +153,18 @@ fn domain_id(name: &str) -> Option<u32> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_real_guest_boots_snapshots_reverts_grows_and_shuts_down_cleanly() {
+#[test]
+fn a_real_guest_boots_snapshots_reverts_grows_and_shuts_down_cleanly() {
+    let _serial = serial();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(guest_lifecycle());
+}
+
+async fn guest_lifecycle() {
     let t = tag();
     let scratch = Scratch::new(&t);
     let _ = conn();
@@ -233,6 +251,7 @@ fn state_of(v: &Value, name: &str) -> Option<String> {
 
 #[test]
 fn vms_survive_agent_and_libvirtd_restarts_without_duplicates_or_stops() {
+    let _serial = serial();
     let t = tag();
     let scratch = Scratch::new(&t);
     let _ = conn();
@@ -289,7 +308,11 @@ fn vms_survive_agent_and_libvirtd_restarts_without_duplicates_or_stops() {
         .filter(|d| d.name().ok().as_deref() == Some(name.as_str()))
         .count();
     assert_eq!(same_name, 1);
-    assert!(!agent.log().contains("reconciled"), "the restarted agent acted: {}", agent.log());
+    assert!(
+        !agent.log().contains("reconciled"),
+        "the restarted agent acted: {}",
+        agent.log()
+    );
 
     // libvirtd dies and comes back under the running agent: the agent
     // reconnects and re-registers for events.

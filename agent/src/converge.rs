@@ -116,7 +116,10 @@ pub async fn run(
         }
         if dirty {
             let want = desired.borrow().clone();
-            tracing::debug!(generation = want.as_ref().map(|w| w.generation), "reconcile round");
+            tracing::debug!(
+                generation = want.as_ref().map(|w| w.generation),
+                "reconcile round"
+            );
             dirty = !pass(&hv, &cfg, &mut rec, want.as_ref(), &outbox).await;
             last_pass = Instant::now();
         }
@@ -205,7 +208,11 @@ async fn pass(
     rec.forget_except(&names);
     let converged = plan.converged();
     if converged && rec.converged_generation != Some(want.generation) {
-        tracing::info!(generation = want.generation, vms = want.vms.len(), "converged on the desired state");
+        tracing::info!(
+            generation = want.generation,
+            vms = want.vms.len(),
+            "converged on the desired state"
+        );
     }
     rec.converged_generation = converged.then_some(want.generation);
     if !done.is_empty() || !converged {

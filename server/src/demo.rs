@@ -288,7 +288,12 @@ fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &s
         if let Some(v) = running.fleet.host_vms(h.record.id)? {
             for vm in v.observed.map(|o| o.vms).unwrap_or_default() {
                 let kind = if vm.managed { "managed" } else { "not managed" };
-                println!("  {:<14} {:<14} {:<8} {kind}", h.record.name, vm.name, format!("{:?}", vm.state));
+                println!(
+                    "  {:<14} {:<14} {:<8} {kind}",
+                    h.record.name,
+                    vm.name,
+                    format!("{:?}", vm.state)
+                );
             }
         }
     }
