@@ -170,13 +170,34 @@ async fn guest_lifecycle() {
     let _ = conn();
     let (hv, _events) = Hypervisor::start(URI, Duration::from_secs(60), scratch.setup()).unwrap();
     let name = format!("nc-guest-{t}");
+    // The root disk is a clone (qcow2 overlay) of a template in the pool.
+    {
+        let c = conn();
+        let pool = novacron_agent::vmops::ensure_pool(&c, &scratch.setup()).unwrap();
+        let xml = novacron_agent::domxml::volume("tmpl-base.qcow2", 48 << 20, "qcow2", None);
+        virt::storage_vol::StorageVol::create_xml(&pool, &xml, 0).unwrap();
+    }
+    let mut spec = guest_spec(&name);
+    spec.disks[0].template = Some("tmpl-base.qcow2".into());
     let vm = DesiredVm {
         id: VmId::random(),
         op_id: OpId::random(),
-        spec: guest_spec(&name),
+        spec,
         power: Power::Running,
     };
     hv.define(vm.clone()).await.unwrap();
+    let overlay = {
+        let c = conn();
+        let pool = c.lookup_storage_pool_by_name(&scratch.pool).unwrap();
+        let vol = pool
+            .lookup_storage_vol_by_name(&format!("{name}.root.qcow2"))
+            .unwrap();
+        vol.xml_desc(0).unwrap()
+    };
+    assert!(
+        overlay.contains("<backingStore>") && overlay.contains("tmpl-base.qcow2"),
+        "{overlay}"
+    );
     hv.start_vm(vm.id).await.unwrap();
     // The guest boots and sees its root disk and the cloud-init seed.
     let log = wait_for("the guest to boot", Duration::from_secs(90), || {
@@ -217,11 +238,11 @@ async fn guest_lifecycle() {
     assert!(!forced, "the guest ignored the ACPI power button");
     assert!(scratch.console_log(&name).contains("NOVACRON-GUEST-POWEROFF"));
 
-    // Removal leaves no volume and no definition behind.
+    // Removal leaves no volume and no definition behind, and the template.
     let removed = hv.remove(vm.id.to_string()).await.unwrap();
     assert_eq!(removed.len(), 2, "{removed:?}");
     assert!(c.lookup_domain_by_name(&name).is_err(), "domain still defined");
-    assert!(scratch.volumes().is_empty(), "{:?}", scratch.volumes());
+    assert_eq!(scratch.volumes(), ["tmpl-base.qcow2"]);
 }
 
 fn testbed_cmd(arg: &str) -> String {
@@ -350,4 +371,74 @@ fn vms_survive_agent_and_libvirtd_restarts_without_duplicates_or_stops() {
     wait_report(&server, &host, "the VM removed", |v| state_of(v, &name).is_none());
     assert!(conn().lookup_domain_by_name(&name).is_err());
     assert!(scratch.volumes().is_empty(), "{:?}", scratch.volumes());
+}
+
+#[test]
+fn a_hung_libvirtd_does_not_stop_heartbeats() {
+    let _serial = serial();
+    let t = tag();
+    let scratch = Scratch::new(&t);
+    let _ = conn();
+    let server = Server::start("heartbeat_interval = \"300ms\"");
+    let mut agent = Agent::on(
+        &format!("hang-{t}"),
+        URI,
+        &format!("{}\ncall_timeout = \"2s\"", scratch.vms_toml()),
+    );
+    agent.join(&server);
+    agent.start(&[]);
+    let host = agent.host_id.clone();
+    server.wait_connected(&host, true);
+    let (status, d) = server.send("PUT", &format!("/v1/hosts/{host}/vms"), &json!({"vms": []}));
+    assert_eq!(status, 200, "{d}");
+    wait_report(&server, &host, "a first converged pass", |_| true);
+
+    // Freeze libvirtd: every libvirt call now hangs.
+    let pid = testbed_cmd("libvirtd-pid");
+    let stop = |sig: &str| {
+        let st = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(st.success(), "kill {sig} {pid}");
+    };
+    stop("-STOP");
+    let thawed = scopeguard(|| {
+        let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    });
+    wait_for(
+        "the agent to notice the hung call",
+        Duration::from_secs(30),
+        || agent.log().contains("libvirt call hung").then_some(()),
+    );
+    // Heartbeats keep arriving while libvirt is frozen.
+    let seen = |s: &Server| s.host(&host)["last_seen_ms"].as_u64().unwrap();
+    let before = seen(&server);
+    std::thread::sleep(Duration::from_secs(3));
+    let h = server.host(&host);
+    assert_eq!(h["connected"], true, "{h}");
+    assert!(
+        seen(&server) >= before + 2000,
+        "heartbeats stalled while libvirt hung"
+    );
+
+    // libvirtd thaws: the agent recovers and converges on a new state.
+    stop("-CONT");
+    drop(thawed);
+    let (status, d) = server.send("PUT", &format!("/v1/hosts/{host}/vms"), &json!({"vms": []}));
+    assert_eq!(status, 200, "{d}");
+    let generation = d["generation"].as_u64().unwrap();
+    wait_report(&server, &host, "convergence after libvirtd thawed", |v| {
+        v["report"]["generation"] == generation
+    });
+}
+
+/// Runs `f` when dropped (a test that fails mid-way still thaws libvirtd).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }

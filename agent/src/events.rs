@@ -110,6 +110,9 @@ pub fn start_event_loop() -> Result<(), String> {
     static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
     STARTED
         .get_or_init(|| {
+            // Every libvirt error reaches us as a Result; libvirt's default
+            // handler would also print each one (even expected "not found"s).
+            virt::error::clear_error_callback();
             virt::event::event_register_default_impl().map_err(|e| e.to_string())?;
             std::thread::Builder::new()
                 .name("libvirt-events".into())

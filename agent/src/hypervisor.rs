@@ -48,10 +48,23 @@ pub enum HvError {
 
 type Job = Box<dyn FnOnce(&mut Driver) + Send>;
 
+/// At most this many abandoned (hung) driver threads at once; past that a
+/// timed-out call does not start yet another thread, so a libvirtd that
+/// hangs for hours costs a bounded number of threads.
+pub const MAX_STUCK_THREADS: i64 = 2;
+
+/// The current driver thread: its queue and whether it was abandoned.
+#[derive(Debug)]
+struct Worker {
+    jobs: std_mpsc::Sender<Job>,
+    abandoned: Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// Handle to the libvirt driver thread.
 #[derive(Debug, Clone)]
 pub struct Hypervisor {
-    jobs: Arc<Mutex<std_mpsc::Sender<Job>>>,
+    worker: Arc<Mutex<Worker>>,
+    stuck: Arc<std::sync::atomic::AtomicI64>,
     uri: String,
     timeout: Duration,
     setup: Arc<HostSetup>,
@@ -110,8 +123,11 @@ fn spawn_driver(
     setup: Arc<HostSetup>,
     sink: mpsc::UnboundedSender<LifecycleEvent>,
     connects: u64,
-) -> Result<std_mpsc::Sender<Job>, HvError> {
+    stuck: Arc<std::sync::atomic::AtomicI64>,
+) -> Result<Worker, HvError> {
     let (tx, rx) = std_mpsc::channel::<Job>();
+    let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = abandoned.clone();
     let mut d = Driver {
         uri: uri.to_string(),
         conn: None,
@@ -125,12 +141,16 @@ fn spawn_driver(
             while let Ok(job) = rx.recv() {
                 job(&mut d);
             }
+            if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                stuck.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                tracing::info!("an abandoned libvirt driver thread finished its call and exited");
+            }
         })
         .map_err(|e| HvError::Connect {
             uri: uri.to_string(),
             message: format!("cannot start the driver thread: {e}"),
         })?;
-    Ok(tx)
+    Ok(Worker { jobs: tx, abandoned })
 }
 
 impl Hypervisor {
@@ -147,10 +167,12 @@ impl Hypervisor {
         })?;
         let (sink, events) = mpsc::unbounded_channel();
         let setup = Arc::new(setup);
-        let tx = spawn_driver(uri, setup.clone(), sink.clone(), 0)?;
+        let stuck = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let worker = spawn_driver(uri, setup.clone(), sink.clone(), 0, stuck.clone())?;
         Ok((
             Self {
-                jobs: Arc::new(Mutex::new(tx)),
+                worker: Arc::new(Mutex::new(worker)),
+                stuck,
                 uri: uri.to_string(),
                 timeout,
                 setup,
@@ -188,25 +210,47 @@ impl Hypervisor {
         timeout: Duration,
         f: impl FnOnce(&mut Driver) -> Result<R, HvError> + Send + 'static,
     ) -> Result<R, HvError> {
+        use std::sync::atomic::Ordering;
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |d| {
+            // A caller that gave up (timed out) must not have its operation
+            // run late, after the thread it queued on comes unstuck.
+            if tx.is_closed() {
+                return;
+            }
             let _ = tx.send(f(d));
         });
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job)
-            .map_err(|_| HvError::Gone)?;
+        let mine = {
+            let w = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+            w.jobs.send(job).map_err(|_| HvError::Gone)?;
+            w.abandoned.clone()
+        };
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(HvError::Gone),
             Err(_) => {
-                let n = self.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let mut w = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+                if !Arc::ptr_eq(&mine, &w.abandoned) || mine.load(Ordering::SeqCst) {
+                    // Another caller already replaced the thread we queued on.
+                    return Err(HvError::Timeout(timeout));
+                }
+                if self.stuck.load(Ordering::SeqCst) >= MAX_STUCK_THREADS {
+                    tracing::warn!(uri = %self.uri, ?timeout, "libvirt still hung; not starting another driver thread");
+                    return Err(HvError::Timeout(timeout));
+                }
+                let n = self.abandoned.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::error!(uri = %self.uri, ?timeout, abandoned = n, "libvirt call hung; replacing the driver thread");
+                w.abandoned.store(true, Ordering::SeqCst);
+                self.stuck.fetch_add(1, Ordering::SeqCst);
                 // A large connect count marks the new thread's connections as
                 // new, so the reconciler re-reads everything.
-                let fresh = spawn_driver(&self.uri, self.setup.clone(), self.sink.clone(), n << 32)?;
-                *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+                *w = spawn_driver(
+                    &self.uri,
+                    self.setup.clone(),
+                    self.sink.clone(),
+                    n << 32,
+                    self.stuck.clone(),
+                )?;
                 Err(HvError::Timeout(timeout))
             }
         }
@@ -413,5 +457,73 @@ mod tests {
         let inv = hv.inventory().await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(inv.vms.len(), 1);
         drop(release);
+    }
+
+    #[tokio::test]
+    async fn a_long_hang_costs_a_bounded_number_of_threads() {
+        let (hv, _ev) = test_hv("test:///default", Duration::from_secs(2));
+        let (release, hang) = std_mpsc::channel::<()>();
+        let hang = Arc::new(Mutex::new(hang));
+        for _ in 0..5 {
+            let h = hang.clone();
+            let e = hv
+                .call_within(Duration::from_millis(100), move |_| {
+                    let _ = h.lock().map(|r| r.recv());
+                    Ok(())
+                })
+                .await
+                .unwrap_err();
+            assert!(matches!(e, HvError::Timeout(_)), "{e}");
+        }
+        use std::sync::atomic::Ordering;
+        assert_eq!(hv.abandoned.load(Ordering::SeqCst), MAX_STUCK_THREADS as u64);
+        assert_eq!(hv.stuck.load(Ordering::SeqCst), MAX_STUCK_THREADS);
+        // libvirt answers again: the stuck threads finish and exit.
+        drop(release);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while hv.stuck.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(hv.stuck.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_call_that_timed_out_never_runs_late() {
+        let (hv, _ev) = test_hv("test:///default", Duration::from_secs(2));
+        let (release, hang) = std_mpsc::channel::<()>();
+        let first = {
+            let hv = hv.clone();
+            tokio::spawn(async move {
+                hv.call_within(Duration::from_millis(300), move |_| {
+                    let _ = hang.recv();
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Queued behind the hung call; its caller gives up first.
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r = ran.clone();
+        let e = hv
+            .call_within(Duration::from_millis(100), move |_| {
+                r.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, HvError::Timeout(_)), "{e}");
+        assert!(first.await.is_ok_and(|r| r.is_err()));
+        // Unstick the old thread and let it drain its queue and exit.
+        drop(release);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while hv.stuck.load(std::sync::atomic::Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(hv.stuck.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(
+            !ran.load(std::sync::atomic::Ordering::SeqCst),
+            "a job whose caller gave up ran late"
+        );
     }
 }
