@@ -40,6 +40,15 @@ pub struct QuicConfig {
     /// DNS names and IPs written into the server certificate at `init`.
     #[serde(default = "default_server_names")]
     pub server_names: Vec<String>,
+    /// UDP receive buffer asked of the kernel, bytes. A fleet reconnecting
+    /// at once overflows the kernel default (~208 KiB); the kernel caps the
+    /// request at `net.core.rmem_max` (see packaging/etc/sysctl.d).
+    #[serde(default = "default_udp_buffer")]
+    pub udp_recv_buffer: usize,
+}
+
+fn default_udp_buffer() -> usize {
+    8 << 20
 }
 
 /// The web API (HTTP).
@@ -93,6 +102,7 @@ impl Default for QuicConfig {
         Self {
             listen: default_quic_listen(),
             server_names: default_server_names(),
+            udp_recv_buffer: default_udp_buffer(),
         }
     }
 }
@@ -147,6 +157,12 @@ impl ConfigFile for ServerConfig {
             return Err(ConfigError::Invalid {
                 key: "agents.cert_ttl",
                 message: "must be between 5s and 3650d".into(),
+            });
+        }
+        if self.quic.udp_recv_buffer > 1 << 30 {
+            return Err(ConfigError::Invalid {
+                key: "quic.udp_recv_buffer",
+                message: "must be at most 1 GiB (0 keeps the kernel default)".into(),
             });
         }
         if self.quic.server_names.is_empty() {

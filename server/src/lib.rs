@@ -79,6 +79,38 @@ impl Running {
     }
 }
 
+/// The QUIC endpoint on its own UDP socket, with a receive buffer big
+/// enough for a fleet reconnecting at once.
+fn server_endpoint(
+    server_cfg: quinn::ServerConfig,
+    addr: std::net::SocketAddr,
+    recv_buffer: usize,
+) -> std::io::Result<quinn::Endpoint> {
+    let sock = std::net::UdpSocket::bind(addr)?;
+    if recv_buffer > 0 {
+        let state = quinn::udp::UdpSocketState::new((&sock).into())?;
+        state.set_recv_buffer_size((&sock).into(), recv_buffer)?;
+        let granted = state.recv_buffer_size((&sock).into())?;
+        // Linux reports double the size set, so a full grant reads >= asked.
+        if granted < recv_buffer {
+            tracing::warn!(
+                asked = recv_buffer,
+                granted,
+                "the kernel capped the QUIC receive buffer; raise net.core.rmem_max \
+                 (packaging/etc/sysctl.d/90-novacron-server.conf) or bursts of agents may be dropped"
+            );
+        } else {
+            tracing::info!(bytes = granted, "QUIC receive buffer");
+        }
+    }
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_cfg),
+        sock,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+}
+
 /// Opens the store, binds the QUIC endpoint and the API, and starts serving.
 pub async fn start(cfg: &ServerConfig) -> Result<Running, StartError> {
     let dir = DataDir::new(&cfg.data_dir);
@@ -91,9 +123,11 @@ pub async fn start(cfg: &ServerConfig) -> Result<Running, StartError> {
         cfg.agents.session_timeout,
     )?;
     let endpoint =
-        quinn::Endpoint::server(server_cfg, cfg.quic.listen).map_err(|source| StartError::Bind {
-            addr: cfg.quic.listen,
-            source,
+        server_endpoint(server_cfg, cfg.quic.listen, cfg.quic.udp_recv_buffer).map_err(|source| {
+            StartError::Bind {
+                addr: cfg.quic.listen,
+                source,
+            }
         })?;
     let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
         addr: cfg.quic.listen,
