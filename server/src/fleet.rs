@@ -29,13 +29,25 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::AgentPolicy;
 use crate::ratelimit::LogLimiter;
-use crate::store::{DesiredRecord, HostRecord, HostState, JoinFailure, Store, StoreError, TokenRefusal};
+use crate::store::{DesiredRecord, HostRecord, HostState, Store, StoreError, TokenRefusal};
 use crate::{secrets, unix_ms, warn_limited};
 
 /// Largest frame accepted on an enrollment connection.
 const JOIN_FRAME_LEN: u32 = 64 * 1024;
 /// Time allowed for a handshake or for the first frame of a stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Joins waiting for the store; past this a join is refused as `Busy`.
+const JOIN_QUEUE: usize = 1024;
+/// Most joins committed in one transaction.
+const JOIN_BATCH: usize = 256;
+
+/// A signed join waiting to be committed.
+struct JoinJob {
+    hash: [u8; 32],
+    host: HostRecord,
+    reply: oneshot::Sender<Result<Result<(), TokenRefusal>, String>>,
+}
+
 /// How often a live session's last-seen time is persisted.
 const PERSIST_SEEN_EVERY: Duration = Duration::from_secs(15);
 
@@ -165,6 +177,7 @@ pub struct Fleet {
     revoked_hosts: RwLock<HashSet<HostId>>,
     next_conn: AtomicU64,
     events: mpsc::UnboundedSender<HostEvent>,
+    joins: mpsc::Sender<JoinJob>,
     limiter: LogLimiter,
     /// Counters.
     pub counters: FleetCounters,
@@ -198,6 +211,8 @@ impl Fleet {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(host_writer(store.clone(), rx));
+        let (joins, join_rx) = mpsc::channel(JOIN_QUEUE);
+        tokio::spawn(join_writer(store.clone(), join_rx));
         Ok(Arc::new(Self {
             store,
             ca,
@@ -207,6 +222,7 @@ impl Fleet {
             revoked_hosts: RwLock::new(hosts),
             next_conn: AtomicU64::new(1),
             events: tx,
+            joins,
             limiter: LogLimiter::new(20, Duration::from_secs(60)),
             counters: FleetCounters::default(),
         }))
@@ -391,70 +407,65 @@ impl Fleet {
                 message: e.to_string(),
             });
         }
-        let store = self.store.clone();
         let hash = secrets::hash(&req.token);
         let host_id = HostId::random();
         let now = SystemTime::now();
-        let validity = Validity::for_ttl(now, self.policy.cert_ttl);
-        let csr = req.csr_der.clone();
-        let name = clean_name(&req.hostname);
-        let agent_version = clean_name(&req.agent_version);
-        let address = conn.remote_address().to_string();
-        let signed = tokio::task::block_in_place(|| {
-            let mut cert = None;
-            let r = store.consume_join_token(&hash, unix_ms(now), || {
-                let der = self.ca.sign_host_csr(&csr, host_id, validity)?;
-                let info = CertInfo::parse(&der)?;
-                cert = Some(der);
-                Ok::<_, novacron_shared::pki::PkiError>(HostRecord {
-                    id: host_id,
-                    name,
-                    addresses: vec![address],
-                    capacity: Capacity::default(),
-                    agent_version,
-                    first_seen_ms: unix_ms(now),
-                    last_seen_ms: unix_ms(now),
-                    state: HostState::Enrolled,
-                    cert_serial: info.serial,
-                    cert_not_after: info.not_after,
-                })
-            });
-            r.map(|inner| inner.map(|h| (h, cert)))
-        });
         let internal = |e: &dyn std::fmt::Display| WireError {
             code: ErrorCode::Internal,
             message: format!("server could not complete the join: {e}"),
         };
-        match signed {
+        // Cheap checks first: nobody gets a signature for a bad token.
+        match self.store.check_join_token(&hash, unix_ms(now)) {
             Err(e) => {
                 tracing::error!(error = %e, "join failed in the store");
-                Err(internal(&e))
+                return Err(internal(&e));
             }
-            Ok(Err(JoinFailure::Token(refusal))) => {
-                let (code, message) = match refusal {
-                    TokenRefusal::Unknown => (
-                        ErrorCode::TokenInvalid,
-                        "unknown join token; create one with `novacron-server token create`",
-                    ),
-                    TokenRefusal::Expired => (
-                        ErrorCode::TokenExpired,
-                        "the join token has expired; create a new one",
-                    ),
-                    TokenRefusal::Used => (
-                        ErrorCode::TokenUsed,
-                        "the join token was already used; each token enrolls one host",
-                    ),
-                };
-                Err(WireError {
-                    code,
-                    message: message.into(),
-                })
-            }
-            Ok(Err(JoinFailure::Host(e))) => Err(WireError {
-                code: ErrorCode::BadCsr,
-                message: format!("the certificate signing request was refused: {e}"),
-            }),
-            Ok(Ok((host, Some(cert)))) => {
+            Ok(Err(refusal)) => return Err(token_error(refusal)),
+            Ok(Ok(())) => {}
+        }
+        // Sign outside any store transaction, so joins do not queue behind
+        // each other's CPU work.
+        let validity = Validity::for_ttl(now, self.policy.cert_ttl);
+        let signed = tokio::task::block_in_place(|| {
+            let der = self.ca.sign_host_csr(&req.csr_der, host_id, validity)?;
+            let info = CertInfo::parse(&der)?;
+            Ok::<_, novacron_shared::pki::PkiError>((der, info))
+        });
+        let (cert, info) = signed.map_err(|e| WireError {
+            code: ErrorCode::BadCsr,
+            message: format!("the certificate signing request was refused: {e}"),
+        })?;
+        let host = HostRecord {
+            id: host_id,
+            name: clean_name(&req.hostname),
+            addresses: vec![conn.remote_address().to_string()],
+            capacity: Capacity::default(),
+            agent_version: clean_name(&req.agent_version),
+            first_seen_ms: unix_ms(now),
+            last_seen_ms: unix_ms(now),
+            state: HostState::Enrolled,
+            cert_serial: info.serial,
+            cert_not_after: info.not_after,
+        };
+        if conn.close_reason().is_some() {
+            // The agent gave up waiting: do not enroll a host nobody holds.
+            return Err(internal(&"the agent closed the connection"));
+        }
+        // Commit in batches: a burst of joins costs one fsync per batch.
+        let (reply, committed) = oneshot::channel();
+        let job = JoinJob {
+            hash,
+            host: host.clone(),
+            reply,
+        };
+        if self.joins.try_send(job).is_err() {
+            return Err(WireError {
+                code: ErrorCode::Busy,
+                message: "the server has too many joins in flight; retry in a few seconds".into(),
+            });
+        }
+        match committed.await {
+            Ok(Ok(Ok(()))) => {
                 self.counters.joins.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(host_id = %host.id, name = %host.name, "host enrolled");
                 Ok(JoinReply {
@@ -463,7 +474,12 @@ impl Fleet {
                     ca_der: self.ca.cert_der().to_vec(),
                 })
             }
-            Ok(Ok((_, None))) => Err(internal(&"certificate missing after signing")),
+            Ok(Ok(Err(refusal))) => Err(token_error(refusal)),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "join failed in the store");
+                Err(internal(&e))
+            }
+            Err(_) => Err(internal(&"the join writer stopped")),
         }
     }
 
@@ -899,6 +915,63 @@ fn view(record: HostRecord, live: Option<&Arc<LiveSession>>) -> HostView {
                 .and_then(|i| i.as_ref().map(|i| i.vms.len()))
         }),
         record,
+    }
+}
+
+fn token_error(refusal: TokenRefusal) -> WireError {
+    let (code, message) = match refusal {
+        TokenRefusal::Unknown => (
+            ErrorCode::TokenInvalid,
+            "unknown join token; create one with `novacron-server token create`",
+        ),
+        TokenRefusal::Expired => (
+            ErrorCode::TokenExpired,
+            "the join token has expired; create a new one",
+        ),
+        TokenRefusal::Used => (
+            ErrorCode::TokenUsed,
+            "the join token was already used; each token enrolls one host",
+        ),
+    };
+    WireError {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Commits signed joins in batches: whatever queued while the previous
+/// batch was being written goes into the next transaction.
+async fn join_writer(store: Store, mut rx: mpsc::Receiver<JoinJob>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < JOIN_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let items: Vec<([u8; 32], HostRecord)> = batch.iter().map(|j| (j.hash, j.host.clone())).collect();
+        let s = store.clone();
+        let now = unix_ms(SystemTime::now());
+        let result = tokio::task::spawn_blocking(move || s.enroll(&items, now)).await;
+        match result {
+            Ok(Ok(outcomes)) => {
+                tracing::debug!(joins = batch.len(), "join batch committed");
+                for (j, o) in batch.into_iter().zip(outcomes) {
+                    let _ = j.reply.send(Ok(o));
+                }
+            }
+            Ok(Err(e)) => {
+                for j in batch {
+                    let _ = j.reply.send(Err(e.to_string()));
+                }
+            }
+            Err(e) => {
+                for j in batch {
+                    let _ = j.reply.send(Err(format!("join writer task failed: {e}")));
+                }
+            }
+        }
     }
 }
 

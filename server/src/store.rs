@@ -222,6 +222,15 @@ struct HostRecordV1 {
     cert_not_after: i64,
 }
 
+fn token_usable(rec: Option<&JoinTokenRecord>, now_ms: u64) -> Result<(), TokenRefusal> {
+    match rec {
+        None => Err(TokenRefusal::Unknown),
+        Some(r) if r.used_by.is_some() => Err(TokenRefusal::Used),
+        Some(r) if now_ms >= r.expires_ms => Err(TokenRefusal::Expired),
+        Some(_) => Ok(()),
+    }
+}
+
 /// The VMs one host should run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredRecord {
@@ -361,43 +370,82 @@ impl Store {
         Ok(())
     }
 
-    /// Consumes a join token and creates the host in one transaction.
-    /// `make_host` runs inside the transaction (to sign the certificate) and
-    /// its error aborts everything, leaving the token unused.
+    /// Whether a join token can be used now (a read; [`Store::enroll`]
+    /// checks again when it commits).
+    pub fn check_join_token(
+        &self,
+        hash: &[u8; 32],
+        now_ms: u64,
+    ) -> Result<Result<(), TokenRefusal>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(JOIN_TOKENS)?;
+        let rec = t
+            .get(hash)?
+            .map(|v| JoinTokenRecord::decode(v.value()))
+            .transpose()?;
+        Ok(token_usable(rec.as_ref(), now_ms))
+    }
+
+    /// Enrolls hosts: for each `(token hash, host)`, consumes the token and
+    /// creates the host, all in one transaction (one fsync for a burst of
+    /// joins). Each item gets its own outcome; a refused token changes
+    /// nothing for that item.
+    pub fn enroll(
+        &self,
+        items: &[([u8; 32], HostRecord)],
+        now_ms: u64,
+    ) -> Result<Vec<Result<(), TokenRefusal>>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let mut out = Vec::with_capacity(items.len());
+        {
+            let mut tokens = tx.open_table(JOIN_TOKENS)?;
+            let mut hosts = tx.open_table(HOSTS)?;
+            for (hash, host) in items {
+                let rec = tokens
+                    .get(hash)?
+                    .map(|v| JoinTokenRecord::decode(v.value()))
+                    .transpose()?;
+                match (token_usable(rec.as_ref(), now_ms), rec) {
+                    (Ok(()), Some(rec)) => {
+                        let used = JoinTokenRecord {
+                            used_by: Some(host.id),
+                            ..rec
+                        };
+                        tokens.insert(hash, used.encode()?.as_slice())?;
+                        hosts.insert(host.id.0, host.encode()?.as_slice())?;
+                        out.push(Ok(()));
+                    }
+                    (Ok(()), None) => out.push(Err(TokenRefusal::Unknown)),
+                    (Err(r), _) => out.push(Err(r)),
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Consumes a join token and creates the host made by `make_host`
+    /// (which signs the certificate). `make_host` runs only for a usable
+    /// token, and its error leaves the token unused.
     pub fn consume_join_token<E>(
         &self,
         hash: &[u8; 32],
         now_ms: u64,
         make_host: impl FnOnce() -> Result<HostRecord, E>,
     ) -> Result<Result<HostRecord, JoinFailure<E>>, StoreError> {
-        let tx = self.db.begin_write()?;
-        let host = {
-            let mut tokens = tx.open_table(JOIN_TOKENS)?;
-            let rec = match tokens.get(hash)? {
-                None => return Ok(Err(JoinFailure::Token(TokenRefusal::Unknown))),
-                Some(v) => JoinTokenRecord::decode(v.value())?,
-            };
-            if rec.used_by.is_some() {
-                return Ok(Err(JoinFailure::Token(TokenRefusal::Used)));
-            }
-            if now_ms >= rec.expires_ms {
-                return Ok(Err(JoinFailure::Token(TokenRefusal::Expired)));
-            }
-            let host = match make_host() {
-                Ok(h) => h,
-                Err(e) => return Ok(Err(JoinFailure::Host(e))),
-            };
-            let used = JoinTokenRecord {
-                used_by: Some(host.id),
-                ..rec
-            };
-            tokens.insert(hash, used.encode()?.as_slice())?;
-            tx.open_table(HOSTS)?
-                .insert(host.id.0, host.encode()?.as_slice())?;
-            host
+        if let Err(r) = self.check_join_token(hash, now_ms)? {
+            return Ok(Err(JoinFailure::Token(r)));
+        }
+        let host = match make_host() {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(JoinFailure::Host(e))),
         };
-        tx.commit()?;
-        Ok(Ok(host))
+        let outcome = self.enroll(&[(*hash, host.clone())], now_ms)?;
+        Ok(match outcome.into_iter().next() {
+            Some(Ok(())) => Ok(host),
+            Some(Err(r)) => Err(JoinFailure::Token(r)),
+            None => Err(JoinFailure::Token(TokenRefusal::Unknown)),
+        })
     }
 
     /// Writes host records (one transaction for all of them).
@@ -571,6 +619,47 @@ mod tests {
             cert_serial: format!("{id:x}"),
             cert_not_after: 0,
         }
+    }
+
+    #[test]
+    fn a_batch_of_joins_commits_each_token_once() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = Store::open(&dir.path().join("db.redb")).unwrap_or_else(|e| panic!("{e}"));
+        let tok = |expires_ms| JoinTokenRecord {
+            created_ms: 0,
+            expires_ms,
+            used_by: None,
+        };
+        s.put_join_token(&[1; 32], &tok(100))
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.put_join_token(&[2; 32], &tok(10))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let out = s
+            .enroll(
+                &[
+                    ([1; 32], host(1)),
+                    ([1; 32], host(2)),
+                    ([2; 32], host(3)),
+                    ([3; 32], host(4)),
+                ],
+                50,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            out,
+            [
+                Ok(()),
+                Err(TokenRefusal::Used),
+                Err(TokenRefusal::Expired),
+                Err(TokenRefusal::Unknown)
+            ]
+        );
+        let ids: Vec<u128> = s.hosts().unwrap_or_default().iter().map(|h| h.id.0).collect();
+        assert_eq!(ids, [1], "only the accepted join created a host");
+        assert_eq!(
+            s.check_join_token(&[1; 32], 50).ok(),
+            Some(Err(TokenRefusal::Used))
+        );
     }
 
     #[test]

@@ -392,11 +392,13 @@ pub enum ErrorCode {
     Timeout,
     /// The server failed internally; the message says where.
     Internal,
+    /// The server is overloaded; retry after a pause.
+    Busy,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         Self::UnsupportedVersion,
         Self::MalformedFrame,
         Self::FrameTooLarge,
@@ -412,6 +414,7 @@ impl ErrorCode {
         Self::Unsupported,
         Self::Timeout,
         Self::Internal,
+        Self::Busy,
     ];
 
     /// The QUIC application close code for this error (0 is a clean close).
