@@ -9,6 +9,7 @@ pub mod datadir;
 pub mod demo;
 pub mod fleet;
 pub mod ratelimit;
+pub mod scheduler;
 pub mod secrets;
 pub mod store;
 
