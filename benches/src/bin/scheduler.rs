@@ -54,13 +54,13 @@ fn fleet(n: usize) -> Vec<Host> {
         .map(|i| {
             let mut labels = BTreeMap::new();
             labels.insert("zone".to_string(), format!("z{}", i % 4));
-            if rng.next() % 4 == 0 {
+            if rng.next().is_multiple_of(4) {
                 labels.insert("ssd".to_string(), "true".to_string());
             }
             Host {
                 id: HostId(i as u128 + 1),
-                up: rng.next() % 50 != 0,
-                cordoned: rng.next() % 100 == 0,
+                up: !rng.next().is_multiple_of(50),
+                cordoned: rng.next().is_multiple_of(100),
                 cpus: [32, 64, 96][(rng.next() % 3) as usize],
                 memory_mib: [131_072, 262_144, 524_288][(rng.next() % 3) as usize],
                 storage_free_mib: 4 << 20,
@@ -85,7 +85,7 @@ fn requests(n: usize, args: &Args) -> Vec<(Request, Option<String>)> {
                 storage_mib: [10_240, 20_480, 51_200][(rng.next() % 3) as usize],
                 ..Request::default()
             };
-            if rng.next() % 10 == 0 {
+            if rng.next().is_multiple_of(10) {
                 r.required_labels.insert("ssd".into(), "true".into());
             }
             let g = if roll < args.anti_affinity_pct {
