@@ -29,7 +29,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::AgentPolicy;
 use crate::ratelimit::LogLimiter;
-use crate::store::{DesiredRecord, HostRecord, HostState, Store, StoreError, TokenRefusal};
+use crate::store::{
+    DesiredRecord, HostRecord, HostState, PlacementRules, Store, StoreError, TokenRefusal, VmRecord,
+};
 use crate::{secrets, unix_ms, warn_limited};
 
 /// Largest frame accepted on an enrollment connection.
@@ -795,28 +797,38 @@ impl Fleet {
         if !problems.is_empty() {
             return Err(DesiredError::Invalid(problems.join("; ")));
         }
-        let rec = self.store.update_desired(host, |cur| {
-            let old: HashMap<&str, &DesiredVm> = cur.vms.iter().map(|v| (v.spec.name.as_str(), v)).collect();
-            let vms = vms
-                .into_iter()
-                .map(|r| {
-                    let prev = old.get(r.spec.name.as_str());
-                    let id = r.id.or(prev.map(|p| p.id)).unwrap_or_else(VmId::random);
-                    let unchanged = prev.filter(|p| p.id == id && p.spec == r.spec && p.power == r.power);
-                    DesiredVm {
+        let old: HashMap<String, DesiredVm> = self
+            .store
+            .desired(host)?
+            .map(|d| d.vms.into_iter().map(|v| (v.spec.name.clone(), v)).collect())
+            .unwrap_or_default();
+        let now = unix_ms(SystemTime::now());
+        let records = vms
+            .into_iter()
+            .map(|r| {
+                let prev = old.get(&r.spec.name);
+                let id = r.id.or(prev.map(|p| p.id)).unwrap_or_else(VmId::random);
+                let unchanged = prev.filter(|p| p.id == id && p.spec == r.spec && p.power == r.power);
+                VmRecord {
+                    vm: DesiredVm {
                         id,
                         op_id: unchanged.map_or_else(OpId::random, |p| p.op_id),
                         spec: r.spec,
                         power: r.power,
-                    }
-                })
-                .collect();
-            Ok::<_, std::convert::Infallible>(DesiredRecord {
-                generation: cur.generation + 1,
-                vms,
+                    },
+                    host,
+                    rules: PlacementRules {
+                        host: Some(host),
+                        ..PlacementRules::default()
+                    },
+                    created_ms: now,
+                }
             })
-        })?;
-        let Ok(rec) = rec;
+            .collect();
+        let rec = self
+            .store
+            .replace_host_vms(host, records)?
+            .map_err(|e| DesiredError::Invalid(e.to_string()))?;
         self.send_to(
             host,
             ServerMessage::DesiredState(DesiredState {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use novacron_shared::codec;
-use novacron_shared::ids::HostId;
+use novacron_shared::ids::{HostId, VmId};
 use novacron_shared::protocol::Capacity;
 use novacron_shared::spec::DesiredVm;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -21,7 +21,11 @@ const HOSTS: TableDefinition<u128, &[u8]> = TableDefinition::new("hosts");
 const JOIN_TOKENS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("join_tokens");
 const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_serials");
 const API_TOKENS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("api_tokens");
-const DESIRED: TableDefinition<u128, &[u8]> = TableDefinition::new("desired_vms");
+const VMS: TableDefinition<u128, &[u8]> = TableDefinition::new("vms");
+const VM_NAMES: TableDefinition<&str, u128> = TableDefinition::new("vm_names");
+const HOST_VMS: TableDefinition<(u128, u128), ()> = TableDefinition::new("host_vms");
+const HOST_GENERATION: TableDefinition<u128, u64> = TableDefinition::new("host_generation");
+const CORDONS: TableDefinition<u128, u64> = TableDefinition::new("cordons");
 
 /// The layout version of the database as a whole.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -222,6 +226,49 @@ struct HostRecordV1 {
     cert_not_after: i64,
 }
 
+fn bump_generation(tx: &redb::WriteTransaction, host: HostId) -> Result<(), StoreError> {
+    let mut t = tx.open_table(HOST_GENERATION)?;
+    let g = t.get(host.0)?.map_or(0, |g| g.value());
+    t.insert(host.0, g + 1)?;
+    Ok(())
+}
+
+fn put_vm(tx: &redb::WriteTransaction, v: &VmRecord) -> Result<Result<(), NameTaken>, StoreError> {
+    let mut names = tx.open_table(VM_NAMES)?;
+    let mut vms = tx.open_table(VMS)?;
+    if let Some(other) = names.get(v.vm.spec.name.as_str())?.map(|x| x.value()) {
+        if other != v.vm.id.0 {
+            return Ok(Err(NameTaken(v.vm.spec.name.clone())));
+        }
+    }
+    if let Some(old) = vms
+        .get(v.vm.id.0)?
+        .map(|x| VmRecord::decode(x.value()))
+        .transpose()?
+    {
+        if old.vm.spec.name != v.vm.spec.name {
+            names.remove(old.vm.spec.name.as_str())?;
+        }
+    }
+    names.insert(v.vm.spec.name.as_str(), v.vm.id.0)?;
+    vms.insert(v.vm.id.0, v.encode()?.as_slice())?;
+    tx.open_table(HOST_VMS)?.insert((v.host.0, v.vm.id.0), ())?;
+    Ok(Ok(()))
+}
+
+fn remove_vm(tx: &redb::WriteTransaction, id: u128) -> Result<Option<VmRecord>, StoreError> {
+    let old = tx
+        .open_table(VMS)?
+        .remove(id)?
+        .map(|x| VmRecord::decode(x.value()))
+        .transpose()?;
+    if let Some(o) = &old {
+        tx.open_table(VM_NAMES)?.remove(o.vm.spec.name.as_str())?;
+        tx.open_table(HOST_VMS)?.remove((o.host.0, id))?;
+    }
+    Ok(old)
+}
+
 fn token_usable(rec: Option<&JoinTokenRecord>, now_ms: u64) -> Result<(), TokenRefusal> {
     match rec {
         None => Err(TokenRefusal::Unknown),
@@ -240,10 +287,53 @@ pub struct DesiredRecord {
     pub vms: Vec<DesiredVm>,
 }
 
-impl Record for DesiredRecord {
-    const TABLE: &'static str = "desired_vms";
+/// One VM: what it should be and where it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The VM, as its host's agent gets it.
+    pub vm: DesiredVm,
+    /// The host it is placed on.
+    pub host: HostId,
+    /// The rules it was placed by (kept for later placements: groups).
+    pub rules: PlacementRules,
+    /// Creation time, Unix ms.
+    pub created_ms: u64,
+}
+
+impl Record for VmRecord {
+    const TABLE: &'static str = "vms";
     const VERSION: u8 = 1;
 }
+
+/// Placement rules of a VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementRules {
+    /// Put it on this host (skips the scheduler's scoring, not its filters).
+    #[serde(default)]
+    pub host: Option<HostId>,
+    /// Labels the host must carry.
+    #[serde(default)]
+    pub required_labels: std::collections::BTreeMap<String, String>,
+    /// Prefer hosts running VMs of this group.
+    #[serde(default)]
+    pub affinity: Option<String>,
+    /// Never share a host with another VM of this group.
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
+}
+
+impl PlacementRules {
+    /// The group this VM belongs to, if any.
+    pub fn group(&self) -> Option<&str> {
+        self.anti_affinity.as_deref().or(self.affinity.as_deref())
+    }
+}
+
+/// A VM name is already taken by another VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a VM named {0:?} already exists")]
+pub struct NameTaken(pub String);
 
 /// A join token (stored by hash only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -355,7 +445,11 @@ impl Store {
             tx.open_table(JOIN_TOKENS)?;
             tx.open_table(REVOKED)?;
             tx.open_table(API_TOKENS)?;
-            tx.open_table(DESIRED)?;
+            tx.open_table(VMS)?;
+            tx.open_table(VM_NAMES)?;
+            tx.open_table(HOST_VMS)?;
+            tx.open_table(HOST_GENERATION)?;
+            tx.open_table(CORDONS)?;
         }
         tx.commit()?;
         Ok(Self { db: Arc::new(db) })
@@ -490,37 +584,153 @@ impl Store {
         t.get(id.0)?.map(|v| HostRecord::decode(v.value())).transpose()
     }
 
-    /// A host's desired VMs, if any were ever set.
+    /// A host's desired VMs (generation 0 and none if never set).
     pub fn desired(&self, id: HostId) -> Result<Option<DesiredRecord>, StoreError> {
         let tx = self.db.begin_read()?;
-        let t = tx.open_table(DESIRED)?;
-        t.get(id.0)?.map(|v| DesiredRecord::decode(v.value())).transpose()
+        let generation = tx.open_table(HOST_GENERATION)?.get(id.0)?.map(|g| g.value());
+        let Some(generation) = generation else {
+            return Ok(None);
+        };
+        let vms = tx.open_table(VMS)?;
+        let mut out = Vec::new();
+        for row in tx.open_table(HOST_VMS)?.range((id.0, 0)..=(id.0, u128::MAX))? {
+            let (k, _) = row?;
+            if let Some(v) = vms.get(k.value().1)? {
+                out.push(VmRecord::decode(v.value())?.vm);
+            }
+        }
+        Ok(Some(DesiredRecord { generation, vms: out }))
     }
 
-    /// Replaces a host's desired VMs through `change`, which sees the
-    /// current record, in one durable transaction; returns the new record.
-    pub fn update_desired<E>(
+    /// Replaces the VMs placed on `host` with `vms` (pinned there), in one
+    /// transaction: VMs of the host not listed are deleted. Returns the
+    /// host's new desired state.
+    pub fn replace_host_vms(
         &self,
-        id: HostId,
-        change: impl FnOnce(DesiredRecord) -> Result<DesiredRecord, E>,
-    ) -> Result<Result<DesiredRecord, E>, StoreError> {
+        host: HostId,
+        vms: Vec<VmRecord>,
+    ) -> Result<Result<DesiredRecord, NameTaken>, StoreError> {
         let tx = self.db.begin_write()?;
-        let rec = {
-            let mut t = tx.open_table(DESIRED)?;
-            let cur = t
-                .get(id.0)?
-                .map(|v| DesiredRecord::decode(v.value()))
-                .transpose()?
-                .unwrap_or_default();
-            let next = match change(cur) {
-                Ok(n) => n,
-                Err(e) => return Ok(Err(e)),
-            };
-            t.insert(id.0, next.encode()?.as_slice())?;
-            next
-        };
+        {
+            let keep: std::collections::HashSet<u128> = vms.iter().map(|v| v.vm.id.0).collect();
+            let current: Vec<u128> = tx
+                .open_table(HOST_VMS)?
+                .range((host.0, 0)..=(host.0, u128::MAX))?
+                .map(|r| r.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()?;
+            for id in current.into_iter().filter(|id| !keep.contains(id)) {
+                remove_vm(&tx, id)?;
+            }
+            for v in vms {
+                if let Err(e) = put_vm(&tx, &v)? {
+                    return Ok(Err(e));
+                }
+            }
+            bump_generation(&tx, host)?;
+        }
         tx.commit()?;
-        Ok(Ok(rec))
+        Ok(Ok(self.desired(host)?.unwrap_or_default()))
+    }
+
+    /// Adds or replaces one VM; returns its host's new desired state. A VM
+    /// that moved hosts is removed from the old host's state too (that
+    /// host's generation is bumped as well).
+    pub fn put_vm(&self, v: &VmRecord) -> Result<Result<DesiredRecord, NameTaken>, StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let old = tx
+                .open_table(VMS)?
+                .get(v.vm.id.0)?
+                .map(|x| VmRecord::decode(x.value()))
+                .transpose()?;
+            if let Err(e) = put_vm(&tx, v)? {
+                return Ok(Err(e));
+            }
+            if let Some(old) = old.filter(|o| o.host != v.host) {
+                tx.open_table(HOST_VMS)?.remove((old.host.0, v.vm.id.0))?;
+                bump_generation(&tx, old.host)?;
+            }
+            bump_generation(&tx, v.host)?;
+        }
+        tx.commit()?;
+        Ok(Ok(self.desired(v.host)?.unwrap_or_default()))
+    }
+
+    /// Deletes a VM; returns its record (and so its host) if it existed.
+    pub fn delete_vm(&self, id: VmId) -> Result<Option<VmRecord>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let old = remove_vm(&tx, id.0)?;
+        if let Some(o) = &old {
+            bump_generation(&tx, o.host)?;
+        }
+        tx.commit()?;
+        Ok(old)
+    }
+
+    /// One VM.
+    pub fn vm(&self, id: VmId) -> Result<Option<VmRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(VMS)?;
+        t.get(id.0)?.map(|v| VmRecord::decode(v.value())).transpose()
+    }
+
+    /// One VM, by name.
+    pub fn vm_by_name(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let Some(id) = tx.open_table(VM_NAMES)?.get(name)?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let t = tx.open_table(VMS)?;
+        t.get(id)?.map(|v| VmRecord::decode(v.value())).transpose()
+    }
+
+    /// VMs in id order, starting after `after`, at most `limit`.
+    pub fn vms(&self, after: Option<VmId>, limit: usize) -> Result<Vec<VmRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(VMS)?;
+        let mut out = Vec::new();
+        let iter = match after {
+            Some(a) if a.0 == u128::MAX => return Ok(out),
+            Some(a) => t.range(a.0 + 1..)?,
+            None => t.range(0..)?,
+        };
+        for row in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = row?;
+            out.push(VmRecord::decode(v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Cordons or uncordons a host. Returns false for an unknown host.
+    pub fn set_cordon(&self, id: HostId, cordoned: bool, now_ms: u64) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write()?;
+        if tx.open_table(HOSTS)?.get(id.0)?.is_none() {
+            return Ok(false);
+        }
+        {
+            let mut t = tx.open_table(CORDONS)?;
+            if cordoned {
+                t.insert(id.0, now_ms)?;
+            } else {
+                t.remove(id.0)?;
+            }
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Cordoned hosts.
+    pub fn cordons(&self) -> Result<std::collections::HashSet<HostId>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(CORDONS)?;
+        let mut out = std::collections::HashSet::new();
+        for row in t.iter()? {
+            out.insert(HostId(row?.0.value()));
+        }
+        Ok(out)
     }
 
     /// All hosts, by id.
