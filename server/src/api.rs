@@ -23,10 +23,13 @@ use novacron_shared::ids::HostId;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::fleet::{CommandError, DesiredError, Fleet, RevokeError, VmRequest};
+use crate::fleet::{CommandError, CreateVm, DesiredError, Fleet, RevokeError, VmError, VmRequest};
 use crate::ratelimit::LogLimiter;
 use crate::store::{Role, Store};
 use crate::{secrets, warn_limited};
+use novacron_shared::ids::VmId;
+use novacron_shared::protocol::CommandKind;
+use novacron_shared::spec::Power;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -266,6 +269,118 @@ impl Api {
                     )),
                 }
             }
+            (Method::POST, ["v1", "hosts", id, action @ ("cordon" | "uncordon")]) => {
+                need_admin()?;
+                let id = parse_host_id(id)?;
+                if !self
+                    .fleet
+                    .set_cordon(id, *action == "cordon")
+                    .map_err(|e| internal(&e))?
+                {
+                    return Err(no_host(id));
+                }
+                match self.fleet.host(id).map_err(|e| internal(&e))? {
+                    Some(h) => ok(StatusCode::OK, &h),
+                    None => Err(no_host(id)),
+                }
+            }
+            (Method::POST, ["v1", "vms"]) => {
+                need_admin()?;
+                let body: CreateVm = read_json(req).await?;
+                let rec = self.fleet.create_vm(body).map_err(vm_error)?;
+                ok(StatusCode::CREATED, &self.fleet.vm_view(rec))
+            }
+            (Method::GET, ["v1", "vms"]) => {
+                let q = Query::parse(req.uri().query());
+                let limit = q.number("limit", 100)?.clamp(1, 1000);
+                let after = q.get("after").map(parse_vm_id).transpose()?;
+                let host = q.get("host").map(parse_host_id).transpose()?;
+                let prefix = q.get("name_prefix").unwrap_or("");
+                let mut out = Vec::new();
+                let mut cursor = after;
+                let mut next = None;
+                'pages: loop {
+                    let page = self.fleet.store().vms(cursor, 1024).map_err(|e| internal(&e))?;
+                    let Some(last) = page.last() else { break };
+                    cursor = Some(last.vm.id);
+                    for r in page {
+                        if host.is_some_and(|h| h != r.host) || !r.vm.spec.name.starts_with(prefix) {
+                            continue;
+                        }
+                        if out.len() == limit {
+                            next = out.last().map(|v: &crate::fleet::VmView| v.record.vm.id);
+                            break 'pages;
+                        }
+                        out.push(self.fleet.vm_view(r));
+                    }
+                }
+                ok(StatusCode::OK, &json!({"vms": out, "next": next}))
+            }
+            (Method::GET, ["v1", "vms", id]) => {
+                let id = parse_vm_id(id)?;
+                let rec = self.fleet.store().vm(id).map_err(|e| internal(&e))?;
+                match rec {
+                    Some(r) => ok(StatusCode::OK, &self.fleet.vm_view(r)),
+                    None => Err(vm_error(VmError::NotFound(id))),
+                }
+            }
+            (Method::DELETE, ["v1", "vms", id]) => {
+                need_admin()?;
+                let id = parse_vm_id(id)?;
+                let rec = self.fleet.delete_vm(id).map_err(vm_error)?;
+                ok(StatusCode::OK, &json!({"deleted": rec}))
+            }
+            (Method::POST, ["v1", "vms", id, action @ ("start" | "stop" | "suspend" | "resume")]) => {
+                need_admin()?;
+                let id = parse_vm_id(id)?;
+                let power = match *action {
+                    "stop" => Power::Stopped,
+                    "suspend" => Power::Paused,
+                    _ => Power::Running,
+                };
+                let rec = self.fleet.set_power(id, power).map_err(vm_error)?;
+                ok(StatusCode::ACCEPTED, &self.fleet.vm_view(rec))
+            }
+            (Method::POST, ["v1", "vms", id, "reboot"]) => {
+                need_admin()?;
+                let id = parse_vm_id(id)?;
+                self.vm_command(id, CommandKind::Reboot { vm: id }).await
+            }
+            (Method::POST, ["v1", "vms", id, "snapshots"]) => {
+                need_admin()?;
+                let id = parse_vm_id(id)?;
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    name: String,
+                }
+                let body: Body = read_json(req).await?;
+                novacron_shared::spec::check_name(&body.name, 63).map_err(|m| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("name: {m}"))
+                })?;
+                self.vm_command(
+                    id,
+                    CommandKind::SnapshotCreate {
+                        vm: id,
+                        name: body.name,
+                    },
+                )
+                .await
+            }
+            (Method::POST, ["v1", "vms", id, "snapshots", name, "revert"]) => {
+                need_admin()?;
+                let id = parse_vm_id(id)?;
+                let name = name.to_string();
+                self.vm_command(id, CommandKind::SnapshotRevert { vm: id, name })
+                    .await
+            }
+            (Method::DELETE, ["v1", "vms", id, "snapshots", name]) => {
+                need_admin()?;
+                let id = parse_vm_id(id)?;
+                let name = name.to_string();
+                self.vm_command(id, CommandKind::SnapshotDelete { vm: id, name })
+                    .await
+            }
             (Method::POST, ["v1", "join-tokens"]) => {
                 need_admin()?;
                 #[derive(Deserialize)]
@@ -297,7 +412,12 @@ impl Api {
                 _,
                 ["v1", "hosts"]
                 | ["v1", "hosts", _]
-                | ["v1", "hosts", _, "revoke" | "vms" | "commands"]
+                | ["v1", "hosts", _, "revoke" | "vms" | "commands" | "cordon" | "uncordon"]
+                | ["v1", "vms"]
+                | ["v1", "vms", _]
+                | ["v1", "vms", _, _]
+                | ["v1", "vms", _, "snapshots", _]
+                | ["v1", "vms", _, "snapshots", _, "revert"]
                 | ["v1", "join-tokens"],
             ) => Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -309,6 +429,80 @@ impl Api {
                 "not_found",
                 format!("no route for {path}"),
             )),
+        }
+    }
+}
+
+impl Api {
+    /// Runs a command on the agent of the VM's host.
+    async fn vm_command(&self, id: VmId, kind: CommandKind) -> Result<Resp, ApiError> {
+        let rec = self
+            .fleet
+            .store()
+            .vm(id)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))?
+            .ok_or_else(|| vm_error(VmError::NotFound(id)))?;
+        match self.fleet.command(rec.host, kind, COMMAND_TIMEOUT).await {
+            Ok((op_id, outcome)) => ok(StatusCode::OK, &json!({"op_id": op_id, "outcome": outcome})),
+            Err(e @ CommandError::NotConnected(_)) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "not_connected",
+                e.to_string(),
+            )),
+            Err(e @ CommandError::Timeout { .. }) => Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                e.to_string(),
+            )),
+        }
+    }
+}
+
+fn vm_error(e: VmError) -> ApiError {
+    match e {
+        VmError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", m),
+        e @ VmError::NameTaken(_) => ApiError::new(StatusCode::CONFLICT, "name_taken", e.to_string()),
+        e @ VmError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+        VmError::NoFit(n) => ApiError::new(StatusCode::CONFLICT, "no_capacity", n.to_string()),
+        VmError::Store(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+    }
+}
+
+fn parse_vm_id(s: &str) -> Result<VmId, ApiError> {
+    s.parse().map_err(|e: novacron_shared::ids::ParseIdError| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", e.to_string())
+    })
+}
+
+/// A parsed query string (values are ids, numbers and names: no
+/// percent-decoding needed, and anything else is refused by the parsers).
+struct Query<'a>(Vec<(&'a str, &'a str)>);
+
+impl<'a> Query<'a> {
+    fn parse(q: Option<&'a str>) -> Self {
+        Query(
+            q.unwrap_or("")
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| p.split_once('=').unwrap_or((p, "")))
+                .collect(),
+        )
+    }
+
+    fn get(&self, k: &str) -> Option<&'a str> {
+        self.0.iter().find(|(key, _)| *key == k).map(|(_, v)| *v)
+    }
+
+    fn number(&self, k: &str, default: usize) -> Result<usize, ApiError> {
+        match self.get(k) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    format!("{k}={v:?} is not a number"),
+                )
+            }),
         }
     }
 }

@@ -28,6 +28,9 @@ pub struct ServerConfig {
     /// Agent policies.
     #[serde(default)]
     pub agents: AgentPolicy,
+    /// VM placement.
+    #[serde(default)]
+    pub scheduler: crate::scheduler::Policy,
 }
 
 /// The agent link (QUIC).
@@ -128,6 +131,7 @@ impl Default for ServerConfig {
             data_dir: default_data_dir(),
             quic: QuicConfig::default(),
             api: ApiConfig::default(),
+            scheduler: crate::scheduler::Policy::default(),
             agents: AgentPolicy::default(),
         }
     }
@@ -136,6 +140,12 @@ impl Default for ServerConfig {
 impl ConfigFile for ServerConfig {
     /// Checks ranges and relations between values.
     fn validate(&self) -> Result<(), ConfigError> {
+        self.scheduler
+            .validate()
+            .map_err(|message| ConfigError::Invalid {
+                key: "scheduler",
+                message,
+            })?;
         let hb = self.agents.heartbeat_interval;
         if hb < Duration::from_millis(100) || hb > Duration::from_secs(60) {
             return Err(ConfigError::Invalid {

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::AgentPolicy;
 use crate::ratelimit::LogLimiter;
+use crate::scheduler;
 use crate::store::{
     DesiredRecord, HostRecord, HostState, PlacementRules, Store, StoreError, TokenRefusal, VmRecord,
 };
@@ -82,6 +83,62 @@ pub struct VmRequest {
     /// The power state (default running).
     #[serde(default)]
     pub power: Power,
+}
+
+/// A request to create a VM.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// The spec.
+    pub spec: VmSpec,
+    /// The power state (default running).
+    #[serde(default)]
+    pub power: Power,
+    /// Placement rules.
+    #[serde(default)]
+    pub placement: PlacementRules,
+}
+
+/// A VM with its observed state.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmView {
+    /// The stored VM.
+    #[serde(flatten)]
+    pub record: VmRecord,
+    /// What its host last reported of it (absent while unknown).
+    pub observed: Option<novacron_shared::protocol::VmObserved>,
+}
+
+/// A VM request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The request is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The name is taken.
+    #[error("a VM named {0:?} already exists")]
+    NameTaken(String),
+    /// No such VM.
+    #[error("no VM with id {0}")]
+    NotFound(VmId),
+    /// Nothing fits.
+    #[error(transparent)]
+    NoFit(scheduler::NoFit),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The scheduler's request for a VM.
+pub fn request_for(spec: &VmSpec, rules: &PlacementRules) -> scheduler::Request {
+    scheduler::Request {
+        vcpus: u64::from(spec.vcpus),
+        memory_mib: spec.memory_mib,
+        storage_mib: spec.disks.iter().map(|d| d.size_mib.unwrap_or(0)).sum(),
+        required_labels: rules.required_labels.clone(),
+        affinity: rules.affinity.clone(),
+        anti_affinity: rules.anti_affinity.clone(),
+    }
 }
 
 /// A host's VMs: what should be, what is, and what the agent last said.
@@ -180,6 +237,8 @@ pub struct Fleet {
     next_conn: AtomicU64,
     events: mpsc::UnboundedSender<HostEvent>,
     joins: mpsc::Sender<JoinJob>,
+    scheduler: Mutex<scheduler::Scheduler>,
+    sched_policy: scheduler::Policy,
     limiter: LogLimiter,
     /// Counters.
     pub counters: FleetCounters,
@@ -204,7 +263,12 @@ pub enum RevokeError {
 
 impl Fleet {
     /// Builds the session layer and starts its store writer task.
-    pub fn new(store: Store, ca: FleetCa, policy: AgentPolicy) -> Result<Arc<Self>, StoreError> {
+    pub fn new(
+        store: Store,
+        ca: FleetCa,
+        policy: AgentPolicy,
+        scheduler_policy: scheduler::Policy,
+    ) -> Result<Arc<Self>, StoreError> {
         let mut serials = HashSet::new();
         let mut hosts = HashSet::new();
         for (serial, rec) in store.revoked_serials()? {
@@ -225,6 +289,8 @@ impl Fleet {
             next_conn: AtomicU64::new(1),
             events: tx,
             joins,
+            scheduler: Mutex::new(scheduler::Scheduler::default()),
+            sched_policy: scheduler_policy,
             limiter: LogLimiter::new(20, Duration::from_secs(60)),
             counters: FleetCounters::default(),
         }))
@@ -236,6 +302,11 @@ impl Fleet {
             let fleet = self.clone();
             tokio::spawn(async move { fleet.handle_incoming(incoming).await });
         }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Number of open sessions.
@@ -837,6 +908,152 @@ impl Fleet {
             }),
         );
         Ok(rec)
+    }
+
+    /// The scheduler's view of the fleet: hosts with capacity, what their
+    /// VMs claim, their groups, cordons and liveness.
+    pub fn scheduler_hosts(&self) -> Result<Vec<scheduler::Host>, StoreError> {
+        let cordons = self.store.cordons()?;
+        let sessions: HashMap<HostId, Arc<LiveSession>> = self.lock_sessions().clone();
+        let mut hosts: Vec<scheduler::Host> = self
+            .store
+            .hosts()?
+            .into_iter()
+            .filter(|h| h.state != HostState::Revoked)
+            .map(|h| {
+                let live = sessions.get(&h.id);
+                let capacity = live
+                    .and_then(|s| lock(&s.inventory).as_ref().map(|i| i.capacity))
+                    .unwrap_or(h.capacity);
+                scheduler::Host {
+                    id: h.id,
+                    up: live.is_some(),
+                    cordoned: cordons.contains(&h.id),
+                    cpus: capacity.cpus,
+                    memory_mib: capacity.memory_mib,
+                    storage_free_mib: capacity.storage_free_mib,
+                    labels: Default::default(),
+                    load: None,
+                    used: scheduler::Usage::default(),
+                    groups: HashSet::new(),
+                }
+            })
+            .collect();
+        let index: HashMap<HostId, usize> = hosts.iter().enumerate().map(|(i, h)| (h.id, i)).collect();
+        let mut after = None;
+        loop {
+            let page = self.store.vms(after, 4096)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.vm.id);
+            for v in &page {
+                if let Some(&i) = index.get(&v.host) {
+                    let h = &mut hosts[i];
+                    let r = request_for(&v.vm.spec, &v.rules);
+                    h.used.vcpus += r.vcpus;
+                    h.used.memory_mib += r.memory_mib;
+                    if let Some(g) = v.rules.group() {
+                        h.groups.insert(g.to_string());
+                    }
+                }
+            }
+        }
+        Ok(hosts)
+    }
+
+    /// Validates, places and stores a new VM, then tells its host.
+    pub fn create_vm(&self, req: CreateVm) -> Result<VmRecord, VmError> {
+        req.spec.validate().map_err(|e| VmError::Invalid(e.to_string()))?;
+        for g in [&req.placement.affinity, &req.placement.anti_affinity]
+            .into_iter()
+            .flatten()
+        {
+            novacron_shared::spec::check_name(g, 63)
+                .map_err(|m| VmError::Invalid(format!("placement group {m}")))?;
+        }
+        // One placement at a time: the next one sees this one's claim.
+        let mut sched = lock(&self.scheduler);
+        if self.store.vm_by_name(&req.spec.name)?.is_some() {
+            return Err(VmError::NameTaken(req.spec.name));
+        }
+        let mut hosts = self.scheduler_hosts()?;
+        if let Some(pin) = req.placement.host {
+            hosts.retain(|h| h.id == pin);
+            if hosts.is_empty() {
+                return Err(VmError::Invalid(format!("placement.host: no host with id {pin}")));
+            }
+        }
+        let r = request_for(&req.spec, &req.placement);
+        let host = sched
+            .place(&self.sched_policy, &hosts, &r)
+            .map_err(VmError::NoFit)?;
+        drop(sched);
+        let rec = VmRecord {
+            vm: DesiredVm {
+                id: VmId::random(),
+                op_id: OpId::random(),
+                spec: req.spec,
+                power: req.power,
+            },
+            host,
+            rules: req.placement,
+            created_ms: unix_ms(SystemTime::now()),
+        };
+        let desired = self.store.put_vm(&rec)?.map_err(|e| VmError::NameTaken(e.0))?;
+        tracing::info!(vm = %rec.vm.spec.name, id = %rec.vm.id, host = %host, "VM placed");
+        self.push_desired(host, desired);
+        Ok(rec)
+    }
+
+    /// Changes a VM's power state.
+    pub fn set_power(&self, id: VmId, power: Power) -> Result<VmRecord, VmError> {
+        let mut rec = self.store.vm(id)?.ok_or(VmError::NotFound(id))?;
+        if rec.vm.power != power {
+            rec.vm.power = power;
+            rec.vm.op_id = OpId::random();
+            let desired = self.store.put_vm(&rec)?.map_err(|e| VmError::NameTaken(e.0))?;
+            self.push_desired(rec.host, desired);
+        }
+        Ok(rec)
+    }
+
+    /// Deletes a VM; its host's agent removes it.
+    pub fn delete_vm(&self, id: VmId) -> Result<VmRecord, VmError> {
+        let rec = self.store.delete_vm(id)?.ok_or(VmError::NotFound(id))?;
+        if let Some(d) = self.store.desired(rec.host)? {
+            self.push_desired(rec.host, d);
+        }
+        tracing::info!(vm = %rec.vm.spec.name, id = %id, "VM deleted");
+        Ok(rec)
+    }
+
+    /// A VM with what its host last observed of it.
+    pub fn vm_view(&self, rec: VmRecord) -> VmView {
+        let live = self.lock_sessions().get(&rec.host).cloned();
+        let uuid = rec.vm.id.to_string();
+        let observed = live.and_then(|s| {
+            lock(&s.inventory)
+                .as_ref()
+                .and_then(|i| i.vms.iter().find(|o| o.uuid == uuid).cloned())
+        });
+        VmView {
+            record: rec,
+            observed,
+        }
+    }
+
+    /// Cordons (no new VMs) or uncordons a host.
+    pub fn set_cordon(&self, id: HostId, cordoned: bool) -> Result<bool, StoreError> {
+        self.store.set_cordon(id, cordoned, unix_ms(SystemTime::now()))
+    }
+
+    fn push_desired(&self, host: HostId, d: DesiredRecord) {
+        self.send_to(
+            host,
+            ServerMessage::DesiredState(DesiredState {
+                generation: d.generation,
+                vms: d.vms,
+            }),
+        );
     }
 
     /// A host's desired and observed VMs.

@@ -144,7 +144,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<Running, StartError> {
         addr: cfg.api.listen,
         source,
     })?;
-    let fleet = Fleet::new(store.clone(), pki.ca, cfg.agents.clone())?;
+    let fleet = Fleet::new(store.clone(), pki.ca, cfg.agents.clone(), cfg.scheduler)?;
     tokio::spawn(fleet.clone().serve(endpoint.clone()));
     tokio::spawn(api::Api::new(fleet.clone(), store).serve(listener));
     tracing::info!(%quic_addr, %api_addr, "novacron-server started");
