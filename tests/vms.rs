@@ -141,10 +141,13 @@ fn desired_vms_converge_report_events_and_take_commands() {
         ]),
     );
     let generation = d["generation"].as_u64().unwrap();
-    assert_eq!(
-        d["vms"][0]["id"], web1["id"],
-        "the VM keeps its id across updates"
-    );
+    let web1_again = d["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["spec"]["name"] == "web-1")
+        .unwrap();
+    assert_eq!(web1_again["id"], web1["id"], "the VM keeps its id across updates");
     let v = wait_converged(&server, &host, generation);
     assert_eq!(observed(&v, "web-1").unwrap()["state"], "Stopped");
     assert_eq!(observed(&v, "web-2").unwrap()["state"], "Running");
