@@ -190,6 +190,13 @@ fn vms_are_placed_within_capacity_and_rules_and_run() {
         assert_eq!(status, 400, "{body}: {v}");
         assert!(v["error"]["message"].as_str().unwrap().contains(want), "{v}");
     }
+    let (status, v) = server.send(
+        "POST",
+        &format!("/v1/vms/{}/snapshots", ids[4]),
+        &json!({"name": "</x>"}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_name");
     // Paging.
     let first = server.get("/v1/vms?limit=10");
     assert_eq!(first["vms"].as_array().unwrap().len(), 10);

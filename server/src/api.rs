@@ -355,29 +355,21 @@ impl Api {
                     name: String,
                 }
                 let body: Body = read_json(req).await?;
-                novacron_shared::spec::check_name(&body.name, 63).map_err(|m| {
-                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("name: {m}"))
-                })?;
-                self.vm_command(
-                    id,
-                    CommandKind::SnapshotCreate {
-                        vm: id,
-                        name: body.name,
-                    },
-                )
-                .await
+                let name = snapshot_name(&body.name)?;
+                self.vm_command(id, CommandKind::SnapshotCreate { vm: id, name })
+                    .await
             }
             (Method::POST, ["v1", "vms", id, "snapshots", name, "revert"]) => {
                 need_admin()?;
                 let id = parse_vm_id(id)?;
-                let name = name.to_string();
+                let name = snapshot_name(name)?;
                 self.vm_command(id, CommandKind::SnapshotRevert { vm: id, name })
                     .await
             }
             (Method::DELETE, ["v1", "vms", id, "snapshots", name]) => {
                 need_admin()?;
                 let id = parse_vm_id(id)?;
-                let name = name.to_string();
+                let name = snapshot_name(name)?;
                 self.vm_command(id, CommandKind::SnapshotDelete { vm: id, name })
                     .await
             }
@@ -466,6 +458,18 @@ fn vm_error(e: VmError) -> ApiError {
         VmError::NoFit(n) => ApiError::new(StatusCode::CONFLICT, "no_capacity", n.to_string()),
         VmError::Store(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
     }
+}
+
+fn snapshot_name(s: &str) -> Result<String, ApiError> {
+    novacron_shared::spec::check_name(s, novacron_shared::spec::MAX_NAME_LEN)
+        .map(|()| s.to_string())
+        .map_err(|m| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_name",
+                format!("snapshot name {m}"),
+            )
+        })
 }
 
 fn parse_vm_id(s: &str) -> Result<VmId, ApiError> {

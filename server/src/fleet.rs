@@ -789,6 +789,13 @@ impl Fleet {
                 }
                 AgentMessage::VmEvent(ev) => {
                     tracing::info!(host_id = %host_id, vm = %clean_name(&ev.name), event = %clean_name(&ev.event), detail = %clean_name(&ev.detail), "VM event");
+                    let mut ev = ev;
+                    for f in [&mut ev.name, &mut ev.uuid, &mut ev.event, &mut ev.detail] {
+                        // Bounded memory per host, whatever the agent sends.
+                        if f.len() > 128 {
+                            *f = f.chars().take(128).collect();
+                        }
+                    }
                     let mut q = lock(&session.vm_events);
                     q.push_back(ev);
                     while q.len() > KEEP_VM_EVENTS {
