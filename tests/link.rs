@@ -137,6 +137,41 @@ fn bad_join_attempts_are_refused_with_clear_errors_and_create_nothing() {
     assert!(server.logs().contains("TokenUsed"), "refusals are logged");
 }
 
+/// A join whose CSR is garbage is refused as `BadCsr`, creates no host,
+/// and leaves the token usable.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_csr_is_refused_and_leaves_the_token_unused() {
+    let server = Server::start("");
+    let token = server.join_token("10m");
+    let fp = pki::parse_fingerprint(&server.fingerprint).unwrap();
+    let cfg = tls::client_config_pinned(&fp, Duration::from_secs(5)).unwrap();
+    let (_ep, conn) = raw_connect(server.quic, cfg).await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut recv = novacron_shared::framing::FramedRecv::new(recv, novacron_shared::framing::MAX_FRAME_LEN);
+    let join = novacron_shared::protocol::AgentMessage::Join(novacron_shared::protocol::JoinRequest {
+        min_version: 1,
+        max_version: 1,
+        token: token.clone(),
+        csr_der: b"not a certificate request".to_vec(),
+        hostname: "bad-csr".into(),
+        agent_version: "test".into(),
+    });
+    let mut buf = Vec::new();
+    novacron_shared::framing::write_frame(&mut send, 1, &join, &mut buf)
+        .await
+        .unwrap();
+    let reply = recv.next::<ServerMessage>().await.unwrap();
+    match reply {
+        Some((_, ServerMessage::Error(e))) => assert_eq!(e.code, ErrorCode::BadCsr, "{e}"),
+        other => panic!("expected a BadCsr error, got {other:?}"),
+    }
+    assert!(server.get("/v1/hosts")["hosts"].as_array().unwrap().is_empty());
+    let agent = Agent::new("after-bad-csr");
+    let out = agent.try_join(&server, &token, &server.fingerprint);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(server.get("/v1/hosts")["hosts"].as_array().unwrap().len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unauthenticated_foreign_expired_and_revoked_clients_are_refused_others_keep_serving() {
     let server = Server::start("");

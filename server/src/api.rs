@@ -206,11 +206,7 @@ impl Api {
                 let id = parse_host_id(id)?;
                 match self.fleet.host(id).map_err(|e| internal(&e))? {
                     Some(h) => ok(StatusCode::OK, &h),
-                    None => Err(ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        format!("no host with id {id}"),
-                    )),
+                    None => Err(no_host(id)),
                 }
             }
             (Method::POST, ["v1", "hosts", id, "revoke"]) => {
@@ -218,11 +214,7 @@ impl Api {
                 let id = parse_host_id(id)?;
                 match self.fleet.revoke(id) {
                     Ok(h) => ok(StatusCode::OK, &h),
-                    Err(RevokeError::UnknownHost(_)) => Err(ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        format!("no host with id {id}"),
-                    )),
+                    Err(RevokeError::UnknownHost(_)) => Err(no_host(id)),
                     Err(e) => Err(internal(&e)),
                 }
             }
@@ -254,20 +246,8 @@ impl Api {
             (Method::POST, ["v1", "hosts", id, "commands"]) => {
                 need_admin()?;
                 let id = parse_host_id(id)?;
-                let kind: novacron_shared::protocol::CommandKind = read_json(req).await?;
-                match self.fleet.command(id, kind, COMMAND_TIMEOUT).await {
-                    Ok((op_id, outcome)) => ok(StatusCode::OK, &json!({"op_id": op_id, "outcome": outcome})),
-                    Err(e @ CommandError::NotConnected(_)) => Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        "not_connected",
-                        e.to_string(),
-                    )),
-                    Err(e @ CommandError::Timeout { .. }) => Err(ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "timeout",
-                        e.to_string(),
-                    )),
-                }
+                let kind: CommandKind = read_json(req).await?;
+                self.command(id, kind).await
             }
             (Method::POST, ["v1", "hosts", id, action @ ("cordon" | "uncordon")]) => {
                 need_admin()?;
@@ -426,15 +406,9 @@ impl Api {
 }
 
 impl Api {
-    /// Runs a command on the agent of the VM's host.
-    async fn vm_command(&self, id: VmId, kind: CommandKind) -> Result<Resp, ApiError> {
-        let rec = self
-            .fleet
-            .store()
-            .vm(id)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))?
-            .ok_or_else(|| vm_error(VmError::NotFound(id)))?;
-        match self.fleet.command(rec.host, kind, COMMAND_TIMEOUT).await {
+    /// Runs a command on a host's agent and answers with its outcome.
+    async fn command(&self, host: HostId, kind: CommandKind) -> Result<Resp, ApiError> {
+        match self.fleet.command(host, kind, COMMAND_TIMEOUT).await {
             Ok((op_id, outcome)) => ok(StatusCode::OK, &json!({"op_id": op_id, "outcome": outcome})),
             Err(e @ CommandError::NotConnected(_)) => Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -447,6 +421,17 @@ impl Api {
                 e.to_string(),
             )),
         }
+    }
+
+    /// Runs a command on the agent of the VM's host.
+    async fn vm_command(&self, id: VmId, kind: CommandKind) -> Result<Resp, ApiError> {
+        let rec = self
+            .fleet
+            .store()
+            .vm(id)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))?
+            .ok_or_else(|| vm_error(VmError::NotFound(id)))?;
+        self.command(rec.host, kind).await
     }
 }
 
@@ -473,9 +458,7 @@ fn snapshot_name(s: &str) -> Result<String, ApiError> {
 }
 
 fn parse_vm_id(s: &str) -> Result<VmId, ApiError> {
-    s.parse().map_err(|e: novacron_shared::ids::ParseIdError| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", e.to_string())
-    })
+    parse_id(s)
 }
 
 /// A parsed query string (values are ids, numbers and names: no
@@ -525,6 +508,10 @@ fn no_host(id: HostId) -> ApiError {
 }
 
 fn parse_host_id(s: &str) -> Result<HostId, ApiError> {
+    parse_id(s)
+}
+
+fn parse_id<T: std::str::FromStr<Err = novacron_shared::ids::ParseIdError>>(s: &str) -> Result<T, ApiError> {
     s.parse().map_err(|e: novacron_shared::ids::ParseIdError| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", e.to_string())
     })

@@ -518,30 +518,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Consumes a join token and creates the host made by `make_host`
-    /// (which signs the certificate). `make_host` runs only for a usable
-    /// token, and its error leaves the token unused.
-    pub fn consume_join_token<E>(
-        &self,
-        hash: &[u8; 32],
-        now_ms: u64,
-        make_host: impl FnOnce() -> Result<HostRecord, E>,
-    ) -> Result<Result<HostRecord, JoinFailure<E>>, StoreError> {
-        if let Err(r) = self.check_join_token(hash, now_ms)? {
-            return Ok(Err(JoinFailure::Token(r)));
-        }
-        let host = match make_host() {
-            Ok(h) => h,
-            Err(e) => return Ok(Err(JoinFailure::Host(e))),
-        };
-        let outcome = self.enroll(&[(*hash, host.clone())], now_ms)?;
-        Ok(match outcome.into_iter().next() {
-            Some(Ok(())) => Ok(host),
-            Some(Err(r)) => Err(JoinFailure::Token(r)),
-            None => Err(JoinFailure::Token(TokenRefusal::Unknown)),
-        })
-    }
-
     /// Writes host records (one transaction for all of them).
     pub fn put_hosts(&self, hosts: &[HostRecord]) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
@@ -803,15 +779,6 @@ impl Store {
     }
 }
 
-/// Why a join failed inside the transaction.
-#[derive(Debug)]
-pub enum JoinFailure<E> {
-    /// The token was refused.
-    Token(TokenRefusal),
-    /// Making the host (signing its certificate) failed.
-    Host(E),
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -929,14 +896,11 @@ mod tests {
                 },
             )
             .unwrap_or_else(|e| panic!("{e}"));
-            let r = s
-                .consume_join_token(&h, 50, || Ok::<_, ()>(host(1)))
-                .unwrap_or_else(|e| panic!("{e}"));
-            assert!(r.is_ok());
-            let again = s
-                .consume_join_token(&h, 50, || Ok::<_, ()>(host(2)))
-                .unwrap_or_else(|e| panic!("{e}"));
-            assert!(matches!(again, Err(JoinFailure::Token(TokenRefusal::Used))));
+            assert_eq!(s.check_join_token(&h, 50).ok(), Some(Ok(())));
+            let r = s.enroll(&[(h, host(1))], 50).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(r, [Ok(())]);
+            let again = s.enroll(&[(h, host(2))], 50).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(again, [Err(TokenRefusal::Used)]);
         }
         let s = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.hosts().unwrap_or_default().len(), 1);
@@ -944,7 +908,7 @@ mod tests {
     }
 
     #[test]
-    fn expired_and_unknown_tokens_and_failed_signing_leave_token_unused() {
+    fn expired_and_unknown_tokens_create_nothing() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let s = Store::open(&dir.path().join("db.redb")).unwrap_or_else(|e| panic!("{e}"));
         let h = [1u8; 32];
@@ -957,19 +921,20 @@ mod tests {
             },
         )
         .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            s.check_join_token(&[2u8; 32], 0).ok(),
+            Some(Err(TokenRefusal::Unknown))
+        );
         let r = s
-            .consume_join_token(&[2u8; 32], 0, || Ok::<_, ()>(host(1)))
+            .enroll(&[([2u8; 32], host(1))], 0)
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(r, Err(JoinFailure::Token(TokenRefusal::Unknown))));
-        let r = s
-            .consume_join_token(&h, 10, || Err::<HostRecord, _>("bad csr"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(r, Err(JoinFailure::Host("bad csr"))));
-        let r = s
-            .consume_join_token(&h, 100, || Ok::<_, ()>(host(1)))
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(r, Err(JoinFailure::Token(TokenRefusal::Expired))));
+        assert_eq!(r, [Err(TokenRefusal::Unknown)]);
+        assert_eq!(s.check_join_token(&h, 100).ok(), Some(Err(TokenRefusal::Expired)));
+        let r = s.enroll(&[(h, host(1))], 100).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r, [Err(TokenRefusal::Expired)]);
         assert!(s.hosts().unwrap_or_default().is_empty());
+        // Before expiry the same token still works: nothing above used it.
+        assert_eq!(s.check_join_token(&h, 10).ok(), Some(Ok(())));
     }
 
     #[test]
