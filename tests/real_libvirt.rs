@@ -85,6 +85,7 @@ impl Scratch {
             pool_path: self.pool_path.display().to_string(),
             console_dir: self.console.display().to_string(),
             virt_type: Some(VirtType::Qemu),
+            migration_uri: None,
         }
     }
 

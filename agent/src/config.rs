@@ -59,6 +59,11 @@ pub struct VmConfig {
         with = "novacron_shared::duration::serde_human"
     )]
     pub call_timeout: std::time::Duration,
+    /// The libvirt URI other hosts' libvirtd use to live-migrate VMs here,
+    /// e.g. `qemu+tls://host.example/system`. Unset: this host takes no
+    /// migrations (the server says so when one is asked for).
+    #[serde(default)]
+    pub migration_uri: Option<String>,
 }
 
 fn default_pool() -> String {
@@ -89,6 +94,7 @@ impl Default for VmConfig {
             virt_type: default_virt_type(),
             shutdown_timeout: default_shutdown(),
             call_timeout: default_call_timeout(),
+            migration_uri: None,
         }
     }
 }
@@ -101,6 +107,7 @@ impl VmConfig {
             pool: self.storage_pool.clone(),
             pool_path: self.storage_path.to_string_lossy().into_owned(),
             console_dir: self.console_log_dir.to_string_lossy().into_owned(),
+            migration_uri: self.migration_uri.clone(),
             virt_type: match self.virt_type.as_str() {
                 "kvm" => Some(VirtType::Kvm),
                 "qemu" => Some(VirtType::Qemu),
@@ -133,6 +140,17 @@ impl VmConfig {
                 key: "vms.virt_type",
                 message: format!("{:?} is not one of auto, kvm, qemu", self.virt_type),
             });
+        }
+        if let Some(u) = &self.migration_uri {
+            let scheme_ok = u.split_once("://").is_some_and(|(s, rest)| {
+                !s.is_empty() && !rest.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '+')
+            });
+            if !scheme_ok || u.len() > 256 || u.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ConfigError::Invalid {
+                    key: "vms.migration_uri",
+                    message: format!("{u:?} is not a libvirt URI like qemu+tls://host/system"),
+                });
+            }
         }
         if self.call_timeout < std::time::Duration::from_secs(1) {
             return Err(ConfigError::Invalid {
@@ -233,6 +251,7 @@ mod tests {
             "virt_type = \"xen\"",
             "storage_path = \"rel/dir\"",
             "storage_pool = \"a b\"",
+            "migration_uri = \"not a uri\"",
         ] {
             let e = AgentConfig::parse(&format!("[vms]\n{bad}\n"), "t").unwrap_err();
             assert!(e.to_string().contains("vms."), "{bad}: {e}");

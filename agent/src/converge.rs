@@ -11,12 +11,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use novacron_shared::ids::OpId;
 use novacron_shared::protocol::{
-    AgentMessage, CommandKind, CommandOutcome, CommandResult, DesiredState, ReconcileReport, VmEvent,
+    AgentMessage, CommandKind, CommandOutcome, CommandProgress, CommandResult, DesiredState, ReconcileReport,
+    VmEvent,
 };
 use tokio::sync::{mpsc, watch};
 
 use crate::events::LifecycleEvent;
-use crate::hypervisor::{to_inventory, Hypervisor};
+use crate::hypervisor::Hypervisor;
 use crate::reconcile::{Action, Reconciler};
 use crate::vmops::ObservedVm;
 
@@ -166,18 +167,34 @@ async fn pass(
         let Some(want) = want else {
             post(
                 outbox,
-                AgentMessage::Inventory(to_inventory(hv.uri(), capacity, &observed)),
+                AgentMessage::Inventory(hv.to_inventory(capacity, &observed)),
             );
             return true;
         };
+        // VMs in a live migration are libvirt's to move: left out of the
+        // plan on both sides.
+        let ids: Vec<_> = want.vms.iter().map(|v| v.id).collect();
+        let skip = hv.hands_off(&ids, &want.migrating);
+        let skip_uuids: HashSet<String> = skip.iter().map(|id| id.to_string()).collect();
+        let wanted: Vec<_> = want
+            .vms
+            .iter()
+            .filter(|v| !skip.contains(&v.id))
+            .cloned()
+            .collect();
+        let seen: Vec<_> = observed
+            .iter()
+            .filter(|o| !skip_uuids.contains(&o.uuid))
+            .cloned()
+            .collect();
         let now = Instant::now();
-        let plan = rec.plan(now, &want.vms, &observed);
+        let plan = rec.plan(now, &wanted, &seen);
         tracing::debug!(?plan, "plan");
         passes += 1;
         if plan.actions.is_empty() || passes > MAX_PASSES {
             post(
                 outbox,
-                AgentMessage::Inventory(to_inventory(hv.uri(), capacity, &observed)),
+                AgentMessage::Inventory(hv.to_inventory(capacity, &observed)),
             );
             break plan;
         }
@@ -325,6 +342,38 @@ pub fn spawn_command(
             CommandKind::SnapshotRevert { vm, name } => hv.snapshot_revert(vm, name).await,
             CommandKind::SnapshotDelete { vm, name } => hv.snapshot_delete(vm, name).await,
             CommandKind::ResizeDisk { vm, disk, size_mib } => hv.resize_disk(vm, disk, size_mib).await,
+            CommandKind::Migrate {
+                vm,
+                dest_uri,
+                bandwidth_mib_s,
+                timeout_secs,
+            } => {
+                let (tx, mut rx) = mpsc::unbounded_channel::<crate::migrate::Progress>();
+                let forward = {
+                    let outbox = outbox.clone();
+                    tokio::spawn(async move {
+                        while let Some((percent, message)) = rx.recv().await {
+                            post(
+                                &outbox,
+                                AgentMessage::Progress(CommandProgress {
+                                    op_id,
+                                    percent,
+                                    message,
+                                }),
+                            );
+                        }
+                    })
+                };
+                let req = crate::migrate::MigrateRequest {
+                    vm,
+                    dest_uri,
+                    bandwidth_mib_s,
+                    timeout: Duration::from_secs(u64::from(timeout_secs.max(1))),
+                };
+                let r = hv.migrate(req, tx).await;
+                let _ = forward.await;
+                r
+            }
         };
         let outcome = match r {
             Ok(()) => CommandOutcome::Done,

@@ -3,6 +3,7 @@
 //! call from async code has a timeout, so a hung libvirtd never freezes the
 //! agent's runtime or its heartbeats.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -71,6 +72,17 @@ pub struct Hypervisor {
     sink: mpsc::UnboundedSender<LifecycleEvent>,
     /// Driver threads abandoned because a call hung.
     pub abandoned: Arc<std::sync::atomic::AtomicU64>,
+    departures: Arc<Mutex<HashMap<VmId, Departure>>>,
+}
+
+/// A VM live-migrating away from this host: the reconciler leaves it alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departure {
+    /// The migration runs.
+    Leaving,
+    /// It finished: the VM runs on the target. Until the server's desired
+    /// state stops listing the VM here, it must not be recreated.
+    Left,
 }
 
 /// State owned by the driver thread.
@@ -178,9 +190,50 @@ impl Hypervisor {
                 setup,
                 sink,
                 abandoned: Arc::default(),
+                departures: Arc::default(),
             },
             events,
         ))
+    }
+
+    /// VMs the reconciler must not touch: those this agent is migrating
+    /// away (or moved while the desired state still lists them here) and
+    /// those the server says are migrating.
+    /// A departed VM is forgotten once `desired` no longer lists it.
+    pub fn hands_off(&self, desired: &[VmId], migrating: &[VmId]) -> HashSet<VmId> {
+        let mut d = self.departures.lock().unwrap_or_else(|p| p.into_inner());
+        d.retain(|id, state| *state == Departure::Leaving || desired.contains(id));
+        d.keys().chain(migrating).copied().collect()
+    }
+
+    /// Live-migrates a VM peer to peer (see [`crate::migrate`]); the
+    /// reconciler leaves it alone meanwhile. Progress goes to `progress`.
+    pub async fn migrate(
+        &self,
+        req: crate::migrate::MigrateRequest,
+        progress: mpsc::UnboundedSender<crate::migrate::Progress>,
+    ) -> Result<(), HvError> {
+        let vm = req.vm;
+        {
+            let mut d = self.departures.lock().unwrap_or_else(|p| p.into_inner());
+            if d.get(&vm) == Some(&Departure::Leaving) {
+                return Err(HvError::Invalid(format!("VM {vm} is already migrating")));
+            }
+            d.insert(vm, Departure::Leaving);
+        }
+        let r = crate::migrate::run(self.uri.clone(), req, progress).await;
+        let mut d = self.departures.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_ok() {
+            d.insert(vm, Departure::Left);
+        } else {
+            d.remove(&vm);
+        }
+        r
+    }
+
+    /// The wire form of an observation of this host.
+    pub fn to_inventory(&self, capacity: Capacity, vms: &[ObservedVm]) -> Inventory {
+        to_inventory(&self.uri, self.setup.migration_uri.clone(), capacity, vms)
     }
 
     /// The libvirt URI.
@@ -278,7 +331,7 @@ impl Hypervisor {
     /// Capacity and every domain with its state, for the server.
     pub async fn inventory(&self) -> Result<Inventory, HvError> {
         let (capacity, vms) = self.observe().await?;
-        Ok(to_inventory(&self.uri, capacity, &vms))
+        Ok(self.to_inventory(capacity, &vms))
     }
 
     /// Defines or updates a VM.
@@ -388,8 +441,14 @@ impl Hypervisor {
 }
 
 /// The wire form of an observation.
-pub fn to_inventory(uri: &str, capacity: Capacity, vms: &[ObservedVm]) -> Inventory {
+pub fn to_inventory(
+    uri: &str,
+    migration_uri: Option<String>,
+    capacity: Capacity,
+    vms: &[ObservedVm],
+) -> Inventory {
     Inventory {
+        migration_uri,
         capacity,
         hypervisor: uri.to_string(),
         vms: vms
@@ -416,6 +475,7 @@ mod tests {
             pool_path: dir.to_string_lossy().into_owned(),
             console_dir: dir.to_string_lossy().into_owned(),
             virt_type: None,
+            migration_uri: None,
         };
         Hypervisor::start(uri, timeout, setup).unwrap_or_else(|e| panic!("{e}"))
     }

@@ -30,6 +30,8 @@ pub struct HostSetup {
     pub console_dir: String,
     /// A forced domain type; `None` picks the best from the capabilities.
     pub virt_type: Option<VirtType>,
+    /// The URI other hosts migrate VMs here by.
+    pub migration_uri: Option<String>,
 }
 
 /// A domain as the reconciler sees it.

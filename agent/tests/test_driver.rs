@@ -38,6 +38,7 @@ fn host() -> Host {
         pool_path: dir.path().join("pool").to_string_lossy().into_owned(),
         console_dir: dir.path().to_string_lossy().into_owned(),
         virt_type: None,
+        migration_uri: None,
     };
     Host {
         conn,

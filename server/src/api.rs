@@ -1,35 +1,46 @@
 //! The web API (HTTP/1.1, JSON, under `/v1`).
 //!
-//! Every request is authenticated with a bearer token (stored hashed);
-//! mutating requests need the admin role. Routes: `GET /healthz`,
-//! `GET /v1/hosts[/{id}]`, `POST /v1/hosts/{id}/revoke`,
-//! `GET|PUT /v1/hosts/{id}/vms` (desired and observed VMs),
-//! `POST /v1/hosts/{id}/commands` (reboot, snapshots, disk resize),
-//! `POST /v1/join-tokens`. Bodies are size-limited, requests
+//! Routes, with the role each needs, are listed once in [`routes::ROUTES`]
+//! and documented in `server/openapi.json` (served at `/v1/openapi.json`;
+//! a test holds the two together). Every request but `/healthz` and the
+//! OpenAPI document carries a bearer token (stored hashed) of role viewer,
+//! operator or admin; each token is rate-limited (429 with `Retry-After`);
+//! every mutating request is written to the audit log before it runs and
+//! its outcome before it is answered. Bodies are size-limited, requests
 //! time out, and every error is JSON with a stable code and a message that
-//! says what was wrong.
+//! says what was wrong. `/v1/events` streams server-sent events.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use novacron_shared::ids::HostId;
+use novacron_shared::ids::{HostId, OpId, VmId};
 use serde::Deserialize;
 use serde_json::json;
+use tokio::sync::{broadcast, mpsc};
 
+use crate::config::ApiConfig;
 use crate::fleet::{CommandError, CreateVm, DesiredError, Fleet, RevokeError, VmError, VmRequest};
-use crate::ratelimit::LogLimiter;
-use crate::store::{Role, Store};
-use crate::{secrets, warn_limited};
-use novacron_shared::ids::VmId;
+use crate::ratelimit::{LogLimiter, TokenBuckets};
+use crate::store::{ApiTokenRecord, AuditRecord, Role, Store, TokenDeleteRefusal};
+use crate::{secrets, unix_ms, warn_limited};
 use novacron_shared::protocol::CommandKind;
 use novacron_shared::spec::Power;
+
+pub mod routes;
+
+use routes::{Access, Match, Op, Route};
+
+/// The OpenAPI document of this API.
+pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -37,6 +48,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a command request waits for the agent's answer.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(50);
+/// How often an idle event stream gets a keep-alive comment.
+pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// Shared state of the API.
 #[derive(Debug)]
@@ -44,6 +57,19 @@ pub struct Api {
     fleet: Arc<Fleet>,
     store: Store,
     limiter: LogLimiter,
+    buckets: TokenBuckets,
+    cfg: ApiConfig,
+}
+
+/// The token behind a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The token's name.
+    pub name: String,
+    /// The token's id.
+    pub id: String,
+    /// Its role.
+    pub role: Role,
 }
 
 /// An API error: HTTP status, stable code, message.
@@ -52,6 +78,7 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -60,19 +87,20 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+/// A response body: a whole JSON document or an event stream.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+type Resp = Response<Body>;
 
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -83,19 +111,49 @@ fn ok<T: serde::Serialize>(status: StatusCode, body: &T) -> Result<Resp, ApiErro
 }
 
 fn error_response(e: &ApiError) -> Resp {
-    json_response(
+    let mut r = json_response(
         e.status,
         &json!({"error": {"code": e.code, "message": e.message}}),
-    )
+    );
+    if let Some(wait) = e.retry_after {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(RETRY_AFTER, v);
+        }
+    }
+    r
+}
+
+fn internal(e: &dyn std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+}
+
+/// A server-sent events body fed by a channel.
+struct SseBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
 }
 
 impl Api {
     /// The API over the fleet and its store.
-    pub fn new(fleet: Arc<Fleet>, store: Store) -> Arc<Self> {
+    pub fn new(fleet: Arc<Fleet>, store: Store, cfg: ApiConfig) -> Arc<Self> {
         Arc::new(Self {
             fleet,
             store,
             limiter: LogLimiter::new(20, Duration::from_secs(60)),
+            buckets: TokenBuckets::new(cfg.rate_limit, cfg.rate_burst),
+            cfg,
         })
     }
 
@@ -128,10 +186,9 @@ impl Api {
     async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Resp {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let result = tokio::time::timeout(REQUEST_TIMEOUT, self.route(req)).await;
-        let resp = match result {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+        let resp = match self.handle_inner(req, remote).await {
+            Ok(r) => r,
+            Err(e) => {
                 if e.status.is_server_error() {
                     tracing::error!(%method, %path, code = e.code, message = %e.message, "API request failed");
                 } else {
@@ -139,17 +196,104 @@ impl Api {
                 }
                 error_response(&e)
             }
-            Err(_) => error_response(&ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                "the request took too long",
-            )),
         };
         tracing::debug!(%method, %path, status = resp.status().as_u16(), "API request");
         resp
     }
 
-    fn authenticate(&self, req: &Request<Incoming>) -> Result<Role, ApiError> {
+    async fn handle_inner(&self, req: Request<Incoming>, remote: SocketAddr) -> Result<Resp, ApiError> {
+        let path = req.uri().path().trim_end_matches('/').to_string();
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let (route, params) = match routes::find(req.method().as_str(), &segments) {
+            Match::Found(r, p) => (r, p.into_iter().map(str::to_string).collect::<Vec<_>>()),
+            Match::WrongMethod(m) => {
+                return Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!(
+                        "{} is not allowed on {path}; use {}",
+                        req.method(),
+                        m.join(" or ")
+                    ),
+                ))
+            }
+            Match::NotFound => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no route for {path}"),
+                ))
+            }
+        };
+        let caller = match route.access {
+            Access::Public => None,
+            Access::Role(need) => {
+                let caller = self.authenticate(&req)?;
+                if let Err(wait) = self.buckets.take(&caller.id, Instant::now()) {
+                    let mut e = ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limited",
+                        format!(
+                            "token {:?} is limited to {} requests/s (bursts of {}); retry in {:.1} s",
+                            caller.name,
+                            self.cfg.rate_limit,
+                            self.cfg.rate_burst,
+                            wait.as_secs_f64()
+                        ),
+                    );
+                    e.retry_after = Some(wait);
+                    return Err(e);
+                }
+                if caller.role < need {
+                    let e = ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        format!(
+                            "{} {} needs the {} role; token {:?} is {}",
+                            route.method,
+                            route.path,
+                            role_name(need),
+                            caller.name,
+                            role_name(caller.role)
+                        ),
+                    );
+                    if route.mutating() {
+                        self.audit_once(&caller, remote, route, &path, &e);
+                    }
+                    return Err(e);
+                }
+                Some(caller)
+            }
+        };
+        let audit = match (&caller, route.mutating()) {
+            (Some(c), true) => Some(self.audit_begin(c, remote, route, &path)?),
+            _ => None,
+        };
+        let caller_name = caller.as_ref().map_or("", |c| c.name.as_str()).to_string();
+        let result =
+            match tokio::time::timeout(REQUEST_TIMEOUT, self.dispatch(route, &params, req, &caller_name))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    "the request took too long",
+                )),
+            };
+        if let Some(seq) = audit {
+            let (status, outcome) = match &result {
+                Ok(r) => (r.status().as_u16(), "ok".to_string()),
+                Err(e) => (e.status.as_u16(), format!("{}: {}", e.code, e.message)),
+            };
+            if let Err(e) = self.store.finish_audit(seq, status, &outcome) {
+                tracing::error!(seq, error = %e, "cannot record a request's outcome in the audit log");
+            }
+        }
+        result
+    }
+
+    fn authenticate(&self, req: &Request<Incoming>) -> Result<Caller, ApiError> {
         let header = req.headers().get(AUTHORIZATION).ok_or_else(|| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -168,66 +312,133 @@ impl Api {
                     "the Authorization header must be `Bearer <token>`",
                 )
             })?;
+        let hash = secrets::hash(token);
         let rec = self
             .store
-            .api_token(&secrets::hash(token))
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))?
+            .api_token(&hash)
+            .map_err(|e| internal(&e))?
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown API token"))?;
-        Ok(rec.role)
+        Ok(Caller {
+            name: rec.name,
+            id: crate::store::token_id(&hash),
+            role: rec.role,
+        })
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
-        let path = req.uri().path().trim_end_matches('/').to_string();
-        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        if req.method() == Method::GET && segments == ["healthz"] {
-            return Ok(json_response(StatusCode::OK, &json!({"status": "ok"})));
+    fn audit_record(&self, c: &Caller, remote: SocketAddr, route: &Route, path: &str) -> AuditRecord {
+        AuditRecord {
+            seq: 0,
+            at_ms: unix_ms(SystemTime::now()),
+            actor: c.name.clone(),
+            token_id: c.id.clone(),
+            role: c.role,
+            remote: remote.to_string(),
+            method: route.method.to_string(),
+            path: path.to_string(),
+            status: None,
+            outcome: "running".into(),
         }
-        let role = self.authenticate(&req)?;
-        let need_admin = || {
-            if role == Role::Admin {
-                Ok(())
-            } else {
-                Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    "this needs an admin token",
-                ))
+    }
+
+    /// Writes the audit entry of a mutating request before it runs; the
+    /// request is refused when the log cannot be written.
+    fn audit_begin(
+        &self,
+        c: &Caller,
+        remote: SocketAddr,
+        route: &Route,
+        path: &str,
+    ) -> Result<u64, ApiError> {
+        self.store
+            .append_audit(&self.audit_record(c, remote, route, path))
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot write the audit log; refusing the request");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    "the audit log cannot be written; nothing was done",
+                )
+            })
+    }
+
+    /// Audits a request refused before it ran.
+    fn audit_once(&self, c: &Caller, remote: SocketAddr, route: &Route, path: &str, e: &ApiError) {
+        let mut rec = self.audit_record(c, remote, route, path);
+        rec.status = Some(e.status.as_u16());
+        rec.outcome = format!("{}: {}", e.code, e.message);
+        if let Err(err) = self.store.append_audit(&rec) {
+            tracing::error!(error = %err, "cannot write the audit log");
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        route: &Route,
+        params: &[String],
+        req: Request<Incoming>,
+        actor: &str,
+    ) -> Result<Resp, ApiError> {
+        let p = |i: usize| params.get(i).map_or("", String::as_str);
+        let q = Query::parse(req.uri().query());
+        match route.op {
+            Op::Healthz => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+            Op::OpenApi => {
+                let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())).boxed());
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                Ok(r)
             }
-        };
-        let internal = |e: &dyn std::fmt::Display| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
-        };
-        match (req.method().clone(), segments.as_slice()) {
-            (Method::GET, ["v1", "hosts"]) => {
+            Op::ListHosts => {
                 let hosts = self.fleet.hosts().map_err(|e| internal(&e))?;
-                ok(StatusCode::OK, &HostList { hosts })
+                ok(StatusCode::OK, &json!({ "hosts": hosts }))
             }
-            (Method::GET, ["v1", "hosts", id]) => {
-                let id = parse_host_id(id)?;
+            Op::GetHost => {
+                let id = parse_host_id(p(0))?;
                 match self.fleet.host(id).map_err(|e| internal(&e))? {
                     Some(h) => ok(StatusCode::OK, &h),
                     None => Err(no_host(id)),
                 }
             }
-            (Method::POST, ["v1", "hosts", id, "revoke"]) => {
-                need_admin()?;
-                let id = parse_host_id(id)?;
+            Op::RevokeHost => {
+                let id = parse_host_id(p(0))?;
                 match self.fleet.revoke(id) {
                     Ok(h) => ok(StatusCode::OK, &h),
                     Err(RevokeError::UnknownHost(_)) => Err(no_host(id)),
                     Err(e) => Err(internal(&e)),
                 }
             }
-            (Method::GET, ["v1", "hosts", id, "vms"]) => {
-                let id = parse_host_id(id)?;
+            Op::CordonHost | Op::UncordonHost => {
+                let id = parse_host_id(p(0))?;
+                if !self
+                    .fleet
+                    .set_cordon(id, route.op == Op::CordonHost)
+                    .map_err(|e| internal(&e))?
+                {
+                    return Err(no_host(id));
+                }
+                match self.fleet.host(id).map_err(|e| internal(&e))? {
+                    Some(h) => ok(StatusCode::OK, &h),
+                    None => Err(no_host(id)),
+                }
+            }
+            Op::DrainHost => {
+                let id = parse_host_id(p(0))?;
+                let _: Empty = read_json(req).await?;
+                if self.fleet.host(id).map_err(|e| internal(&e))?.is_none() {
+                    return Err(no_host(id));
+                }
+                let op = self.fleet.drain(id, actor).map_err(vm_error)?;
+                ok(StatusCode::ACCEPTED, &json!({ "operation": op }))
+            }
+            Op::GetHostVms => {
+                let id = parse_host_id(p(0))?;
                 match self.fleet.host_vms(id).map_err(|e| internal(&e))? {
                     Some(v) => ok(StatusCode::OK, &v),
                     None => Err(no_host(id)),
                 }
             }
-            (Method::PUT, ["v1", "hosts", id, "vms"]) => {
-                need_admin()?;
-                let id = parse_host_id(id)?;
+            Op::PutHostVms => {
+                let id = parse_host_id(p(0))?;
                 #[derive(Deserialize)]
                 #[serde(deny_unknown_fields)]
                 struct Body {
@@ -243,92 +454,72 @@ impl Api {
                     Err(e) => Err(internal(&e)),
                 }
             }
-            (Method::POST, ["v1", "hosts", id, "commands"]) => {
-                need_admin()?;
-                let id = parse_host_id(id)?;
+            Op::HostCommand => {
+                let id = parse_host_id(p(0))?;
                 let kind: CommandKind = read_json(req).await?;
+                if matches!(kind, CommandKind::Migrate { .. }) {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_body",
+                        "migrations go through POST /v1/vms/{vm}/migrate (they need a capacity claim)",
+                    ));
+                }
                 self.command(id, kind).await
             }
-            (Method::POST, ["v1", "hosts", id, action @ ("cordon" | "uncordon")]) => {
-                need_admin()?;
-                let id = parse_host_id(id)?;
-                if !self
-                    .fleet
-                    .set_cordon(id, *action == "cordon")
-                    .map_err(|e| internal(&e))?
-                {
-                    return Err(no_host(id));
-                }
-                match self.fleet.host(id).map_err(|e| internal(&e))? {
-                    Some(h) => ok(StatusCode::OK, &h),
-                    None => Err(no_host(id)),
-                }
-            }
-            (Method::POST, ["v1", "vms"]) => {
-                need_admin()?;
+            Op::CreateVm => {
                 let body: CreateVm = read_json(req).await?;
                 let rec = self.fleet.create_vm(body).map_err(vm_error)?;
                 ok(StatusCode::CREATED, &self.fleet.vm_view(rec))
             }
-            (Method::GET, ["v1", "vms"]) => {
-                let q = Query::parse(req.uri().query());
+            Op::ListVms => {
                 let limit = q.number("limit", 100)?.clamp(1, 1000);
                 let after = q.get("after").map(parse_vm_id).transpose()?;
                 let host = q.get("host").map(parse_host_id).transpose()?;
                 let prefix = q.get("name_prefix").unwrap_or("");
-                let mut out = Vec::new();
-                let mut cursor = after;
-                let mut next = None;
-                'pages: loop {
-                    let page = self.fleet.store().vms(cursor, 1024).map_err(|e| internal(&e))?;
-                    let Some(last) = page.last() else { break };
-                    cursor = Some(last.vm.id);
-                    for r in page {
-                        if host.is_some_and(|h| h != r.host) || !r.vm.spec.name.starts_with(prefix) {
-                            continue;
-                        }
-                        if out.len() == limit {
-                            next = out.last().map(|v: &crate::fleet::VmView| v.record.vm.id);
-                            break 'pages;
-                        }
-                        out.push(self.fleet.vm_view(r));
-                    }
-                }
-                ok(StatusCode::OK, &json!({"vms": out, "next": next}))
+                let (vms, next) = self.list_vms(after, host, prefix, limit)?;
+                ok(StatusCode::OK, &json!({"vms": vms, "next": next}))
             }
-            (Method::GET, ["v1", "vms", id]) => {
-                let id = parse_vm_id(id)?;
+            Op::GetVm => {
+                let id = parse_vm_id(p(0))?;
                 let rec = self.fleet.store().vm(id).map_err(|e| internal(&e))?;
                 match rec {
                     Some(r) => ok(StatusCode::OK, &self.fleet.vm_view(r)),
                     None => Err(vm_error(VmError::NotFound(id))),
                 }
             }
-            (Method::DELETE, ["v1", "vms", id]) => {
-                need_admin()?;
-                let id = parse_vm_id(id)?;
+            Op::DeleteVm => {
+                let id = parse_vm_id(p(0))?;
                 let rec = self.fleet.delete_vm(id).map_err(vm_error)?;
                 ok(StatusCode::OK, &json!({"deleted": rec}))
             }
-            (Method::POST, ["v1", "vms", id, action @ ("start" | "stop" | "suspend" | "resume")]) => {
-                need_admin()?;
-                let id = parse_vm_id(id)?;
-                let power = match *action {
-                    "stop" => Power::Stopped,
-                    "suspend" => Power::Paused,
+            Op::StartVm | Op::StopVm | Op::SuspendVm | Op::ResumeVm => {
+                let id = parse_vm_id(p(0))?;
+                let power = match route.op {
+                    Op::StopVm => Power::Stopped,
+                    Op::SuspendVm => Power::Paused,
                     _ => Power::Running,
                 };
                 let rec = self.fleet.set_power(id, power).map_err(vm_error)?;
                 ok(StatusCode::ACCEPTED, &self.fleet.vm_view(rec))
             }
-            (Method::POST, ["v1", "vms", id, "reboot"]) => {
-                need_admin()?;
-                let id = parse_vm_id(id)?;
+            Op::RebootVm => {
+                let id = parse_vm_id(p(0))?;
                 self.vm_command(id, CommandKind::Reboot { vm: id }).await
             }
-            (Method::POST, ["v1", "vms", id, "snapshots"]) => {
-                need_admin()?;
-                let id = parse_vm_id(id)?;
+            Op::MigrateVm => {
+                let id = parse_vm_id(p(0))?;
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    #[serde(default)]
+                    host: Option<HostId>,
+                }
+                let body: Body = read_json(req).await?;
+                let op = self.fleet.migrate(id, body.host, actor).map_err(vm_error)?;
+                ok(StatusCode::ACCEPTED, &json!({ "operation": op }))
+            }
+            Op::CreateSnapshot => {
+                let id = parse_vm_id(p(0))?;
                 #[derive(Deserialize)]
                 #[serde(deny_unknown_fields)]
                 struct Body {
@@ -339,22 +530,81 @@ impl Api {
                 self.vm_command(id, CommandKind::SnapshotCreate { vm: id, name })
                     .await
             }
-            (Method::POST, ["v1", "vms", id, "snapshots", name, "revert"]) => {
-                need_admin()?;
-                let id = parse_vm_id(id)?;
-                let name = snapshot_name(name)?;
+            Op::RevertSnapshot => {
+                let id = parse_vm_id(p(0))?;
+                let name = snapshot_name(p(1))?;
                 self.vm_command(id, CommandKind::SnapshotRevert { vm: id, name })
                     .await
             }
-            (Method::DELETE, ["v1", "vms", id, "snapshots", name]) => {
-                need_admin()?;
-                let id = parse_vm_id(id)?;
-                let name = snapshot_name(name)?;
+            Op::DeleteSnapshot => {
+                let id = parse_vm_id(p(0))?;
+                let name = snapshot_name(p(1))?;
                 self.vm_command(id, CommandKind::SnapshotDelete { vm: id, name })
                     .await
             }
-            (Method::POST, ["v1", "join-tokens"]) => {
-                need_admin()?;
+            Op::ListOperations => {
+                let limit = q.number("limit", 100)?.clamp(1, 1000);
+                let before = q.get("before").map(parse_id::<OpId>).transpose()?;
+                let ops = self.store.operations(before, limit).map_err(|e| internal(&e))?;
+                let next = (ops.len() == limit).then(|| ops.last().map(|o| o.id)).flatten();
+                ok(StatusCode::OK, &json!({"operations": ops, "next": next}))
+            }
+            Op::GetOperation => {
+                let id: OpId = parse_id(p(0))?;
+                match self.store.operation(id).map_err(|e| internal(&e))? {
+                    Some(op) => ok(StatusCode::OK, &op),
+                    None => Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        format!("no operation with id {id}"),
+                    )),
+                }
+            }
+            Op::Events => {
+                let host = q.get("host").map(parse_host_id).transpose()?;
+                let vm = q.get("vm").map(parse_vm_id).transpose()?;
+                Ok(self.events(host, vm))
+            }
+            Op::CreateApiToken => {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    name: String,
+                    role: Role,
+                }
+                let body: Body = read_json(req).await?;
+                novacron_shared::spec::check_name(&body.name, 63).map_err(|m| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("name {m}"))
+                })?;
+                let token = secrets::new_token("nca");
+                let hash = secrets::hash(&token);
+                let rec = ApiTokenRecord {
+                    name: body.name,
+                    role: body.role,
+                    created_ms: unix_ms(SystemTime::now()),
+                };
+                self.store.put_api_token(&hash, &rec).map_err(|e| internal(&e))?;
+                tracing::info!(name = %rec.name, role = ?rec.role, by = %actor, "API token created");
+                ok(
+                    StatusCode::CREATED,
+                    &json!({"id": crate::store::token_id(&hash), "name": rec.name, "role": rec.role,
+                            "created_ms": rec.created_ms, "token": token}),
+                )
+            }
+            Op::ListApiTokens => {
+                let tokens = self.store.api_tokens().map_err(|e| internal(&e))?;
+                ok(StatusCode::OK, &json!({ "tokens": tokens }))
+            }
+            Op::DeleteApiToken => match self.store.delete_api_token(p(0)).map_err(|e| internal(&e))? {
+                Ok(t) => ok(StatusCode::OK, &json!({ "deleted": t })),
+                Err(e @ TokenDeleteRefusal::Unknown(_)) => {
+                    Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()))
+                }
+                Err(e @ TokenDeleteRefusal::LastAdmin(_)) => {
+                    Err(ApiError::new(StatusCode::CONFLICT, "last_admin", e.to_string()))
+                }
+            },
+            Op::CreateJoinToken => {
                 #[derive(Deserialize)]
                 #[serde(deny_unknown_fields)]
                 struct Body {
@@ -380,28 +630,105 @@ impl Api {
                     &json!({"token": token, "expires_ms": expires_ms}),
                 ))
             }
-            (
-                _,
-                ["v1", "hosts"]
-                | ["v1", "hosts", _]
-                | ["v1", "hosts", _, "revoke" | "vms" | "commands" | "cordon" | "uncordon"]
-                | ["v1", "vms"]
-                | ["v1", "vms", _]
-                | ["v1", "vms", _, _]
-                | ["v1", "vms", _, "snapshots", _]
-                | ["v1", "vms", _, "snapshots", _, "revert"]
-                | ["v1", "join-tokens"],
-            ) => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed on this path",
-            )),
-            _ => Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no route for {path}"),
-            )),
+            Op::ListAudit => {
+                let limit = q.number("limit", 100)?.clamp(1, 1000);
+                let before = match q.get("before") {
+                    None => None,
+                    Some(v) => Some(v.parse::<u64>().map_err(|_| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_query",
+                            format!("before={v:?} is not a sequence number"),
+                        )
+                    })?),
+                };
+                let entries = self.store.audit(before, limit).map_err(|e| internal(&e))?;
+                let next = (entries.len() == limit)
+                    .then(|| entries.last().map(|e| e.seq))
+                    .flatten();
+                ok(StatusCode::OK, &json!({"entries": entries, "next": next}))
+            }
         }
+    }
+
+    fn list_vms(
+        &self,
+        after: Option<VmId>,
+        host: Option<HostId>,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<(Vec<crate::fleet::VmView>, Option<VmId>), ApiError> {
+        let mut out = Vec::new();
+        let mut cursor = after;
+        loop {
+            let page = self.fleet.store().vms(cursor, 1024).map_err(|e| internal(&e))?;
+            let Some(last) = page.last() else { break };
+            cursor = Some(last.vm.id);
+            for r in page {
+                if host.is_some_and(|h| h != r.host) || !r.vm.spec.name.starts_with(prefix) {
+                    continue;
+                }
+                if out.len() == limit {
+                    let next = out.last().map(|v: &crate::fleet::VmView| v.record.vm.id);
+                    return Ok((out, next));
+                }
+                out.push(self.fleet.vm_view(r));
+            }
+        }
+        Ok((out, None))
+    }
+
+    /// A server-sent events stream of the fleet's events, filtered.
+    fn events(&self, host: Option<HostId>, vm: Option<VmId>) -> Resp {
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let mut sub = self.fleet.bus.subscribe();
+        tokio::spawn(async move {
+            if tx.send(Bytes::from_static(b": connected\n\n")).await.is_err() {
+                return;
+            }
+            loop {
+                let chunk = match tokio::time::timeout(SSE_KEEPALIVE, sub.recv()).await {
+                    Err(_) => Bytes::from_static(b": keep-alive\n\n"),
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return,
+                    Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                        Bytes::from(format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n"))
+                    }
+                    Ok(Ok(ev)) => {
+                        if !ev.matches(host, vm) {
+                            continue;
+                        }
+                        let data = serde_json::to_string(&*ev).unwrap_or_default();
+                        Bytes::from(format!(
+                            "id: {}\nevent: {}\ndata: {data}\n\n",
+                            ev.seq,
+                            ev.kind.as_str()
+                        ))
+                    }
+                };
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut r = Response::new(SseBody { rx }.boxed());
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        r.headers_mut()
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        r
+    }
+}
+
+/// An empty JSON object body (or none).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {}
+
+fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Viewer => "viewer",
+        Role::Operator => "operator",
+        Role::Admin => "admin",
     }
 }
 
@@ -441,6 +768,8 @@ fn vm_error(e: VmError) -> ApiError {
         e @ VmError::NameTaken(_) => ApiError::new(StatusCode::CONFLICT, "name_taken", e.to_string()),
         e @ VmError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
         VmError::NoFit(n) => ApiError::new(StatusCode::CONFLICT, "no_capacity", n.to_string()),
+        VmError::Busy(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+        VmError::NotConnected(m) => ApiError::new(StatusCode::CONFLICT, "not_connected", m),
         VmError::Store(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
     }
 }
@@ -492,11 +821,6 @@ impl<'a> Query<'a> {
             }),
         }
     }
-}
-
-#[derive(serde::Serialize)]
-struct HostList {
-    hosts: Vec<crate::fleet::HostView>,
 }
 
 fn no_host(id: HostId) -> ApiError {

@@ -31,6 +31,42 @@ pub struct ServerConfig {
     /// VM placement.
     #[serde(default)]
     pub scheduler: crate::scheduler::Policy,
+    /// Live migration.
+    #[serde(default)]
+    pub migration: MigrationPolicy,
+}
+
+/// How live migrations run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationPolicy {
+    /// A migration running longer is aborted (the VM stays on its source).
+    #[serde(default = "default_migration_timeout", with = "serde_human")]
+    pub timeout: Duration,
+    /// Bandwidth cap per migration, MiB/s (0: libvirt's default).
+    #[serde(default)]
+    pub bandwidth_mib_s: u64,
+    /// How long the target and source agents get to acknowledge that they
+    /// leave the VM alone before the migration starts.
+    #[serde(default = "default_prepare_timeout", with = "serde_human")]
+    pub prepare_timeout: Duration,
+}
+
+fn default_migration_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_prepare_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+
+impl Default for MigrationPolicy {
+    fn default() -> Self {
+        Self {
+            timeout: default_migration_timeout(),
+            bandwidth_mib_s: 0,
+            prepare_timeout: default_prepare_timeout(),
+        }
+    }
 }
 
 /// The agent link (QUIC).
@@ -61,6 +97,20 @@ pub struct ApiConfig {
     /// TCP address to listen on.
     #[serde(default = "default_api_listen")]
     pub listen: SocketAddr,
+    /// Requests per second each API token may make (sustained); 0 turns
+    /// rate limiting off.
+    #[serde(default = "default_rate")]
+    pub rate_limit: f64,
+    /// Requests a token may make in a burst above the sustained rate.
+    #[serde(default = "default_burst")]
+    pub rate_burst: u32,
+}
+
+fn default_rate() -> f64 {
+    50.0
+}
+fn default_burst() -> u32 {
+    100
 }
 
 /// How agents are treated.
@@ -113,6 +163,8 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             listen: default_api_listen(),
+            rate_limit: default_rate(),
+            rate_burst: default_burst(),
         }
     }
 }
@@ -132,6 +184,7 @@ impl Default for ServerConfig {
             quic: QuicConfig::default(),
             api: ApiConfig::default(),
             scheduler: crate::scheduler::Policy::default(),
+            migration: MigrationPolicy::default(),
             agents: AgentPolicy::default(),
         }
     }
@@ -146,6 +199,24 @@ impl ConfigFile for ServerConfig {
                 key: "scheduler",
                 message,
             })?;
+        if !self.api.rate_limit.is_finite() || self.api.rate_limit < 0.0 {
+            return Err(ConfigError::Invalid {
+                key: "api.rate_limit",
+                message: "must be a number of requests per second, 0 or more".into(),
+            });
+        }
+        if self.api.rate_limit > 0.0 && self.api.rate_burst == 0 {
+            return Err(ConfigError::Invalid {
+                key: "api.rate_burst",
+                message: "must be at least 1 when rate limiting is on".into(),
+            });
+        }
+        if self.migration.timeout < Duration::from_secs(5) {
+            return Err(ConfigError::Invalid {
+                key: "migration.timeout",
+                message: "must be at least 5s".into(),
+            });
+        }
         let hb = self.agents.heartbeat_interval;
         if hb < Duration::from_millis(100) || hb > Duration::from_secs(60) {
             return Err(ConfigError::Invalid {

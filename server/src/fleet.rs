@@ -30,6 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::AgentPolicy;
 use crate::ratelimit::LogLimiter;
 use crate::scheduler;
+mod migration;
+
 use crate::store::{
     DesiredRecord, HostRecord, HostState, PlacementRules, Store, StoreError, TokenRefusal, VmRecord,
 };
@@ -65,7 +67,23 @@ pub struct LiveSession {
     inventory: Mutex<Option<Inventory>>,
     report: Mutex<Option<ReconcileReport>>,
     vm_events: Mutex<VecDeque<VmEvent>>,
-    pending: Mutex<HashMap<OpId, oneshot::Sender<CommandOutcome>>>,
+    pending: Mutex<HashMap<OpId, Pending>>,
+}
+
+/// A command waiting for its agent's answer.
+#[derive(Debug)]
+struct Pending {
+    done: oneshot::Sender<CommandOutcome>,
+    progress: Option<mpsc::UnboundedSender<(u8, String)>>,
+}
+
+/// Builds the desired-state message for a host.
+pub fn desired_message(d: DesiredRecord) -> ServerMessage {
+    ServerMessage::DesiredState(DesiredState {
+        generation: d.generation,
+        vms: d.vms,
+        migrating: d.migrating,
+    })
 }
 
 /// VM events kept per session for the API.
@@ -124,6 +142,12 @@ pub enum VmError {
     /// Nothing fits.
     #[error(transparent)]
     NoFit(scheduler::NoFit),
+    /// The VM or host is busy with something that must end first.
+    #[error("{0}")]
+    Busy(String),
+    /// A host involved is not connected.
+    #[error("{0}")]
+    NotConnected(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -240,6 +264,9 @@ pub struct Fleet {
     scheduler: Mutex<scheduler::Scheduler>,
     sched_policy: scheduler::Policy,
     limiter: LogLimiter,
+    migration: crate::config::MigrationPolicy,
+    /// The event stream.
+    pub bus: crate::bus::Bus,
     /// Counters.
     pub counters: FleetCounters,
 }
@@ -268,6 +295,7 @@ impl Fleet {
         ca: FleetCa,
         policy: AgentPolicy,
         scheduler_policy: scheduler::Policy,
+        migration: crate::config::MigrationPolicy,
     ) -> Result<Arc<Self>, StoreError> {
         let mut serials = HashSet::new();
         let mut hosts = HashSet::new();
@@ -292,6 +320,8 @@ impl Fleet {
             scheduler: Mutex::new(scheduler::Scheduler::default()),
             sched_policy: scheduler_policy,
             limiter: LogLimiter::new(20, Duration::from_secs(60)),
+            migration,
+            bus: crate::bus::Bus::default(),
             counters: FleetCounters::default(),
         }))
     }
@@ -660,6 +690,14 @@ impl Fleet {
             now_ms,
         });
         self.counters.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        self.bus.host(
+            host_id,
+            format!(
+                "host {} connected from {}",
+                clean_name(&hello.hostname),
+                conn.remote_address()
+            ),
+        );
         tracing::info!(host_id = %host_id, version, remote = %conn.remote_address(), "agent session open");
         let welcome = ServerMessage::Welcome(Welcome {
             version,
@@ -672,10 +710,7 @@ impl Fleet {
             // The desired state goes first, so the agent can converge at once.
             match self.store.desired(host_id) {
                 Ok(Some(d)) => {
-                    let msg = ServerMessage::DesiredState(DesiredState {
-                        generation: d.generation,
-                        vms: d.vms,
-                    });
+                    let msg = desired_message(d);
                     greeting = framing::write_frame(&mut send, version, &msg, &mut wbuf).await;
                 }
                 Ok(None) => {}
@@ -700,6 +735,7 @@ impl Fleet {
                 id: host_id,
                 now_ms: unix_ms(SystemTime::now()),
             });
+            self.bus.host(host_id, "host disconnected".into());
             tracing::info!(host_id = %host_id, "agent session closed");
         }
     }
@@ -782,8 +818,18 @@ impl Fleet {
                 }
                 AgentMessage::CommandResult(r) => {
                     tracing::info!(host_id = %host_id, op_id = %r.op_id, outcome = ?r.outcome, "command result");
-                    if let Some(tx) = lock(&session.pending).remove(&r.op_id) {
-                        let _ = tx.send(r.outcome);
+                    if let Some(p) = lock(&session.pending).remove(&r.op_id) {
+                        let _ = p.done.send(r.outcome);
+                    }
+                    None
+                }
+                AgentMessage::Progress(p) => {
+                    if let Some(tx) = lock(&session.pending)
+                        .get(&p.op_id)
+                        .and_then(|x| x.progress.as_ref())
+                    {
+                        let message: String = p.message.chars().take(256).collect();
+                        let _ = tx.send((p.percent.min(100), message));
                     }
                     None
                 }
@@ -795,6 +841,16 @@ impl Fleet {
                         if f.len() > 128 {
                             *f = f.chars().take(128).collect();
                         }
+                    }
+                    if let Ok(vm) = ev.uuid.parse::<VmId>() {
+                        let mut e = crate::bus::FleetEvent::new(
+                            crate::bus::EventKind::Vm,
+                            Some(host_id),
+                            Some(vm),
+                            format!("{} {} ({})", ev.name, ev.event, ev.detail),
+                        );
+                        e.state = Some(ev.state);
+                        self.bus.publish(e);
                     }
                     let mut q = lock(&session.vm_events);
                     q.push_back(ev);
@@ -907,13 +963,7 @@ impl Fleet {
             .store
             .replace_host_vms(host, records)?
             .map_err(|e| DesiredError::Invalid(e.to_string()))?;
-        self.send_to(
-            host,
-            ServerMessage::DesiredState(DesiredState {
-                generation: rec.generation,
-                vms: rec.vms.clone(),
-            }),
-        );
+        self.send_to(host, desired_message(rec.clone()));
         Ok(rec)
     }
 
@@ -947,13 +997,21 @@ impl Fleet {
             })
             .collect();
         let index: HashMap<HostId, usize> = hosts.iter().enumerate().map(|(i, h)| (h.id, i)).collect();
+        // A migration claims the target's capacity until it ends.
+        let claims: HashMap<VmId, HostId> = self
+            .store
+            .migrations()?
+            .into_iter()
+            .map(|c| (c.vm, c.target))
+            .collect();
         let mut after = None;
         loop {
             let page = self.store.vms(after, 4096)?;
             let Some(last) = page.last() else { break };
             after = Some(last.vm.id);
             for v in &page {
-                if let Some(&i) = index.get(&v.host) {
+                let on = std::iter::once(v.host).chain(claims.get(&v.vm.id).copied());
+                for i in on.filter_map(|h| index.get(&h).copied()) {
                     let h = &mut hosts[i];
                     let r = request_for(&v.vm.spec, &v.rules);
                     h.used.vcpus += r.vcpus;
@@ -1007,6 +1065,11 @@ impl Fleet {
         };
         let desired = self.store.put_vm(&rec)?.map_err(|e| VmError::NameTaken(e.0))?;
         tracing::info!(vm = %rec.vm.spec.name, id = %rec.vm.id, host = %host, "VM placed");
+        self.bus.vm(
+            Some(host),
+            rec.vm.id,
+            format!("VM {} created, placed on host {host}", rec.vm.spec.name),
+        );
         self.push_desired(host, desired);
         Ok(rec)
     }
@@ -1015,17 +1078,37 @@ impl Fleet {
     pub fn set_power(&self, id: VmId, power: Power) -> Result<VmRecord, VmError> {
         let mut rec = self.store.vm(id)?.ok_or(VmError::NotFound(id))?;
         if rec.vm.power != power {
+            self.not_migrating(id)?;
             rec.vm.power = power;
             rec.vm.op_id = OpId::random();
             let desired = self.store.put_vm(&rec)?.map_err(|e| VmError::NameTaken(e.0))?;
+            self.bus.vm(
+                Some(rec.host),
+                id,
+                format!("VM {} should be {power:?}", rec.vm.spec.name).to_lowercase(),
+            );
             self.push_desired(rec.host, desired);
         }
         Ok(rec)
     }
 
+    /// Refuses changes to a VM while it live-migrates.
+    fn not_migrating(&self, id: VmId) -> Result<(), VmError> {
+        match self.store.migration(id)? {
+            Some(c) => Err(VmError::Busy(format!(
+                "VM {id} is live-migrating to host {} (operation {}); try again when it ends",
+                c.target, c.op
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Deletes a VM; its host's agent removes it.
     pub fn delete_vm(&self, id: VmId) -> Result<VmRecord, VmError> {
+        self.not_migrating(id)?;
         let rec = self.store.delete_vm(id)?.ok_or(VmError::NotFound(id))?;
+        self.bus
+            .vm(Some(rec.host), id, format!("VM {} deleted", rec.vm.spec.name));
         if let Some(d) = self.store.desired(rec.host)? {
             self.push_desired(rec.host, d);
         }
@@ -1050,17 +1133,16 @@ impl Fleet {
 
     /// Cordons (no new VMs) or uncordons a host.
     pub fn set_cordon(&self, id: HostId, cordoned: bool) -> Result<bool, StoreError> {
-        self.store.set_cordon(id, cordoned, unix_ms(SystemTime::now()))
+        let known = self.store.set_cordon(id, cordoned, unix_ms(SystemTime::now()))?;
+        if known {
+            let what = if cordoned { "cordoned" } else { "uncordoned" };
+            self.bus.host(id, format!("host {what}"));
+        }
+        Ok(known)
     }
 
     fn push_desired(&self, host: HostId, d: DesiredRecord) {
-        self.send_to(
-            host,
-            ServerMessage::DesiredState(DesiredState {
-                generation: d.generation,
-                vms: d.vms,
-            }),
-        );
+        self.send_to(host, desired_message(d));
     }
 
     /// A host's desired and observed VMs.
@@ -1089,14 +1171,27 @@ impl Fleet {
         kind: CommandKind,
         timeout: Duration,
     ) -> Result<(OpId, CommandOutcome), CommandError> {
+        self.command_with_progress(host, OpId::random(), kind, timeout, None)
+            .await
+    }
+
+    /// Like [`Self::command`], with a given op id and the agent's progress
+    /// reports forwarded to `progress`.
+    pub async fn command_with_progress(
+        &self,
+        host: HostId,
+        op_id: OpId,
+        kind: CommandKind,
+        timeout: Duration,
+        progress: Option<mpsc::UnboundedSender<(u8, String)>>,
+    ) -> Result<(OpId, CommandOutcome), CommandError> {
         let session = self
             .lock_sessions()
             .get(&host)
             .cloned()
             .ok_or(CommandError::NotConnected(host))?;
-        let op_id = OpId::random();
         let (tx, rx) = oneshot::channel();
-        lock(&session.pending).insert(op_id, tx);
+        lock(&session.pending).insert(op_id, Pending { done: tx, progress });
         if session
             .outbox
             .send(ServerMessage::Command(Command { op_id, kind }))

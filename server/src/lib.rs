@@ -3,6 +3,7 @@
 //! `main.rs` only parses the command line; [`start`] wires the parts.
 
 pub mod api;
+pub mod bus;
 pub mod client;
 pub mod config;
 pub mod datadir;
@@ -144,9 +145,16 @@ pub async fn start(cfg: &ServerConfig) -> Result<Running, StartError> {
         addr: cfg.api.listen,
         source,
     })?;
-    let fleet = Fleet::new(store.clone(), pki.ca, cfg.agents.clone(), cfg.scheduler)?;
+    let fleet = Fleet::new(
+        store.clone(),
+        pki.ca,
+        cfg.agents.clone(),
+        cfg.scheduler,
+        cfg.migration.clone(),
+    )?;
     tokio::spawn(fleet.clone().serve(endpoint.clone()));
-    tokio::spawn(api::Api::new(fleet.clone(), store).serve(listener));
+    fleet.clone().resume_operations();
+    tokio::spawn(api::Api::new(fleet.clone(), store, cfg.api.clone()).serve(listener));
     tracing::info!(%quic_addr, %api_addr, "novacron-server started");
     Ok(Running {
         fleet,

@@ -50,9 +50,74 @@ macro_rules! warn_limited {
     };
 }
 
+/// Token buckets per key (API token): `rate` requests per second
+/// sustained, `burst` at once. `rate` 0 turns limiting off.
+#[derive(Debug)]
+pub struct TokenBuckets {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<std::collections::HashMap<String, (f64, Instant)>>,
+}
+
+/// Most keys tracked; idle full buckets are dropped past this.
+const MAX_BUCKETS: usize = 10_000;
+
+impl TokenBuckets {
+    /// Buckets refilling at `rate` per second up to `burst`.
+    pub fn new(rate: f64, burst: u32) -> Self {
+        Self {
+            rate,
+            burst: f64::from(burst.max(1)),
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Takes one token for `key`; `Err(wait)` says when one is available.
+    pub fn take(&self, key: &str, now: Instant) -> Result<(), Duration> {
+        if self.rate <= 0.0 {
+            return Ok(());
+        }
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if b.len() >= MAX_BUCKETS && !b.contains_key(key) {
+            let (rate, burst) = (self.rate, self.burst);
+            b.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+        }
+        let (tokens, at) = b.entry(key.to_string()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets_allow_a_burst_then_the_rate_per_key() {
+        let b = TokenBuckets::new(10.0, 3);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(b.take("a", t0).is_ok());
+        }
+        let wait = b.take("a", t0).expect_err("burst used up");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(100),
+            "{wait:?}"
+        );
+        assert!(b.take("b", t0).is_ok(), "keys are independent");
+        assert!(b.take("a", t0 + Duration::from_millis(100)).is_ok(), "refilled");
+        assert!(b.take("a", t0 + Duration::from_millis(100)).is_err());
+        let off = TokenBuckets::new(0.0, 1);
+        for _ in 0..100 {
+            assert!(off.take("a", t0).is_ok());
+        }
+    }
 
     #[test]
     fn bursts_then_suppresses_then_reports() {

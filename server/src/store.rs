@@ -16,6 +16,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+mod journal;
+pub use journal::{
+    token_id, ApiTokenInfo, AuditRecord, ClaimRefusal, MigrationClaim, OperationKind, OperationRecord,
+    OperationState, Progress, TokenDeleteRefusal,
+};
+
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const HOSTS: TableDefinition<u128, &[u8]> = TableDefinition::new("hosts");
 const JOIN_TOKENS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("join_tokens");
@@ -285,6 +291,9 @@ pub struct DesiredRecord {
     pub generation: u64,
     /// The VMs.
     pub vms: Vec<DesiredVm>,
+    /// VMs in a live migration from or to this host (left alone by its agent).
+    #[serde(default)]
+    pub migrating: Vec<VmId>,
 }
 
 /// One VM: what it should be and where it runs.
@@ -450,6 +459,10 @@ impl Store {
             tx.open_table(HOST_VMS)?;
             tx.open_table(HOST_GENERATION)?;
             tx.open_table(CORDONS)?;
+            tx.open_table(journal::AUDIT)?;
+            tx.open_table(journal::OPERATIONS)?;
+            tx.open_table(journal::OPERATION_IDS)?;
+            tx.open_table(journal::MIGRATIONS)?;
         }
         tx.commit()?;
         Ok(Self { db: Arc::new(db) })
@@ -575,7 +588,18 @@ impl Store {
                 out.push(VmRecord::decode(v.value())?.vm);
             }
         }
-        Ok(Some(DesiredRecord { generation, vms: out }))
+        let mut migrating = Vec::new();
+        for row in tx.open_table(journal::MIGRATIONS)?.iter()? {
+            let c = MigrationClaim::decode(row?.1.value())?;
+            if c.target == id || c.source == id {
+                migrating.push(c.vm);
+            }
+        }
+        Ok(Some(DesiredRecord {
+            generation,
+            vms: out,
+            migrating,
+        }))
     }
 
     /// Replaces the VMs placed on `host` with `vms` (pinned there), in one

@@ -253,6 +253,12 @@ mod tests {
                     managed: true,
                     snapshots: Vec::new(),
                 }],
+                migration_uri: Some("qemu+tls://h1/system".into()),
+            }),
+            AgentMessage::Progress(CommandProgress {
+                op_id: OpId(8),
+                percent: 40,
+                message: "memory 40 %".into(),
             }),
             AgentMessage::CommandResult(CommandResult {
                 op_id: OpId(7),
@@ -391,6 +397,7 @@ mod tests {
                             snapshots: Vec::new(),
                         })
                         .collect(),
+                    migration_uri: None,
                 })),
         ]
     }

@@ -40,6 +40,8 @@ pub enum AgentMessage {
     VmEvent(VmEvent),
     /// What the reconciler did for a desired state, and the drift it cannot fix.
     Reconciled(ReconcileReport),
+    /// How far a long command (a migration) got; sent while it runs.
+    Progress(CommandProgress),
 }
 
 /// Everything the server sends to an agent.
@@ -200,6 +202,10 @@ pub struct DesiredState {
     pub generation: u64,
     /// Every VM this host should have; managed VMs not listed are removed.
     pub vms: Vec<DesiredVm>,
+    /// VMs in a live migration from or to this host: the agent leaves
+    /// their domains alone (libvirt is moving them) until a later desired
+    /// state lists them as its own or not at all.
+    pub migrating: Vec<VmId>,
 }
 
 /// The reconciler's account of one pass.
@@ -233,6 +239,9 @@ pub struct Inventory {
     pub hypervisor: String,
     /// Every VM the hypervisor knows.
     pub vms: Vec<VmObserved>,
+    /// The libvirt URI other hosts use to live-migrate VMs here
+    /// (`vms.migration_uri`); absent when the host takes no migrations.
+    pub migration_uri: Option<String>,
 }
 
 /// A command from the server; idempotent by `op_id`.
@@ -286,6 +295,30 @@ pub enum CommandKind {
         /// The new size, MiB (never smaller than the current one).
         size_mib: u64,
     },
+    /// Live-migrate a running VM to another host, peer to peer: this
+    /// host's libvirt connects to `dest_uri`. Progress comes back as
+    /// [`AgentMessage::Progress`]; on failure the VM keeps running here.
+    Migrate {
+        /// The VM's id.
+        vm: VmId,
+        /// The target host's libvirt URI (its `migration_uri`).
+        dest_uri: String,
+        /// Bandwidth cap, MiB/s (0: libvirt's default).
+        bandwidth_mib_s: u64,
+        /// Give up when the migration runs longer than this, seconds.
+        timeout_secs: u32,
+    },
+}
+
+/// How far a command got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandProgress {
+    /// The operation.
+    pub op_id: OpId,
+    /// 0 to 100.
+    pub percent: u8,
+    /// What it is doing, for people.
+    pub message: String,
 }
 
 /// The outcome of a command.

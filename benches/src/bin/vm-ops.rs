@@ -721,6 +721,7 @@ fn ops_bench(args: &Args, rt: &Runtime) -> anyhow::Result<()> {
         pool_path: POOL_PATH.into(),
         console_dir: CONSOLE_DIR.into(),
         virt_type: Some(virt_type),
+        migration_uri: None,
     };
     let (hv, mut events) = {
         let _guard = rt.enter();
@@ -869,6 +870,7 @@ fn inventory_bench(args: &Args) -> anyhow::Result<()> {
         pool_path: dir.path().join("pool").to_string_lossy().into_owned(),
         console_dir: dir.path().to_string_lossy().into_owned(),
         virt_type: None,
+        migration_uri: None,
     };
     let desired: Vec<DesiredVm> = (0..n)
         .map(|i| {
