@@ -102,10 +102,16 @@ impl Server {
     /// Initialises a data directory and starts the server. `agents_toml` is
     /// appended to the `[agents]` table of the config.
     pub fn start(agents_toml: &str) -> Server {
+        Server::start_with(agents_toml, "", "")
+    }
+
+    /// Like [`Server::start`], with `api_toml` added to the `[api]` table
+    /// and `extra_toml` (whole tables) at the end of the config.
+    pub fn start_with(agents_toml: &str, api_toml: &str, extra_toml: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("server.toml");
         let text = format!(
-            "data_dir = \"{}\"\n[quic]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[agents]\n{agents_toml}\n",
+            "data_dir = \"{}\"\n[quic]\nlisten = \"127.0.0.1:0\"\n[api]\n{api_toml}\nlisten = \"127.0.0.1:0\"\n[agents]\n{agents_toml}\n{extra_toml}\n",
             dir.path().join("data").display()
         );
         std::fs::write(&config, text).unwrap();
