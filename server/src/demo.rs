@@ -1,9 +1,9 @@
 //! `novacron-server demo`: a whole fleet on this machine with no setup — a
 //! real server and real agent processes, each agent on its own libvirt
 //! test-driver host, all enrolled through the real join path and connected
-//! over mutual-TLS QUIC. Each host is then given two VMs through the
-//! desired-state path, and the demo waits until every agent reports that
-//! its host matches.
+//! over mutual-TLS QUIC. VMs are then created through the web API
+//! (`POST /v1/vms`), placed by the scheduler, and the demo waits until
+//! every agent runs what it was given.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -176,7 +176,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        place_vms(&running).await?;
+        place_vms(&running, &report.admin_token).await?;
         print_summary(&running, &config_path, &root, &report.admin_token)?;
         let stop = async {
             match duration {
@@ -219,50 +219,73 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Gives every host a web VM (running) and a database VM (stopped), then
-/// waits until each agent reports a converged pass.
-async fn place_vms(running: &crate::Running) -> anyhow::Result<()> {
-    let hosts = running.fleet.hosts()?;
-    let mut want = Vec::new();
-    for (i, h) in hosts.iter().enumerate() {
-        let vm = |name: String, power: &str, disk_mib: u64| -> anyhow::Result<crate::fleet::VmRequest> {
-            Ok(serde_json::from_value(serde_json::json!({
+/// Creates VMs the way an operator does, through the web API: per host a
+/// web VM (running, one per host by anti-affinity) and a database VM
+/// (stopped); the scheduler places them. Then waits until every agent
+/// runs what it was given.
+async fn place_vms(running: &crate::Running, token: &str) -> anyhow::Result<()> {
+    let n = running.fleet.hosts()?.len();
+    let mut ids = Vec::new();
+    for i in 1..=n {
+        for (name, power, vcpus, mem, disk, group) in [
+            (format!("web-{i}"), "running", 1, 512, 2048, Some("web")),
+            (format!("db-{i}"), "stopped", 2, 1024, 4096, None),
+        ] {
+            let body = serde_json::json!({
                 "spec": {
                     "name": name,
-                    "vcpus": 1,
-                    "memory_mib": 512,
-                    "disks": [{"name": "root", "size_mib": disk_mib}],
+                    "vcpus": vcpus,
+                    "memory_mib": mem,
+                    "disks": [{"name": "root", "size_mib": disk}],
                     "cloud_init": {"user_data": "#cloud-config\nhostname: demo\n"},
                     "labels": {"demo": "true"}
                 },
-                "power": power
-            }))?)
-        };
-        let vms = vec![
-            vm(format!("web-{}", i + 1), "running", 2048)?,
-            vm(format!("db-{}", i + 1), "stopped", 4096)?,
-        ];
-        let rec = running.fleet.set_desired(h.record.id, vms)?;
-        want.push((h.record.id, rec.generation));
+                "power": power,
+                "placement": {"anti_affinity": group}
+            });
+            let vm = crate::client::call(
+                running.api_addr,
+                token,
+                hyper::Method::POST,
+                "/v1/vms",
+                Some(body),
+            )
+            .await?;
+            ids.push((
+                name,
+                vm["vm"]["id"].as_str().unwrap_or_default().to_string(),
+                power,
+            ));
+        }
     }
+    println!(
+        "  created {} VMs through POST /v1/vms; the scheduler placed them",
+        ids.len()
+    );
     let start = Instant::now();
-    for (id, generation) in want {
+    for (name, id, power) in &ids {
+        let want = if *power == "running" { "Running" } else { "Stopped" };
         loop {
-            let converged = running
-                .fleet
-                .host_vms(id)?
-                .and_then(|v| v.report)
-                .is_some_and(|r| r.generation == generation && r.converged);
-            if converged {
+            let v = crate::client::call(
+                running.api_addr,
+                token,
+                hyper::Method::GET,
+                &format!("/v1/vms/{id}"),
+                None,
+            )
+            .await?;
+            if v["observed"]["state"] == want {
                 break;
             }
             if start.elapsed() > Duration::from_secs(60) {
-                bail!("host {id} did not converge on its VMs within 60s; see its agent log");
+                bail!(
+                    "VM {name} is not {want} within 60s (observed: {}); see the agent logs",
+                    v["observed"]
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    println!("  VMs placed: every host runs web-N and has db-N defined but stopped");
     Ok(())
 }
 
@@ -283,19 +306,30 @@ fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &s
             h.vm_count.map(|n| n.to_string()).unwrap_or_default(),
         );
     }
+    let names: std::collections::HashMap<_, _> = running
+        .fleet
+        .hosts()?
+        .into_iter()
+        .map(|h| (h.record.id, h.record.name))
+        .collect();
     println!();
-    for h in running.fleet.hosts()? {
-        if let Some(v) = running.fleet.host_vms(h.record.id)? {
-            for vm in v.observed.map(|o| o.vms).unwrap_or_default() {
-                let kind = if vm.managed { "managed" } else { "not managed" };
-                println!(
-                    "  {:<14} {:<14} {:<8} {kind}",
-                    h.record.name,
-                    vm.name,
-                    format!("{:?}", vm.state)
-                );
-            }
-        }
+    println!(
+        "{:<10} {:<14} {:<9} {:<9} {:>5} {:>8}",
+        "VM", "HOST", "DESIRED", "OBSERVED", "VCPUS", "MEM MiB"
+    );
+    for rec in running.fleet.store().vms(None, 1000)? {
+        let view = running.fleet.vm_view(rec);
+        let r = &view.record;
+        println!(
+            "{:<10} {:<14} {:<9} {:<9} {:>5} {:>8}",
+            r.vm.spec.name,
+            names.get(&r.host).map_or("?", String::as_str),
+            format!("{:?}", r.vm.power),
+            view.observed
+                .map_or_else(|| "-".to_string(), |o| format!("{:?}", o.state)),
+            r.vm.spec.vcpus,
+            r.vm.spec.memory_mib,
+        );
     }
     println!();
     println!("Where to look:");
@@ -304,7 +338,11 @@ fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &s
         running.api_addr
     );
     println!(
-        "  curl -s -H 'Authorization: Bearer {token}' http://{}/v1/hosts/<HOST ID>/vms",
+        "  curl -s -H 'Authorization: Bearer {token}' http://{}/v1/vms",
+        running.api_addr
+    );
+    println!(
+        "  curl -sN -H 'Authorization: Bearer {token}' http://{}/v1/events    (live events)",
         running.api_addr
     );
     println!("  novacron-server -c {} host list", config.display());

@@ -1,0 +1,292 @@
+//! Live migration and drain between two real libvirtd hosts, each in its
+//! own network namespace (`packaging/dev/testbed.sh hosts-up 2`), with a
+//! running TCG guest: the guest keeps running on the target and the API
+//! shows its new host; a migration that cannot reach its target fails,
+//! and the VM keeps running on its source. Needs root, QEMU, libvirt and
+//! the guest files (`.ci/run` provides them); fails loudly without.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use novacron_e2e::{wait_for, Agent, Server};
+use serde_json::{json, Value};
+
+fn testbed() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/dev/testbed.sh")
+}
+
+fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("NOVACRON_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/novacron-guest"));
+    for f in ["vmlinuz", "initrd.img"] {
+        assert!(
+            dir.join(f).exists(),
+            "{} is missing: run `packaging/dev/testbed.sh guest {}` (as .ci/run does)",
+            dir.join(f).display(),
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// One namespaced libvirt host.
+#[derive(Debug, Clone)]
+struct NsHost {
+    /// Also its network namespace's name.
+    name: String,
+    local_uri: String,
+    migration_uri: String,
+}
+
+/// The namespaced hosts; torn down on drop.
+struct Hosts(Vec<NsHost>);
+
+impl Hosts {
+    fn up(n: usize) -> Hosts {
+        let out = Command::new("bash")
+            .arg(testbed())
+            .args(["hosts-up", &n.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "`testbed.sh hosts-up {n}` failed (needs root and `testbed.sh install`):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let hosts: Vec<NsHost> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f.len() == 4).then(|| NsHost {
+                    name: f[0].into(),
+                    local_uri: f[2].into(),
+                    migration_uri: f[3].into(),
+                })
+            })
+            .collect();
+        assert_eq!(
+            hosts.len(),
+            n,
+            "hosts-up printed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Hosts(hosts)
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let _ = Command::new("bash").arg(testbed()).arg("hosts-down").output();
+    }
+}
+
+fn virsh(uri: &str, args: &[&str]) -> String {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The domain's state on a host ("running", "shut off", ...), or "" when
+/// the host does not have it.
+fn domstate(h: &NsHost, uuid: &str) -> String {
+    virsh(&h.local_uri, &["domstate", uuid]).trim().to_string()
+}
+
+fn cpu_time(h: &NsHost, uuid: &str) -> u64 {
+    virsh(&h.local_uri, &["domstats", "--cpu-total", uuid])
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("cpu.time="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits for an operation to end; returns it.
+fn wait_op(server: &Server, op: &Value) -> Value {
+    let id = op["id"].as_str().unwrap().to_string();
+    let mut percents = Vec::new();
+    let done = wait_for("the operation to end", Duration::from_secs(180), || {
+        let o = server.get(&format!("/v1/operations/{id}"));
+        percents.push(o["progress"]["percent"].as_u64().unwrap_or(0));
+        matches!(o["state"].as_str(), Some("succeeded" | "failed")).then_some(o)
+    });
+    assert!(
+        percents.windows(2).all(|w| w[0] <= w[1]) || done["state"] == "failed",
+        "progress only moves forward: {percents:?}"
+    );
+    done
+}
+
+fn host_of(server: &Server, vm: &str) -> String {
+    server.get(&format!("/v1/vms/{vm}"))["host"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_running_guest_live_migrates_and_drains_between_two_real_hosts() {
+    let guest = guest_dir();
+    let hosts = Hosts::up(2);
+    let scratch = tempfile::Builder::new()
+        .prefix("nc-mig-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    // QEMU runs as its own user: the console directory must be reachable.
+    let console = scratch.path().join("console");
+    std::fs::create_dir_all(&console).unwrap();
+    for p in [scratch.path(), console.as_path()] {
+        Command::new("chmod").arg("0755").arg(p).status().unwrap();
+    }
+    let server = Server::start_with(
+        "heartbeat_interval = \"300ms\"",
+        "",
+        "[migration]\ntimeout = \"90s\"\n",
+    );
+    let mut agents = Vec::new();
+    for h in &hosts.0 {
+        let vms = format!(
+            "virt_type = \"qemu\"\nmigration_uri = \"{}\"\nconsole_log_dir = \"{}\"\nstorage_path = \"{}\"",
+            h.migration_uri,
+            console.display(),
+            scratch.path().join(format!("pool-{}", h.name)).display()
+        );
+        let mut a = Agent::on(&h.name, &h.local_uri, &vms);
+        a.join(&server);
+        a.start(&[]);
+        server.wait_connected(&a.host_id, true);
+        agents.push(a);
+    }
+    let (h1, h2) = (&hosts.0[0], &hosts.0[1]);
+    let (id1, id2) = (agents[0].host_id.clone(), agents[1].host_id.clone());
+    wait_for("both hosts to report capacity", Duration::from_secs(30), || {
+        [&id1, &id2]
+            .iter()
+            .all(|id| server.host(id)["capacity"]["memory_mib"].as_u64().unwrap_or(0) > 0)
+            .then_some(())
+    });
+
+    // A diskless TCG guest booted from the same kernel path on both hosts.
+    let spec = json!({
+        "name": "mig-1", "vcpus": 1, "memory_mib": 128,
+        "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initrd.img"),
+                 "cmdline": "console=ttyS0 panic=-1"}
+    });
+    let (s, v) = server.send(
+        "POST",
+        "/v1/vms",
+        &json!({"spec": spec, "placement": {"host": id1}}),
+    );
+    assert_eq!(s, 201, "{v}");
+    let vm = v["vm"]["id"].as_str().unwrap().to_string();
+    let log = console.join("mig-1.console.log");
+    wait_for("the guest to boot on host 1", Duration::from_secs(120), || {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains("NOVACRON-GUEST-BOOTED")
+            .then_some(())
+    });
+    wait_for("the server to see it running", Duration::from_secs(20), || {
+        (server.get(&format!("/v1/vms/{vm}"))["observed"]["state"] == "Running").then_some(())
+    });
+
+    // Pre-checks refuse clearly: same host, unknown host, a viewer.
+    let (s, v) = server.send("POST", &format!("/v1/vms/{vm}/migrate"), &json!({"host": id1}));
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("already runs"),
+        "{v}"
+    );
+    let (s, v) = server.send(
+        "POST",
+        &format!("/v1/vms/{vm}/migrate"),
+        &json!({"host": "00000000-0000-0000-0000-0000000000ff"}),
+    );
+    assert_eq!(s, 400, "{v}");
+
+    // Live migration to host 2, named.
+    let (s, v) = server.send("POST", &format!("/v1/vms/{vm}/migrate"), &json!({"host": id2}));
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v["operation"]["kind"], "migrate");
+    // While it runs, the VM cannot be deleted or stopped.
+    let (s, _) = server.send("DELETE", &format!("/v1/vms/{vm}"), &json!({}));
+    let op = wait_op(&server, &v["operation"]);
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    assert_eq!(op["progress"]["percent"], 100);
+    assert_eq!(s, 409, "a delete during the migration is refused");
+    assert_eq!(host_of(&server, &vm), id2, "the API shows the new host");
+    assert_eq!(domstate(h2, &vm), "running", "the guest runs on host 2");
+    assert_eq!(domstate(h1, &vm), "", "and is gone from host 1");
+    let t0 = cpu_time(h2, &vm);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        cpu_time(h2, &vm) > t0,
+        "the guest keeps running (its CPU time moves)"
+    );
+    wait_for("host 2's agent to own it", Duration::from_secs(20), || {
+        let v = server.get(&format!("/v1/vms/{vm}"));
+        (v["observed"]["state"] == "Running").then_some(())
+    });
+    // Both agents are converged with nothing left to do: no duplicate.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(domstate(h1, &vm), "", "host 1's agent did not recreate it");
+
+    // A migration whose target refuses connections fails; the VM keeps
+    // running on its source and the claim is released.
+    let block = |add: bool| {
+        let rule = if add {
+            "add table inet ncblock; add chain inet ncblock in { type filter hook input priority 0; }; add rule inet ncblock in tcp dport 16509 reject with tcp reset"
+        } else {
+            "delete table inet ncblock"
+        };
+        let st = Command::new("ip")
+            .args(["netns", "exec", &h1.name, "nft", rule])
+            .status()
+            .unwrap();
+        assert!(st.success(), "nft {rule}");
+    };
+    block(true);
+    let (s, v) = server.send("POST", &format!("/v1/vms/{vm}/migrate"), &json!({"host": id1}));
+    assert_eq!(s, 202, "{v}");
+    let op = wait_op(&server, &v["operation"]);
+    block(false);
+    assert_eq!(op["state"], "failed", "{op:#}");
+    let err = op["error"].as_str().unwrap();
+    assert!(err.contains("keeps running on host"), "{err}");
+    assert_eq!(host_of(&server, &vm), id2);
+    assert_eq!(domstate(h2, &vm), "running", "still running on its source");
+    assert_eq!(domstate(h1, &vm), "", "nothing left on the target");
+
+    // Drain host 2: the VM moves back to host 1 (the only other host) and
+    // host 2 is cordoned.
+    let (s, v) = server.send("POST", &format!("/v1/hosts/{id2}/drain"), &json!({}));
+    assert_eq!(s, 202, "{v}");
+    let op = wait_op(&server, &v["operation"]);
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    assert_eq!(host_of(&server, &vm), id1);
+    assert_eq!(domstate(h1, &vm), "running");
+    assert_eq!(domstate(h2, &vm), "");
+    let ops = server.get("/v1/operations");
+    assert!(ops["operations"].as_array().unwrap().len() >= 4, "{ops:#}");
+    // The cordon holds: a new VM pinned to host 2 is refused.
+    let (s, v) = server.send(
+        "POST",
+        "/v1/vms",
+        &json!({"spec": {"name": "after-drain", "vcpus": 1, "memory_mib": 64}, "placement": {"host": id2}}),
+    );
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("cordon"), "{v}");
+    // Clean up the guest through the API.
+    let (s, _) = server.send("DELETE", &format!("/v1/vms/{vm}"), &json!({}));
+    assert_eq!(s, 200);
+    wait_for("the guest to be removed", Duration::from_secs(60), || {
+        domstate(h1, &vm).is_empty().then_some(())
+    });
+}
