@@ -111,54 +111,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         for i in 1..=args.agents {
             let name = format!("demo-host-{i}");
             let host_dir = root.join(&name);
-            std::fs::create_dir_all(&host_dir)?;
-            let node = host_dir.join("node.xml");
-            std::fs::write(&node, node_xml(i, 4 * (1 + i % 4), 8 * u64::from(1 + i % 3)))?;
-            let agent_cfg = host_dir.join("agent.toml");
-            std::fs::write(
-                &agent_cfg,
-                format!(
-                    "data_dir = {:?}\nlibvirt_uri = \"test://{}\"\nhostname = {name:?}\n[vms]\nstorage_path = {:?}\nconsole_log_dir = {:?}\n",
-                    host_dir.join("data").display().to_string(),
-                    node.display(),
-                    host_dir.join("pool").display().to_string(),
-                    host_dir.display().to_string(),
-                ),
-            )?;
-            let (token, _) = running.fleet.create_join_token(Duration::from_secs(600))?;
-            let out = Command::new(&agent_bin)
-                .arg("-c")
-                .arg(&agent_cfg)
-                .args([
-                    "join",
-                    "--server",
-                    &running.quic_addr.to_string(),
-                    "--token",
-                    &token,
-                ])
-                .args([
-                    "--ca-fingerprint",
-                    &report.ca_fingerprint,
-                    "--server-name",
-                    "localhost",
-                ])
-                .output()
-                .await?;
-            if !out.status.success() {
-                bail!(
-                    "{name} could not join: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            let log = std::fs::File::create(host_dir.join("agent.log"))?;
-            let child = Command::new(&agent_bin)
-                .arg("-c")
-                .arg(&agent_cfg)
-                .arg("run")
-                .stdout(std::process::Stdio::null())
-                .stderr(log)
-                .kill_on_drop(true)
-                .spawn()?;
+            let child = spawn_test_agent(
+                &running,
+                &agent_bin,
+                &host_dir,
+                &name,
+                &node_xml(i, 4 * (1 + i % 4), 8 * u64::from(1 + i % 3)),
+                &report.ca_fingerprint,
+            )
+            .await?;
             println!(
                 "  {name}: joined and started (log: {})",
                 host_dir.join("agent.log").display()
@@ -349,4 +310,60 @@ fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &s
     println!("  files and logs: {}", root.display());
     println!("Press Ctrl-C to stop.");
     Ok(())
+}
+
+/// Enrolls and starts one real agent process on a libvirt test-driver
+/// host described by `node_xml`, with its files in `host_dir` (agent.log
+/// is its log). Used by the demo and the API benchmark.
+pub async fn spawn_test_agent(
+    running: &crate::Running,
+    agent_bin: &Path,
+    host_dir: &Path,
+    name: &str,
+    node_xml: &str,
+    ca_fingerprint: &str,
+) -> anyhow::Result<Child> {
+    std::fs::create_dir_all(host_dir)?;
+    let node = host_dir.join("node.xml");
+    std::fs::write(&node, node_xml)?;
+    let agent_cfg = host_dir.join("agent.toml");
+    std::fs::write(
+        &agent_cfg,
+        format!(
+            "data_dir = {:?}\nlibvirt_uri = \"test://{}\"\nhostname = {name:?}\n[vms]\nstorage_path = {:?}\nconsole_log_dir = {:?}\n",
+            host_dir.join("data").display().to_string(),
+            node.display(),
+            host_dir.join("pool").display().to_string(),
+            host_dir.display().to_string(),
+        ),
+    )?;
+    let (token, _) = running.fleet.create_join_token(Duration::from_secs(600))?;
+    let out = Command::new(agent_bin)
+        .arg("-c")
+        .arg(&agent_cfg)
+        .args([
+            "join",
+            "--server",
+            &running.quic_addr.to_string(),
+            "--token",
+            &token,
+        ])
+        .args(["--ca-fingerprint", ca_fingerprint, "--server-name", "localhost"])
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "{name} could not join: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let log = std::fs::File::create(host_dir.join("agent.log"))?;
+    Ok(Command::new(agent_bin)
+        .arg("-c")
+        .arg(&agent_cfg)
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?)
 }
