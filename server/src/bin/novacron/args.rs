@@ -329,12 +329,12 @@ pub enum Role {
 }
 
 impl Role {
-    /// The API's name for it.
-    pub fn as_str(self) -> &'static str {
+    /// The API's name for it (as `POST /v1/api-tokens` takes it).
+    pub fn as_api(self) -> &'static str {
         match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
+            Role::Viewer => "Viewer",
+            Role::Operator => "Operator",
+            Role::Admin => "Admin",
         }
     }
 }

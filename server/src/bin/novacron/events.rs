@@ -47,10 +47,33 @@ pub async fn run(ctx: &mut Ctx, args: EventsArgs) -> Result<(), CliError> {
                 data["at_ms"].as_u64().map(iso).unwrap_or_else(|| "-".into()),
                 ev.event,
                 subject,
-                data["message"].as_str().unwrap_or_default(),
+                summary(&ev.event, &data),
             )
         };
         ctx.emit(&format!("{}\n", line.trim_end()))?;
+    }
+}
+
+/// What happened, for people.
+fn summary(kind: &str, data: &Value) -> String {
+    let message = data["message"].as_str().unwrap_or_default();
+    match kind {
+        "operation" => {
+            let op = &data["operation"];
+            let mut s = text(&op["state"]);
+            if let Some(p) = op["progress"]["percent"].as_u64() {
+                s.push_str(&format!(" {p}%"));
+            }
+            if !message.is_empty() {
+                s.push_str(&format!(": {message}"));
+            }
+            s
+        }
+        "lagged" => format!(
+            "missed {} events (this client fell behind the stream)",
+            text(&data["missed"])
+        ),
+        _ => message.to_string(),
     }
 }
 

@@ -13,7 +13,7 @@ pub async fn run(ctx: &mut Ctx, command: TokensCommand) -> Result<(), CliError> 
     match command {
         TokensCommand::Create { name, role } => {
             let v = ctx
-                .post("/v1/api-tokens", json!({"name": name, "role": role.as_str()}))
+                .post("/v1/api-tokens", json!({"name": name, "role": role.as_api()}))
                 .await?;
             if ctx.json() {
                 return ctx.print_json(&v);
@@ -72,11 +72,12 @@ pub async fn audit(ctx: &mut Ctx, p: PageArgs) -> Result<(), CliError> {
     let entries = v["entries"]
         .as_array()
         .ok_or(CliError::Unexpected("audit entries"))?;
-    let mut t = Table::new(&["AT", "ACTOR", "METHOD", "PATH", ">STATUS"]);
+    let mut t = Table::new(&["AT", "ACTOR", "ROLE", "METHOD", "PATH", ">STATUS"]);
     for e in entries {
         t.row(vec![
             e["at_ms"].as_u64().map(iso).unwrap_or_else(|| text(&e["at"])),
             actor(&e["actor"]),
+            text(&e["role"]).to_lowercase(),
             text(&e["method"]),
             text(&e["path"]),
             text(&e["status"]),
