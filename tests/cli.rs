@@ -552,6 +552,7 @@ fn events_print_one_line_per_event_until_the_server_closes_the_stream() {
             json!({"type": "operation", "at_ms": 1_700_000_002_000u64, "operation": op("succeeded", 100, "done", None),
                    "message": "migrate of web-1 succeeded"})
         ),
+        "event: lagged\ndata: {\"missed\":3}\n\n".to_string(),
     ];
     let (addr, seen) = stub(move |method, path| {
         if let Some(r) = fleet_routes(method, path) {
@@ -567,7 +568,7 @@ fn events_print_one_line_per_event_until_the_server_closes_the_stream() {
     let o = run_with(&api, "t", &["events", "--vm", "web-1"]);
     let out = ok(&o);
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines.len(), 4, "{out}");
     assert!(lines[0].starts_with("2023-11-14T22:13:20Z  vm "), "{out}");
     assert!(
         lines[0].contains("vm web-1") && lines[0].ends_with("web-1 stopped"),
@@ -578,7 +579,13 @@ fn events_print_one_line_per_event_until_the_server_closes_the_stream() {
         "{out}"
     );
     assert!(
-        lines[2].contains("migrate web-1") && lines[2].ends_with("migrate of web-1 succeeded"),
+        lines[2].contains("migrate web-1")
+            && lines[2].ends_with("succeeded 100%: migrate of web-1 succeeded"),
+        "{out}"
+    );
+    assert!(
+        lines[3].contains("lagged")
+            && lines[3].ends_with("missed 3 events (this client fell behind the stream)"),
         "{out}"
     );
     assert!(stderr(&o).contains("the server closed the event stream"));
@@ -593,12 +600,13 @@ fn events_print_one_line_per_event_until_the_server_closes_the_stream() {
     // JSON mode: each line is the event's data.
     let out = ok(&run_with(&api, "t", &["-o", "json", "events"]));
     let data: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(data.len(), 3);
+    assert_eq!(data.len(), 4);
     assert_eq!(data[0]["type"], "vm");
     assert_eq!(data[2]["operation"]["id"], OP);
+    assert_eq!(data[3], json!({"missed": 3}));
 }
 
-// --- Against the real server, for the routes the server is gaining -----
+// --- Operations, tokens and events on the real server -----------------
 
 /// Reads `novacron events` lines from a running child.
 fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
@@ -614,23 +622,36 @@ fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String
     rx
 }
 
+/// Creates a VM pinned to `host` and waits until it runs.
+fn running_vm(server: &Server, name: &str, host: &str) {
+    ok(&run(
+        server,
+        &[
+            "vms", "create", "--name", name, "--vcpus", "1", "--memory", "128", "--host", host,
+        ],
+    ));
+    wait_for(&format!("{name} running"), Duration::from_secs(30), || {
+        let out = ok(&run(server, &["vms", "show", name]));
+        (field(&out, "state").as_deref() == Some("running")).then_some(())
+    });
+}
+
 #[test]
-#[ignore = "needs POST/GET/DELETE /v1/api-tokens in the server"]
 fn a_viewer_token_reads_but_gets_403_on_changes() {
     let server = Server::start("");
     let o = run(&server, &["tokens", "create", "--name", "ro", "--role", "viewer"]);
     let secret = ok(&o).trim().to_string();
     assert!(
-        !secret.is_empty() && !secret.contains(' '),
-        "only the secret on stdout: {secret}"
+        !secret.is_empty() && !secret.contains(char::is_whitespace),
+        "only the secret on stdout: {secret:?}"
     );
     assert!(stderr(&o).contains("shown only this once"), "{}", stderr(&o));
     let listed = ok(&run(&server, &["tokens", "list"]));
     let row = listed
         .lines()
-        .find(|l| l.contains(" ro "))
+        .find(|l| l.split_whitespace().nth(1) == Some("ro"))
         .unwrap_or_else(|| panic!("{listed}"));
-    assert!(row.contains("viewer"), "{row}");
+    assert_eq!(row.split_whitespace().nth(2), Some("viewer"), "{row}");
     let token_id = row.split_whitespace().next().unwrap().to_string();
 
     let api = format!("http://{}", server.api);
@@ -643,9 +664,11 @@ fn a_viewer_token_reads_but_gets_403_on_changes() {
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(err.starts_with("novacron: error: 403 forbidden: "), "{err}");
+    assert!(err.contains("needs the operator role"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 
-    ok(&run(&server, &["tokens", "delete", &token_id]));
+    let out = ok(&run(&server, &["tokens", "delete", &token_id]));
+    assert!(out.starts_with("deleted viewer token \"ro\""), "{out}");
     let o = run_with(&api, &secret, &["hosts", "list"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
@@ -656,76 +679,131 @@ fn a_viewer_token_reads_but_gets_403_on_changes() {
 }
 
 #[test]
-#[ignore = "needs POST /v1/vms/{id}/migrate and /v1/operations in the server"]
-fn migrate_moves_a_vm_to_the_named_host() {
-    let (server, _a1, h1) = fleet("mig-1");
-    let mut a2 = Agent::new("mig-2");
-    a2.join(&server);
-    a2.start(&[]);
-    server.wait_connected(&a2.host_id, true);
+fn audit_lists_who_changed_what() {
+    let server = Server::start("");
     ok(&run(
         &server,
-        &[
-            "vms", "create", "--name", "mover", "--vcpus", "1", "--memory", "128", "--host", "mig-1",
-        ],
+        &["tokens", "create", "--name", "ci", "--role", "operator"],
     ));
-    wait_for("mover running on mig-1", Duration::from_secs(30), || {
-        let out = ok(&run(&server, &["vms", "show", "mover"]));
-        (field(&out, "state").as_deref() == Some("running")).then_some(())
-    });
-    let out = ok(&run(&server, &["migrate", "mover", "--to", "mig-2", "--wait"]));
-    assert!(out.contains("succeeded"), "{out}");
-    let out = ok(&run(&server, &["vms", "show", "mover"]));
+    let out = ok(&run(&server, &["audit"]));
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
-        field(&out, "host"),
-        Some(format!("mig-2 ({})", a2.host_id)),
+        header,
+        ["AT", "ACTOR", "ROLE", "METHOD", "PATH", "STATUS"],
         "{out}"
     );
-    let ops = ok(&run(&server, &["operations", "list"]));
-    assert!(ops.contains("migrate") && ops.contains("succeeded"), "{ops}");
-    let _ = h1;
+    let row = lines
+        .find(|l| l.contains("/v1/api-tokens"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("admin (created by init)  admin  POST"), "{row}");
+    assert!(row.ends_with(" 201"), "{row}");
 }
 
 #[test]
-#[ignore = "needs POST /v1/hosts/{id}/drain and /v1/operations in the server"]
-fn drain_moves_every_vm_off_the_host() {
-    let (server, _a1, _h1) = fleet("drain-1");
-    let mut a2 = Agent::new("drain-2");
+fn migrate_refusals_and_failed_migrations_exit_1_with_the_reason() {
+    // mig-1 takes no migrations; mig-2 does, but the test driver cannot
+    // carry one out (no p2p migration), so the operation fails: `--wait`
+    // shows its progress and ends with its error.
+    let (server, _a1, h1) = fleet("mig-1");
+    let mut a2 = Agent::on("mig-2", "test:///default", "migration_uri = \"test:///default\"");
     a2.join(&server);
     a2.start(&[]);
     server.wait_connected(&a2.host_id, true);
-    for n in ["d-1", "d-2"] {
-        ok(&run(
-            &server,
-            &[
-                "vms", "create", "--name", n, "--vcpus", "1", "--memory", "128", "--host", "drain-1",
-            ],
-        ));
-    }
-    let out = ok(&run(&server, &["drain", "drain-1", "--wait"]));
-    assert!(out.contains("succeeded"), "{out}");
-    let left: Value = serde_json::from_str(&ok(&run(
-        &server,
-        &["-o", "json", "vms", "list", "--host", "drain-1"],
-    )))
-    .unwrap();
-    assert_eq!(left["vms"], json!([]), "{left}");
+    running_vm(&server, "on-1", "mig-1");
+    running_vm(&server, "on-2", "mig-2");
+
+    let o = run(&server, &["migrate", "on-2", "--to", "mig-1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.starts_with("novacron: error: 409 "), "{err}");
+    assert!(err.contains("takes no live migrations"), "{err}");
+
+    let o = run(&server, &["migrate", "on-1", "--wait"]);
+    let err = stderr(&o);
+    assert!(
+        err.contains("migrating VM on-1 to host mig-2: operation "),
+        "{err}"
+    );
+    let op_id = err
+        .split("operation ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let op = server.get(&format!("/v1/operations/{op_id}"));
+    assert_eq!(op["state"], "failed", "{op}");
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(o.stdout.is_empty());
+    // The status line (the migration may fail before the first poll sees
+    // it running, so only the last status is certain).
+    assert!(err.contains("\nmigrate failed "), "status on stderr: {err}");
+    assert_eq!(
+        err.lines().last().unwrap(),
+        format!(
+            "novacron: error: operation {op_id} failed: {}",
+            op["error"].as_str().unwrap()
+        )
+    );
+    let shown = ok(&run(&server, &["vms", "show", "on-1"]));
+    assert_eq!(
+        field(&shown, "host"),
+        Some(format!("mig-1 ({h1})")),
+        "it stays: {shown}"
+    );
+    // The operation is listed and shown with names.
+    let listed = ok(&run(&server, &["operations", "list"]));
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(&op_id))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(row.contains("VM on-1 from mig-1 to mig-2"), "{row}");
+    let shown = ok(&run(&server, &["operations", "show", &op_id]));
+    assert_eq!(field(&shown, "kind").as_deref(), Some("migrate"));
+    assert_eq!(
+        field(&shown, "vm"),
+        op["vm"].as_str().map(|id| format!("on-1 ({id})"))
+    );
 }
 
 #[test]
-#[ignore = "needs GET /v1/events in the server"]
-fn events_show_a_vm_being_stopped() {
-    let (server, _agent, _host) = fleet("ev-host");
+fn drain_cordons_the_host_and_waits_for_the_operation() {
+    let (server, _agent, host) = fleet("drain-1");
+    let out = ok(&run(&server, &["drain", "drain-1", "--wait"]));
+    assert!(
+        out.starts_with("operation ") && out.ends_with("(host drain-1) succeeded\n"),
+        "{out}"
+    );
+    // Cordoned: nothing new lands there.
+    let o = run(
+        &server,
+        &[
+            "vms", "create", "--name", "late", "--vcpus", "1", "--memory", "128",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).starts_with("novacron: error: 409 no_capacity: "),
+        "{}",
+        stderr(&o)
+    );
+    let out = ok(&run(&server, &["hosts", "uncordon", &host]));
+    assert_eq!(
+        out,
+        format!("uncordoned host drain-1 ({host}): new VMs may be placed on it again\n")
+    );
     ok(&run(
         &server,
         &[
-            "vms", "create", "--name", "ev-1", "--vcpus", "1", "--memory", "128",
+            "vms", "create", "--name", "late", "--vcpus", "1", "--memory", "128",
         ],
     ));
-    wait_for("ev-1 running", Duration::from_secs(30), || {
-        let out = ok(&run(&server, &["vms", "show", "ev-1"]));
-        (field(&out, "state").as_deref() == Some("running")).then_some(())
-    });
+}
+
+#[test]
+fn events_show_a_vm_being_stopped() {
+    let (server, _agent, _host) = fleet("ev-host");
+    running_vm(&server, "ev-1", "ev-host");
     let mut child = cli()
         .args([
             "--api",
@@ -739,21 +817,28 @@ fn events_show_a_vm_being_stopped() {
         .spawn()
         .unwrap();
     let rx = lines_of(&mut child);
-    std::thread::sleep(Duration::from_millis(500));
-    ok(&run(&server, &["vms", "stop", "ev-1"]));
+    // The stream is open once the CLI has resolved the name and connected;
+    // stop the VM until an event about it arrives (a stop before the
+    // subscription would be missed, so retry rather than sleep).
     let mut seen = Vec::new();
-    let found = loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) => {
-                if l.contains(" vm ") && l.contains("ev-1") {
-                    break true;
-                }
-                seen.push(l);
+    let mut found = None;
+    for _ in 0..20 {
+        ok(&run(&server, &["vms", "stop", "ev-1"]));
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(1500)) {
+            if l.contains("  vm ") && l.contains("vm ev-1") {
+                found = Some(l);
+                break;
             }
-            Err(_) => break false,
+            seen.push(l);
         }
-    };
+        if found.is_some() {
+            break;
+        }
+        ok(&run(&server, &["vms", "start", "ev-1"]));
+    }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(found, "no event line about ev-1; saw {seen:?}");
+    let line = found.unwrap_or_else(|| panic!("no event line about ev-1; saw {seen:?}"));
+    assert!(line.starts_with("20"), "an ISO time first: {line}");
+    assert!(line.contains("stopped"), "{line}");
 }
