@@ -350,6 +350,8 @@ fn defaults_come_from_the_local_server_config() {
 struct Reply {
     status: u16,
     content_type: &'static str,
+    /// Extra header lines, each ending in `\r\n`.
+    headers: &'static str,
     chunks: Vec<String>,
 }
 
@@ -357,6 +359,7 @@ fn reply(status: u16, v: Value) -> Reply {
     Reply {
         status,
         content_type: "application/json",
+        headers: "",
         chunks: vec![v.to_string()],
     }
 }
@@ -415,8 +418,8 @@ fn serve(mut conn: TcpStream, handler: &dyn Fn(&str, &str) -> Reply, log: &Seen)
     let r = handler(&method, &path);
     let _ = write!(
         conn,
-        "HTTP/1.1 {} X\r\nContent-Type: {}\r\nConnection: close\r\n\r\n",
-        r.status, r.content_type
+        "HTTP/1.1 {} X\r\nContent-Type: {}\r\n{}Connection: close\r\n\r\n",
+        r.status, r.content_type, r.headers
     );
     for c in r.chunks {
         let _ = conn.write_all(c.as_bytes());
@@ -561,6 +564,7 @@ fn events_print_one_line_per_event_until_the_server_closes_the_stream() {
         Reply {
             status: 200,
             content_type: "text/event-stream",
+            headers: "",
             chunks: events.clone(),
         }
     });
@@ -604,6 +608,39 @@ fn events_print_one_line_per_event_until_the_server_closes_the_stream() {
     assert_eq!(data[0]["type"], "vm");
     assert_eq!(data[2]["operation"]["id"], OP);
     assert_eq!(data[3], json!({"missed": 3}));
+}
+
+#[test]
+fn rate_limited_reads_are_retried_and_changes_are_not() {
+    let calls = AtomicUsize::new(0);
+    let (addr, seen) = stub(move |method, path| {
+        let limited = Reply {
+            status: 429,
+            content_type: "application/json",
+            headers: "Retry-After: 1\r\n",
+            chunks: vec![json!({"error": {"code": "rate_limited", "message": "slow down"}}).to_string()],
+        };
+        match (method, calls.fetch_add(1, Ordering::SeqCst)) {
+            ("GET", 0) => limited,
+            ("POST", _) => limited,
+            _ => fleet_routes(method, path).unwrap_or_else(|| reply(404, json!({}))),
+        }
+    });
+    let api = format!("http://{addr}");
+    let started = std::time::Instant::now();
+    let out = ok(&run_with(&api, "t", &["hosts", "list"]));
+    assert!(out.contains("hv-1"), "{out}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "waited as asked");
+    let o = run_with(&api, "t", &["hosts", "cordon", "hv-1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o), "novacron: error: 429 rate_limited: slow down\n");
+    let posts = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, _, _)| m == "POST")
+        .count();
+    assert_eq!(posts, 1, "a change is sent once");
 }
 
 // --- Operations, tokens and events on the real server -----------------

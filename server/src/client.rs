@@ -239,15 +239,26 @@ impl ApiClient {
         body: Option<serde_json::Value>,
     ) -> Result<serde_json::Value, ClientError> {
         let work = async {
-            let resp = self.send(method, path, body.as_ref(), "application/json").await?;
-            let status = resp.status();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(ClientError::Body)?
-                .to_bytes();
-            decode_reply(status, &bytes)
+            let mut retries = 0;
+            loop {
+                let resp = self
+                    .send(method.clone(), path, body.as_ref(), "application/json")
+                    .await?;
+                let status = resp.status();
+                // Reads are safe to repeat: wait as long as the server asks.
+                if status == StatusCode::TOO_MANY_REQUESTS && method == Method::GET && retries < MAX_RETRIES {
+                    retries += 1;
+                    tokio::time::sleep(retry_after(resp.headers())).await;
+                    continue;
+                }
+                let bytes = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(ClientError::Body)?
+                    .to_bytes();
+                return decode_reply(status, &bytes);
+            }
         };
         tokio::time::timeout(self.timeout, work)
             .await
@@ -284,6 +295,22 @@ impl ApiClient {
             parser: SseParser::default(),
         })
     }
+}
+
+/// How often a rate-limited read is tried again.
+const MAX_RETRIES: u32 = 3;
+
+/// The delay a `429` asks for (`Retry-After` in seconds), at least 100 ms
+/// and at most 10 s; 1 s when absent or unreadable.
+fn retry_after(headers: &hyper::HeaderMap) -> Duration {
+    headers
+        .get(hyper::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map_or(Duration::from_secs(1), |s| {
+            Duration::from_secs_f64(s.clamp(0.1, 10.0))
+        })
 }
 
 /// The API's reply as JSON, or its error.
@@ -483,6 +510,25 @@ mod tests {
             "http://x:1/?q",
         ] {
             assert!(bad.parse::<ApiUrl>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_bounded() {
+        let mut h = hyper::HeaderMap::new();
+        assert_eq!(retry_after(&h), Duration::from_secs(1));
+        for (v, want) in [
+            ("2", 2000),
+            ("0", 100),
+            ("3600", 10_000),
+            ("soon", 1000),
+            ("-1", 1000),
+        ] {
+            h.insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from_static(v),
+            );
+            assert_eq!(retry_after(&h), Duration::from_millis(want), "{v}");
         }
     }
 
