@@ -9,7 +9,7 @@ use crate::units;
 /// NovaCron operator CLI: hosts, VMs, migrations, operations, tokens and
 /// the live event stream, through the server's API.
 #[derive(Parser, Debug)]
-#[command(name = "novacron", version, about, long_about = None)]
+#[command(name = "novacron", version)]
 pub struct Cli {
     /// The API's URL [default: the api.listen of the local server config
     /// (NOVACRON_SERVER_CONFIG or /etc/novacron/server.toml), else
