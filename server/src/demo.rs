@@ -307,6 +307,11 @@ fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &s
         running.api_addr
     );
     println!("  novacron-server -c {} host list", config.display());
+    println!(
+        "  novacron --api http://{} --token-file {} vms list   (also hosts list, events, ...)",
+        running.api_addr,
+        DataDir::new(root.join("server")).admin_token().display()
+    );
     println!("  files and logs: {}", root.display());
     println!("Press Ctrl-C to stop.");
     Ok(())

@@ -1,0 +1,374 @@
+//! The command line (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::units;
+
+/// NovaCron operator CLI: hosts, VMs, migrations, operations, tokens and
+/// the live event stream, through the server's API.
+#[derive(Parser, Debug)]
+#[command(name = "novacron", version)]
+pub struct Cli {
+    /// The API's URL [default: the api.listen of the local server config
+    /// (NOVACRON_SERVER_CONFIG or /etc/novacron/server.toml), else
+    /// http://127.0.0.1:7080].
+    #[arg(long, env = "NOVACRON_API", global = true, value_name = "URL")]
+    pub api: Option<String>,
+
+    /// The API token [default: admin.token in the local server's data
+    /// directory, if readable].
+    #[arg(long, env = "NOVACRON_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+
+    /// Read the API token from this file (--token wins when both are given).
+    #[arg(long, env = "NOVACRON_TOKEN_FILE", global = true, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Output format: aligned tables for people, or the API's JSON.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns, human sizes and times.
+    Table,
+    /// The API's JSON, pretty-printed.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Hypervisor hosts.
+    #[command(visible_alias = "host")]
+    Hosts {
+        #[command(subcommand)]
+        command: HostsCommand,
+    },
+    /// Drain a host: move its VMs elsewhere (same as `hosts drain`).
+    Drain(DrainArgs),
+    /// Virtual machines.
+    #[command(visible_alias = "vm")]
+    Vms {
+        #[command(subcommand)]
+        command: VmsCommand,
+    },
+    /// Move a VM to another host.
+    Migrate(MigrateArgs),
+    /// Long-running operations (migrations, drains).
+    #[command(visible_alias = "ops")]
+    Operations {
+        #[command(subcommand)]
+        command: OperationsCommand,
+    },
+    /// API tokens.
+    #[command(visible_alias = "token")]
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+    /// Follow the live event stream (VMs, hosts, operations) until Ctrl-C.
+    Events(EventsArgs),
+    /// The audit log of API calls (newest first).
+    Audit(PageArgs),
+}
+
+/// `hosts ...`
+#[derive(Subcommand, Debug)]
+pub enum HostsCommand {
+    /// List hosts with state, capacity and VM count.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one host.
+    Show {
+        /// Host id or name.
+        host: String,
+    },
+    /// Place no new VMs on a host.
+    Cordon {
+        /// Host id or name.
+        host: String,
+    },
+    /// Place new VMs on a host again.
+    Uncordon {
+        /// Host id or name.
+        host: String,
+    },
+    /// Move a host's VMs elsewhere.
+    Drain(DrainArgs),
+}
+
+/// `drain H [--wait]`
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// Host id or name.
+    pub host: String,
+    /// Wait until the drain has finished, showing progress.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `migrate VM [--to H] [--wait]`
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// VM id or name.
+    pub vm: String,
+    /// The host to move it to (id or name); by default the scheduler picks.
+    #[arg(long, value_name = "HOST")]
+    pub to: Option<String>,
+    /// Wait until the migration has finished, showing progress.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `vms ...`
+#[derive(Subcommand, Debug)]
+pub enum VmsCommand {
+    /// List VMs with their desired and observed state.
+    #[command(visible_alias = "ls")]
+    List(VmListArgs),
+    /// Show one VM.
+    Show {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Create a VM (placed by the scheduler unless --host is given).
+    Create(Box<CreateArgs>),
+    /// Delete a VM (its host removes it with its volumes).
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Power a VM on.
+    Start {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Shut a VM down (ACPI, then power-off after a timeout).
+    Stop {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Pause a VM in memory.
+    Suspend {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Reboot a running VM (ACPI).
+    Reboot {
+        /// VM id or name.
+        vm: String,
+    },
+    /// A VM's snapshots.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
+}
+
+/// `vms list ...`
+#[derive(Args, Debug)]
+pub struct VmListArgs {
+    /// Only VMs on this host (id or name).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only VMs whose name starts with this.
+    #[arg(long, value_name = "PREFIX")]
+    pub name_prefix: Option<String>,
+    /// At most this many VMs (per page with --all).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: Option<u32>,
+    /// Follow the pages to the end.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// `vms create ...`
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// The request body as the API takes it (`{"spec": {...}, "power",
+    /// "placement"}`), from a JSON file (`-` for stdin).
+    #[arg(long, short, value_name = "FILE", conflicts_with_all = [
+        "name", "vcpus", "memory", "disks", "host", "anti_affinity", "affinity",
+        "labels", "require_labels", "stopped",
+    ])]
+    pub file: Option<PathBuf>,
+    /// The VM's name (a-z, 0-9, -).
+    #[arg(long, required_unless_present = "file")]
+    pub name: Option<String>,
+    /// Virtual CPUs.
+    #[arg(long, required_unless_present = "file")]
+    pub vcpus: Option<u32>,
+    /// Memory, e.g. 512MiB, 2GiB (binary units; a bare number is MiB).
+    #[arg(long, required_unless_present = "file", value_parser = units::parse_mib)]
+    pub memory: Option<u64>,
+    /// A disk, `SIZE` or `NAME=SIZE` (e.g. 20GiB, data=100G); repeat for
+    /// more. Unnamed disks are called root, disk1, disk2, ...
+    #[arg(long = "disk", value_name = "[NAME=]SIZE", value_parser = units::parse_disk)]
+    pub disks: Vec<units::DiskArg>,
+    /// Put it on this host (id or name); the scheduler's filters still apply.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Never share a host with another VM of this group.
+    #[arg(long, value_name = "GROUP")]
+    pub anti_affinity: Option<String>,
+    /// Prefer hosts running VMs of this group.
+    #[arg(long, value_name = "GROUP")]
+    pub affinity: Option<String>,
+    /// A label on the VM, `key=value`; repeat for more.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = units::parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Only hosts carrying this label, `key=value`; repeat for more.
+    #[arg(long = "require-label", value_name = "KEY=VALUE", value_parser = units::parse_label)]
+    pub require_labels: Vec<(String, String)>,
+    /// Define it but leave it shut off.
+    #[arg(long)]
+    pub stopped: bool,
+}
+
+/// `vms snapshot ...`
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Take a snapshot.
+    Create {
+        /// VM id or name.
+        vm: String,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// Revert a VM to a snapshot.
+    Revert {
+        /// VM id or name.
+        vm: String,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// Delete a snapshot.
+    Delete {
+        /// VM id or name.
+        vm: String,
+        /// The snapshot's name.
+        name: String,
+    },
+}
+
+/// `operations ...`
+#[derive(Subcommand, Debug)]
+pub enum OperationsCommand {
+    /// List long-running operations (newest first).
+    #[command(visible_alias = "ls")]
+    List(PageArgs),
+    /// Show one operation.
+    Show {
+        /// The operation id.
+        op: String,
+    },
+    /// Wait for an operation to finish, showing progress; exits 1 if it failed.
+    Wait {
+        /// The operation id.
+        op: String,
+    },
+}
+
+/// Paging for lists.
+#[derive(Args, Debug)]
+pub struct PageArgs {
+    /// At most this many entries (per page with --all).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: Option<u32>,
+    /// Follow the pages to the end.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// `tokens ...`
+#[derive(Subcommand, Debug)]
+pub enum TokensCommand {
+    /// Create an API token and print its secret (shown only this once).
+    Create {
+        /// A name for people (who or what uses it).
+        #[arg(long)]
+        name: String,
+        /// What it may do.
+        #[arg(long, value_enum)]
+        role: Role,
+    },
+    /// List API tokens (never their secrets).
+    #[command(visible_alias = "ls")]
+    List,
+    /// Delete an API token; it is refused from then on.
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// The token's id (from `tokens list`).
+        id: String,
+    },
+}
+
+/// An API token's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// Read only.
+    Viewer,
+    /// Read, and operate VMs.
+    Operator,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    /// The API's name for it (as `POST /v1/api-tokens` takes it).
+    pub fn as_api(self) -> &'static str {
+        match self {
+            Role::Viewer => "Viewer",
+            Role::Operator => "Operator",
+            Role::Admin => "Admin",
+        }
+    }
+}
+
+/// `events ...`
+#[derive(Args, Debug)]
+pub struct EventsArgs {
+    /// Only events about this host (id or name).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only events about this VM (id or name).
+    #[arg(long)]
+    pub vm: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn create_needs_a_spec_or_a_file_not_both() {
+        assert!(Cli::try_parse_from(["novacron", "vms", "create", "--name", "a"]).is_err());
+        assert!(Cli::try_parse_from(["novacron", "vms", "create", "-f", "x.json", "--vcpus", "2"]).is_err());
+        let ok = Cli::try_parse_from([
+            "novacron", "vms", "create", "--name", "a", "--vcpus", "2", "--memory", "1GiB", "--disk", "10G",
+            "--disk", "data=1T", "--label", "tier=web",
+        ]);
+        assert!(ok.is_ok(), "{ok:?}");
+        assert!(Cli::try_parse_from(["novacron", "vms", "create", "-f", "-"]).is_ok());
+    }
+}
