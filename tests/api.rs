@@ -49,9 +49,9 @@ fn create_token(server: &Server, name: &str, role: &str) -> (String, String) {
 #[test]
 fn roles_tokens_audit_and_rate_limits_guard_the_api() {
     let server = Server::start_with("", "rate_limit = 2.0\nrate_burst = 15", "");
-    let (viewer_id, viewer) = create_token(&server, "watcher", "Viewer");
-    let (_, operator) = create_token(&server, "ops", "Operator");
-    let (_, hammer) = create_token(&server, "hammer", "Viewer");
+    let (viewer_id, viewer) = create_token(&server, "watcher", "viewer");
+    let (_, operator) = create_token(&server, "ops", "operator");
+    let (_, hammer) = create_token(&server, "hammer", "viewer");
 
     // No token, a wrong token, a malformed header: 401, nothing else.
     let (s, v) = http(server.api, "GET", "/v1/hosts", None, None);
@@ -129,7 +129,7 @@ fn roles_tokens_audit_and_rate_limits_guard_the_api() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|t| t["role"] == "Admin")
+        .find(|t| t["role"] == "admin")
         .unwrap()["id"]
         .as_str()
         .unwrap()
@@ -242,7 +242,7 @@ fn read_events(stream: TcpStream, deadline: Duration, mut done: impl FnMut(&[Val
 #[test]
 fn the_event_stream_shows_a_vm_created_placed_and_running() {
     let server = Server::start("heartbeat_interval = \"300ms\"");
-    let (_, viewer) = create_token(&server, "screen", "Viewer");
+    let (_, viewer) = create_token(&server, "screen", "viewer");
     let dir = tempfile::tempdir().unwrap();
     let node = dir.path().join("node.xml");
     std::fs::write(

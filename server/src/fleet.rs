@@ -208,6 +208,8 @@ pub struct HostView {
     pub protocol_version: Option<u16>,
     /// VMs in the latest inventory.
     pub vm_count: Option<usize>,
+    /// Cordoned: the scheduler places no new VMs here.
+    pub cordoned: bool,
 }
 
 enum HostEvent {
@@ -351,12 +353,14 @@ impl Fleet {
     /// All hosts with their live status.
     pub fn hosts(&self) -> Result<Vec<HostView>, StoreError> {
         let records = self.store.hosts()?;
+        let cordons = self.store.cordons()?;
         let sessions = self.lock_sessions();
         Ok(records
             .into_iter()
             .map(|r| {
                 let live = sessions.get(&r.id);
-                view(r, live)
+                let cordoned = cordons.contains(&r.id);
+                view(r, live, cordoned)
             })
             .collect())
     }
@@ -366,8 +370,9 @@ impl Fleet {
         let Some(r) = self.store.host(id)? else {
             return Ok(None);
         };
+        let cordoned = self.store.cordons()?.contains(&id);
         let sessions = self.lock_sessions();
-        Ok(Some(view(r, sessions.get(&id))))
+        Ok(Some(view(r, sessions.get(&id), cordoned)))
     }
 
     /// Revokes a host: its certificates are refused from now on and its
@@ -1225,7 +1230,7 @@ impl Fleet {
     }
 }
 
-fn view(record: HostRecord, live: Option<&Arc<LiveSession>>) -> HostView {
+fn view(record: HostRecord, live: Option<&Arc<LiveSession>>, cordoned: bool) -> HostView {
     let mut record = record;
     if let Some(s) = live {
         if let Some(inv) = s.inventory.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
@@ -1245,6 +1250,7 @@ fn view(record: HostRecord, live: Option<&Arc<LiveSession>>) -> HostView {
                 .ok()
                 .and_then(|i| i.as_ref().map(|i| i.vms.len()))
         }),
+        cordoned,
         record,
     }
 }

@@ -374,8 +374,9 @@ impl Record for RevokedRecord {
     const VERSION: u8 = 1;
 }
 
-/// What an API token may do.
+/// What an API token may do (JSON: `viewer`, `operator`, `admin`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Read only.
     Viewer,

@@ -332,9 +332,9 @@ impl Role {
     /// The API's name for it (as `POST /v1/api-tokens` takes it).
     pub fn as_api(self) -> &'static str {
         match self {
-            Role::Viewer => "Viewer",
-            Role::Operator => "Operator",
-            Role::Admin => "Admin",
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
         }
     }
 }
