@@ -9,6 +9,11 @@
 #   testbed.sh stop           stop the virtlogd/libvirtd that `start` started
 #   testbed.sh libvirtd-pid   print the PID of the running libvirtd
 #   testbed.sh guest DIR      build DIR/vmlinuz + DIR/initrd.img (tiny guest)
+#   testbed.sh hosts-up N     N (1-8) libvirt hosts in network namespaces
+#                             ncb-h1..ncb-hN (10.231.0.1..N), one bridge;
+#                             prints "name<TAB>ip<TAB>local_uri<TAB>migration_uri"
+#   testbed.sh hosts-down     stop them all (domains, daemons, QEMUs), delete
+#                             the namespaces and their state
 #
 # Idempotent and non-interactive; messages go to stderr, results to stdout.
 set -euo pipefail
@@ -24,6 +29,14 @@ GUEST_FORMAT=1
 # Modules the guest loads if the kernel has them as modules (=m). Their
 # dependencies are added automatically; built-in ones (=y) are skipped.
 GUEST_MODULES=(virtio_pci virtio_blk virtio_scsi virtio_net virtio_balloon sd_mod button evdev)
+# Several hosts on one machine (hosts-up / hosts-down).
+HOSTS_DIR=${NOVACRON_TESTBED_HOSTS_DIR:-$RUN_DIR/hosts}
+HOSTS_LIB_DIR=${NOVACRON_TESTBED_HOSTS_LIB_DIR:-/var/lib/novacron-testbed/hosts}
+HOST_PREFIX=ncb-h
+BRIDGE_NS=ncb-br
+HOST_NET=10.231.0
+MAX_HOSTS=8
+ROOT_NETNS=
 
 log() { printf 'testbed: %s\n' "$*" >&2; }
 die() { printf 'testbed: error: %s\n' "$*" >&2; exit 1; }
@@ -38,7 +51,7 @@ self_path() {
 
 usage() {
   cat >&2 <<EOF
-usage: $0 install | start | stop | libvirtd-pid | guest DIR
+usage: $0 install | start | stop | libvirtd-pid | guest DIR | hosts-up N | hosts-down
   install       install qemu-system-x86 (qemu-utils pinned to 1:7.2), libvirt-daemon-system,
                 libvirt-clients, libvirt-dev, busybox-static, genisoimage if missing
   start         start virtlogd and libvirtd if not running (pids in $RUN_DIR),
@@ -46,6 +59,13 @@ usage: $0 install | start | stop | libvirtd-pid | guest DIR
   stop          stop the libvirtd and virtlogd that 'start' started (by pid)
   libvirtd-pid  print the pid of the running libvirtd
   guest DIR     build a tiny bootable guest: DIR/vmlinuz and DIR/initrd.img
+  hosts-up N    make sure hosts ncb-h1..ncb-hN (N 1-$MAX_HOSTS) are up: network namespaces on
+                a bridge (namespace $BRIDGE_NS), $HOST_NET.1..N/24, each with its own
+                virtlogd + libvirtd (state in $HOSTS_DIR/NAME, /var/lib/libvirt
+                in $HOSTS_LIB_DIR/NAME/lib); prints one line per host:
+                NAME<TAB>IP<TAB>qemu+unix:///system?socket=PATH<TAB>qemu+tcp://IP/system
+  hosts-down    destroy their domains, stop their daemons and QEMUs (by pid),
+                delete the namespaces and the state
 EOF
 }
 
@@ -95,7 +115,7 @@ cmd_install() {
 
 # ------------------------------------------------------------ daemons -------
 
-read_pid() { [ -r "$1" ] && tr -dc '0-9' <"$1" || true; }
+read_pid() { if [ -r "$1" ]; then tr -dc '0-9' <"$1" || true; fi; }
 
 # pid_alive PID NAME: PID is a live (non-zombie) process whose comm is NAME.
 pid_alive() {
@@ -232,6 +252,388 @@ cmd_libvirtd_pid() {
   local p
   p=$(daemon_pid libvirtd) || die "libvirtd is not running; run: $0 start"
   echo "$p"
+}
+
+# ------------------------------------------------------------- hosts --------
+#
+# Several libvirt "hosts" on this one machine (see "Several hosts on one
+# machine" in the README). Host i is the network namespace ncb-hi with
+# address 10.231.0.i/24 on its veth "veth0"; the other end, named ncb-hi, is a
+# port of bridge br0 in the namespace ncb-br. Each host runs its own virtlogd
+# and libvirtd inside private mount + UTS namespaces, with bind mounts over
+# /run/libvirt, /var/lib/libvirt, /etc/libvirt, /var/log/libvirt and
+# /var/cache/libvirt. Every process of a host lives in its network namespace,
+# whose id (net:[inode]) is recorded so that pids are never trusted blindly.
+
+hosts_dir_abs() {
+  local d
+  d=$(readlink -m -- "$HOSTS_DIR")
+  case $d in
+    /*/*) ;;
+    *) die "NOVACRON_TESTBED_HOSTS_DIR ($HOSTS_DIR) must be an absolute path below /" ;;
+  esac
+  printf '%s\n' "$d"
+}
+
+host_name() { echo "$HOST_PREFIX$1"; }
+host_ip() { echo "$HOST_NET.$1"; }
+host_base() { echo "$HOSTS_DIR/$1"; }
+host_lib() { echo "$HOSTS_LIB_DIR/$1/lib"; }
+host_sock() { echo "$HOSTS_DIR/$1/run/libvirt-sock"; }
+host_local_uri() { echo "qemu+unix:///system?socket=$(host_sock "$1")"; }
+host_mig_uri() { echo "qemu+tcp://$1/system"; }
+
+netns_exists() { [ -e "/run/netns/$1" ] && ip netns list 2>/dev/null | awk '{print $1}' | grep -qx -- "$1"; }
+netns_id() { stat -L -c 'net:[%i]' "/run/netns/$1" 2>/dev/null; }
+
+proc_running() {
+  local st
+  [ -n "$1" ] && [ -r "/proc/$1/stat" ] || return 1
+  st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)
+  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+
+# pid_is PID COMM_GLOB NSID: a live PID whose comm matches the glob and that
+# lives in the network namespace NSID (never the root one).
+pid_is() {
+  local pid=$1 pat=$2 nsid=$3 comm ns
+  [ -n "$nsid" ] && [ "$nsid" != "$ROOT_NETNS" ] || return 1
+  proc_running "$pid" || return 1
+  comm=$(cat "/proc/$pid/comm" 2>/dev/null || true)
+  # shellcheck disable=SC2254
+  case $comm in $pat) ;; *) return 1 ;; esac
+  ns=$(readlink "/proc/$pid/ns/net" 2>/dev/null || true)
+  [ "$ns" = "$nsid" ]
+}
+
+# kill_wait PID SECS CHECK...: SIGTERM, wait up to SECS while CHECK holds,
+# then SIGKILL and wait up to 5 s more.
+kill_wait() {
+  local pid=$1 secs=$2; shift 2
+  kill -TERM "$pid" 2>/dev/null || true
+  local end=$((SECONDS + secs))
+  while "$@" && [ $SECONDS -lt $end ]; do sleep 0.1; done
+  if "$@"; then
+    log "hosts: pid $pid ignored SIGTERM for $secs s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    end=$((SECONDS + 5))
+    while "$@" && [ $SECONDS -lt $end ]; do sleep 0.1; done
+  fi
+  ! "$@" || log "hosts: warning: pid $pid still alive after SIGKILL"
+}
+
+host_virsh_ok() { timeout 10 virsh -q -c "$(host_local_uri "$1")" uri >/dev/null 2>&1; }
+
+# Take the hosts lock on fd 9 (separate from start/stop's lock).
+take_hosts_lock() {
+  mkdir -p "$(dirname "$HOSTS_DIR")"
+  exec 9>"$HOSTS_DIR.lock"
+  flock -w 300 9 || die "could not lock $HOSTS_DIR.lock within 300 s"
+}
+
+bridge_ok() {
+  netns_exists "$BRIDGE_NS" && ip -n "$BRIDGE_NS" link show br0 >/dev/null 2>&1
+}
+
+ensure_bridge() {
+  bridge_ok && return 0
+  log "hosts: creating bridge namespace $BRIDGE_NS"
+  netns_exists "$BRIDGE_NS" || ip netns add "$BRIDGE_NS"
+  ip -n "$BRIDGE_NS" link set lo up
+  ip -n "$BRIDGE_NS" link show br0 >/dev/null 2>&1 ||
+    ip -n "$BRIDGE_NS" link add br0 type bridge
+  ip -n "$BRIDGE_NS" link set br0 up
+}
+
+# host_link_ok NAME IP: veth0 in NAME carries IP/24 and its peer is on br0.
+# A link that is merely down (a fault test cut it) still counts as present.
+host_link_ok() {
+  ip -n "$1" -o -4 addr show dev veth0 2>/dev/null | grep -q " inet $2/24 " &&
+    ip -n "$BRIDGE_NS" -o link show "$1" 2>/dev/null | grep -q ' master br0 '
+}
+
+link_admin_up() { ip -n "$1" -o link show "$2" 2>/dev/null | grep -q '[<,]UP[,>]'; }
+
+create_link() {
+  local name=$1 ip=$2
+  ip -n "$BRIDGE_NS" link del "$name" 2>/dev/null || true
+  ip -n "$name" link del veth0 2>/dev/null || true
+  ip link add veth0 netns "$name" type veth peer name "$name" netns "$BRIDGE_NS"
+  ip -n "$BRIDGE_NS" link set "$name" master br0
+  ip -n "$BRIDGE_NS" link set "$name" up
+  ip -n "$name" addr add "$ip/24" dev veth0
+  ip -n "$name" link set veth0 up
+  ip -n "$name" link set lo up
+}
+
+# host_healthy NAME: its namespace, both daemons (by pid, in that namespace)
+# and its libvirtd socket answer.
+host_healthy() {
+  local name=$1 b nsid
+  b=$(host_base "$name")
+  [ -d "$b" ] && netns_exists "$name" || return 1
+  nsid=$(cat "$b/netns" 2>/dev/null || true)
+  [ -n "$nsid" ] && [ "$(netns_id "$name")" = "$nsid" ] || return 1
+  pid_is "$(read_pid "$b/libvirtd.pid")" libvirtd "$nsid" || return 1
+  pid_is "$(read_pid "$b/virtlogd.pid")" virtlogd "$nsid" || return 1
+  [ -S "$b/run/libvirt-sock" ] && host_virsh_ok "$name"
+}
+
+# set_conf FILE KEY VALUE: drop active KEY lines (also a multi-line [ ... ]
+# value), append "KEY = VALUE".
+set_conf() {
+  local f=$1 k=$2 v=$3
+  awk -v k="$k" '
+    skip { if ($0 ~ /\]/) skip = 0; next }
+    $0 ~ "^[ \t]*" k "[ \t]*=" { if ($0 ~ /\[/ && $0 !~ /\]/) skip = 1; next }
+    { print }' "$f" >"$f.new"
+  printf '%s = %s\n' "$k" "$v" >>"$f.new"
+  chmod --reference="$f" "$f.new"
+  mv -f "$f.new" "$f"
+}
+
+# no_mounts_under DIR: refuse to delete a tree something is mounted in.
+no_mounts_under() {
+  ! awk -v d="$1/" 'index($5 "/", d) == 1 {found = 1} END {exit !found}' /proc/self/mountinfo
+}
+
+# cleanup_host NAME: destroy its domains, stop its daemons and QEMUs (by pid,
+# each checked to live in the host's network namespace), delete the namespace,
+# the veth and the state. No error when nothing is there.
+cleanup_host() {
+  local name=$1 b lib nsid p f n uri dom
+  b=$(host_base "$name")
+  lib=$HOSTS_LIB_DIR/$name
+  nsid=$(cat "$b/netns" 2>/dev/null || true)
+  [ -n "$nsid" ] || nsid=$(netns_id "$name" || true)
+  if [ -S "$b/run/libvirt-sock" ] && pid_is "$(read_pid "$b/libvirtd.pid")" libvirtd "$nsid" &&
+     host_virsh_ok "$name"; then
+    uri=$(host_local_uri "$name")
+    while read -r dom; do
+      [ -n "$dom" ] || continue
+      log "hosts: $name: destroying domain $dom"
+      timeout 60 virsh -q -c "$uri" destroy "$dom" </dev/null >/dev/null 2>&1 ||
+        log "hosts: $name: destroy $dom failed; its QEMU is killed below"
+    done < <(timeout 20 virsh -q -c "$uri" list --name 2>/dev/null || true)
+  fi
+  for n in libvirtd virtlogd; do
+    p=$(read_pid "$b/$n.pid")
+    if pid_is "$p" "$n" "$nsid"; then
+      log "hosts: $name: stopping $n (pid $p)"
+      kill_wait "$p" 20 pid_is "$p" "$n" "$nsid"
+    fi
+  done
+  for f in "$b"/run/qemu/*.pid; do
+    # driver.pid is libvirtd's own lock file, not a QEMU's.
+    if [ ! -e "$f" ] || [ "${f##*/}" = driver.pid ]; then continue; fi
+    p=$(read_pid "$f")
+    if pid_is "$p" 'qemu-system-*' "$nsid"; then
+      log "hosts: $name: killing QEMU pid $p ($(basename "$f" .pid))"
+      kill_wait "$p" 10 pid_is "$p" 'qemu-system-*' "$nsid"
+    fi
+  done
+  # Anything else still in the namespace was started by or for this host.
+  if netns_exists "$name"; then
+    for p in $(ip netns pids "$name" 2>/dev/null || true); do
+      proc_running "$p" || continue
+      [ "$(readlink "/proc/$p/ns/net" 2>/dev/null || true)" = "$nsid" ] || continue
+      log "hosts: $name: killing leftover pid $p ($(cat "/proc/$p/comm" 2>/dev/null || echo '?'))"
+      kill_wait "$p" 5 proc_running "$p"
+    done
+  fi
+  ip -n "$BRIDGE_NS" link del "$name" 2>/dev/null || true
+  if netns_exists "$name"; then
+    ip netns del "$name" || log "hosts: warning: 'ip netns del $name' failed"
+  fi
+  for f in "$b" "$lib"; do
+    [ -e "$f" ] || continue
+    no_mounts_under "$f" || die "hosts: something is mounted under $f; not deleting it"
+    rm -rf -- "$f"
+  done
+}
+
+# prepare_host NAME IP: fresh state dirs and a private /etc/libvirt.
+prepare_host() {
+  local name=$1 ip=$2 b lib
+  b=$(host_base "$name")
+  lib=$(host_lib "$name")
+  mkdir -p "$HOSTS_DIR" "$HOSTS_LIB_DIR/$name"
+  # QEMU runs as libvirt-qemu: every parent of what it opens needs o+x.
+  chmod 755 "$HOSTS_DIR" "$HOSTS_LIB_DIR" "$HOSTS_LIB_DIR/$name"
+  mkdir -m 755 "$b" "$b/run" "$b/etc" "$b/log" "$b/cache" "$lib"
+  mkdir -m 711 "$lib/images" "$lib/boot"
+  cp -a /etc/libvirt/. "$b/etc/"
+  # Nothing of the main daemon's domains, pools or secrets.
+  rm -f "$b"/etc/qemu/*.xml "$b"/etc/qemu/autostart/* "$b"/etc/storage/*.xml \
+        "$b"/etc/storage/autostart/* "$b"/etc/secrets/*
+  local uuid
+  uuid=$(cat /proc/sys/kernel/random/uuid)
+  set_conf "$b/etc/libvirtd.conf" listen_tls 0
+  set_conf "$b/etc/libvirtd.conf" listen_tcp 1
+  set_conf "$b/etc/libvirtd.conf" listen_addr "\"$ip\""
+  set_conf "$b/etc/libvirtd.conf" auth_tcp '"none"'
+  set_conf "$b/etc/libvirtd.conf" host_uuid "\"$uuid\""
+  set_conf "$b/etc/qemu.conf" cgroup_controllers '[ ]'
+  set_conf "$b/etc/qemu.conf" migration_host "\"$ip\""
+  # Reuse the main daemon's QEMU capability cache (libvirt re-validates it
+  # and re-probes if stale): saves the 8-10 s probe per host.
+  if compgen -G '/var/cache/libvirt/qemu/capabilities/*.xml' >/dev/null; then
+    mkdir -p "$b/cache/qemu/capabilities"
+    cp -p /var/cache/libvirt/qemu/capabilities/*.xml "$b/cache/qemu/capabilities/" 2>/dev/null || true
+  fi
+  echo "$ip" >"$b/ip"
+  echo "$uuid" >"$b/uuid"
+}
+
+# launch_host NAME IP: namespace, link and daemons; does not wait.
+launch_host() {
+  local name=$1 ip=$2 b lib
+  b=$(host_base "$name")
+  lib=$(host_lib "$name")
+  ip netns add "$name"
+  netns_id "$name" >"$b/netns"
+  create_link "$name" "$ip"
+  log "hosts: $name: starting virtlogd + libvirtd ($ip, state $b)"
+  # shellcheck disable=SC2016
+  ip netns exec "$name" unshare --mount --uts --propagation private -- bash -c '
+    set -e
+    hostname "$1"
+    mount --bind "$2/run" /run/libvirt
+    mount --bind "$3" /var/lib/libvirt
+    mount --bind "$2/etc" /etc/libvirt
+    mount --bind "$2/log" /var/log/libvirt
+    mount --bind "$2/cache" /var/cache/libvirt
+    virtlogd -d -p "$2/virtlogd.pid"
+    libvirtd -d --listen -p "$2/libvirtd.pid"' novacron-host "$name" "$b" "$lib" \
+    </dev/null >>"$b/daemons.log" 2>&1 9>&- ||
+    { cat "$b/daemons.log" >&2; die "hosts: $name: starting its daemons failed"; }
+}
+
+# wait_host NAME: until its libvirtd answers; then warm the QEMU probe.
+wait_host() {
+  local name=$1 b uri
+  b=$(host_base "$name")
+  uri=$(host_local_uri "$name")
+  wait_for $WAIT_SECS test -S "$b/run/libvirt-sock" ||
+    die "hosts: $name: $b/run/libvirt-sock did not appear within $WAIT_SECS s (see $b/daemons.log, $b/log/libvirtd.log)"
+  wait_for $WAIT_SECS host_virsh_ok "$name" ||
+    die "hosts: $name: 'virsh -c $uri uri' did not answer within $WAIT_SECS s (see $b/log/libvirtd.log)"
+  timeout 120 virsh -q -c "$uri" capabilities >/dev/null ||
+    die "hosts: $name: 'virsh capabilities' failed"
+  timeout 120 virsh -q -c "$uri" domcapabilities --virttype qemu --arch x86_64 >/dev/null ||
+    die "hosts: $name: 'virsh domcapabilities --virttype qemu' failed"
+  host_healthy "$name" || die "hosts: $name: not healthy after start (see $b/daemons.log)"
+}
+
+# Host names this script may have left behind (dirs and namespaces).
+known_hosts() {
+  {
+    local d
+    for d in "$HOSTS_DIR/$HOST_PREFIX"* "$HOSTS_LIB_DIR/$HOST_PREFIX"*; do
+      [ -d "$d" ] && basename "$d"
+    done
+    ip netns list 2>/dev/null | awk '{print $1}'
+  } | grep -E "^${HOST_PREFIX}[0-9]+\$" | sort -u -V || true
+}
+
+hosts_check_env() {
+  need_root "$1"
+  for c in ip flock; do need_cmd "$c"; done
+  HOSTS_DIR=$(hosts_dir_abs)
+  HOSTS_LIB_DIR=$(readlink -m -- "$HOSTS_LIB_DIR")
+  case $HOSTS_LIB_DIR in
+    /*/*) ;;
+    *) die "NOVACRON_TESTBED_HOSTS_LIB_DIR ($HOSTS_LIB_DIR) must be an absolute path below /" ;;
+  esac
+  # The socket path goes into a URI unescaped and into sun_path (108 bytes).
+  case "$HOSTS_DIR$HOSTS_LIB_DIR" in
+    *[!A-Za-z0-9/._-]*) die "state paths may only contain [A-Za-z0-9/._-]: $HOSTS_DIR $HOSTS_LIB_DIR" ;;
+  esac
+  [ ${#HOSTS_DIR} -le 80 ] || die "NOVACRON_TESTBED_HOSTS_DIR is too long for a unix socket path"
+  ROOT_NETNS=$(readlink /proc/self/ns/net)
+}
+
+cmd_hosts_up() {
+  local n=${1:-}
+  case $n in ''|*[!0-9]*) usage; die "hosts-up: N (1-$MAX_HOSTS) missing or not a number" ;; esac
+  n=$((10#$n))
+  if [ "$n" -lt 1 ] || [ "$n" -gt $MAX_HOSTS ]; then die "hosts-up: N must be 1-$MAX_HOSTS (got $n)"; fi
+  hosts_check_env hosts-up
+  for c in unshare virsh libvirtd virtlogd qemu-system-x86_64; do need_cmd "$c"; done
+  local d
+  mkdir -p /run/libvirt
+  for d in /run/libvirt /var/lib/libvirt /etc/libvirt /var/log/libvirt /var/cache/libvirt; do
+    [ -d "$d" ] || die "hosts-up: $d missing (bind mount target); run: $0 install"
+  done
+  take_hosts_lock
+  local t0=$SECONDS i name ip started=()
+  ensure_bridge
+  for ((i = 1; i <= n; i++)); do
+    name=$(host_name "$i")
+    ip=$(host_ip "$i")
+    if host_healthy "$name"; then
+      if ! host_link_ok "$name" "$ip"; then
+        log "hosts: $name: daemons healthy but its link is gone; recreating veth0"
+        create_link "$name" "$ip"
+      fi
+      if ! link_admin_up "$name" veth0 || ! link_admin_up "$BRIDGE_NS" "$name"; then
+        log "hosts: $name: note: its link is set down (a fault test?); left as it is"
+      fi
+      log "hosts: $name: already up ($ip)"
+      continue
+    fi
+    if [ -e "$(host_base "$name")" ] || netns_exists "$name" || [ -e "$HOSTS_LIB_DIR/$name" ]; then
+      log "hosts: $name: half-up or stale; cleaning it"
+    fi
+    cleanup_host "$name"
+    prepare_host "$name" "$ip"
+    launch_host "$name" "$ip"
+    started+=("$name")
+  done
+  # Wait for (and warm) the new hosts in parallel: the first QEMU probe
+  # costs 8-10 s per host when the capability cache cannot be reused.
+  local pids=() rc=0 k
+  for name in "${started[@]}"; do
+    wait_host "$name" &
+    pids+=($!)
+  done
+  for k in "${!pids[@]}"; do
+    wait "${pids[$k]}" || rc=1
+  done
+  [ $rc -eq 0 ] || die "hosts-up: some hosts did not come up (see above)"
+  [ ${#started[@]} -eq 0 ] || log "hosts: started ${started[*]} in $((SECONDS - t0)) s"
+  for name in $(known_hosts); do
+    i=${name#"$HOST_PREFIX"}
+    [ "$i" -le "$n" ] || log "hosts: $name is beyond N=$n; left as it is (hosts-down removes it)"
+  done
+  for ((i = 1; i <= n; i++)); do
+    name=$(host_name "$i")
+    printf '%s\t%s\t%s\t%s\n' "$name" "$(host_ip "$i")" "$(host_local_uri "$name")" "$(host_mig_uri "$(host_ip "$i")")"
+  done
+}
+
+cmd_hosts_down() {
+  hosts_check_env hosts-down
+  take_hosts_lock
+  local name any=0
+  for name in $(known_hosts); do
+    any=1
+    cleanup_host "$name"
+    log "hosts: $name: removed"
+  done
+  if netns_exists "$BRIDGE_NS"; then
+    any=1
+    local p
+    for p in $(ip netns pids "$BRIDGE_NS" 2>/dev/null || true); do
+      proc_running "$p" && kill_wait "$p" 5 proc_running "$p"
+    done
+    ip netns del "$BRIDGE_NS" || log "hosts: warning: 'ip netns del $BRIDGE_NS' failed"
+    log "hosts: $BRIDGE_NS: removed"
+  fi
+  # Only empty dirs go; anything else in them is not ours.
+  rmdir "$HOSTS_DIR" "$HOSTS_LIB_DIR" 2>/dev/null || true
+  rmdir "$(dirname "$HOSTS_LIB_DIR")" 2>/dev/null || true
+  [ $any -eq 1 ] || log "hosts: nothing was up"
 }
 
 # -------------------------------------------------------------- guest -------
@@ -374,8 +776,8 @@ cmd_guest() {
     cat "$tmp/download.log" >&2; die "guest: apt-get download $kpkg failed"; }
   dpkg-deb -x "$tmp"/"$kpkg"_*.deb "$tmp/k" || die "guest: dpkg-deb -x failed"
   local kver
-  kver=$(basename "$(ls -d "$tmp"/k/lib/modules/*/ | head -1)")
-  [ -n "$kver" ] && [ -s "$tmp/k/boot/vmlinuz-$kver" ] || die "guest: no kernel image in $kpkg"
+  kver=$(find "$tmp/k/lib/modules" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | sort | head -1)
+  if [ -z "$kver" ] || [ ! -s "$tmp/k/boot/vmlinuz-$kver" ]; then die "guest: no kernel image in $kpkg"; fi
   local cfg=$tmp/k/boot/config-$kver sym
   for sym in VIRTIO_PCI VIRTIO_BLK ACPI_BUTTON INPUT_EVDEV; do
     log "guest: kernel $kver: CONFIG_$sym=$(sed -n "s/^CONFIG_$sym=//p" "$cfg" 2>/dev/null | head -1)"
@@ -437,6 +839,8 @@ case $cmd in
   stop) cmd_stop ;;
   libvirtd-pid) cmd_libvirtd_pid ;;
   guest) cmd_guest "$@" ;;
+  hosts-up) cmd_hosts_up "$@" ;;
+  hosts-down) cmd_hosts_down ;;
   -h|--help|help) usage ;;
   *) usage; die "unknown subcommand '$cmd'" ;;
 esac
