@@ -100,14 +100,6 @@ fn domstate(h: &NsHost, uuid: &str) -> String {
     virsh(&h.local_uri, &["domstate", uuid]).trim().to_string()
 }
 
-fn cpu_time(h: &NsHost, uuid: &str) -> u64 {
-    virsh(&h.local_uri, &["domstats", "--cpu-total", uuid])
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("cpu.time="))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Waits for an operation to end; returns it.
 fn wait_op(server: &Server, op: &Value) -> Value {
     let id = op["id"].as_str().unwrap().to_string();
@@ -117,6 +109,12 @@ fn wait_op(server: &Server, op: &Value) -> Value {
         percents.push(o["progress"]["percent"].as_u64().unwrap_or(0));
         matches!(o["state"].as_str(), Some("succeeded" | "failed")).then_some(o)
     });
+    eprintln!(
+        "operation {} {}: {} ms",
+        done["kind"],
+        done["state"],
+        done["updated_ms"].as_u64().unwrap_or(0) - done["created_ms"].as_u64().unwrap_or(0)
+    );
     assert!(
         percents.windows(2).all(|w| w[0] <= w[1]) || done["state"] == "failed",
         "progress only moves forward: {percents:?}"
@@ -224,12 +222,6 @@ fn a_running_guest_live_migrates_and_drains_between_two_real_hosts() {
     assert_eq!(host_of(&server, &vm), id2, "the API shows the new host");
     assert_eq!(domstate(h2, &vm), "running", "the guest runs on host 2");
     assert_eq!(domstate(h1, &vm), "", "and is gone from host 1");
-    let t0 = cpu_time(h2, &vm);
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        cpu_time(h2, &vm) > t0,
-        "the guest keeps running (its CPU time moves)"
-    );
     wait_for("host 2's agent to own it", Duration::from_secs(20), || {
         let v = server.get(&format!("/v1/vms/{vm}"));
         (v["observed"]["state"] == "Running").then_some(())
@@ -283,7 +275,23 @@ fn a_running_guest_live_migrates_and_drains_between_two_real_hosts() {
     );
     assert_eq!(s, 409, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("cordon"), "{v}");
-    // Clean up the guest through the API.
+    // The guest itself lived through both moves: it still answers the ACPI
+    // power button (its /init prints a marker and powers off).
+    let (s, v) = server.send("POST", &format!("/v1/vms/{vm}/stop"), &json!({}));
+    assert_eq!(s, 202, "{v}");
+    wait_for(
+        "the guest to power off by itself",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&log)
+                .ok()?
+                .contains("NOVACRON-GUEST-POWEROFF")
+                .then_some(())
+        },
+    );
+    wait_for("the API to show it stopped", Duration::from_secs(30), || {
+        (server.get(&format!("/v1/vms/{vm}"))["observed"]["state"] == "Stopped").then_some(())
+    });
     let (s, _) = server.send("DELETE", &format!("/v1/vms/{vm}"), &json!({}));
     assert_eq!(s, 200);
     wait_for("the guest to be removed", Duration::from_secs(60), || {
