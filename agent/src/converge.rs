@@ -77,8 +77,21 @@ pub async fn run(
     let mut last_connects = None;
     let mut last_pass = Instant::now();
     let mut dirty = true;
+    // A burst of libvirt events (a start emits several) is coalesced into
+    // one pass; a new desired state never waits for that window.
+    let mut settle: Option<tokio::time::Instant> = None;
     loop {
+        let settled = async {
+            match settle {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            _ = settled => {
+                settle = None;
+                dirty = true;
+            }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
                     return;
@@ -92,12 +105,7 @@ pub async fn run(
             }
             Some(ev) = events.recv() => {
                 forward(&outbox, &ev);
-                // Coalesce a burst (a start emits several events).
-                let until = tokio::time::Instant::now() + EVENT_DEBOUNCE;
-                while let Ok(Some(ev)) = tokio::time::timeout_at(until, events.recv()).await {
-                    forward(&outbox, &ev);
-                }
-                dirty = true;
+                settle.get_or_insert_with(|| tokio::time::Instant::now() + EVENT_DEBOUNCE);
             }
             _ = ping.tick() => {
                 match hv.ping().await {
@@ -116,6 +124,7 @@ pub async fn run(
             }
         }
         if dirty {
+            settle = None;
             let want = desired.borrow().clone();
             tracing::debug!(
                 generation = want.as_ref().map(|w| w.generation),

@@ -31,6 +31,7 @@ use crate::config::AgentPolicy;
 use crate::ratelimit::LogLimiter;
 use crate::scheduler;
 mod migration;
+mod usage;
 
 use crate::store::{
     DesiredRecord, HostRecord, HostState, PlacementRules, Store, StoreError, TokenRefusal, VmRecord,
@@ -267,6 +268,7 @@ pub struct Fleet {
     sched_policy: scheduler::Policy,
     limiter: LogLimiter,
     migration: crate::config::MigrationPolicy,
+    usage: Mutex<Option<usage::UsageIndex>>,
     /// The event stream.
     pub bus: crate::bus::Bus,
     /// Counters.
@@ -323,6 +325,7 @@ impl Fleet {
             sched_policy: scheduler_policy,
             limiter: LogLimiter::new(20, Duration::from_secs(60)),
             migration,
+            usage: Mutex::new(None),
             bus: crate::bus::Bus::default(),
             counters: FleetCounters::default(),
         }))
@@ -964,10 +967,10 @@ impl Fleet {
                 }
             })
             .collect();
-        let rec = self
-            .store
-            .replace_host_vms(host, records)?
-            .map_err(|e| DesiredError::Invalid(e.to_string()))?;
+        let rec = self.store.replace_host_vms(host, records);
+        // Rebuilt at the next placement.
+        *lock(&self.usage) = None;
+        let rec = rec?.map_err(|e| DesiredError::Invalid(e.to_string()))?;
         self.send_to(host, desired_message(rec.clone()));
         Ok(rec)
     }
@@ -1001,30 +1004,13 @@ impl Fleet {
                 }
             })
             .collect();
-        let index: HashMap<HostId, usize> = hosts.iter().enumerate().map(|(i, h)| (h.id, i)).collect();
-        // A migration claims the target's capacity until it ends.
-        let claims: HashMap<VmId, HostId> = self
-            .store
-            .migrations()?
-            .into_iter()
-            .map(|c| (c.vm, c.target))
-            .collect();
-        let mut after = None;
-        loop {
-            let page = self.store.vms(after, 4096)?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.vm.id);
-            for v in &page {
-                let on = std::iter::once(v.host).chain(claims.get(&v.vm.id).copied());
-                for i in on.filter_map(|h| index.get(&h).copied()) {
-                    let h = &mut hosts[i];
-                    let r = request_for(&v.vm.spec, &v.rules);
-                    h.used.vcpus += r.vcpus;
-                    h.used.memory_mib += r.memory_mib;
-                    if let Some(g) = v.rules.group() {
-                        h.groups.insert(g.to_string());
-                    }
-                }
+        let mut usage = lock(&self.usage);
+        if usage.is_none() {
+            *usage = Some(usage::UsageIndex::build(&self.store)?);
+        }
+        if let Some(idx) = usage.as_ref() {
+            for h in &mut hosts {
+                (h.used, h.groups) = idx.of(h.id);
             }
         }
         Ok(hosts)
@@ -1056,7 +1042,6 @@ impl Fleet {
         let host = sched
             .place(&self.sched_policy, &hosts, &r)
             .map_err(VmError::NoFit)?;
-        drop(sched);
         let rec = VmRecord {
             vm: DesiredVm {
                 id: VmId::random(),
@@ -1069,6 +1054,11 @@ impl Fleet {
             created_ms: unix_ms(SystemTime::now()),
         };
         let desired = self.store.put_vm(&rec)?.map_err(|e| VmError::NameTaken(e.0))?;
+        if let Some(idx) = lock(&self.usage).as_mut() {
+            idx.add(&rec, None);
+        }
+        // The claim is counted: the next placement may go.
+        drop(sched);
         tracing::info!(vm = %rec.vm.spec.name, id = %rec.vm.id, host = %host, "VM placed");
         self.bus.vm(
             Some(host),
@@ -1112,6 +1102,9 @@ impl Fleet {
     pub fn delete_vm(&self, id: VmId) -> Result<VmRecord, VmError> {
         self.not_migrating(id)?;
         let rec = self.store.delete_vm(id)?.ok_or(VmError::NotFound(id))?;
+        if let Some(idx) = lock(&self.usage).as_mut() {
+            idx.remove(id);
+        }
         self.bus
             .vm(Some(rec.host), id, format!("VM {} deleted", rec.vm.spec.name));
         if let Some(d) = self.store.desired(rec.host)? {

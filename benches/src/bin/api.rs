@@ -109,6 +109,46 @@ fn fill(store: &Store, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A fresh server data directory and config (API unthrottled).
+fn init(dir: &std::path::Path) -> anyhow::Result<(ServerConfig, novacron_server::datadir::InitReport)> {
+    let mut cfg = ServerConfig {
+        data_dir: dir.to_path_buf(),
+        ..ServerConfig::default()
+    };
+    cfg.quic.listen = "127.0.0.1:0".parse()?;
+    cfg.api.listen = "127.0.0.1:0".parse()?;
+    cfg.api.rate_limit = 0.0;
+    let report = DataDir::new(&cfg.data_dir).init(&cfg, SystemTime::now())?;
+    Ok((cfg, report))
+}
+
+/// One real agent on a big test-driver host, connected and reporting.
+async fn agent_on(
+    running: &novacron_server::Running,
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    fingerprint: &str,
+) -> anyhow::Result<tokio::process::Child> {
+    let child =
+        novacron_server::demo::spawn_test_agent(running, bin, dir, "bench-host", NODE, fingerprint).await?;
+    let t = Instant::now();
+    while running
+        .fleet
+        .hosts()?
+        .first()
+        .is_none_or(|h| h.record.capacity.cpus == 0)
+    {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the agent did not report within 30 s; see {}",
+                dir.join("agent.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(child)
+}
+
 async fn timed<F, T, E>(runs: usize, mut f: impl FnMut() -> F) -> anyhow::Result<Summary>
 where
     F: std::future::Future<Output = Result<T, E>>,
@@ -138,42 +178,12 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("machine: {}", machine_description());
     let root = std::env::temp_dir().join(format!("novacron-api-bench-{}", std::process::id()));
-    let mut cfg = ServerConfig {
-        data_dir: root.join("server"),
-        ..ServerConfig::default()
-    };
-    cfg.quic.listen = "127.0.0.1:0".parse()?;
-    cfg.api.listen = "127.0.0.1:0".parse()?;
-    cfg.api.rate_limit = 0.0;
-    let report = DataDir::new(&cfg.data_dir).init(&cfg, SystemTime::now())?;
-    let token = report.admin_token.clone();
 
     // Part 1: an empty fleet of one test-driver host.
+    let (cfg, report) = init(&root.join("server-a"))?;
+    let token = report.admin_token.clone();
     let running = novacron_server::start(&cfg).await?;
-    let mut agent = novacron_server::demo::spawn_test_agent(
-        &running,
-        &agent_bin,
-        &root.join("host-1"),
-        "bench-host-1",
-        NODE,
-        &report.ca_fingerprint,
-    )
-    .await?;
-    let t = Instant::now();
-    while running
-        .fleet
-        .hosts()?
-        .first()
-        .is_none_or(|h| h.record.capacity.cpus == 0)
-    {
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "the agent did not report within 30 s; see {}",
-                root.join("host-1/agent.log").display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut agent = agent_on(&running, &agent_bin, &root.join("host-a"), &report.ca_fingerprint).await?;
     let lat = create_latencies(running.api_addr, &token, "warm", 10).await?;
     drop(lat);
     let lat = Summary::of(create_latencies(running.api_addr, &token, "lat", args.creates).await?)
@@ -185,11 +195,13 @@ async fn main() -> anyhow::Result<()> {
         ms(lat.p99),
         ms(lat.max)
     );
-    let host = running.fleet.hosts()?[0].record.id;
-
-    // Part 2: 100,000 VMs in the store (on made-up hosts, never connected).
     running.shutdown().await;
-    drop(running);
+    let _ = agent.kill().await;
+
+    // Part 2: a second server whose store holds 100,000 VMs (on made-up
+    // hosts, never connected) before it starts.
+    let (cfg, report) = init(&root.join("server-b"))?;
+    let token = report.admin_token.clone();
     let t = Instant::now();
     {
         let store = Store::open(&DataDir::new(&cfg.data_dir).db())?;
@@ -245,14 +257,8 @@ async fn main() -> anyhow::Result<()> {
         ms(scan.p99)
     );
 
-    // Part 3: create -> running with the full store (the agent reconnects).
-    let t = Instant::now();
-    while !running.fleet.host(host)?.is_some_and(|h| h.connected) {
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("the agent did not reconnect");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Part 3: create -> running with the full store.
+    let mut agent = agent_on(&running, &agent_bin, &root.join("host-b"), &report.ca_fingerprint).await?;
     let n = (args.creates / 4).max(10);
     let lat = Summary::of(create_latencies(addr, &token, "full", n).await?).context("no runs")?;
     println!(

@@ -190,7 +190,9 @@ impl Fleet {
             op: op.id,
             started_ms: now,
         };
-        if let Err(refusal) = self.store.claim_migration(&claim)? {
+        let claimed = self.store.claim_migration(&claim);
+        *lock(&self.usage) = None;
+        if let Err(refusal) = claimed? {
             return Err(VmError::Busy(refusal.to_string()));
         }
         drop(sched);
@@ -323,7 +325,9 @@ impl Fleet {
         moved: bool,
         error: Option<String>,
     ) -> bool {
-        if let Err(e) = self.store.end_migration(claim.vm, moved) {
+        let ended = self.store.end_migration(claim.vm, moved);
+        *lock(&self.usage) = None;
+        if let Err(e) = ended {
             // The claim stays: both agents keep their hands off.
             tracing::error!(op = %op.id, error = %e, "cannot record the migration's end");
             op.state = OperationState::Failed;
