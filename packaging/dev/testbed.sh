@@ -53,7 +53,7 @@ usage() {
   cat >&2 <<EOF
 usage: $0 install | start | stop | libvirtd-pid | guest DIR | hosts-up N | hosts-down
   install       install qemu-system-x86 (qemu-utils pinned to 1:7.2), libvirt-daemon-system,
-                libvirt-clients, libvirt-dev, busybox-static, genisoimage if missing
+                libvirt-clients, libvirt-dev, busybox-static, genisoimage, iproute2, nftables if missing
   start         start virtlogd and libvirtd if not running (pids in $RUN_DIR),
                 wait for $SOCK, warm up the QEMU probe, print "$URI"
   stop          stop the libvirtd and virtlogd that 'start' started (by pid)
@@ -77,7 +77,7 @@ pkg_installed() {
 
 cmd_install() {
   need_root install
-  local pkgs=(qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev busybox-static genisoimage)
+  local pkgs=(qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev busybox-static genisoimage iproute2 nftables)
   local missing=() p qv
   for p in "${pkgs[@]}"; do pkg_installed "$p" || missing+=("$p"); done
   # Debian 12's qemu-system-x86 (7.2) cannot coexist with the newer qemu-utils
