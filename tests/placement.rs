@@ -204,3 +204,57 @@ fn vms_are_placed_within_capacity_and_rules_and_run() {
     let second = server.get(&format!("/v1/vms?limit=100&after={next}"));
     assert_eq!(second["vms"].as_array().unwrap().len(), 33 - 10);
 }
+
+#[test]
+fn host_labels_from_the_agent_config_steer_required_labels() {
+    let server = Server::start("heartbeat_interval = \"300ms\"");
+    let dir = tempfile::tempdir().unwrap();
+    let mut agents = Vec::new();
+    for (name, labels) in [("plain", ""), ("gpu", "gpu = \"yes\"\nrack = \"r2\"")] {
+        // The agent config's [vms] table, then its [labels] table.
+        let vms = format!(
+            "storage_path = \"{}\"\nconsole_log_dir = \"{}\"\n[labels]\n{labels}",
+            dir.path().join(format!("pool-{name}")).display(),
+            dir.path().display()
+        );
+        let mut a = Agent::on(name, &node(dir.path(), name, 8, 16), &vms);
+        a.join(&server);
+        a.start(&[]);
+        server.wait_connected(&a.host_id, true);
+        agents.push(a);
+    }
+    let gpu_host = agents[1].host_id.clone();
+    let host = wait_for("the gpu host's labels", Duration::from_secs(20), || {
+        let h = server.host(&gpu_host);
+        (h["labels"]["gpu"] == "yes").then_some(h)
+    });
+    assert_eq!(host["labels"]["rack"], "r2");
+    wait_for("capacity of both hosts", Duration::from_secs(20), || {
+        agents
+            .iter()
+            .all(|a| {
+                server.host(&a.host_id)["capacity"]["memory_mib"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    > 0
+            })
+            .then_some(())
+    });
+    for i in 0..3 {
+        let (s, v) = server.send(
+            "POST",
+            "/v1/vms",
+            &json!({"spec": vm(&format!("train-{i}"), 1, 256), "placement": {"required_labels": {"gpu": "yes"}}}),
+        );
+        assert_eq!(s, 201, "{v}");
+        assert_eq!(v["host"], gpu_host.as_str(), "placed on the labelled host");
+    }
+    let (s, v) = server.send(
+        "POST",
+        "/v1/vms",
+        &json!({"spec": vm("nowhere", 1, 256), "placement": {"required_labels": {"gpu": "no"}}}),
+    );
+    assert_eq!(s, 409, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("2 hosts missing required labels"), "{msg}");
+}

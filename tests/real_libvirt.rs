@@ -86,6 +86,7 @@ impl Scratch {
             console_dir: self.console.display().to_string(),
             virt_type: Some(VirtType::Qemu),
             migration_uri: None,
+            labels: Default::default(),
         }
     }
 

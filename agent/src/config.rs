@@ -32,6 +32,10 @@ pub struct AgentConfig {
     /// How VMs are laid out on this host.
     #[serde(default)]
     pub vms: VmConfig,
+    /// The host's labels (`rack = "r1"`), reported to the server; VMs ask
+    /// for them with `placement.required_labels`.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The `[vms]` section.
@@ -108,6 +112,7 @@ impl VmConfig {
             pool_path: self.storage_path.to_string_lossy().into_owned(),
             console_dir: self.console_log_dir.to_string_lossy().into_owned(),
             migration_uri: self.migration_uri.clone(),
+            labels: Default::default(),
             virt_type: match self.virt_type.as_str() {
                 "kvm" => Some(VirtType::Kvm),
                 "qemu" => Some(VirtType::Qemu),
@@ -178,13 +183,35 @@ impl Default for AgentConfig {
             libvirt_uri: default_uri(),
             hostname: None,
             vms: VmConfig::default(),
+            labels: Default::default(),
         }
+    }
+}
+
+impl AgentConfig {
+    /// The VM layout of this host, with its labels.
+    pub fn host_setup(&self) -> crate::vmops::HostSetup {
+        let mut s = self.vms.host_setup();
+        s.labels = self.labels.clone();
+        s
     }
 }
 
 impl ConfigFile for AgentConfig {
     /// Checks values.
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.labels.len() > 64 {
+            return Err(ConfigError::Invalid {
+                key: "labels",
+                message: format!("{} labels; the limit is 64", self.labels.len()),
+            });
+        }
+        for (k, v) in &self.labels {
+            novacron_shared::spec::check_label(k, v).map_err(|message| ConfigError::Invalid {
+                key: "labels",
+                message: format!("{k:?}: {message}"),
+            })?;
+        }
         if let Some(s) = &self.server {
             split_host_port(s).map_err(|message| ConfigError::Invalid {
                 key: "server",
@@ -264,5 +291,14 @@ mod tests {
         assert_eq!(split_host_port("a.b:1"), Ok(("a.b".into(), 1)));
         assert!(split_host_port("a.b:0").is_err());
         assert!(split_host_port("a.b:x").is_err());
+    }
+
+    #[test]
+    fn host_labels_are_read_and_checked() {
+        let c = AgentConfig::parse("[labels]\nrack = \"r1\"\n", "t").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.labels.get("rack").map(String::as_str), Some("r1"));
+        assert_eq!(c.host_setup().labels, c.labels);
+        let e = AgentConfig::parse("[labels]\n\"Bad Key\" = \"x\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("labels"), "{e}");
     }
 }

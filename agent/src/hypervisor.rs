@@ -233,7 +233,9 @@ impl Hypervisor {
 
     /// The wire form of an observation of this host.
     pub fn to_inventory(&self, capacity: Capacity, vms: &[ObservedVm]) -> Inventory {
-        to_inventory(&self.uri, self.setup.migration_uri.clone(), capacity, vms)
+        let mut inv = to_inventory(&self.uri, self.setup.migration_uri.clone(), capacity, vms);
+        inv.labels = self.setup.labels.clone();
+        inv
     }
 
     /// The libvirt URI.
@@ -449,6 +451,7 @@ pub fn to_inventory(
 ) -> Inventory {
     Inventory {
         migration_uri,
+        labels: Default::default(),
         capacity,
         hypervisor: uri.to_string(),
         vms: vms
@@ -476,6 +479,7 @@ mod tests {
             console_dir: dir.to_string_lossy().into_owned(),
             virt_type: None,
             migration_uri: None,
+            labels: Default::default(),
         };
         Hypervisor::start(uri, timeout, setup).unwrap_or_else(|e| panic!("{e}"))
     }

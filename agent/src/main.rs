@@ -168,8 +168,7 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             if let Some(v) = protocol_versions {
                 link_cfg.versions = v;
             }
-            let (hv, events) =
-                Hypervisor::start(&cfg.libvirt_uri, cfg.vms.call_timeout, cfg.vms.host_setup())?;
+            let (hv, events) = Hypervisor::start(&cfg.libvirt_uri, cfg.vms.call_timeout, cfg.host_setup())?;
             let (tx, rx) = tokio::sync::watch::channel(false);
             tracing::info!(host_id = %identity.host_id, server = %link_cfg.server, libvirt = %cfg.libvirt_uri, "novacron-agent starting");
             let (channels, desired) = link::VmChannels::new(1024);

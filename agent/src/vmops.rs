@@ -32,6 +32,8 @@ pub struct HostSetup {
     pub virt_type: Option<VirtType>,
     /// The URI other hosts migrate VMs here by.
     pub migration_uri: Option<String>,
+    /// The host's labels, reported with the inventory.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A domain as the reconciler sees it.

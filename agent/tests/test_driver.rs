@@ -39,6 +39,7 @@ fn host() -> Host {
         console_dir: dir.path().to_string_lossy().into_owned(),
         virt_type: None,
         migration_uri: None,
+        labels: Default::default(),
     };
     Host {
         conn,

@@ -211,6 +211,8 @@ pub struct HostView {
     pub vm_count: Option<usize>,
     /// Cordoned: the scheduler places no new VMs here.
     pub cordoned: bool,
+    /// The labels the host's agent reports (empty while disconnected).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 enum HostEvent {
@@ -987,9 +989,13 @@ impl Fleet {
             .filter(|h| h.state != HostState::Revoked)
             .map(|h| {
                 let live = sessions.get(&h.id);
-                let capacity = live
-                    .and_then(|s| lock(&s.inventory).as_ref().map(|i| i.capacity))
-                    .unwrap_or(h.capacity);
+                let (capacity, labels) = live
+                    .and_then(|s| {
+                        lock(&s.inventory)
+                            .as_ref()
+                            .map(|i| (i.capacity, i.labels.clone()))
+                    })
+                    .unwrap_or((h.capacity, Default::default()));
                 scheduler::Host {
                     id: h.id,
                     up: live.is_some(),
@@ -997,7 +1003,7 @@ impl Fleet {
                     cpus: capacity.cpus,
                     memory_mib: capacity.memory_mib,
                     storage_free_mib: capacity.storage_free_mib,
-                    labels: Default::default(),
+                    labels,
                     load: None,
                     used: scheduler::Usage::default(),
                     groups: HashSet::new(),
@@ -1244,6 +1250,9 @@ fn view(record: HostRecord, live: Option<&Arc<LiveSession>>, cordoned: bool) -> 
                 .and_then(|i| i.as_ref().map(|i| i.vms.len()))
         }),
         cordoned,
+        labels: live
+            .and_then(|s| lock(&s.inventory).as_ref().map(|i| i.labels.clone()))
+            .unwrap_or_default(),
         record,
     }
 }

@@ -254,6 +254,7 @@ mod tests {
                     snapshots: Vec::new(),
                 }],
                 migration_uri: Some("qemu+tls://h1/system".into()),
+                labels: [("rack".to_string(), "r1".to_string())].into(),
             }),
             AgentMessage::Progress(CommandProgress {
                 op_id: OpId(8),
@@ -398,6 +399,7 @@ mod tests {
                         })
                         .collect(),
                     migration_uri: None,
+                    labels: Default::default(),
                 })),
         ]
     }

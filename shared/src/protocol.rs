@@ -242,6 +242,8 @@ pub struct Inventory {
     /// The libvirt URI other hosts use to live-migrate VMs here
     /// (`vms.migration_uri`); absent when the host takes no migrations.
     pub migration_uri: Option<String>,
+    /// The host's labels (agent config `labels`), for placement rules.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A command from the server; idempotent by `op_id`.

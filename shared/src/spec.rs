@@ -310,6 +310,16 @@ fn check_ssh_key(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks one label (of a VM or a host): key charset and length, value
+/// length and no control characters.
+pub fn check_label(k: &str, v: &str) -> Result<(), String> {
+    check_label_key(k)?;
+    if v.len() > 255 || v.chars().any(char::is_control) {
+        return Err("values must be at most 255 bytes without control characters".into());
+    }
+    Ok(())
+}
+
 fn check_label_key(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 63 {
         return Err("label keys must be 1-63 characters".into());
@@ -456,14 +466,8 @@ impl VmSpec {
             );
         }
         for (k, v) in &self.labels {
-            if let Err(m) = check_label_key(k) {
+            if let Err(m) = check_label(k, v) {
                 e.add(format!("labels.{k}"), m);
-            }
-            if v.len() > 255 || v.chars().any(char::is_control) {
-                e.add(
-                    format!("labels.{k}"),
-                    "values must be at most 255 bytes without control characters",
-                );
             }
         }
         if e.0.is_empty() {

@@ -722,6 +722,7 @@ fn ops_bench(args: &Args, rt: &Runtime) -> anyhow::Result<()> {
         console_dir: CONSOLE_DIR.into(),
         virt_type: Some(virt_type),
         migration_uri: None,
+        labels: Default::default(),
     };
     let (hv, mut events) = {
         let _guard = rt.enter();
@@ -871,6 +872,7 @@ fn inventory_bench(args: &Args) -> anyhow::Result<()> {
         console_dir: dir.path().to_string_lossy().into_owned(),
         virt_type: None,
         migration_uri: None,
+        labels: Default::default(),
     };
     let desired: Vec<DesiredVm> = (0..n)
         .map(|i| {
