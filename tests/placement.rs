@@ -258,3 +258,51 @@ fn host_labels_from_the_agent_config_steer_required_labels() {
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("2 hosts missing required labels"), "{msg}");
 }
+
+#[test]
+fn a_server_killed_right_after_a_create_keeps_the_vm_and_its_audit_entry_and_runs_it_once() {
+    let mut server = Server::start("heartbeat_interval = \"300ms\"");
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::on("solo", &node(dir.path(), "solo", 4, 8), "");
+    agent.join(&server);
+    agent.start(&[]);
+    server.wait_connected(&agent.host_id, true);
+    wait_for("capacity", Duration::from_secs(20), || {
+        (server.host(&agent.host_id)["capacity"]["memory_mib"].as_u64()? > 0).then_some(())
+    });
+    let (s, v) = server.send("POST", "/v1/vms", &json!({"spec": vm("survivor", 1, 256)}));
+    assert_eq!(s, 201, "{v}");
+    let id = v["vm"]["id"].as_str().unwrap().to_string();
+    // Killed the moment the create was acknowledged.
+    server.kill9();
+    server.restart();
+    server.wait_connected(&agent.host_id, true);
+    let seen = wait_for(
+        "the VM running after the restart",
+        Duration::from_secs(30),
+        || {
+            let v = server.get(&format!("/v1/vms/{id}"));
+            (v["observed"]["state"] == "Running").then_some(v)
+        },
+    );
+    assert_eq!(seen["host"], agent.host_id.as_str());
+    let all = server.get("/v1/vms");
+    assert_eq!(all["vms"].as_array().unwrap().len(), 1, "{all:#}");
+    let inv = server.get(&format!("/v1/hosts/{}/vms", agent.host_id));
+    let domains: Vec<&Value> = inv["observed"]["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["name"] == "survivor")
+        .collect();
+    assert_eq!(domains.len(), 1, "one domain, not two: {inv:#}");
+    let audit = server.get("/v1/audit");
+    assert!(
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["path"] == "/v1/vms" && e["method"] == "POST" && e["status"] == 201),
+        "the create's audit entry survived the kill: {audit:#}"
+    );
+}
