@@ -489,3 +489,25 @@ pub async fn close_code(conn: &quinn::Connection) -> Option<novacron_shared::pro
         _ => None,
     }
 }
+
+/// `packaging/dev/testbed.sh` of this checkout.
+pub fn testbed() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/dev/testbed.sh")
+}
+
+/// The guest kernel and initrd (built by `testbed.sh guest`); panics with
+/// the command to run when they are missing.
+pub fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("NOVACRON_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/novacron-guest"));
+    for f in ["vmlinuz", "initrd.img"] {
+        assert!(
+            dir.join(f).exists(),
+            "{} is missing: run `packaging/dev/testbed.sh guest {}` (as .ci/run does)",
+            dir.join(f).display(),
+            dir.display()
+        );
+    }
+    dir
+}

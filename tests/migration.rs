@@ -7,31 +7,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use novacron_e2e::{wait_for, Agent, Server};
+use novacron_e2e::{guest_dir, testbed, wait_for, Agent, Server};
 use serde_json::{json, Value};
-
-fn testbed() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/dev/testbed.sh")
-}
-
-fn guest_dir() -> PathBuf {
-    let dir = std::env::var_os("NOVACRON_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/novacron-guest"));
-    for f in ["vmlinuz", "initrd.img"] {
-        assert!(
-            dir.join(f).exists(),
-            "{} is missing: run `packaging/dev/testbed.sh guest {}` (as .ci/run does)",
-            dir.join(f).display(),
-            dir.display()
-        );
-    }
-    dir
-}
 
 /// One namespaced libvirt host.
 #[derive(Debug, Clone)]

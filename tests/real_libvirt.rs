@@ -5,14 +5,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use novacron_agent::domxml::VirtType;
 use novacron_agent::hypervisor::Hypervisor;
 use novacron_agent::vmops::HostSetup;
-use novacron_e2e::{wait_for, Agent, Server};
+use novacron_e2e::{guest_dir, testbed, wait_for, Agent, Server};
 use novacron_shared::ids::{OpId, VmId};
 use novacron_shared::protocol::VmState;
 use novacron_shared::spec::{CloudInit, DesiredVm, DiskSpec, KernelBoot, Power, VmSpec};
@@ -27,26 +27,6 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn testbed() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/dev/testbed.sh")
-}
-
-/// The guest kernel and initrd (built by `testbed.sh guest`).
-fn guest_dir() -> PathBuf {
-    let dir = std::env::var_os("NOVACRON_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/novacron-guest"));
-    for f in ["vmlinuz", "initrd.img"] {
-        assert!(
-            dir.join(f).exists(),
-            "{} is missing: run `packaging/dev/testbed.sh guest {}` (as .ci/run does)",
-            dir.join(f).display(),
-            dir.display()
-        );
-    }
-    dir
 }
 
 fn conn() -> Connect {
