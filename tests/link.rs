@@ -426,3 +426,71 @@ fn agents_renew_certificates_before_expiry_and_use_them_after_restart() {
     server.wait_connected(&agent.host_id, true);
     assert_still_heartbeating(&server, &agent.host_id);
 }
+
+/// An inventory's migration URI (handed to other hosts' libvirtd) and host
+/// labels (placement input) come from the network: bad ones are dropped,
+/// good ones kept, and the session goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_inventory_with_a_hostile_migration_uri_and_labels_is_sanitised() {
+    use novacron_shared::protocol::{AgentMessage, Capacity, Inventory};
+    let server = Server::start("");
+    let mut raw = Agent::new("raw-inv");
+    raw.join(&server);
+    let host = raw.identity().host_id.to_string();
+    let cfg = raw.identity().client_config(Duration::from_secs(5)).unwrap();
+    let (_ep, c) = raw_connect(server.quic, cfg).await.unwrap();
+    let (mut send, _recv, m) = hello(&c, (1, 1)).await.unwrap();
+    assert!(matches!(m, ServerMessage::Welcome(_)), "{m:?}");
+    let send_inv = |uri: &str, labels: Vec<(String, String)>| {
+        AgentMessage::Inventory(Inventory {
+            capacity: Capacity {
+                cpus: 4,
+                memory_mib: 4096,
+                ..Capacity::default()
+            },
+            hypervisor: "test:///default".into(),
+            vms: vec![],
+            migration_uri: Some(uri.into()),
+            labels: labels.into_iter().collect(),
+        })
+    };
+    let mut buf = Vec::new();
+    let bad = send_inv(
+        "qemu+tcp://evil/system\n--inject",
+        vec![
+            ("rack".into(), "r1".into()),
+            ("Bad Key".into(), "x".into()),
+            ("ctl".into(), "a\u{7}b".into()),
+        ],
+    );
+    novacron_shared::framing::write_frame(&mut send, 1, &bad, &mut buf)
+        .await
+        .unwrap();
+    let h = wait_for("the inventory", Duration::from_secs(10), || {
+        let h = server.host(&host);
+        (h["capacity"]["cpus"] == 4).then_some(h)
+    });
+    let labels = h["labels"].as_object().unwrap();
+    assert_eq!(labels.len(), 1, "only the valid label is kept: {h}");
+    assert_eq!(labels["rack"], "r1");
+    let inv = server.get(&format!("/v1/hosts/{host}/vms"));
+    assert!(
+        inv["observed"]["migration_uri"].is_null(),
+        "the bad URI is dropped: {inv}"
+    );
+    // Too many labels: none are trusted. A good URI is kept.
+    let many = (0..100).map(|i| (format!("k{i}"), "v".to_string())).collect();
+    let msg = send_inv("qemu+tls://hv-9.example/system", many);
+    novacron_shared::framing::write_frame(&mut send, 1, &msg, &mut buf)
+        .await
+        .unwrap();
+    let inv = wait_for("the second inventory", Duration::from_secs(10), || {
+        let inv = server.get(&format!("/v1/hosts/{host}/vms"));
+        (inv["observed"]["migration_uri"] == "qemu+tls://hv-9.example/system").then_some(inv)
+    });
+    assert!(inv["observed"]["labels"].as_object().unwrap().is_empty(), "{inv}");
+    assert!(
+        server.host(&host)["connected"].as_bool().unwrap(),
+        "the session goes on"
+    );
+}

@@ -147,15 +147,10 @@ impl VmConfig {
             });
         }
         if let Some(u) = &self.migration_uri {
-            let scheme_ok = u.split_once("://").is_some_and(|(s, rest)| {
-                !s.is_empty() && !rest.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '+')
-            });
-            if !scheme_ok || u.len() > 256 || u.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(ConfigError::Invalid {
-                    key: "vms.migration_uri",
-                    message: format!("{u:?} is not a libvirt URI like qemu+tls://host/system"),
-                });
-            }
+            novacron_shared::spec::check_libvirt_uri(u).map_err(|message| ConfigError::Invalid {
+                key: "vms.migration_uri",
+                message,
+            })?;
         }
         if self.call_timeout < std::time::Duration::from_secs(1) {
             return Err(ConfigError::Invalid {
@@ -200,10 +195,11 @@ impl AgentConfig {
 impl ConfigFile for AgentConfig {
     /// Checks values.
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.labels.len() > 64 {
+        let max = novacron_shared::spec::MAX_HOST_LABELS;
+        if self.labels.len() > max {
             return Err(ConfigError::Invalid {
                 key: "labels",
-                message: format!("{} labels; the limit is 64", self.labels.len()),
+                message: format!("{} labels; the limit is {max}", self.labels.len()),
             });
         }
         for (k, v) in &self.labels {

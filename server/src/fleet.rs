@@ -817,7 +817,24 @@ impl Fleet {
                     self.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
                     Some(ServerMessage::HeartbeatAck(HeartbeatAck { seq: hb.seq }))
                 }
-                AgentMessage::Inventory(inv) => {
+                AgentMessage::Inventory(mut inv) => {
+                    // The migration URI is handed to other hosts' libvirtd and
+                    // labels steer placement: only checked values are kept.
+                    if let Some(u) = inv.migration_uri.as_deref() {
+                        if let Err(e) = novacron_shared::spec::check_libvirt_uri(u) {
+                            warn_limited!(self.limiter, host_id = %host_id, error = %e, "inventory's migration URI ignored");
+                            inv.migration_uri = None;
+                        }
+                    }
+                    let before = inv.labels.len();
+                    inv.labels
+                        .retain(|k, v| novacron_shared::spec::check_label(k, v).is_ok());
+                    if inv.labels.len() > novacron_shared::spec::MAX_HOST_LABELS {
+                        inv.labels.clear();
+                    }
+                    if inv.labels.len() != before {
+                        warn_limited!(self.limiter, host_id = %host_id, reported = before, kept = inv.labels.len(), "inventory's invalid host labels ignored");
+                    }
                     let _ = self.events.send(HostEvent::Capacity {
                         id: host_id,
                         capacity: inv.capacity,

@@ -310,6 +310,22 @@ fn check_ssh_key(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a libvirt URI another host's libvirtd may be pointed at
+/// (`scheme://rest`, scheme of letters, digits and `+`; at most 256 bytes;
+/// no whitespace or control characters).
+pub fn check_libvirt_uri(u: &str) -> Result<(), String> {
+    let scheme_ok = u.split_once("://").is_some_and(|(s, rest)| {
+        !s.is_empty() && !rest.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '+')
+    });
+    if !scheme_ok || u.len() > 256 || u.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{u:?} is not a libvirt URI like qemu+tls://host/system"));
+    }
+    Ok(())
+}
+
+/// Most labels per host.
+pub const MAX_HOST_LABELS: usize = 64;
+
 /// Checks one label (of a VM or a host): key charset and length, value
 /// length and no control characters.
 pub fn check_label(k: &str, v: &str) -> Result<(), String> {
