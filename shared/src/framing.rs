@@ -227,7 +227,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::ids::{HostId, OpId};
+    use crate::ids::{HostId, OpId, VmId};
     use crate::protocol::*;
 
     fn sample_messages() -> Vec<AgentMessage> {
@@ -266,12 +266,18 @@ mod tests {
                 outcome: CommandOutcome::Failed { message: "no".into() },
             }),
             AgentMessage::Metrics(MetricBatch {
+                epoch: 3,
                 seq: 9,
-                samples: vec![Sample {
-                    series: 1,
-                    ts_ms: 2,
-                    value: 0.5,
-                }],
+                dropped: 0,
+                interval_ms: 1000,
+                vms: vec![VmId(5)],
+                labels: vec!["user".into()],
+                series: vec![
+                    crate::metrics::SeriesRef { scope: 0, metric: 1, label: 1 },
+                    crate::metrics::SeriesRef { scope: 1, metric: 32, label: 0 },
+                ],
+                ticks: vec![1_760_000_000_000, 1000],
+                values: vec![10, 2, 500, -3],
             }),
         ]
     }
@@ -367,14 +373,24 @@ mod tests {
                 })),
             (
                 any::<u64>(),
-                proptest::collection::vec((any::<u32>(), any::<u64>(), -1e9f64..1e9), 0..64)
+                any::<u64>(),
+                proptest::collection::vec((any::<u32>(), any::<u16>(), any::<u32>()), 0..16),
+                proptest::collection::vec(any::<u64>(), 0..8),
+                proptest::collection::vec(any::<i64>(), 0..64),
             )
-                .prop_map(|(seq, s)| AgentMessage::Metrics(MetricBatch {
+                .prop_map(|(epoch, seq, series, ticks, values)| AgentMessage::Metrics(MetricBatch {
+                    epoch,
                     seq,
-                    samples: s
+                    dropped: 0,
+                    interval_ms: 100,
+                    vms: vec![VmId(1)],
+                    labels: vec!["eth0".into()],
+                    series: series
                         .into_iter()
-                        .map(|(series, ts_ms, value)| Sample { series, ts_ms, value })
+                        .map(|(scope, metric, label)| crate::metrics::SeriesRef { scope, metric, label })
                         .collect(),
+                    ticks,
+                    values,
                 })),
             (
                 any::<u32>(),

@@ -11,6 +11,7 @@ pub mod duration;
 pub mod files;
 pub mod framing;
 pub mod ids;
+pub mod metrics;
 pub mod pki;
 pub mod protocol;
 pub mod spec;

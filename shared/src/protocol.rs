@@ -344,30 +344,15 @@ pub enum CommandOutcome {
     },
 }
 
-/// One metric sample.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Sample {
-    /// Which series (host- or VM-scoped; defined with the collectors).
-    pub series: u32,
-    /// When, in milliseconds since the Unix epoch.
-    pub ts_ms: u64,
-    /// The value.
-    pub value: f64,
-}
-
-/// A sequenced batch of samples.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MetricBatch {
-    /// Per-host sequence number, increasing by one per batch.
-    pub seq: u64,
-    /// The samples.
-    pub samples: Vec<Sample>,
-}
+pub use crate::metrics::MetricBatch;
 
 /// Acknowledges stored metric batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetricsAck {
-    /// Every batch with a sequence number up to this one is stored.
+    /// The agent spool's epoch the sequence numbers belong to.
+    pub epoch: u64,
+    /// Every batch of that epoch with a sequence number up to this one is
+    /// stored durably.
     pub upto_seq: u64,
 }
 

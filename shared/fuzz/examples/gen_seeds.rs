@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use novacron_shared::framing::{encode_frame, MAX_FRAME_LEN};
-use novacron_shared::ids::{HostId, OpId};
+use novacron_shared::ids::{HostId, OpId, VmId};
 use novacron_shared::protocol::*;
 use serde::Serialize;
 
@@ -89,20 +89,19 @@ fn main() {
                         ],
                     }),
                     AgentMessage::Metrics(MetricBatch {
-                        seq: 70_000,
-                        samples: vec![
-                            Sample {
-                                series: 1,
-                                ts_ms: 1_760_000_000_000,
-                                value: 0.25,
-                            },
-                            Sample {
-                                series: 2,
-                                ts_ms: 1_760_000_000_000,
-                                value: f64::NAN,
-                            },
-                        ],
-                    }),
+                epoch: 3,
+                seq: 9,
+                dropped: 0,
+                interval_ms: 1000,
+                vms: vec![VmId(5)],
+                labels: vec!["user".into()],
+                series: vec![
+                    novacron_shared::metrics::SeriesRef { scope: 0, metric: 1, label: 1 },
+                    novacron_shared::metrics::SeriesRef { scope: 1, metric: 32, label: 0 },
+                ],
+                ticks: vec![1_760_000_000_000, 1000],
+                values: vec![10, 2, 500, -3],
+            }),
                     AgentMessage::CommandResult(CommandResult {
                         op_id: OpId(7),
                         outcome: CommandOutcome::Failed {
@@ -132,7 +131,7 @@ fn main() {
                         op_id: OpId(8),
                         kind: CommandKind::RefreshInventory,
                     }),
-                    ServerMessage::MetricsAck(MetricsAck { upto_seq: 70_000 }),
+                    ServerMessage::MetricsAck(MetricsAck { epoch: 3, upto_seq: 70_000 }),
                     ServerMessage::Error(WireError {
                         code: ErrorCode::Replaced,
                         message: "a newer connection replaced this one".into(),
