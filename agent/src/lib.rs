@@ -10,9 +10,11 @@ pub mod ffi;
 pub mod hypervisor;
 pub mod identity;
 pub mod link;
+pub mod metrics;
 pub mod migrate;
 pub mod reconcile;
 pub mod seed;
+pub mod spool;
 pub mod vmops;
 
 /// This agent's build version.

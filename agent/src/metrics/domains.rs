@@ -1,0 +1,1 @@
+//! VM collector: libvirt bulk domain stats for all domains in one call.

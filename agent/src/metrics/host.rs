@@ -1,0 +1,1 @@
+//! Host collectors: /proc parsers with reused buffers.

@@ -1,0 +1,1 @@
+//! The on-disk spool of metric batches the server has not acknowledged.
