@@ -184,6 +184,7 @@ impl Api {
     }
 
     async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Resp {
+        let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let resp = match self.handle_inner(req, remote).await {
@@ -198,6 +199,23 @@ impl Api {
             }
         };
         tracing::debug!(%method, %path, status = resp.status().as_u16(), "API request");
+        // Labelled by route, never by raw path: bounded cardinality.
+        let segments: Vec<&str> = path.trim_end_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+        let operation = match routes::find(method.as_str(), &segments) {
+            Match::Found(r, _) => r.operation_id,
+            _ => "unmatched",
+        };
+        let class = match resp.status().as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        crate::telemetry::TELEMETRY
+            .api_duration
+            .with_label_values(&[operation, class])
+            .observe(started.elapsed().as_secs_f64());
         resp
     }
 
@@ -565,6 +583,47 @@ impl Api {
                 let vm = q.get("vm").map(parse_vm_id).transpose()?;
                 Ok(self.events(host, vm))
             }
+            Op::PrometheusMetrics => Ok(self.prometheus()),
+            Op::QueryMetrics => {
+                let m = self.metrics()?;
+                let req = metrics_request(&q)?;
+                let answer = m.query(&req).map_err(|e| internal(&e))?;
+                ok(StatusCode::OK, &answer)
+            }
+            Op::LatestMetrics => {
+                let m = self.metrics()?;
+                let kind = match q.get("owner") {
+                    None | Some("") | Some("all") => None,
+                    Some("host") | Some("hosts") => Some(novacron_shared::metrics::Owner::Host),
+                    Some("vm") | Some("vms") => Some(novacron_shared::metrics::Owner::Vm),
+                    Some(o) => return Err(bad_query(format!("owner must be host, vm or all, not {o:?}"))),
+                };
+                ok(StatusCode::OK, &json!({ "owners": m.latest(kind) }))
+            }
+            Op::StreamMetrics => {
+                let m = self.metrics()?;
+                let owner = metrics_owner(&q)?;
+                Ok(self.metric_stream(m.clone(), owner))
+            }
+            Op::MetricStreams => {
+                let m = self.metrics()?;
+                let streams: Vec<_> = m
+                    .stream_states()
+                    .await
+                    .into_iter()
+                    .map(|(h, r)| json!({
+                        "host": h,
+                        "epoch": r.epoch,
+                        "stored_upto_seq": r.high,
+                        "batches": r.batches,
+                        "duplicates": r.duplicates,
+                        "missing": r.gaps,
+                        "agent_dropped": r.agent_dropped,
+                        "last_stored_ms": r.last_ms,
+                    }))
+                    .collect();
+                ok(StatusCode::OK, &json!({ "streams": streams }))
+            }
             Op::CreateApiToken => {
                 #[derive(Deserialize)]
                 #[serde(deny_unknown_fields)]
@@ -676,6 +735,85 @@ impl Api {
             }
         }
         Ok((out, None))
+    }
+
+    fn metrics(&self) -> Result<&Arc<crate::metrics::Metrics>, ApiError> {
+        self.fleet.metrics().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "metrics_unavailable",
+                "metric ingest is not running on this server",
+            )
+        })
+    }
+
+    /// The Prometheus exposition: the server's health (prometheus crate
+    /// registry), then the fleet's latest values.
+    fn prometheus(&self) -> Resp {
+        let t = &crate::telemetry::TELEMETRY;
+        t.sessions.set(self.fleet.session_count() as i64);
+        let mut body = String::new();
+        if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&t.registry.gather(), &mut body) {
+            tracing::error!(error = %e, "cannot encode the server's telemetry");
+        }
+        if let Some(m) = self.fleet.metrics() {
+            m.write_prometheus(&mut body);
+            write_spool_drops(m, &mut body);
+        }
+        let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        r
+    }
+
+    /// A server-sent events stream of one host's or VM's values: one
+    /// `metrics` event per sampling tick.
+    fn metric_stream(&self, m: Arc<crate::metrics::Metrics>, owner: crate::metrics::window::Owner) -> Resp {
+        use crate::metrics::window::Owner;
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let mut sub = m.subscribe();
+        tokio::spawn(async move {
+            if tx.send(Bytes::from_static(b": connected\n\n")).await.is_err() {
+                return;
+            }
+            loop {
+                let chunk = match tokio::time::timeout(SSE_KEEPALIVE, sub.recv()).await {
+                    Err(_) => Bytes::from_static(b": keep-alive\n\n"),
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return,
+                    Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                        Bytes::from(format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n"))
+                    }
+                    Ok(Ok(up)) => {
+                        let values: Vec<_> = up
+                            .values
+                            .iter()
+                            .filter(|(k, _)| k.owner == owner)
+                            .map(|(k, v)| json!({"name": k.metric.name(), "label": k.label.as_deref(), "value": v}))
+                            .collect();
+                        if values.is_empty() {
+                            continue;
+                        }
+                        let id = match owner {
+                            Owner::Host(h) => h.to_string(),
+                            Owner::Vm(v) => v.to_string(),
+                        };
+                        let data = json!({"owner": owner.kind(), "id": id, "host": up.host, "ts_ms": up.ts_ms, "values": values});
+                        Bytes::from(format!("event: metrics\ndata: {data}\n\n"))
+                    }
+                };
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut r = Response::new(SseBody { rx }.boxed());
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        r.headers_mut()
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        r
     }
 
     /// A server-sent events stream of the fleet's events, filtered.
@@ -820,6 +958,97 @@ impl<'a> Query<'a> {
                 )
             }),
         }
+    }
+}
+
+fn bad_query(message: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message)
+}
+
+/// `host=<id>` or `vm=<id>`, exactly one.
+fn metrics_owner(q: &Query<'_>) -> Result<crate::metrics::window::Owner, ApiError> {
+    use crate::metrics::window::Owner;
+    match (q.get("host"), q.get("vm")) {
+        (Some(h), None) => Ok(Owner::Host(parse_host_id(h)?)),
+        (None, Some(v)) => Ok(Owner::Vm(parse_vm_id(v)?)),
+        _ => Err(bad_query("give exactly one of host=<host id> or vm=<VM id>".into())),
+    }
+}
+
+/// A time: milliseconds since the epoch, or a duration before now (`15m`, `-2h`).
+fn metrics_time(k: &str, v: &str, now: u64) -> Result<u64, ApiError> {
+    if let Ok(ms) = v.parse::<u64>() {
+        return Ok(ms);
+    }
+    let d = novacron_shared::duration::parse(v.trim_start_matches('-')).map_err(|e| {
+        bad_query(format!(
+            "{k}={v:?} is neither milliseconds since the epoch nor a duration before now like 15m: {e}"
+        ))
+    })?;
+    Ok(now.saturating_sub(d.as_millis() as u64))
+}
+
+fn metrics_request(q: &Query<'_>) -> Result<crate::metrics::query::Request, ApiError> {
+    let owner = metrics_owner(q)?;
+    let now = unix_ms(SystemTime::now());
+    let from_ms = match q.get("from") {
+        Some(v) => metrics_time("from", v, now)?,
+        None => now.saturating_sub(5 * 60_000),
+    };
+    let to_ms = match q.get("to") {
+        Some(v) => metrics_time("to", v, now)?,
+        None => now,
+    };
+    if from_ms > to_ms {
+        return Err(bad_query(format!("from ({from_ms}) is after to ({to_ms})")));
+    }
+    let mut metrics = Vec::new();
+    for name in q.get("series").unwrap_or("").split(',').filter(|s| !s.is_empty()) {
+        let m = novacron_shared::metrics::Metric::from_name(name).ok_or_else(|| {
+            bad_query(format!(
+                "unknown series {name:?}; known: {}",
+                novacron_shared::metrics::Metric::ALL
+                    .iter()
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        let fits = matches!(
+            (m.owner(), owner),
+            (novacron_shared::metrics::Owner::Host, crate::metrics::window::Owner::Host(_))
+                | (novacron_shared::metrics::Owner::Vm, crate::metrics::window::Owner::Vm(_))
+        );
+        if !fits {
+            return Err(bad_query(format!("series {name:?} is not a {} series", owner.kind())));
+        }
+        metrics.push(m);
+    }
+    let resolution = q
+        .get("resolution")
+        .unwrap_or("auto")
+        .parse()
+        .map_err(bad_query)?;
+    Ok(crate::metrics::query::Request {
+        owner,
+        metrics,
+        from_ms,
+        to_ms,
+        resolution,
+    })
+}
+
+/// Agents' spool drops, per host (reported by the agents with each batch).
+fn write_spool_drops(m: &crate::metrics::Metrics, out: &mut String) {
+    use std::fmt::Write as _;
+    let states = m.stream_states_now();
+    if states.is_empty() {
+        return;
+    }
+    out.push_str("# HELP novacron_agent_spool_dropped_batches_total Metric batches an agent's full spool dropped (this spool epoch), as reported by the agent.\n");
+    out.push_str("# TYPE novacron_agent_spool_dropped_batches_total counter\n");
+    for (h, r) in states {
+        let _ = writeln!(out, "novacron_agent_spool_dropped_batches_total{{host=\"{h}\"}} {}", r.agent_dropped);
     }
 }
 

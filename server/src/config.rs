@@ -34,6 +34,48 @@ pub struct ServerConfig {
     /// Live migration.
     #[serde(default)]
     pub migration: MigrationPolicy,
+    /// Metric ingest and retention.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+}
+
+/// `[metrics]`: how long metrics are kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Every raw sample stays queryable (in memory, and on disk for
+    /// restarts) this long.
+    #[serde(default = "default_raw_window", with = "serde_human")]
+    pub raw_window: Duration,
+    /// 1-minute rollups (avg, min, max) are kept this long.
+    #[serde(default = "default_retention", with = "serde_human")]
+    pub retention: Duration,
+}
+
+fn default_raw_window() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+fn default_retention() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            raw_window: default_raw_window(),
+            retention: default_retention(),
+        }
+    }
+}
+
+impl MetricsSettings {
+    /// The ingest settings.
+    pub fn to_config(&self) -> crate::metrics::MetricsConfig {
+        crate::metrics::MetricsConfig {
+            raw_window: self.raw_window,
+            retention: self.retention,
+        }
+    }
 }
 
 /// How live migrations run.
@@ -185,6 +227,7 @@ impl Default for ServerConfig {
             api: ApiConfig::default(),
             scheduler: crate::scheduler::Policy::default(),
             migration: MigrationPolicy::default(),
+            metrics: MetricsSettings::default(),
             agents: AgentPolicy::default(),
         }
     }
@@ -215,6 +258,19 @@ impl ConfigFile for ServerConfig {
             return Err(ConfigError::Invalid {
                 key: "migration.timeout",
                 message: "must be at least 5s".into(),
+            });
+        }
+        let w = self.metrics.raw_window;
+        if w < Duration::from_secs(60) || w > Duration::from_secs(24 * 3600) {
+            return Err(ConfigError::Invalid {
+                key: "metrics.raw_window",
+                message: "must be between 1m and 24h".into(),
+            });
+        }
+        if self.metrics.retention < Duration::from_secs(3600) || self.metrics.retention > Duration::from_secs(3660 * 86_400) {
+            return Err(ConfigError::Invalid {
+                key: "metrics.retention",
+                message: "must be between 1h and 3660d".into(),
             });
         }
         let hb = self.agents.heartbeat_interval;
@@ -301,6 +357,10 @@ mod tests {
         assert!(e.to_string().contains("session_timeout"), "{e}");
         let e = ServerConfig::parse("[quic]\nserver_names = [\"a b\"]\n", "t").unwrap_err();
         assert!(e.to_string().contains("server_names"), "{e}");
+        let e = ServerConfig::parse("[metrics]\nraw_window = \"5s\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("metrics.raw_window"), "{e}");
+        let e = ServerConfig::parse("[metrics]\nretention = \"1m\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("metrics.retention"), "{e}");
         let e = ServerConfig::parse("[api]\nlisten = \"nope\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("listen"), "{e}");
     }

@@ -98,6 +98,10 @@ impl DataDir {
     pub fn db(&self) -> PathBuf {
         self.root.join("novacron.redb")
     }
+    /// The metrics database (its own file: ingest never waits on the control plane's).
+    pub fn metrics_db(&self) -> PathBuf {
+        self.root.join("metrics.redb")
+    }
     /// The first admin token, for the local CLI.
     pub fn admin_token(&self) -> PathBuf {
         self.root.join("admin.token")

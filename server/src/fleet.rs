@@ -271,6 +271,7 @@ pub struct Fleet {
     limiter: LogLimiter,
     migration: crate::config::MigrationPolicy,
     usage: Mutex<Option<usage::UsageIndex>>,
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
     /// The event stream.
     pub bus: crate::bus::Bus,
     /// Counters.
@@ -328,6 +329,7 @@ impl Fleet {
             limiter: LogLimiter::new(20, Duration::from_secs(60)),
             migration,
             usage: Mutex::new(None),
+            metrics: std::sync::OnceLock::new(),
             bus: crate::bus::Bus::default(),
             counters: FleetCounters::default(),
         }))
@@ -339,6 +341,16 @@ impl Fleet {
             let fleet = self.clone();
             tokio::spawn(async move { fleet.handle_incoming(incoming).await });
         }
+    }
+
+    /// Attaches metric ingest; agents' metric streams are refused until then.
+    pub fn set_metrics(&self, m: Arc<crate::metrics::Metrics>) {
+        let _ = self.metrics.set(m);
+    }
+
+    /// Metric ingest, once attached.
+    pub fn metrics(&self) -> Option<&Arc<crate::metrics::Metrics>> {
+        self.metrics.get()
     }
 
     /// The store.
@@ -727,6 +739,14 @@ impl Fleet {
                 Err(e) => tracing::error!(host_id = %host_id, error = %e, "cannot read the desired state"),
             }
         }
+        let metric_streams = greeting.is_ok().then(|| {
+            tokio::spawn(metric_streams(
+                self.metrics.get().cloned(),
+                conn.clone(),
+                host_id,
+                session.outbox.clone(),
+            ))
+        });
         let outcome = match greeting {
             Err(e) => Err((e.code(), e.to_string())),
             Ok(()) => {
@@ -734,6 +754,9 @@ impl Fleet {
                     .await
             }
         };
+        if let Some(t) = metric_streams {
+            t.abort();
+        }
         if let Err((code, message)) = outcome {
             if code != ErrorCode::Replaced && code != ErrorCode::Revoked {
                 warn_limited!(self.limiter, host_id = %host_id, %code, message, "agent session closed with an error");
@@ -894,8 +917,8 @@ impl Fleet {
                     None
                 }
                 AgentMessage::Metrics(_) => Some(ServerMessage::Error(WireError {
-                    code: ErrorCode::Unsupported,
-                    message: "this server does not ingest metrics yet; batches are not acknowledged".into(),
+                    code: ErrorCode::UnexpectedMessage,
+                    message: "metric batches go on a unidirectional stream of their own, not the control stream; not acknowledged".into(),
                 })),
                 AgentMessage::RenewCertificate(req) => Some(self.renew(host_id, &req.csr_der)),
                 AgentMessage::Hello(_) | AgentMessage::Join(_) => {
@@ -1021,7 +1044,7 @@ impl Fleet {
                     memory_mib: capacity.memory_mib,
                     storage_free_mib: capacity.storage_free_mib,
                     labels,
-                    load: None,
+                    load: self.metrics.get().and_then(|m| m.host_load(h.id)),
                     used: scheduler::Usage::default(),
                     groups: HashSet::new(),
                 }
@@ -1062,9 +1085,12 @@ impl Fleet {
             }
         }
         let r = request_for(&req.spec, &req.placement);
-        let host = sched
-            .place(&self.sched_policy, &hosts, &r)
-            .map_err(VmError::NoFit)?;
+        let placed = sched.place(&self.sched_policy, &hosts, &r);
+        crate::telemetry::TELEMETRY
+            .scheduler_decisions
+            .with_label_values(&[if placed.is_ok() { "placed" } else { "refused" }])
+            .inc();
+        let host = placed.map_err(VmError::NoFit)?;
         let rec = VmRecord {
             vm: DesiredVm {
                 id: VmId::random(),
@@ -1271,6 +1297,49 @@ fn view(record: HostRecord, live: Option<&Arc<LiveSession>>, cordoned: bool) -> 
             .and_then(|s| lock(&s.inventory).as_ref().map(|i| i.labels.clone()))
             .unwrap_or_default(),
         record,
+    }
+}
+
+/// Accepts an agent's metric streams (unidirectional, opened by the agent)
+/// and feeds their batches to ingest; acknowledgements go back on the
+/// control stream through the session's outbox. A malformed batch is refused
+/// (logged, rate-limited) and the stream goes on; a broken frame ends the
+/// stream (the agent reopens it).
+async fn metric_streams(
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    conn: quinn::Connection,
+    host_id: HostId,
+    outbox: mpsc::Sender<ServerMessage>,
+) {
+    while let Ok(recv) = conn.accept_uni().await {
+        let Some(m) = metrics.clone() else {
+            tracing::warn!(host_id = %host_id, "metric stream refused: ingest is not running");
+            continue;
+        };
+        let outbox = outbox.clone();
+        tokio::spawn(async move {
+            let mut recv = framing::FramedRecv::new(recv, MAX_FRAME_LEN);
+            let mut cache = crate::metrics::StreamCache::default();
+            loop {
+                match recv.next::<AgentMessage>().await {
+                    Ok(Some((_, AgentMessage::Metrics(batch)))) => {
+                        match m.ingest(host_id, batch, &mut cache, &outbox).await {
+                            Ok(()) => {}
+                            Err(crate::metrics::IngestError::WriterGone) => return,
+                            Err(e) => m.refused(host_id, &e),
+                        }
+                    }
+                    Ok(Some((_, _))) => {
+                        m.refused(host_id, &crate::metrics::IngestError::NotABatch);
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::debug!(host_id = %host_id, error = %e, "metric stream ended");
+                        return;
+                    }
+                }
+            }
+        });
     }
 }
 

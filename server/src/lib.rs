@@ -9,10 +9,12 @@ pub mod config;
 pub mod datadir;
 pub mod demo;
 pub mod fleet;
+pub mod metrics;
 pub mod ratelimit;
 pub mod scheduler;
 pub mod secrets;
 pub mod store;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,6 +41,9 @@ pub enum StartError {
     /// The store failed to open.
     #[error("cannot open the store")]
     Store(#[from] store::StoreError),
+    /// The metrics database failed to open.
+    #[error("cannot open the metrics database")]
+    Metrics(#[from] metrics::db::DbError),
     /// TLS setup failed.
     #[error("TLS setup failed")]
     Tls(#[from] novacron_shared::tls::TlsError),
@@ -152,6 +157,8 @@ pub async fn start(cfg: &ServerConfig) -> Result<Running, StartError> {
         cfg.scheduler,
         cfg.migration.clone(),
     )?;
+    let metrics = metrics::Metrics::open(&dir.metrics_db(), cfg.metrics.to_config())?;
+    fleet.set_metrics(metrics);
     tokio::spawn(fleet.clone().serve(endpoint.clone()));
     fleet.clone().resume_operations();
     tokio::spawn(api::Api::new(fleet.clone(), store, cfg.api.clone()).serve(listener));

@@ -49,6 +49,11 @@ pub enum Op {
     DeleteApiToken,
     CreateJoinToken,
     ListAudit,
+    PrometheusMetrics,
+    QueryMetrics,
+    LatestMetrics,
+    StreamMetrics,
+    MetricStreams,
 }
 
 /// One route.
@@ -98,6 +103,11 @@ const ADMIN: Access = Access::Role(Role::Admin);
 pub static ROUTES: &[Route] = &[
     r("GET", "/healthz", PUBLIC, Op::Healthz, "healthz"),
     r("GET", "/v1/openapi.json", PUBLIC, Op::OpenApi, "getOpenApi"),
+    r("GET", "/metrics", PUBLIC, Op::PrometheusMetrics, "getPrometheusMetrics"),
+    r("GET", "/v1/metrics", VIEWER, Op::QueryMetrics, "queryMetrics"),
+    r("GET", "/v1/metrics/latest", VIEWER, Op::LatestMetrics, "getLatestMetrics"),
+    r("GET", "/v1/metrics/stream", VIEWER, Op::StreamMetrics, "streamMetrics"),
+    r("GET", "/v1/metrics/streams", VIEWER, Op::MetricStreams, "listMetricStreams"),
     r("GET", "/v1/hosts", VIEWER, Op::ListHosts, "listHosts"),
     r("GET", "/v1/hosts/{host}", VIEWER, Op::GetHost, "getHost"),
     r(
