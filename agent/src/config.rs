@@ -36,6 +36,9 @@ pub struct AgentConfig {
     /// for them with `placement.required_labels`.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Metric sampling and the spool.
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsSettings,
 }
 
 /// The `[vms]` section.
@@ -179,6 +182,7 @@ impl Default for AgentConfig {
             hostname: None,
             vms: VmConfig::default(),
             labels: Default::default(),
+            metrics: Default::default(),
         }
     }
 }
@@ -195,6 +199,9 @@ impl AgentConfig {
 impl ConfigFile for AgentConfig {
     /// Checks values.
     fn validate(&self) -> Result<(), ConfigError> {
+        self.metrics
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         let max = novacron_shared::spec::MAX_HOST_LABELS;
         if self.labels.len() > max {
             return Err(ConfigError::Invalid {

@@ -92,6 +92,8 @@ pub struct LinkConfig {
     pub hostname: String,
     /// Protocol versions offered (oldest, newest).
     pub versions: (u16, u16),
+    /// The metrics spool to stream, when metrics are on.
+    pub metrics: Option<Arc<crate::metrics::MetricsShared>>,
 }
 
 impl LinkConfig {
@@ -102,6 +104,7 @@ impl LinkConfig {
             server_name,
             hostname,
             versions: (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
+            metrics: None,
         }
     }
 }
@@ -421,6 +424,15 @@ async fn serve(
         }
     }
 
+    // Metrics ride on a stream of their own; the task ends with the session.
+    let _metrics = cfg.metrics.clone().map(|m| {
+        let conn = conn.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = crate::metrics::send(m, conn, version).await {
+                tracing::debug!(error = %e, "metric stream ended");
+            }
+        }))
+    });
     let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -483,12 +495,26 @@ async fn serve(
                         }
                         tracing::warn!(code = %e.code, message = %e.message, "the server reported an error");
                     }
-                    ServerMessage::Welcome(_) | ServerMessage::Joined(_) | ServerMessage::MetricsAck(_) => {
+                    ServerMessage::MetricsAck(a) => {
+                        if let Some(m) = &cfg.metrics {
+                            m.ack(a.epoch, a.upto_seq);
+                        }
+                    }
+                    ServerMessage::Welcome(_) | ServerMessage::Joined(_) => {
                         tracing::debug!("ignoring a message that does not apply here");
                     }
                 }
             }
         }
+    }
+}
+
+/// Aborts a task when dropped (the session's helpers end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

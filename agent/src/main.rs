@@ -169,6 +169,19 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
                 link_cfg.versions = v;
             }
             let (hv, events) = Hypervisor::start(&cfg.libvirt_uri, cfg.vms.call_timeout, cfg.host_setup())?;
+            let metrics = if cfg.metrics.enabled {
+                let m = novacron_agent::metrics::start(
+                    &cfg.metrics,
+                    &cfg.data_dir.join("spool"),
+                    &hv,
+                    tokio::runtime::Handle::current(),
+                )?;
+                tracing::info!(interval = ?cfg.metrics.interval, "sampling metrics");
+                link_cfg.metrics = Some(m.clone());
+                Some(m)
+            } else {
+                None
+            };
             let (tx, rx) = tokio::sync::watch::channel(false);
             tracing::info!(host_id = %identity.host_id, server = %link_cfg.server, libvirt = %cfg.libvirt_uri, "novacron-agent starting");
             let (channels, desired) = link::VmChannels::new(1024);
@@ -199,6 +212,9 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
                 _ = term.recv() => {}
             }
             tracing::info!("shutting down; VMs keep running");
+            if let Some(m) = &metrics {
+                m.stop();
+            }
             let _ = tx.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(5), link).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), vms).await;
