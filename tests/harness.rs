@@ -80,6 +80,89 @@ pub fn http(
     )
 }
 
+/// A minimal HTTP/1.1 call; returns status and the body as text.
+pub fn http_text(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to API");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}Content-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status: u16 = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+/// A server-sent events stream read off a raw socket.
+pub struct Sse {
+    stream: TcpStream,
+    buf: String,
+}
+
+/// Opens `GET path` as an event stream with `token`.
+pub fn sse(addr: SocketAddr, token: &str, path: &str) -> Sse {
+    let mut stream = TcpStream::connect(addr).expect("connect to API");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    Sse {
+        stream,
+        buf: String::new(),
+    }
+}
+
+impl Sse {
+    /// The next event as (event name, data), or `None` after `timeout`.
+    /// Chunk-size lines of the chunked encoding are skipped.
+    pub fn next_event(&mut self, timeout: Duration) -> Option<(String, String)> {
+        let start = Instant::now();
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut name = None;
+                let mut data = None;
+                for line in block.lines() {
+                    let line = line.trim_end_matches('\r');
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        name = Some(v.to_string());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data = Some(v.to_string());
+                    }
+                }
+                if let (Some(n), Some(d)) = (name, data) {
+                    return Some((n, d));
+                }
+            }
+            let left = timeout.checked_sub(start.elapsed())?;
+            self.stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(10))))
+                .unwrap();
+            let mut chunk = [0u8; 8192];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.push_str(&String::from_utf8_lossy(&chunk[..n])),
+                Err(_) => {
+                    if start.elapsed() >= timeout {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A server process with its own data directory.
 pub struct Server {
     /// Holds the data directory and logs.

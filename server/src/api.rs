@@ -200,7 +200,11 @@ impl Api {
         };
         tracing::debug!(%method, %path, status = resp.status().as_u16(), "API request");
         // Labelled by route, never by raw path: bounded cardinality.
-        let segments: Vec<&str> = path.trim_end_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+        let segments: Vec<&str> = path
+            .trim_end_matches('/')
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .collect();
         let operation = match routes::find(method.as_str(), &segments) {
             Match::Found(r, _) => r.operation_id,
             _ => "unmatched",
@@ -611,16 +615,18 @@ impl Api {
                     .stream_states()
                     .await
                     .into_iter()
-                    .map(|(h, r)| json!({
-                        "host": h,
-                        "epoch": r.epoch,
-                        "stored_upto_seq": r.high,
-                        "batches": r.batches,
-                        "duplicates": r.duplicates,
-                        "missing": r.gaps,
-                        "agent_dropped": r.agent_dropped,
-                        "last_stored_ms": r.last_ms,
-                    }))
+                    .map(|(h, r)| {
+                        json!({
+                            "host": h,
+                            "epoch": r.epoch,
+                            "stored_upto_seq": r.high,
+                            "batches": r.batches,
+                            "duplicates": r.duplicates,
+                            "missing": r.gaps,
+                            "agent_dropped": r.agent_dropped,
+                            "last_stored_ms": r.last_ms,
+                        })
+                    })
                     .collect();
                 ok(StatusCode::OK, &json!({ "streams": streams }))
             }
@@ -971,7 +977,9 @@ fn metrics_owner(q: &Query<'_>) -> Result<crate::metrics::window::Owner, ApiErro
     match (q.get("host"), q.get("vm")) {
         (Some(h), None) => Ok(Owner::Host(parse_host_id(h)?)),
         (None, Some(v)) => Ok(Owner::Vm(parse_vm_id(v)?)),
-        _ => Err(bad_query("give exactly one of host=<host id> or vm=<VM id>".into())),
+        _ => Err(bad_query(
+            "give exactly one of host=<host id> or vm=<VM id>".into(),
+        )),
     }
 }
 
@@ -1016,19 +1024,23 @@ fn metrics_request(q: &Query<'_>) -> Result<crate::metrics::query::Request, ApiE
         })?;
         let fits = matches!(
             (m.owner(), owner),
-            (novacron_shared::metrics::Owner::Host, crate::metrics::window::Owner::Host(_))
-                | (novacron_shared::metrics::Owner::Vm, crate::metrics::window::Owner::Vm(_))
+            (
+                novacron_shared::metrics::Owner::Host,
+                crate::metrics::window::Owner::Host(_)
+            ) | (
+                novacron_shared::metrics::Owner::Vm,
+                crate::metrics::window::Owner::Vm(_)
+            )
         );
         if !fits {
-            return Err(bad_query(format!("series {name:?} is not a {} series", owner.kind())));
+            return Err(bad_query(format!(
+                "series {name:?} is not a {} series",
+                owner.kind()
+            )));
         }
         metrics.push(m);
     }
-    let resolution = q
-        .get("resolution")
-        .unwrap_or("auto")
-        .parse()
-        .map_err(bad_query)?;
+    let resolution = q.get("resolution").unwrap_or("auto").parse().map_err(bad_query)?;
     Ok(crate::metrics::query::Request {
         owner,
         metrics,
@@ -1048,7 +1060,11 @@ fn write_spool_drops(m: &crate::metrics::Metrics, out: &mut String) {
     out.push_str("# HELP novacron_agent_spool_dropped_batches_total Metric batches an agent's full spool dropped (this spool epoch), as reported by the agent.\n");
     out.push_str("# TYPE novacron_agent_spool_dropped_batches_total counter\n");
     for (h, r) in states {
-        let _ = writeln!(out, "novacron_agent_spool_dropped_batches_total{{host=\"{h}\"}} {}", r.agent_dropped);
+        let _ = writeln!(
+            out,
+            "novacron_agent_spool_dropped_batches_total{{host=\"{h}\"}} {}",
+            r.agent_dropped
+        );
     }
 }
 

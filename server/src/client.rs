@@ -268,6 +268,31 @@ impl ApiClient {
             })?
     }
 
+    /// `GET path` as text (the Prometheus exposition, say); a non-2xx
+    /// status is an error like [`ApiClient::call`]'s.
+    pub async fn text(&self, path: &str) -> Result<String, ClientError> {
+        let work = async {
+            let resp = self.send(Method::GET, path, None, "text/plain").await?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(ClientError::Body)?
+                .to_bytes();
+            if !status.is_success() {
+                decode_reply(status, &bytes)?;
+            }
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                url: self.base.to_string(),
+                after: self.timeout,
+            })?
+    }
+
     /// Opens a `text/event-stream` at `path` (`GET`). Only opening the
     /// stream is subject to the timeout; events then arrive as they come.
     pub async fn stream(&self, path: &str) -> Result<EventStream, ClientError> {

@@ -267,7 +267,9 @@ impl ConfigFile for ServerConfig {
                 message: "must be between 1m and 24h".into(),
             });
         }
-        if self.metrics.retention < Duration::from_secs(3600) || self.metrics.retention > Duration::from_secs(3660 * 86_400) {
+        if self.metrics.retention < Duration::from_secs(3600)
+            || self.metrics.retention > Duration::from_secs(3660 * 86_400)
+        {
             return Err(ConfigError::Invalid {
                 key: "metrics.retention",
                 message: "must be between 1h and 3660d".into(),

@@ -154,7 +154,10 @@ mod tests {
     #[test]
     fn every_metric_registers_and_encodes() {
         TELEMETRY.metrics_batches.inc();
-        TELEMETRY.api_duration.with_label_values(&["listVms", "2xx"]).observe(0.01);
+        TELEMETRY
+            .api_duration
+            .with_label_values(&["listVms", "2xx"])
+            .observe(0.01);
         let families = TELEMETRY.registry.gather();
         // Vectors appear once they have a child; everything else at once.
         assert!(families.len() >= 13, "{}", families.len());

@@ -273,8 +273,16 @@ mod tests {
                 vms: vec![VmId(5)],
                 labels: vec!["user".into()],
                 series: vec![
-                    crate::metrics::SeriesRef { scope: 0, metric: 1, label: 1 },
-                    crate::metrics::SeriesRef { scope: 1, metric: 32, label: 0 },
+                    crate::metrics::SeriesRef {
+                        scope: 0,
+                        metric: 1,
+                        label: 1,
+                    },
+                    crate::metrics::SeriesRef {
+                        scope: 1,
+                        metric: 32,
+                        label: 0,
+                    },
                 ],
                 ticks: vec![1_760_000_000_000, 1000],
                 values: vec![10, 2, 500, -3],
@@ -378,20 +386,22 @@ mod tests {
                 proptest::collection::vec(any::<u64>(), 0..8),
                 proptest::collection::vec(any::<i64>(), 0..64),
             )
-                .prop_map(|(epoch, seq, series, ticks, values)| AgentMessage::Metrics(MetricBatch {
-                    epoch,
-                    seq,
-                    dropped: 0,
-                    interval_ms: 100,
-                    vms: vec![VmId(1)],
-                    labels: vec!["eth0".into()],
-                    series: series
-                        .into_iter()
-                        .map(|(scope, metric, label)| crate::metrics::SeriesRef { scope, metric, label })
-                        .collect(),
-                    ticks,
-                    values,
-                })),
+                .prop_map(|(epoch, seq, series, ticks, values)| AgentMessage::Metrics(
+                    MetricBatch {
+                        epoch,
+                        seq,
+                        dropped: 0,
+                        interval_ms: 100,
+                        vms: vec![VmId(1)],
+                        labels: vec!["eth0".into()],
+                        series: series
+                            .into_iter()
+                            .map(|(scope, metric, label)| crate::metrics::SeriesRef { scope, metric, label })
+                            .collect(),
+                        ticks,
+                        values,
+                    }
+                )),
             (
                 any::<u32>(),
                 any::<u64>(),

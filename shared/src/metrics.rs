@@ -258,23 +258,52 @@ impl MetricBatch {
         }
         for (index, s) in self.series.iter().enumerate() {
             let Some(metric) = Metric::from_id(s.metric) else {
-                return Err(BatchError::Series { index, why: "unknown metric" });
+                return Err(BatchError::Series {
+                    index,
+                    why: "unknown metric",
+                });
             };
             match (metric.owner(), s.scope) {
                 (Owner::Host, 0) => {}
-                (Owner::Host, _) => return Err(BatchError::Series { index, why: "host metric on a VM" }),
-                (Owner::Vm, 0) => return Err(BatchError::Series { index, why: "VM metric without a VM" }),
+                (Owner::Host, _) => {
+                    return Err(BatchError::Series {
+                        index,
+                        why: "host metric on a VM",
+                    })
+                }
+                (Owner::Vm, 0) => {
+                    return Err(BatchError::Series {
+                        index,
+                        why: "VM metric without a VM",
+                    })
+                }
                 (Owner::Vm, i) if i as usize > self.vms.len() => {
-                    return Err(BatchError::Series { index, why: "VM index out of range" })
+                    return Err(BatchError::Series {
+                        index,
+                        why: "VM index out of range",
+                    })
                 }
                 (Owner::Vm, _) => {}
             }
             match (metric.label(), s.label) {
                 (None, 0) => {}
-                (None, _) => return Err(BatchError::Series { index, why: "label on a metric without one" }),
-                (Some(_), 0) => return Err(BatchError::Series { index, why: "missing label" }),
+                (None, _) => {
+                    return Err(BatchError::Series {
+                        index,
+                        why: "label on a metric without one",
+                    })
+                }
+                (Some(_), 0) => {
+                    return Err(BatchError::Series {
+                        index,
+                        why: "missing label",
+                    })
+                }
                 (Some(_), l) if l as usize > self.labels.len() => {
-                    return Err(BatchError::Series { index, why: "label index out of range" })
+                    return Err(BatchError::Series {
+                        index,
+                        why: "label index out of range",
+                    })
                 }
                 (Some(_), _) => {}
             }
@@ -282,7 +311,11 @@ impl MetricBatch {
         let mut out = Vec::with_capacity(self.ticks.len());
         let mut t = 0u64;
         for (i, d) in self.ticks.iter().enumerate() {
-            t = if i == 0 { *d } else { t.checked_add(*d).ok_or(BatchError::Ticks(i))? };
+            t = if i == 0 {
+                *d
+            } else {
+                t.checked_add(*d).ok_or(BatchError::Ticks(i))?
+            };
             if i > 0 && *d == 0 {
                 return Err(BatchError::Ticks(i));
             }
@@ -302,7 +335,10 @@ impl MetricBatch {
         out.clear();
         let n = self.ticks.len();
         let Some(chunk) = self.values.get(index * n..(index + 1) * n) else {
-            return Err(BatchError::Series { index, why: "out of range" });
+            return Err(BatchError::Series {
+                index,
+                why: "out of range",
+            });
         };
         let mut v = 0i64;
         for (i, d) in chunk.iter().enumerate() {
@@ -378,7 +414,10 @@ struct Held {
 impl BatchBuilder {
     /// A builder for ticks `interval_ms` apart.
     pub fn new(interval_ms: u32) -> BatchBuilder {
-        BatchBuilder { interval_ms, ..BatchBuilder::default() }
+        BatchBuilder {
+            interval_ms,
+            ..BatchBuilder::default()
+        }
     }
 
     /// Starts a tick sampled at `ts_ms`.
@@ -420,7 +459,11 @@ impl BatchBuilder {
                 }
             },
         };
-        self.cur_layout.push(SeriesRef { scope, metric: metric.id(), label });
+        self.cur_layout.push(SeriesRef {
+            scope,
+            metric: metric.id(),
+            label,
+        });
         self.cur_values.push(value);
     }
 
@@ -501,7 +544,14 @@ impl BatchBuilder {
     /// waiting. The caller fills in `epoch`, `seq` and `dropped`.
     pub fn take(&mut self) -> Option<MetricBatch> {
         if let Some(h) = self.held.take() {
-            return Some(encode(self.interval_ms, h.vms, h.labels, &h.layout, &h.gathered, &h.ticks));
+            return Some(encode(
+                self.interval_ms,
+                h.vms,
+                h.labels,
+                &h.layout,
+                &h.gathered,
+                &h.ticks,
+            ));
         }
         if self.ticks.is_empty() {
             return None;
@@ -520,7 +570,14 @@ impl BatchBuilder {
     }
 }
 
-fn encode(interval_ms: u32, vms: Vec<VmId>, labels: Vec<String>, layout: &[SeriesRef], gathered: &[i64], ticks: &[u64]) -> MetricBatch {
+fn encode(
+    interval_ms: u32,
+    vms: Vec<VmId>,
+    labels: Vec<String>,
+    layout: &[SeriesRef],
+    gathered: &[i64],
+    ticks: &[u64],
+) -> MetricBatch {
     let n = layout.len();
     let mut values = Vec::with_capacity(gathered.len());
     for s in 0..n {
@@ -591,7 +648,10 @@ mod tests {
     fn ticks_with_one_layout_round_trip_delta_encoded() {
         let mut b = BatchBuilder::new(100);
         for i in 0..5 {
-            assert_eq!(tick(&mut b, 1_000 + i * 100, &[7, 9], 1_000 + i as i64), TickOutcome::Added);
+            assert_eq!(
+                tick(&mut b, 1_000 + i * 100, &[7, 9], 1_000 + i as i64),
+                TickOutcome::Added
+            );
         }
         let batch = b.take().expect("batch");
         assert!(b.take().is_none());
@@ -601,13 +661,21 @@ mod tests {
         let d = decoded(&batch);
         assert_eq!(d.len(), 6);
         assert_eq!(d[2].0, Scope::Vm(vm(7)));
-        assert_eq!(d[2].3, (0..5).map(|i| (1_000 + i * 100, (1_000 + i as i64) * 7)).collect::<Vec<_>>());
+        assert_eq!(
+            d[2].3,
+            (0..5)
+                .map(|i| (1_000 + i * 100, (1_000 + i as i64) * 7))
+                .collect::<Vec<_>>()
+        );
         assert_eq!(d[3].2.as_deref(), Some("vnet0"));
         assert_eq!(d[1].3[4], (1_400, 1 << 40));
         // Through the codec: smaller than 8 bytes a sample.
         let bytes = crate::codec::encode(&batch).expect("encode");
         assert!(bytes.len() < batch.samples() * 4, "{} bytes", bytes.len());
-        assert_eq!(crate::codec::decode::<MetricBatch>(&bytes).expect("decode"), batch);
+        assert_eq!(
+            crate::codec::decode::<MetricBatch>(&bytes).expect("decode"),
+            batch
+        );
     }
 
     #[test]
@@ -698,7 +766,11 @@ mod tests {
             assert_eq!(Metric::from_name(m.name()), Some(*m));
             assert!(names.insert(m.name()));
             assert!(proms.insert(m.prometheus_name()));
-            assert_eq!(m.kind() == Kind::Counter, m.prometheus_name().ends_with("_total"), "{m:?}");
+            assert_eq!(
+                m.kind() == Kind::Counter,
+                m.prometheus_name().ends_with("_total"),
+                "{m:?}"
+            );
             let prefix = match m.owner() {
                 Owner::Host => "host.",
                 Owner::Vm => "vm.",

@@ -122,7 +122,11 @@ impl MetricsShared {
     pub fn ack(&self, epoch: u64, upto: u64) {
         let mut s = self.spool();
         if epoch != s.epoch() {
-            tracing::debug!(epoch, ours = s.epoch(), "acknowledgement for another spool epoch; ignored");
+            tracing::debug!(
+                epoch,
+                ours = s.epoch(),
+                "acknowledgement for another spool epoch; ignored"
+            );
             return;
         }
         if let Err(e) = s.ack(upto) {
@@ -201,7 +205,15 @@ pub fn start(
     let s2 = shared.clone();
     std::thread::Builder::new()
         .name("metrics".into())
-        .spawn(move || sampler(s2, interval, source, PathBuf::from("/proc"), PathBuf::from("/sys/block")))
+        .spawn(move || {
+            sampler(
+                s2,
+                interval,
+                source,
+                PathBuf::from("/proc"),
+                PathBuf::from("/sys/block"),
+            )
+        })
         .map_err(StartError::Thread)?;
     Ok(shared)
 }
@@ -213,7 +225,13 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn sampler(shared: Arc<MetricsShared>, interval: Duration, mut source: DomainSource, proc_root: PathBuf, sys_block: PathBuf) {
+fn sampler(
+    shared: Arc<MetricsShared>,
+    interval: Duration,
+    mut source: DomainSource,
+    proc_root: PathBuf,
+    sys_block: PathBuf,
+) {
     let step = interval.as_millis() as u64;
     let flush_every = (1000 / step).max(1) as usize;
     let state = Arc::new(Mutex::new(State {
@@ -229,7 +247,10 @@ fn sampler(shared: Arc<MetricsShared>, interval: Duration, mut source: DomainSou
         let next = (now / step + 1) * step;
         std::thread::sleep(Duration::from_millis(next - now));
         if last_tick != 0 && next > last_tick + step {
-            shared.stats.missed.fetch_add((next - last_tick) / step - 1, Ordering::Relaxed);
+            shared
+                .stats
+                .missed
+                .fetch_add((next - last_tick) / step - 1, Ordering::Relaxed);
         }
         last_tick = next;
         let started = std::time::Instant::now();
@@ -307,7 +328,12 @@ fn spool_batch(shared: &MetricsShared, mut batch: novacron_shared::metrics::Metr
     batch.seq = st.next_seq;
     batch.dropped = st.dropped;
     let mut frame = Vec::new();
-    if let Err(e) = framing::encode_frame(PROTOCOL_VERSION_MAX, &AgentMessage::Metrics(batch), MAX_FRAME_LEN, &mut frame) {
+    if let Err(e) = framing::encode_frame(
+        PROTOCOL_VERSION_MAX,
+        &AgentMessage::Metrics(batch),
+        MAX_FRAME_LEN,
+        &mut frame,
+    ) {
         tracing::error!(error = %e, "metrics: cannot frame a batch; dropped");
         return;
     }

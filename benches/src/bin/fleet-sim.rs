@@ -78,6 +78,22 @@ struct Args {
     /// Copy the server's log here before the temporary directory is removed.
     #[arg(long)]
     keep_server_log: Option<PathBuf>,
+    /// Stream metrics too: simulated VMs per agent (0: heartbeats only).
+    /// Each agent sends the real host layout (28 series) plus 10 series per VM.
+    #[arg(long, default_value_t = 0)]
+    metrics_vms: usize,
+    /// Stream host metrics even with --metrics-vms 0.
+    #[arg(long)]
+    metrics: bool,
+    /// Sampling interval of the simulated agents, ms (batches go out once a second, as the agent does).
+    #[arg(long, default_value_t = 1000)]
+    metrics_interval_ms: u64,
+}
+
+impl Args {
+    fn metrics_on(&self) -> bool {
+        self.metrics || self.metrics_vms > 0
+    }
 }
 
 fn main() -> ExitCode {
@@ -285,6 +301,15 @@ impl ServerProc {
         Ok(r?)
     }
 
+    /// The server's Prometheus exposition.
+    async fn exposition(&self) -> anyhow::Result<Exposition> {
+        let text = client::ApiClient::new(self.api.into(), None)
+            .with_timeout(API_TIMEOUT)
+            .text("/metrics")
+            .await?;
+        Ok(Exposition::parse(&text))
+    }
+
     /// `(connected, total)` hosts as the server's API reports them.
     async fn hosts(&self) -> anyhow::Result<(usize, usize)> {
         let v = self.call(Method::GET, "/v1/hosts", None).await?;
@@ -383,6 +408,7 @@ struct Counters {
     sent: AtomicU64,
     acks: AtomicU64,
     reconnects: AtomicU64,
+    metric_acks: AtomicU64,
 }
 
 struct Shared {
@@ -393,6 +419,14 @@ struct Shared {
     counters: Counters,
     errors: Mutex<HashMap<String, u64>>,
     measuring: AtomicBool,
+    metrics: Option<MetricsSim>,
+}
+
+/// What every simulated agent streams.
+#[derive(Debug, Clone, Copy)]
+struct MetricsSim {
+    vms: usize,
+    interval_ms: u64,
 }
 
 impl Shared {
@@ -547,6 +581,12 @@ async fn heartbeat(
     rep.welcome.get_or_insert(t.elapsed());
     let _live = LiveGuard::new(&sh.counters.live);
     let version = welcome.version;
+    let _metrics = sh.metrics.map(|m| {
+        let conn = conn.clone();
+        let seed = identity.host_id.0 as u64;
+        let task = tokio::spawn(stream_metrics(m, conn, version, seed, phase.clone()));
+        AbortOnDrop(task)
+    });
     let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -581,6 +621,10 @@ async fn heartbeat(
                         sh.counters.first_acks.fetch_add(1, Relaxed);
                     }
                 }
+                Ok(Some((_, ServerMessage::MetricsAck(a)))) => {
+                    let _ = a;
+                    sh.counters.metric_acks.fetch_add(1, Relaxed);
+                }
                 Ok(Some((_, ServerMessage::Error(e)))) => return Err(format!("server error frame: {e}")),
                 Ok(Some(_)) => {}
                 Ok(None) => return Err("the server ended the control stream".into()),
@@ -594,6 +638,197 @@ async fn heartbeat(
             }
         }
     }
+}
+
+/// The few server health values the ingest figures need.
+#[derive(Debug, Default, Clone)]
+struct Exposition {
+    samples: f64,
+    batches: f64,
+    duplicates: f64,
+    missing: f64,
+    /// Ingest delay histogram: (upper bound, cumulative count).
+    delay: Vec<(f64, f64)>,
+    /// Ack delay histogram.
+    ack: Vec<(f64, f64)>,
+}
+
+impl Exposition {
+    fn parse(text: &str) -> Self {
+        let mut e = Exposition::default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(v) = value.parse::<f64>() else { continue };
+            let bucket = |prefix: &str| {
+                name.strip_prefix(prefix)
+                    .and_then(|r| r.strip_prefix("_bucket{le=\""))
+                    .and_then(|r| r.strip_suffix("\"}"))
+                    .map(|le| {
+                        if le == "+Inf" {
+                            f64::INFINITY
+                        } else {
+                            le.parse().unwrap_or(f64::NAN)
+                        }
+                    })
+            };
+            match name {
+                "novacron_metrics_samples_total" => e.samples = v,
+                "novacron_metrics_batches_total" => e.batches = v,
+                "novacron_metrics_duplicate_batches_total" => e.duplicates = v,
+                "novacron_metrics_missing_batches_total" => e.missing = v,
+                _ => {
+                    if let Some(le) = bucket("novacron_metrics_ingest_delay_seconds") {
+                        e.delay.push((le, v));
+                    } else if let Some(le) = bucket("novacron_metrics_ack_delay_seconds") {
+                        e.ack.push((le, v));
+                    }
+                }
+            }
+        }
+        e
+    }
+}
+
+/// A quantile from the difference of two cumulative histograms, linearly
+/// interpolated inside its bucket (so only as fine as the buckets).
+fn hist_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let counts: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, c)| (*le, c - before.iter().find(|(l, _)| l == le).map_or(0.0, |x| x.1)))
+        .collect();
+    let total = counts.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for (le, c) in counts {
+        if c >= rank {
+            if le.is_infinite() {
+                return Some(prev.0);
+            }
+            let span = c - prev.1;
+            let frac = if span > 0.0 { (rank - prev.1) / span } else { 1.0 };
+            return Some(prev.0 + (le - prev.0) * frac);
+        }
+        prev = (le, c);
+    }
+    None
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Streams batches with the agent's layout: the 28 host series of a real
+/// host plus 10 series per simulated VM, sampled every interval on the wall
+/// clock and sent once a second (as the agent does), seq from 1 in a fresh epoch.
+async fn stream_metrics(
+    m: MetricsSim,
+    conn: quinn::Connection,
+    version: u16,
+    seed: u64,
+    phase: watch::Receiver<Phase>,
+) {
+    use novacron_shared::ids::VmId;
+    use novacron_shared::metrics::{BatchBuilder, Metric, Scope};
+    let Ok(mut stream) = conn.open_uni().await else {
+        return;
+    };
+    let epoch = seed | 1;
+    let mut seq = 0u64;
+    let step = m.interval_ms;
+    let flush_every = (1000 / step).max(1) as usize;
+    let mut b = BatchBuilder::new(step as u32);
+    let vms: Vec<VmId> = (0..m.vms)
+        .map(|i| VmId(u128::from(seed) << 32 | i as u128))
+        .collect();
+    let mut buf = Vec::new();
+    let mut t = 0i64;
+    loop {
+        let now = unix_ms();
+        let next = (now / step + 1) * step;
+        tokio::time::sleep(Duration::from_millis(next - now)).await;
+        if *phase.borrow() != Phase::Run {
+            return;
+        }
+        t += 1;
+        b.start_tick(next);
+        for (i, mode) in [
+            "user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal",
+        ]
+        .iter()
+        .enumerate()
+        {
+            b.push(
+                Scope::Host,
+                Metric::HostCpu,
+                Some(mode),
+                t * 10_000_000 * (i as i64 + 1),
+            );
+        }
+        b.push(Scope::Host, Metric::HostCpus, None, 2);
+        for k in ["total", "available", "free", "cached", "swap_total", "swap_free"] {
+            b.push(Scope::Host, Metric::HostMemory, Some(k), 1 << 34);
+        }
+        for p in ["1m", "5m", "15m"] {
+            b.push(Scope::Host, Metric::HostLoad, Some(p), 500 + t % 7);
+        }
+        for r in ["cpu_some", "memory_some", "memory_full", "io_some", "io_full"] {
+            b.push(Scope::Host, Metric::HostPressure, Some(r), t % 100);
+            b.push(Scope::Host, Metric::HostPressureStall, Some(r), t * 1000);
+        }
+        for v in &vms {
+            let s = Scope::Vm(*v);
+            b.push(s, Metric::VmState, None, 1);
+            b.push(s, Metric::VmCpu, None, t * 50_000_000);
+            b.push(s, Metric::VmVcpus, None, 2);
+            b.push(s, Metric::VmMemory, Some("current"), 1 << 20);
+            b.push(s, Metric::VmMemory, Some("rss"), 1 << 19);
+            b.push(s, Metric::VmBlockReadBytes, Some("vda"), t * 4096);
+            b.push(s, Metric::VmBlockWriteBytes, Some("vda"), t * 8192);
+            b.push(s, Metric::VmNetRxBytes, Some("vnet0"), t * 1500);
+            b.push(s, Metric::VmNetTxBytes, Some("vnet0"), t * 900);
+            b.push(s, Metric::VmNetRxPackets, Some("vnet0"), t);
+        }
+        b.end_tick();
+        if b.pending_ticks() < flush_every {
+            continue;
+        }
+        while let Some(mut batch) = b.take() {
+            seq += 1;
+            batch.epoch = epoch;
+            batch.seq = seq;
+            let samples = batch.samples() as u64;
+            if framing::write_frame(&mut stream, version, &AgentMessage::Metrics(batch), &mut buf)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            METRIC_BATCHES.fetch_add(1, Relaxed);
+            METRIC_SAMPLES.fetch_add(samples, Relaxed);
+        }
+    }
+}
+
+/// Metric batches the simulated agents sent.
+static METRIC_BATCHES: AtomicU64 = AtomicU64::new(0);
+/// Metric samples the simulated agents sent.
+static METRIC_SAMPLES: AtomicU64 = AtomicU64::new(0);
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn frame_err(what: &str, e: &FrameError) -> String {
@@ -776,6 +1011,10 @@ async fn simulate(args: &Args, server: &mut ServerProc) -> anyhow::Result<()> {
         counters: Counters::default(),
         errors: Mutex::new(HashMap::new()),
         measuring: AtomicBool::new(false),
+        metrics: args.metrics_on().then_some(MetricsSim {
+            vms: args.metrics_vms,
+            interval_ms: args.metrics_interval_ms.max(100),
+        }),
     });
     let c = &sh.counters;
     let (phase_tx, phase_rx) = watch::channel(Phase::Run);
@@ -839,6 +1078,12 @@ async fn simulate(args: &Args, server: &mut ServerProc) -> anyhow::Result<()> {
     let (srv0, sim0, udp0) = (server_sample(server)?, own_sample()?, UdpDrops::read(server, &sh));
     let (acks0, sent0, live0) = (c.acks.load(Relaxed), c.sent.load(Relaxed), c.live.load(Relaxed));
     let m0 = MachineTicks::read().unwrap_or_default();
+    let expo0 = if sh.metrics.is_some() {
+        Some(server.exposition().await?)
+    } else {
+        None
+    };
+    let (mb0, ms0) = (METRIC_BATCHES.load(Relaxed), METRIC_SAMPLES.load(Relaxed));
     let window = Duration::from_secs(args.duration);
     let wstart = Instant::now();
     while wstart.elapsed() < window {
@@ -856,6 +1101,12 @@ async fn simulate(args: &Args, server: &mut ServerProc) -> anyhow::Result<()> {
     let (srv1, sim1, udp1) = (server_sample(server)?, own_sample()?, UdpDrops::read(server, &sh));
     let (acks1, sent1, live1) = (c.acks.load(Relaxed), c.sent.load(Relaxed), c.live.load(Relaxed));
     let m1 = MachineTicks::read().unwrap_or_default();
+    let (mb1, ms1) = (METRIC_BATCHES.load(Relaxed), METRIC_SAMPLES.load(Relaxed));
+    let expo1 = if sh.metrics.is_some() {
+        Some(server.exposition().await?)
+    } else {
+        None
+    };
     sh.measuring.store(false, Relaxed);
     let (hosts_connected1, _) = server.hosts().await?;
 
@@ -918,6 +1169,44 @@ async fn simulate(args: &Args, server: &mut ServerProc) -> anyhow::Result<()> {
         sent1 - sent0
     );
     println!("heartbeat round trip in the window: {}", show(Summary::of(rtts)));
+    if let (Some(m), Some(e0), Some(e1)) = (sh.metrics, &expo0, &expo1) {
+        let stored = e1.samples - e0.samples;
+        let server_cores = srv1.cpu_percent_since(&srv0, ticks) / 100.0;
+        let per_core = if server_cores > 0.0 {
+            stored / wsecs / server_cores
+        } else {
+            0.0
+        };
+        let q = |h0: &[(f64, f64)], h1: &[(f64, f64)], p: f64| {
+            hist_quantile(h0, h1, p).map_or_else(|| "n/a".into(), |s| format!("{:.1} ms", s * 1000.0))
+        };
+        println!(
+            "metrics: {} series per agent ({} VMs), sampled every {} ms; sent in the window {} batches / {} samples; \
+             server stored {} batches / {stored:.0} samples = {:.0} samples/s; duplicates {}, missing {}; metric acks received {} (whole run)",
+            28 + 10 * m.vms,
+            m.vms,
+            m.interval_ms,
+            mb1 - mb0,
+            ms1 - ms0,
+            e1.batches - e0.batches,
+            stored / wsecs,
+            e1.duplicates - e0.duplicates,
+            e1.missing - e0.missing,
+            c.metric_acks.load(Relaxed)
+        );
+        println!(
+            "ingest: {per_core:.0} samples/s per core of server CPU ({:.1}% of one core for everything the server did in the window)",
+            server_cores * 100.0
+        );
+        println!(
+            "sample -> queryable on the server (last sample of a batch; histogram buckets, interpolated): median {}, p99 {}; \
+             queued -> committed and acknowledged: median {}, p99 {}",
+            q(&e0.delay, &e1.delay, 0.5),
+            q(&e0.delay, &e1.delay, 0.99),
+            q(&e0.ack, &e1.ack, 0.5),
+            q(&e0.ack, &e1.ack, 0.99)
+        );
+    }
     println!("window {}", udp1.since(&udp0));
     println!(
         "missed acks: {} of {sent} heartbeats sent over the whole run (after a {:.0} s drain); reconnects {}; agent tasks not finished {hung}",

@@ -147,7 +147,9 @@ impl MetricsDb {
                     n += 1;
                     f(HostId(host), b)
                 }
-                Err(e) => tracing::warn!(host = %HostId(host), seq, error = %e, "stored metric batch does not decode; skipped"),
+                Err(e) => {
+                    tracing::warn!(host = %HostId(host), seq, error = %e, "stored metric batch does not decode; skipped")
+                }
             }
         }
         Ok(n)
@@ -192,7 +194,12 @@ impl MetricsDb {
 
     /// The stored rollups of one series (its storage key) between two
     /// minutes, inclusive.
-    pub fn rollups(&self, series: &[u8], from_minute: u64, to_minute: u64) -> Result<Vec<(u64, Rollup)>, DbError> {
+    pub fn rollups(
+        &self,
+        series: &[u8],
+        from_minute: u64,
+        to_minute: u64,
+    ) -> Result<Vec<(u64, Rollup)>, DbError> {
         let tx = self.db.begin_read()?;
         let mut out = Vec::new();
         let (mut lo, mut hi) = (Vec::new(), Vec::new());
@@ -209,7 +216,10 @@ impl MetricsDb {
             for row in t.range(lo.as_slice()..=hi.as_slice())? {
                 let (k, v) = row?;
                 let k = k.value();
-                let Some(m) = k.get(k.len().saturating_sub(4)..).and_then(|b| <[u8; 4]>::try_from(b).ok()) else {
+                let Some(m) = k
+                    .get(k.len().saturating_sub(4)..)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                else {
                     continue;
                 };
                 let (avg, min, max, count) = v.value();
@@ -251,7 +261,9 @@ impl MetricsDb {
             for row in t.range(lo.as_slice()..hi.as_slice())? {
                 let (k, v) = row?;
                 let k = k.value();
-                let Some((series, m)) = k.split_last_chunk::<4>() else { continue };
+                let Some((series, m)) = k.split_last_chunk::<4>() else {
+                    continue;
+                };
                 let minute = u64::from(u32::from_be_bytes(*m));
                 if minute < from_minute || minute > to_minute {
                     continue;
@@ -356,7 +368,10 @@ mod tests {
                 first_ts: seq * 1000,
                 seq,
                 bytes: vec![seq as u8],
-                closed: vec![closed(day + seq, seq as f64), closed(day + 1440 + seq, 10.0 + seq as f64)],
+                closed: vec![
+                    closed(day + seq, seq as f64),
+                    closed(day + 1440 + seq, 10.0 + seq as f64),
+                ],
             })
             .collect();
         let mut seqs = HashMap::new();
@@ -378,7 +393,13 @@ mod tests {
         let got: Vec<(u64, f64)> = r.iter().map(|(m, r)| (*m, r.avg)).collect();
         assert_eq!(
             got,
-            vec![(day + 1, 1.0), (day + 2, 2.0), (day + 3, 3.0), (day + 1441, 11.0), (day + 1442, 12.0)]
+            vec![
+                (day + 1, 1.0),
+                (day + 2, 2.0),
+                (day + 3, 3.0),
+                (day + 1441, 11.0),
+                (day + 1442, 12.0)
+            ]
         );
         // Another series' key sorts apart.
         let mut other = Vec::new();

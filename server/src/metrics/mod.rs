@@ -138,7 +138,8 @@ pub struct StreamCache {
 fn valid_label(l: &str) -> bool {
     !l.is_empty()
         && l.len() <= MAX_LABEL_LEN
-        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+        && l.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
 }
 
 impl Metrics {
@@ -323,7 +324,9 @@ impl Metrics {
         };
         // Still holding the host's slot: this host's jobs queue in order.
         self.jobs.send(job).await.map_err(|_| IngestError::WriterGone)?;
-        TELEMETRY.metrics_write_queue.set((WRITE_QUEUE - self.jobs.capacity()) as i64);
+        TELEMETRY
+            .metrics_write_queue
+            .set((WRITE_QUEUE - self.jobs.capacity()) as i64);
         Ok(())
     }
 
@@ -338,7 +341,11 @@ impl Metrics {
                 }
             }
         }
-        let _ = self.live.send(Arc::new(LiveUpdate { host, ts_ms: ts, values }));
+        let _ = self.live.send(Arc::new(LiveUpdate {
+            host,
+            ts_ms: ts,
+            values,
+        }));
     }
 
     /// The measured load of a host for the scheduler, 0..=1: the largest of
@@ -414,7 +421,11 @@ fn fill(
         cache.handles.clear();
         for s in &batch.series {
             let Some(metric) = Metric::from_id(s.metric) else {
-                return Err(BatchError::Series { index: 0, why: "unknown metric" }.into());
+                return Err(BatchError::Series {
+                    index: 0,
+                    why: "unknown metric",
+                }
+                .into());
             };
             let owner = match batch.scope(s) {
                 Scope::Host => Owner::Host(host),

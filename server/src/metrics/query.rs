@@ -264,7 +264,9 @@ impl Metrics {
                     if s.key().metric != *m {
                         continue;
                     }
-                    let Some((ts, total)) = s.latest_total() else { continue };
+                    let Some((ts, total)) = s.latest_total() else {
+                        continue;
+                    };
                     if !header {
                         header = true;
                         let _ = writeln!(out, "# HELP {} {}", m.prometheus_name(), help(*m));

@@ -205,7 +205,11 @@ impl Series {
     pub fn latest(&self) -> Option<(u64, f64)> {
         let n = self.points.len();
         let last = *self.points.back()?;
-        let prev = if n >= 2 { self.points.get(n - 2).copied() } else { None };
+        let prev = if n >= 2 {
+            self.points.get(n - 2).copied()
+        } else {
+            None
+        };
         Self::value(self.key.metric, prev, last).map(|v| (last.ts_ms, v))
     }
 
@@ -382,7 +386,13 @@ mod tests {
         let mut closed = Vec::new();
         // 0.5 s of CPU per second, as nanoseconds, every second for 2 minutes.
         for i in 0..120u64 {
-            assert!(s.push(60_000 + i * 1000, (i * 500_000_000) as i64, 900_000, true, &mut closed));
+            assert!(s.push(
+                60_000 + i * 1000,
+                (i * 500_000_000) as i64,
+                900_000,
+                true,
+                &mut closed
+            ));
         }
         assert_eq!(closed.len(), 1);
         let c = &closed[0];
