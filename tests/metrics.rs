@@ -43,6 +43,22 @@ fn points(answer: &Value, name: &str, label: Option<&str>) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// The operator CLI against this server.
+fn novacron(server: &Server, args: &[&str]) -> std::process::Output {
+    Command::new(novacron_e2e::bin("novacron"))
+        .env("NOVACRON_SERVER_CONFIG", "/nonexistent/server.toml")
+        .env_remove("NOVACRON_TOKEN_FILE")
+        .args([
+            "--api",
+            &format!("http://{}", server.api),
+            "--token",
+            &server.token,
+        ])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn promtool_check(text: &str) -> (i32, String) {
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
@@ -165,6 +181,55 @@ fn host_and_vm_metrics_reach_the_api_the_live_stream_and_a_clean_exposition() {
     assert_eq!(rolled["resolution"], "1m");
     let p = &rolled["series"][0]["points"][0];
     assert_eq!(p.as_array().unwrap().len(), 4, "{rolled}");
+
+    // The CLI: `top` shows the host and the VM by name; `metrics` the series.
+    let out = novacron(&server, &["top", "--once"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let host_row = text
+        .lines()
+        .find(|l| l.starts_with("m1 "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(host_row.contains("/s"), "{host_row}");
+    assert!(
+        text.lines().any(|l| l.starts_with("web ") && l.contains("m1")),
+        "{text}"
+    );
+    let out = novacron(
+        &server,
+        &[
+            "metrics",
+            "--host",
+            "m1",
+            "--series",
+            "host.cpu,host.memory",
+            "--since",
+            "1m",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("raw resolution"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("host.cpu") && l.contains("user") && l.ends_with("seconds/s")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("host.memory") && l.contains("total")),
+        "{text}"
+    );
+    let out = novacron(&server, &["metrics", "--since", "1m"]);
+    assert_eq!(out.status.code(), Some(2), "--host or --vm is required");
 
     // The live stream: metrics events for the VM.
     let mut stream = novacron_e2e::sse(server.api, &server.token, &format!("/v1/metrics/stream?vm={vm}"));

@@ -936,7 +936,35 @@ fn parse_vm_id(s: &str) -> Result<VmId, ApiError> {
 
 /// A parsed query string (values are ids, numbers and names: no
 /// percent-decoding needed, and anything else is refused by the parsers).
-struct Query<'a>(Vec<(&'a str, &'a str)>);
+/// Query parameters, percent-decoded (`+` is a space).
+struct Query<'a>(Vec<(&'a str, std::borrow::Cow<'a, str>)>);
+
+/// Percent-decodes a query value (`+` is a space); a malformed escape is
+/// kept as it is.
+fn decode_query(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['%', '+']) {
+        return std::borrow::Cow::Borrowed(v);
+    }
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => match (hex(i + 1), hex(i + 2)) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
 
 impl<'a> Query<'a> {
     fn parse(q: Option<&'a str>) -> Self {
@@ -944,13 +972,16 @@ impl<'a> Query<'a> {
             q.unwrap_or("")
                 .split('&')
                 .filter(|p| !p.is_empty())
-                .map(|p| p.split_once('=').unwrap_or((p, "")))
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (k, decode_query(v))
+                })
                 .collect(),
         )
     }
 
-    fn get(&self, k: &str) -> Option<&'a str> {
-        self.0.iter().find(|(key, _)| *key == k).map(|(_, v)| *v)
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.iter().find(|(key, _)| *key == k).map(|(_, v)| v.as_ref())
     }
 
     fn number(&self, k: &str, default: usize) -> Result<usize, ApiError> {
@@ -1110,4 +1141,19 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
             format!("request body is not valid JSON for this call: {e}"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        let q = Query::parse(Some("series=host.cpu%2Chost.memory&from=15m&name=a+b&bad=%zz%4"));
+        assert_eq!(q.get("series"), Some("host.cpu,host.memory"));
+        assert_eq!(q.get("from"), Some("15m"));
+        assert_eq!(q.get("name"), Some("a b"));
+        assert_eq!(q.get("bad"), Some("%zz%4"));
+        assert_eq!(q.get("none"), None);
+    }
 }

@@ -78,6 +78,56 @@ pub enum Command {
     Events(EventsArgs),
     /// The audit log of API calls (newest first).
     Audit(PageArgs),
+    /// Live host and VM metrics, busiest first, refreshed until Ctrl-C.
+    Top(TopArgs),
+    /// One host's or VM's metric series over a time range.
+    Metrics(MetricsArgs),
+}
+
+/// `top`
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    /// Time between refreshes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub interval: std::time::Duration,
+    /// Print one frame and exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Hosts only.
+    #[arg(long)]
+    pub no_vms: bool,
+    /// Show at most this many VMs (busiest first).
+    #[arg(long, default_value_t = 30)]
+    pub limit: usize,
+}
+
+/// `metrics`
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("owner").required(true).args(["host", "vm"])))]
+pub struct MetricsArgs {
+    /// A host (id or name).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// A VM (id or name).
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Comma-separated series (host.cpu,host.memory, vm.cpu, ...); all when absent.
+    #[arg(long)]
+    pub series: Option<String>,
+    /// How far back: a duration (15m, 2h, 7d) or ms since the epoch.
+    #[arg(long, default_value = "15m")]
+    pub since: String,
+    /// auto (raw within the raw window, else 1-minute rollups), raw or 1m.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "raw", "1m"])]
+    pub resolution: String,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = novacron_shared::duration::parse(s).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_millis(200) {
+        return Err("must be at least 200ms".into());
+    }
+    Ok(d)
 }
 
 /// `hosts ...`

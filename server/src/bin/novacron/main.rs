@@ -11,6 +11,7 @@ mod args;
 mod ctx;
 mod events;
 mod hosts;
+mod metrics;
 mod ops;
 mod table;
 mod tokens;
@@ -107,6 +108,9 @@ pub enum CliError {
     /// Writing the output failed.
     #[error("cannot write the output")]
     Stdout(#[source] std::io::Error),
+    /// The arguments do not make sense together.
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl CliError {
@@ -119,7 +123,8 @@ impl CliError {
             CliError::TokenFile { .. }
             | CliError::NoToken { .. }
             | CliError::SpecFile { .. }
-            | CliError::SpecJson { .. } => 2,
+            | CliError::SpecJson { .. }
+            | CliError::Usage(_) => 2,
             _ => 1,
         }
     }
@@ -214,5 +219,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Tokens { command } => tokens::run(&mut ctx, command).await,
         Command::Audit(a) => tokens::audit(&mut ctx, a).await,
         Command::Events(a) => events::run(&mut ctx, a).await,
+        Command::Top(a) => metrics::top(&mut ctx, a).await,
+        Command::Metrics(a) => metrics::metrics(&mut ctx, a).await,
     }
 }
