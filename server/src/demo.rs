@@ -145,11 +145,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 None => std::future::pending().await,
             }
         };
+        tokio::pin!(stop);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-            _ = stop => {}
+        let mut live = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = &mut stop => break,
+                _ = live.tick() => print_live(&running),
+            }
         }
         Ok(())
     }
@@ -250,6 +255,56 @@ async fn place_vms(running: &crate::Running, token: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// One line of live host metrics per host (every agent samples every second
+/// and streams to the server; this reads the server's in-memory window).
+fn print_live(running: &crate::Running) {
+    let Some(m) = running.fleet.metrics() else { return };
+    let names: std::collections::HashMap<String, String> = running
+        .fleet
+        .hosts()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|h| (h.record.id.to_string(), h.record.name))
+        .collect();
+    let mut parts = Vec::new();
+    for o in m.latest(Some(novacron_shared::metrics::Owner::Host)) {
+        let get = |name: &str, label: &str| {
+            o.values
+                .iter()
+                .find(|v| v.name == name && v.label.as_deref() == Some(label))
+                .map(|v| v.value)
+        };
+        let total: f64 = o
+            .values
+            .iter()
+            .filter(|v| v.name == "host.cpu")
+            .map(|v| v.value)
+            .sum();
+        let idle = get("host.cpu", "idle").unwrap_or(0.0) + get("host.cpu", "iowait").unwrap_or(0.0);
+        let cpu = if total > 0.0 {
+            100.0 * (total - idle) / total
+        } else {
+            0.0
+        };
+        let mem = match (get("host.memory", "total"), get("host.memory", "available")) {
+            (Some(t), Some(a)) if t > 0.0 => 100.0 * (1.0 - a / t),
+            _ => 0.0,
+        };
+        parts.push(format!(
+            "{} cpu {cpu:.1}% load {:.2} mem {mem:.0}%",
+            names.get(&o.id).map_or(o.id.as_str(), String::as_str),
+            get("host.load", "1m").unwrap_or(0.0),
+        ));
+    }
+    let vms = m.latest(Some(novacron_shared::metrics::Owner::Vm)).len();
+    if !parts.is_empty() {
+        println!(
+            "metrics (1 s samples, {vms} VMs reporting): {}",
+            parts.join(" | ")
+        );
+    }
+}
+
 fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &str) -> anyhow::Result<()> {
     println!();
     println!(
@@ -306,7 +361,20 @@ fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &s
         "  curl -sN -H 'Authorization: Bearer {token}' http://{}/v1/events    (live events)",
         running.api_addr
     );
+    println!(
+        "  curl -s -H 'Authorization: Bearer {token}' 'http://{}/v1/metrics?host=<host id>&from=5m'   (host metrics, 1 s samples)",
+        running.api_addr
+    );
+    println!(
+        "  curl -s http://{}/metrics    (Prometheus exposition: server health and every host's and VM's latest values)",
+        running.api_addr
+    );
     println!("  novacron-server -c {} host list", config.display());
+    println!(
+        "  novacron --api http://{} --token-file {} top   (live host and VM metrics)",
+        running.api_addr,
+        DataDir::new(root.join("server")).admin_token().display()
+    );
     println!(
         "  novacron --api http://{} --token-file {} vms list   (also hosts list, events, ...)",
         running.api_addr,

@@ -626,7 +626,10 @@ mod tests {
         b.end_tick()
     }
 
-    fn decoded(b: &MetricBatch) -> Vec<(Scope, u16, Option<String>, Vec<(u64, i64)>)> {
+    /// (scope, metric id, label, points) per series.
+    type Decoded = Vec<(Scope, u16, Option<String>, Vec<(u64, i64)>)>;
+
+    fn decoded(b: &MetricBatch) -> Decoded {
         let mut b = b.clone();
         b.seq = 1;
         let ts = b.validate().expect("valid");

@@ -78,7 +78,7 @@ impl MetricsSettings {
         if self.interval < MIN_INTERVAL || self.interval > Duration::from_secs(60) {
             return Err(("metrics.interval", "must be between 100ms and 60s".into()));
         }
-        if self.interval.as_millis() % 100 != 0 {
+        if !self.interval.as_millis().is_multiple_of(100) {
             return Err(("metrics.interval", "must be a multiple of 100ms".into()));
         }
         if !(1..=65_536).contains(&self.spool_max_mib) {

@@ -87,9 +87,15 @@ async fn main() -> anyhow::Result<()> {
     let report = DataDir::new(&cfg.data_dir).init(&cfg, SystemTime::now())?;
     let running = novacron_server::start(&cfg).await?;
     let host_dir = root.join("host");
-    let mut agent =
-        novacron_server::demo::spawn_test_agent(&running, &bin, &host_dir, "footprint", NODE, &report.ca_fingerprint)
-            .await?;
+    let mut agent = novacron_server::demo::spawn_test_agent(
+        &running,
+        &bin,
+        &host_dir,
+        "footprint",
+        NODE,
+        &report.ca_fingerprint,
+    )
+    .await?;
     let token = report.admin_token.clone();
     let addr = running.api_addr;
     let t = Instant::now();
@@ -99,7 +105,10 @@ async fn main() -> anyhow::Result<()> {
             break;
         }
         if t.elapsed() > Duration::from_secs(30) {
-            bail!("the agent did not connect; see {}", host_dir.join("agent.log").display());
+            bail!(
+                "the agent did not connect; see {}",
+                host_dir.join("agent.log").display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -116,9 +125,9 @@ async fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     loop {
         let v = call(addr, &token, Method::GET, "/v1/vms?limit=1000", None).await?;
-        let running_vms = v["vms"]
-            .as_array()
-            .map_or(0, |a| a.iter().filter(|v| v["observed"]["state"] == "Running").count());
+        let running_vms = v["vms"].as_array().map_or(0, |a| {
+            a.iter().filter(|v| v["observed"]["state"] == "Running").count()
+        });
         if running_vms == args.vms {
             break;
         }
@@ -127,7 +136,10 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!("{} VMs running on a test-driver host; measuring {} s per setting after 10 s of warm-up", args.vms, args.seconds);
+    println!(
+        "{} VMs running on a test-driver host; measuring {} s per setting after 10 s of warm-up",
+        args.vms, args.seconds
+    );
     let _ = agent.kill().await;
     let cfg_path = host_dir.join("agent.toml");
     let mut baseline = None;

@@ -201,7 +201,7 @@ impl ServerProc {
         let config = root.join("server.toml");
         let text = format!(
             "data_dir = {data}\n\n[quic]\nlisten = \"{quic}\"\nserver_names = [\"localhost\", \"127.0.0.1\"]\n\n\
-             [api]\nlisten = \"{api}\"\n\n[agents]\nheartbeat_interval = \"{hb}ms\"\nsession_timeout = \"{timeout_ms}ms\"\n",
+             [api]\nlisten = \"{api}\"\n# The simulator is the only client.\nrate_limit = 0\n\n[agents]\nheartbeat_interval = \"{hb}ms\"\nsession_timeout = \"{timeout_ms}ms\"\n",
             data = serde_json::to_string(&data.display().to_string())?,
         );
         std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;

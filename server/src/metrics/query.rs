@@ -206,12 +206,10 @@ impl Metrics {
     pub fn latest(&self, kind: Option<MetricOwner>) -> Vec<LatestOwner> {
         let mut v = Vec::new();
         for (owner, handles) in self.window.all() {
-            let matches = match (kind, owner) {
-                (None, _) => true,
-                (Some(MetricOwner::Host), Owner::Host(_)) => true,
-                (Some(MetricOwner::Vm), Owner::Vm(_)) => true,
-                _ => false,
-            };
+            let matches = matches!(
+                (kind, owner),
+                (None, _) | (Some(MetricOwner::Host), Owner::Host(_)) | (Some(MetricOwner::Vm), Owner::Vm(_))
+            );
             if !matches {
                 continue;
             }
