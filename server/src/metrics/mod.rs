@@ -37,6 +37,10 @@ const WRITE_QUEUE: usize = 4096;
 const MAX_GROUP: usize = 2048;
 /// Longest accepted label value.
 pub const MAX_LABEL_LEN: usize = 64;
+/// Most series one batch may carry (a host with 500 VMs of 8 disks and 8
+/// NICs each stays well below): bounds what one agent can make the server
+/// hold.
+pub const MAX_SERIES_PER_BATCH: usize = 65_536;
 
 /// Metrics settings (`[metrics]` in the server config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +69,9 @@ pub enum IngestError {
     /// A label value is too long or has characters outside `[A-Za-z0-9._:@-]`.
     #[error("label {0:?} is not a valid label value")]
     Label(String),
+    /// The batch carries more series than any host has.
+    #[error("batch has {0} series; at most {MAX_SERIES_PER_BATCH} are accepted")]
+    TooManySeries(usize),
     /// Something other than a metric batch arrived on a metric stream.
     #[error("only metric batches may be sent on a metric stream")]
     NotABatch,
@@ -258,6 +265,10 @@ impl Metrics {
                 return Err(e.into());
             }
         };
+        if batch.series.len() > MAX_SERIES_PER_BATCH {
+            TELEMETRY.metrics_refused.inc();
+            return Err(IngestError::TooManySeries(batch.series.len()));
+        }
         if let Some(bad) = batch.labels.iter().find(|l| !valid_label(l)) {
             TELEMETRY.metrics_refused.inc();
             return Err(IngestError::Label(bad.chars().take(80).collect()));
@@ -557,6 +568,82 @@ async fn writer(db: Arc<MetricsDb>, mut committed: HashMap<HostId, SeqRecord>, m
                 let _ = ack_to.try_send(ack);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use novacron_shared::metrics::{BatchBuilder, Metric, Scope};
+
+    use super::*;
+
+    fn batch(seq: u64, ts: u64, label: &str) -> MetricBatch {
+        let mut b = BatchBuilder::new(1000);
+        b.start_tick(ts);
+        b.push(Scope::Host, Metric::HostCpu, Some(label), (ts * 1_000_000) as i64);
+        b.push(Scope::Host, Metric::HostCpus, None, 2);
+        b.end_tick();
+        let mut batch = b.take().expect("batch");
+        batch.epoch = 9;
+        batch.seq = seq;
+        batch
+    }
+
+    #[tokio::test]
+    async fn batches_are_stored_once_in_order_and_acknowledged_after_commit() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let m = Metrics::open(&dir.path().join("m.redb"), MetricsConfig::default()).expect("open");
+        let host = HostId(5);
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut cache = StreamCache::default();
+        let now = unix_ms(SystemTime::now()) / 1000 * 1000;
+        for seq in [1, 2, 2, 1, 3] {
+            m.ingest(
+                host,
+                batch(seq, now - 10_000 + seq * 1000, "user"),
+                &mut cache,
+                &tx,
+            )
+            .await
+            .expect("ingest");
+        }
+        // Seq 5 after 3: one missing.
+        m.ingest(host, batch(5, now - 4_000, "user"), &mut cache, &tx)
+            .await
+            .expect("ingest");
+        let mut last = 0;
+        while last < 5 {
+            match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                Ok(Some(ServerMessage::MetricsAck(a))) => {
+                    assert_eq!(a.epoch, 9);
+                    assert!(a.upto_seq >= last, "acks never go back");
+                    last = a.upto_seq;
+                }
+                other => panic!("no ack: {other:?}"),
+            }
+        }
+        let st = m.stream_state(host).await.expect("state");
+        assert_eq!((st.high, st.batches, st.duplicates, st.gaps), (5, 4, 2, 1));
+        assert_eq!(m.db().raw_seqs(host).expect("seqs"), vec![1, 2, 3, 5]);
+        // Hostile batches change nothing.
+        let mut bad = batch(6, now - 3_000, "us er");
+        assert!(matches!(
+            m.ingest(host, bad.clone(), &mut cache, &tx).await,
+            Err(IngestError::Label(_))
+        ));
+        bad.labels[0] = "user".into();
+        bad.values.pop();
+        assert!(matches!(
+            m.ingest(host, bad, &mut cache, &tx).await,
+            Err(IngestError::Batch(_))
+        ));
+        assert_eq!(m.stream_state(host).await.expect("state").high, 5);
+        // Reopened: the stream state and the window come back from disk.
+        drop(m);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let m = Metrics::open(&dir.path().join("m.redb"), MetricsConfig::default()).expect("reopen");
+        assert_eq!(m.stream_state(host).await.expect("state").high, 5);
+        assert_eq!(m.window().series_of(Owner::Host(host)).len(), 2);
     }
 }
 
