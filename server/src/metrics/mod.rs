@@ -571,6 +571,35 @@ async fn writer(db: Arc<MetricsDb>, mut committed: HashMap<HostId, SeqRecord>, m
     }
 }
 
+async fn janitor(m: std::sync::Weak<Metrics>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(m) = m.upgrade() else { return };
+        let now = unix_ms(SystemTime::now());
+        let window_ms = m.cfg.raw_window.as_millis() as u64;
+        // Raw batches outlive the window by a minute, so a restart can
+        // rebuild the open minute of every series.
+        let raw_before = now.saturating_sub(window_ms + 60_000);
+        let rollup_before = now.saturating_sub(m.cfg.retention.as_millis() as u64) / 60_000;
+        let gone = m.window.forget_idle(now.saturating_sub(window_ms));
+        if gone > 0 {
+            tracing::debug!(series = gone, "idle series left the window");
+        }
+        let (series, points) = m.window.size();
+        TELEMETRY.metrics_series.set(series as i64);
+        TELEMETRY.metrics_points.set(points as i64);
+        let _ = m
+            .jobs
+            .send(Job::Prune {
+                raw_before_ms: raw_before,
+                rollup_before_minute: rollup_before,
+            })
+            .await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use novacron_shared::metrics::{BatchBuilder, Metric, Scope};
@@ -644,34 +673,5 @@ mod tests {
         let m = Metrics::open(&dir.path().join("m.redb"), MetricsConfig::default()).expect("reopen");
         assert_eq!(m.stream_state(host).await.expect("state").high, 5);
         assert_eq!(m.window().series_of(Owner::Host(host)).len(), 2);
-    }
-}
-
-async fn janitor(m: std::sync::Weak<Metrics>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(m) = m.upgrade() else { return };
-        let now = unix_ms(SystemTime::now());
-        let window_ms = m.cfg.raw_window.as_millis() as u64;
-        // Raw batches outlive the window by a minute, so a restart can
-        // rebuild the open minute of every series.
-        let raw_before = now.saturating_sub(window_ms + 60_000);
-        let rollup_before = now.saturating_sub(m.cfg.retention.as_millis() as u64) / 60_000;
-        let gone = m.window.forget_idle(now.saturating_sub(window_ms));
-        if gone > 0 {
-            tracing::debug!(series = gone, "idle series left the window");
-        }
-        let (series, points) = m.window.size();
-        TELEMETRY.metrics_series.set(series as i64);
-        TELEMETRY.metrics_points.set(points as i64);
-        let _ = m
-            .jobs
-            .send(Job::Prune {
-                raw_before_ms: raw_before,
-                rollup_before_minute: rollup_before,
-            })
-            .await;
     }
 }
