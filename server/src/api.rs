@@ -777,90 +777,72 @@ impl Api {
     /// A server-sent events stream of one host's or VM's values: one
     /// `metrics` event per sampling tick.
     fn metric_stream(&self, m: Arc<crate::metrics::Metrics>, owner: crate::metrics::window::Owner) -> Resp {
-        use crate::metrics::window::Owner;
-        let (tx, rx) = mpsc::channel::<Bytes>(64);
-        let mut sub = m.subscribe();
-        tokio::spawn(async move {
-            if tx.send(Bytes::from_static(b": connected\n\n")).await.is_err() {
-                return;
+        sse(m.subscribe(), move |up: &crate::metrics::LiveUpdate| {
+            let values: Vec<_> = up
+                .values
+                .iter()
+                .filter(|(k, _)| k.owner == owner)
+                .map(|(k, v)| json!({"name": k.metric.name(), "label": k.label.as_deref(), "value": v}))
+                .collect();
+            if values.is_empty() {
+                return None;
             }
-            loop {
-                let chunk = match tokio::time::timeout(SSE_KEEPALIVE, sub.recv()).await {
-                    Err(_) => Bytes::from_static(b": keep-alive\n\n"),
-                    Ok(Err(broadcast::error::RecvError::Closed)) => return,
-                    Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
-                        Bytes::from(format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n"))
-                    }
-                    Ok(Ok(up)) => {
-                        let values: Vec<_> = up
-                            .values
-                            .iter()
-                            .filter(|(k, _)| k.owner == owner)
-                            .map(|(k, v)| json!({"name": k.metric.name(), "label": k.label.as_deref(), "value": v}))
-                            .collect();
-                        if values.is_empty() {
-                            continue;
-                        }
-                        let id = match owner {
-                            Owner::Host(h) => h.to_string(),
-                            Owner::Vm(v) => v.to_string(),
-                        };
-                        let data = json!({"owner": owner.kind(), "id": id, "host": up.host, "ts_ms": up.ts_ms, "values": values});
-                        Bytes::from(format!("event: metrics\ndata: {data}\n\n"))
-                    }
-                };
-                if tx.send(chunk).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let mut r = Response::new(SseBody { rx }.boxed());
-        r.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        r.headers_mut()
-            .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        r
+            let data = json!({"owner": owner.kind(), "id": owner.id_string(), "host": up.host, "ts_ms": up.ts_ms, "values": values});
+            Some(Bytes::from(format!("event: metrics\ndata: {data}\n\n")))
+        })
     }
 
     /// A server-sent events stream of the fleet's events, filtered.
     fn events(&self, host: Option<HostId>, vm: Option<VmId>) -> Resp {
-        let (tx, rx) = mpsc::channel::<Bytes>(64);
-        let mut sub = self.fleet.bus.subscribe();
-        tokio::spawn(async move {
-            if tx.send(Bytes::from_static(b": connected\n\n")).await.is_err() {
+        sse(self.fleet.bus.subscribe(), move |ev: &crate::bus::FleetEvent| {
+            if !ev.matches(host, vm) {
+                return None;
+            }
+            let data = serde_json::to_string(ev).unwrap_or_default();
+            Some(Bytes::from(format!(
+                "id: {}\nevent: {}\ndata: {data}\n\n",
+                ev.seq,
+                ev.kind.as_str()
+            )))
+        })
+    }
+}
+
+/// Streams a broadcast channel as server-sent events: `render` turns an
+/// item into an event (or skips it); keep-alives every 15 s and a `lagged`
+/// event when the client falls behind.
+fn sse<T: Send + Sync + 'static>(
+    mut sub: broadcast::Receiver<Arc<T>>,
+    render: impl Fn(&T) -> Option<Bytes> + Send + 'static,
+) -> Resp {
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        if tx.send(Bytes::from_static(b": connected\n\n")).await.is_err() {
+            return;
+        }
+        loop {
+            let chunk = match tokio::time::timeout(SSE_KEEPALIVE, sub.recv()).await {
+                Err(_) => Bytes::from_static(b": keep-alive\n\n"),
+                Ok(Err(broadcast::error::RecvError::Closed)) => return,
+                Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                    Bytes::from(format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n"))
+                }
+                Ok(Ok(item)) => match render(&item) {
+                    Some(b) => b,
+                    None => continue,
+                },
+            };
+            if tx.send(chunk).await.is_err() {
                 return;
             }
-            loop {
-                let chunk = match tokio::time::timeout(SSE_KEEPALIVE, sub.recv()).await {
-                    Err(_) => Bytes::from_static(b": keep-alive\n\n"),
-                    Ok(Err(broadcast::error::RecvError::Closed)) => return,
-                    Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
-                        Bytes::from(format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n"))
-                    }
-                    Ok(Ok(ev)) => {
-                        if !ev.matches(host, vm) {
-                            continue;
-                        }
-                        let data = serde_json::to_string(&*ev).unwrap_or_default();
-                        Bytes::from(format!(
-                            "id: {}\nevent: {}\ndata: {data}\n\n",
-                            ev.seq,
-                            ev.kind.as_str()
-                        ))
-                    }
-                };
-                if tx.send(chunk).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let mut r = Response::new(SseBody { rx }.boxed());
-        r.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        r.headers_mut()
-            .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        r
-    }
+        }
+    });
+    let mut r = Response::new(SseBody { rx }.boxed());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
 }
 
 /// An empty JSON object body (or none).
