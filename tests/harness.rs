@@ -54,9 +54,21 @@ pub fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, serde_json::Value) {
+    let (status, text) = request(addr, method, path, token, body.unwrap_or(""));
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A minimal HTTP/1.1 call; returns status and the body as text.
+pub fn http_text(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    request(addr, method, path, token, "")
+}
+
+fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect to API");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let body = body.unwrap_or("");
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -64,32 +76,6 @@ pub fn http(
         s,
         "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status: u16 = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let json = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (
-        status,
-        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
-    )
-}
-
-/// A minimal HTTP/1.1 call; returns status and the body as text.
-pub fn http_text(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to API");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}Content-Length: 0\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();

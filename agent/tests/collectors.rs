@@ -3,50 +3,21 @@
 //! The test driver reports only `state.*` in its domain stats; real QEMU
 //! counters are covered end to end.
 
+mod common;
+use common::Host;
+
 use novacron_agent::ffi::{self, TypedValue};
 use novacron_agent::metrics::domains::{DomainCollector, STATS};
-use novacron_agent::vmops::{self, HostSetup};
+use novacron_agent::vmops;
 use novacron_shared::ids::{OpId, VmId};
 use novacron_shared::metrics::{BatchBuilder, Metric, MetricBatch, Scope};
 use novacron_shared::spec::{DesiredVm, Power, VmSpec};
 use virt::connect::Connect;
 
-struct Host {
-    conn: Connect,
-    setup: HostSetup,
-    _dir: tempfile::TempDir,
-}
-
 /// A private test-driver host with one domain NovaCron did not define
 /// (running, as domains of a node file start).
 fn host() -> Host {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let node = dir.path().join("node.xml");
-    std::fs::write(
-        &node,
-        "<node><cpu><mhz>2000</mhz><model>x86_64</model><active>8</active><total>8</total>\
-         <nodes>1</nodes><sockets>1</sockets><cores>8</cores><threads>1</threads></cpu>\
-         <memory>16777216</memory>\
-         <domain type='test'><name>foreign</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>\
-         <memory>65536</memory><os><type>hvm</type></os></domain>\
-         </node>",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let uri = format!("test://{}", node.display());
-    let conn = Connect::open(Some(&uri)).unwrap_or_else(|e| panic!("{e}"));
-    let setup = HostSetup {
-        pool: "novacron".into(),
-        pool_path: dir.path().join("pool").to_string_lossy().into_owned(),
-        console_dir: dir.path().to_string_lossy().into_owned(),
-        virt_type: None,
-        migration_uri: None,
-        labels: Default::default(),
-    };
-    Host {
-        conn,
-        setup,
-        _dir: dir,
-    }
+    common::host("<domain type='test'><name>foreign</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid><memory>65536</memory><os><type>hvm</type></os></domain>")
 }
 
 fn ok<T>(r: Result<T, novacron_agent::hypervisor::HvError>) -> T {

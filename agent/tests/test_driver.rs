@@ -2,50 +2,21 @@
 //! daemon): definitions, storage, lifecycle, snapshots, removal, and bad
 //! specs that must leave nothing behind.
 
+mod common;
+use common::Host;
+
 use novacron_agent::domxml::VirtType;
-use novacron_agent::vmops::{self, Defined, HostSetup};
+use novacron_agent::vmops::{self, Defined};
 use novacron_shared::ids::{OpId, VmId};
 use novacron_shared::protocol::VmState;
 use novacron_shared::spec::{self, CloudInit, DesiredVm, DiskSpec, Power, VmSpec};
-use virt::connect::Connect;
 use virt::storage_vol::StorageVol;
 
-struct Host {
-    conn: Connect,
-    setup: HostSetup,
-    _dir: tempfile::TempDir,
-}
-
-/// A private test-driver host (test:///default is shared by every
-/// connection in a process; a node file gives each test its own state),
-/// with one domain NovaCron did not define.
+/// A private test-driver host with one domain NovaCron did not define.
 fn host() -> Host {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let node = dir.path().join("node.xml");
-    std::fs::write(
-        &node,
-        "<node><cpu><mhz>2000</mhz><model>x86_64</model><active>8</active><total>8</total>\
-         <nodes>1</nodes><sockets>1</sockets><cores>8</cores><threads>1</threads></cpu>\
-         <memory>16777216</memory>\
-         <domain type='test'><name>test</name><memory>65536</memory><os><type>hvm</type></os></domain>\
-         </node>",
+    common::host(
+        "<domain type='test'><name>test</name><memory>65536</memory><os><type>hvm</type></os></domain>",
     )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let uri = format!("test://{}", node.display());
-    let conn = Connect::open(Some(&uri)).unwrap_or_else(|e| panic!("{e}"));
-    let setup = HostSetup {
-        pool: "novacron".into(),
-        pool_path: dir.path().join("pool").to_string_lossy().into_owned(),
-        console_dir: dir.path().to_string_lossy().into_owned(),
-        virt_type: None,
-        migration_uri: None,
-        labels: Default::default(),
-    };
-    Host {
-        conn,
-        setup,
-        _dir: dir,
-    }
 }
 
 fn vm(name: &str, id: u128) -> DesiredVm {

@@ -260,12 +260,17 @@ impl ApiClient {
                 return decode_reply(status, &bytes);
             }
         };
+        self.within(work).await?
+    }
+
+    /// Runs `work` under the client's timeout.
+    async fn within<T>(&self, work: impl std::future::Future<Output = T>) -> Result<T, ClientError> {
         tokio::time::timeout(self.timeout, work)
             .await
             .map_err(|_| ClientError::Timeout {
                 url: self.base.to_string(),
                 after: self.timeout,
-            })?
+            })
     }
 
     /// `GET path` as text (the Prometheus exposition, say); a non-2xx
@@ -285,26 +290,15 @@ impl ApiClient {
             }
             Ok(String::from_utf8_lossy(&bytes).into_owned())
         };
-        tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(|_| ClientError::Timeout {
-                url: self.base.to_string(),
-                after: self.timeout,
-            })?
+        self.within(work).await?
     }
 
     /// Opens a `text/event-stream` at `path` (`GET`). Only opening the
     /// stream is subject to the timeout; events then arrive as they come.
     pub async fn stream(&self, path: &str) -> Result<EventStream, ClientError> {
-        let resp = tokio::time::timeout(
-            self.timeout,
-            self.send(Method::GET, path, None, "text/event-stream"),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout {
-            url: self.base.to_string(),
-            after: self.timeout,
-        })??;
+        let resp = self
+            .within(self.send(Method::GET, path, None, "text/event-stream"))
+            .await??;
         let status = resp.status();
         if !status.is_success() {
             let bytes = resp

@@ -195,6 +195,16 @@ fn lines(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// An unsigned decimal integer, all of `s`.
+/// The first `N` fields as integers; `None` if there are fewer or one is
+/// not an integer.
+fn uints<'a, const N: usize>(mut f: impl Iterator<Item = &'a [u8]>) -> Option<[u64; N]> {
+    let mut v = [0u64; N];
+    for slot in v.iter_mut() {
+        *slot = uint(f.next()?)?;
+    }
+    Some(v)
+}
+
 fn uint(s: &[u8]) -> Option<u64> {
     if s.is_empty() {
         return None;
@@ -394,19 +404,10 @@ fn parse_diskstats(
         // Fields after the name: reads, reads merged, sectors read, ms
         // reading, writes, writes merged, sectors written, ms writing, I/Os
         // in progress, ms doing I/O, ...
-        let mut v = [0u64; 10];
-        let mut n = 0;
-        for (slot, s) in v.iter_mut().zip(f) {
-            match uint(s) {
-                Some(x) => *slot = x,
-                None => break,
-            }
-            n += 1;
-        }
-        if n < v.len() {
+        let Some(v) = uints::<10>(f) else {
             ok = false;
             continue;
-        }
+        };
         // Sectors in diskstats are always 512 bytes.
         let device = Some(name);
         b.push(
@@ -446,19 +447,10 @@ fn parse_net_dev(buf: &[u8], b: &mut BatchBuilder) -> bool {
         }
         // Receive: bytes packets errs drop fifo frame compressed multicast;
         // transmit: bytes packets ...
-        let mut v = [0u64; 10];
-        let mut n = 0;
-        for (slot, s) in v.iter_mut().zip(fields(&line[colon + 1..])) {
-            match uint(s) {
-                Some(x) => *slot = x,
-                None => break,
-            }
-            n += 1;
-        }
-        if n < v.len() {
+        let Some(v) = uints::<10>(fields(&line[colon + 1..])) else {
             ok = false;
             continue;
-        }
+        };
         let device = Some(name);
         b.push(Scope::Host, Metric::HostNetRxBytes, device, wire(v[0]));
         b.push(Scope::Host, Metric::HostNetTxBytes, device, wire(v[8]));

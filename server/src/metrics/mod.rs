@@ -139,7 +139,6 @@ pub struct StreamCache {
     series: Vec<novacron_shared::metrics::SeriesRef>,
     handles: Vec<SeriesHandle>,
     values: Vec<i64>,
-    ticks: Vec<u64>,
 }
 
 fn valid_label(l: &str) -> bool {
@@ -163,7 +162,19 @@ impl Metrics {
         let replayed = db.raw_batches(|host, batch| {
             // Rollups of replayed minutes were stored with the batches that
             // closed them: replay fills the window and the open minutes only.
-            if let Err(e) = fill(&window, host, &batch, window_ms, false, &mut scratch, &mut closed) {
+            let filled = batch.validate().map_err(IngestError::from).and_then(|ticks| {
+                fill(
+                    &window,
+                    host,
+                    &batch,
+                    &ticks,
+                    window_ms,
+                    false,
+                    &mut scratch,
+                    &mut closed,
+                )
+            });
+            if let Err(e) = filled {
                 tracing::warn!(host = %host, seq = batch.seq, error = %e, "stored batch skipped");
             }
         })?;
@@ -303,7 +314,16 @@ impl Metrics {
         }
         let window_ms = self.cfg.raw_window.as_millis() as u64;
         let mut closed = Vec::new();
-        fill(&self.window, host, &batch, window_ms, true, cache, &mut closed)?;
+        fill(
+            &self.window,
+            host,
+            &batch,
+            &ticks,
+            window_ms,
+            true,
+            cache,
+            &mut closed,
+        )?;
         let now = unix_ms(SystemTime::now());
         if let Some(last) = ticks.last() {
             TELEMETRY
@@ -413,20 +433,18 @@ impl Metrics {
     }
 }
 
-/// Puts a batch's points into the window.
+/// Puts a batch's points (at `ticks`, from its validation) into the window.
+#[allow(clippy::too_many_arguments)]
 fn fill(
     window: &Window,
     host: HostId,
     batch: &MetricBatch,
+    ticks: &[u64],
     window_ms: u64,
     emit: bool,
     cache: &mut StreamCache,
     closed: &mut Vec<ClosedMinute>,
 ) -> Result<(), IngestError> {
-    batch.validate().map(|t| {
-        cache.ticks.clear();
-        cache.ticks.extend(t);
-    })?;
     let same = cache.series == batch.series && cache.vms == batch.vms && cache.labels == batch.labels;
     if !same {
         cache.handles.clear();
@@ -453,7 +471,6 @@ fn fill(
         cache.vms.clone_from(&batch.vms);
         cache.labels.clone_from(&batch.labels);
     }
-    let ticks = std::mem::take(&mut cache.ticks);
     let mut values = std::mem::take(&mut cache.values);
     for (i, h) in cache.handles.iter().enumerate() {
         batch.series_values(i, &mut values)?;
@@ -463,7 +480,6 @@ fn fill(
             s.push(*t, *v, window_ms, emit, closed);
         }
     }
-    cache.ticks = ticks;
     cache.values = values;
     Ok(())
 }
