@@ -5,6 +5,7 @@
 //! both build on it, and everything in it can be tested without I/O.
 
 pub mod backoff;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod duration;
@@ -13,6 +14,7 @@ pub mod framing;
 pub mod ids;
 pub mod metrics;
 pub mod pki;
+pub mod placement;
 pub mod protocol;
 pub mod spec;
 pub mod tls;

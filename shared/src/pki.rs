@@ -362,8 +362,12 @@ mod tests {
     use super::*;
 
     fn ca() -> (FleetCa, CertAndKey) {
-        FleetCa::generate("test CA", SystemTime::now(), Duration::from_secs(3600))
-            .unwrap_or_else(|e| panic!("{e}"))
+        FleetCa::generate(
+            "test CA",
+            crate::clock::Clock::system().wall(),
+            Duration::from_secs(3600),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
@@ -375,7 +379,7 @@ mod tests {
             .sign_host_csr(
                 &csr,
                 id,
-                Validity::for_ttl(SystemTime::now(), Duration::from_secs(60)),
+                Validity::for_ttl(crate::clock::Clock::system().wall(), Duration::from_secs(60)),
             )
             .unwrap_or_else(|e| panic!("{e}"));
         let info = CertInfo::parse(&der).unwrap_or_else(|e| panic!("{e}"));
@@ -386,7 +390,7 @@ mod tests {
     #[test]
     fn garbage_csr_is_refused() {
         let (ca, _) = ca();
-        let v = Validity::for_ttl(SystemTime::now(), Duration::from_secs(60));
+        let v = Validity::for_ttl(crate::clock::Clock::system().wall(), Duration::from_secs(60));
         assert!(matches!(
             ca.sign_host_csr(b"not a csr", HostId(1), v),
             Err(PkiError::Csr(_))
