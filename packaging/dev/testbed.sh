@@ -283,7 +283,7 @@ host_sock() { echo "$HOSTS_DIR/$1/run/libvirt-sock"; }
 host_local_uri() { echo "qemu+unix:///system?socket=$(host_sock "$1")"; }
 host_mig_uri() { echo "qemu+tcp://$1/system"; }
 
-netns_exists() { [ -e "/run/netns/$1" ] && ip netns list 2>/dev/null | awk '{print $1}' | grep -qx -- "$1"; }
+netns_exists() { [ -e "/run/netns/$1" ] && ip netns list 2>/dev/null | awk '{print $1}' | grep -x -- "$1" >/dev/null; }
 netns_id() { stat -L -c 'net:[%i]' "/run/netns/$1" 2>/dev/null; }
 
 proc_running() {
@@ -744,7 +744,7 @@ cmd_guest() {
   [ -n "$dir" ] || { usage; die "guest: DIR missing"; }
   local bb=/bin/busybox
   [ -x "$bb" ] || die "guest: $bb missing (package busybox-static); run: $0 install"
-  "$bb" --list | grep -qx cpio || die "guest: $bb has no cpio applet"
+  "$bb" --list | grep -x cpio >/dev/null || die "guest: $bb has no cpio applet"
   for c in apt-get apt-cache dpkg-deb gzip sha256sum; do need_cmd "$c"; done
 
   local stamp
