@@ -132,13 +132,30 @@ fn default_udp_buffer() -> usize {
     8 << 20
 }
 
-/// The web API (HTTP).
+/// The web API (HTTPS by default).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     /// TCP address to listen on.
     #[serde(default = "default_api_listen")]
     pub listen: SocketAddr,
+    /// A certificate chain (PEM, leaf first) to serve instead of the server
+    /// certificate from the fleet CA; with `key_file`. Re-read when it
+    /// changes on disk.
+    #[serde(default)]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The private key (PEM) of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<std::path::PathBuf>,
+    /// Serve plain HTTP instead of HTTPS: bearer tokens then cross the
+    /// network in clear text, so only on a loopback address unless
+    /// `plaintext_on_network` is also set.
+    #[serde(default)]
+    pub plaintext: bool,
+    /// Allows `plaintext` on a non-loopback address (tokens in clear text
+    /// on the network: only behind a TLS-terminating proxy on the same host).
+    #[serde(default)]
+    pub plaintext_on_network: bool,
     /// Requests per second each API token may make (sustained); 0 turns
     /// rate limiting off.
     #[serde(default = "default_rate")]
@@ -205,6 +222,10 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             listen: default_api_listen(),
+            cert_file: None,
+            key_file: None,
+            plaintext: false,
+            plaintext_on_network: false,
             rate_limit: default_rate(),
             rate_burst: default_burst(),
         }
@@ -246,6 +267,30 @@ impl ConfigFile for ServerConfig {
             return Err(ConfigError::Invalid {
                 key: "api.rate_limit",
                 message: "must be a number of requests per second, 0 or more".into(),
+            });
+        }
+        if self.api.cert_file.is_some() != self.api.key_file.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "api.cert_file",
+                message: "api.cert_file and api.key_file go together: give both, or neither to serve the fleet CA's server certificate".into(),
+            });
+        }
+        if self.api.plaintext && self.api.cert_file.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "api.plaintext",
+                message: "plain HTTP serves no certificate: drop api.cert_file/api.key_file or api.plaintext"
+                    .into(),
+            });
+        }
+        if self.api.plaintext && !self.api.listen.ip().is_loopback() && !self.api.plaintext_on_network {
+            return Err(ConfigError::Invalid {
+                key: "api.plaintext",
+                message: format!(
+                    "plain HTTP on {} would send bearer tokens over the network in clear text; \
+                     listen on a loopback address, drop api.plaintext (HTTPS is the default), \
+                     or set api.plaintext_on_network = true behind a TLS-terminating proxy",
+                    self.api.listen
+                ),
             });
         }
         if self.api.rate_limit > 0.0 && self.api.rate_burst == 0 {
@@ -365,5 +410,36 @@ mod tests {
         assert!(e.to_string().contains("metrics.retention"), "{e}");
         let e = ServerConfig::parse("[api]\nlisten = \"nope\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_only_on_loopback_unless_forced() {
+        let c = ServerConfig::parse("[api]\nlisten = \"127.0.0.1:7080\"\nplaintext = true\n", "t")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.api.plaintext);
+        let e = ServerConfig::parse("[api]\nlisten = \"0.0.0.0:7080\"\nplaintext = true\n", "t").unwrap_err();
+        assert!(e.to_string().contains("api.plaintext"), "{e}");
+        assert!(format!("{e:?}").contains("clear text"), "{e:?}");
+        let c = ServerConfig::parse(
+            "[api]\nlisten = \"0.0.0.0:7080\"\nplaintext = true\nplaintext_on_network = true\n",
+            "t",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.api.plaintext_on_network);
+        assert!(!ServerConfig::default().api.plaintext, "HTTPS is the default");
+    }
+
+    #[test]
+    fn api_certificate_and_key_go_together() {
+        let e = ServerConfig::parse("[api]\ncert_file = \"/etc/a.pem\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("api.cert_file"), "{e}");
+        let e = ServerConfig::parse(
+            "[api]\ncert_file = \"/a.pem\"\nkey_file = \"/a.key\"\nplaintext = true\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("api.plaintext"), "{e}");
+        ServerConfig::parse("[api]\ncert_file = \"/a.pem\"\nkey_file = \"/a.key\"\n", "t")
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 }

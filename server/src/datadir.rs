@@ -14,8 +14,9 @@ use crate::store::{ApiTokenRecord, Role, Store, StoreError};
 
 /// Lifetime of the fleet CA.
 const CA_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
-/// Lifetime of the server's own certificate.
-const SERVER_CERT_TTL: Duration = Duration::from_secs(365 * 86_400);
+/// Lifetime of the server's own certificate (renewed at two thirds of it,
+/// see `crate::https`).
+pub const SERVER_CERT_TTL: Duration = Duration::from_secs(365 * 86_400);
 
 /// Setting up or reading the data directory failed.
 #[derive(Debug, thiserror::Error)]
@@ -119,14 +120,9 @@ impl DataDir {
         std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
             .map_err(|source| io("chmod", &self.root, source))?;
         let (ca, ca_pem) = FleetCa::generate("NovaCron fleet CA", now, CA_TTL)?;
-        let server = ca.issue_server(&cfg.quic.server_names, Validity::for_ttl(now, SERVER_CERT_TTL))?;
         // Key before certificate: a crash in between leaves no CA, so init can run again.
         write_private(&self.ca_key(), ca_pem.key_pem.as_bytes())?;
-        write_private(&self.server_key(), server.key_pem.as_bytes())?;
-        write_private(
-            &self.server_cert(),
-            format!("{}{}", server.cert_pem, ca_pem.cert_pem).as_bytes(),
-        )?;
+        self.issue_server_cert(&ca, &cfg.quic.server_names, now)?;
         let store = Store::open(&self.db())?;
         let admin_token = secrets::new_token("nca");
         store.put_api_token(
@@ -152,6 +148,36 @@ impl DataDir {
         let chain = pki::certs_from_pem(&read(&self.server_cert())?)?;
         let key = pki::key_from_pem(&read(&self.server_key())?)?;
         Ok(ServerPki { ca, chain, key })
+    }
+
+    /// Loads the fleet CA alone (certificate and signing key).
+    pub fn load_ca(&self) -> Result<FleetCa, DataDirError> {
+        Ok(FleetCa::from_pem(
+            &read(&self.ca_cert())?,
+            &read(&self.ca_key())?,
+        )?)
+    }
+
+    /// Issues a new server certificate from `ca` for `names`, valid from
+    /// `now` for [`SERVER_CERT_TTL`], and writes it (key first, each file
+    /// replaced atomically; a crash between the two leaves a key that does
+    /// not match the certificate, which the server notices at start and
+    /// mends by issuing again). Returns the chain (leaf, CA) and the key.
+    pub fn issue_server_cert(
+        &self,
+        ca: &FleetCa,
+        names: &[String],
+        now: SystemTime,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), DataDirError> {
+        let server = ca.issue_server(names, Validity::for_ttl(now, SERVER_CERT_TTL))?;
+        let ca_pem = pki::cert_to_pem(ca.cert_der());
+        let chain_pem = format!("{}{}", server.cert_pem, ca_pem);
+        write_private(&self.server_key(), server.key_pem.as_bytes())?;
+        write_private(&self.server_cert(), chain_pem.as_bytes())?;
+        Ok((
+            pki::certs_from_pem(&chain_pem)?,
+            pki::key_from_pem(&server.key_pem)?,
+        ))
     }
 
     /// The CA's fingerprint, read from disk.
@@ -198,7 +224,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let dd = DataDir::new(dir.path().join("data"));
         let cfg = ServerConfig::default();
-        let report = dd.init(&cfg, SystemTime::now()).unwrap_or_else(|e| panic!("{e}"));
+        let report = dd
+            .init(&cfg, novacron_shared::clock::Clock::system().wall())
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(dd.ca_fingerprint().ok(), Some(report.ca_fingerprint.clone()));
         assert_eq!(dd.read_admin_token().ok(), Some(report.admin_token));
         let mode = std::fs::metadata(dd.ca_cert())
@@ -207,7 +235,9 @@ mod tests {
         assert_eq!(mode, 0o600);
         let pki = dd.load_pki().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(pki.chain.len(), 2);
-        let again = dd.init(&cfg, SystemTime::now()).unwrap_err();
+        let again = dd
+            .init(&cfg, novacron_shared::clock::Clock::system().wall())
+            .unwrap_err();
         assert!(matches!(again, DataDirError::AlreadyInitialised(_)), "{again}");
         assert_eq!(dd.ca_fingerprint().ok(), Some(report.ca_fingerprint));
     }

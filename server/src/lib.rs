@@ -9,6 +9,7 @@ pub mod config;
 pub mod datadir;
 pub mod demo;
 pub mod fleet;
+pub mod https;
 pub mod metrics;
 pub mod ratelimit;
 pub mod scheduler;

@@ -58,6 +58,16 @@ pub fn server_config(
     key: PrivateKeyDer<'static>,
     idle_timeout: Duration,
 ) -> Result<quinn::ServerConfig, TlsError> {
+    server_config_reloadable(ca, ReloadableCert::new(chain, key)?, idle_timeout)
+}
+
+/// Like [`server_config`], presenting whatever certificate `cert` holds at
+/// each handshake, so a renewed certificate is served without a restart.
+pub fn server_config_reloadable(
+    ca: CertificateDer<'static>,
+    cert: Arc<ReloadableCert>,
+    idle_timeout: Duration,
+) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
     let mut roots = RootCertStore::empty();
     roots.add(ca)?;
@@ -67,12 +77,82 @@ pub fn server_config(
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(cert);
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport(idle_timeout, None));
     Ok(cfg)
+}
+
+/// The web API's TLS config (HTTPS, HTTP/1.1, TLS 1.2 and 1.3, no client
+/// certificates: callers carry bearer tokens), presenting `cert`.
+pub fn https_server_config(cert: Arc<ReloadableCert>) -> Result<rustls::ServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// A server certificate that can be replaced while serving: every new
+/// handshake gets the current one (renewal without a restart).
+pub struct ReloadableCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl std::fmt::Debug for ReloadableCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadableCert").finish_non_exhaustive()
+    }
+}
+
+impl ReloadableCert {
+    /// Holds `chain` (leaf first) and its `key`; refuses a key that does
+    /// not match the leaf.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self {
+            current: std::sync::RwLock::new(Arc::new(certified(chain, key)?)),
+        }))
+    }
+
+    /// Serves `chain` and `key` from the next handshake on; on error the
+    /// current certificate stays.
+    pub fn replace(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<(), TlsError> {
+        let next = Arc::new(certified(chain, key)?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    /// The leaf certificate served now.
+    pub fn leaf(&self) -> CertificateDer<'static> {
+        let cur = self.current.read().unwrap_or_else(|p| p.into_inner()).clone();
+        cur.cert[0].clone()
+    }
+}
+
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    if chain.is_empty() {
+        return Err(TlsError::Rustls(rustls::Error::NoCertificatesPresented));
+    }
+    Ok(rustls::sign::CertifiedKey::from_der(chain, key, &provider())?)
+}
+
+impl rustls::server::ResolvesServerCert for ReloadableCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
 }
 
 /// An enrolled agent's config: trusts only the fleet CA, presents its own
