@@ -194,7 +194,7 @@ async fn pass(
         let seen: Vec<_> = observed
             .iter()
             .filter(|o| !skip_uuids.contains(&o.uuid))
-            .cloned()
+            .map(ObservedVm::to_observed)
             .collect();
         let now = Instant::now();
         let plan = rec.plan(now, &wanted, &seen);

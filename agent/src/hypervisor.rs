@@ -2,6 +2,12 @@
 //! `virt` handles are not `Send`), jobs reach it over a channel, and every
 //! call from async code has a timeout, so a hung libvirtd never freezes the
 //! agent's runtime or its heartbeats.
+//!
+//! Layering (each imports only those below it): `error` (the one libvirt
+//! error) at the bottom; `vmops` (blocking operations on one connection);
+//! `migrate` (live migration on threads and connections of its own, built
+//! on `vmops`); this module on top, which owns the driver thread and
+//! dispatches jobs to `vmops` and `migrate`. Nothing below imports it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc as std_mpsc;
@@ -14,38 +20,10 @@ use novacron_shared::spec::DesiredVm;
 use tokio::sync::{mpsc, oneshot};
 use virt::connect::Connect;
 
+use crate::error::HvError;
 use crate::events::{self, LifecycleEvent};
+use crate::migrate::{self, MigrateRequest, Progress};
 use crate::vmops::{self, Defined, HostSetup, ObservedVm};
-
-/// A libvirt call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum HvError {
-    /// libvirt could not be reached.
-    #[error("cannot connect to libvirt at {uri}: {message}")]
-    Connect {
-        /// The URI.
-        uri: String,
-        /// libvirt's message.
-        message: String,
-    },
-    /// A libvirt call failed.
-    #[error("libvirt {op} failed: {message}")]
-    Call {
-        /// Which call.
-        op: &'static str,
-        /// libvirt's message.
-        message: String,
-    },
-    /// The request cannot be carried out as asked.
-    #[error("{0}")]
-    Invalid(String),
-    /// The call did not finish in time (libvirtd slow or hung).
-    #[error("libvirt did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The driver thread is gone.
-    #[error("the libvirt driver thread stopped")]
-    Gone,
-}
 
 type Job = Box<dyn FnOnce(&mut Driver) + Send>;
 
@@ -210,8 +188,8 @@ impl Hypervisor {
     /// reconciler leaves it alone meanwhile. Progress goes to `progress`.
     pub async fn migrate(
         &self,
-        req: crate::migrate::MigrateRequest,
-        progress: mpsc::UnboundedSender<crate::migrate::Progress>,
+        req: MigrateRequest,
+        progress: mpsc::UnboundedSender<Progress>,
     ) -> Result<(), HvError> {
         let vm = req.vm;
         {
@@ -221,7 +199,7 @@ impl Hypervisor {
             }
             d.insert(vm, Departure::Leaving);
         }
-        let r = crate::migrate::run(self.uri.clone(), req, progress).await;
+        let r = migrate::run(self.uri.clone(), req, progress).await;
         let mut d = self.departures.lock().unwrap_or_else(|p| p.into_inner());
         if r.is_ok() {
             d.insert(vm, Departure::Left);

@@ -6,6 +6,9 @@
 //! on a thread and connection of its own (never the driver thread), and a
 //! second thread polls the job for progress and aborts it past the
 //! deadline.
+//!
+//! Layering: above `vmops` (domain lookup and state) and `error`; below
+//! `hypervisor`, which calls [`run`] and which this module never imports.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use virt::connect::Connect;
 use virt::domain::{Domain, MigrateParameters};
 use virt::sys;
 
-use crate::hypervisor::HvError;
+use crate::error::HvError;
 use crate::{ffi, vmops};
 
 /// How often the job is polled for progress.

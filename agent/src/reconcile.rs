@@ -12,6 +12,12 @@
 //!   one is reported as drift.
 //! - A VM whose last action failed is retried with exponential backoff and
 //!   reported as drift meanwhile.
+//!
+//! Layering: this module sits beside the libvirt driver, not on it. It
+//! imports no driver module (`hypervisor`, `vmops`, `migrate`, `events`):
+//! it sees domains through its own [`Observed`], which the driver converts
+//! its observations into, and compares definitions through the pure
+//! [`crate::drift`] hash.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -20,8 +26,27 @@ use novacron_shared::ids::{OpId, VmId};
 use novacron_shared::protocol::{Drift, VmState};
 use novacron_shared::spec::{DesiredVm, Power};
 
-use crate::domxml::spec_hash;
-use crate::vmops::ObservedVm;
+use crate::drift;
+
+/// A domain as the reconciler needs to see it to plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// Its name.
+    pub name: String,
+    /// Its UUID.
+    pub uuid: String,
+    /// Its state.
+    pub state: VmState,
+    /// What NovaCron recorded on it; `None` when NovaCron did not define it.
+    pub managed: Option<Managed>,
+}
+
+/// What NovaCron recorded on a domain it defined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Managed {
+    /// The drift hash of the spec the definition was made from.
+    pub spec_hash: String,
+}
 
 /// One step towards the desired state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,10 +148,10 @@ pub const RETRY_MAX: Duration = Duration::from_secs(300);
 
 impl Reconciler {
     /// Plans one pass.
-    pub fn plan(&self, now: Instant, desired: &[DesiredVm], observed: &[ObservedVm]) -> Plan {
+    pub fn plan(&self, now: Instant, desired: &[DesiredVm], observed: &[Observed]) -> Plan {
         let mut plan = Plan::default();
-        let by_uuid: HashMap<&str, &ObservedVm> = observed.iter().map(|o| (o.uuid.as_str(), o)).collect();
-        let by_name: HashMap<&str, &ObservedVm> = observed.iter().map(|o| (o.name.as_str(), o)).collect();
+        let by_uuid: HashMap<&str, &Observed> = observed.iter().map(|o| (o.uuid.as_str(), o)).collect();
+        let by_name: HashMap<&str, &Observed> = observed.iter().map(|o| (o.name.as_str(), o)).collect();
         let mut wanted = HashSet::new();
         for d in desired {
             let uuid = d.id.to_string();
@@ -163,7 +188,7 @@ impl Reconciler {
                 }
                 continue;
             };
-            let Some(meta) = &o.meta else {
+            let Some(managed) = &o.managed else {
                 plan.drift.push(Drift {
                     vm: d.spec.name.clone(),
                     message:
@@ -179,7 +204,7 @@ impl Reconciler {
                 });
                 continue;
             }
-            if meta.spec_hash != spec_hash(d) {
+            if !drift::matches(&managed.spec_hash, d) {
                 plan.actions.push(Action::Redefine(d.clone()));
                 continue;
             }
@@ -206,7 +231,7 @@ impl Reconciler {
             plan.actions.extend(action);
         }
         for o in observed {
-            if o.meta.is_some() && !wanted.contains(&o.uuid) {
+            if o.managed.is_some() && !wanted.contains(&o.uuid) {
                 if self.failures.get(&o.name).is_some_and(|f| now < f.retry_at) {
                     plan.drift.push(Drift {
                         vm: o.name.clone(),
@@ -255,7 +280,6 @@ impl Reconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domxml::Metadata;
     use novacron_shared::spec::VmSpec;
     use proptest::prelude::*;
 
@@ -268,27 +292,23 @@ mod tests {
         }
     }
 
-    fn observed_of(d: &DesiredVm, state: VmState) -> ObservedVm {
-        ObservedVm {
+    fn observed_of(d: &DesiredVm, state: VmState) -> Observed {
+        Observed {
             name: d.spec.name.clone(),
             uuid: d.id.to_string(),
             state,
-            meta: Some(Metadata {
-                vm: d.id,
-                spec_hash: spec_hash(d),
-                op_id: d.op_id,
+            managed: Some(Managed {
+                spec_hash: drift::spec_hash(d),
             }),
-            snapshots: vec![],
         }
     }
 
-    fn foreign(name: &str, uuid: &str) -> ObservedVm {
-        ObservedVm {
+    fn foreign(name: &str, uuid: &str) -> Observed {
+        Observed {
             name: name.into(),
             uuid: uuid.into(),
             state: VmState::Running,
-            meta: None,
-            snapshots: vec![],
+            managed: None,
         }
     }
 
@@ -437,20 +457,20 @@ mod tests {
                 .map(|(n, p)| desired(&format!("vm{n}"), u128::from(n) + 1, powers[usize::from(p)]))
                 .collect();
             let mut seen = HashSet::new();
-            let mut host: Vec<ObservedVm> = has
+            let mut host: Vec<Observed> = has
                 .into_iter()
                 .filter(|(n, _, _)| seen.insert(*n))
                 .map(|(n, s, managed)| {
                     let d = desired(&format!("vm{n}"), u128::from(n) + 1, Power::Running);
                     let mut o = observed_of(&d, states[usize::from(s)]);
                     if !managed {
-                        o.meta = None;
+                        o.managed = None;
                         o.uuid = format!("foreign-{n}");
                     }
                     o
                 })
                 .collect();
-            let foreign_before: Vec<ObservedVm> = host.iter().filter(|o| o.meta.is_none()).cloned().collect();
+            let foreign_before: Vec<Observed> = host.iter().filter(|o| o.managed.is_none()).cloned().collect();
             let r = Reconciler::default();
             let now = Instant::now();
             for _ in 0..4 {
@@ -470,7 +490,7 @@ mod tests {
             }
             let plan = r.plan(now, &want, &host);
             prop_assert!(plan.actions.is_empty(), "still acting: {:?}", plan.actions);
-            let foreign_after: Vec<ObservedVm> = host.iter().filter(|o| o.meta.is_none()).cloned().collect();
+            let foreign_after: Vec<Observed> = host.iter().filter(|o| o.managed.is_none()).cloned().collect();
             prop_assert_eq!(foreign_before, foreign_after);
             let mut names = HashSet::new();
             for o in &host {
@@ -486,13 +506,13 @@ mod tests {
                     };
                     prop_assert_eq!(o.state, want);
                 } else {
-                    prop_assert!(host.iter().any(|o| o.name == d.spec.name && o.meta.is_none()));
+                    prop_assert!(host.iter().any(|o| o.name == d.spec.name && o.managed.is_none()));
                 }
             }
         }
     }
 
-    fn set(host: &mut [ObservedVm], id: VmId, s: VmState) {
+    fn set(host: &mut [Observed], id: VmId, s: VmState) {
         for o in host.iter_mut() {
             if o.uuid == id.to_string() {
                 o.state = s;

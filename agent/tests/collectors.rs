@@ -20,7 +20,7 @@ fn host() -> Host {
     common::host("<domain type='test'><name>foreign</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid><memory>65536</memory><os><type>hvm</type></os></domain>")
 }
 
-fn ok<T>(r: Result<T, novacron_agent::hypervisor::HvError>) -> T {
+fn ok<T>(r: Result<T, novacron_agent::error::HvError>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
 }
 

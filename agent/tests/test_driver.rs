@@ -64,7 +64,7 @@ fn state(h: &Host, id: VmId) -> VmState {
     vmops::state(&d).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn ok<T>(r: Result<T, novacron_agent::hypervisor::HvError>) -> T {
+fn ok<T>(r: Result<T, novacron_agent::error::HvError>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
 }
 
