@@ -202,7 +202,7 @@ pub fn domain(vm: &DesiredVm, p: &Placement) -> String {
     x.open("metadata", &[]);
     let meta = Metadata {
         vm: vm.id,
-        spec_hash: crate::drift::spec_hash(vm),
+        spec_hash: crate::drift::domain_hash(vm),
         op_id: vm.op_id,
     };
     x.open("novacron:vm", &[("xmlns:novacron", METADATA_NS)])

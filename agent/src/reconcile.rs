@@ -298,7 +298,7 @@ mod tests {
             uuid: d.id.to_string(),
             state,
             managed: Some(Managed {
-                spec_hash: drift::spec_hash(d),
+                spec_hash: drift::domain_hash(d),
             }),
         }
     }
@@ -398,6 +398,34 @@ mod tests {
         let o = observed_of(&d, VmState::Running);
         let mut d2 = d.clone();
         d2.spec.memory_mib = 256;
+        let p = r.plan(Instant::now(), std::slice::from_ref(&d2), &[o]);
+        assert_eq!(p.actions, [Action::Redefine(d2)]);
+    }
+
+    #[test]
+    fn a_change_outside_the_domain_redefines_nothing() {
+        let r = Reconciler::default();
+        let d = desired("web", 3, Power::Running);
+        let o = observed_of(&d, VmState::Running);
+        let mut d2 = d.clone();
+        d2.spec.ha = !d.spec.ha;
+        let p = r.plan(Instant::now(), std::slice::from_ref(&d2), &[o]);
+        assert!(p.converged(), "{p:?}");
+    }
+
+    #[test]
+    fn domains_defined_by_an_older_agent_are_not_redefined_on_upgrade() {
+        let r = Reconciler::default();
+        let d = desired("web", 3, Power::Running);
+        let mut o = observed_of(&d, VmState::Running);
+        o.managed = Some(Managed {
+            spec_hash: drift::legacy_v1_hash(&d),
+        });
+        let p = r.plan(Instant::now(), std::slice::from_ref(&d), std::slice::from_ref(&o));
+        assert!(p.converged(), "{p:?}");
+        // A real change since is still redefined.
+        let mut d2 = d.clone();
+        d2.spec.vcpus = 2;
         let p = r.plan(Instant::now(), std::slice::from_ref(&d2), &[o]);
         assert_eq!(p.actions, [Action::Redefine(d2)]);
     }

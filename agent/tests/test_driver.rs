@@ -6,6 +6,7 @@ mod common;
 use common::Host;
 
 use novacron_agent::domxml::VirtType;
+use novacron_agent::drift;
 use novacron_agent::vmops::{self, Defined};
 use novacron_shared::ids::{OpId, VmId};
 use novacron_shared::protocol::VmState;
@@ -68,6 +69,11 @@ fn ok<T>(r: Result<T, novacron_agent::error::HvError>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A direct libvirt call's result, or a panic with libvirt's message.
+fn ok_virt<T>(r: Result<T, virt::error::Error>) -> T {
+    r.unwrap_or_else(|e| panic!("libvirt: {e}"))
+}
+
 #[test]
 fn define_is_idempotent_and_creates_volumes_and_seed() {
     let h = host();
@@ -100,6 +106,49 @@ fn define_is_idempotent_and_creates_volumes_and_seed() {
             .map(|d| d.max_memory().unwrap_or(0)),
         Some(256 * 1024)
     );
+}
+
+/// An agent upgrade does not redefine domains an older agent defined: the
+/// older drift hash in their metadata is recognised while it matches.
+#[test]
+fn domains_defined_under_the_legacy_hash_are_unchanged_after_an_upgrade() {
+    let h = host();
+    let v = vm("old-1", 11);
+    assert_eq!(ok(vmops::define(&h.conn, &h.setup, &v)), Defined::Created);
+    // Make it look as an older agent left it: the legacy hash recorded.
+    let d = ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("not defined"));
+    let xml = ok_virt(d.xml_desc(0));
+    let current = drift::domain_hash(&v);
+    assert!(xml.contains(&current), "{xml}");
+    let legacy = drift::legacy_v1_hash(&v);
+    ok_virt(h.conn.define_domain_xml(&xml.replace(&current, &legacy)));
+    let meta = vmops::metadata(&ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("gone")))
+        .unwrap_or_else(|| panic!("no metadata"));
+    assert_eq!(meta.spec_hash, legacy);
+    assert_eq!(ok(vmops::define(&h.conn, &h.setup, &v)), Defined::Unchanged);
+    let mut stopped = v.clone();
+    stopped.power = Power::Stopped;
+    assert!(plan_for(&h, &stopped).actions.is_empty());
+    // A real change is still applied, and records the current scheme.
+    let mut bigger = v.clone();
+    bigger.spec.memory_mib = 256;
+    assert_eq!(ok(vmops::define(&h.conn, &h.setup, &bigger)), Defined::Updated);
+    let meta = vmops::metadata(&ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("gone")))
+        .unwrap_or_else(|| panic!("no metadata"));
+    assert_eq!(meta.spec_hash, drift::domain_hash(&bigger));
+    // From then on a field outside the domain changes nothing.
+    let mut ha = bigger.clone();
+    ha.spec.ha = !bigger.spec.ha;
+    ha.power = Power::Stopped;
+    assert!(plan_for(&h, &ha).actions.is_empty());
+}
+
+/// The reconciler's plan for `vm` against what the host has now.
+fn plan_for(h: &Host, vm: &DesiredVm) -> novacron_agent::reconcile::Plan {
+    let (_, vms) = ok(vmops::observe(&h.conn, &h.setup));
+    let seen: Vec<_> = vms.iter().map(|o| o.to_observed()).collect();
+    let clock = novacron_shared::clock::Clock::system();
+    novacron_agent::reconcile::Reconciler::default().plan(clock.now(), std::slice::from_ref(vm), &seen)
 }
 
 #[test]
