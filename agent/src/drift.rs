@@ -164,7 +164,8 @@ mod tests {
     #[test]
     fn every_domain_field_changes_the_hash() {
         let base = full_vm();
-        let changes: Vec<(&str, fn(&mut DesiredVm))> = vec![
+        type Change = (&'static str, fn(&mut DesiredVm));
+        let changes: Vec<Change> = vec![
             ("id", |v| v.id = VmId(0x12)),
             ("name", |v| v.spec.name = "web-2".into()),
             ("vcpus", |v| v.spec.vcpus += 1),

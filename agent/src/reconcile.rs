@@ -280,8 +280,14 @@ impl Reconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use novacron_shared::clock::Clock;
     use novacron_shared::spec::VmSpec;
     use proptest::prelude::*;
+
+    /// An instant from a manual clock (the reconciler never reads the time).
+    fn now() -> Instant {
+        Clock::manual().0.now()
+    }
 
     fn desired(name: &str, id: u128, power: Power) -> DesiredVm {
         DesiredVm {
@@ -315,7 +321,7 @@ mod tests {
     #[test]
     fn missing_vms_are_defined_then_started() {
         let r = Reconciler::default();
-        let now = Instant::now();
+        let now = now();
         let d = desired("a", 1, Power::Running);
         let p = r.plan(now, std::slice::from_ref(&d), &[]);
         assert_eq!(p.actions, [Action::Define(d.clone())]);
@@ -336,7 +342,7 @@ mod tests {
     #[test]
     fn power_is_driven_to_the_desired_state() {
         let r = Reconciler::default();
-        let now = Instant::now();
+        let now = now();
         let cases = [
             (Power::Running, VmState::Paused, "Resume"),
             (Power::Running, VmState::Crashed, "Start"),
@@ -367,7 +373,7 @@ mod tests {
         let r = Reconciler::default();
         let old = desired("old", 2, Power::Running);
         let p = r.plan(
-            Instant::now(),
+            now(),
             &[],
             &[observed_of(&old, VmState::Running), foreign("hand-made", "u-1")],
         );
@@ -385,7 +391,7 @@ mod tests {
     fn a_name_clash_with_a_foreign_domain_is_drift_not_action() {
         let r = Reconciler::default();
         let d = desired("web", 3, Power::Running);
-        let p = r.plan(Instant::now(), std::slice::from_ref(&d), &[foreign("web", "u-9")]);
+        let p = r.plan(now(), std::slice::from_ref(&d), &[foreign("web", "u-9")]);
         assert!(p.actions.is_empty());
         assert_eq!(p.drift.len(), 1);
         assert!(p.drift[0].message.contains("u-9"), "{:?}", p.drift);
@@ -398,7 +404,7 @@ mod tests {
         let o = observed_of(&d, VmState::Running);
         let mut d2 = d.clone();
         d2.spec.memory_mib = 256;
-        let p = r.plan(Instant::now(), std::slice::from_ref(&d2), &[o]);
+        let p = r.plan(now(), std::slice::from_ref(&d2), &[o]);
         assert_eq!(p.actions, [Action::Redefine(d2)]);
     }
 
@@ -409,7 +415,7 @@ mod tests {
         let o = observed_of(&d, VmState::Running);
         let mut d2 = d.clone();
         d2.spec.ha = !d.spec.ha;
-        let p = r.plan(Instant::now(), std::slice::from_ref(&d2), &[o]);
+        let p = r.plan(now(), std::slice::from_ref(&d2), &[o]);
         assert!(p.converged(), "{p:?}");
     }
 
@@ -421,50 +427,48 @@ mod tests {
         o.managed = Some(Managed {
             spec_hash: drift::legacy_v1_hash(&d),
         });
-        let p = r.plan(Instant::now(), std::slice::from_ref(&d), std::slice::from_ref(&o));
+        let p = r.plan(now(), std::slice::from_ref(&d), std::slice::from_ref(&o));
         assert!(p.converged(), "{p:?}");
         // A real change since is still redefined.
         let mut d2 = d.clone();
         d2.spec.vcpus = 2;
-        let p = r.plan(Instant::now(), std::slice::from_ref(&d2), &[o]);
+        let p = r.plan(now(), std::slice::from_ref(&d2), &[o]);
         assert_eq!(p.actions, [Action::Redefine(d2)]);
     }
 
     #[test]
     fn failures_back_off_exponentially_and_show_as_drift() {
+        let (clock, time) = Clock::manual();
         let mut r = Reconciler::default();
-        let t0 = Instant::now();
         let d = desired("a", 1, Power::Running);
-        r.record(t0, "a", Err("no space".into()));
-        let p = r.plan(t0 + Duration::from_secs(1), std::slice::from_ref(&d), &[]);
+        let acts = |r: &Reconciler| r.plan(clock.now(), std::slice::from_ref(&d), &[]).actions.len();
+        r.record(clock.now(), "a", Err("no space".into()));
+        time.advance(RETRY_BASE - Duration::from_millis(1));
+        let p = r.plan(clock.now(), std::slice::from_ref(&d), &[]);
         assert!(p.actions.is_empty());
         assert!(p.drift[0].message.contains("no space"), "{:?}", p.drift);
-        assert_eq!(
-            r.plan(t0 + RETRY_BASE, std::slice::from_ref(&d), &[])
-                .actions
-                .len(),
-            1
-        );
-        r.record(t0 + RETRY_BASE, "a", Err("no space".into()));
+        assert!(p.drift[0].message.contains("attempt 1"), "{:?}", p.drift);
+        time.advance(Duration::from_millis(1));
+        assert_eq!(acts(&r), 1, "retried once the delay is over");
         // Second failure: twice the delay.
-        let t1 = t0 + RETRY_BASE;
-        assert!(r
-            .plan(t1 + RETRY_BASE, std::slice::from_ref(&d), &[])
-            .actions
-            .is_empty());
-        assert_eq!(
-            r.plan(t1 + RETRY_BASE * 2, std::slice::from_ref(&d), &[])
-                .actions
-                .len(),
-            1
-        );
-        r.record(t1 + RETRY_BASE * 2, "a", Ok(()));
-        assert_eq!(
-            r.plan(t1 + RETRY_BASE * 2, std::slice::from_ref(&d), &[])
-                .actions
-                .len(),
-            1
-        );
+        r.record(clock.now(), "a", Err("no space".into()));
+        time.advance(RETRY_BASE * 2 - Duration::from_millis(1));
+        assert_eq!(acts(&r), 0);
+        time.advance(Duration::from_millis(1));
+        assert_eq!(acts(&r), 1);
+        // Many failures: the delay stops growing at RETRY_MAX.
+        for _ in 0..20 {
+            r.record(clock.now(), "a", Err("no space".into()));
+        }
+        time.advance(RETRY_MAX - Duration::from_millis(1));
+        assert_eq!(acts(&r), 0);
+        time.advance(Duration::from_millis(1));
+        assert_eq!(acts(&r), 1);
+        // Success clears the failure: nothing holds the next action back.
+        r.record(clock.now(), "a", Ok(()));
+        r.record(clock.now(), "a", Err("again".into()));
+        time.advance(RETRY_BASE);
+        assert_eq!(acts(&r), 1, "the count started over after the success");
     }
 
     proptest! {
@@ -500,7 +504,7 @@ mod tests {
                 .collect();
             let foreign_before: Vec<Observed> = host.iter().filter(|o| o.managed.is_none()).cloned().collect();
             let r = Reconciler::default();
-            let now = Instant::now();
+            let now = now();
             for _ in 0..4 {
                 let plan = r.plan(now, &want, &host);
                 for a in plan.actions {
@@ -527,12 +531,13 @@ mod tests {
             // Every desired VM without a foreign name clash matches.
             for d in &want {
                 if let Some(o) = host.iter().find(|o| o.uuid == d.id.to_string()) {
-                    let want = match d.power {
-                        Power::Running => VmState::Running,
-                        Power::Paused => VmState::Paused,
-                        Power::Stopped => o.state, // stopped or crashed both count
+                    let matches = match d.power {
+                        Power::Running => o.state == VmState::Running,
+                        Power::Paused => o.state == VmState::Paused,
+                        // A crashed domain is off too: both count as stopped.
+                        Power::Stopped => matches!(o.state, VmState::Stopped | VmState::Crashed),
                     };
-                    prop_assert_eq!(o.state, want);
+                    prop_assert!(matches, "{} should be {:?} but is {:?}", d.spec.name, d.power, o.state);
                 } else {
                     prop_assert!(host.iter().any(|o| o.name == d.spec.name && o.managed.is_none()));
                 }
