@@ -42,7 +42,7 @@ fn tick(c: &mut DomainCollector, conn: &Connect, ts: u64) -> Vec<(Scope, Metric,
     b.start_tick(ts);
     c.collect(conn, &mut b).unwrap_or_else(|e| panic!("{e}"));
     b.end_tick();
-    b.take().map(decode).unwrap_or_default()
+    decode(b.take().unwrap_or_else(|| panic!("the tick closed no batch")))
 }
 
 fn decode(mut batch: MetricBatch) -> Vec<(Scope, Metric, Option<String>, i64)> {
