@@ -63,7 +63,9 @@ fn post(outbox: &mpsc::Sender<AgentMessage>, msg: AgentMessage) {
 
 /// When the next reconcile round is due: after a burst of libvirt events
 /// has settled (a start emits several; they make one round), and at least
-/// every `resync_every` even without events. Pure: `now` comes in.
+/// every `resync_every` even without events. A new desired state never
+/// waits for the event window (the loop starts a round at once). Pure:
+/// `now` comes in.
 #[derive(Debug, Clone)]
 pub struct Triggers {
     resync_every: Duration,
