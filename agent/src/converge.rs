@@ -4,11 +4,16 @@
 //!
 //! Nothing here acts before the server has sent a desired state: an agent
 //! that starts while the server is away leaves every VM as it is.
+//!
+//! Time comes from the [`Clock`] the wiring passes in; when a round is due
+//! (event debounce, periodic resync) is decided by [`Triggers`], which takes
+//! `now` as an argument.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+use novacron_shared::clock::Clock;
 use novacron_shared::ids::OpId;
 use novacron_shared::protocol::{
     AgentMessage, CommandKind, CommandOutcome, CommandProgress, CommandResult, DesiredState, ReconcileReport,
@@ -56,16 +61,56 @@ fn post(outbox: &mpsc::Sender<AgentMessage>, msg: AgentMessage) {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+/// When the next reconcile round is due: after a burst of libvirt events
+/// has settled (a start emits several; they make one round), and at least
+/// every `resync_every` even without events. A new desired state never
+/// waits for the event window (the loop starts a round at once). Pure:
+/// `now` comes in.
+#[derive(Debug, Clone)]
+pub struct Triggers {
+    resync_every: Duration,
+    last_round: Instant,
+    settle_at: Option<Instant>,
 }
 
-/// Runs the VM loop until `shutdown`.
+impl Triggers {
+    /// Triggers for a loop whose last round was at `now`.
+    pub fn new(resync_every: Duration, now: Instant) -> Self {
+        Self {
+            resync_every,
+            last_round: now,
+            settle_at: None,
+        }
+    }
+
+    /// A libvirt event arrived: a round follows once the burst settles (the
+    /// window opens with the burst's first event and is not pushed back).
+    pub fn event(&mut self, now: Instant) {
+        self.settle_at.get_or_insert(now + EVENT_DEBOUNCE);
+    }
+
+    /// When the current burst settles, if one is open.
+    pub fn settle_at(&self) -> Option<Instant> {
+        self.settle_at
+    }
+
+    /// Whether a periodic resync is due at `now`.
+    pub fn resync_due(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_round) >= self.resync_every
+    }
+
+    /// A round ran at `now`: it covers every event so far.
+    pub fn ran(&mut self, now: Instant) {
+        self.last_round = now;
+        self.settle_at = None;
+    }
+}
+
+/// Runs the VM loop until `shutdown`, reading the time from `clock`.
 pub async fn run(
     hv: Hypervisor,
     cfg: ConvergeConfig,
+    clock: Clock,
     mut desired: watch::Receiver<Option<DesiredState>>,
     mut events: mpsc::UnboundedReceiver<LifecycleEvent>,
     outbox: mpsc::Sender<AgentMessage>,
@@ -75,21 +120,21 @@ pub async fn run(
     let mut ping = tokio::time::interval(cfg.ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_connects = None;
-    let mut last_pass = Instant::now();
+    let mut triggers = Triggers::new(cfg.resync_every, clock.now());
     let mut dirty = true;
-    // A burst of libvirt events (a start emits several) is coalesced into
-    // one pass; a new desired state never waits for that window.
-    let mut settle: Option<tokio::time::Instant> = None;
     loop {
+        let settle = triggers
+            .settle_at()
+            .map(|t| t.saturating_duration_since(clock.now()));
         let settled = async {
             match settle {
-                Some(t) => tokio::time::sleep_until(t).await,
+                Some(d) => tokio::time::sleep(d).await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
             _ = settled => {
-                settle = None;
+                // The burst's window is over: one round for all of it.
                 dirty = true;
             }
             _ = shutdown.changed() => {
@@ -104,8 +149,8 @@ pub async fn run(
                 dirty = true;
             }
             Some(ev) = events.recv() => {
-                forward(&outbox, &ev);
-                settle.get_or_insert_with(|| tokio::time::Instant::now() + EVENT_DEBOUNCE);
+                forward(&outbox, &ev, clock.unix_ms());
+                triggers.event(clock.now());
             }
             _ = ping.tick() => {
                 match hv.ping().await {
@@ -118,25 +163,24 @@ pub async fn run(
                     }
                     Err(e) => tracing::warn!(error = %e, "libvirt unavailable"),
                 }
-                if last_pass.elapsed() >= cfg.resync_every {
+                if triggers.resync_due(clock.now()) {
                     dirty = true;
                 }
             }
         }
         if dirty {
-            settle = None;
             let want = desired.borrow().clone();
             tracing::debug!(
                 generation = want.as_ref().map(|w| w.generation),
                 "reconcile round"
             );
-            dirty = !pass(&hv, &cfg, &mut rec, want.as_ref(), &outbox).await;
-            last_pass = Instant::now();
+            dirty = !pass(&hv, &cfg, &clock, &mut rec, want.as_ref(), &outbox).await;
+            triggers.ran(clock.now());
         }
     }
 }
 
-fn forward(outbox: &mpsc::Sender<AgentMessage>, ev: &LifecycleEvent) {
+fn forward(outbox: &mpsc::Sender<AgentMessage>, ev: &LifecycleEvent, at_ms: u64) {
     tracing::info!(vm = %ev.name, event = ev.event_name(), detail = ev.detail_name(), "libvirt event");
     post(
         outbox,
@@ -146,7 +190,7 @@ fn forward(outbox: &mpsc::Sender<AgentMessage>, ev: &LifecycleEvent) {
             event: ev.event_name().into(),
             detail: ev.detail_name().into(),
             state: ev.state(),
-            at_ms: unix_ms(),
+            at_ms,
         }),
     );
 }
@@ -157,6 +201,7 @@ fn forward(outbox: &mpsc::Sender<AgentMessage>, ev: &LifecycleEvent) {
 async fn pass(
     hv: &Hypervisor,
     cfg: &ConvergeConfig,
+    clock: &Clock,
     rec: &mut Reconciler,
     want: Option<&DesiredState>,
     outbox: &mpsc::Sender<AgentMessage>,
@@ -194,10 +239,9 @@ async fn pass(
         let seen: Vec<_> = observed
             .iter()
             .filter(|o| !skip_uuids.contains(&o.uuid))
-            .cloned()
+            .map(ObservedVm::to_observed)
             .collect();
-        let now = Instant::now();
-        let plan = rec.plan(now, &wanted, &seen);
+        let plan = rec.plan(clock.now(), &wanted, &seen);
         tracing::debug!(?plan, "plan");
         passes += 1;
         if plan.actions.is_empty() || passes > MAX_PASSES {
@@ -221,7 +265,7 @@ async fn pass(
                     done.push(format!("{line}: failed: {e}"));
                 }
             }
-            rec.record(Instant::now(), &name, r);
+            rec.record(clock.now(), &name, r);
         }
     };
     let Some(want) = want else { return true };
@@ -408,6 +452,41 @@ pub fn spawn_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_burst_makes_one_round_after_the_debounce_window() {
+        let (clock, time) = Clock::manual();
+        let mut t = Triggers::new(Duration::from_secs(30), clock.now());
+        assert_eq!(t.settle_at(), None);
+        let first = clock.now();
+        t.event(clock.now());
+        time.advance(Duration::from_millis(60));
+        // Later events of the burst do not push the round back.
+        t.event(clock.now());
+        assert_eq!(t.settle_at(), Some(first + EVENT_DEBOUNCE));
+        time.advance(EVENT_DEBOUNCE);
+        t.ran(clock.now());
+        assert_eq!(t.settle_at(), None, "the round covered the burst");
+        t.event(clock.now());
+        assert_eq!(t.settle_at(), Some(clock.now() + EVENT_DEBOUNCE));
+    }
+
+    #[test]
+    fn a_resync_is_due_after_the_interval_since_the_last_round() {
+        let (clock, time) = Clock::manual();
+        let every = Duration::from_secs(30);
+        let mut t = Triggers::new(every, clock.now());
+        time.advance(every - Duration::from_millis(1));
+        assert!(!t.resync_due(clock.now()));
+        time.advance(Duration::from_millis(1));
+        assert!(t.resync_due(clock.now()));
+        t.ran(clock.now());
+        assert!(!t.resync_due(clock.now()));
+        // The wall clock jumping back does not matter: monotonic time rules.
+        time.jump_wall(Duration::from_secs(3600), false);
+        time.advance(every);
+        assert!(t.resync_due(clock.now()));
+    }
 
     #[test]
     fn an_op_id_runs_once() {

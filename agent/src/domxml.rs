@@ -202,7 +202,7 @@ pub fn domain(vm: &DesiredVm, p: &Placement) -> String {
     x.open("metadata", &[]);
     let meta = Metadata {
         vm: vm.id,
-        spec_hash: spec_hash(vm),
+        spec_hash: crate::drift::domain_hash(vm),
         op_id: vm.op_id,
     };
     x.open("novacron:vm", &[("xmlns:novacron", METADATA_NS)])
@@ -325,12 +325,6 @@ pub fn disk_target(i: usize) -> String {
     format!("vd{}", String::from_utf8_lossy(&suffix))
 }
 
-/// A stable hash of everything that shapes a VM's definition.
-pub fn spec_hash(vm: &DesiredVm) -> String {
-    let bytes = novacron_shared::codec::encode(&(&vm.id, &vm.spec)).unwrap_or_default();
-    novacron_shared::pki::sha256_hex(&bytes)[..16].to_string()
-}
-
 /// A dir-backed storage pool.
 pub fn dir_pool(name: &str, path: &str) -> String {
     let mut x = Xml::new();
@@ -373,7 +367,7 @@ pub fn snapshot(name: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use novacron_shared::spec::{CloudInit, DiskSpec, KernelBoot, NicSpec, Power, VmSpec};
 

@@ -2,50 +2,29 @@
 //! `virt` handles are not `Send`), jobs reach it over a channel, and every
 //! call from async code has a timeout, so a hung libvirtd never freezes the
 //! agent's runtime or its heartbeats.
+//!
+//! Layering (each imports only those below it): `error` (the one libvirt
+//! error) at the bottom; `vmops` (blocking operations on one connection);
+//! `migrate` (live migration on threads and connections of its own, built
+//! on `vmops`); this module on top, which owns the driver thread and
+//! dispatches jobs to `vmops` and `migrate`. Nothing below imports it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use novacron_shared::clock::Clock;
 use novacron_shared::ids::VmId;
 use novacron_shared::protocol::{Capacity, Inventory, VmObserved};
 use novacron_shared::spec::DesiredVm;
 use tokio::sync::{mpsc, oneshot};
 use virt::connect::Connect;
 
+use crate::error::HvError;
 use crate::events::{self, LifecycleEvent};
+use crate::migrate::{self, MigrateRequest, Progress};
 use crate::vmops::{self, Defined, HostSetup, ObservedVm};
-
-/// A libvirt call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum HvError {
-    /// libvirt could not be reached.
-    #[error("cannot connect to libvirt at {uri}: {message}")]
-    Connect {
-        /// The URI.
-        uri: String,
-        /// libvirt's message.
-        message: String,
-    },
-    /// A libvirt call failed.
-    #[error("libvirt {op} failed: {message}")]
-    Call {
-        /// Which call.
-        op: &'static str,
-        /// libvirt's message.
-        message: String,
-    },
-    /// The request cannot be carried out as asked.
-    #[error("{0}")]
-    Invalid(String),
-    /// The call did not finish in time (libvirtd slow or hung).
-    #[error("libvirt did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The driver thread is gone.
-    #[error("the libvirt driver thread stopped")]
-    Gone,
-}
 
 type Job = Box<dyn FnOnce(&mut Driver) + Send>;
 
@@ -73,6 +52,7 @@ pub struct Hypervisor {
     /// Driver threads abandoned because a call hung.
     pub abandoned: Arc<std::sync::atomic::AtomicU64>,
     departures: Arc<Mutex<HashMap<VmId, Departure>>>,
+    clock: Clock,
 }
 
 /// A VM live-migrating away from this host: the reconciler leaves it alone.
@@ -166,12 +146,24 @@ fn spawn_driver(
 }
 
 impl Hypervisor {
-    /// Starts the driver thread for `uri`; calls time out after `timeout`.
-    /// Lifecycle events arrive on the returned receiver.
+    /// Starts the driver thread for `uri` on the system clock; see
+    /// [`Hypervisor::start_with_clock`].
     pub fn start(
         uri: &str,
         timeout: Duration,
         setup: HostSetup,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<LifecycleEvent>), HvError> {
+        Self::start_with_clock(uri, timeout, setup, Clock::system())
+    }
+
+    /// Starts the driver thread for `uri`; calls time out after `timeout`
+    /// (tokio timers) and migrations read the time from `clock`.
+    /// Lifecycle events arrive on the returned receiver.
+    pub fn start_with_clock(
+        uri: &str,
+        timeout: Duration,
+        setup: HostSetup,
+        clock: Clock,
     ) -> Result<(Self, mpsc::UnboundedReceiver<LifecycleEvent>), HvError> {
         events::start_event_loop().map_err(|message| HvError::Connect {
             uri: uri.to_string(),
@@ -191,6 +183,7 @@ impl Hypervisor {
                 sink,
                 abandoned: Arc::default(),
                 departures: Arc::default(),
+                clock,
             },
             events,
         ))
@@ -210,8 +203,8 @@ impl Hypervisor {
     /// reconciler leaves it alone meanwhile. Progress goes to `progress`.
     pub async fn migrate(
         &self,
-        req: crate::migrate::MigrateRequest,
-        progress: mpsc::UnboundedSender<crate::migrate::Progress>,
+        req: MigrateRequest,
+        progress: mpsc::UnboundedSender<Progress>,
     ) -> Result<(), HvError> {
         let vm = req.vm;
         {
@@ -221,7 +214,7 @@ impl Hypervisor {
             }
             d.insert(vm, Departure::Leaving);
         }
-        let r = crate::migrate::run(self.uri.clone(), req, progress).await;
+        let r = migrate::run(self.clock.clone(), self.uri.clone(), req, progress).await;
         let mut d = self.departures.lock().unwrap_or_else(|p| p.into_inner());
         if r.is_ok() {
             d.insert(vm, Departure::Left);
@@ -484,6 +477,22 @@ mod tests {
         Hypervisor::start(uri, timeout, setup).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Waits (on the system clock: these tests hang real driver threads)
+    /// until every abandoned thread has exited; fails after five seconds.
+    async fn wait_until_unstuck(hv: &Hypervisor) {
+        use std::sync::atomic::Ordering;
+        let clock = Clock::system();
+        let deadline = clock.now() + Duration::from_secs(5);
+        while hv.stuck.load(Ordering::SeqCst) > 0 && clock.now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            hv.stuck.load(Ordering::SeqCst),
+            0,
+            "abandoned driver threads never exited"
+        );
+    }
+
     #[tokio::test]
     async fn inventory_from_the_test_driver() {
         let (hv, _ev) = test_hv("test:///default", Duration::from_secs(10));
@@ -544,11 +553,7 @@ mod tests {
         assert_eq!(hv.stuck.load(Ordering::SeqCst), MAX_STUCK_THREADS);
         // libvirt answers again: the stuck threads finish and exit.
         drop(release);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while hv.stuck.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(hv.stuck.load(Ordering::SeqCst), 0);
+        wait_until_unstuck(&hv).await;
     }
 
     #[tokio::test]
@@ -580,11 +585,7 @@ mod tests {
         assert!(first.await.is_ok_and(|r| r.is_err()));
         // Unstick the old thread and let it drain its queue and exit.
         drop(release);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while hv.stuck.load(std::sync::atomic::Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(hv.stuck.load(std::sync::atomic::Ordering::SeqCst), 0);
+        wait_until_unstuck(&hv).await;
         assert!(
             !ran.load(std::sync::atomic::Ordering::SeqCst),
             "a job whose caller gave up ran late"

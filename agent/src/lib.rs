@@ -1,10 +1,29 @@
 //! NovaCron agent: the libvirt driver (VMs, storage, snapshots, events),
 //! the reconciler, the link to the server and the host's identity.
 //! `main.rs` only parses the command line.
+//!
+//! Layers, bottom up (a module imports only modules of its own or a lower
+//! layer; nothing imports upwards, so there are no circles):
+//! 1. no libvirt: the pure `drift` (the definition hash), `domxml` (XML
+//!    text) and `reconcile` (desired + observed in, actions out, on its own
+//!    observation type); and `seed` (builds the cloud-init ISO), `spool`
+//!    (the on-disk metric spool), `identity` (key and certificate files);
+//! 2. the libvirt driver: `error` (its one error type), `ffi` and `events`
+//!    (unwrapped libvirt calls), `vmops` (operations on a connection; turns
+//!    what it observes into the reconciler's type), `migrate` (on `vmops`),
+//!    `hypervisor` (the driver thread, dispatching to `vmops` and `migrate`);
+//! 3. `metrics` (collectors and sampler, on the driver) and `config`;
+//! 4. the loops: `converge` (plans with `reconcile`, acts through
+//!    `hypervisor`) and `link` (the server session, on `converge`).
+//!
+//! Time: `main` makes one `Clock` and hands it to `hypervisor`, `converge`,
+//! `metrics` and `link`; logic with deadlines or backoff takes `now`.
 
 pub mod config;
 pub mod converge;
 pub mod domxml;
+pub mod drift;
+pub mod error;
 pub mod events;
 pub mod ffi;
 pub mod hypervisor;

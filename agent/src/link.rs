@@ -1,12 +1,18 @@
 //! The agent's link to the server: enrollment over a CA-pinned connection,
 //! then a mutual-TLS session with hello, heartbeats, inventory, commands and
 //! certificate renewal, reconnecting with capped exponential backoff.
+//!
+//! Time comes from the [`Clock`] in [`LinkConfig`]: the wall clock decides
+//! when the certificate is due for renewal, and [`Reconnect`] (pure, `now`
+//! in) when the next connection attempt is; the waits themselves are tokio
+//! timers, which follow tokio's paused time in tests.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant};
 
 use novacron_shared::backoff::Backoff;
+use novacron_shared::clock::Clock;
 use novacron_shared::framing::{self, FrameError, FramedRecv, MAX_FRAME_LEN};
 use novacron_shared::pki;
 use novacron_shared::protocol::{
@@ -94,6 +100,8 @@ pub struct LinkConfig {
     pub versions: (u16, u16),
     /// The metrics spool to stream, when metrics are on.
     pub metrics: Option<Arc<crate::metrics::MetricsShared>>,
+    /// Where the link reads the time.
+    pub clock: Clock,
 }
 
 impl LinkConfig {
@@ -105,6 +113,7 @@ impl LinkConfig {
             hostname,
             versions: (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
             metrics: None,
+            clock: Clock::system(),
         }
     }
 }
@@ -232,13 +241,37 @@ pub async fn join(
     result
 }
 
-/// Counters the agent exposes to tests and logs.
-#[derive(Debug, Default)]
-pub struct LinkStats {
-    /// Sessions that got a welcome.
-    pub sessions: std::sync::atomic::AtomicU64,
-    /// Heartbeats acknowledged.
-    pub heartbeat_acks: std::sync::atomic::AtomicU64,
+/// First delay before reconnecting.
+pub const RECONNECT_BASE: Duration = Duration::from_millis(200);
+/// Longest delay before reconnecting.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// When the link tries again: capped exponential backoff with equal jitter
+/// after every ended attempt, starting small again once a session got a
+/// welcome. Pure: `now` and the randomness come in.
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    backoff: Backoff,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self {
+            backoff: Backoff::new(RECONNECT_BASE, RECONNECT_MAX),
+        }
+    }
+}
+
+impl Reconnect {
+    /// A session got a welcome: the next failure starts from the base delay.
+    pub fn connected(&mut self) {
+        self.backoff.reset();
+    }
+
+    /// An attempt ended at `now`: when to try again (`unit` in `[0, 1)`).
+    pub fn next_attempt(&mut self, now: Instant, unit: f64) -> Instant {
+        now + self.backoff.next_delay(unit)
+    }
 }
 
 /// How the link and the VM loop talk.
@@ -282,10 +315,9 @@ pub async fn run(
     paths: Paths,
     hv: Hypervisor,
     mut vm: VmChannels,
-    stats: Arc<LinkStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut reconnect = Reconnect::default();
     let mut endpoint: Option<quinn::Endpoint> = None;
     loop {
         let attempt = session(
@@ -294,9 +326,8 @@ pub async fn run(
             &paths,
             &hv,
             &mut vm,
-            &stats,
             &mut endpoint,
-            &mut backoff,
+            &mut reconnect,
             &mut shutdown,
         )
         .await;
@@ -307,7 +338,10 @@ pub async fn run(
             }
             return;
         }
-        let delay = backoff.next_delay(rand::random::<f64>());
+        let now = cfg.clock.now();
+        let delay = reconnect
+            .next_attempt(now, rand::random::<f64>())
+            .saturating_duration_since(now);
         match attempt {
             Ok(()) => tracing::warn!(retry_in = ?delay, "session ended; reconnecting"),
             Err(e) if e.needs_operator() => {
@@ -341,9 +375,8 @@ async fn session(
     paths: &Paths,
     hv: &Hypervisor,
     vm: &mut VmChannels,
-    stats: &LinkStats,
     endpoint: &mut Option<quinn::Endpoint>,
-    backoff: &mut Backoff,
+    reconnect: &mut Reconnect,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
     let addr = resolve(&cfg.server).await?;
@@ -357,7 +390,7 @@ async fn session(
     };
     let client_cfg = identity.client_config(IDLE_TIMEOUT)?;
     let conn = connect(&ep, client_cfg, addr, &cfg.server_name).await?;
-    let r = serve(cfg, &conn, identity, paths, hv, vm, stats, backoff, shutdown).await;
+    let r = serve(cfg, &conn, identity, paths, hv, vm, reconnect, shutdown).await;
     if *shutdown.borrow() {
         conn.close(0u32.into(), b"agent shutting down");
     }
@@ -375,8 +408,7 @@ async fn serve(
     paths: &Paths,
     hv: &Hypervisor,
     vm: &mut VmChannels,
-    stats: &LinkStats,
-    backoff: &mut Backoff,
+    reconnect: &mut Reconnect,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
     let (mut send, recv) = conn.open_bi().await.map_err(LinkError::Connection)?;
@@ -410,8 +442,7 @@ async fn serve(
         )));
     }
     let version = welcome.version;
-    backoff.reset();
-    stats.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    reconnect.connected();
     tracing::info!(host_id = %identity.host_id, version, "connected to the server");
 
     // Whatever queued while disconnected is stale: the fresh inventory
@@ -452,7 +483,7 @@ async fn serve(
             _ = ticker.tick() => {
                 seq += 1;
                 framing::write_frame(&mut send, version, &AgentMessage::Heartbeat(Heartbeat { seq }), &mut buf).await?;
-                if pending_key.is_none() && SystemTime::now() >= identity.validity.renew_at() {
+                if pending_key.is_none() && cfg.clock.wall() >= identity.validity.renew_at() {
                     let (key, csr_der) = pki::make_csr(&cfg.hostname)?;
                     tracing::info!(host_id = %identity.host_id, "certificate due for renewal; sending a CSR");
                     framing::write_frame(&mut send, version, &AgentMessage::RenewCertificate(RenewRequest { csr_der }), &mut buf).await?;
@@ -468,7 +499,8 @@ async fn serve(
                 }
                 match msg {
                     ServerMessage::HeartbeatAck(_) => {
-                        stats.heartbeat_acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        // Liveness is the server's to judge (and QUIC's idle
+                        // timeout ours); an ack needs no action.
                     }
                     ServerMessage::Command(cmd) => {
                         // Off the session loop: heartbeats keep flowing while
@@ -522,4 +554,36 @@ impl Drop for AbortOnDrop {
 mod rcgen_key {
     /// Private key, PKCS#8 PEM.
     pub struct Key(pub String);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnects_back_off_and_start_small_after_a_welcome() {
+        let (clock, time) = Clock::manual();
+        let mut r = Reconnect::default();
+        // The whole delay when the randomness is at its top (1.0 is
+        // clamped to it), half of it at the bottom.
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            let at = r.next_attempt(clock.now(), 1.0);
+            let wait = at - clock.now();
+            waits.push(wait);
+            time.advance(wait);
+        }
+        assert_eq!(waits[0], RECONNECT_BASE);
+        assert_eq!(waits[1], RECONNECT_BASE * 2);
+        assert_eq!(waits[2], RECONNECT_BASE * 4);
+        assert_eq!(*waits.last().unwrap_or(&Duration::ZERO), RECONNECT_MAX);
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+        assert_eq!(r.next_attempt(clock.now(), 0.0) - clock.now(), RECONNECT_MAX / 2);
+        r.connected();
+        assert_eq!(r.next_attempt(clock.now(), 1.0) - clock.now(), RECONNECT_BASE);
+        // The wall clock jumping does not move the schedule.
+        let before = r.next_attempt(clock.now(), 1.0) - clock.now();
+        time.jump_wall(Duration::from_secs(3600), false);
+        assert_eq!(r.next_attempt(clock.now(), 1.0) - clock.now(), before * 2);
+    }
 }

@@ -1,7 +1,6 @@
 //! `novacron-agent`: parses the command line and wires the parts together.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,7 +8,8 @@ use clap::{Parser, Subcommand};
 use novacron_agent::config::{self, split_host_port, AgentConfig, ConfigFile};
 use novacron_agent::hypervisor::Hypervisor;
 use novacron_agent::identity::{Enrollment, Identity, IdentityError, Paths};
-use novacron_agent::link::{self, LinkConfig, LinkStats};
+use novacron_agent::link::{self, LinkConfig};
+use novacron_shared::clock::Clock;
 
 /// The NovaCron host agent: runs the VMs the server wants on this host's
 /// libvirt and streams the host's state to the server over mutual TLS.
@@ -136,7 +136,8 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             let (host, _) = split_host_port(&server).map_err(anyhow::Error::msg)?;
             let server_name = server_name.unwrap_or(host);
             let link_cfg = LinkConfig::new(server.clone(), server_name.clone(), hostname(&cfg));
-            let started = std::time::Instant::now();
+            let clock = Clock::system();
+            let started = clock.now();
             let identity = link::join(&link_cfg, &token, &ca_fingerprint, novacron_agent::VERSION)
                 .await
                 .map_err(|e| anyhow::anyhow!("join failed: {}", link::error_chain(&e)))?;
@@ -150,7 +151,7 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             println!(
                 "joined as host {} in {:?}; certificate valid until {:?}",
                 identity.host_id,
-                started.elapsed(),
+                clock.since(started),
                 identity.validity.not_after
             );
             println!("start the agent with `novacron-agent run` (or `systemctl start novacron-agent`)");
@@ -164,17 +165,26 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
                 (None, Some(s)) => split_host_port(s).map_err(anyhow::Error::msg)?.0,
                 (None, None) => enrollment.server_name,
             };
+            // The one clock every part with timeouts, deadlines or backoff reads.
+            let clock = Clock::system();
             let mut link_cfg = LinkConfig::new(server, server_name, hostname(&cfg));
+            link_cfg.clock = clock.clone();
             if let Some(v) = protocol_versions {
                 link_cfg.versions = v;
             }
-            let (hv, events) = Hypervisor::start(&cfg.libvirt_uri, cfg.vms.call_timeout, cfg.host_setup())?;
+            let (hv, events) = Hypervisor::start_with_clock(
+                &cfg.libvirt_uri,
+                cfg.vms.call_timeout,
+                cfg.host_setup(),
+                clock.clone(),
+            )?;
             let metrics = if cfg.metrics.enabled {
                 let m = novacron_agent::metrics::start(
                     &cfg.metrics,
                     &cfg.data_dir.join("spool"),
                     &hv,
                     tokio::runtime::Handle::current(),
+                    clock.clone(),
                 )?;
                 tracing::info!(interval = ?cfg.metrics.interval, "sampling metrics");
                 link_cfg.metrics = Some(m.clone());
@@ -192,20 +202,13 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             let vms = tokio::spawn(novacron_agent::converge::run(
                 hv.clone(),
                 converge_cfg,
+                clock.clone(),
                 desired,
                 events,
                 channels.outbox_tx.clone(),
                 rx.clone(),
             ));
-            let link = tokio::spawn(link::run(
-                link_cfg,
-                identity,
-                paths,
-                hv,
-                channels,
-                Arc::new(LinkStats::default()),
-                rx,
-            ));
+            let link = tokio::spawn(link::run(link_cfg, identity, paths, hv, channels, rx));
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 r = tokio::signal::ctrl_c() => r?,

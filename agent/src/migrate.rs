@@ -5,12 +5,18 @@
 //! A migration blocks its libvirt call for seconds to minutes, so it runs
 //! on a thread and connection of its own (never the driver thread), and a
 //! second thread polls the job for progress and aborts it past the
-//! deadline.
+//! deadline. The poller waits for its next poll on a channel that closes
+//! when the migration call returns, so it stops at once; time comes from
+//! the [`Clock`] the driver passes in, and the deadline rule
+//! ([`past_deadline`]) takes `now`.
+//!
+//! Layering: above `vmops` (domain lookup and state) and `error`; below
+//! `hypervisor`, which calls [`run`] and which this module never imports.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
+use novacron_shared::clock::Clock;
 use novacron_shared::ids::VmId;
 use novacron_shared::protocol::VmState;
 use tokio::sync::{mpsc, oneshot};
@@ -18,7 +24,7 @@ use virt::connect::Connect;
 use virt::domain::{Domain, MigrateParameters};
 use virt::sys;
 
-use crate::hypervisor::HvError;
+use crate::error::HvError;
 use crate::{ffi, vmops};
 
 /// How often the job is polled for progress.
@@ -77,12 +83,19 @@ pub fn percent(total: Option<u64>, remaining: Option<u64>) -> u8 {
     }
 }
 
+/// Whether a migration that started at `started` is past its `timeout` at
+/// `now`.
+pub fn past_deadline(started: Instant, now: Instant, timeout: Duration) -> bool {
+    now.saturating_duration_since(started) > timeout
+}
+
 fn mib(b: u64) -> u64 {
     b >> 20
 }
 
 /// Runs the migration on its own threads; progress goes to `progress`.
 pub async fn run(
+    clock: Clock,
     local_uri: String,
     req: MigrateRequest,
     progress: mpsc::UnboundedSender<Progress>,
@@ -91,7 +104,7 @@ pub async fn run(
     std::thread::Builder::new()
         .name("migrate".into())
         .spawn(move || {
-            let _ = tx.send(migrate_blocking(&local_uri, &req, &progress));
+            let _ = tx.send(migrate_blocking(&clock, &local_uri, &req, &progress));
         })
         .map_err(|e| HvError::Invalid(format!("cannot start the migration thread: {e}")))?;
     rx.await.map_err(|_| HvError::Gone)?
@@ -105,6 +118,7 @@ fn open(uri: &str) -> Result<Connect, HvError> {
 }
 
 fn migrate_blocking(
+    clock: &Clock,
     local_uri: &str,
     req: &MigrateRequest,
     progress: &mpsc::UnboundedSender<Progress>,
@@ -132,32 +146,31 @@ fn migrate_blocking(
             if copy_disks { " (copying disks)" } else { "" }
         ),
     ));
-    let done = Arc::new(AtomicBool::new(false));
+    // Dropped when the migration call returns: the poller stops at once.
+    let (running, done) = std_mpsc::channel::<()>();
     let poller = {
-        let done = done.clone();
+        let clock = clock.clone();
         let local_uri = local_uri.to_string();
         let req = req.clone();
         let progress = progress.clone();
         std::thread::Builder::new()
             .name("migrate-poll".into())
-            .spawn(move || poll(&local_uri, &req, &done, &progress))
+            .spawn(move || poll(&clock, &local_uri, &req, &done, &progress))
             .map_err(|e| HvError::Invalid(format!("cannot start the migration poller: {e}")))?
     };
     let params = MigrateParameters {
         bandwidth: (req.bandwidth_mib_s > 0).then_some(req.bandwidth_mib_s),
         ..MigrateParameters::default()
     };
-    let started = Instant::now();
+    let started = clock.now();
     let r = dom.migrate_to_uri3(Some(&req.dest_uri), params, flags(copy_disks));
-    done.store(true, Ordering::Relaxed);
+    drop(running);
     let aborted = poller.join().unwrap_or(false);
     match r {
         Ok(()) => {
-            tracing::info!(vm = %req.vm, dest = %req.dest_uri, secs = started.elapsed().as_secs_f64(), "live migration done");
-            let _ = progress.send((
-                100,
-                format!("migrated in {:.1} s", started.elapsed().as_secs_f64()),
-            ));
+            let secs = clock.since(started).as_secs_f64();
+            tracing::info!(vm = %req.vm, dest = %req.dest_uri, secs, "live migration done");
+            let _ = progress.send((100, format!("migrated in {secs:.1} s")));
             Ok(())
         }
         Err(e) => {
@@ -178,23 +191,22 @@ fn migrate_blocking(
     }
 }
 
-/// Polls the job until `done`; aborts it past the deadline. Returns
-/// whether it aborted.
+/// Polls the job every [`POLL_EVERY`] until `done` closes; aborts it past
+/// the deadline. Returns whether it aborted.
 fn poll(
+    clock: &Clock,
     local_uri: &str,
     req: &MigrateRequest,
-    done: &AtomicBool,
+    done: &std_mpsc::Receiver<()>,
     progress: &mpsc::UnboundedSender<Progress>,
 ) -> bool {
-    let start = Instant::now();
+    let start = clock.now();
     let mut dom: Option<Domain> = None;
     let mut _conn: Option<Connect> = None;
     let mut last = None;
-    while !done.load(Ordering::Relaxed) {
-        std::thread::sleep(POLL_EVERY);
-        if done.load(Ordering::Relaxed) {
-            break;
-        }
+    // Nothing is ever sent: the channel times out (poll now) or closes
+    // (the migration call returned).
+    while let Err(std_mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(POLL_EVERY) {
         if dom.is_none() {
             if let Ok(c) = open(local_uri) {
                 dom = vmops::lookup(&c, req.vm).ok().flatten();
@@ -202,7 +214,7 @@ fn poll(
             }
         }
         let Some(d) = &dom else { continue };
-        if start.elapsed() > req.timeout {
+        if past_deadline(start, clock.now(), req.timeout) {
             let r = ffi::abort_job(d);
             tracing::warn!(vm = %req.vm, result = ?r, "migration past its deadline; aborting");
             let _ = progress.send((0, "past the deadline; aborting".into()));
@@ -242,6 +254,21 @@ mod tests {
         assert_ne!(flags(true) & sys::VIR_MIGRATE_NON_SHARED_DISK, 0);
         assert_eq!(flags(false) & sys::VIR_MIGRATE_NON_SHARED_DISK, 0);
         assert_ne!(flags(false) & sys::VIR_MIGRATE_UNDEFINE_SOURCE, 0);
+    }
+
+    #[test]
+    fn the_deadline_passes_only_after_the_timeout() {
+        let (clock, time) = Clock::manual();
+        let started = clock.now();
+        let timeout = Duration::from_secs(60);
+        time.advance(timeout);
+        assert!(!past_deadline(started, clock.now(), timeout));
+        time.advance(Duration::from_millis(1));
+        assert!(past_deadline(started, clock.now(), timeout));
+        // A wall-clock jump does not move the deadline.
+        time.jump_wall(Duration::from_secs(86_400), true);
+        assert!(past_deadline(started, clock.now(), timeout));
+        assert!(!past_deadline(started, started, timeout));
     }
 
     #[test]

@@ -12,6 +12,12 @@
 //!   one is reported as drift.
 //! - A VM whose last action failed is retried with exponential backoff and
 //!   reported as drift meanwhile.
+//!
+//! Layering: this module sits beside the libvirt driver, not on it. It
+//! imports no driver module (`hypervisor`, `vmops`, `migrate`, `events`):
+//! it sees domains through its own [`Observed`], which the driver converts
+//! its observations into, and compares definitions through the pure
+//! [`crate::drift`] hash.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -20,8 +26,27 @@ use novacron_shared::ids::{OpId, VmId};
 use novacron_shared::protocol::{Drift, VmState};
 use novacron_shared::spec::{DesiredVm, Power};
 
-use crate::domxml::spec_hash;
-use crate::vmops::ObservedVm;
+use crate::drift;
+
+/// A domain as the reconciler needs to see it to plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// Its name.
+    pub name: String,
+    /// Its UUID.
+    pub uuid: String,
+    /// Its state.
+    pub state: VmState,
+    /// What NovaCron recorded on it; `None` when NovaCron did not define it.
+    pub managed: Option<Managed>,
+}
+
+/// What NovaCron recorded on a domain it defined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Managed {
+    /// The drift hash of the spec the definition was made from.
+    pub spec_hash: String,
+}
 
 /// One step towards the desired state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,10 +148,10 @@ pub const RETRY_MAX: Duration = Duration::from_secs(300);
 
 impl Reconciler {
     /// Plans one pass.
-    pub fn plan(&self, now: Instant, desired: &[DesiredVm], observed: &[ObservedVm]) -> Plan {
+    pub fn plan(&self, now: Instant, desired: &[DesiredVm], observed: &[Observed]) -> Plan {
         let mut plan = Plan::default();
-        let by_uuid: HashMap<&str, &ObservedVm> = observed.iter().map(|o| (o.uuid.as_str(), o)).collect();
-        let by_name: HashMap<&str, &ObservedVm> = observed.iter().map(|o| (o.name.as_str(), o)).collect();
+        let by_uuid: HashMap<&str, &Observed> = observed.iter().map(|o| (o.uuid.as_str(), o)).collect();
+        let by_name: HashMap<&str, &Observed> = observed.iter().map(|o| (o.name.as_str(), o)).collect();
         let mut wanted = HashSet::new();
         for d in desired {
             let uuid = d.id.to_string();
@@ -163,7 +188,7 @@ impl Reconciler {
                 }
                 continue;
             };
-            let Some(meta) = &o.meta else {
+            let Some(managed) = &o.managed else {
                 plan.drift.push(Drift {
                     vm: d.spec.name.clone(),
                     message:
@@ -179,7 +204,7 @@ impl Reconciler {
                 });
                 continue;
             }
-            if meta.spec_hash != spec_hash(d) {
+            if !drift::matches(&managed.spec_hash, d) {
                 plan.actions.push(Action::Redefine(d.clone()));
                 continue;
             }
@@ -206,7 +231,7 @@ impl Reconciler {
             plan.actions.extend(action);
         }
         for o in observed {
-            if o.meta.is_some() && !wanted.contains(&o.uuid) {
+            if o.managed.is_some() && !wanted.contains(&o.uuid) {
                 if self.failures.get(&o.name).is_some_and(|f| now < f.retry_at) {
                     plan.drift.push(Drift {
                         vm: o.name.clone(),
@@ -255,9 +280,14 @@ impl Reconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domxml::Metadata;
+    use novacron_shared::clock::Clock;
     use novacron_shared::spec::VmSpec;
     use proptest::prelude::*;
+
+    /// An instant from a manual clock (the reconciler never reads the time).
+    fn now() -> Instant {
+        Clock::manual().0.now()
+    }
 
     fn desired(name: &str, id: u128, power: Power) -> DesiredVm {
         DesiredVm {
@@ -268,34 +298,30 @@ mod tests {
         }
     }
 
-    fn observed_of(d: &DesiredVm, state: VmState) -> ObservedVm {
-        ObservedVm {
+    fn observed_of(d: &DesiredVm, state: VmState) -> Observed {
+        Observed {
             name: d.spec.name.clone(),
             uuid: d.id.to_string(),
             state,
-            meta: Some(Metadata {
-                vm: d.id,
-                spec_hash: spec_hash(d),
-                op_id: d.op_id,
+            managed: Some(Managed {
+                spec_hash: drift::domain_hash(d),
             }),
-            snapshots: vec![],
         }
     }
 
-    fn foreign(name: &str, uuid: &str) -> ObservedVm {
-        ObservedVm {
+    fn foreign(name: &str, uuid: &str) -> Observed {
+        Observed {
             name: name.into(),
             uuid: uuid.into(),
             state: VmState::Running,
-            meta: None,
-            snapshots: vec![],
+            managed: None,
         }
     }
 
     #[test]
     fn missing_vms_are_defined_then_started() {
         let r = Reconciler::default();
-        let now = Instant::now();
+        let now = now();
         let d = desired("a", 1, Power::Running);
         let p = r.plan(now, std::slice::from_ref(&d), &[]);
         assert_eq!(p.actions, [Action::Define(d.clone())]);
@@ -316,7 +342,7 @@ mod tests {
     #[test]
     fn power_is_driven_to_the_desired_state() {
         let r = Reconciler::default();
-        let now = Instant::now();
+        let now = now();
         let cases = [
             (Power::Running, VmState::Paused, "Resume"),
             (Power::Running, VmState::Crashed, "Start"),
@@ -347,7 +373,7 @@ mod tests {
         let r = Reconciler::default();
         let old = desired("old", 2, Power::Running);
         let p = r.plan(
-            Instant::now(),
+            now(),
             &[],
             &[observed_of(&old, VmState::Running), foreign("hand-made", "u-1")],
         );
@@ -365,7 +391,7 @@ mod tests {
     fn a_name_clash_with_a_foreign_domain_is_drift_not_action() {
         let r = Reconciler::default();
         let d = desired("web", 3, Power::Running);
-        let p = r.plan(Instant::now(), std::slice::from_ref(&d), &[foreign("web", "u-9")]);
+        let p = r.plan(now(), std::slice::from_ref(&d), &[foreign("web", "u-9")]);
         assert!(p.actions.is_empty());
         assert_eq!(p.drift.len(), 1);
         assert!(p.drift[0].message.contains("u-9"), "{:?}", p.drift);
@@ -378,45 +404,71 @@ mod tests {
         let o = observed_of(&d, VmState::Running);
         let mut d2 = d.clone();
         d2.spec.memory_mib = 256;
-        let p = r.plan(Instant::now(), std::slice::from_ref(&d2), &[o]);
+        let p = r.plan(now(), std::slice::from_ref(&d2), &[o]);
+        assert_eq!(p.actions, [Action::Redefine(d2)]);
+    }
+
+    #[test]
+    fn a_change_outside_the_domain_redefines_nothing() {
+        let r = Reconciler::default();
+        let d = desired("web", 3, Power::Running);
+        let o = observed_of(&d, VmState::Running);
+        let mut d2 = d.clone();
+        d2.spec.ha = !d.spec.ha;
+        let p = r.plan(now(), std::slice::from_ref(&d2), &[o]);
+        assert!(p.converged(), "{p:?}");
+    }
+
+    #[test]
+    fn domains_defined_by_an_older_agent_are_not_redefined_on_upgrade() {
+        let r = Reconciler::default();
+        let d = desired("web", 3, Power::Running);
+        let mut o = observed_of(&d, VmState::Running);
+        o.managed = Some(Managed {
+            spec_hash: drift::legacy_v1_hash(&d),
+        });
+        let p = r.plan(now(), std::slice::from_ref(&d), std::slice::from_ref(&o));
+        assert!(p.converged(), "{p:?}");
+        // A real change since is still redefined.
+        let mut d2 = d.clone();
+        d2.spec.vcpus = 2;
+        let p = r.plan(now(), std::slice::from_ref(&d2), &[o]);
         assert_eq!(p.actions, [Action::Redefine(d2)]);
     }
 
     #[test]
     fn failures_back_off_exponentially_and_show_as_drift() {
+        let (clock, time) = Clock::manual();
         let mut r = Reconciler::default();
-        let t0 = Instant::now();
         let d = desired("a", 1, Power::Running);
-        r.record(t0, "a", Err("no space".into()));
-        let p = r.plan(t0 + Duration::from_secs(1), std::slice::from_ref(&d), &[]);
+        let acts = |r: &Reconciler| r.plan(clock.now(), std::slice::from_ref(&d), &[]).actions.len();
+        r.record(clock.now(), "a", Err("no space".into()));
+        time.advance(RETRY_BASE - Duration::from_millis(1));
+        let p = r.plan(clock.now(), std::slice::from_ref(&d), &[]);
         assert!(p.actions.is_empty());
         assert!(p.drift[0].message.contains("no space"), "{:?}", p.drift);
-        assert_eq!(
-            r.plan(t0 + RETRY_BASE, std::slice::from_ref(&d), &[])
-                .actions
-                .len(),
-            1
-        );
-        r.record(t0 + RETRY_BASE, "a", Err("no space".into()));
+        assert!(p.drift[0].message.contains("attempt 1"), "{:?}", p.drift);
+        time.advance(Duration::from_millis(1));
+        assert_eq!(acts(&r), 1, "retried once the delay is over");
         // Second failure: twice the delay.
-        let t1 = t0 + RETRY_BASE;
-        assert!(r
-            .plan(t1 + RETRY_BASE, std::slice::from_ref(&d), &[])
-            .actions
-            .is_empty());
-        assert_eq!(
-            r.plan(t1 + RETRY_BASE * 2, std::slice::from_ref(&d), &[])
-                .actions
-                .len(),
-            1
-        );
-        r.record(t1 + RETRY_BASE * 2, "a", Ok(()));
-        assert_eq!(
-            r.plan(t1 + RETRY_BASE * 2, std::slice::from_ref(&d), &[])
-                .actions
-                .len(),
-            1
-        );
+        r.record(clock.now(), "a", Err("no space".into()));
+        time.advance(RETRY_BASE * 2 - Duration::from_millis(1));
+        assert_eq!(acts(&r), 0);
+        time.advance(Duration::from_millis(1));
+        assert_eq!(acts(&r), 1);
+        // Many failures: the delay stops growing at RETRY_MAX.
+        for _ in 0..20 {
+            r.record(clock.now(), "a", Err("no space".into()));
+        }
+        time.advance(RETRY_MAX - Duration::from_millis(1));
+        assert_eq!(acts(&r), 0);
+        time.advance(Duration::from_millis(1));
+        assert_eq!(acts(&r), 1);
+        // Success clears the failure: nothing holds the next action back.
+        r.record(clock.now(), "a", Ok(()));
+        r.record(clock.now(), "a", Err("again".into()));
+        time.advance(RETRY_BASE);
+        assert_eq!(acts(&r), 1, "the count started over after the success");
     }
 
     proptest! {
@@ -437,22 +489,22 @@ mod tests {
                 .map(|(n, p)| desired(&format!("vm{n}"), u128::from(n) + 1, powers[usize::from(p)]))
                 .collect();
             let mut seen = HashSet::new();
-            let mut host: Vec<ObservedVm> = has
+            let mut host: Vec<Observed> = has
                 .into_iter()
                 .filter(|(n, _, _)| seen.insert(*n))
                 .map(|(n, s, managed)| {
                     let d = desired(&format!("vm{n}"), u128::from(n) + 1, Power::Running);
                     let mut o = observed_of(&d, states[usize::from(s)]);
                     if !managed {
-                        o.meta = None;
+                        o.managed = None;
                         o.uuid = format!("foreign-{n}");
                     }
                     o
                 })
                 .collect();
-            let foreign_before: Vec<ObservedVm> = host.iter().filter(|o| o.meta.is_none()).cloned().collect();
+            let foreign_before: Vec<Observed> = host.iter().filter(|o| o.managed.is_none()).cloned().collect();
             let r = Reconciler::default();
-            let now = Instant::now();
+            let now = now();
             for _ in 0..4 {
                 let plan = r.plan(now, &want, &host);
                 for a in plan.actions {
@@ -470,7 +522,7 @@ mod tests {
             }
             let plan = r.plan(now, &want, &host);
             prop_assert!(plan.actions.is_empty(), "still acting: {:?}", plan.actions);
-            let foreign_after: Vec<ObservedVm> = host.iter().filter(|o| o.meta.is_none()).cloned().collect();
+            let foreign_after: Vec<Observed> = host.iter().filter(|o| o.managed.is_none()).cloned().collect();
             prop_assert_eq!(foreign_before, foreign_after);
             let mut names = HashSet::new();
             for o in &host {
@@ -479,20 +531,21 @@ mod tests {
             // Every desired VM without a foreign name clash matches.
             for d in &want {
                 if let Some(o) = host.iter().find(|o| o.uuid == d.id.to_string()) {
-                    let want = match d.power {
-                        Power::Running => VmState::Running,
-                        Power::Paused => VmState::Paused,
-                        Power::Stopped => o.state, // stopped or crashed both count
+                    let matches = match d.power {
+                        Power::Running => o.state == VmState::Running,
+                        Power::Paused => o.state == VmState::Paused,
+                        // A crashed domain is off too: both count as stopped.
+                        Power::Stopped => matches!(o.state, VmState::Stopped | VmState::Crashed),
                     };
-                    prop_assert_eq!(o.state, want);
+                    prop_assert!(matches, "{} should be {:?} but is {:?}", d.spec.name, d.power, o.state);
                 } else {
-                    prop_assert!(host.iter().any(|o| o.name == d.spec.name && o.meta.is_none()));
+                    prop_assert!(host.iter().any(|o| o.name == d.spec.name && o.managed.is_none()));
                 }
             }
         }
     }
 
-    fn set(host: &mut [ObservedVm], id: VmId, s: VmState) {
+    fn set(host: &mut [Observed], id: VmId, s: VmState) {
         for o in host.iter_mut() {
             if o.uuid == id.to_string() {
                 o.state = s;

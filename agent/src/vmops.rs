@@ -2,6 +2,10 @@
 //! blocking calls; they run on the driver thread (see `hypervisor`). Every
 //! operation is idempotent: asking for a state that already holds succeeds
 //! and changes nothing.
+//!
+//! Layering: above `error` (its error type), `domxml`, `drift` and `seed`;
+//! below `migrate` and `hypervisor`, and imports neither. It converts its
+//! [`ObservedVm`] into the reconciler's own [`Observed`].
 
 use std::time::Duration;
 
@@ -17,7 +21,9 @@ use virt::storage_vol::StorageVol;
 use virt::sys;
 
 use crate::domxml::{self, Metadata, Placement, VirtType};
-use crate::hypervisor::HvError;
+use crate::drift;
+use crate::error::HvError;
+use crate::reconcile::{Managed, Observed};
 
 /// Where this host keeps VM parts.
 #[derive(Debug, Clone)]
@@ -49,6 +55,20 @@ pub struct ObservedVm {
     pub meta: Option<Metadata>,
     /// Snapshot names.
     pub snapshots: Vec<String>,
+}
+
+impl ObservedVm {
+    /// What the reconciler needs of this domain to plan.
+    pub fn to_observed(&self) -> Observed {
+        Observed {
+            name: self.name.clone(),
+            uuid: self.uuid.clone(),
+            state: self.state,
+            managed: self.meta.as_ref().map(|m| Managed {
+                spec_hash: m.spec_hash.clone(),
+            }),
+        }
+    }
 }
 
 /// What `define` did.
@@ -253,7 +273,6 @@ fn ensure_seed(
 pub fn define(conn: &Connect, setup: &HostSetup, vm: &DesiredVm) -> Result<Defined, HvError> {
     vm.spec.validate().map_err(|e| HvError::Invalid(e.to_string()))?;
     let existing = lookup(conn, vm.id)?;
-    let hash = domxml::spec_hash(vm);
     if let Some(d) = &existing {
         let name = d.name().map_err(call("domain name"))?;
         if name != vm.spec.name {
@@ -262,7 +281,7 @@ pub fn define(conn: &Connect, setup: &HostSetup, vm: &DesiredVm) -> Result<Defin
                 vm.id
             )));
         }
-        if metadata(d).is_some_and(|m| m.spec_hash == hash) {
+        if metadata(d).is_some_and(|m| drift::matches(&m.spec_hash, vm)) {
             return Ok(Defined::Unchanged);
         }
     } else if let Ok(other) = conn.lookup_domain_by_name(&vm.spec.name) {

@@ -20,7 +20,7 @@ fn host() -> Host {
     common::host("<domain type='test'><name>foreign</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid><memory>65536</memory><os><type>hvm</type></os></domain>")
 }
 
-fn ok<T>(r: Result<T, novacron_agent::hypervisor::HvError>) -> T {
+fn ok<T>(r: Result<T, novacron_agent::error::HvError>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -42,7 +42,7 @@ fn tick(c: &mut DomainCollector, conn: &Connect, ts: u64) -> Vec<(Scope, Metric,
     b.start_tick(ts);
     c.collect(conn, &mut b).unwrap_or_else(|e| panic!("{e}"));
     b.end_tick();
-    b.take().map(decode).unwrap_or_default()
+    decode(b.take().unwrap_or_else(|| panic!("the tick closed no batch")))
 }
 
 fn decode(mut batch: MetricBatch) -> Vec<(Scope, Metric, Option<String>, i64)> {

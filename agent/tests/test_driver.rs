@@ -6,6 +6,7 @@ mod common;
 use common::Host;
 
 use novacron_agent::domxml::VirtType;
+use novacron_agent::drift;
 use novacron_agent::vmops::{self, Defined};
 use novacron_shared::ids::{OpId, VmId};
 use novacron_shared::protocol::VmState;
@@ -47,11 +48,9 @@ fn vm(name: &str, id: u128) -> DesiredVm {
 
 fn volumes(h: &Host) -> Vec<String> {
     let pool = vmops::ensure_pool(&h.conn, &h.setup).unwrap_or_else(|e| panic!("{e}"));
-    let mut v: Vec<String> = pool
-        .list_all_volumes(0)
-        .unwrap_or_default()
+    let mut v: Vec<String> = ok_virt(pool.list_all_volumes(0))
         .iter()
-        .filter_map(|v| v.name().ok())
+        .map(|v| ok_virt(v.name()))
         .collect();
     v.sort();
     v
@@ -64,8 +63,13 @@ fn state(h: &Host, id: VmId) -> VmState {
     vmops::state(&d).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn ok<T>(r: Result<T, novacron_agent::hypervisor::HvError>) -> T {
+fn ok<T>(r: Result<T, novacron_agent::error::HvError>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A direct libvirt call's result, or a panic with libvirt's message.
+fn ok_virt<T>(r: Result<T, virt::error::Error>) -> T {
+    r.unwrap_or_else(|e| panic!("libvirt: {e}"))
 }
 
 #[test]
@@ -86,20 +90,58 @@ fn define_is_idempotent_and_creates_volumes_and_seed() {
     let d = ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("not defined"));
     let meta = vmops::metadata(&d).unwrap_or_else(|| panic!("no metadata"));
     assert_eq!((meta.vm, meta.op_id), (v.id, v.op_id));
-    let xml = d.xml_desc(0).unwrap_or_default();
+    let xml = ok_virt(d.xml_desc(0));
     assert!(xml.contains("<domain type='test'"), "{xml}");
     assert_eq!(ok(vmops::virt_type(&h.conn, &h.setup)), VirtType::Test);
     // A changed spec updates the definition in place.
     let mut v2 = v.clone();
     v2.spec.memory_mib = 256;
     assert_eq!(ok(vmops::define(&h.conn, &h.setup, &v2)), Defined::Updated);
-    assert_eq!(
-        vmops::lookup(&h.conn, v.id)
-            .ok()
-            .flatten()
-            .map(|d| d.max_memory().unwrap_or(0)),
-        Some(256 * 1024)
-    );
+    let d = ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("gone after the update"));
+    assert_eq!(ok_virt(d.max_memory()), 256 * 1024);
+}
+
+/// An agent upgrade does not redefine domains an older agent defined: the
+/// older drift hash in their metadata is recognised while it matches.
+#[test]
+fn domains_defined_under_the_legacy_hash_are_unchanged_after_an_upgrade() {
+    let h = host();
+    let v = vm("old-1", 11);
+    assert_eq!(ok(vmops::define(&h.conn, &h.setup, &v)), Defined::Created);
+    // Make it look as an older agent left it: the legacy hash recorded.
+    let d = ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("not defined"));
+    let xml = ok_virt(d.xml_desc(0));
+    let current = drift::domain_hash(&v);
+    assert!(xml.contains(&current), "{xml}");
+    let legacy = drift::legacy_v1_hash(&v);
+    ok_virt(h.conn.define_domain_xml(&xml.replace(&current, &legacy)));
+    let meta = vmops::metadata(&ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("gone")))
+        .unwrap_or_else(|| panic!("no metadata"));
+    assert_eq!(meta.spec_hash, legacy);
+    assert_eq!(ok(vmops::define(&h.conn, &h.setup, &v)), Defined::Unchanged);
+    let mut stopped = v.clone();
+    stopped.power = Power::Stopped;
+    assert!(plan_for(&h, &stopped).actions.is_empty());
+    // A real change is still applied, and records the current scheme.
+    let mut bigger = v.clone();
+    bigger.spec.memory_mib = 256;
+    assert_eq!(ok(vmops::define(&h.conn, &h.setup, &bigger)), Defined::Updated);
+    let meta = vmops::metadata(&ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("gone")))
+        .unwrap_or_else(|| panic!("no metadata"));
+    assert_eq!(meta.spec_hash, drift::domain_hash(&bigger));
+    // From then on a field outside the domain changes nothing.
+    let mut ha = bigger.clone();
+    ha.spec.ha = !bigger.spec.ha;
+    ha.power = Power::Stopped;
+    assert!(plan_for(&h, &ha).actions.is_empty());
+}
+
+/// The reconciler's plan for `vm` against what the host has now.
+fn plan_for(h: &Host, vm: &DesiredVm) -> novacron_agent::reconcile::Plan {
+    let (_, vms) = ok(vmops::observe(&h.conn, &h.setup));
+    let seen: Vec<_> = vms.iter().map(|o| o.to_observed()).collect();
+    let clock = novacron_shared::clock::Clock::system();
+    novacron_agent::reconcile::Reconciler::default().plan(clock.now(), std::slice::from_ref(vm), &seen)
 }
 
 #[test]
@@ -183,7 +225,7 @@ fn clones_are_overlays_of_the_template() {
     let vol = pool
         .lookup_storage_vol_by_name("clone-1.root.qcow2")
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(vol.info().map(|i| i.capacity).ok(), Some(512 << 20));
+    assert_eq!(ok_virt(vol.info()).capacity, 512 << 20);
     // Smaller than the template: refused, nothing left behind.
     let mut small = vm("clone-2", 4);
     small.spec.cloud_init = None;
@@ -238,7 +280,7 @@ fn bad_specs_are_refused_before_libvirt_sees_them() {
         "{e}"
     );
     assert!(volumes(&h).is_empty());
-    let names = h.conn.list_all_domains(0).unwrap_or_default();
+    let names = ok_virt(h.conn.list_all_domains(0));
     assert_eq!(names.len(), 1, "only the driver's own domain");
 }
 
@@ -254,7 +296,7 @@ fn metacharacters_in_user_values_reach_libvirt_intact() {
     });
     ok(vmops::define(&h.conn, &h.setup, &v));
     let d = ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("not defined"));
-    let xml = d.xml_desc(0).unwrap_or_default();
+    let xml = ok_virt(d.xml_desc(0));
     // Whatever quoting libvirt re-serializes with, the values read back intact.
     assert_eq!(
         text_of(&xml, "cmdline").as_deref(),
@@ -293,10 +335,10 @@ fn a_foreign_domain_with_the_same_name_is_never_touched() {
         .conn
         .lookup_domain_by_name("test")
         .unwrap_or_else(|e| panic!("{e}"));
-    let uuid = foreign.uuid_string().unwrap_or_default();
+    let uuid = ok_virt(foreign.uuid_string());
     let e = vmops::remove(&h.conn, &h.setup, &uuid).unwrap_err();
     assert!(e.to_string().contains("not defined by NovaCron"), "{e}");
-    assert!(foreign.is_active().unwrap_or(false));
+    assert!(ok_virt(foreign.is_active()), "the foreign domain was stopped");
     assert!(volumes(&h).is_empty());
 }
 
@@ -337,7 +379,7 @@ fn golden_xml_passes_virt_xml_validate() {
             let end = rest[start..]
                 .find(&close)
                 .map(|e| start + e + close.len())
-                .unwrap_or(rest.len());
+                .unwrap_or_else(|| panic!("storage.xml: a <{root}> without {close}"));
             let path = tmp.path().join(format!("{root}-{checked}.xml"));
             std::fs::write(&path, &rest[start..end]).unwrap_or_else(|e| panic!("{e}"));
             let out = std::process::Command::new("virt-xml-validate")

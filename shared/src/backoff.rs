@@ -1,11 +1,16 @@
-//! Capped exponential backoff with full jitter, as a pure value type.
+//! Capped exponential backoff with equal jitter, as a pure value type.
+//!
+//! "Equal jitter" (in the terms of the AWS architecture blog's backoff
+//! study): half of the capped delay is fixed and the other half random, so
+//! a delay is never shorter than half the ceiling. (Full jitter would pick
+//! anywhere between zero and the ceiling.)
 //!
 //! The caller supplies the randomness (a number in `[0, 1)`) so the schedule
 //! is deterministic under test.
 
 use std::time::Duration;
 
-/// Reconnect delays: `base * 2^attempt`, capped, with full jitter.
+/// Reconnect delays: `base * 2^attempt`, capped, with equal jitter.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     base: Duration,
@@ -25,8 +30,9 @@ impl Backoff {
 
     /// The delay before the next attempt; `unit` is a random number in `[0, 1)`.
     ///
-    /// Full jitter: uniformly between half the capped exponential delay and
-    /// the whole of it, so a fleet reconnecting at once spreads out.
+    /// Equal jitter: uniformly between half the capped exponential delay and
+    /// the whole of it, so a fleet reconnecting at once spreads out while no
+    /// delay falls below half its ceiling.
     pub fn next_delay(&mut self, unit: f64) -> Duration {
         let exp = self
             .base
@@ -73,6 +79,39 @@ mod tests {
         b.reset();
         assert_eq!(b.attempts(), 0);
         assert_eq!(b.next_delay(0.5), Duration::from_millis(75));
+    }
+
+    /// Equal jitter's bounds: every delay lies in `[ceiling / 2, ceiling]`,
+    /// both ends are reached, and the randomness spreads delays between them.
+    #[test]
+    fn equal_jitter_stays_between_half_and_all_of_the_ceiling() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(5);
+        for attempt in 0..12u32 {
+            let ceiling = base.saturating_mul(1 << attempt).min(cap);
+            let at = |unit: f64| {
+                let mut b = Backoff::new(base, cap);
+                for _ in 0..attempt {
+                    b.next_delay(0.0);
+                }
+                b.next_delay(unit)
+            };
+            assert_eq!(at(0.0), ceiling / 2, "attempt {attempt}: lowest");
+            assert_eq!(at(1.0), ceiling, "attempt {attempt}: highest");
+            let mut last = Duration::ZERO;
+            for i in 0..100 {
+                let d = at(f64::from(i) / 100.0);
+                assert!(
+                    d >= ceiling / 2 && d <= ceiling,
+                    "attempt {attempt}: {d:?} of {ceiling:?}"
+                );
+                assert!(d >= last, "a larger unit never gives a shorter delay");
+                last = d;
+            }
+            // Out-of-range randomness is clamped, never below half.
+            assert_eq!(at(-3.0), ceiling / 2);
+            assert_eq!(at(7.0), ceiling);
+        }
     }
 
     #[test]

@@ -12,15 +12,22 @@
 //! (on the control stream) let the spool delete what is stored. After a
 //! reconnect the sender starts again from the oldest unacknowledged batch, so
 //! nothing is lost and the server drops what it already has.
+//!
+//! The sampler reads the time from the [`Clock`] it is started with; when
+//! the next tick is and how many were missed are pure functions of `now`
+//! ([`next_tick`], [`missed_ticks`]). It waits for the next tick on its stop
+//! channel, so [`MetricsShared::stop`] ends it at once.
 
 pub mod domains;
 pub mod host;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use novacron_shared::clock::Clock;
 use novacron_shared::framing::{self, MAX_FRAME_LEN};
 use novacron_shared::metrics::{BatchBuilder, TickOutcome};
 use novacron_shared::protocol::{AgentMessage, PROTOCOL_VERSION_MAX};
@@ -108,7 +115,8 @@ pub struct SamplerStats {
 pub struct MetricsShared {
     spool: Mutex<Spool>,
     appended: tokio::sync::Notify,
-    stop: AtomicBool,
+    /// Dropped to stop the sampler (it waits for ticks on the other end).
+    stop: Mutex<Option<std_mpsc::Sender<()>>>,
     /// Counters.
     pub stats: SamplerStats,
 }
@@ -141,7 +149,7 @@ impl MetricsShared {
 
     /// Stops the sampler thread.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
@@ -151,7 +159,7 @@ enum DomainSource {
     Own {
         uri: String,
         conn: Option<virt::connect::Connect>,
-        retry_at: std::time::Instant,
+        retry_at: Instant,
     },
     /// The hypervisor's thread and connection: the test driver keeps its
     /// state per connection, so only that one sees the agent's domains.
@@ -181,14 +189,16 @@ pub fn start(
     spool_dir: &Path,
     hv: &Hypervisor,
     runtime: tokio::runtime::Handle,
+    clock: Clock,
 ) -> Result<Arc<MetricsShared>, StartError> {
     let spool = Spool::open(spool_dir, settings.spool_max_mib * 1024 * 1024)?;
     let st = spool.stats();
     tracing::info!(dir = %spool_dir.display(), epoch = st.epoch, unacknowledged = st.batches, bytes = st.bytes, dropped = st.dropped, "metrics spool open");
+    let (stop_tx, stop_rx) = std_mpsc::channel();
     let shared = Arc::new(MetricsShared {
         spool: Mutex::new(spool),
         appended: tokio::sync::Notify::new(),
-        stop: AtomicBool::new(false),
+        stop: Mutex::new(Some(stop_tx)),
         stats: SamplerStats::default(),
     });
     let uri = hv.uri().to_string();
@@ -198,7 +208,7 @@ pub fn start(
         DomainSource::Own {
             uri,
             conn: None,
-            retry_at: std::time::Instant::now(),
+            retry_at: clock.now(),
         }
     };
     let interval = settings.interval;
@@ -208,6 +218,8 @@ pub fn start(
         .spawn(move || {
             sampler(
                 s2,
+                &clock,
+                &stop_rx,
                 interval,
                 source,
                 PathBuf::from("/proc"),
@@ -218,15 +230,29 @@ pub fn start(
     Ok(shared)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// The next tick after wall time `now_ms`: the next multiple of `step_ms`.
+pub fn next_tick(now_ms: u64, step_ms: u64) -> u64 {
+    let step = step_ms.max(1);
+    (now_ms / step + 1) * step
 }
+
+/// Ticks skipped between the previous tick `last` (0: none yet) and `next`.
+pub fn missed_ticks(last: u64, next: u64, step_ms: u64) -> u64 {
+    let step = step_ms.max(1);
+    if last == 0 || next <= last + step {
+        0
+    } else {
+        (next - last) / step - 1
+    }
+}
+
+/// How long after a failed connect the sampler tries libvirt again.
+const RECONNECT_EVERY: Duration = Duration::from_secs(5);
 
 fn sampler(
     shared: Arc<MetricsShared>,
+    clock: &Clock,
+    stop: &std_mpsc::Receiver<()>,
     interval: Duration,
     mut source: DomainSource,
     proc_root: PathBuf,
@@ -241,30 +267,32 @@ fn sampler(
     }));
     let mut last_tick = 0u64;
     let mut warned = false;
-    while !shared.stop.load(Ordering::SeqCst) {
-        // Sleep to the next multiple of the interval on the wall clock.
-        let now = now_ms();
-        let next = (now / step + 1) * step;
-        std::thread::sleep(Duration::from_millis(next - now));
-        if last_tick != 0 && next > last_tick + step {
-            shared
-                .stats
-                .missed
-                .fetch_add((next - last_tick) / step - 1, Ordering::Relaxed);
+    loop {
+        // Wait for the next multiple of the interval on the wall clock, or
+        // for the stop (the sender is dropped).
+        let now = clock.unix_ms();
+        let next = next_tick(now, step);
+        match stop.recv_timeout(Duration::from_millis(next - now)) {
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
         }
+        shared
+            .stats
+            .missed
+            .fetch_add(missed_ticks(last_tick, next, step), Ordering::Relaxed);
         last_tick = next;
-        let started = std::time::Instant::now();
+        let started = clock.now();
         let outcome = match &mut source {
             DomainSource::Own { uri, conn, retry_at } => {
                 let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
                 let st = &mut *st;
                 st.builder.start_tick(next);
                 st.host.collect(&mut st.builder);
-                if conn.is_none() && std::time::Instant::now() >= *retry_at {
+                if conn.is_none() && clock.now() >= *retry_at {
                     match virt::connect::Connect::open(Some(uri)) {
                         Ok(c) => *conn = Some(c),
                         Err(e) => {
-                            *retry_at = std::time::Instant::now() + Duration::from_secs(5);
+                            *retry_at = clock.now() + RECONNECT_EVERY;
                             if !warned {
                                 warned = true;
                                 tracing::warn!(uri = %uri, error = %e, "metrics: cannot connect to libvirt; VM metrics wait (retrying every 5 s)");
@@ -317,7 +345,7 @@ fn sampler(
         shared
             .stats
             .busy_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(clock.since(started).as_nanos() as u64, Ordering::Relaxed);
     }
 }
 
@@ -397,4 +425,44 @@ async fn write_frame(stream: &mut quinn::SendStream, version: u16, frame: &[u8])
     framing::write_frame(stream, version, &msg, &mut buf)
         .await
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_fall_on_wall_clock_multiples_of_the_interval() {
+        assert_eq!(next_tick(0, 1000), 1000);
+        assert_eq!(next_tick(999, 1000), 1000);
+        assert_eq!(next_tick(1000, 1000), 2000, "a tick at now is already past");
+        assert_eq!(next_tick(1_234_567, 100), 1_234_600);
+    }
+
+    #[test]
+    fn missed_ticks_count_the_gap_only() {
+        assert_eq!(missed_ticks(0, 5000, 1000), 0, "no tick before the first");
+        assert_eq!(missed_ticks(4000, 5000, 1000), 0);
+        assert_eq!(missed_ticks(4000, 8000, 1000), 3);
+        // The wall clock stepped back: nothing was missed.
+        assert_eq!(missed_ticks(8000, 5000, 1000), 0);
+    }
+
+    #[test]
+    fn the_sampler_schedule_follows_a_manual_clock() {
+        let (clock, time) = Clock::manual();
+        let step = 100;
+        let mut last = 0;
+        let mut missed = 0;
+        for pause_ms in [0u64, 0, 350, 0] {
+            time.advance(Duration::from_millis(pause_ms));
+            let now = clock.unix_ms();
+            let next = next_tick(now, step);
+            assert!(next > now && next - now <= step);
+            missed += missed_ticks(last, next, step);
+            last = next;
+            time.advance(Duration::from_millis(next - now));
+        }
+        assert_eq!(missed, 3, "the 350 ms stall skipped three 100 ms ticks");
+    }
 }
