@@ -605,6 +605,21 @@ pub fn testbed() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/dev/testbed.sh")
 }
 
+/// `bash packaging/dev/testbed.sh` (add its arguments), run with every
+/// inherited descriptor above stderr closed first: a daemon it starts
+/// (libvirtd, a namespaced host) must not keep open a lock the test runner
+/// holds, such as the one `flock LOCK cargo test …` passes down, or the
+/// lock outlives the test.
+pub fn testbed_command() -> Command {
+    let mut c = Command::new("bash");
+    c.arg("-c")
+        .arg(
+            r#"for fd in /proc/$$/fd/*; do fd=${fd##*/}; if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi; done; exec bash "$0" "$@""#,
+        )
+        .arg(testbed());
+    c
+}
+
 /// The guest kernel and initrd (built by `testbed.sh guest`); panics with
 /// the command to run when they are missing.
 pub fn guest_dir() -> PathBuf {
