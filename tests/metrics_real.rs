@@ -138,6 +138,10 @@ fn a_busy_guest_moves_its_cpu_series_in_the_api_and_in_prometheus() {
     agent.join(&server);
     agent.start(&[]);
     server.wait_connected(&agent.host_id, true);
+    // Placement needs the host's capacity, which comes with its inventory.
+    wait_for("the host's capacity", Duration::from_secs(30), || {
+        (server.host(&agent.host_id)["capacity"]["memory_mib"].as_u64()? > 0).then_some(())
+    });
 
     let mut ids = Vec::new();
     for (name, burn) in [
