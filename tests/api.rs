@@ -6,9 +6,10 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use novacron_e2e::{http, wait_for, Agent, Server};
+use novacron_shared::clock::Clock;
 use serde_json::{json, Value};
 
 /// A raw call that also returns the response headers (lowercased names).
@@ -222,9 +223,10 @@ fn read_events(stream: TcpStream, deadline: Duration, mut done: impl FnMut(&[Val
     stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let mut r = BufReader::new(stream);
     let mut events = Vec::new();
-    let start = Instant::now();
+    let clock = Clock::system();
+    let start = clock.now();
     let mut line = String::new();
-    while start.elapsed() < deadline && !done(&events) {
+    while clock.since(start) < deadline && !done(&events) {
         line.clear();
         match r.read_line(&mut line) {
             Ok(0) => break,

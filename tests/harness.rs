@@ -7,12 +7,15 @@
 //! `make test` does); a missing binary is a loud failure, never a skip.
 
 #![allow(clippy::unwrap_used)]
+// The harness drives real server, agent and libvirtd processes, which keep
+// real time: waiting on them needs the OS clock and real sleeps.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use novacron_shared::framing::{self, FramedRecv, MAX_FRAME_LEN};
 use novacron_shared::protocol::{AgentMessage, Hello, ServerMessage, HANDSHAKE_VERSION};
@@ -46,7 +49,38 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
-/// A minimal HTTP/1.1 call; returns status and JSON body.
+/// Polls `check` every 50 ms for `period` and panics with `what` and the
+/// reason `check` gives the first time it fails: a condition that must hold
+/// all along, checked more often than a single look after a sleep would.
+pub fn assert_holds(what: &str, period: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let start = Instant::now();
+    loop {
+        if let Err(why) = check() {
+            panic!("{what} stopped holding after {:?}: {why}", start.elapsed());
+        }
+        if start.elapsed() >= period {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the OS wall clock reads at least `t`: for deadlines a real
+/// process keeps by the wall clock (token and certificate expiry).
+pub fn wait_until_wall(t: SystemTime) {
+    while SystemTime::now() < t {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A real process stays away (or a real guest runs) for `d`: the outage
+/// itself is what a test needs, not a condition it could poll.
+pub fn let_real_time_pass(d: Duration) {
+    std::thread::sleep(d);
+}
+
+/// A minimal HTTP/1.1 call; returns status and JSON body (`null` for an
+/// empty body, the text as a JSON string when it is not JSON).
 pub fn http(
     addr: SocketAddr,
     method: &str,
@@ -55,10 +89,12 @@ pub fn http(
     body: Option<&str>,
 ) -> (u16, serde_json::Value) {
     let (status, text) = request(addr, method, path, token, body.unwrap_or(""));
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-    )
+    let value = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+    };
+    (status, value)
 }
 
 /// A minimal HTTP/1.1 call; returns status and the body as text.
@@ -241,7 +277,8 @@ impl Server {
     pub fn logs(&self) -> String {
         (1..=self.starts)
             .map(|i| {
-                std::fs::read_to_string(self.dir.path().join(format!("server-{i}.log"))).unwrap_or_default()
+                let p = self.dir.path().join(format!("server-{i}.log"));
+                std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
             })
             .collect()
     }
@@ -479,9 +516,13 @@ impl Agent {
         self.dir.path().join(format!("agent-{}.log", self.starts))
     }
 
-    /// The current run's log.
+    /// The current run's log (empty before the first start).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+        if self.starts == 0 {
+            return String::new();
+        }
+        let p = self.log_path();
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
     }
 
     /// SIGKILLs the agent.
@@ -562,6 +603,21 @@ pub async fn close_code(conn: &quinn::Connection) -> Option<novacron_shared::pro
 /// `packaging/dev/testbed.sh` of this checkout.
 pub fn testbed() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/dev/testbed.sh")
+}
+
+/// `bash packaging/dev/testbed.sh` (add its arguments), run with every
+/// inherited descriptor above stderr closed first: a daemon it starts
+/// (libvirtd, a namespaced host) must not keep open a lock the test runner
+/// holds, such as the one `flock LOCK cargo test …` passes down, or the
+/// lock outlives the test.
+pub fn testbed_command() -> Command {
+    let mut c = Command::new("bash");
+    c.arg("-c")
+        .arg(
+            r#"for fd in /proc/$$/fd/*; do fd=${fd##*/}; if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi; done; exec bash "$0" "$@""#,
+        )
+        .arg(testbed());
+    c
 }
 
 /// The guest kernel and initrd (built by `testbed.sh guest`); panics with

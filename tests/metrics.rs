@@ -10,7 +10,8 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use novacron_e2e::{wait_for, Agent, Server};
+use novacron_e2e::{let_real_time_pass, wait_for, Agent, Server};
+use novacron_shared::clock::Clock;
 use serde_json::{json, Value};
 
 /// An agent on a private test-driver node sampling every `interval`.
@@ -267,11 +268,9 @@ fn host_and_vm_metrics_reach_the_api_the_live_stream_and_a_clean_exposition() {
     assert_ne!(code, 0);
 }
 
+/// The wall clock the server and agent stamp samples with, in ms.
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+    Clock::system().unix_ms()
 }
 
 fn streams(server: &Server, host: &str) -> Value {
@@ -297,7 +296,7 @@ fn no_batch_is_lost_or_stored_twice_across_server_and_agent_kills() {
     // agent keeps sampling into its spool.
     server.kill9();
     let server_down = now_ms();
-    std::thread::sleep(Duration::from_secs(4));
+    let_real_time_pass(Duration::from_secs(4));
     let server_up = now_ms();
     server.restart();
     server.wait_connected(&host, true);
@@ -309,7 +308,7 @@ fn no_batch_is_lost_or_stored_twice_across_server_and_agent_kills() {
     // The agent dies too, and comes back with its spool from disk.
     a.kill9();
     let agent_down = now_ms();
-    std::thread::sleep(Duration::from_secs(2));
+    let_real_time_pass(Duration::from_secs(2));
     let agent_up = now_ms();
     a.start(&[]);
     server.wait_connected(&host, true);

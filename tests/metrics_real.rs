@@ -14,8 +14,11 @@ use std::io::Write as _;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use novacron_e2e::{guest_dir, wait_for, Agent, Server};
+use novacron_e2e::{guest_dir, wait_for, wait_until_wall, Agent, Server};
+use novacron_shared::clock::Clock;
 use serde_json::{json, Value};
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
 
 /// A Prometheus server scraping one target every second.
 struct Prometheus {
@@ -135,6 +138,10 @@ fn a_busy_guest_moves_its_cpu_series_in_the_api_and_in_prometheus() {
     agent.join(&server);
     agent.start(&[]);
     server.wait_connected(&agent.host_id, true);
+    // Placement needs the host's capacity, which comes with its inventory.
+    wait_for("the host's capacity", Duration::from_secs(30), || {
+        (server.host(&agent.host_id)["capacity"]["memory_mib"].as_u64()? > 0).then_some(())
+    });
 
     let mut ids = Vec::new();
     for (name, burn) in [
@@ -171,7 +178,8 @@ fn a_busy_guest_moves_its_cpu_series_in_the_api_and_in_prometheus() {
     // The busy guest's vCPU time grows at about one core; the idle one's
     // barely moves. TCG on a loaded 2-core machine gets less than a full
     // core, so the bar is relative: well above the idle guest and clearly busy.
-    std::thread::sleep(Duration::from_secs(5));
+    // The 5 s window must hold only samples from after both boots.
+    wait_until_wall(Clock::system().wall() + Duration::from_secs(5));
     let (busy, idle) = wait_for("CPU rates of both guests", Duration::from_secs(60), || {
         Some((cpu_rate(&server, &burn_id, 5)?, cpu_rate(&server, &idle_id, 5)?))
     });
@@ -248,24 +256,44 @@ impl Drop for Cleanup<'_> {
         for id in &self.ids {
             let _ = self.server.send("DELETE", &format!("/v1/vms/{id}"), &json!({}));
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let conn = virt::connect::Connect::open(Some("qemu:///system")).ok();
-        while std::time::Instant::now() < deadline {
-            let left = self.ids.iter().any(|id| {
-                conn.as_ref()
-                    .is_some_and(|c| c.lookup_domain_by_uuid_string(id).is_ok())
-            });
-            if !left {
-                break;
+        // A drop may run while the test panics: report, never panic here.
+        let conn = match virt::connect::Connect::open(Some("qemu:///system")) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("cleanup: cannot reach libvirtd ({e}); the test's VMs may be left behind");
+                return;
             }
-            std::thread::sleep(Duration::from_millis(200));
+        };
+        let gone = |id: &String| match conn.lookup_domain_by_uuid_string(id) {
+            Ok(_) => Ok(false),
+            Err(e) if matches!(e.code(), Enum::Known(ErrorNumber::NoDomain)) => Ok(true),
+            Err(e) => Err(format!("{id}: {e}")),
+        };
+        let clock = Clock::system();
+        let start = clock.now();
+        loop {
+            match self.ids.iter().map(gone).collect::<Result<Vec<bool>, _>>() {
+                Ok(g) if g.iter().all(|&g| g) => break,
+                Ok(_) if clock.since(start) < Duration::from_secs(60) => {
+                    novacron_e2e::let_real_time_pass(Duration::from_millis(200));
+                }
+                Ok(_) => {
+                    eprintln!("cleanup: the test's VMs are still defined after 60 s");
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("cleanup: cannot look up a test VM: {e}");
+                    break;
+                }
+            }
         }
-        if let Some(p) = conn
-            .as_ref()
-            .and_then(|c| c.lookup_storage_pool_by_name(&self.pool).ok())
-        {
-            let _ = p.destroy();
-            let _ = p.undefine();
+        match conn.lookup_storage_pool_by_name(&self.pool) {
+            Ok(p) => {
+                let _ = p.destroy();
+                let _ = p.undefine();
+            }
+            Err(e) if matches!(e.code(), Enum::Known(ErrorNumber::NoStoragePool)) => {}
+            Err(e) => eprintln!("cleanup: cannot look up pool {}: {e}", self.pool),
         }
     }
 }

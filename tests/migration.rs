@@ -10,7 +10,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use novacron_e2e::{guest_dir, testbed, wait_for, Agent, Server};
+use novacron_e2e::{assert_holds, guest_dir, testbed_command, wait_for, Agent, Server};
 use serde_json::{json, Value};
 
 /// One namespaced libvirt host.
@@ -27,8 +27,7 @@ struct Hosts(Vec<NsHost>);
 
 impl Hosts {
     fn up(n: usize) -> Hosts {
-        let out = Command::new("bash")
-            .arg(testbed())
+        let out = testbed_command()
             .args(["hosts-up", &n.to_string()])
             .output()
             .unwrap();
@@ -60,24 +59,82 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
-        let _ = Command::new("bash").arg(testbed()).arg("hosts-down").output();
+        let _ = testbed_command().arg("hosts-down").output();
     }
 }
 
-fn virsh(uri: &str, args: &[&str]) -> String {
+/// How a `virsh` command failed.
+#[derive(Debug)]
+struct VirshFailed {
+    /// The command line, for messages.
+    command: String,
+    /// Its exit status.
+    status: std::process::ExitStatus,
+    /// Its non-empty stderr lines.
+    errors: Vec<String>,
+}
+
+/// Runs `virsh -c URI ARGS…`: its stdout when it succeeds (a failure to run
+/// it at all fails the test).
+fn virsh(uri: &str, args: &[&str]) -> Result<String, VirshFailed> {
     let out = Command::new("virsh")
         .arg("-c")
         .arg(uri)
         .args(args)
         .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .unwrap_or_else(|e| panic!("cannot run virsh: {e}"));
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    Err(VirshFailed {
+        command: format!("virsh -c {uri} {}", args.join(" ")),
+        status: out.status,
+        errors: String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
 }
 
-/// The domain's state on a host ("running", "shut off", ...), or "" when
-/// the host does not have it.
-fn domstate(h: &NsHost, uuid: &str) -> String {
-    virsh(&h.local_uri, &["domstate", uuid]).trim().to_string()
+/// The domain's state on a host (`Some("running")`, `Some("shut off")`,
+/// ...), or `None` when that host's libvirtd answers that it has no such
+/// domain. Any other failure (the host's libvirtd unreachable, a bad URI)
+/// fails the test: "gone" must be libvirt's word, not a silence.
+fn domstate(h: &NsHost, uuid: &str) -> Option<String> {
+    domstate_at(&h.local_uri, uuid)
+}
+
+fn domstate_at(uri: &str, uuid: &str) -> Option<String> {
+    match virsh(uri, &["domstate", uuid]) {
+        Ok(out) => Some(out.trim().to_string()),
+        // For VIR_ERR_NO_DOMAIN virsh drops libvirt's error and says only
+        // this; any other lookup failure adds libvirt's own error line.
+        Err(f) if f.errors == [format!("error: failed to get domain '{uuid}'")] => None,
+        Err(f) => panic!(
+            "cannot read the state of domain {uuid}: `{}` exited with {}: {}",
+            f.command,
+            f.status,
+            f.errors.join(" / ")
+        ),
+    }
+}
+
+/// The check above tells "no such domain" from "no answer": a missing
+/// domain on the running libvirtd is `None`, and a host whose libvirtd is
+/// unreachable fails instead of passing for one that lacks the domain.
+#[test]
+fn domstate_tells_a_missing_domain_from_an_unreachable_host() {
+    let missing = "00000000-0000-0000-0000-00000000dead";
+    assert_eq!(domstate_at("qemu:///system", missing), None);
+    let dead = "qemu+unix:///system?socket=/nonexistent/novacron-test/libvirt-sock";
+    let r = std::panic::catch_unwind(|| domstate_at(dead, missing));
+    let msg = r.expect_err("an unreachable libvirtd passed for a missing domain");
+    let msg = msg
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_else(|| panic!("panic payload is not a String"));
+    assert!(msg.contains("failed to connect to the hypervisor"), "{msg}");
 }
 
 /// Waits for an operation to end; returns it.
@@ -200,15 +257,26 @@ fn a_running_guest_live_migrates_and_drains_between_two_real_hosts() {
     assert_eq!(op["progress"]["percent"], 100);
     assert_eq!(s, 409, "a delete during the migration is refused");
     assert_eq!(host_of(&server, &vm), id2, "the API shows the new host");
-    assert_eq!(domstate(h2, &vm), "running", "the guest runs on host 2");
-    assert_eq!(domstate(h1, &vm), "", "and is gone from host 1");
+    assert_eq!(
+        domstate(h2, &vm).as_deref(),
+        Some("running"),
+        "the guest runs on host 2"
+    );
+    assert_eq!(domstate(h1, &vm), None, "and is gone from host 1");
     wait_for("host 2's agent to own it", Duration::from_secs(20), || {
         let v = server.get(&format!("/v1/vms/{vm}"));
         (v["observed"]["state"] == "Running").then_some(())
     });
-    // Both agents are converged with nothing left to do: no duplicate.
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(domstate(h1, &vm), "", "host 1's agent did not recreate it");
+    // Both agents are converged with nothing left to do: no duplicate
+    // appears on host 1 while they keep reconciling.
+    assert_holds(
+        "host 1 without the migrated VM",
+        Duration::from_secs(2),
+        || match domstate(h1, &vm) {
+            None => Ok(()),
+            Some(s) => Err(format!("host 1's agent recreated it ({s})")),
+        },
+    );
 
     // A migration whose target refuses connections fails; the VM keeps
     // running on its source and the claim is released.
@@ -233,8 +301,12 @@ fn a_running_guest_live_migrates_and_drains_between_two_real_hosts() {
     let err = op["error"].as_str().unwrap();
     assert!(err.contains("keeps running on host"), "{err}");
     assert_eq!(host_of(&server, &vm), id2);
-    assert_eq!(domstate(h2, &vm), "running", "still running on its source");
-    assert_eq!(domstate(h1, &vm), "", "nothing left on the target");
+    assert_eq!(
+        domstate(h2, &vm).as_deref(),
+        Some("running"),
+        "still running on its source"
+    );
+    assert_eq!(domstate(h1, &vm), None, "nothing left on the target");
 
     // Drain host 2: the VM moves back to host 1 (the only other host) and
     // host 2 is cordoned.
@@ -243,8 +315,8 @@ fn a_running_guest_live_migrates_and_drains_between_two_real_hosts() {
     let op = wait_op(&server, &v["operation"]);
     assert_eq!(op["state"], "succeeded", "{op:#}");
     assert_eq!(host_of(&server, &vm), id1);
-    assert_eq!(domstate(h1, &vm), "running");
-    assert_eq!(domstate(h2, &vm), "");
+    assert_eq!(domstate(h1, &vm).as_deref(), Some("running"));
+    assert_eq!(domstate(h2, &vm), None);
     let ops = server.get("/v1/operations");
     assert!(ops["operations"].as_array().unwrap().len() >= 4, "{ops:#}");
     // The cordon holds: a new VM pinned to host 2 is refused.
@@ -275,6 +347,6 @@ fn a_running_guest_live_migrates_and_drains_between_two_real_hosts() {
     let (s, _) = server.send("DELETE", &format!("/v1/vms/{vm}"), &json!({}));
     assert_eq!(s, 200);
     wait_for("the guest to be removed", Duration::from_secs(60), || {
-        domstate(h1, &vm).is_empty().then_some(())
+        domstate(h1, &vm).is_none().then_some(())
     });
 }

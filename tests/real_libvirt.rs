@@ -12,12 +12,14 @@ use std::time::Duration;
 use novacron_agent::domxml::VirtType;
 use novacron_agent::hypervisor::Hypervisor;
 use novacron_agent::vmops::HostSetup;
-use novacron_e2e::{guest_dir, testbed, wait_for, Agent, Server};
+use novacron_e2e::{assert_holds, guest_dir, testbed_command, wait_for, Agent, Server};
 use novacron_shared::ids::{OpId, VmId};
 use novacron_shared::protocol::VmState;
 use novacron_shared::spec::{CloudInit, DesiredVm, DiskSpec, KernelBoot, Power, VmSpec};
 use serde_json::{json, Value};
 use virt::connect::Connect;
+use virt::enumutil::Enum;
+use virt::error::{Error as VirtError, ErrorNumber};
 
 const URI: &str = "qemu:///system";
 
@@ -33,6 +35,11 @@ fn conn() -> Connect {
     Connect::open(Some(URI)).unwrap_or_else(|e| {
         panic!("cannot reach libvirtd at {URI} ({e}); run `packaging/dev/testbed.sh install && packaging/dev/testbed.sh start` as root")
     })
+}
+
+/// Whether a libvirt error is `n` (and not, say, a lost connection).
+fn is(e: &VirtError, n: ErrorNumber) -> bool {
+    matches!(e.code(), Enum::Known(c) if c == n)
 }
 
 /// A unique suffix, so runs never collide with leftovers.
@@ -79,17 +86,30 @@ impl Scratch {
         )
     }
 
+    /// The pool's volumes; none when libvirt says the pool does not exist.
+    /// Any other libvirt failure fails the test.
     fn volumes(&self) -> Vec<String> {
         let c = conn();
-        let Ok(p) = c.lookup_storage_pool_by_name(&self.pool) else {
-            return vec![];
+        let p = match c.lookup_storage_pool_by_name(&self.pool) {
+            Ok(p) => p,
+            Err(e) if is(&e, ErrorNumber::NoStoragePool) => return vec![],
+            Err(e) => panic!("cannot look up storage pool {}: {e}", self.pool),
         };
-        let _ = p.refresh(0);
-        p.list_volumes().unwrap_or_default()
+        p.refresh(0)
+            .unwrap_or_else(|e| panic!("cannot refresh storage pool {}: {e}", self.pool));
+        p.list_volumes()
+            .unwrap_or_else(|e| panic!("cannot list the volumes of pool {}: {e}", self.pool))
     }
 
+    /// The guest's console log so far; empty until QEMU has created it.
+    /// Any other read failure fails the test.
     fn console_log(&self, vm: &str) -> String {
-        std::fs::read_to_string(self.console.join(format!("{vm}.console.log"))).unwrap_or_default()
+        let path = self.console.join(format!("{vm}.console.log"));
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => panic!("cannot read {}: {e}", path.display()),
+        }
     }
 }
 
@@ -126,12 +146,30 @@ fn guest_spec(name: &str) -> VmSpec {
     spec
 }
 
+/// The QEMU domain id of a running domain; `None` when it is not running
+/// or libvirt says it does not exist. Any other failure fails the test.
 fn domain_id(name: &str) -> Option<u32> {
-    let d = conn().lookup_domain_by_name(name).ok()?;
-    if d.is_active().ok()? {
+    let d = match conn().lookup_domain_by_name(name) {
+        Ok(d) => d,
+        Err(e) if is(&e, ErrorNumber::NoDomain) => return None,
+        Err(e) => panic!("cannot look up domain {name}: {e}"),
+    };
+    let active = d
+        .is_active()
+        .unwrap_or_else(|e| panic!("cannot tell whether {name} runs: {e}"));
+    if active {
         d.id()
     } else {
         None
+    }
+}
+
+/// Panics unless libvirt answers that domain `name` does not exist.
+fn assert_undefined(c: &Connect, name: &str) {
+    match c.lookup_domain_by_name(name) {
+        Ok(_) => panic!("domain {name} is still defined"),
+        Err(e) if is(&e, ErrorNumber::NoDomain) => {}
+        Err(e) => panic!("cannot look up domain {name}: {e}"),
     }
 }
 
@@ -189,7 +227,7 @@ async fn guest_lifecycle() {
     let disks = log
         .lines()
         .find(|l| l.starts_with("NOVACRON-GUEST-DISKS"))
-        .unwrap_or("");
+        .unwrap_or_else(|| panic!("no NOVACRON-GUEST-DISKS line in the console log:\n{log}"));
     assert!(disks.contains("vda") && disks.contains("vdb"), "{disks}");
 
     hv.snapshot_create(vm.id, "booted".into()).await.unwrap();
@@ -223,18 +261,74 @@ async fn guest_lifecycle() {
     // Removal leaves no volume and no definition behind, and the template.
     let removed = hv.remove(vm.id.to_string()).await.unwrap();
     assert_eq!(removed.len(), 2, "{removed:?}");
-    assert!(c.lookup_domain_by_name(&name).is_err(), "domain still defined");
+    assert_undefined(&c, &name);
     assert_eq!(scratch.volumes(), ["tmpl-base.qcow2"]);
 }
 
 fn testbed_cmd(arg: &str) -> String {
-    let out = Command::new("bash").arg(testbed()).arg(arg).output().unwrap();
+    let out = testbed_command().arg(arg).output().unwrap();
     assert!(
         out.status.success(),
         "testbed.sh {arg}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Where `testbed.sh start` writes the pid of the libvirtd it started.
+fn testbed_pid_file() -> PathBuf {
+    let run = std::env::var_os("NOVACRON_TESTBED_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/novacron-testbed"));
+    run.join("libvirtd.pid")
+}
+
+/// Whether `pid` is a live (not zombie) process.
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next()),
+            Some(Some('Z' | 'X'))
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => panic!("cannot read /proc/{pid}/stat: {e}"),
+    }
+}
+
+/// The pid of the libvirtd the test bed started, read from the pid file
+/// `testbed.sh start` writes: only that daemon may be signalled, never one
+/// found by name or by its socket. Panics with what to do when the file is
+/// missing or names no live libvirtd.
+fn testbed_libvirtd_pid() -> u32 {
+    let file = testbed_pid_file();
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {} ({e}): this test signals only the libvirtd that `packaging/dev/testbed.sh start` started; stop any other libvirtd and run `testbed.sh start` as root",
+            file.display()
+        )
+    });
+    let pid: u32 = text
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{} holds {text:?}, not a pid: {e}", file.display()));
+    let comm = match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(c) => c.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!(
+                "{} names pid {pid}, which is not running; run `packaging/dev/testbed.sh start` as root",
+                file.display()
+            )
+        }
+        Err(e) => panic!("cannot read /proc/{pid}/comm: {e}"),
+    };
+    assert!(
+        comm == "libvirtd" && process_alive(pid),
+        "{} names pid {pid}, which is not a running libvirtd (it is {comm:?}); run `packaging/dev/testbed.sh start` as root",
+        file.display()
+    );
+    pid
 }
 
 fn wait_report(server: &Server, host: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
@@ -249,7 +343,12 @@ fn state_of(v: &Value, name: &str) -> Option<String> {
         .as_array()?
         .iter()
         .find(|o| o["name"] == name)
-        .map(|o| o["state"].as_str().unwrap_or("").to_string())
+        .map(|o| {
+            o["state"]
+                .as_str()
+                .unwrap_or_else(|| panic!("an observed VM without a state: {o}"))
+                .to_string()
+        })
 }
 
 #[test]
@@ -286,29 +385,28 @@ fn vms_survive_agent_and_libvirtd_restarts_without_duplicates_or_stops() {
     // The agent dies: the VM keeps running. It comes back: nothing is
     // duplicated and the VM was not restarted (same QEMU domain id).
     agent.kill9();
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(domain_id(&name), Some(qemu_id), "the VM stopped with the agent");
+    assert_holds(
+        "the VM running without its agent",
+        Duration::from_secs(2),
+        || match domain_id(&name) {
+            Some(id) if id == qemu_id => Ok(()),
+            other => Err(format!("the VM stopped with the agent (domain id {other:?})")),
+        },
+    );
     agent.start(&[]);
     // The server may still hold the old session for a moment: wait for the
     // new agent's own word that it has the desired state and matches it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_for("the restarted agent to converge", Duration::from_secs(60), || {
         let log = agent.log();
-        if log.contains("desired state from the server") && log.contains("converged on the desired state") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the restarted agent did not converge:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        (log.contains("desired state from the server") && log.contains("converged on the desired state"))
+            .then_some(())
+    });
     assert_eq!(domain_id(&name), Some(qemu_id), "the VM was restarted");
     let same_name = conn()
         .list_all_domains(0)
         .unwrap()
         .iter()
-        .filter(|d| d.name().ok().as_deref() == Some(name.as_str()))
+        .filter(|d| d.name().unwrap() == name)
         .count();
     assert_eq!(same_name, 1);
     assert!(
@@ -319,10 +417,15 @@ fn vms_survive_agent_and_libvirtd_restarts_without_duplicates_or_stops() {
 
     // libvirtd dies and comes back under the running agent: the agent
     // reconnects and re-registers for events.
-    let pid = testbed_cmd("libvirtd-pid");
-    let st = Command::new("kill").args(["-9", &pid]).status().unwrap();
+    let pid = testbed_libvirtd_pid();
+    let st = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
-    std::thread::sleep(Duration::from_secs(1));
+    wait_for("libvirtd to die", Duration::from_secs(10), || {
+        (!process_alive(pid)).then_some(())
+    });
     testbed_cmd("start");
     assert_eq!(domain_id(&name), Some(qemu_id), "QEMU must outlive libvirtd");
     wait_for(
@@ -351,7 +454,7 @@ fn vms_survive_agent_and_libvirtd_restarts_without_duplicates_or_stops() {
     let (status, _) = server.send("PUT", &format!("/v1/hosts/{host}/vms"), &json!({"vms": []}));
     assert_eq!(status, 200);
     wait_report(&server, &host, "the VM removed", |v| state_of(v, &name).is_none());
-    assert!(conn().lookup_domain_by_name(&name).is_err());
+    assert_undefined(&conn(), &name);
     assert!(scratch.volumes().is_empty(), "{:?}", scratch.volumes());
 }
 
@@ -376,7 +479,7 @@ fn a_hung_libvirtd_does_not_stop_heartbeats() {
     wait_report(&server, &host, "a first converged pass", |_| true);
 
     // Freeze libvirtd: every libvirt call now hangs.
-    let pid = testbed_cmd("libvirtd-pid");
+    let pid = testbed_libvirtd_pid().to_string();
     let stop = |sig: &str| {
         let st = Command::new("kill").args([sig, &pid]).status().unwrap();
         assert!(st.success(), "kill {sig} {pid}");
@@ -393,12 +496,14 @@ fn a_hung_libvirtd_does_not_stop_heartbeats() {
     // Heartbeats keep arriving while libvirt is frozen.
     let seen = |s: &Server| s.host(&host)["last_seen_ms"].as_u64().unwrap();
     let before = seen(&server);
-    std::thread::sleep(Duration::from_secs(3));
-    let h = server.host(&host);
-    assert_eq!(h["connected"], true, "{h}");
-    assert!(
-        seen(&server) >= before + 2000,
-        "heartbeats stalled while libvirt hung"
+    wait_for(
+        "two seconds of heartbeats while libvirt hangs",
+        Duration::from_secs(10),
+        || {
+            let h = server.host(&host);
+            assert_eq!(h["connected"], true, "the host dropped while libvirt hung: {h}");
+            (seen(&server) >= before + 2000).then_some(())
+        },
     );
 
     // libvirtd thaws: the agent recovers and converges on a new state.
