@@ -979,7 +979,9 @@ fn inventory_bench(args: &Args) -> anyhow::Result<()> {
         capacity.memory_mib
     );
 
-    // Reconcile on the converged host.
+    // Reconcile on the converged host (the planner sees what the driver
+    // hands it: its own observation type).
+    let observed: Vec<_> = observed.iter().map(vmops::ObservedVm::to_observed).collect();
     let rec = Reconciler::default();
     let plan_bench = |desired: &[DesiredVm], want_actions: usize, label: &str| -> anyhow::Result<Duration> {
         let mut times = Vec::with_capacity(args.plan_runs);
