@@ -171,10 +171,23 @@ start_virtlogd() {
   fi
   rm -f "$RUN_DIR/virtlogd.pid" "$LIBVIRT_RUN/virtlogd-sock" "$LIBVIRT_RUN/virtlogd-admin-sock"
   log "start: starting virtlogd"
-  virtlogd -d -p "$RUN_DIR/virtlogd.pid" </dev/null >&2 9>&- || die "virtlogd failed to start"
+  bare virtlogd -d -p "$RUN_DIR/virtlogd.pid" </dev/null >&2 || die "virtlogd failed to start"
   wait_for 15 test -S "$LIBVIRT_RUN/virtlogd-sock" ||
     die "virtlogd did not create $LIBVIRT_RUN/virtlogd-sock within 15 s"
   log "start: virtlogd running (pid $(read_pid "$RUN_DIR/virtlogd.pid"))"
+}
+
+# Runs a daemon with no descriptor but stdin/out/err inherited: a daemon
+# that kept a caller's lock file or output pipe open would hold that lock,
+# or keep a test runner waiting for EOF, for as long as it lives.
+bare() {
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      [ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-" 2>/dev/null
+    done
+    exec "$@"
+  )
 }
 
 start_libvirtd() {
@@ -188,7 +201,7 @@ start_libvirtd() {
     # $LIBVIRT_RUN/qemu/: it is how a new libvirtd finds running guests.
     rm -f "$RUN_DIR/libvirtd.pid" "$SOCK" "$SOCK-ro" "$LIBVIRT_RUN/libvirt-admin-sock"
     log "start: starting libvirtd"
-    libvirtd -d -p "$RUN_DIR/libvirtd.pid" </dev/null >&2 9>&- || die "libvirtd failed to start (see /var/log/libvirt/)"
+    bare libvirtd -d -p "$RUN_DIR/libvirtd.pid" </dev/null >&2 || die "libvirtd failed to start (see /var/log/libvirt/)"
     log "start: libvirtd running (pid $(read_pid "$RUN_DIR/libvirtd.pid"))"
   fi
   wait_for $WAIT_SECS test -S "$SOCK" ||
@@ -495,7 +508,7 @@ launch_host() {
   create_link "$name" "$ip"
   log "hosts: $name: starting virtlogd + libvirtd ($ip, state $b)"
   # shellcheck disable=SC2016
-  ip netns exec "$name" unshare --mount --uts --propagation private -- bash -c '
+  bare ip netns exec "$name" unshare --mount --uts --propagation private -- bash -c '
     set -e
     hostname "$1"
     mount --bind "$2/run" /run/libvirt
@@ -505,7 +518,7 @@ launch_host() {
     mount --bind "$2/cache" /var/cache/libvirt
     virtlogd -d -p "$2/virtlogd.pid"
     libvirtd -d --listen -p "$2/libvirtd.pid"' novacron-host "$name" "$b" "$lib" \
-    </dev/null >>"$b/daemons.log" 2>&1 9>&- ||
+    </dev/null >>"$b/daemons.log" 2>&1 ||
     { cat "$b/daemons.log" >&2; die "hosts: $name: starting its daemons failed"; }
 }
 
