@@ -15,7 +15,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
+
+use novacron_shared::clock::Clock;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Frame, Incoming};
@@ -31,7 +33,7 @@ use crate::config::ApiConfig;
 use crate::fleet::{CommandError, CreateVm, DesiredError, Fleet, RevokeError, VmError, VmRequest};
 use crate::ratelimit::{LogLimiter, TokenBuckets};
 use crate::store::{ApiTokenRecord, AuditRecord, Role, Store, TokenDeleteRefusal};
-use crate::{secrets, unix_ms, warn_limited};
+use crate::{secrets, warn_limited};
 use novacron_shared::protocol::CommandKind;
 use novacron_shared::spec::Power;
 
@@ -59,6 +61,7 @@ pub struct Api {
     limiter: LogLimiter,
     buckets: TokenBuckets,
     cfg: ApiConfig,
+    clock: Clock,
 }
 
 /// The token behind a request.
@@ -146,14 +149,20 @@ impl hyper::body::Body for SseBody {
 }
 
 impl Api {
-    /// The API over the fleet and its store.
+    /// The API over the fleet and its store, on the system clock.
     pub fn new(fleet: Arc<Fleet>, store: Store, cfg: ApiConfig) -> Arc<Self> {
+        Self::with_clock(fleet, store, cfg, Clock::system())
+    }
+
+    /// The API over the fleet and its store, reading time from `clock`.
+    pub fn with_clock(fleet: Arc<Fleet>, store: Store, cfg: ApiConfig, clock: Clock) -> Arc<Self> {
         Arc::new(Self {
             fleet,
             store,
-            limiter: LogLimiter::new(20, Duration::from_secs(60)),
+            limiter: LogLimiter::with_clock(20, Duration::from_secs(60), clock.clone()),
             buckets: TokenBuckets::new(cfg.rate_limit, cfg.rate_burst),
             cfg,
+            clock,
         })
     }
 
@@ -184,7 +193,7 @@ impl Api {
     }
 
     async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Resp {
-        let started = Instant::now();
+        let started = self.clock.now();
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let resp = match self.handle_inner(req, remote).await {
@@ -219,7 +228,7 @@ impl Api {
         crate::telemetry::TELEMETRY
             .api_duration
             .with_label_values(&[operation, class])
-            .observe(started.elapsed().as_secs_f64());
+            .observe(self.clock.since(started).as_secs_f64());
         resp
     }
 
@@ -251,7 +260,7 @@ impl Api {
             Access::Public => None,
             Access::Role(need) => {
                 let caller = self.authenticate(&req)?;
-                if let Err(wait) = self.buckets.take(&caller.id, Instant::now()) {
+                if let Err(wait) = self.buckets.take(&caller.id, self.clock.now()) {
                     let mut e = ApiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         "rate_limited",
@@ -350,7 +359,7 @@ impl Api {
     fn audit_record(&self, c: &Caller, remote: SocketAddr, route: &Route, path: &str) -> AuditRecord {
         AuditRecord {
             seq: 0,
-            at_ms: unix_ms(SystemTime::now()),
+            at_ms: self.clock.unix_ms(),
             actor: c.name.clone(),
             token_id: c.id.clone(),
             role: c.role,
@@ -590,7 +599,7 @@ impl Api {
             Op::PrometheusMetrics => Ok(self.prometheus()),
             Op::QueryMetrics => {
                 let m = self.metrics()?;
-                let req = metrics_request(&q)?;
+                let req = metrics_request(&q, self.clock.unix_ms())?;
                 let answer = m.query(&req).map_err(|e| internal(&e))?;
                 ok(StatusCode::OK, &answer)
             }
@@ -646,7 +655,7 @@ impl Api {
                 let rec = ApiTokenRecord {
                     name: body.name,
                     role: body.role,
-                    created_ms: unix_ms(SystemTime::now()),
+                    created_ms: self.clock.unix_ms(),
                 };
                 self.store.put_api_token(&hash, &rec).map_err(|e| internal(&e))?;
                 tracing::info!(name = %rec.name, role = ?rec.role, by = %actor, "API token created");
@@ -1009,9 +1018,8 @@ fn metrics_time(k: &str, v: &str, now: u64) -> Result<u64, ApiError> {
     Ok(now.saturating_sub(d.as_millis() as u64))
 }
 
-fn metrics_request(q: &Query<'_>) -> Result<crate::metrics::query::Request, ApiError> {
+fn metrics_request(q: &Query<'_>, now: u64) -> Result<crate::metrics::query::Request, ApiError> {
     let owner = metrics_owner(q)?;
-    let now = unix_ms(SystemTime::now());
     let from_ms = match q.get("from") {
         Some(v) => metrics_time("from", v, now)?,
         None => now.saturating_sub(5 * 60_000),
