@@ -175,7 +175,7 @@ fn vms_create_then_show_by_name_finds_it_placed_and_running_and_stop_converges()
     let id = field(&shown, "id").unwrap();
     assert_eq!(
         server.get(&format!("/v1/vms/{id}"))["observed"]["state"],
-        "Running"
+        "running"
     );
     let listed = ok(&run(&server, &["vms", "list", "--host", "cli-vms"]));
     assert!(
@@ -193,7 +193,7 @@ fn vms_create_then_show_by_name_finds_it_placed_and_running_and_stop_converges()
     });
     assert_eq!(
         server.get(&format!("/v1/vms/{id}"))["observed"]["state"],
-        "Stopped"
+        "stopped"
     );
     // By id works as well as by name.
     let out = ok(&run(&server, &["vms", "show", &id]));

@@ -21,6 +21,7 @@ pub const HANDSHAKE_VERSION: u16 = 1;
 
 /// Everything an agent sends to the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AgentMessage {
     /// First frame of an enrolled agent's control stream.
     Hello(Hello),
@@ -46,6 +47,7 @@ pub enum AgentMessage {
 
 /// Everything the server sends to an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ServerMessage {
     /// Accepts a hello: the negotiated version and who the agent is.
     Welcome(Welcome),
@@ -146,6 +148,7 @@ pub struct Capacity {
 
 /// A VM's state as libvirt reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// Defined but not running.
     Stopped,
@@ -334,6 +337,7 @@ pub struct CommandResult {
 
 /// How a command ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CommandOutcome {
     /// Done (or was already done: commands are idempotent).
     Done,
@@ -381,6 +385,7 @@ pub struct WireError {
 
 /// Stable error codes; also used as QUIC application close codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The peers share no protocol version.
     UnsupportedVersion,

@@ -338,10 +338,10 @@ async fn snapshot(ctx: &mut Ctx, command: SnapshotCommand) -> Result<(), CliErro
     }
 }
 
-/// Reports a command's `{op_id, outcome}`: the outcome is `"Done"` or
-/// `{"Failed": {"message"}}`; a failure exits 1 (after the JSON, in JSON mode).
+/// Reports a command's `{op_id, outcome}`: the outcome is `"done"` or
+/// `{"failed": {"message"}}`; a failure exits 1 (after the JSON, in JSON mode).
 fn command_done(ctx: &Ctx, v: &Value, what: String, done: impl FnOnce() -> String) -> Result<(), CliError> {
-    let failed = v["outcome"]["Failed"]["message"].as_str().map(str::to_string);
+    let failed = v["outcome"]["failed"]["message"].as_str().map(str::to_string);
     if ctx.json() {
         ctx.print_json(v)?;
     } else if failed.is_none() {
