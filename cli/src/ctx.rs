@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io::Write;
 
 use hyper::Method;
-use novacron_server::client::{ApiClient, ClientError};
+use novacron_api::client::{ApiClient, ClientError};
 use serde_json::Value;
 
 use crate::args::Output;
