@@ -1,12 +1,20 @@
 //! What every command needs: the API client, the output format, printing,
-//! and turning the ids or names people type into ids.
+//! paging, and turning the ids or names people type into ids. Replies are
+//! read into the API's types (`novacron_api`).
 
 use std::collections::HashMap;
 use std::io::Write;
 
 use hyper::Method;
+use novacron_api::audit::{AuditEntry, AuditList};
 use novacron_api::client::{ApiClient, ClientError};
-use serde_json::Value;
+use novacron_api::hosts::{Host, HostList};
+use novacron_api::operations::{Operation, OperationList};
+use novacron_api::vms::{Vm, VmList};
+use novacron_api::Empty;
+use novacron_shared::ids::{HostId, VmId};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::args::Output;
 use crate::units::{enc, query};
@@ -15,43 +23,76 @@ use crate::CliError;
 /// Page size used when following `next` to the end.
 pub const PAGE: u32 = 1000;
 
-/// A paged list in the API: where, under which key, and the query
-/// parameter that takes the previous page's `next`.
-#[derive(Debug)]
-pub struct Listing {
+/// A paged list of the API: where it is, the query parameter that takes
+/// the previous page's `next`, and how to take a page apart.
+pub trait Page: DeserializeOwned + Serialize {
+    /// One entry.
+    type Item;
     /// The path.
-    pub path: &'static str,
-    /// The key of the entries in the reply.
-    pub key: &'static str,
+    const PATH: &'static str;
     /// The cursor parameter.
-    pub cursor: &'static str,
+    const CURSOR: &'static str;
+    /// What the entries are, for people (`VMs`).
+    const WHAT: &'static str;
+    /// The next page's cursor, if more follow.
+    fn next_cursor(&self) -> Option<String>;
+    /// The entries.
+    fn items(self) -> Vec<Self::Item>;
+    /// A page holding `items` with no next page.
+    fn whole(items: Vec<Self::Item>) -> Self;
 }
 
 /// `GET /v1/vms`: by id, `after`.
-pub const VMS: Listing = Listing {
-    path: "/v1/vms",
-    key: "vms",
-    cursor: "after",
-};
-/// `GET /v1/operations`: newest first, `before`.
-pub const OPERATIONS: Listing = Listing {
-    path: "/v1/operations",
-    key: "operations",
-    cursor: "before",
-};
-/// `GET /v1/audit`: newest first, `before` (a sequence number).
-pub const AUDIT: Listing = Listing {
-    path: "/v1/audit",
-    key: "entries",
-    cursor: "before",
-};
+impl Page for VmList {
+    type Item = Vm;
+    const PATH: &'static str = "/v1/vms";
+    const CURSOR: &'static str = "after";
+    const WHAT: &'static str = "vms";
+    fn next_cursor(&self) -> Option<String> {
+        self.next.map(|n| n.to_string())
+    }
+    fn items(self) -> Vec<Vm> {
+        self.vms
+    }
+    fn whole(vms: Vec<Vm>) -> Self {
+        Self { vms, next: None }
+    }
+}
 
-/// A page's `next` cursor (an id or a sequence number), if more follow.
-fn next_cursor(page: &Value) -> Option<String> {
-    match &page["next"] {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
+/// `GET /v1/operations`: newest first, `before`.
+impl Page for OperationList {
+    type Item = Operation;
+    const PATH: &'static str = "/v1/operations";
+    const CURSOR: &'static str = "before";
+    const WHAT: &'static str = "operations";
+    fn next_cursor(&self) -> Option<String> {
+        self.next.map(|n| n.to_string())
+    }
+    fn items(self) -> Vec<Operation> {
+        self.operations
+    }
+    fn whole(operations: Vec<Operation>) -> Self {
+        Self {
+            operations,
+            next: None,
+        }
+    }
+}
+
+/// `GET /v1/audit`: newest first, `before` (a sequence number).
+impl Page for AuditList {
+    type Item = AuditEntry;
+    const PATH: &'static str = "/v1/audit";
+    const CURSOR: &'static str = "before";
+    const WHAT: &'static str = "entries";
+    fn next_cursor(&self) -> Option<String> {
+        self.next.map(|n| n.to_string())
+    }
+    fn items(self) -> Vec<AuditEntry> {
+        self.entries
+    }
+    fn whole(entries: Vec<AuditEntry>) -> Self {
+        Self { entries, next: None }
     }
 }
 
@@ -62,8 +103,8 @@ pub struct Ctx {
     pub api: ApiClient,
     /// Table or JSON.
     pub output: Output,
-    hosts: Option<Vec<Value>>,
-    vm_names: HashMap<String, String>,
+    hosts: Option<Vec<Host>>,
+    vm_names: HashMap<VmId, String>,
 }
 
 impl Ctx {
@@ -82,19 +123,24 @@ impl Ctx {
         self.output == Output::Json
     }
 
-    /// `GET path`.
-    pub async fn get(&self, path: &str) -> Result<Value, CliError> {
-        Ok(self.api.call(Method::GET, path, None).await?)
+    /// `GET path`, read into `T`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        Ok(self.api.get(path).await?)
     }
 
-    /// `POST path` with a JSON body.
-    pub async fn post(&self, path: &str, body: Value) -> Result<Value, CliError> {
-        Ok(self.api.call(Method::POST, path, Some(body)).await?)
+    /// `POST path` with the typed body, read into `T`.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, CliError> {
+        Ok(self.api.send(Method::POST, path, Some(body)).await?)
     }
 
-    /// `DELETE path`.
-    pub async fn delete(&self, path: &str) -> Result<Value, CliError> {
-        Ok(self.api.call(Method::DELETE, path, None).await?)
+    /// `POST path` with an empty body, read into `T`.
+    pub async fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        self.post(path, &Empty {}).await
+    }
+
+    /// `DELETE path`, read into `T`.
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        Ok(self.api.send(Method::DELETE, path, None::<&Empty>).await?)
     }
 
     /// Writes `text` to stdout as is.
@@ -106,13 +152,13 @@ impl Ctx {
     }
 
     /// Prints `v` as pretty JSON.
-    pub fn print_json(&self, v: &Value) -> Result<(), CliError> {
-        let text = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+    pub fn print_json<T: Serialize>(&self, v: &T) -> Result<(), CliError> {
+        let text = serde_json::to_string_pretty(v).map_err(|e| CliError::Stdout(e.into()))?;
         self.emit(&format!("{text}\n"))
     }
 
     /// Prints `v` as JSON in JSON mode, else the line `people` says.
-    pub fn report(&self, v: &Value, people: impl FnOnce() -> String) -> Result<(), CliError> {
+    pub fn report<T: Serialize>(&self, v: &T, people: impl FnOnce() -> String) -> Result<(), CliError> {
         if self.json() {
             self.print_json(v)
         } else {
@@ -120,118 +166,106 @@ impl Ctx {
         }
     }
 
-    /// Every page of a paged list (`page` entries per request). Returns
-    /// `{key: [...all], "next": null}`.
-    pub async fn all_pages(
+    /// Every page of a paged list (`page` entries per request), as one
+    /// page with no `next`.
+    pub async fn all_pages<P: Page>(
         &self,
-        l: &Listing,
         extra: &[(&str, Option<String>)],
         page: u32,
-    ) -> Result<Value, CliError> {
+    ) -> Result<P, CliError> {
         let mut items = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
             let mut q: Vec<(&str, Option<String>)> = extra.to_vec();
             q.push(("limit", Some(page.to_string())));
-            q.push((l.cursor, cursor.clone()));
-            let page = self.get(&format!("{}{}", l.path, query(&q))).await?;
-            items.extend(page[l.key].as_array().cloned().unwrap_or_default());
-            match next_cursor(&page) {
+            q.push((P::CURSOR, cursor.clone()));
+            let got: P = self.get(&format!("{}{}", P::PATH, query(&q))).await?;
+            let next = got.next_cursor();
+            items.extend(got.items());
+            match next {
                 Some(n) if Some(&n) != cursor.as_ref() => cursor = Some(n),
                 _ => break,
             }
         }
-        let mut out = serde_json::Map::new();
-        out.insert(l.key.to_string(), Value::Array(items));
-        out.insert("next".into(), Value::Null);
-        Ok(Value::Object(out))
+        Ok(P::whole(items))
     }
 
     /// A paged list: one page of at most `limit` entries, or with `all`
     /// every page (`limit` per request). In table mode, says on stderr when
     /// more entries follow.
-    pub async fn list(
+    pub async fn list<P: Page>(
         &self,
-        l: &Listing,
         extra: &[(&str, Option<String>)],
         limit: Option<u32>,
         all: bool,
-    ) -> Result<Value, CliError> {
+    ) -> Result<P, CliError> {
         if all {
-            return self.all_pages(l, extra, limit.unwrap_or(PAGE)).await;
+            return self.all_pages(extra, limit.unwrap_or(PAGE)).await;
         }
         let mut q: Vec<(&str, Option<String>)> = extra.to_vec();
         q.push(("limit", limit.map(|l| l.to_string())));
-        let v = self.get(&format!("{}{}", l.path, query(&q))).await?;
-        if !self.json() && next_cursor(&v).is_some() {
-            eprintln!("novacron: more {} follow; pass --all to list them all", l.key);
+        let v: P = self.get(&format!("{}{}", P::PATH, query(&q))).await?;
+        if !self.json() && v.next_cursor().is_some() {
+            eprintln!("novacron: more {} follow; pass --all to list them all", P::WHAT);
         }
         Ok(v)
     }
 
     /// Every host (fetched once per command).
-    pub async fn hosts(&mut self) -> Result<&[Value], CliError> {
+    pub async fn hosts(&mut self) -> Result<&[Host], CliError> {
         if self.hosts.is_none() {
-            let v = self.get("/v1/hosts").await?;
-            let hosts = v["hosts"]
-                .as_array()
-                .cloned()
-                .ok_or(CliError::Unexpected("hosts list"))?;
-            self.hosts = Some(hosts);
+            let v: HostList = self.get("/v1/hosts").await?;
+            self.hosts = Some(v.hosts);
         }
         Ok(self.hosts.as_deref().unwrap_or_default())
     }
 
     /// The host with this id or exact name.
-    pub async fn resolve_host(&mut self, arg: &str) -> Result<Value, CliError> {
-        let want_id = arg
-            .parse::<novacron_shared::ids::HostId>()
-            .ok()
-            .map(|i| i.to_string());
+    pub async fn resolve_host(&mut self, arg: &str) -> Result<Host, CliError> {
+        let want_id = arg.parse::<HostId>().ok();
         let hosts = self.hosts().await?;
-        if let Some(h) = hosts
-            .iter()
-            .find(|h| want_id.is_some() && h["id"].as_str() == want_id.as_deref())
-        {
+        if let Some(h) = hosts.iter().find(|h| Some(h.id) == want_id) {
             return Ok(h.clone());
         }
-        let named: Vec<&Value> = hosts.iter().filter(|h| h["name"] == arg).collect();
+        let named: Vec<&Host> = hosts.iter().filter(|h| h.name == arg).collect();
         match named.as_slice() {
             [] => Err(CliError::NoHost(arg.to_string())),
             [h] => Ok((*h).clone()),
             many => Err(CliError::AmbiguousHost {
                 name: arg.to_string(),
-                ids: many.iter().map(|h| text(&h["id"])).collect(),
+                ids: many.iter().map(|h| h.id.to_string()).collect(),
             }),
         }
     }
 
     /// The id of the host with this id or exact name.
-    pub async fn host_id(&mut self, arg: &str) -> Result<String, CliError> {
-        let h = self.resolve_host(arg).await?;
-        h["id"]
-            .as_str()
-            .map(str::to_string)
-            .ok_or(CliError::Unexpected("host id"))
+    pub async fn host_id(&mut self, arg: &str) -> Result<HostId, CliError> {
+        Ok(self.resolve_host(arg).await?.id)
     }
 
     /// A host's name for people (its id when unknown).
-    pub async fn host_label(&mut self, id: &str) -> String {
+    pub async fn host_label(&mut self, id: HostId) -> String {
         match self.hosts().await {
             Ok(hosts) => hosts
                 .iter()
-                .find(|h| h["id"] == id)
-                .and_then(|h| h["name"].as_str())
-                .unwrap_or(id)
-                .to_string(),
+                .find(|h| h.id == id)
+                .map_or_else(|| id.to_string(), |h| h.name.clone()),
             Err(_) => id.to_string(),
+        }
+    }
+
+    /// The name for people of a VM's host (`-` when it is on none).
+    pub async fn vm_host_label(&mut self, vm: &Vm) -> String {
+        match vm.placement.host() {
+            Some(h) => self.host_label(h).await,
+            None => "-".into(),
         }
     }
 
     /// The VM (as `GET /v1/vms/{id}` shows it) with this id or exact name.
     /// An id that names no VM is tried as a name too (names may be hex).
-    pub async fn resolve_vm(&mut self, arg: &str) -> Result<Value, CliError> {
-        if let Ok(id) = arg.parse::<novacron_shared::ids::VmId>() {
+    pub async fn resolve_vm(&mut self, arg: &str) -> Result<Vm, CliError> {
+        if let Ok(id) = arg.parse::<VmId>() {
             match self.get(&format!("/v1/vms/{id}")).await {
                 Ok(v) => return Ok(v),
                 Err(CliError::Api(ClientError::Refused { status: 404, .. })) => {}
@@ -243,14 +277,14 @@ impl Ctx {
             let q = query(&[
                 ("name_prefix", Some(arg.to_string())),
                 ("limit", Some(PAGE.to_string())),
-                (VMS.cursor, after.clone()),
+                (VmList::CURSOR, after.clone()),
             ]);
-            let page = self.get(&format!("{}{q}", VMS.path)).await?;
-            let vms = page["vms"].as_array().ok_or(CliError::Unexpected("VM list"))?;
-            if let Some(v) = vms.iter().find(|v| v["vm"]["spec"]["name"] == arg) {
-                return Ok(v.clone());
+            let page: VmList = self.get(&format!("{}{q}", VmList::PATH)).await?;
+            let next = page.next_cursor();
+            if let Some(v) = page.vms.into_iter().find(|v| v.vm.spec.name == arg) {
+                return Ok(v);
             }
-            match next_cursor(&page) {
+            match next {
                 Some(n) if Some(&n) != after.as_ref() => after = Some(n),
                 _ => return Err(CliError::NoVm(arg.to_string())),
             }
@@ -258,72 +292,51 @@ impl Ctx {
     }
 
     /// The id of the VM with this id or exact name, and its name.
-    pub async fn vm_id(&mut self, arg: &str) -> Result<(String, String), CliError> {
+    pub async fn vm_id(&mut self, arg: &str) -> Result<(VmId, String), CliError> {
         let v = self.resolve_vm(arg).await?;
-        let id = v["vm"]["id"]
-            .as_str()
-            .ok_or(CliError::Unexpected("VM id"))?
-            .to_string();
-        let name = text(&v["vm"]["spec"]["name"]);
-        self.vm_names.insert(id.clone(), name.clone());
+        let (id, name) = (v.vm.id, v.vm.spec.name);
+        self.vm_names.insert(id, name.clone());
         Ok((id, name))
     }
 
     /// A VM's name for people (its id when unknown or gone).
-    pub async fn vm_label(&mut self, id: &str) -> String {
-        if let Some(n) = self.vm_names.get(id) {
+    pub async fn vm_label(&mut self, id: VmId) -> String {
+        if let Some(n) = self.vm_names.get(&id) {
             return n.clone();
         }
-        let name = match self.get(&format!("/v1/vms/{}", enc(id))).await {
-            Ok(v) => v["vm"]["spec"]["name"].as_str().unwrap_or(id).to_string(),
+        let name = match self.get::<Vm>(&format!("/v1/vms/{}", enc(&id.to_string()))).await {
+            Ok(v) => v.vm.spec.name,
             Err(_) => id.to_string(),
         };
-        self.vm_names.insert(id.to_string(), name.clone());
+        self.vm_names.insert(id, name.clone());
         name
     }
 }
 
-/// A JSON value for a table cell: strings bare, null as `-`.
-pub fn text(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+/// An optional value for a table cell: `-` when absent.
+pub fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
-/// A state name for people: `Running` → `running`, `ShuttingDown` →
-/// `shutting-down`.
-pub fn state(v: &Value) -> String {
-    let Some(s) = v.as_str() else {
-        return text(v);
-    };
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('-');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
+/// An enum's JSON name for people: `shutting_down` → `shutting-down`.
+pub fn word<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s.replace('_', "-"),
+        Ok(other) => other.to_string(),
+        Err(_) => "-".into(),
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use novacron_shared::protocol::VmState;
 
     #[test]
     fn cells() {
-        assert_eq!(text(&json!(null)), "-");
-        assert_eq!(text(&json!("a")), "a");
-        assert_eq!(text(&json!(3)), "3");
-        assert_eq!(state(&json!("ShuttingDown")), "shutting-down");
-        assert_eq!(state(&json!("running")), "running");
-        assert_eq!(state(&json!(null)), "-");
+        assert_eq!(opt(None::<u8>), "-");
+        assert_eq!(opt(Some(3)), "3");
+        assert_eq!(word(&VmState::ShuttingDown), "shutting-down");
+        assert_eq!(word(&VmState::Running), "running");
     }
 }

@@ -3,21 +3,36 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use novacron_api::events::{Event, EventKind, Lagged};
 
 use crate::args::EventsArgs;
-use crate::ctx::{text, Ctx};
+use crate::ctx::{word, Ctx};
 use crate::units::{iso, query};
 use crate::CliError;
+
+/// One event of the stream, read into the API's types.
+enum Item {
+    /// A fleet event.
+    Fleet(Box<Event>),
+    /// The client fell behind.
+    Lagged(Lagged),
+    /// Anything this build does not know: shown as it came.
+    Other {
+        /// The SSE event name.
+        name: String,
+        /// Its data.
+        data: String,
+    },
+}
 
 /// Follows `GET /v1/events`.
 pub async fn run(ctx: &mut Ctx, args: EventsArgs) -> Result<(), CliError> {
     let host = match &args.host {
-        Some(h) => Some(ctx.host_id(h).await?),
+        Some(h) => Some(ctx.host_id(h).await?.to_string()),
         None => None,
     };
     let vm = match &args.vm {
-        Some(v) => Some(ctx.vm_id(v).await?.0),
+        Some(v) => Some(ctx.vm_id(v).await?.0.to_string()),
         None => None,
     };
     let path = format!("/v1/events{}", query(&[("host", host), ("vm", vm)]));
@@ -34,81 +49,76 @@ pub async fn run(ctx: &mut Ctx, args: EventsArgs) -> Result<(), CliError> {
             eprintln!("novacron: the server closed the event stream");
             return Ok(());
         };
-        let data: Value = match serde_json::from_str(&ev.data) {
-            Ok(d) => d,
-            Err(_) => Value::String(ev.data.clone()),
-        };
-        let line = if ctx.json() {
-            data.to_string()
+        if ctx.json() {
+            ctx.emit(&format!("{}\n", ev.data.trim_end()))?;
+            continue;
+        }
+        let item = if ev.event == "lagged" {
+            serde_json::from_str(&ev.data).map(Item::Lagged).ok()
         } else {
-            let subject = subject(ctx, &ev.event, &data).await;
-            format!(
+            serde_json::from_str(&ev.data)
+                .map(|e| Item::Fleet(Box::new(e)))
+                .ok()
+        }
+        .unwrap_or(Item::Other {
+            name: ev.event.clone(),
+            data: ev.data.clone(),
+        });
+        let line = match &item {
+            Item::Fleet(e) => format!(
                 "{}  {:<9}  {:<24}  {}",
-                data["at_ms"].as_u64().map(iso).unwrap_or_else(|| "-".into()),
-                ev.event,
-                subject,
-                summary(&ev.event, &data),
-            )
+                iso(e.at_ms),
+                e.kind.as_str(),
+                subject(ctx, e).await,
+                summary(e)
+            ),
+            Item::Lagged(l) => format!(
+                "-  {:<9}  {:<24}  missed {} events (this client fell behind the stream)",
+                "lagged", "-", l.missed
+            ),
+            Item::Other { name, data } => format!("-  {name:<9}  {:<24}  {data}", "-"),
         };
         ctx.emit(&format!("{}\n", line.trim_end()))?;
     }
 }
 
 /// What happened, for people.
-fn summary(kind: &str, data: &Value) -> String {
-    let message = data["message"].as_str().unwrap_or_default();
-    match kind {
-        "operation" => {
-            let op = &data["operation"];
-            let mut s = text(&op["state"]);
-            if let Some(p) = op["progress"]["percent"].as_u64() {
-                s.push_str(&format!(" {p}%"));
-            }
-            if !message.is_empty() {
-                s.push_str(&format!(": {message}"));
+fn summary(e: &Event) -> String {
+    match (&e.kind, &e.operation) {
+        (EventKind::Operation, Some(op)) => {
+            let mut s = format!("{} {}%", word(&op.state), op.progress.percent);
+            if !e.message.is_empty() {
+                s.push_str(&format!(": {}", e.message));
             }
             s
         }
-        "lagged" => format!(
-            "missed {} events (this client fell behind the stream)",
-            text(&data["missed"])
-        ),
-        _ => message.to_string(),
+        _ => e.message.clone(),
     }
 }
 
 /// What an event is about, by name where one is known.
-async fn subject(ctx: &mut Ctx, kind: &str, data: &Value) -> String {
-    let id = |v: &Value| -> Option<String> {
-        match v {
-            Value::String(s) => Some(s.clone()),
-            Value::Object(o) => o.get("id").and_then(Value::as_str).map(str::to_string),
-            _ => None,
-        }
-    };
-    match kind {
-        "vm" => match id(&data["vm"]) {
-            Some(vm) => format!("vm {}", ctx.vm_label(&vm).await),
+async fn subject(ctx: &mut Ctx, e: &Event) -> String {
+    match e.kind {
+        EventKind::Vm => match e.vm {
+            Some(vm) => format!("vm {}", ctx.vm_label(vm).await),
             None => "-".into(),
         },
-        "host" => match id(&data["host"]) {
-            Some(h) => format!("host {}", ctx.host_label(&h).await),
+        EventKind::Host => match e.host {
+            Some(h) => format!("host {}", ctx.host_label(h).await),
             None => "-".into(),
         },
-        "operation" => {
-            let op = &data["operation"];
-            let kind = op["kind"].as_str().unwrap_or("op");
-            if let Some(vm) = op["vm"].as_str() {
-                format!("{kind} {}", ctx.vm_label(vm).await)
-            } else if let Some(h) = op["host"].as_str() {
-                format!("{kind} {}", ctx.host_label(h).await)
-            } else {
-                match id(op) {
-                    Some(op) => format!("op {op}"),
-                    None => text(op),
+        EventKind::Operation => match &e.operation {
+            Some(op) => {
+                let kind = word(&op.kind);
+                if let Some(vm) = op.vm {
+                    format!("{kind} {}", ctx.vm_label(vm).await)
+                } else if let Some(h) = op.host {
+                    format!("{kind} {}", ctx.host_label(h).await)
+                } else {
+                    format!("op {}", op.id)
                 }
             }
-        }
-        _ => "-".into(),
+            None => "-".into(),
+        },
     }
 }

@@ -1,9 +1,10 @@
 //! `novacron tokens ...` and `novacron audit`.
 
-use serde_json::{json, Value};
+use novacron_api::audit::AuditList;
+use novacron_api::tokens::{ApiTokenList, CreateApiToken, CreatedApiToken, DeletedApiToken};
 
 use crate::args::{PageArgs, TokensCommand};
-use crate::ctx::{text, Ctx};
+use crate::ctx::{opt, Ctx};
 use crate::table::Table;
 use crate::units::{ago, enc, iso, now_ms};
 use crate::CliError;
@@ -12,51 +13,47 @@ use crate::CliError;
 pub async fn run(ctx: &mut Ctx, command: TokensCommand) -> Result<(), CliError> {
     match command {
         TokensCommand::Create { name, role } => {
-            let v = ctx
-                .post("/v1/api-tokens", json!({"name": name, "role": role.as_api()}))
-                .await?;
+            let body = CreateApiToken {
+                name,
+                role: role.as_api(),
+            };
+            let v: CreatedApiToken = ctx.post("/v1/api-tokens", &body).await?;
             if ctx.json() {
                 return ctx.print_json(&v);
             }
-            let secret = v["token"].as_str().ok_or(CliError::Unexpected("token secret"))?;
             // The secret alone on stdout, so `T=$(novacron tokens create ...)` works.
             eprintln!(
                 "created {} token {:?} (id {}); its secret is shown only this once:",
-                text(&v["role"]).to_lowercase(),
-                text(&v["name"]),
-                text(&v["id"]),
+                v.role.as_str(),
+                v.name,
+                v.id,
             );
-            ctx.emit(&format!("{secret}\n"))
+            ctx.emit(&format!("{}\n", v.token))
         }
         TokensCommand::List => {
-            let v = ctx.get("/v1/api-tokens").await?;
+            let v: ApiTokenList = ctx.get("/v1/api-tokens").await?;
             if ctx.json() {
                 return ctx.print_json(&v);
             }
-            let tokens = v["tokens"].as_array().ok_or(CliError::Unexpected("token list"))?;
             let now = now_ms();
             let mut t = Table::new(&["ID", "NAME", "ROLE", "CREATED"]);
-            for tok in tokens {
+            for tok in &v.tokens {
                 t.row(vec![
-                    text(&tok["id"]),
-                    text(&tok["name"]),
-                    text(&tok["role"]).to_lowercase(),
-                    tok["created_ms"]
-                        .as_u64()
-                        .map(|ms| ago(ms, now))
-                        .unwrap_or_else(|| "-".into()),
+                    tok.id.clone(),
+                    tok.name.clone(),
+                    tok.role.as_str().to_string(),
+                    ago(tok.created_ms, now),
                 ]);
             }
             ctx.emit(&t.render())
         }
         TokensCommand::Delete { id } => {
-            let v = ctx.delete(&format!("/v1/api-tokens/{}", enc(&id))).await?;
+            let v: DeletedApiToken = ctx.delete(&format!("/v1/api-tokens/{}", enc(&id))).await?;
             ctx.report(&v, || {
-                let d = &v["deleted"];
                 format!(
                     "deleted {} token {:?} ({id}); it is refused from now on",
-                    text(&d["role"]).to_lowercase(),
-                    text(&d["name"])
+                    v.deleted.role.as_str(),
+                    v.deleted.name
                 )
             })
         }
@@ -65,57 +62,20 @@ pub async fn run(ctx: &mut Ctx, command: TokensCommand) -> Result<(), CliError> 
 
 /// `novacron audit`: who called what, and how it went.
 pub async fn audit(ctx: &mut Ctx, p: PageArgs) -> Result<(), CliError> {
-    let v = ctx.list(&crate::ctx::AUDIT, &[], p.limit, p.all).await?;
+    let v: AuditList = ctx.list(&[], p.limit, p.all).await?;
     if ctx.json() {
         return ctx.print_json(&v);
     }
-    let entries = v["entries"]
-        .as_array()
-        .ok_or(CliError::Unexpected("audit entries"))?;
     let mut t = Table::new(&["AT", "ACTOR", "ROLE", "METHOD", "PATH", ">STATUS"]);
-    for e in entries {
+    for e in &v.entries {
         t.row(vec![
-            e["at_ms"].as_u64().map(iso).unwrap_or_else(|| text(&e["at"])),
-            actor(&e["actor"]),
-            text(&e["role"]).to_lowercase(),
-            text(&e["method"]),
-            text(&e["path"]),
-            text(&e["status"]),
+            iso(e.at_ms),
+            e.actor.clone(),
+            e.role.as_str().to_string(),
+            e.method.clone(),
+            e.path.clone(),
+            opt(e.status),
         ]);
     }
     ctx.emit(&t.render())
-}
-
-/// An audit actor: a token's name (and role) when the entry carries an
-/// object, else the value as is.
-fn actor(v: &Value) -> String {
-    match v {
-        Value::Object(o) => {
-            let name = o
-                .get("name")
-                .or_else(|| o.get("id"))
-                .map(text)
-                .unwrap_or_else(|| "-".into());
-            match o.get("role").and_then(Value::as_str) {
-                Some(r) => format!("{name} ({})", r.to_lowercase()),
-                None => name,
-            }
-        }
-        other => text(other),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn actors_read_as_names() {
-        assert_eq!(actor(&json!("ops-bot")), "ops-bot");
-        assert_eq!(
-            actor(&json!({"id": "ab", "name": "ci", "role": "viewer"})),
-            "ci (viewer)"
-        );
-        assert_eq!(actor(&json!(null)), "-");
-    }
 }

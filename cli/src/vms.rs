@@ -3,10 +3,14 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
-use serde_json::{json, Value};
+use novacron_api::hosts::CommandReply;
+use novacron_api::vms::{CreateSnapshot, CreateVm, DeletedVm, PlacementRules, Vm, VmList};
+use novacron_shared::ids::HostId;
+use novacron_shared::protocol::CommandOutcome;
+use novacron_shared::spec::{DiskSpec, NicAttach, Power, VmSpec};
 
 use crate::args::{CreateArgs, SnapshotCommand, VmListArgs, VmsCommand};
-use crate::ctx::{state, text, Ctx};
+use crate::ctx::{word, Ctx};
 use crate::table::{fields, Table};
 use crate::units::{enc, human_mib, now_ms, when};
 use crate::CliError;
@@ -20,13 +24,13 @@ pub async fn run(ctx: &mut Ctx, command: VmsCommand) -> Result<(), CliError> {
             if ctx.json() {
                 return ctx.print_json(&v);
             }
-            let host = ctx.host_label(&text(&v["host"])).await;
+            let host = ctx.vm_host_label(&v).await;
             ctx.emit(&show(&v, &host, now_ms()))
         }
         VmsCommand::Create(args) => create(ctx, *args).await,
         VmsCommand::Delete { vm } => {
             let (id, name) = ctx.vm_id(&vm).await?;
-            let v = ctx.delete(&format!("/v1/vms/{id}")).await?;
+            let v: DeletedVm = ctx.delete(&format!("/v1/vms/{id}")).await?;
             ctx.report(&v, || {
                 format!("deleted VM {name} ({id}); its host removes it with its volumes")
             })
@@ -37,7 +41,7 @@ pub async fn run(ctx: &mut Ctx, command: VmsCommand) -> Result<(), CliError> {
         VmsCommand::Resume { vm } => power(ctx, &vm, "resume").await,
         VmsCommand::Reboot { vm } => {
             let (id, name) = ctx.vm_id(&vm).await?;
-            let v = ctx.post(&format!("/v1/vms/{id}/reboot"), json!({})).await?;
+            let v: CommandReply = ctx.post_empty(&format!("/v1/vms/{id}/reboot")).await?;
             command_done(ctx, &v, format!("reboot of VM {name}"), || {
                 format!("rebooted VM {name}")
             })
@@ -48,211 +52,209 @@ pub async fn run(ctx: &mut Ctx, command: VmsCommand) -> Result<(), CliError> {
 
 async fn list(ctx: &mut Ctx, args: VmListArgs) -> Result<(), CliError> {
     let host = match &args.host {
-        Some(h) => Some(ctx.host_id(h).await?),
+        Some(h) => Some(ctx.host_id(h).await?.to_string()),
         None => None,
     };
     let extra = [("host", host), ("name_prefix", args.name_prefix.clone())];
-    let v = ctx.list(&crate::ctx::VMS, &extra, args.limit, args.all).await?;
+    let v: VmList = ctx.list(&extra, args.limit, args.all).await?;
     if ctx.json() {
         return ctx.print_json(&v);
     }
-    let vms = v["vms"].as_array().ok_or(CliError::Unexpected("VM list"))?;
     let mut hosts = BTreeMap::new();
-    for vm in vms {
-        let h = text(&vm["host"]);
-        if let std::collections::btree_map::Entry::Vacant(e) = hosts.entry(h) {
-            let label = ctx.host_label(e.key()).await;
-            e.insert(label);
+    for vm in &v.vms {
+        if let Some(h) = vm.placement.host() {
+            if let std::collections::btree_map::Entry::Vacant(e) = hosts.entry(h) {
+                let label = ctx.host_label(h).await;
+                e.insert(label);
+            }
         }
     }
-    ctx.emit(&table(vms, &hosts, now_ms()))
+    ctx.emit(&table(&v.vms, &hosts, now_ms()))
+}
+
+/// Where a VM is, for people: its host's name (`hosts` maps ids to
+/// names), its cloud instance, or why it is pending.
+fn placed(v: &Vm, hosts: &BTreeMap<HostId, String>) -> String {
+    use novacron_shared::placement::Placement;
+    match &v.placement {
+        Placement::Host(h) => hosts.get(h).cloned().unwrap_or_else(|| h.to_string()),
+        Placement::Cloud { provider, instance } => format!("{provider}:{instance}"),
+        Placement::Pending { .. } => "pending".into(),
+    }
 }
 
 /// The VM table; `hosts` maps host ids to names.
-fn table(vms: &[Value], hosts: &BTreeMap<String, String>, now: u64) -> String {
+fn table(vms: &[Vm], hosts: &BTreeMap<HostId, String>, now: u64) -> String {
     let mut t = Table::new(&[
         "ID", "NAME", "HOST", "POWER", "STATE", ">VCPUS", ">MEMORY", ">DISK", "CREATED",
     ]);
     for v in vms {
-        let spec = &v["vm"]["spec"];
-        let host = text(&v["host"]);
+        let spec = &v.vm.spec;
         t.row(vec![
-            text(&v["vm"]["id"]),
-            text(&spec["name"]),
-            hosts.get(&host).cloned().unwrap_or(host),
-            text(&v["vm"]["power"]),
-            state(&v["observed"]["state"]),
-            text(&spec["vcpus"]),
-            spec["memory_mib"]
-                .as_u64()
-                .map(human_mib)
-                .unwrap_or_else(|| "-".into()),
+            v.vm.id.to_string(),
+            spec.name.clone(),
+            placed(v, hosts),
+            word(&v.vm.power),
+            v.observed.as_ref().map_or_else(|| "-".into(), |o| word(&o.state)),
+            spec.vcpus.to_string(),
+            human_mib(spec.memory_mib),
             disk_total(spec),
-            v["created_ms"]
-                .as_u64()
-                .map(|ms| crate::units::ago(ms, now))
-                .unwrap_or_else(|| "-".into()),
+            crate::units::ago(v.created_ms, now),
         ]);
     }
     t.render()
 }
 
-fn disk_total(spec: &Value) -> String {
-    let disks = spec["disks"].as_array().map(Vec::as_slice).unwrap_or_default();
-    if disks.is_empty() {
+fn disk_total(spec: &VmSpec) -> String {
+    if spec.disks.is_empty() {
         return "-".into();
     }
-    let total: u64 = disks.iter().filter_map(|d| d["size_mib"].as_u64()).sum();
-    human_mib(total)
+    human_mib(spec.disks.iter().filter_map(|d| d.size_mib).sum())
+}
+
+/// Items joined with `, `, or `-` when there are none.
+fn joined(parts: Vec<String>) -> String {
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 /// One VM, as `key: value` lines; `host` is its host's name.
-fn show(v: &Value, host: &str, now: u64) -> String {
-    let vm = &v["vm"];
-    let spec = &vm["spec"];
-    let list = |items: Option<&Vec<Value>>, f: &dyn Fn(&Value) -> String| -> String {
-        let parts: Vec<String> = items.map(|a| a.iter().map(f).collect()).unwrap_or_default();
-        if parts.is_empty() {
-            "-".into()
-        } else {
-            parts.join(", ")
-        }
-    };
-    let disks = list(spec["disks"].as_array(), &|d| {
-        let size = d["size_mib"]
-            .as_u64()
-            .map(human_mib)
-            .unwrap_or_else(|| "template size".into());
-        match d["template"].as_str() {
-            Some(t) => format!("{} {size} (from {t})", text(&d["name"])),
-            None => format!("{} {size}", text(&d["name"])),
-        }
-    });
-    let nics = list(spec["nics"].as_array(), &|n| {
-        let attach = n["attach"]
-            .as_object()
-            .and_then(|o| o.iter().next())
-            .map(|(k, v)| format!("{k} {}", text(v)))
-            .unwrap_or_else(|| text(&n["attach"]));
-        match n["mac"].as_str() {
-            Some(m) => format!("{attach} ({m})"),
-            None => attach,
-        }
-    });
-    let pairs = |o: &Value| -> String {
-        let parts: Vec<String> = o
-            .as_object()
-            .map(|m| m.iter().map(|(k, v)| format!("{k}={}", text(v))).collect())
-            .unwrap_or_default();
-        if parts.is_empty() {
-            "-".into()
-        } else {
-            parts.join(", ")
-        }
-    };
-    let rules = &v["rules"];
+fn show(v: &Vm, host: &str, now: u64) -> String {
+    let spec = &v.vm.spec;
+    let disks = joined(
+        spec.disks
+            .iter()
+            .map(|d| {
+                let size = d.size_mib.map_or_else(|| "template size".into(), human_mib);
+                match &d.template {
+                    Some(t) => format!("{} {size} (from {t})", d.name),
+                    None => format!("{} {size}", d.name),
+                }
+            })
+            .collect(),
+    );
+    let nics = joined(
+        spec.nics
+            .iter()
+            .map(|n| {
+                let attach = match &n.attach {
+                    NicAttach::Network(x) => format!("network {x}"),
+                    NicAttach::Bridge(x) => format!("bridge {x}"),
+                };
+                match &n.mac {
+                    Some(m) => format!("{attach} ({m})"),
+                    None => attach,
+                }
+            })
+            .collect(),
+    );
+    let pairs = |m: &BTreeMap<String, String>| joined(m.iter().map(|(k, v)| format!("{k}={v}")).collect());
+    let rules = &v.rules;
     let mut placement = Vec::new();
-    if let Some(h) = rules["host"].as_str() {
+    if let Some(h) = rules.host {
         placement.push(format!("host {h}"));
     }
-    if let Some(g) = rules["anti_affinity"].as_str() {
+    if let Some(g) = &rules.anti_affinity {
         placement.push(format!("anti-affinity {g}"));
     }
-    if let Some(g) = rules["affinity"].as_str() {
+    if let Some(g) = &rules.affinity {
         placement.push(format!("affinity {g}"));
     }
-    if rules["required_labels"]
-        .as_object()
-        .is_some_and(|m| !m.is_empty())
-    {
-        placement.push(format!("labels {}", pairs(&rules["required_labels"])));
+    if !rules.required_labels.is_empty() {
+        placement.push(format!("labels {}", pairs(&rules.required_labels)));
     }
-    let observed = &v["observed"];
+    let where_ = match &v.placement {
+        novacron_shared::placement::Placement::Host(h) => format!("{host} ({h})"),
+        novacron_shared::placement::Placement::Cloud { provider, instance } => {
+            format!("cloud {provider}, instance {instance}")
+        }
+        novacron_shared::placement::Placement::Pending { reason } => format!("pending: {reason}"),
+    };
     fields(&[
-        ("id", text(&vm["id"])),
-        ("name", text(&spec["name"])),
-        ("host", format!("{host} ({})", text(&v["host"]))),
-        ("power", text(&vm["power"])),
+        ("id", v.vm.id.to_string()),
+        ("name", spec.name.clone()),
+        ("host", where_),
+        ("power", word(&v.vm.power)),
         (
             "state",
-            if observed.is_null() {
-                "unknown (not reported by its host yet)".into()
-            } else {
-                state(&observed["state"])
+            match &v.observed {
+                None => "unknown (not reported by its host yet)".into(),
+                Some(o) => word(&o.state),
             },
         ),
-        ("vcpus", text(&spec["vcpus"])),
-        (
-            "memory",
-            spec["memory_mib"]
-                .as_u64()
-                .map(human_mib)
-                .unwrap_or_else(|| "-".into()),
-        ),
+        ("vcpus", spec.vcpus.to_string()),
+        ("memory", human_mib(spec.memory_mib)),
         ("disks", disks),
         ("nics", nics),
-        ("machine", text(&spec["machine"])),
-        ("ha", text(&spec["ha"])),
-        ("labels", pairs(&spec["labels"])),
+        ("machine", spec.machine.as_str().to_string()),
+        ("ha", spec.ha.to_string()),
+        ("labels", pairs(&spec.labels)),
+        ("placement", joined(placement)),
         (
-            "placement",
-            if placement.is_empty() {
-                "-".into()
-            } else {
-                placement.join(", ")
-            },
+            "snapshots",
+            joined(
+                v.observed
+                    .as_ref()
+                    .map(|o| o.snapshots.clone())
+                    .unwrap_or_default(),
+            ),
         ),
-        ("snapshots", list(observed["snapshots"].as_array(), &text)),
-        (
-            "created",
-            v["created_ms"]
-                .as_u64()
-                .map(|ms| when(ms, now))
-                .unwrap_or_else(|| "-".into()),
-        ),
-        ("last op", text(&vm["op_id"])),
+        ("created", when(v.created_ms, now)),
+        ("last op", v.vm.op_id.to_string()),
     ])
 }
 
 /// The `POST /v1/vms` body from the flags.
-async fn body_from_flags(ctx: &mut Ctx, a: CreateArgs) -> Result<Value, CliError> {
-    let disks: Vec<Value> = a
+async fn body_from_flags(ctx: &mut Ctx, a: CreateArgs) -> Result<CreateVm, CliError> {
+    let disks = a
         .disks
         .iter()
         .enumerate()
-        .map(|(i, d)| {
-            let name = d
+        .map(|(i, d)| DiskSpec {
+            name: d
                 .name
                 .clone()
-                .unwrap_or_else(|| if i == 0 { "root".into() } else { format!("disk{i}") });
-            json!({"name": name, "size_mib": d.size_mib})
+                .unwrap_or_else(|| if i == 0 { "root".into() } else { format!("disk{i}") }),
+            size_mib: Some(d.size_mib),
+            template: None,
         })
         .collect();
-    let labels: BTreeMap<String, String> = a.labels.into_iter().collect();
-    let required: BTreeMap<String, String> = a.require_labels.into_iter().collect();
     let host = match &a.host {
         Some(h) => Some(ctx.host_id(h).await?),
         None => None,
     };
-    Ok(json!({
-        "spec": {
-            "name": a.name,
-            "vcpus": a.vcpus,
-            "memory_mib": a.memory,
-            "disks": disks,
-            "labels": labels,
+    let (Some(name), Some(vcpus), Some(memory_mib)) = (a.name, a.vcpus, a.memory) else {
+        return Err(CliError::Usage(
+            "--name, --vcpus and --memory are needed without --file".into(),
+        ));
+    };
+    Ok(CreateVm {
+        spec: VmSpec {
+            name,
+            vcpus,
+            memory_mib,
+            disks,
+            nics: Vec::new(),
+            cloud_init: None,
+            boot: None,
+            machine: Default::default(),
+            ha: false,
+            labels: a.labels.into_iter().collect(),
         },
-        "power": if a.stopped { "stopped" } else { "running" },
-        "placement": {
-            "host": host,
-            "required_labels": required,
-            "affinity": a.affinity,
-            "anti_affinity": a.anti_affinity,
+        power: if a.stopped { Power::Stopped } else { Power::Running },
+        placement: PlacementRules {
+            host,
+            required_labels: a.require_labels.into_iter().collect(),
+            affinity: a.affinity,
+            anti_affinity: a.anti_affinity,
         },
-    }))
+    })
 }
 
-fn body_from_file(path: &std::path::Path) -> Result<Value, CliError> {
+fn body_from_file(path: &std::path::Path) -> Result<CreateVm, CliError> {
     let shown = path.display().to_string();
     let text = if shown == "-" {
         let mut s = String::new();
@@ -277,28 +279,28 @@ async fn create(ctx: &mut Ctx, a: CreateArgs) -> Result<(), CliError> {
         Some(path) => body_from_file(path)?,
         None => body_from_flags(ctx, a).await?,
     };
-    let v = ctx.post("/v1/vms", body).await?;
+    let v: Vm = ctx.post("/v1/vms", &body).await?;
     if ctx.json() {
         return ctx.print_json(&v);
     }
-    let host_id = text(&v["host"]);
-    let host = ctx.host_label(&host_id).await;
+    let host = ctx.vm_host_label(&v).await;
+    let host_id = v.placement.host().map_or_else(|| "-".into(), |h| h.to_string());
     ctx.emit(&format!(
         "created VM {} ({}) on host {host} ({host_id}), power {}\n",
-        text(&v["vm"]["spec"]["name"]),
-        text(&v["vm"]["id"]),
-        text(&v["vm"]["power"]),
+        v.vm.spec.name,
+        v.vm.id,
+        word(&v.vm.power),
     ))
 }
 
 async fn power(ctx: &mut Ctx, vm: &str, action: &str) -> Result<(), CliError> {
     let (id, name) = ctx.vm_id(vm).await?;
-    let v = ctx.post(&format!("/v1/vms/{id}/{action}"), json!({})).await?;
+    let v: Vm = ctx.post_empty(&format!("/v1/vms/{id}/{action}")).await?;
     ctx.report(&v, || {
         format!(
             "VM {name}: power set to {} (now {}); its host converges to it",
-            text(&v["vm"]["power"]),
-            state(&v["observed"]["state"]),
+            word(&v.vm.power),
+            v.observed.as_ref().map_or_else(|| "-".into(), |o| word(&o.state)),
         )
     })
 }
@@ -307,20 +309,16 @@ async fn snapshot(ctx: &mut Ctx, command: SnapshotCommand) -> Result<(), CliErro
     match command {
         SnapshotCommand::Create { vm, name: snap } => {
             let (id, name) = ctx.vm_id(&vm).await?;
-            let v = ctx
-                .post(&format!("/v1/vms/{id}/snapshots"), json!({"name": snap}))
-                .await?;
+            let body = CreateSnapshot { name: snap.clone() };
+            let v: CommandReply = ctx.post(&format!("/v1/vms/{id}/snapshots"), &body).await?;
             command_done(ctx, &v, format!("snapshot {snap} of VM {name}"), || {
                 format!("took snapshot {snap} of VM {name}")
             })
         }
         SnapshotCommand::Revert { vm, name: snap } => {
             let (id, name) = ctx.vm_id(&vm).await?;
-            let v = ctx
-                .post(
-                    &format!("/v1/vms/{id}/snapshots/{}/revert", enc(&snap)),
-                    json!({}),
-                )
+            let v: CommandReply = ctx
+                .post_empty(&format!("/v1/vms/{id}/snapshots/{}/revert", enc(&snap)))
                 .await?;
             command_done(ctx, &v, format!("revert of VM {name} to {snap}"), || {
                 format!("reverted VM {name} to snapshot {snap}")
@@ -328,7 +326,7 @@ async fn snapshot(ctx: &mut Ctx, command: SnapshotCommand) -> Result<(), CliErro
         }
         SnapshotCommand::Delete { vm, name: snap } => {
             let (id, name) = ctx.vm_id(&vm).await?;
-            let v = ctx
+            let v: CommandReply = ctx
                 .delete(&format!("/v1/vms/{id}/snapshots/{}", enc(&snap)))
                 .await?;
             command_done(ctx, &v, format!("deleting snapshot {snap} of VM {name}"), || {
@@ -338,18 +336,23 @@ async fn snapshot(ctx: &mut Ctx, command: SnapshotCommand) -> Result<(), CliErro
     }
 }
 
-/// Reports a command's `{op_id, outcome}`: the outcome is `"done"` or
-/// `{"failed": {"message"}}`; a failure exits 1 (after the JSON, in JSON mode).
-fn command_done(ctx: &Ctx, v: &Value, what: String, done: impl FnOnce() -> String) -> Result<(), CliError> {
-    let failed = v["outcome"]["failed"]["message"].as_str().map(str::to_string);
+/// Reports a command's outcome; a failure exits 1 (after the JSON, in JSON mode).
+fn command_done(
+    ctx: &Ctx,
+    v: &CommandReply,
+    what: String,
+    done: impl FnOnce() -> String,
+) -> Result<(), CliError> {
     if ctx.json() {
         ctx.print_json(v)?;
-    } else if failed.is_none() {
-        ctx.emit(&format!("{}\n", done()))?;
     }
-    match failed {
-        Some(message) => Err(CliError::CommandFailed { what, message }),
-        None => Ok(()),
+    match &v.outcome {
+        CommandOutcome::Failed { message } => Err(CliError::CommandFailed {
+            what,
+            message: message.clone(),
+        }),
+        CommandOutcome::Done if ctx.json() => Ok(()),
+        CommandOutcome::Done => ctx.emit(&format!("{}\n", done())),
     }
 }
 
@@ -357,8 +360,8 @@ fn command_done(ctx: &Ctx, v: &Value, what: String, done: impl FnOnce() -> Strin
 mod tests {
     use super::*;
 
-    fn vm() -> Value {
-        json!({
+    fn vm() -> serde_json::Value {
+        serde_json::json!({
             "vm": {"id": "00000000-0000-0000-0000-0000000000aa", "op_id": "00000000-0000-0000-0000-0000000000bb",
                    "spec": {"name": "web-1", "vcpus": 2, "memory_mib": 2048,
                             "disks": [{"name": "root", "size_mib": 20480, "template": "debian.qcow2"},
@@ -366,20 +369,22 @@ mod tests {
                             "nics": [{"attach": {"network": "default"}, "mac": null}],
                             "labels": {"tier": "web"}, "machine": "q35", "ha": false},
                    "power": "running"},
+            "placement": {"host": "00000000-0000-0000-0000-000000000001"},
             "host": "00000000-0000-0000-0000-000000000001",
             "rules": {"host": null, "required_labels": {}, "affinity": null, "anti_affinity": "web"},
             "created_ms": 1_700_000_000_000u64,
-            "observed": {"name": "web-1", "uuid": "x", "state": "Running", "managed": true, "snapshots": ["s1"]}
+            "observed": {"name": "web-1", "uuid": "x", "state": "running", "managed": true, "snapshots": ["s1"]}
         })
+    }
+
+    fn typed(v: serde_json::Value) -> Vm {
+        serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
     fn the_table_names_hosts_and_sums_disks() {
-        let hosts = BTreeMap::from([(
-            "00000000-0000-0000-0000-000000000001".to_string(),
-            "hv-1".to_string(),
-        )]);
-        let out = table(&[vm()], &hosts, 1_700_000_060_000);
+        let hosts = BTreeMap::from([(HostId(1), "hv-1".to_string())]);
+        let out = table(&[typed(vm())], &hosts, 1_700_000_060_000);
         let row = out.lines().nth(1).unwrap_or_default();
         for want in ["web-1", "hv-1", "running", "2 GiB", "21 GiB", "1m ago"] {
             assert!(row.contains(want), "{want} in {row}");
@@ -388,7 +393,7 @@ mod tests {
 
     #[test]
     fn show_lists_everything_people_ask_about() {
-        let out = show(&vm(), "hv-1", 1_700_000_060_000);
+        let out = show(&typed(vm()), "hv-1", 1_700_000_060_000);
         for want in [
             "host:       hv-1 (00000000-0000-0000-0000-000000000001)",
             "state:      running",
@@ -401,7 +406,7 @@ mod tests {
             assert!(out.contains(want), "{want:?} in\n{out}");
         }
         let mut unknown = vm();
-        unknown["observed"] = Value::Null;
-        assert!(show(&unknown, "hv-1", 0).contains("unknown (not reported"));
+        unknown["observed"] = serde_json::Value::Null;
+        assert!(show(&typed(unknown), "hv-1", 0).contains("unknown (not reported"));
     }
 }
