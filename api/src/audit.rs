@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::tokens::Role;
 
 /// One audited request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// Position in the log.
     pub seq: u64,
@@ -31,7 +31,7 @@ pub struct AuditEntry {
 }
 
 /// `GET /v1/audit`: newest first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditList {
     /// The entries.
     pub entries: Vec<AuditEntry>,

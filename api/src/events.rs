@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::operations::Operation;
 
 /// What an event is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// A VM changed (created, placed, state, deleted, migrated).
@@ -31,7 +31,7 @@ impl EventKind {
 }
 
 /// One fleet event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// Increases by one per event (per server run).
     pub seq: u64,
@@ -55,7 +55,7 @@ pub struct Event {
 }
 
 /// The `lagged` event: the client fell behind and missed events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Lagged {
     /// How many it missed.
     pub missed: u64,

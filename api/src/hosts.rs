@@ -8,7 +8,7 @@ use novacron_shared::spec::{DesiredVm, Power, VmSpec};
 use serde::{Deserialize, Serialize};
 
 /// Where a host stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HostState {
     /// Joined, never connected yet.
@@ -22,7 +22,7 @@ pub enum HostState {
 }
 
 /// A host: its record and, while connected, its live session.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Host {
     /// Its id (also in its certificate).
     pub id: HostId,
@@ -57,14 +57,14 @@ pub struct Host {
 }
 
 /// `GET /v1/hosts`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostList {
     /// Every host, by id.
     pub hosts: Vec<Host>,
 }
 
 /// `GET /v1/hosts/{host}/vms`: what should be, what is, and what the agent last said.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostVms {
     /// The desired-state generation.
     pub generation: u64,
@@ -79,7 +79,7 @@ pub struct HostVms {
 }
 
 /// One VM in `PUT /v1/hosts/{host}/vms`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmRequest {
     /// Its id; kept from an earlier request with the same name, or new.
@@ -93,7 +93,7 @@ pub struct VmRequest {
 }
 
 /// `PUT /v1/hosts/{host}/vms`: every VM the host should have.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutHostVms {
     /// The VMs.
@@ -101,7 +101,7 @@ pub struct PutHostVms {
 }
 
 /// The reply to `PUT /v1/hosts/{host}/vms`: the host's new desired state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostDesired {
     /// Increases with every change.
     pub generation: u64,
@@ -112,7 +112,7 @@ pub struct HostDesired {
 }
 
 /// The reply to a command (`POST /v1/hosts/{host}/commands`, reboot, snapshots).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CommandReply {
     /// The command's operation id.
     pub op_id: OpId,

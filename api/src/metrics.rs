@@ -6,7 +6,7 @@ pub use novacron_shared::metrics::{Kind, Owner};
 use serde::{Deserialize, Serialize};
 
 /// The answer to a range query.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MetricsAnswer {
     /// `host` or `vm`.
     pub owner: Owner,
@@ -23,7 +23,7 @@ pub struct MetricsAnswer {
 }
 
 /// One series of a range query.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Series {
     /// Metric name (`host.cpu`).
     pub name: String,
@@ -42,14 +42,14 @@ pub struct Series {
 }
 
 /// `GET /v1/metrics/latest`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LatestMetrics {
     /// Every host's and VM's latest values.
     pub owners: Vec<LatestOwner>,
 }
 
 /// The latest values of one host or VM.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LatestOwner {
     /// `host` or `vm`.
     pub owner: Owner,
@@ -62,7 +62,7 @@ pub struct LatestOwner {
 }
 
 /// One latest value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LatestValue {
     /// Metric name.
     pub name: String,
@@ -78,7 +78,7 @@ pub struct LatestValue {
 }
 
 /// One `metrics` event of `/v1/metrics/stream`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LiveMetrics {
     /// `host` or `vm`.
     pub owner: Owner,
@@ -93,7 +93,7 @@ pub struct LiveMetrics {
 }
 
 /// One value of a [`LiveMetrics`] event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LiveValue {
     /// Metric name.
     pub name: String,
@@ -104,14 +104,14 @@ pub struct LiveValue {
 }
 
 /// `GET /v1/metrics/streams`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MetricStreams {
     /// One per host that ever sent metrics.
     pub streams: Vec<MetricStream>,
 }
 
 /// What the server knows about one host's metric stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MetricStream {
     /// The host.
     pub host: HostId,

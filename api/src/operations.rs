@@ -4,7 +4,7 @@ use novacron_shared::ids::{HostId, OpId, VmId};
 use serde::{Deserialize, Serialize};
 
 /// What kind of operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationKind {
     /// Live-migrate one VM.
@@ -14,7 +14,7 @@ pub enum OperationKind {
 }
 
 /// Where an operation stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationState {
     /// Accepted, not started.
@@ -35,7 +35,7 @@ impl OperationState {
 }
 
 /// How far an operation got.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     /// 0 to 100.
     pub percent: u8,
@@ -44,7 +44,7 @@ pub struct Progress {
 }
 
 /// A long-running operation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Operation {
     /// Its id.
     pub id: OpId,
@@ -71,14 +71,14 @@ pub struct Operation {
 }
 
 /// The reply to a request that started an operation (migrate, drain).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OperationAccepted {
     /// The operation, as it started.
     pub operation: Operation,
 }
 
 /// `GET /v1/operations`: newest first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OperationList {
     /// The operations.
     pub operations: Vec<Operation>,

@@ -9,7 +9,7 @@ use novacron_shared::spec::{DesiredVm, Power, VmSpec};
 use serde::{Deserialize, Serialize};
 
 /// Where a VM may be placed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlacementRules {
     /// Put it on this host (skips the scheduler's scoring, not its filters).
@@ -27,7 +27,7 @@ pub struct PlacementRules {
 }
 
 /// `POST /v1/vms`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     /// The spec.
@@ -41,7 +41,7 @@ pub struct CreateVm {
 }
 
 /// A VM: what it should be, where it is, and what its host last reported.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Vm {
     /// The VM, as its host's agent gets it.
     pub vm: DesiredVm,
@@ -60,7 +60,7 @@ pub struct Vm {
 }
 
 /// `GET /v1/vms`: a page of VMs by id.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmList {
     /// The VMs.
     pub vms: Vec<Vm>,
@@ -69,14 +69,14 @@ pub struct VmList {
 }
 
 /// `DELETE /v1/vms/{vm}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeletedVm {
     /// The VM as it was.
     pub deleted: Vm,
 }
 
 /// `POST /v1/vms/{vm}/migrate`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateVm {
     /// The target host; the scheduler picks one when absent.
@@ -85,9 +85,10 @@ pub struct MigrateVm {
 }
 
 /// `POST /v1/vms/{vm}/snapshots`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
-    /// The snapshot's name.
+    /// The snapshot's name (1-63 of `a-z 0-9 -`, not starting or ending with `-`).
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 63)]
     pub name: String,
 }

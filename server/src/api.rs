@@ -37,6 +37,7 @@ use crate::{secrets, warn_limited};
 
 pub mod audit;
 pub mod convert;
+pub mod doc;
 pub mod error;
 mod events;
 mod hosts;

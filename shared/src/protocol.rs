@@ -134,6 +134,7 @@ pub struct HeartbeatAck {
 }
 
 /// What a host offers.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capacity {
     /// Logical CPUs.
@@ -147,6 +148,7 @@ pub struct Capacity {
 }
 
 /// A VM's state as libvirt reports it.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
@@ -167,6 +169,7 @@ pub enum VmState {
 }
 
 /// One VM as observed on a host.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmObserved {
     /// The libvirt domain name.
@@ -182,6 +185,7 @@ pub struct VmObserved {
 }
 
 /// A libvirt domain lifecycle event.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmEvent {
     /// The domain's name.
@@ -212,6 +216,7 @@ pub struct DesiredState {
 }
 
 /// The reconciler's account of one pass.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileReport {
     /// The desired-state generation this pass worked towards.
@@ -225,6 +230,7 @@ pub struct ReconcileReport {
 }
 
 /// A difference between desired and observed state that the agent cannot fix.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Drift {
     /// The VM's name.
@@ -234,6 +240,7 @@ pub struct Drift {
 }
 
 /// The host's full observed state.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inventory {
     /// What the host offers.
@@ -260,6 +267,7 @@ pub struct Command {
 
 /// Every command the server can give an agent. Power state, creation and
 /// removal go through [`DesiredState`]; these are the one-off operations.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandKind {
@@ -336,6 +344,7 @@ pub struct CommandResult {
 }
 
 /// How a command ended.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandOutcome {

@@ -37,21 +37,30 @@ pub const MAX_LABELS: usize = 64;
 pub const MAX_CMDLINE: usize = 2048;
 
 /// What a VM should be.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// The VM's name: 1-63 of `a-z 0-9 -`, starting with a letter or digit,
     /// not ending with `-`. Unique in the fleet; also the guest's hostname.
+    #[cfg_attr(
+        feature = "schema",
+        schema(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 63)
+    )]
     pub name: String,
     /// Virtual CPUs.
+    #[cfg_attr(feature = "schema", schema(minimum = 1, maximum = 256))]
     pub vcpus: u32,
     /// Memory, MiB.
+    #[cfg_attr(feature = "schema", schema(minimum = 32, maximum = 4194304))]
     pub memory_mib: u64,
     /// Disks, in order (the first is the boot disk, `vda`).
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(max_items = 16))]
     pub disks: Vec<DiskSpec>,
     /// Network interfaces, in order.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(max_items = 8))]
     pub nics: Vec<NicSpec>,
     /// Cloud-init NoCloud data; when present the VM gets a seed disk.
     #[serde(default)]
@@ -71,23 +80,31 @@ pub struct VmSpec {
 }
 
 /// One disk.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// The disk's name within the VM (same charset as VM names, at most 32).
+    #[cfg_attr(
+        feature = "schema",
+        schema(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 32)
+    )]
     pub name: String,
     /// Size in MiB. Required for a blank disk; for a clone, at least the
     /// template's size (the overlay is grown to it), or the template's size
     /// when absent.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(minimum = 1, maximum = 67108864))]
     pub size_mib: Option<u64>,
     /// Clone this template volume (a volume in the host's pool) as a qcow2
     /// overlay instead of making a blank disk.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"))]
     pub template: Option<String>,
 }
 
 /// One network interface.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
@@ -95,10 +112,15 @@ pub struct NicSpec {
     pub attach: NicAttach,
     /// A fixed MAC (`52:54:00:..`); libvirt picks one when absent.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "schema",
+        schema(pattern = "^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$")
+    )]
     pub mac: Option<String>,
 }
 
 /// Where a NIC is plugged.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NicAttach {
@@ -109,6 +131,7 @@ pub enum NicAttach {
 }
 
 /// Cloud-init NoCloud data.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudInit {
@@ -121,6 +144,7 @@ pub struct CloudInit {
 }
 
 /// Direct kernel boot.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KernelBoot {
@@ -135,6 +159,7 @@ pub struct KernelBoot {
 }
 
 /// Machine type.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Machine {
@@ -156,6 +181,7 @@ impl Machine {
 }
 
 /// The power state a VM should be in.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Power {
@@ -169,6 +195,7 @@ pub enum Power {
 }
 
 /// One VM a host should have, as the server sends it.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DesiredVm {
     /// The VM's id; its libvirt domain UUID.

@@ -6,7 +6,7 @@ use hyper::StatusCode;
 use novacron_api::{Health, HealthStatus};
 
 use super::http::{bytes_response, reply, Resp};
-use super::{Api, ApiError, Call, OPENAPI};
+use super::{Api, ApiError, Call};
 use crate::api::routes::Op;
 
 /// Handles the system routes.
@@ -15,7 +15,7 @@ pub(super) fn handle(api: &Api, call: &Call) -> Result<Resp, ApiError> {
         Op::OpenApi => Ok(bytes_response(
             StatusCode::OK,
             "application/json",
-            Bytes::from_static(OPENAPI.as_bytes()),
+            Bytes::from_static(served_document().as_bytes()),
         )),
         Op::PrometheusMetrics => Ok(prometheus(api)),
         _ => reply(
@@ -63,4 +63,10 @@ fn write_spool_drops(m: &crate::metrics::Metrics, out: &mut String) {
             r.agent_dropped
         );
     }
+}
+
+/// The generated OpenAPI document, built once.
+fn served_document() -> &'static str {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOC.get_or_init(super::doc::document_text)
 }
