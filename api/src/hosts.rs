@@ -111,6 +111,55 @@ pub struct HostDesired {
     pub migrating: Vec<VmId>,
 }
 
+/// `POST /v1/hosts/{host}/commands`: a one-off command for the host's agent
+/// (migrations go through `POST /v1/vms/{vm}/migrate`, which claims capacity).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum HostCommand {
+    /// Re-read the hypervisor and send a fresh inventory.
+    RefreshInventory,
+    /// Reboot a running VM (ACPI).
+    Reboot {
+        /// The VM's id.
+        vm: VmId,
+    },
+    /// Take an internal snapshot.
+    SnapshotCreate {
+        /// The VM's id.
+        vm: VmId,
+        /// The snapshot's name.
+        #[schema(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 63)]
+        name: String,
+    },
+    /// Revert to a snapshot.
+    SnapshotRevert {
+        /// The VM's id.
+        vm: VmId,
+        /// The snapshot's name.
+        #[schema(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 63)]
+        name: String,
+    },
+    /// Delete a snapshot.
+    SnapshotDelete {
+        /// The VM's id.
+        vm: VmId,
+        /// The snapshot's name.
+        #[schema(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 63)]
+        name: String,
+    },
+    /// Grow one of a VM's disks.
+    ResizeDisk {
+        /// The VM's id.
+        vm: VmId,
+        /// The disk's name in the spec.
+        #[schema(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 32)]
+        disk: String,
+        /// The new size, MiB (never smaller than the current one).
+        #[schema(minimum = 1, maximum = 67108864)]
+        size_mib: u64,
+    },
+}
+
 /// The reply to a command (`POST /v1/hosts/{host}/commands`, reboot, snapshots).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CommandReply {

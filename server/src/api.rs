@@ -46,6 +46,8 @@ mod metrics;
 mod operations;
 pub mod routes;
 mod system;
+#[cfg(test)]
+mod tests;
 mod tokens;
 mod vms;
 

@@ -76,7 +76,34 @@ pub struct VmSpec {
     pub ha: bool,
     /// Free-form labels (`key = value`), for placement and search.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(schema_with = labels_schema))]
     pub labels: BTreeMap<String, String>,
+}
+
+/// The JSON schema of a spec's labels: at most 64; keys are 1-63 of
+/// lowercase letters, digits and `-_./`; values are at most 255 bytes (the
+/// schema says 255 characters) without control characters.
+#[cfg(feature = "schema")]
+fn labels_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[a-z0-9._/-]{1,63}$")),
+        ))
+        .additional_properties(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .max_length(Some(255))
+                .pattern(Some("^[^\\u0000-\\u001f\\u007f]*$")),
+        ))
+        .max_properties(Some(MAX_LABELS))
+        .description(Some(
+            "Free-form labels (`key = value`), for placement and search.",
+        ))
+        .build()
 }
 
 /// One disk.
@@ -84,10 +111,11 @@ pub struct VmSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
-    /// The disk's name within the VM (same charset as VM names, at most 32).
+    /// The disk's name within the VM (same charset as VM names, at most 32;
+    /// not `cidata`, which is the cloud-init seed disk; unique in the VM).
     #[cfg_attr(
         feature = "schema",
-        schema(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 32)
+        schema(pattern = "^(?!cidata$)[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 32)
     )]
     pub name: String,
     /// Size in MiB. Required for a blank disk; for a clone, at least the
@@ -114,13 +142,12 @@ pub struct NicSpec {
     #[serde(default)]
     #[cfg_attr(
         feature = "schema",
-        schema(pattern = "^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$")
+        schema(pattern = "^(?!00(:00){5}$)[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$")
     )]
     pub mac: Option<String>,
 }
 
 /// Where a NIC is plugged.
-#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NicAttach {
@@ -130,6 +157,35 @@ pub enum NicAttach {
     Bridge(String),
 }
 
+/// The JSON schema of [`NicAttach`]: `{"network": NAME}` or `{"bridge": NAME}`,
+/// NAME 1-64 of letters, digits, `-_.` (what the spec's validation takes).
+#[cfg(feature = "schema")]
+impl utoipa::PartialSchema for NicAttach {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Type};
+        let one = |key: &str, what: &str| {
+            ObjectBuilder::new()
+                .property(
+                    key,
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .pattern(Some("^[A-Za-z0-9._-]{1,64}$"))
+                        .description(Some(what)),
+                )
+                .required(key)
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        };
+        OneOfBuilder::new()
+            .item(one("network", "A libvirt network by name."))
+            .item(one("bridge", "A host bridge by name."))
+            .description(Some("Where a NIC is plugged."))
+            .into()
+    }
+}
+
+#[cfg(feature = "schema")]
+impl utoipa::ToSchema for NicAttach {}
+
 /// Cloud-init NoCloud data.
 #[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -137,10 +193,29 @@ pub enum NicAttach {
 pub struct CloudInit {
     /// The user-data document (e.g. `#cloud-config ...`), passed verbatim.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(pattern = "^[^\\u0000]*$", max_length = 65536))]
     pub user_data: Option<String>,
     /// OpenSSH public keys for the default user (one line each).
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(schema_with = ssh_keys_schema))]
     pub ssh_authorized_keys: Vec<String>,
+}
+
+/// The JSON schema of cloud-init's SSH keys: at most 32 OpenSSH public
+/// keys, one line each (`ssh-ed25519 AAAA... comment`).
+#[cfg(feature = "schema")]
+fn ssh_keys_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^(ssh-|ecdsa-|sk-)\\S* +\\S[^\\u0000-\\u001f\\u007f]*$"))
+                .max_length(Some(16 * 1024)),
+        )
+        .max_items(Some(MAX_SSH_KEYS))
+        .description(Some("OpenSSH public keys for the default user (one line each)."))
+        .build()
 }
 
 /// Direct kernel boot.
@@ -149,12 +224,30 @@ pub struct CloudInit {
 #[serde(deny_unknown_fields)]
 pub struct KernelBoot {
     /// Absolute path of the kernel on the host.
+    #[cfg_attr(
+        feature = "schema",
+        schema(
+            pattern = "^(?!.*/\\.\\.(/|$))/[^\\u0000-\\u001f\\u007f]*$",
+            max_length = 4096
+        )
+    )]
     pub kernel: String,
     /// Absolute path of the initrd on the host.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "schema",
+        schema(
+            pattern = "^(?!.*/\\.\\.(/|$))/[^\\u0000-\\u001f\\u007f]*$",
+            max_length = 4096
+        )
+    )]
     pub initrd: Option<String>,
     /// Kernel command line.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "schema",
+        schema(pattern = "^[^\\u0000-\\u001f\\u007f]*$", max_length = 2048)
+    )]
     pub cmdline: String,
 }
 

@@ -24,10 +24,40 @@ impl Components {
         T::schemas(&mut all);
         all.push((T::name().into_owned(), T::schema()));
         for (name, schema) in all {
-            let v = serde_json::to_value(schema).unwrap_or(Value::Null);
+            let mut v = serde_json::to_value(schema).unwrap_or(Value::Null);
+            close_variant_wrappers(&mut v);
             self.0.insert(name, v);
         }
         json!({"$ref": format!("#/components/schemas/{}", T::name())})
+    }
+
+    /// Adds a request body type; it is required unless `{}` (what an empty
+    /// body reads as) is a valid value of it.
+    fn body<T: ToSchema + serde::de::DeserializeOwned>(&mut self) -> Option<(Value, bool)> {
+        Some((self.add::<T>(), serde_json::from_str::<T>("{}").is_err()))
+    }
+}
+
+/// serde reads an externally tagged enum's variant from an object with
+/// exactly one key: the `oneOf` alternatives that wrap a variant (one
+/// property, required) refuse other keys, as serde does.
+fn close_variant_wrappers(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            if let Some(Value::Array(alts)) = m.get_mut("oneOf") {
+                for alt in alts.iter_mut() {
+                    let wraps = alt["type"] == "object"
+                        && alt["properties"].as_object().is_some_and(|p| p.len() == 1)
+                        && alt["required"].as_array().is_some_and(|r| r.len() == 1);
+                    if let (true, Some(o)) = (wraps, alt.as_object_mut()) {
+                        o.insert("additionalProperties".into(), Value::Bool(false));
+                    }
+                }
+            }
+            m.values_mut().for_each(close_variant_wrappers);
+        }
+        Value::Array(items) => items.iter_mut().for_each(close_variant_wrappers),
+        _ => {}
     }
 }
 
@@ -35,7 +65,7 @@ impl Components {
 struct OpDoc {
     summary: &'static str,
     query: Vec<Value>,
-    body: Option<Value>,
+    body: Option<(Value, bool)>,
     status: u16,
     reply: Value,
     errors: Vec<u16>,
@@ -77,9 +107,12 @@ fn series_pattern() -> String {
 
 const TIME: &str = "^([0-9]{1,15}|-?[1-9][0-9]{0,3}(ms|s|m|h|d))$";
 
+/// A route's summary, query parameters, body (and whether it is
+/// required), success status and reply content.
+type Parts = (&'static str, Vec<Value>, Option<(Value, bool)>, u16, Value);
+
 fn doc(route: &Route, c: &mut Components) -> OpDoc {
-    let none = Value::Null;
-    let (summary, query_params, body, status, reply): (&str, Vec<Value>, Option<Value>, u16, Value) = match route.op {
+    let (summary, query_params, body, status, reply): Parts = match route.op {
         Op::Healthz => ("Liveness: the server answers", vec![], None, 200, json_content(c.add::<api::Health>())),
         Op::OpenApi => ("This document", vec![], None, 200, json_content(json!({"type": "object"}))),
         Op::PrometheusMetrics => (
@@ -129,7 +162,7 @@ fn doc(route: &Route, c: &mut Components) -> OpDoc {
         Op::DrainHost => (
             "Cordon a host and live-migrate every VM off it (an operation)",
             vec![],
-            Some(c.add::<api::Empty>()),
+            c.body::<api::Empty>(),
             202,
             json_content(c.add::<api::operations::OperationAccepted>()),
         ),
@@ -137,21 +170,21 @@ fn doc(route: &Route, c: &mut Components) -> OpDoc {
         Op::PutHostVms => (
             "Replace a host's desired VMs",
             vec![],
-            Some(c.add::<api::hosts::PutHostVms>()),
+            c.body::<api::hosts::PutHostVms>(),
             200,
             json_content(c.add::<api::hosts::HostDesired>()),
         ),
         Op::HostCommand => (
-            "Run a command on the host's agent and wait for its outcome (migrations go through migrateVm)",
+            "Run a command on the host's agent and wait for its outcome",
             vec![],
-            Some(c.add::<novacron_shared::protocol::CommandKind>()),
+            c.body::<api::hosts::HostCommand>(),
             200,
             json_content(c.add::<api::hosts::CommandReply>()),
         ),
         Op::CreateVm => (
             "Create a VM: validated, placed by the scheduler, stored, pushed to its host",
             vec![],
-            Some(c.add::<api::vms::CreateVm>()),
+            c.body::<api::vms::CreateVm>(),
             201,
             json_content(c.add::<api::vms::Vm>()),
         ),
@@ -177,14 +210,14 @@ fn doc(route: &Route, c: &mut Components) -> OpDoc {
         Op::MigrateVm => (
             "Live-migrate a VM (to the given host or one the scheduler picks): an operation",
             vec![],
-            Some(c.add::<api::vms::MigrateVm>()),
+            c.body::<api::vms::MigrateVm>(),
             202,
             json_content(c.add::<api::operations::OperationAccepted>()),
         ),
         Op::CreateSnapshot => (
             "Take a snapshot of a VM",
             vec![],
-            Some(c.add::<api::vms::CreateSnapshot>()),
+            c.body::<api::vms::CreateSnapshot>(),
             200,
             json_content(c.add::<api::hosts::CommandReply>()),
         ),
@@ -211,7 +244,7 @@ fn doc(route: &Route, c: &mut Components) -> OpDoc {
         Op::CreateApiToken => (
             "Create an API token (its secret is in this reply only)",
             vec![],
-            Some(c.add::<api::tokens::CreateApiToken>()),
+            c.body::<api::tokens::CreateApiToken>(),
             201,
             json_content(c.add::<api::tokens::CreatedApiToken>()),
         ),
@@ -220,7 +253,7 @@ fn doc(route: &Route, c: &mut Components) -> OpDoc {
         Op::CreateJoinToken => (
             "Create a one-time join token for a new host",
             vec![],
-            Some(c.add::<api::tokens::CreateJoinToken>()),
+            c.body::<api::tokens::CreateJoinToken>(),
             201,
             json_content(c.add::<api::tokens::JoinToken>()),
         ),
@@ -232,7 +265,6 @@ fn doc(route: &Route, c: &mut Components) -> OpDoc {
             json_content(c.add::<api::audit::AuditList>()),
         ),
     };
-    let _ = none;
     let mut errors = vec![];
     if route.path.contains('{') || !query_params.is_empty() || body.is_some() {
         errors.push(400);
@@ -299,6 +331,20 @@ fn path_param(name: &str, c: &mut Components) -> Value {
     json!({"name": name, "in": "path", "required": true, "schema": schema})
 }
 
+/// Rules between fields that the types' schemas cannot carry.
+fn cross_field_rules(c: &mut Components) {
+    // A blank disk needs a size; a clone may take its template's.
+    if let Some(Value::Object(disk)) = c.0.get_mut("DiskSpec") {
+        disk.insert(
+            "anyOf".into(),
+            json!([
+                {"required": ["size_mib"], "properties": {"size_mib": {"type": "integer"}}},
+                {"required": ["template"], "properties": {"template": {"type": "string"}}}
+            ]),
+        );
+    }
+}
+
 /// The whole document.
 pub fn document() -> Value {
     let mut c = Components::default();
@@ -336,10 +382,10 @@ pub fn document() -> Value {
         } else {
             op.insert("security".into(), json!([]));
         }
-        if let Some(b) = d.body {
+        if let Some((b, required)) = d.body {
             op.insert(
                 "requestBody".into(),
-                json!({"required": false, "content": json_content(b)}),
+                json!({"required": required, "content": json_content(b)}),
             );
         }
         op.insert("responses".into(), Value::Object(responses));
@@ -348,6 +394,7 @@ pub fn document() -> Value {
             .or_default()
             .insert(route.method.to_lowercase(), Value::Object(op));
     }
+    cross_field_rules(&mut c);
     let mut responses = Map::new();
     for code in [400u16, 401, 403, 404, 409, 413, 429, 503, 504] {
         responses.insert(
@@ -436,6 +483,7 @@ mod tests {
         assert_eq!(s["VmId"]["pattern"], novacron_shared::ids::ID_PATTERN);
         assert_eq!(s["VmState"]["enum"][0], "stopped");
         assert_eq!(s["Power"]["enum"][0], "running");
+        assert_eq!(s["DiskSpec"]["anyOf"][0]["required"][0], "size_mib");
         let list = &doc["paths"]["/v1/vms"]["get"]["parameters"];
         let limit = list
             .as_array()

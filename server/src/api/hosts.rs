@@ -1,7 +1,7 @@
 //! Hosts: list, show, revoke, cordon, drain, desired VMs and commands.
 
 use hyper::StatusCode;
-use novacron_api::hosts::{CommandReply, HostList, PutHostVms};
+use novacron_api::hosts::{CommandReply, HostCommand, HostList, PutHostVms};
 use novacron_api::operations::OperationAccepted;
 use novacron_api::{Empty, ErrorCode};
 use novacron_shared::ids::HostId;
@@ -76,17 +76,50 @@ pub(super) async fn handle(api: &Api, call: Call) -> Result<Resp, ApiError> {
             }
         }
         Op::HostCommand => {
-            let kind: CommandKind = read_json(call.req).await?;
-            if matches!(kind, CommandKind::Migrate { .. }) {
-                return Err(ApiError::bad_request(
-                    ErrorCode::InvalidBody,
-                    "migrations go through POST /v1/vms/{vm}/migrate (they need a capacity claim)",
-                ));
-            }
-            command(api, id, kind).await
+            let body: HostCommand = read_json(call.req).await?;
+            command(api, id, command_kind(body)?).await
         }
         _ => show(api, id),
     }
+}
+
+/// The agent's command for an API command, checked as the schema states.
+fn command_kind(c: HostCommand) -> Result<CommandKind, ApiError> {
+    use novacron_shared::spec::{check_name, MAX_DISK_MIB, MAX_NAME_LEN};
+    let name = |what: &str, s: String, max: usize| {
+        check_name(&s, max)
+            .map(|()| s)
+            .map_err(|m| ApiError::bad_request(ErrorCode::InvalidName, format!("{what} {m}")))
+    };
+    Ok(match c {
+        HostCommand::RefreshInventory => CommandKind::RefreshInventory,
+        HostCommand::Reboot { vm } => CommandKind::Reboot { vm },
+        HostCommand::SnapshotCreate { vm, name: n } => CommandKind::SnapshotCreate {
+            vm,
+            name: name("snapshot name", n, MAX_NAME_LEN)?,
+        },
+        HostCommand::SnapshotRevert { vm, name: n } => CommandKind::SnapshotRevert {
+            vm,
+            name: name("snapshot name", n, MAX_NAME_LEN)?,
+        },
+        HostCommand::SnapshotDelete { vm, name: n } => CommandKind::SnapshotDelete {
+            vm,
+            name: name("snapshot name", n, MAX_NAME_LEN)?,
+        },
+        HostCommand::ResizeDisk { vm, disk, size_mib } => {
+            if size_mib == 0 || size_mib > MAX_DISK_MIB {
+                return Err(ApiError::bad_request(
+                    ErrorCode::InvalidBody,
+                    format!("size_mib {size_mib} is outside 1..={MAX_DISK_MIB}"),
+                ));
+            }
+            CommandKind::ResizeDisk {
+                vm,
+                disk: name("disk name", disk, 32)?,
+                size_mib,
+            }
+        }
+    })
 }
 
 fn show(api: &Api, id: HostId) -> Result<Resp, ApiError> {

@@ -94,12 +94,40 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -
     } else {
         body
     };
-    serde_json::from_slice(&bytes).map_err(|e| {
+    let invalid = |e: &dyn std::fmt::Display| {
         ApiError::bad_request(
             ErrorCode::InvalidBody,
             format!("request body is not valid JSON for this call: {e}"),
         )
-    })
+    };
+    let mut value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| invalid(&e))?;
+    integral_floats_to_integers(&mut value);
+    // serde reads a struct from an array too; no body of the API is one.
+    if value.is_array() {
+        return Err(invalid(&"the body must not be a JSON array"));
+    }
+    serde_json::from_value(value).map_err(|e| invalid(&e))
+}
+
+/// JSON Schema counts `2.0` as an integer; serde's integer fields do not.
+/// Integral numbers written with a fraction become integers (so a request
+/// the schema calls valid is read as such); others stay as they are.
+fn integral_floats_to_integers(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0) {
+                if (0.0..18_446_744_073_709_551_616.0).contains(&f) {
+                    *v = Value::from(f as u64);
+                } else if (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
+                    *v = Value::from(f as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_to_integers),
+        Value::Object(fields) => fields.values_mut().for_each(integral_floats_to_integers),
+        _ => {}
+    }
 }
 
 /// Parses an id from a path or query.
@@ -262,6 +290,17 @@ mod tests {
         assert_eq!(q.get("name"), Some("a b"));
         assert_eq!(q.get("bad"), Some("%zz%4"));
         assert_eq!(q.get("none"), None);
+    }
+
+    #[test]
+    fn integral_floats_read_as_integers() {
+        let mut v = serde_json::json!({"a": 450.0, "b": [1.5, -3.0], "c": "2.0", "d": 7});
+        integral_floats_to_integers(&mut v);
+        assert_eq!(
+            v,
+            serde_json::json!({"a": 450, "b": [1.5, -3], "c": "2.0", "d": 7})
+        );
+        assert!(v["a"].is_u64());
     }
 
     #[test]

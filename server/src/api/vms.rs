@@ -53,6 +53,11 @@ pub(super) async fn handle(api: &Api, call: Call) -> Result<Resp, ApiError> {
         Op::RebootVm => vm_command(api, id, CommandKind::Reboot { vm: id }).await,
         Op::MigrateVm => {
             let body: MigrateVm = read_json(call.req).await?;
+            if let Some(h) = body.host {
+                if api.fleet.host(h).map_err(|e| ApiError::internal(&e))?.is_none() {
+                    return Err(hosts::no_host(h));
+                }
+            }
             let op = api.fleet.migrate(id, body.host, &call.actor).map_err(vm_error)?;
             reply(
                 StatusCode::ACCEPTED,
