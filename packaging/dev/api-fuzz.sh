@@ -14,6 +14,7 @@
 # present. Needs python3 with venv, curl, and the debug binaries (built here).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+root="$(pwd)"
 
 cases="${API_FUZZ_CASES:-25}"
 venv="${NOVACRON_FUZZ_VENV:-/var/tmp/novacron-schemathesis}"
@@ -104,7 +105,8 @@ echo "== schemathesis: $cases cases per operation against $api" >&2
 # The two event streams never end (they are read by the e2e tests instead);
 # revoking the one host would only make every later host call a 404.
 status=0
-"$venv/bin/schemathesis" --config-file packaging/dev/api-fuzz.toml run "$api/v1/openapi.json" \
+# Run from the temporary directory: schemathesis keeps its cache there.
+(cd "$work" && "$venv/bin/schemathesis" --config-file "$root/packaging/dev/api-fuzz.toml" run "$api/v1/openapi.json" \
   --header "Authorization: Bearer $token" \
   --checks all \
   --max-examples "$cases" \
@@ -113,7 +115,7 @@ status=0
   --exclude-operation-id streamMetrics \
   --exclude-operation-id revokeHost \
   --no-color \
-  --seed 1 || status=$?
+  --seed 1) || status=$?
 if [ "$status" -ne 0 ]; then
   echo "== API fuzz failed; server log tail:" >&2
   tail -n 30 "$work/server.log" >&2

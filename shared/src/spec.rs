@@ -54,7 +54,8 @@ pub struct VmSpec {
     /// Memory, MiB.
     #[cfg_attr(feature = "schema", schema(minimum = 32, maximum = 4194304))]
     pub memory_mib: u64,
-    /// Disks, in order (the first is the boot disk, `vda`).
+    /// Disks, in order (the first is the boot disk, `vda`); their names are
+    /// unique within the VM.
     #[serde(default)]
     #[cfg_attr(feature = "schema", schema(max_items = 16))]
     pub disks: Vec<DiskSpec>,
