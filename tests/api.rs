@@ -281,7 +281,7 @@ fn the_event_stream_shows_a_vm_created_placed_and_running() {
     let id = v["vm"]["id"].as_str().unwrap().to_string();
     let events = read_events(s, Duration::from_secs(30), |evs| {
         evs.iter()
-            .any(|e| e["vm"] == id.as_str() && e["state"] == "Running")
+            .any(|e| e["vm"] == id.as_str() && e["state"] == "running")
     });
     let mine: Vec<&Value> = events.iter().filter(|e| e["vm"] == id.as_str()).collect();
     assert!(
@@ -291,7 +291,7 @@ fn the_event_stream_shows_a_vm_created_placed_and_running() {
     );
     assert!(
         mine.iter()
-            .any(|e| e["state"] == "Running" && e["host"] == agent.host_id.as_str()),
+            .any(|e| e["state"] == "running" && e["host"] == agent.host_id.as_str()),
         "the agent's libvirt event came through: {events:#?}"
     );
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();

@@ -185,7 +185,7 @@ fn vms_create_then_show_by_name_finds_it_placed_and_running_and_stop_converges()
     let id = field(&shown, "id").unwrap();
     assert_eq!(
         server.get(&format!("/v1/vms/{id}"))["observed"]["state"],
-        "Running"
+        "running"
     );
     let listed = ok(&run(&server, &["vms", "list", "--host", "cli-vms"]));
     assert!(
@@ -203,7 +203,7 @@ fn vms_create_then_show_by_name_finds_it_placed_and_running_and_stop_converges()
     });
     assert_eq!(
         server.get(&format!("/v1/vms/{id}"))["observed"]["state"],
-        "Stopped"
+        "stopped"
     );
     // By id works as well as by name.
     let out = ok(&run(&server, &["vms", "show", &id]));
@@ -444,28 +444,40 @@ const HOST2: &str = "00000000-0000-0000-0000-0000000000a2";
 const VM: &str = "00000000-0000-0000-0000-0000000000b1";
 const OP: &str = "00000000-0000-0000-0000-0000000000c1";
 
+/// A host as the API shows it.
+fn host(id: &str, name: &str) -> Value {
+    json!({"id": id, "name": name, "addresses": [],
+           "capacity": {"cpus": 4, "memory_mib": 4096, "storage_mib": 0, "storage_free_mib": 0},
+           "agent_version": "0.1.0", "first_seen_ms": 1, "last_seen_ms": 1, "state": "online",
+           "cert_serial": "ab", "cert_not_after": 1_800_000_000, "connected": true,
+           "protocol_version": 1, "vm_count": 1, "cordoned": false, "labels": {}})
+}
+
+/// The VM web-1 on HOST1 as the API shows it.
+fn vm() -> Value {
+    json!({"vm": {"id": VM, "op_id": OP, "spec": {"name": "web-1", "vcpus": 1, "memory_mib": 128},
+                  "power": "running"},
+           "placement": {"host": HOST1}, "host": HOST1, "rules": {}, "created_ms": 1, "observed": null})
+}
+
 /// The parts of the API every stub needs: two hosts and one VM.
 fn fleet_routes(method: &str, path: &str) -> Option<Reply> {
     match (method, path) {
         ("GET", "/v1/hosts") => Some(reply(
             200,
-            json!({"hosts": [{"id": HOST1, "name": "hv-1"}, {"id": HOST2, "name": "hv-2"}]}),
+            json!({"hosts": [host(HOST1, "hv-1"), host(HOST2, "hv-2")]}),
         )),
-        ("GET", p) if p == format!("/v1/vms/{VM}") => Some(reply(
-            200,
-            json!({"vm": {"id": VM, "spec": {"name": "web-1"}, "power": "running"}, "host": HOST1}),
-        )),
-        ("GET", p) if p.starts_with("/v1/vms?name_prefix=web-1") => Some(reply(
-            200,
-            json!({"vms": [{"vm": {"id": VM, "spec": {"name": "web-1"}, "power": "running"}, "host": HOST1}], "next": null}),
-        )),
+        ("GET", p) if p == format!("/v1/vms/{VM}") => Some(reply(200, vm())),
+        ("GET", p) if p.starts_with("/v1/vms?name_prefix=web-1") => {
+            Some(reply(200, json!({"vms": [vm()], "next": null})))
+        }
         _ => None,
     }
 }
 
 fn op(state: &str, percent: u64, message: &str, error: Option<&str>) -> Value {
     json!({"id": OP, "kind": "migrate", "vm": VM, "host": HOST1, "target": HOST2, "state": state,
-           "progress": {"percent": percent, "message": message}, "error": error,
+           "progress": {"percent": percent, "message": message}, "error": error, "actor": "admin",
            "created_ms": 1_700_000_000_000u64, "updated_ms": 1_700_000_001_000u64})
 }
 
@@ -555,15 +567,15 @@ fn events_print_one_line_per_event_until_the_server_closes_the_stream() {
         ": keep-alive\n\n".to_string(),
         format!(
             "id: 1\nevent: vm\ndata: {}\n\n",
-            json!({"type": "vm", "at_ms": 1_700_000_000_000u64, "vm": VM, "host": HOST1, "message": "web-1 stopped"})
+            json!({"seq": 1, "type": "vm", "at_ms": 1_700_000_000_000u64, "vm": VM, "host": HOST1, "message": "web-1 stopped"})
         ),
         format!(
             "id: 2\nevent: host\ndata: {}\n\n",
-            json!({"type": "host", "at_ms": 1_700_000_001_000u64, "host": HOST2, "message": "hv-2 disconnected"})
+            json!({"seq": 2, "type": "host", "at_ms": 1_700_000_001_000u64, "host": HOST2, "message": "hv-2 disconnected"})
         ),
         format!(
             "id: 3\nevent: operation\ndata: {}\n\n",
-            json!({"type": "operation", "at_ms": 1_700_000_002_000u64, "operation": op("succeeded", 100, "done", None),
+            json!({"seq": 3, "type": "operation", "at_ms": 1_700_000_002_000u64, "operation": op("succeeded", 100, "done", None),
                    "message": "migrate of web-1 succeeded"})
         ),
         "event: lagged\ndata: {\"missed\":3}\n\n".to_string(),

@@ -1,24 +1,42 @@
-//! Rate limiting for log lines a remote peer can trigger.
+//! Rate limiting: for log lines a remote peer can trigger ([`LogLimiter`],
+//! [`warn_limited!`](crate::warn_limited)) and for API requests per token
+//! ([`TokenBuckets`]). Both take `now` as an argument; the limiter holds
+//! the [`Clock`] its macro reads.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use novacron_shared::clock::Clock;
 
 /// Allows `burst` events per `window`; counts what it suppresses.
 #[derive(Debug)]
 pub struct LogLimiter {
     window: Duration,
     burst: u32,
+    clock: Clock,
     state: Mutex<(Instant, u32, u64)>,
 }
 
 impl LogLimiter {
-    /// A limiter allowing `burst` lines per `window`.
+    /// A limiter allowing `burst` lines per `window`, on the system clock.
     pub fn new(burst: u32, window: Duration) -> Self {
+        Self::with_clock(burst, window, Clock::system())
+    }
+
+    /// A limiter allowing `burst` lines per `window`, on `clock`.
+    pub fn with_clock(burst: u32, window: Duration, clock: Clock) -> Self {
+        let start = clock.now();
         Self {
             window,
             burst,
-            state: Mutex::new((Instant::now(), 0, 0)),
+            clock,
+            state: Mutex::new((start, 0, 0)),
         }
+    }
+
+    /// [`allow`](Self::allow) at the limiter's clock's now.
+    pub fn allow_now(&self) -> Option<u64> {
+        self.allow(self.clock.now())
     }
 
     /// `Some(suppressed_since_last)` if a line may be logged now.
@@ -44,7 +62,7 @@ impl LogLimiter {
 #[macro_export]
 macro_rules! warn_limited {
     ($limiter:expr, $($arg:tt)+) => {
-        if let Some(suppressed) = $limiter.allow(std::time::Instant::now()) {
+        if let Some(suppressed) = $limiter.allow_now() {
             tracing::warn!(suppressed, $($arg)+);
         }
     };
@@ -101,7 +119,8 @@ mod tests {
     #[test]
     fn buckets_allow_a_burst_then_the_rate_per_key() {
         let b = TokenBuckets::new(10.0, 3);
-        let t0 = Instant::now();
+        let (clock, _) = Clock::manual();
+        let t0 = clock.now();
         for _ in 0..3 {
             assert!(b.take("a", t0).is_ok());
         }
@@ -121,12 +140,14 @@ mod tests {
 
     #[test]
     fn bursts_then_suppresses_then_reports() {
-        let l = LogLimiter::new(2, Duration::from_secs(10));
-        let t0 = Instant::now();
+        let (clock, manual) = Clock::manual();
+        let l = LogLimiter::with_clock(2, Duration::from_secs(10), clock.clone());
+        let t0 = clock.now();
         assert_eq!(l.allow(t0), Some(0));
         assert_eq!(l.allow(t0), Some(0));
         assert_eq!(l.allow(t0), None);
-        assert_eq!(l.allow(t0), None);
-        assert_eq!(l.allow(t0 + Duration::from_secs(11)), Some(2));
+        assert_eq!(l.allow_now(), None, "the limiter's own clock has not moved");
+        manual.advance(Duration::from_secs(11));
+        assert_eq!(l.allow_now(), Some(2), "a new window reports what it suppressed");
     }
 }

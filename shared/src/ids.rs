@@ -5,6 +5,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// The JSON form of every id, as a regular expression (what the OpenAPI
+/// document states; parsing also accepts upper case).
+pub const ID_PATTERN: &str = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
+
 /// A 128-bit identifier rendered as a lowercase, hyphenated UUID-style string.
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
@@ -34,6 +38,20 @@ macro_rules! id_type {
                 }
             }
         }
+
+        #[cfg(feature = "schema")]
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .pattern(Some(ID_PATTERN))
+                    .description(Some(concat!("A ", stringify!($name), ": 128-bit hex, hyphenated like a UUID")))
+                    .into()
+            }
+        }
+
+        #[cfg(feature = "schema")]
+        impl utoipa::ToSchema for $name {}
 
         impl $name {
             /// A fresh random id.

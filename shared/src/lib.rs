@@ -2,7 +2,9 @@
 //! versioning), PKI helpers and the QUIC/TLS configuration builders.
 //!
 //! This crate has no async runtime and no libvirt: the agent and the server
-//! both build on it, and everything in it can be tested without I/O.
+//! both build on it, and everything in it can be tested without I/O. The
+//! QUIC/TLS, PKI and framing modules are behind the default feature `quic`;
+//! without it (the API types, the CLI) the crate pulls in no QUIC or TLS.
 
 pub mod backoff;
 pub mod clock;
@@ -10,13 +12,16 @@ pub mod codec;
 pub mod config;
 pub mod duration;
 pub mod files;
+#[cfg(feature = "quic")]
 pub mod framing;
 pub mod ids;
 pub mod metrics;
+#[cfg(feature = "quic")]
 pub mod pki;
 pub mod placement;
 pub mod protocol;
 pub mod spec;
+#[cfg(feature = "quic")]
 pub mod tls;
 
 /// The ALPN protocol name both ends of a NovaCron QUIC connection must offer.

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::VmId;
 
 /// How a metric's values behave over time.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
@@ -26,6 +27,7 @@ pub enum Kind {
 }
 
 /// Whose series it is.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Owner {

@@ -8,6 +8,7 @@ use crate::ids::HostId;
 /// Where a VM is placed. In JSON: `{"host": "<id>"}`,
 /// `{"cloud": {"provider": "aws", "instance": "i-…"}}` or
 /// `{"pending": {"reason": "…"}}`.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Placement {

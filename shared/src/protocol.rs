@@ -21,6 +21,7 @@ pub const HANDSHAKE_VERSION: u16 = 1;
 
 /// Everything an agent sends to the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AgentMessage {
     /// First frame of an enrolled agent's control stream.
     Hello(Hello),
@@ -46,6 +47,7 @@ pub enum AgentMessage {
 
 /// Everything the server sends to an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ServerMessage {
     /// Accepts a hello: the negotiated version and who the agent is.
     Welcome(Welcome),
@@ -132,6 +134,7 @@ pub struct HeartbeatAck {
 }
 
 /// What a host offers.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capacity {
     /// Logical CPUs.
@@ -145,7 +148,9 @@ pub struct Capacity {
 }
 
 /// A VM's state as libvirt reports it.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// Defined but not running.
     Stopped,
@@ -164,6 +169,7 @@ pub enum VmState {
 }
 
 /// One VM as observed on a host.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmObserved {
     /// The libvirt domain name.
@@ -179,6 +185,7 @@ pub struct VmObserved {
 }
 
 /// A libvirt domain lifecycle event.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmEvent {
     /// The domain's name.
@@ -209,6 +216,7 @@ pub struct DesiredState {
 }
 
 /// The reconciler's account of one pass.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileReport {
     /// The desired-state generation this pass worked towards.
@@ -222,6 +230,7 @@ pub struct ReconcileReport {
 }
 
 /// A difference between desired and observed state that the agent cannot fix.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Drift {
     /// The VM's name.
@@ -231,6 +240,7 @@ pub struct Drift {
 }
 
 /// The host's full observed state.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inventory {
     /// What the host offers.
@@ -257,6 +267,7 @@ pub struct Command {
 
 /// Every command the server can give an agent. Power state, creation and
 /// removal go through [`DesiredState`]; these are the one-off operations.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandKind {
@@ -333,7 +344,9 @@ pub struct CommandResult {
 }
 
 /// How a command ended.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CommandOutcome {
     /// Done (or was already done: commands are idempotent).
     Done,
@@ -381,6 +394,7 @@ pub struct WireError {
 
 /// Stable error codes; also used as QUIC application close codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The peers share no protocol version.
     UnsupportedVersion,

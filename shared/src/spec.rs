@@ -37,21 +37,31 @@ pub const MAX_LABELS: usize = 64;
 pub const MAX_CMDLINE: usize = 2048;
 
 /// What a VM should be.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// The VM's name: 1-63 of `a-z 0-9 -`, starting with a letter or digit,
     /// not ending with `-`. Unique in the fleet; also the guest's hostname.
+    #[cfg_attr(
+        feature = "schema",
+        schema(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 63)
+    )]
     pub name: String,
     /// Virtual CPUs.
+    #[cfg_attr(feature = "schema", schema(minimum = 1, maximum = 256))]
     pub vcpus: u32,
     /// Memory, MiB.
+    #[cfg_attr(feature = "schema", schema(minimum = 32, maximum = 4194304))]
     pub memory_mib: u64,
-    /// Disks, in order (the first is the boot disk, `vda`).
+    /// Disks, in order (the first is the boot disk, `vda`); their names are
+    /// unique within the VM.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(max_items = 16))]
     pub disks: Vec<DiskSpec>,
     /// Network interfaces, in order.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(max_items = 8))]
     pub nics: Vec<NicSpec>,
     /// Cloud-init NoCloud data; when present the VM gets a seed disk.
     #[serde(default)]
@@ -67,27 +77,63 @@ pub struct VmSpec {
     pub ha: bool,
     /// Free-form labels (`key = value`), for placement and search.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(schema_with = labels_schema))]
     pub labels: BTreeMap<String, String>,
 }
 
+/// The JSON schema of a spec's labels: at most 64; keys are 1-63 of
+/// lowercase letters, digits and `-_./`; values are at most 255 bytes (the
+/// schema says 255 characters) without control characters.
+#[cfg(feature = "schema")]
+fn labels_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[a-z0-9._/-]{1,63}$")),
+        ))
+        .additional_properties(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .max_length(Some(255))
+                .pattern(Some("^[^\\u0000-\\u001f\\u007f]*$")),
+        ))
+        .max_properties(Some(MAX_LABELS))
+        .description(Some(
+            "Free-form labels (`key = value`), for placement and search.",
+        ))
+        .build()
+}
+
 /// One disk.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
-    /// The disk's name within the VM (same charset as VM names, at most 32).
+    /// The disk's name within the VM (same charset as VM names, at most 32;
+    /// not `cidata`, which is the cloud-init seed disk; unique in the VM).
+    #[cfg_attr(
+        feature = "schema",
+        schema(pattern = "^(?!cidata$)[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 32)
+    )]
     pub name: String,
     /// Size in MiB. Required for a blank disk; for a clone, at least the
     /// template's size (the overlay is grown to it), or the template's size
     /// when absent.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(minimum = 1, maximum = 67108864))]
     pub size_mib: Option<u64>,
     /// Clone this template volume (a volume in the host's pool) as a qcow2
     /// overlay instead of making a blank disk.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"))]
     pub template: Option<String>,
 }
 
 /// One network interface.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
@@ -95,6 +141,10 @@ pub struct NicSpec {
     pub attach: NicAttach,
     /// A fixed MAC (`52:54:00:..`); libvirt picks one when absent.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "schema",
+        schema(pattern = "^(?!00(:00){5}$)[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$")
+    )]
     pub mac: Option<String>,
 }
 
@@ -108,33 +158,102 @@ pub enum NicAttach {
     Bridge(String),
 }
 
+/// The JSON schema of [`NicAttach`]: `{"network": NAME}` or `{"bridge": NAME}`,
+/// NAME 1-64 of letters, digits, `-_.` (what the spec's validation takes).
+#[cfg(feature = "schema")]
+impl utoipa::PartialSchema for NicAttach {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Type};
+        let one = |key: &str, what: &str| {
+            ObjectBuilder::new()
+                .property(
+                    key,
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .pattern(Some("^[A-Za-z0-9._-]{1,64}$"))
+                        .description(Some(what)),
+                )
+                .required(key)
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        };
+        OneOfBuilder::new()
+            .item(one("network", "A libvirt network by name."))
+            .item(one("bridge", "A host bridge by name."))
+            .description(Some("Where a NIC is plugged."))
+            .into()
+    }
+}
+
+#[cfg(feature = "schema")]
+impl utoipa::ToSchema for NicAttach {}
+
 /// Cloud-init NoCloud data.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudInit {
     /// The user-data document (e.g. `#cloud-config ...`), passed verbatim.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(pattern = "^[^\\u0000]*$", max_length = 65536))]
     pub user_data: Option<String>,
     /// OpenSSH public keys for the default user (one line each).
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schema(schema_with = ssh_keys_schema))]
     pub ssh_authorized_keys: Vec<String>,
 }
 
+/// The JSON schema of cloud-init's SSH keys: at most 32 OpenSSH public
+/// keys, one line each (`ssh-ed25519 AAAA... comment`).
+#[cfg(feature = "schema")]
+fn ssh_keys_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^(ssh-|ecdsa-|sk-)\\S* +\\S[^\\u0000-\\u001f\\u007f]*$"))
+                .max_length(Some(16 * 1024)),
+        )
+        .max_items(Some(MAX_SSH_KEYS))
+        .description(Some("OpenSSH public keys for the default user (one line each)."))
+        .build()
+}
+
 /// Direct kernel boot.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KernelBoot {
     /// Absolute path of the kernel on the host.
+    #[cfg_attr(
+        feature = "schema",
+        schema(
+            pattern = "^(?!.*/\\.\\.(/|$))/[^\\u0000-\\u001f\\u007f]*$",
+            max_length = 4096
+        )
+    )]
     pub kernel: String,
     /// Absolute path of the initrd on the host.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "schema",
+        schema(
+            pattern = "^(?!.*/\\.\\.(/|$))/[^\\u0000-\\u001f\\u007f]*$",
+            max_length = 4096
+        )
+    )]
     pub initrd: Option<String>,
     /// Kernel command line.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "schema",
+        schema(pattern = "^[^\\u0000-\\u001f\\u007f]*$", max_length = 2048)
+    )]
     pub cmdline: String,
 }
 
 /// Machine type.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Machine {
@@ -156,6 +275,7 @@ impl Machine {
 }
 
 /// The power state a VM should be in.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Power {
@@ -169,6 +289,7 @@ pub enum Power {
 }
 
 /// One VM a host should have, as the server sends it.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DesiredVm {
     /// The VM's id; its libvirt domain UUID.

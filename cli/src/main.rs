@@ -1,5 +1,6 @@
 //! `novacron`: the operator CLI. It talks to the server's HTTP JSON API
-//! only (through `novacron_server::client`), prints tables for people and
+//! only (through `novacron_api::client`, replies read into the API's
+//! types), prints tables for people and
 //! the API's JSON for scripts (`-o json`).
 //!
 //! Exit codes: 0 done, 1 the API refused or an operation failed, 2 usage
@@ -11,6 +12,7 @@ mod args;
 mod ctx;
 mod events;
 mod hosts;
+mod local;
 mod metrics;
 mod ops;
 mod table;
@@ -22,8 +24,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use novacron_server::client::{ApiClient, ApiUrl, ClientError};
-use novacron_server::config::{self, ConfigFile, ServerConfig};
+use local::LocalServer;
+use novacron_api::client::{ApiClient, ApiUrl, ClientError};
 
 use args::{Cli, Command, HostsCommand};
 use ctx::Ctx;
@@ -164,31 +166,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// The local server's config, when there is one: it names the default API
-/// address and the data directory holding `admin.token`.
-fn local_server_config() -> ServerConfig {
-    let path = std::env::var_os("NOVACRON_SERVER_CONFIG")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
-    ServerConfig::load(&path, false).unwrap_or_default()
-}
-
 fn client(cli: &Cli) -> Result<ApiClient, CliError> {
     let needs_local = cli.api.is_none() || (cli.token.is_none() && cli.token_file.is_none());
     let local = if needs_local {
-        local_server_config()
+        LocalServer::find()
     } else {
-        ServerConfig::default()
+        LocalServer::default()
     };
     let base: ApiUrl = match &cli.api {
         Some(url) => url.parse()?,
-        None => {
-            let mut addr = local.api.listen;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            addr.into()
-        }
+        None => local.api_addr().into(),
     };
     let read = |path: &PathBuf| std::fs::read_to_string(path).map(|t| t.trim().to_string());
     let token = match (&cli.token, &cli.token_file) {
@@ -198,7 +185,7 @@ fn client(cli: &Cli) -> Result<ApiClient, CliError> {
             source,
         })?,
         (None, None) => {
-            let path = novacron_server::datadir::DataDir::new(&local.data_dir).admin_token();
+            let path = local.admin_token();
             read(&path).map_err(|source| CliError::NoToken {
                 path: path.display().to_string(),
                 source,

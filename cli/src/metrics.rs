@@ -1,9 +1,10 @@
 //! `novacron top` (the fleet's latest values, refreshed) and `novacron
 //! metrics` (one host's or VM's series over a range).
 
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
+
+use novacron_api::metrics::{LatestMetrics, LatestOwner, MetricsAnswer};
 
 use crate::args::{MetricsArgs, TopArgs};
 use crate::ctx::Ctx;
@@ -14,23 +15,12 @@ use crate::CliError;
 /// Latest values of one owner, by (name, label).
 type Values = BTreeMap<(String, String), f64>;
 
-fn values(owner: &Value) -> Values {
-    owner["values"]
-        .as_array()
-        .map(|vs| {
-            vs.iter()
-                .filter_map(|v| {
-                    Some((
-                        (
-                            v["name"].as_str()?.to_string(),
-                            v["label"].as_str().unwrap_or("").to_string(),
-                        ),
-                        v["value"].as_f64()?,
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+fn values(owner: &LatestOwner) -> Values {
+    owner
+        .values
+        .iter()
+        .map(|v| ((v.name.clone(), v.label.clone().unwrap_or_default()), v.value))
+        .collect()
 }
 
 fn sum(v: &Values, name: &str) -> Option<f64> {
@@ -82,8 +72,8 @@ pub fn busy(v: &Values) -> Option<f64> {
 }
 
 async fn render(ctx: &mut Ctx, args: &TopArgs) -> Result<String, CliError> {
-    let hosts = ctx.get("/v1/metrics/latest?owner=host").await?;
-    let vms = ctx.get("/v1/metrics/latest?owner=vm").await?;
+    let hosts: LatestMetrics = ctx.get("/v1/metrics/latest?owner=host").await?;
+    let vms: LatestMetrics = ctx.get("/v1/metrics/latest?owner=vm").await?;
     let mut out = String::new();
     let mut t = Table::new(&[
         "HOST",
@@ -98,8 +88,7 @@ async fn render(ctx: &mut Ctx, args: &TopArgs) -> Result<String, CliError> {
         ">DISK W",
     ]);
     let mut rows = Vec::new();
-    for h in hosts["owners"].as_array().into_iter().flatten() {
-        let id = h["id"].as_str().unwrap_or("-").to_string();
+    for h in &hosts.owners {
         let v = values(h);
         let total = get(&v, "host.memory", "total");
         let avail = get(&v, "host.memory", "available");
@@ -107,7 +96,10 @@ async fn render(ctx: &mut Ctx, args: &TopArgs) -> Result<String, CliError> {
         rows.push((
             busy(&v).unwrap_or(-1.0),
             vec![
-                ctx.host_label(&id).await,
+                match h.id.parse() {
+                    Ok(id) => ctx.host_label(id).await,
+                    Err(_) => h.id.clone(),
+                },
                 pct(busy(&v)),
                 get(&v, "host.load", "1m").map_or_else(|| "-".into(), |l| format!("{l:.2}")),
                 pct(used.zip(total).map(|(u, t)| u / t)),
@@ -130,16 +122,20 @@ async fn render(ctx: &mut Ctx, args: &TopArgs) -> Result<String, CliError> {
             "VM", "HOST", ">CPU%", ">VCPUS", ">MEM", ">DISK R", ">DISK W", ">NET RX", ">NET TX",
         ]);
         let mut rows = Vec::new();
-        for o in vms["owners"].as_array().into_iter().flatten() {
-            let id = o["id"].as_str().unwrap_or("-").to_string();
-            let host = o["host"].as_str().unwrap_or("-").to_string();
+        for o in &vms.owners {
             let v = values(o);
             let cpu = get(&v, "vm.cpu", "");
             rows.push((
                 cpu.unwrap_or(-1.0),
                 vec![
-                    ctx.vm_label(&id).await,
-                    ctx.host_label(&host).await,
+                    match o.id.parse() {
+                        Ok(id) => ctx.vm_label(id).await,
+                        Err(_) => o.id.clone(),
+                    },
+                    match o.host.as_deref().map(str::parse) {
+                        Some(Ok(h)) => ctx.host_label(h).await,
+                        _ => o.host.clone().unwrap_or_else(|| "-".into()),
+                    },
                     pct(cpu),
                     get(&v, "vm.vcpus", "").map_or_else(|| "-".into(), |c| format!("{c:.0}")),
                     get(&v, "vm.memory", "current").map_or_else(|| "-".into(), human_bytes),
@@ -164,9 +160,9 @@ async fn render(ctx: &mut Ctx, args: &TopArgs) -> Result<String, CliError> {
 /// `--interval` until Ctrl-C; `--once` prints one frame.
 pub async fn top(ctx: &mut Ctx, args: TopArgs) -> Result<(), CliError> {
     if ctx.json() {
-        let hosts = ctx.get("/v1/metrics/latest?owner=host").await?;
-        let vms = ctx.get("/v1/metrics/latest?owner=vm").await?;
-        return ctx.print_json(&serde_json::json!({"hosts": hosts["owners"], "vms": vms["owners"]}));
+        let hosts: LatestMetrics = ctx.get("/v1/metrics/latest?owner=host").await?;
+        let vms: LatestMetrics = ctx.get("/v1/metrics/latest?owner=vm").await?;
+        return ctx.print_json(&serde_json::json!({"hosts": hosts.owners, "vms": vms.owners}));
     }
     let tty = std::io::stdout().is_terminal();
     let ctrl_c = tokio::signal::ctrl_c();
@@ -196,10 +192,18 @@ pub async fn top(ctx: &mut Ctx, args: TopArgs) -> Result<(), CliError> {
 /// `novacron metrics --host H | --vm V`: per series, the latest value and
 /// min/avg/max over the range (or the API's JSON with every point).
 pub async fn metrics(ctx: &mut Ctx, args: MetricsArgs) -> Result<(), CliError> {
-    let owner = match (&args.host, &args.vm) {
-        (Some(h), None) => ("host", ctx.host_id(h).await?),
-        (None, Some(v)) => ("vm", ctx.vm_id(v).await?.0),
+    enum Of {
+        Host(novacron_shared::ids::HostId),
+        Vm(novacron_shared::ids::VmId),
+    }
+    let of = match (&args.host, &args.vm) {
+        (Some(h), None) => Of::Host(ctx.host_id(h).await?),
+        (None, Some(v)) => Of::Vm(ctx.vm_id(v).await?.0),
         _ => return Err(CliError::Usage("give --host or --vm (one of them)".into())),
+    };
+    let owner = match &of {
+        Of::Host(h) => ("host", h.to_string()),
+        Of::Vm(v) => ("vm", v.to_string()),
     };
     let path = format!(
         "/v1/metrics{}",
@@ -210,21 +214,21 @@ pub async fn metrics(ctx: &mut Ctx, args: MetricsArgs) -> Result<(), CliError> {
             ("resolution", Some(args.resolution.clone())),
         ])
     );
-    let answer = ctx.get(&path).await?;
+    let answer: MetricsAnswer = ctx.get(&path).await?;
     if ctx.json() {
         return ctx.print_json(&answer);
     }
     let mut t = Table::new(&[
         "SERIES", "LABEL", ">LATEST", ">MIN", ">AVG", ">MAX", ">POINTS", "UNIT",
     ]);
-    for s in answer["series"].as_array().into_iter().flatten() {
-        let pts = s["points"].as_array().cloned().unwrap_or_default();
-        let vals: Vec<f64> = pts.iter().filter_map(|p| p[1].as_f64()).collect();
+    for s in &answer.series {
+        let pts = &s.points;
+        let vals: Vec<f64> = pts.iter().filter_map(|p| p.get(1).copied()).collect();
         let fmt = |x: Option<f64>| x.map_or_else(|| "-".into(), |v| format!("{v:.4}"));
-        let (min, max) = if answer["resolution"] == "1m" {
+        let (min, max) = if answer.resolution == "1m" {
             (
-                pts.iter().filter_map(|p| p[2].as_f64()).reduce(f64::min),
-                pts.iter().filter_map(|p| p[3].as_f64()).reduce(f64::max),
+                pts.iter().filter_map(|p| p.get(2).copied()).reduce(f64::min),
+                pts.iter().filter_map(|p| p.get(3).copied()).reduce(f64::max),
             )
         } else {
             (
@@ -234,28 +238,27 @@ pub async fn metrics(ctx: &mut Ctx, args: MetricsArgs) -> Result<(), CliError> {
         };
         let avg = (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64);
         t.row(vec![
-            s["name"].as_str().unwrap_or("-").to_string(),
-            s["label"].as_str().unwrap_or("").to_string(),
+            s.name.clone(),
+            s.label.clone().unwrap_or_default(),
             fmt(vals.last().copied()),
             fmt(min),
             fmt(avg),
             fmt(max),
             pts.len().to_string(),
-            s["unit"].as_str().unwrap_or("").to_string(),
+            s.unit.clone(),
         ]);
     }
-    let label = if owner.0 == "host" {
-        ctx.host_label(&owner.1).await
-    } else {
-        ctx.vm_label(&owner.1).await
+    let label = match of {
+        Of::Host(h) => ctx.host_label(h).await,
+        Of::Vm(v) => ctx.vm_label(v).await,
     };
     ctx.emit(&format!(
         "{} {} from {} to {} ({} resolution)\n{}",
         owner.0,
         label,
-        answer["from_ms"].as_u64().map(iso).unwrap_or_default(),
-        answer["to_ms"].as_u64().map(iso).unwrap_or_default(),
-        answer["resolution"].as_str().unwrap_or("?"),
+        iso(answer.from_ms),
+        iso(answer.to_ms),
+        answer.resolution,
         t.render()
     ))?;
     Ok(())
@@ -267,12 +270,15 @@ mod tests {
 
     #[test]
     fn busy_share_and_bytes() {
-        let owner = serde_json::json!({"values": [
-            {"name": "host.cpu", "label": "user", "value": 0.5},
-            {"name": "host.cpu", "label": "system", "value": 0.25},
-            {"name": "host.cpu", "label": "idle", "value": 1.0},
-            {"name": "host.cpu", "label": "iowait", "value": 0.25},
-        ]});
+        let owner: LatestOwner = serde_json::from_value(
+            serde_json::json!({"owner": "host", "id": "h", "host": null, "values": [
+                {"name": "host.cpu", "label": "user", "unit": "s/s", "ts_ms": 1, "value": 0.5},
+                {"name": "host.cpu", "label": "system", "unit": "s/s", "ts_ms": 1, "value": 0.25},
+                {"name": "host.cpu", "label": "idle", "unit": "s/s", "ts_ms": 1, "value": 1.0},
+                {"name": "host.cpu", "label": "iowait", "unit": "s/s", "ts_ms": 1, "value": 0.25},
+            ]}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let v = values(&owner);
         assert_eq!(busy(&v), Some(0.375));
         assert_eq!(human_bytes(512.0), "512 B");

@@ -1,8 +1,6 @@
 //! Sizes, times, labels and URL pieces: parsing what people type and
 //! formatting what they read.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 const MIB_PER: [(&str, u64); 3] = [("m", 1), ("g", 1 << 10), ("t", 1 << 20)];
 
 /// Parses a size into MiB: `512`, `512M`, `512MiB`, `2G`, `1.5GiB`, `1T`.
@@ -105,10 +103,7 @@ pub fn human_mib(mib: u64) -> String {
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    novacron_shared::clock::Clock::system().unix_ms()
 }
 
 /// `ms` relative to `now`: `12s ago`, `5m ago`, `3h ago`, `2d ago`, `in 29d`.

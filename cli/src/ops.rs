@@ -4,10 +4,11 @@
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use novacron_api::operations::{Operation, OperationAccepted, OperationList, OperationState};
+use novacron_api::vms::MigrateVm;
 
 use crate::args::{MigrateArgs, OperationsCommand};
-use crate::ctx::{text, Ctx};
+use crate::ctx::{opt, word, Ctx};
 use crate::table::{fields, Table};
 use crate::units::{ago, enc, now_ms, when};
 use crate::CliError;
@@ -19,21 +20,19 @@ const POLL: Duration = Duration::from_millis(500);
 pub async fn run(ctx: &mut Ctx, command: OperationsCommand) -> Result<(), CliError> {
     match command {
         OperationsCommand::List(p) => {
-            let v = ctx.list(&crate::ctx::OPERATIONS, &[], p.limit, p.all).await?;
+            let v: OperationList = ctx.list(&[], p.limit, p.all).await?;
             if ctx.json() {
                 return ctx.print_json(&v);
             }
-            let ops = v["operations"]
-                .as_array()
-                .ok_or(CliError::Unexpected("operations list"))?;
             let mut rows = Vec::new();
-            for op in ops {
-                rows.push((op.clone(), Row::of(ctx, op).await));
+            for op in v.operations {
+                let row = Row::of(ctx, &op).await;
+                rows.push((op, row));
             }
             ctx.emit(&table(&rows, now_ms()))
         }
         OperationsCommand::Show { op } => {
-            let v = ctx.get(&format!("/v1/operations/{}", enc(&op))).await?;
+            let v: Operation = ctx.get(&format!("/v1/operations/{}", enc(&op))).await?;
             if ctx.json() {
                 return ctx.print_json(&v);
             }
@@ -47,17 +46,15 @@ pub async fn run(ctx: &mut Ctx, command: OperationsCommand) -> Result<(), CliErr
 /// `migrate VM [--to H] [--wait]`.
 pub async fn migrate(ctx: &mut Ctx, args: MigrateArgs) -> Result<(), CliError> {
     let (id, name) = ctx.vm_id(&args.vm).await?;
-    let body = match &args.to {
-        Some(h) => json!({"host": ctx.host_id(h).await?}),
-        None => json!({}),
+    let body = MigrateVm {
+        host: match &args.to {
+            Some(h) => Some(ctx.host_id(h).await?),
+            None => None,
+        },
     };
-    let v = ctx.post(&format!("/v1/vms/{id}/migrate"), body).await?;
-    let op = &v["operation"];
-    let op_id = op["id"]
-        .as_str()
-        .ok_or(CliError::Unexpected("operation id"))?
-        .to_string();
-    let to = match op["target"].as_str() {
+    let v: OperationAccepted = ctx.post(&format!("/v1/vms/{id}/migrate"), &body).await?;
+    let op_id = v.operation.id.to_string();
+    let to = match v.operation.target {
         Some(t) => format!(" to host {}", ctx.host_label(t).await),
         None => String::new(),
     };
@@ -76,7 +73,7 @@ pub async fn migrate(ctx: &mut Ctx, args: MigrateArgs) -> Result<(), CliError> {
 /// and fails if it failed.
 pub async fn wait_and_report(ctx: &mut Ctx, op_id: &str) -> Result<(), CliError> {
     let op = wait(ctx, op_id).await?;
-    let failed = op["state"] == "failed";
+    let failed = op.state == OperationState::Failed;
     if ctx.json() {
         ctx.print_json(&op)?;
     } else if !failed {
@@ -86,7 +83,7 @@ pub async fn wait_and_report(ctx: &mut Ctx, op_id: &str) -> Result<(), CliError>
     if failed {
         return Err(CliError::OperationFailed {
             id: op_id.to_string(),
-            error: op["error"].as_str().unwrap_or("no reason given").to_string(),
+            error: op.error.unwrap_or_else(|| "no reason given".into()),
         });
     }
     Ok(())
@@ -95,12 +92,12 @@ pub async fn wait_and_report(ctx: &mut Ctx, op_id: &str) -> Result<(), CliError>
 /// Polls an operation until it succeeds or fails, showing its progress on
 /// stderr: one line rewritten in place on a terminal, a line per change
 /// otherwise.
-async fn wait(ctx: &Ctx, op_id: &str) -> Result<Value, CliError> {
+async fn wait(ctx: &Ctx, op_id: &str) -> Result<Operation, CliError> {
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
     let path = format!("/v1/operations/{}", enc(op_id));
     loop {
-        let op = ctx.get(&path).await?;
+        let op: Operation = ctx.get(&path).await?;
         let line = status_line(&op);
         if line != last {
             let mut err = std::io::stderr().lock();
@@ -112,7 +109,7 @@ async fn wait(ctx: &Ctx, op_id: &str) -> Result<Value, CliError> {
             let _ = err.flush();
             last = line;
         }
-        if matches!(op["state"].as_str(), Some("succeeded" | "failed")) {
+        if op.state.is_final() {
             if tty {
                 eprintln!();
             }
@@ -123,15 +120,17 @@ async fn wait(ctx: &Ctx, op_id: &str) -> Result<Value, CliError> {
 }
 
 /// `running  42%  copying memory`.
-fn status_line(op: &Value) -> String {
-    let mut s = format!("{} {}", text(&op["kind"]), text(&op["state"]));
-    if let Some(p) = op["progress"]["percent"].as_u64() {
-        s.push_str(&format!(" {p:>3}%"));
+fn status_line(op: &Operation) -> String {
+    let mut s = format!(
+        "{} {} {:>3}%",
+        word(&op.kind),
+        word(&op.state),
+        op.progress.percent
+    );
+    if !op.progress.message.is_empty() {
+        s.push_str(&format!("  {}", op.progress.message));
     }
-    if let Some(m) = op["progress"]["message"].as_str().filter(|m| !m.is_empty()) {
-        s.push_str(&format!("  {m}"));
-    }
-    if let Some(e) = op["error"].as_str() {
+    if let Some(e) = &op.error {
         s.push_str(&format!("  error: {e}"));
     }
     s
@@ -146,16 +145,16 @@ struct Row {
 }
 
 impl Row {
-    async fn of(ctx: &mut Ctx, op: &Value) -> Row {
-        let vm = match op["vm"].as_str() {
+    async fn of(ctx: &mut Ctx, op: &Operation) -> Row {
+        let vm = match op.vm {
             Some(id) => Some(ctx.vm_label(id).await),
             None => None,
         };
-        let host = match op["host"].as_str() {
+        let host = match op.host {
             Some(id) => Some(ctx.host_label(id).await),
             None => None,
         };
-        let target = match op["target"].as_str() {
+        let target = match op.target {
             Some(id) => Some(ctx.host_label(id).await),
             None => None,
         };
@@ -178,58 +177,44 @@ impl Row {
     }
 }
 
-fn table(rows: &[(Value, Row)], now: u64) -> String {
+fn table(rows: &[(Operation, Row)], now: u64) -> String {
     let mut t = Table::new(&["ID", "KIND", "STATE", ">PROGRESS", "WHAT", "UPDATED", "MESSAGE"]);
     for (op, row) in rows {
         t.row(vec![
-            text(&op["id"]),
-            text(&op["kind"]),
-            text(&op["state"]),
-            op["progress"]["percent"]
-                .as_u64()
-                .map(|p| format!("{p}%"))
-                .unwrap_or_else(|| "-".into()),
+            op.id.to_string(),
+            word(&op.kind),
+            word(&op.state),
+            format!("{}%", op.progress.percent),
             row.what(),
-            op["updated_ms"]
-                .as_u64()
-                .map(|ms| ago(ms, now))
-                .unwrap_or_else(|| "-".into()),
-            op["error"]
-                .as_str()
-                .or_else(|| op["progress"]["message"].as_str())
-                .unwrap_or("")
-                .to_string(),
+            ago(op.updated_ms, now),
+            op.error.clone().unwrap_or_else(|| op.progress.message.clone()),
         ]);
     }
     t.render()
 }
 
-fn show(op: &Value, row: &Row, now: u64) -> String {
-    let ms = |k: &str| op[k].as_u64().map(|v| when(v, now)).unwrap_or_else(|| "-".into());
-    let with_id = |label: &Option<String>, k: &str| match (label, op[k].as_str()) {
-        (Some(l), Some(id)) if l != id => format!("{l} ({id})"),
-        (_, Some(id)) => id.to_string(),
+fn show(op: &Operation, row: &Row, now: u64) -> String {
+    let with_id = |label: &Option<String>, id: Option<String>| match (label, id) {
+        (Some(l), Some(id)) if *l != id => format!("{l} ({id})"),
+        (_, Some(id)) => id,
         _ => "-".into(),
     };
     fields(&[
-        ("id", text(&op["id"])),
-        ("kind", text(&op["kind"])),
-        ("state", text(&op["state"])),
+        ("id", op.id.to_string()),
+        ("kind", word(&op.kind)),
+        ("state", word(&op.state)),
         (
             "progress",
-            match op["progress"]["percent"].as_u64() {
-                Some(p) => format!("{p}% {}", op["progress"]["message"].as_str().unwrap_or(""))
-                    .trim_end()
-                    .to_string(),
-                None => "-".into(),
-            },
+            format!("{}% {}", op.progress.percent, op.progress.message)
+                .trim_end()
+                .to_string(),
         ),
-        ("vm", with_id(&row.vm, "vm")),
-        ("host", with_id(&row.host, "host")),
-        ("target", with_id(&row.target, "target")),
-        ("error", text(&op["error"])),
-        ("created", ms("created_ms")),
-        ("updated", ms("updated_ms")),
+        ("vm", with_id(&row.vm, op.vm.map(|i| i.to_string()))),
+        ("host", with_id(&row.host, op.host.map(|i| i.to_string()))),
+        ("target", with_id(&row.target, op.target.map(|i| i.to_string()))),
+        ("error", opt(op.error.as_deref())),
+        ("created", when(op.created_ms, now)),
+        ("updated", when(op.updated_ms, now)),
     ])
 }
 
@@ -237,18 +222,25 @@ fn show(op: &Value, row: &Row, now: u64) -> String {
 mod tests {
     use super::*;
 
-    fn op() -> Value {
-        json!({"id": "op1", "kind": "migrate", "vm": "vm1", "host": "h1", "target": "h2",
-               "state": "running", "progress": {"percent": 42, "message": "copying memory"},
-               "error": null, "created_ms": 1_000, "updated_ms": 1_700_000_000_000u64})
+    const OP: &str = "00000000-0000-0000-0000-0000000000a1";
+
+    fn op() -> Operation {
+        serde_json::from_value(serde_json::json!({
+            "id": OP, "kind": "migrate",
+            "vm": "00000000-0000-0000-0000-0000000000b1",
+            "host": "00000000-0000-0000-0000-000000000001",
+            "target": "00000000-0000-0000-0000-000000000002",
+            "state": "running", "progress": {"percent": 42, "message": "copying memory"},
+            "error": null, "actor": "admin", "created_ms": 1_000, "updated_ms": 1_700_000_000_000u64}))
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
     fn progress_reads_as_one_line() {
         assert_eq!(status_line(&op()), "migrate running  42%  copying memory");
         let mut failed = op();
-        failed["state"] = json!("failed");
-        failed["error"] = json!("target host went away");
+        failed.state = OperationState::Failed;
+        failed.error = Some("target host went away".into());
         assert!(status_line(&failed).ends_with("error: target host went away"));
     }
 
@@ -263,7 +255,7 @@ mod tests {
         let out = table(&[(op(), row)], 1_700_000_002_000);
         let line = out.lines().nth(1).unwrap_or_default();
         for want in [
-            "op1",
+            OP,
             "migrate",
             "running",
             "42%",

@@ -379,12 +379,12 @@ pub enum Role {
 }
 
 impl Role {
-    /// The API's name for it (as `POST /v1/api-tokens` takes it).
-    pub fn as_api(self) -> &'static str {
+    /// The API's role (as `POST /v1/api-tokens` takes it).
+    pub fn as_api(self) -> novacron_api::tokens::Role {
         match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
+            Role::Viewer => novacron_api::tokens::Role::Viewer,
+            Role::Operator => novacron_api::tokens::Role::Operator,
+            Role::Admin => novacron_api::tokens::Role::Admin,
         }
     }
 }

@@ -1,0 +1,693 @@
+//! A client for the server's HTTP JSON API (feature `client`), used by the
+//! `novacron` CLI and the admin subcommands of `novacron-server`.
+//!
+//! [`ApiClient`] makes typed calls ([`ApiClient::get`], [`ApiClient::send`]:
+//! bodies and replies are this crate's types) and untyped ones
+//! ([`ApiClient::call`]: JSON values), and opens server-sent-event streams;
+//! [`SseParser`] is the sans-IO parser behind [`EventStream`].
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{ErrorBody, ErrorCode};
+
+/// How long a call may take unless the caller says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Calling the API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The API address is not a usable `http://host:port` URL.
+    #[error("invalid API URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// What was given.
+        url: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The server could not be reached.
+    #[error("cannot reach the NovaCron API at {url} (is `novacron-server run` running there?)")]
+    Connect {
+        /// Where.
+        url: String,
+        /// Why.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The server did not answer in time.
+    #[error("the NovaCron API at {url} did not answer within {after:?}")]
+    Timeout {
+        /// Where.
+        url: String,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// Building the request failed (a path or header the HTTP layer refused).
+    #[error("cannot build the request for {path}")]
+    Request {
+        /// The path asked for.
+        path: String,
+        /// Why.
+        #[source]
+        source: hyper::http::Error,
+    },
+    /// The connection broke while reading the reply.
+    #[error("the connection to the API broke while reading the reply")]
+    Body(#[source] hyper::Error),
+    /// The server answered with an error.
+    #[error("{status} {code}: {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The API's stable error code (`forbidden`, `not_found`, ...).
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// A request body could not be encoded.
+    #[error("cannot encode the request body for {path}")]
+    Encode {
+        /// The path asked for.
+        path: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A successful reply that is not JSON (or not the JSON of the call's reply type).
+    #[error("the API's reply ({status}) is not the expected JSON")]
+    Json {
+        /// HTTP status.
+        status: u16,
+        /// Why it did not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ClientError {
+    /// Whether the server could not be reached at all (as opposed to
+    /// refusing the request or answering something odd).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Connect { .. } | ClientError::Timeout { .. })
+    }
+
+    /// The API's error code of a refusal (`Unknown` for a code this build
+    /// does not know or a proxy's refusal); `None` for other errors.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Refused { code, .. } => Some(
+                serde_json::from_value(serde_json::Value::String(code.clone())).unwrap_or(ErrorCode::Unknown),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Where the API is: `http://host:port`, optionally with a path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiUrl {
+    /// `host:port` (the host may be a bracketed IPv6 address).
+    authority: String,
+    /// A path prefix without a trailing slash (usually empty).
+    prefix: String,
+}
+
+impl ApiUrl {
+    /// The full URL for an API path (`/v1/...`).
+    pub fn join(&self, path: &str) -> String {
+        format!("http://{}{}{}", self.authority, self.prefix, path)
+    }
+}
+
+impl std::fmt::Display for ApiUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.prefix)
+    }
+}
+
+impl From<SocketAddr> for ApiUrl {
+    fn from(addr: SocketAddr) -> Self {
+        ApiUrl {
+            authority: addr.to_string(),
+            prefix: String::new(),
+        }
+    }
+}
+
+impl FromStr for ApiUrl {
+    type Err = ClientError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason| ClientError::InvalidUrl {
+            url: s.to_string(),
+            reason,
+        };
+        let rest = if let Some(r) = s.strip_prefix("http://") {
+            r
+        } else if s.starts_with("https://") {
+            return Err(bad(
+                "https is not supported yet; use http:// (or a local TLS proxy)",
+            ));
+        } else if s.contains("://") {
+            return Err(bad("the scheme must be http://"));
+        } else {
+            // A bare `host:port`.
+            s
+        };
+        let (authority, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        if authority.is_empty() {
+            return Err(bad("no host"));
+        }
+        if authority.contains('@') || prefix.contains(['?', '#']) {
+            return Err(bad("user info, queries and fragments are not allowed"));
+        }
+        let authority = match authority.rsplit_once(':') {
+            Some((_, port)) if !authority.ends_with(']') => {
+                port.parse::<u16>().map_err(|_| bad("the port is not a number"))?;
+                authority.to_string()
+            }
+            _ => format!("{authority}:80"),
+        };
+        let uri = format!("http://{authority}{prefix}/");
+        uri.parse::<hyper::Uri>().map_err(|_| bad("not a valid URL"))?;
+        Ok(ApiUrl {
+            authority,
+            prefix: prefix.to_string(),
+        })
+    }
+}
+
+/// A client for one API endpoint, with an optional bearer token.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    base: ApiUrl,
+    token: Option<String>,
+    timeout: Duration,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl ApiClient {
+    /// A client for `base` that sends `token` (when given) with every call.
+    pub fn new(base: ApiUrl, token: Option<String>) -> Self {
+        Self {
+            base,
+            token,
+            timeout: DEFAULT_TIMEOUT,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// Sets how long a call (or opening a stream) may take.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Where the API is.
+    pub fn base(&self) -> &ApiUrl {
+        &self.base
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+        accept: &'static str,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let url = self.base.join(path);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("accept", accept);
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
+            .map_err(|source| ClientError::Request {
+                path: path.to_string(),
+                source,
+            })?;
+        self.http
+            .request(req)
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: self.base.to_string(),
+                source,
+            })
+    }
+
+    /// Calls `method path` with an optional JSON body; returns the JSON
+    /// reply, or the API's error as [`ClientError::Refused`].
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = body.map(|b| b.to_string().into_bytes());
+        let (status, bytes) = self.exchange(method, path, body.as_deref()).await?;
+        decode_reply(status, &bytes)
+    }
+
+    /// `GET path`, read into the typed reply `T`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let (status, bytes) = self.exchange(Method::GET, path, None).await?;
+        decode_typed(status, &bytes)
+    }
+
+    /// `method path` with the typed request `body` (none: no body), read
+    /// into the typed reply `T`.
+    pub async fn send<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|source| ClientError::Encode {
+                path: path.to_string(),
+                source,
+            })?;
+        let (status, bytes) = self.exchange(method, path, body.as_deref()).await?;
+        decode_typed(status, &bytes)
+    }
+
+    /// Sends one request (repeating a rate-limited read as the server
+    /// asks) under the timeout; returns the status and the whole body.
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let work = async {
+            let mut retries = 0;
+            loop {
+                let resp = self
+                    .request(method.clone(), path, body, "application/json")
+                    .await?;
+                let status = resp.status();
+                // Reads are safe to repeat: wait as long as the server asks.
+                if status == StatusCode::TOO_MANY_REQUESTS && method == Method::GET && retries < MAX_RETRIES {
+                    retries += 1;
+                    tokio::time::sleep(retry_after(resp.headers())).await;
+                    continue;
+                }
+                let bytes = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(ClientError::Body)?
+                    .to_bytes();
+                return Ok((status, bytes));
+            }
+        };
+        self.within(work).await?
+    }
+
+    /// Runs `work` under the client's timeout.
+    async fn within<T>(&self, work: impl std::future::Future<Output = T>) -> Result<T, ClientError> {
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                url: self.base.to_string(),
+                after: self.timeout,
+            })
+    }
+
+    /// `GET path` as text (the Prometheus exposition, say); a non-2xx
+    /// status is an error like [`ApiClient::call`]'s.
+    pub async fn text(&self, path: &str) -> Result<String, ClientError> {
+        let work = async {
+            let resp = self.request(Method::GET, path, None, "text/plain").await?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(ClientError::Body)?
+                .to_bytes();
+            if !status.is_success() {
+                decode_reply(status, &bytes)?;
+            }
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        };
+        self.within(work).await?
+    }
+
+    /// Opens a `text/event-stream` at `path` (`GET`). Only opening the
+    /// stream is subject to the timeout; events then arrive as they come.
+    pub async fn stream(&self, path: &str) -> Result<EventStream, ClientError> {
+        let resp = self
+            .within(self.request(Method::GET, path, None, "text/event-stream"))
+            .await??;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(ClientError::Body)?
+                .to_bytes();
+            return Err(refusal(status, &bytes));
+        }
+        Ok(EventStream {
+            body: resp.into_body(),
+            parser: SseParser::default(),
+        })
+    }
+}
+
+/// How often a rate-limited read is tried again.
+const MAX_RETRIES: u32 = 3;
+
+/// The delay a `429` asks for (`Retry-After` in seconds), at least 100 ms
+/// and at most 10 s; 1 s when absent or unreadable.
+fn retry_after(headers: &hyper::HeaderMap) -> Duration {
+    headers
+        .get(hyper::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map_or(Duration::from_secs(1), |s| {
+            Duration::from_secs_f64(s.clamp(0.1, 10.0))
+        })
+}
+
+/// The API's reply as JSON, or its error.
+fn decode_reply(status: StatusCode, bytes: &[u8]) -> Result<serde_json::Value, ClientError> {
+    if !status.is_success() {
+        return Err(refusal(status, bytes));
+    }
+    let bytes = if bytes.is_empty() {
+        b"null".as_slice()
+    } else {
+        bytes
+    };
+    serde_json::from_slice(bytes).map_err(|source| ClientError::Json {
+        status: status.as_u16(),
+        source,
+    })
+}
+
+/// The API's reply as the typed `T`, or its error.
+fn decode_typed<T: DeserializeOwned>(status: StatusCode, bytes: &[u8]) -> Result<T, ClientError> {
+    if !status.is_success() {
+        return Err(refusal(status, bytes));
+    }
+    serde_json::from_slice(bytes).map_err(|source| ClientError::Json {
+        status: status.as_u16(),
+        source,
+    })
+}
+
+/// An error reply: the API's [`ErrorBody`], or whatever a proxy in between
+/// said.
+fn refusal(status: StatusCode, bytes: &[u8]) -> ClientError {
+    if let Ok(body) = serde_json::from_slice::<ErrorBody>(bytes) {
+        // A code this build does not know keeps its name from the reply.
+        let code = match body.error.code {
+            ErrorCode::Unknown => serde_json::from_slice::<serde_json::Value>(bytes)
+                .ok()
+                .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "unknown".into()),
+            known => known.as_str().to_string(),
+        };
+        return ClientError::Refused {
+            status: status.as_u16(),
+            code,
+            message: body.error.message,
+        };
+    }
+    let code = status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_lowercase()
+        .replace(' ', "_");
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    let message = if text.is_empty() {
+        "no message".to_string()
+    } else {
+        text.chars().take(200).collect()
+    };
+    ClientError::Refused {
+        status: status.as_u16(),
+        code,
+        message,
+    }
+}
+
+/// An open server-sent-event stream.
+#[derive(Debug)]
+pub struct EventStream {
+    body: Incoming,
+    parser: SseParser,
+}
+
+impl EventStream {
+    /// The next event; `None` when the server closed the stream.
+    pub async fn next(&mut self) -> Result<Option<SseEvent>, ClientError> {
+        loop {
+            if let Some(ev) = self.parser.next_event() {
+                return Ok(Some(ev));
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(ClientError::Body(e)),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.parser.push(&data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SseEvent {
+    /// The `id:` field, if any.
+    pub id: Option<String>,
+    /// The `event:` field (`message` when absent, as the standard says).
+    pub event: String,
+    /// The `data:` lines, joined with `\n`.
+    pub data: String,
+}
+
+/// Most bytes buffered for one line before the stream is treated as broken
+/// (a line is cut there, so a misbehaving server cannot exhaust memory).
+pub const MAX_SSE_LINE: usize = 1 << 20;
+
+/// A sans-IO parser for `text/event-stream`: push bytes in, take events out.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buf: Vec<u8>,
+    pending: SseEvent,
+    has_data: bool,
+    ready: std::collections::VecDeque<SseEvent>,
+}
+
+impl SseParser {
+    /// Feeds bytes as they arrive (any split is fine).
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        while let Some(nl) = self.buf.iter().position(|b| *b == b'\n') {
+            let mut line: Vec<u8> = self.buf.drain(..=nl).collect();
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            self.line(&String::from_utf8_lossy(&line));
+        }
+        if self.buf.len() > MAX_SSE_LINE {
+            let line = std::mem::take(&mut self.buf);
+            self.line(&String::from_utf8_lossy(&line));
+        }
+    }
+
+    /// The next complete event, if any.
+    pub fn next_event(&mut self) -> Option<SseEvent> {
+        self.ready.pop_front()
+    }
+
+    fn line(&mut self, line: &str) {
+        if line.is_empty() {
+            let ev = std::mem::take(&mut self.pending);
+            if std::mem::take(&mut self.has_data) {
+                let event = if ev.event.is_empty() {
+                    "message".to_string()
+                } else {
+                    ev.event
+                };
+                self.ready.push_back(SseEvent { event, ..ev });
+            }
+            return;
+        }
+        if line.starts_with(':') {
+            return; // a comment: keep-alive
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "event" => self.pending.event = value.to_string(),
+            "data" => {
+                if self.has_data {
+                    self.pending.data.push('\n');
+                }
+                self.pending.data.push_str(value);
+                self.has_data = true;
+            }
+            "id" => self.pending.id = Some(value.to_string()),
+            _ => {} // `retry` and unknown fields are ignored
+        }
+    }
+}
+
+/// Calls `method path` at `addr` with an optional JSON body; returns the
+/// JSON reply (the admin subcommands of `novacron-server` use this).
+pub async fn call(
+    addr: SocketAddr,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, ClientError> {
+    ApiClient::new(addr.into(), Some(token.to_string()))
+        .call(method, path, body)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_defaults_and_refuse_what_we_cannot_speak() {
+        let u: ApiUrl = "http://127.0.0.1:7080".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(u.join("/v1/hosts"), "http://127.0.0.1:7080/v1/hosts");
+        let u: ApiUrl = "http://fleet.example.com/novacron/"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(u.join("/v1/vms"), "http://fleet.example.com:80/novacron/v1/vms");
+        let u: ApiUrl = "[::1]:7080".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(u.to_string(), "http://[::1]:7080");
+        let u: ApiUrl = "http://[::1]".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(u.to_string(), "http://[::1]:80");
+        for bad in [
+            "https://x:1",
+            "ftp://x",
+            "http://",
+            "http://x:port",
+            "http://u@x:1",
+            "http://x:1/?q",
+        ] {
+            assert!(bad.parse::<ApiUrl>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_bounded() {
+        let mut h = hyper::HeaderMap::new();
+        assert_eq!(retry_after(&h), Duration::from_secs(1));
+        for (v, want) in [
+            ("2", 2000),
+            ("0", 100),
+            ("3600", 10_000),
+            ("soon", 1000),
+            ("-1", 1000),
+        ] {
+            h.insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from_static(v),
+            );
+            assert_eq!(retry_after(&h), Duration::from_millis(want), "{v}");
+        }
+    }
+
+    #[test]
+    fn refusals_carry_the_api_code_and_message() {
+        let e = refusal(
+            StatusCode::FORBIDDEN,
+            br#"{"error":{"code":"forbidden","message":"this needs an admin token"}}"#,
+        );
+        assert_eq!(e.to_string(), "403 forbidden: this needs an admin token");
+        assert_eq!(e.code(), Some(ErrorCode::Forbidden));
+        let e = refusal(
+            StatusCode::CONFLICT,
+            br#"{"error":{"code":"from_the_future","message":"m"}}"#,
+        );
+        assert_eq!(e.to_string(), "409 from_the_future: m");
+        assert_eq!(e.code(), Some(ErrorCode::Unknown));
+        let e = refusal(StatusCode::BAD_GATEWAY, b"<html>upstream down</html>");
+        assert_eq!(e.to_string(), "502 bad_gateway: <html>upstream down</html>");
+        assert!(!e.is_unreachable());
+    }
+
+    #[test]
+    fn sse_events_survive_any_split_and_skip_comments() {
+        let text = ": keep-alive\n\nid: 1\nevent: vm\ndata: {\"a\":1}\n\n:ping\r\nid: 2\r\nevent: host\r\ndata: x\r\ndata: y\r\n\r\ndata: plain\n\n";
+        for split in 1..text.len() {
+            let mut p = SseParser::default();
+            let mut got = Vec::new();
+            for chunk in text.as_bytes().chunks(split) {
+                p.push(chunk);
+                while let Some(e) = p.next_event() {
+                    got.push(e);
+                }
+            }
+            assert_eq!(
+                got,
+                vec![
+                    SseEvent {
+                        id: Some("1".into()),
+                        event: "vm".into(),
+                        data: "{\"a\":1}".into()
+                    },
+                    SseEvent {
+                        id: Some("2".into()),
+                        event: "host".into(),
+                        data: "x\ny".into()
+                    },
+                    SseEvent {
+                        id: None,
+                        event: "message".into(),
+                        data: "plain".into()
+                    },
+                ],
+                "split {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn sse_lines_are_bounded() {
+        let mut p = SseParser::default();
+        p.push(b"data: ");
+        p.push(&vec![b'x'; MAX_SSE_LINE + 10]);
+        assert!(p.buf.len() <= MAX_SSE_LINE);
+    }
+}

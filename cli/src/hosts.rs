@@ -1,0 +1,182 @@
+//! `novacron hosts ...` and `novacron drain`.
+
+use novacron_api::hosts::{Host, HostList};
+use novacron_api::operations::OperationAccepted;
+use novacron_shared::protocol::Capacity;
+
+use crate::args::{DrainArgs, HostsCommand};
+use crate::ctx::{opt, word, Ctx};
+use crate::table::{fields, Table};
+use crate::units::{ago, human_mib, now_ms, when};
+use crate::{ops, CliError};
+
+/// Runs a `hosts` subcommand.
+pub async fn run(ctx: &mut Ctx, command: HostsCommand) -> Result<(), CliError> {
+    match command {
+        HostsCommand::List => {
+            let v: HostList = ctx.get("/v1/hosts").await?;
+            if ctx.json() {
+                return ctx.print_json(&v);
+            }
+            ctx.emit(&list(&v.hosts, now_ms()))
+        }
+        HostsCommand::Show { host } => {
+            let id = ctx.host_id(&host).await?;
+            let v: Host = ctx.get(&format!("/v1/hosts/{id}")).await?;
+            if ctx.json() {
+                return ctx.print_json(&v);
+            }
+            ctx.emit(&show(&v, now_ms()))
+        }
+        HostsCommand::Cordon { host } => cordon(ctx, &host, true).await,
+        HostsCommand::Uncordon { host } => cordon(ctx, &host, false).await,
+        HostsCommand::Drain(args) => drain(ctx, args).await,
+    }
+}
+
+async fn cordon(ctx: &mut Ctx, host: &str, on: bool) -> Result<(), CliError> {
+    let id = ctx.host_id(host).await?;
+    let action = if on { "cordon" } else { "uncordon" };
+    let v: Host = ctx.post_empty(&format!("/v1/hosts/{id}/{action}")).await?;
+    ctx.report(&v, || {
+        let who = format!("{} ({id})", v.name);
+        if on {
+            format!("cordoned host {who}: no new VMs will be placed on it")
+        } else {
+            format!("uncordoned host {who}: new VMs may be placed on it again")
+        }
+    })
+}
+
+async fn drain(ctx: &mut Ctx, args: DrainArgs) -> Result<(), CliError> {
+    let h = ctx.resolve_host(&args.host).await?;
+    let id = h.id;
+    let v: OperationAccepted = ctx.post_empty(&format!("/v1/hosts/{id}/drain")).await?;
+    let op_id = v.operation.id;
+    if args.wait {
+        eprintln!("draining host {} ({id}): operation {op_id}", h.name);
+        return ops::wait_and_report(ctx, &op_id.to_string()).await;
+    }
+    ctx.report(&v, || {
+        format!(
+            "draining host {} ({id}): operation {op_id}\nfollow it with: novacron operations wait {op_id}",
+            h.name
+        )
+    })
+}
+
+fn host_state(h: &Host) -> String {
+    let mut s = word(&h.state);
+    if h.cordoned {
+        s.push_str(",cordoned");
+    }
+    s
+}
+
+fn storage(cap: &Capacity) -> String {
+    match cap.storage_mib {
+        0 => "-".into(),
+        total => format!("{} of {}", human_mib(cap.storage_free_mib), human_mib(total)),
+    }
+}
+
+/// The host table.
+fn list(hosts: &[Host], now: u64) -> String {
+    let mut t = Table::new(&[
+        "ID",
+        "NAME",
+        "STATE",
+        ">VMS",
+        ">CPUS",
+        ">MEMORY",
+        "STORAGE FREE",
+        "AGENT",
+        "LAST SEEN",
+    ]);
+    for h in hosts {
+        let cap = &h.capacity;
+        t.row(vec![
+            h.id.to_string(),
+            h.name.clone(),
+            host_state(h),
+            opt(h.vm_count),
+            cap.cpus.to_string(),
+            human_mib(cap.memory_mib),
+            storage(cap),
+            h.agent_version.clone(),
+            if h.connected {
+                "connected".into()
+            } else {
+                ago(h.last_seen_ms, now)
+            },
+        ]);
+    }
+    t.render()
+}
+
+/// One host, as `key: value` lines.
+fn show(h: &Host, now: u64) -> String {
+    let cap = &h.capacity;
+    let rows = vec![
+        ("id", h.id.to_string()),
+        ("name", h.name.clone()),
+        ("state", word(&h.state)),
+        ("connected", h.connected.to_string()),
+        ("cordoned", h.cordoned.to_string()),
+        ("vms", opt(h.vm_count)),
+        ("cpus", cap.cpus.to_string()),
+        ("memory", human_mib(cap.memory_mib)),
+        ("storage free", storage(cap)),
+        ("agent", h.agent_version.clone()),
+        ("protocol", opt(h.protocol_version)),
+        ("addresses", h.addresses.join(", ")),
+        ("enrolled", when(h.first_seen_ms, now)),
+        ("last seen", when(h.last_seen_ms, now)),
+        ("cert serial", h.cert_serial.clone()),
+        (
+            "cert expires",
+            u64::try_from(h.cert_not_after)
+                .map_or_else(|_| "-".into(), |s| when(s.saturating_mul(1000), now)),
+        ),
+    ];
+    fields(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Host {
+        serde_json::from_value(serde_json::json!({
+            "id": "00000000-0000-0000-0000-000000000001", "name": "hv-1",
+            "addresses": ["10.0.0.1:4000"],
+            "capacity": {"cpus": 8, "memory_mib": 16384, "storage_mib": 102400, "storage_free_mib": 51200},
+            "agent_version": "0.1.0", "first_seen_ms": 1_000, "last_seen_ms": 1_700_000_000_000u64,
+            "state": "online", "cert_serial": "ab", "cert_not_after": 1_800_000_000,
+            "connected": true, "protocol_version": 1, "vm_count": 3, "cordoned": false, "labels": {}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn the_list_shows_capacity_in_human_units() {
+        let out = list(&[host()], 1_700_000_005_000);
+        let mut lines = out.lines();
+        assert!(lines.next().is_some_and(|l| l.starts_with("ID  ")));
+        let row = lines.next().unwrap_or_default();
+        for want in ["hv-1", "online", "16 GiB", "50 GiB of 100 GiB", "connected"] {
+            assert!(row.contains(want), "{want} in {row}");
+        }
+    }
+
+    #[test]
+    fn cordons_show_when_the_api_reports_them() {
+        let mut h = host();
+        h.cordoned = true;
+        h.connected = false;
+        let out = list(std::slice::from_ref(&h), 1_700_000_005_000);
+        assert!(out.contains("online,cordoned"), "{out}");
+        assert!(out.contains("5s ago"), "{out}");
+        assert!(show(&h, 1_700_000_005_000).contains("cordoned:      true"));
+    }
+}

@@ -1,0 +1,291 @@
+//! Conversions between the server's records and views and the API's types
+//! (`novacron_api`): the handlers reply with the API's types only.
+
+use novacron_api as api;
+use novacron_shared::placement::Placement;
+
+use crate::bus::{EventKind, FleetEvent};
+use crate::fleet::{HostView, VmView};
+use crate::store::{self, ApiTokenInfo, AuditRecord, OperationRecord, PlacementRules, Role, VmRecord};
+
+/// A host with its live status.
+pub fn host(v: HostView) -> api::hosts::Host {
+    let r = v.record;
+    api::hosts::Host {
+        id: r.id,
+        name: r.name,
+        addresses: r.addresses,
+        capacity: r.capacity,
+        agent_version: r.agent_version,
+        first_seen_ms: r.first_seen_ms,
+        last_seen_ms: r.last_seen_ms,
+        state: host_state(r.state),
+        cert_serial: r.cert_serial,
+        cert_not_after: r.cert_not_after,
+        connected: v.connected,
+        protocol_version: v.protocol_version,
+        vm_count: v.vm_count.map(|n| n as u64),
+        cordoned: v.cordoned,
+        labels: v.labels,
+    }
+}
+
+fn host_state(s: store::HostState) -> api::hosts::HostState {
+    use api::hosts::HostState as H;
+    match s {
+        store::HostState::Enrolled => H::Enrolled,
+        store::HostState::Online => H::Online,
+        store::HostState::Offline => H::Offline,
+        store::HostState::Revoked => H::Revoked,
+    }
+}
+
+/// A host's VMs.
+pub fn host_vms(v: crate::fleet::HostVms) -> api::hosts::HostVms {
+    api::hosts::HostVms {
+        generation: v.generation,
+        desired: v.desired,
+        observed: v.observed,
+        report: v.report,
+        events: v.events,
+    }
+}
+
+/// A host's desired state.
+pub fn desired(d: store::DesiredRecord) -> api::hosts::HostDesired {
+    api::hosts::HostDesired {
+        generation: d.generation,
+        vms: d.vms,
+        migrating: d.migrating,
+    }
+}
+
+/// The fleet's form of one VM of a host's desired state.
+pub fn vm_request(r: api::hosts::VmRequest) -> crate::fleet::VmRequest {
+    crate::fleet::VmRequest {
+        id: r.id,
+        spec: r.spec,
+        power: r.power,
+    }
+}
+
+/// The fleet's form of a create request.
+pub fn create_vm(r: api::vms::CreateVm) -> crate::fleet::CreateVm {
+    crate::fleet::CreateVm {
+        spec: r.spec,
+        power: r.power,
+        placement: rules_in(r.placement),
+    }
+}
+
+fn rules_in(r: api::vms::PlacementRules) -> PlacementRules {
+    PlacementRules {
+        host: r.host,
+        required_labels: r.required_labels,
+        affinity: r.affinity,
+        anti_affinity: r.anti_affinity,
+    }
+}
+
+fn rules_out(r: PlacementRules) -> api::vms::PlacementRules {
+    api::vms::PlacementRules {
+        host: r.host,
+        required_labels: r.required_labels,
+        affinity: r.affinity,
+        anti_affinity: r.anti_affinity,
+    }
+}
+
+/// A VM with what its host last reported.
+pub fn vm(v: VmView) -> api::vms::Vm {
+    let mut out = vm_record(v.record);
+    out.observed = v.observed;
+    out
+}
+
+/// A stored VM (nothing observed).
+pub fn vm_record(r: VmRecord) -> api::vms::Vm {
+    api::vms::Vm {
+        vm: r.vm,
+        placement: Placement::Host(r.host),
+        host: Some(r.host),
+        rules: rules_out(r.rules),
+        created_ms: r.created_ms,
+        observed: None,
+    }
+}
+
+/// An operation.
+pub fn operation(o: OperationRecord) -> api::operations::Operation {
+    use api::operations::{OperationKind as K, OperationState as S};
+    api::operations::Operation {
+        id: o.id,
+        kind: match o.kind {
+            store::OperationKind::Migrate => K::Migrate,
+            store::OperationKind::Drain => K::Drain,
+        },
+        vm: o.vm,
+        host: o.host,
+        target: o.target,
+        state: match o.state {
+            store::OperationState::Pending => S::Pending,
+            store::OperationState::Running => S::Running,
+            store::OperationState::Succeeded => S::Succeeded,
+            store::OperationState::Failed => S::Failed,
+        },
+        progress: api::operations::Progress {
+            percent: o.progress.percent,
+            message: o.progress.message,
+        },
+        error: o.error,
+        actor: o.actor,
+        created_ms: o.created_ms,
+        updated_ms: o.updated_ms,
+    }
+}
+
+/// A role, API to store.
+pub fn role_in(r: api::tokens::Role) -> Role {
+    match r {
+        api::tokens::Role::Viewer => Role::Viewer,
+        api::tokens::Role::Operator => Role::Operator,
+        api::tokens::Role::Admin => Role::Admin,
+    }
+}
+
+/// A role, store to API.
+pub fn role_out(r: Role) -> api::tokens::Role {
+    match r {
+        Role::Viewer => api::tokens::Role::Viewer,
+        Role::Operator => api::tokens::Role::Operator,
+        Role::Admin => api::tokens::Role::Admin,
+    }
+}
+
+/// An API token as listed.
+pub fn api_token(t: ApiTokenInfo) -> api::tokens::ApiToken {
+    api::tokens::ApiToken {
+        id: t.id,
+        name: t.record.name,
+        role: role_out(t.record.role),
+        created_ms: t.record.created_ms,
+    }
+}
+
+/// An audit entry.
+pub fn audit(a: AuditRecord) -> api::audit::AuditEntry {
+    api::audit::AuditEntry {
+        seq: a.seq,
+        at_ms: a.at_ms,
+        actor: a.actor,
+        token_id: a.token_id,
+        role: role_out(a.role),
+        remote: a.remote,
+        method: a.method,
+        path: a.path,
+        status: a.status,
+        outcome: a.outcome,
+    }
+}
+
+/// A fleet event.
+pub fn event(e: &FleetEvent) -> api::events::Event {
+    api::events::Event {
+        seq: e.seq,
+        kind: match e.kind {
+            EventKind::Vm => api::events::EventKind::Vm,
+            EventKind::Host => api::events::EventKind::Host,
+            EventKind::Operation => api::events::EventKind::Operation,
+        },
+        at_ms: e.at_ms,
+        host: e.host,
+        vm: e.vm,
+        message: e.message.clone(),
+        state: e.state,
+        operation: e.operation.clone().map(operation),
+    }
+}
+
+/// The API's owner kind of a metric owner.
+pub fn owner_kind(o: crate::metrics::window::Owner) -> api::metrics::Owner {
+    match o {
+        crate::metrics::window::Owner::Host(_) => api::metrics::Owner::Host,
+        crate::metrics::window::Owner::Vm(_) => api::metrics::Owner::Vm,
+    }
+}
+
+fn owner_name(kind: &str) -> api::metrics::Owner {
+    if kind == "host" {
+        api::metrics::Owner::Host
+    } else {
+        api::metrics::Owner::Vm
+    }
+}
+
+/// A range query's answer.
+pub fn metrics_answer(
+    a: crate::metrics::query::Answer,
+    owner: crate::metrics::window::Owner,
+) -> api::metrics::MetricsAnswer {
+    api::metrics::MetricsAnswer {
+        owner: owner_kind(owner),
+        id: a.id,
+        from_ms: a.from_ms,
+        to_ms: a.to_ms,
+        resolution: a.resolution.to_string(),
+        series: a
+            .series
+            .into_iter()
+            .map(|s| api::metrics::Series {
+                name: s.name.to_string(),
+                label_name: s.label_name.map(str::to_string),
+                label: s.label,
+                kind: s.kind,
+                unit: s.unit,
+                points: s.points,
+            })
+            .collect(),
+    }
+}
+
+/// The latest values of every owner.
+pub fn latest(owners: Vec<crate::metrics::query::LatestOwner>) -> api::metrics::LatestMetrics {
+    api::metrics::LatestMetrics {
+        owners: owners
+            .into_iter()
+            .map(|o| api::metrics::LatestOwner {
+                owner: owner_name(o.owner),
+                id: o.id,
+                host: o.host,
+                values: o
+                    .values
+                    .into_iter()
+                    .map(|v| api::metrics::LatestValue {
+                        name: v.name.to_string(),
+                        label: v.label,
+                        unit: v.unit,
+                        ts_ms: v.ts_ms,
+                        value: v.value,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// One host's metric stream.
+pub fn metric_stream(
+    host: novacron_shared::ids::HostId,
+    r: crate::metrics::db::SeqRecord,
+) -> api::metrics::MetricStream {
+    api::metrics::MetricStream {
+        host,
+        epoch: r.epoch,
+        stored_upto_seq: r.high,
+        batches: r.batches,
+        duplicates: r.duplicates,
+        missing: r.gaps,
+        agent_dropped: r.agent_dropped,
+        last_stored_ms: r.last_ms,
+    }
+}

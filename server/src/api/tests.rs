@@ -1,0 +1,167 @@
+//! Request-pipeline tests over a real store and a real listener: audit
+//! before mutation, and 405 with `Allow`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::Method;
+use novacron_api::client::{ApiClient, ClientError};
+use novacron_api::ErrorCode;
+use novacron_shared::clock::Clock;
+use serde_json::json;
+
+use super::audit::AuditSink;
+use super::Api;
+use crate::config::{AgentPolicy, ApiConfig, MigrationPolicy};
+use crate::fleet::Fleet;
+use crate::store::{ApiTokenRecord, AuditRecord, Role, Store, StoreError};
+
+/// A test double: an audit log that cannot be written (a full disk, say).
+#[derive(Debug)]
+struct FailingAuditSink;
+
+impl AuditSink for FailingAuditSink {
+    fn append(&self, _: &AuditRecord) -> Result<u64, StoreError> {
+        Err(redb::StorageError::Io(std::io::Error::other("the audit log's disk is full")).into())
+    }
+
+    fn finish(&self, _: u64, _: u16, _: &str) -> Result<(), StoreError> {
+        Err(redb::StorageError::Io(std::io::Error::other("the audit log's disk is full")).into())
+    }
+}
+
+const TOKEN: &str = "nca_test_admin";
+
+/// An API over a fresh store with one admin token, writing its audit
+/// entries to `audit` (the store itself when `None`), served on loopback.
+async fn serve(dir: &std::path::Path, audit: Option<Arc<dyn AuditSink>>) -> (ApiClient, Store) {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
+    let store = Store::open(&dir.join("db.redb")).unwrap_or_else(|e| panic!("{e}"));
+    let hash = crate::secrets::hash(TOKEN);
+    let admin = ApiTokenRecord {
+        name: "admin".into(),
+        role: Role::Admin,
+        created_ms: 0,
+    };
+    store
+        .put_api_token(&hash, &admin)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let clock = Clock::system();
+    let (ca, _) = novacron_shared::pki::FleetCa::generate("test", clock.wall(), Duration::from_secs(3600))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let fleet = Fleet::new(
+        store.clone(),
+        ca,
+        AgentPolicy::default(),
+        crate::scheduler::Policy::default(),
+        MigrationPolicy::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let audit = audit.unwrap_or_else(|| Arc::new(store.clone()));
+    let api = Api::with_audit(fleet, store.clone(), audit, ApiConfig::default(), clock);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(api.serve(listener));
+    (ApiClient::new(addr.into(), Some(TOKEN.into())), store)
+}
+
+fn refusal(e: ClientError) -> (u16, Option<ErrorCode>) {
+    let code = e.code();
+    match e {
+        ClientError::Refused { status, .. } => (status, code),
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
+
+fn vm_body() -> serde_json::Value {
+    json!({"spec": {"name": "web-1", "vcpus": 1, "memory_mib": 128}})
+}
+
+/// With the audit log failing, mutations are refused with 503 before they
+/// run: no token is stored, and the VM request never reaches the fleet
+/// (with a working log the same request gets the fleet's own answer).
+#[tokio::test]
+async fn nothing_is_done_when_the_audit_log_cannot_be_written() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (ok_api, ok_store) = serve(&tmp.path().join("working"), None).await;
+    let (api, store) = serve(&tmp.path().join("failing"), Some(Arc::new(FailingAuditSink))).await;
+
+    // Control: with a working log, both mutations run.
+    let created = ok_api
+        .call(
+            Method::POST,
+            "/v1/api-tokens",
+            Some(json!({"name": "ci", "role": "viewer"})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(created["name"], "ci");
+    assert_eq!(ok_store.api_tokens().unwrap_or_else(|e| panic!("{e}")).len(), 2);
+    let no_host = ok_api.call(Method::POST, "/v1/vms", Some(vm_body())).await;
+    assert_eq!(
+        no_host.map_err(refusal).err(),
+        Some((409, Some(ErrorCode::NoCapacity))),
+        "with a working log the fleet answers (no host can take it)"
+    );
+    assert_eq!(
+        ok_store.audit(None, 10).unwrap_or_else(|e| panic!("{e}")).len(),
+        2
+    );
+
+    // The same requests with a log that cannot be written.
+    let token = api
+        .call(
+            Method::POST,
+            "/v1/api-tokens",
+            Some(json!({"name": "ci", "role": "viewer"})),
+        )
+        .await;
+    assert_eq!(
+        token.map_err(refusal).err(),
+        Some((503, Some(ErrorCode::AuditUnavailable)))
+    );
+    let tokens = store.api_tokens().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens.len(), 1, "no token was created: {tokens:?}");
+    let vm = api.call(Method::POST, "/v1/vms", Some(vm_body())).await;
+    assert_eq!(
+        vm.map_err(refusal).err(),
+        Some((503, Some(ErrorCode::AuditUnavailable))),
+        "refused before the fleet saw it"
+    );
+    assert!(store.vms(None, 10).unwrap_or_else(|e| panic!("{e}")).is_empty());
+
+    // Reads are not audited, so they still work.
+    let hosts = api.call(Method::GET, "/v1/hosts", None).await;
+    assert_eq!(hosts.unwrap_or_else(|e| panic!("{e}")), json!({"hosts": []}));
+}
+
+/// A path with the wrong method gets 405 and `Allow` naming its methods.
+#[tokio::test]
+async fn a_wrong_method_gets_405_with_allow() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (api, _store) = serve(tmp.path(), None).await;
+    let addr = api.base().to_string();
+    let addr = addr.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(
+            format!("PATCH /v1/vms HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = reply.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 405"), "{reply}");
+    assert!(head.contains("\r\nallow: post, get\r\n"), "{reply}");
+    assert!(reply.contains("\"code\":\"method_not_allowed\""), "{reply}");
+}
