@@ -126,12 +126,12 @@ fn join_then_run_connects_heartbeats_and_reports_inventory() {
         );
     }
     let rec = server.host(&agent.host_id);
-    assert_eq!(rec["state"], "Enrolled");
+    assert_eq!(rec["state"], "enrolled");
     assert_eq!(rec["name"], "host-a");
 
     agent.start(&[]);
     let h = server.wait_connected(&agent.host_id, true);
-    assert_eq!(h["state"], "Online");
+    assert_eq!(h["state"], "online");
     assert_eq!(h["protocol_version"], 1);
     let h = wait_for("inventory", Duration::from_secs(10), || {
         let h = server.host(&agent.host_id);
@@ -289,7 +289,7 @@ async fn unauthenticated_foreign_expired_and_revoked_clients_are_refused_others_
     let out = server.cli(&["host", "revoke", &bad.host_id]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let h = server.wait_connected(&bad.host_id, false);
-    assert_eq!(h["state"], "Revoked");
+    assert_eq!(h["state"], "revoked");
     wait_for("the agent to log the revocation", Duration::from_secs(10), || {
         bad.log().contains("Revoked").then_some(())
     });
@@ -301,7 +301,7 @@ async fn unauthenticated_foreign_expired_and_revoked_clients_are_refused_others_
     // Still revoked through the agent's own reconnect attempts.
     assert_holds("the revoked host disconnected", Duration::from_secs(1), || {
         let h = server.host(&bad.host_id);
-        (h["connected"] == false && h["state"] == "Revoked")
+        (h["connected"] == false && h["state"] == "revoked")
             .then_some(())
             .ok_or(format!("{h}"))
     });

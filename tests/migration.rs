@@ -229,7 +229,7 @@ fn a_running_guest_live_migrates_and_drains_between_two_real_hosts() {
             .then_some(())
     });
     wait_for("the server to see it running", Duration::from_secs(20), || {
-        (server.get(&format!("/v1/vms/{vm}"))["observed"]["state"] == "Running").then_some(())
+        (server.get(&format!("/v1/vms/{vm}"))["observed"]["state"] == "running").then_some(())
     });
 
     // Pre-checks refuse clearly: same host, unknown host, a viewer.
@@ -265,7 +265,7 @@ fn a_running_guest_live_migrates_and_drains_between_two_real_hosts() {
     assert_eq!(domstate(h1, &vm), None, "and is gone from host 1");
     wait_for("host 2's agent to own it", Duration::from_secs(20), || {
         let v = server.get(&format!("/v1/vms/{vm}"));
-        (v["observed"]["state"] == "Running").then_some(())
+        (v["observed"]["state"] == "running").then_some(())
     });
     // Both agents are converged with nothing left to do: no duplicate
     // appears on host 1 while they keep reconciling.
@@ -342,7 +342,7 @@ fn a_running_guest_live_migrates_and_drains_between_two_real_hosts() {
         },
     );
     wait_for("the API to show it stopped", Duration::from_secs(30), || {
-        (server.get(&format!("/v1/vms/{vm}"))["observed"]["state"] == "Stopped").then_some(())
+        (server.get(&format!("/v1/vms/{vm}"))["observed"]["state"] == "stopped").then_some(())
     });
     let (s, _) = server.send("DELETE", &format!("/v1/vms/{vm}"), &json!({}));
     assert_eq!(s, 200);

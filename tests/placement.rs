@@ -118,7 +118,7 @@ fn vms_are_placed_within_capacity_and_rules_and_run() {
     for id in &ids {
         wait_for(&format!("VM {id} running"), Duration::from_secs(30), || {
             let v = server.get(&format!("/v1/vms/{id}"));
-            (v["observed"]["state"] == "Running").then_some(())
+            (v["observed"]["state"] == "running").then_some(())
         });
     }
 
@@ -149,7 +149,7 @@ fn vms_are_placed_within_capacity_and_rules_and_run() {
     let (status, _) = server.send("POST", &format!("/v1/vms/{id}/stop"), &json!({}));
     assert_eq!(status, 202);
     wait_for("the VM stopped", Duration::from_secs(30), || {
-        (server.get(&format!("/v1/vms/{id}"))["observed"]["state"] == "Stopped").then_some(())
+        (server.get(&format!("/v1/vms/{id}"))["observed"]["state"] == "stopped").then_some(())
     });
     let (status, _) = server.send("DELETE", &format!("/v1/vms/{id}"), &json!({}));
     assert_eq!(status, 200);
@@ -282,7 +282,7 @@ fn a_server_killed_right_after_a_create_keeps_the_vm_and_its_audit_entry_and_run
         Duration::from_secs(30),
         || {
             let v = server.get(&format!("/v1/vms/{id}"));
-            (v["observed"]["state"] == "Running").then_some(v)
+            (v["observed"]["state"] == "running").then_some(v)
         },
     );
     assert_eq!(seen["host"], agent.host_id.as_str());

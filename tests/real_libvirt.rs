@@ -372,7 +372,7 @@ fn vms_survive_agent_and_libvirtd_restarts_without_duplicates_or_stops() {
     );
     assert_eq!(status, 200, "{d}");
     wait_report(&server, &host, "the VM running", |v| {
-        state_of(v, &name).as_deref() == Some("Running")
+        state_of(v, &name).as_deref() == Some("running")
     });
     wait_for("the guest to boot", Duration::from_secs(90), || {
         scratch
@@ -440,7 +440,7 @@ fn vms_survive_agent_and_libvirtd_restarts_without_duplicates_or_stops() {
     );
     assert_eq!(status, 200, "{d}");
     let v = wait_report(&server, &host, "the VM paused", |v| {
-        state_of(v, &name).as_deref() == Some("Paused")
+        state_of(v, &name).as_deref() == Some("paused")
     });
     let events = v["events"].as_array().unwrap();
     assert!(

@@ -70,15 +70,15 @@ fn desired_vms_converge_report_events_and_take_commands() {
     );
     let generation = d["generation"].as_u64().unwrap();
     let v = wait_converged(&server, &host, generation);
-    assert_eq!(observed(&v, "web-1").unwrap()["state"], "Running");
-    assert_eq!(observed(&v, "web-2").unwrap()["state"], "Paused");
-    assert_eq!(observed(&v, "db-1").unwrap()["state"], "Stopped");
+    assert_eq!(observed(&v, "web-1").unwrap()["state"], "running");
+    assert_eq!(observed(&v, "web-2").unwrap()["state"], "paused");
+    assert_eq!(observed(&v, "db-1").unwrap()["state"], "stopped");
     for n in ["web-1", "web-2", "db-1"] {
         assert_eq!(observed(&v, n).unwrap()["managed"], true, "{n}");
     }
     // The test driver's own domain is seen but not managed, and left running.
     assert_eq!(observed(&v, "test").unwrap()["managed"], false);
-    assert_eq!(observed(&v, "test").unwrap()["state"], "Running");
+    assert_eq!(observed(&v, "test").unwrap()["state"], "running");
     // Libvirt pushed lifecycle events, which the server keeps per host.
     let events = v["events"].as_array().unwrap();
     assert!(
@@ -110,12 +110,12 @@ fn desired_vms_converge_report_events_and_take_commands() {
         &json!({"snapshot_create": {"vm": id, "name": "before"}}),
     );
     assert_eq!(status, 200, "{r}");
-    assert_eq!(r["outcome"], "Done", "{r}");
+    assert_eq!(r["outcome"], "done", "{r}");
     let v = wait_for("snapshot in inventory", Duration::from_secs(10), || {
         let v = vms(&server, &host);
         (observed(&v, "web-1")?["snapshots"] == json!(["before"])).then_some(v)
     });
-    assert_eq!(observed(&v, "web-1").unwrap()["state"], "Running");
+    assert_eq!(observed(&v, "web-1").unwrap()["state"], "running");
     // A failing command says why.
     let (status, r) = server.send(
         "POST",
@@ -124,7 +124,7 @@ fn desired_vms_converge_report_events_and_take_commands() {
     );
     assert_eq!(status, 200, "{r}");
     assert!(
-        r["outcome"]["Failed"]["message"]
+        r["outcome"]["failed"]["message"]
             .as_str()
             .unwrap()
             .contains("no snapshot named"),
@@ -149,8 +149,8 @@ fn desired_vms_converge_report_events_and_take_commands() {
         .unwrap();
     assert_eq!(web1_again["id"], web1["id"], "the VM keeps its id across updates");
     let v = wait_converged(&server, &host, generation);
-    assert_eq!(observed(&v, "web-1").unwrap()["state"], "Stopped");
-    assert_eq!(observed(&v, "web-2").unwrap()["state"], "Running");
+    assert_eq!(observed(&v, "web-1").unwrap()["state"], "stopped");
+    assert_eq!(observed(&v, "web-2").unwrap()["state"], "running");
     assert!(observed(&v, "db-1").is_none(), "db-1 was removed: {v}");
     // The report of the converged pass may be a later, quiet one; the
     // removal shows in the agent's log in any case.

@@ -130,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
     loop {
         let v = call(addr, &token, Method::GET, "/v1/vms?limit=1000", None).await?;
         let running_vms = v["vms"].as_array().map_or(0, |a| {
-            a.iter().filter(|v| v["observed"]["state"] == "Running").count()
+            a.iter().filter(|v| v["observed"]["state"] == "running").count()
         });
         if running_vms == args.vms {
             break;

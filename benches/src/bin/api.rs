@@ -67,7 +67,7 @@ async fn create_latencies(
         let id = v["vm"]["id"].as_str().context("no id")?.to_string();
         loop {
             let v = call(addr, token, Method::GET, &format!("/v1/vms/{id}"), None).await?;
-            if v["observed"]["state"] == "Running" {
+            if v["observed"]["state"] == "running" {
                 break;
             }
             if t0.elapsed() > Duration::from_secs(30) {
