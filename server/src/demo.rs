@@ -339,7 +339,7 @@ fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &s
         println!(
             "{:<10} {:<14} {:<9} {:<9} {:>5} {:>8}",
             r.vm.spec.name,
-            names.get(&r.host).map_or("?", String::as_str),
+            r.host().and_then(|h| names.get(&h)).map_or("-", String::as_str),
             format!("{:?}", r.vm.power),
             view.observed
                 .map_or_else(|| "-".to_string(), |o| format!("{:?}", o.state)),

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use novacron_shared::framing::{self, FrameError, MAX_FRAME_LEN};
 use novacron_shared::ids::{HostId, OpId, VmId};
 use novacron_shared::pki::{CertInfo, FleetCa, Validity};
+use novacron_shared::placement::Placement;
 use novacron_shared::protocol::{
     self, AgentMessage, Capacity, Command, CommandKind, CommandOutcome, DesiredState, ErrorCode,
     HeartbeatAck, Inventory, JoinReply, JoinRequest, ReconcileReport, RenewReply, ServerMessage, VmEvent,
@@ -124,6 +125,9 @@ pub struct VmView {
     /// The stored VM.
     #[serde(flatten)]
     pub record: VmRecord,
+    /// The host it is placed on (null when it is on none); the same as
+    /// `placement.host`, kept for clients that read it.
+    pub host: Option<HostId>,
     /// What its host last reported of it (absent while unknown).
     pub observed: Option<novacron_shared::protocol::VmObserved>,
 }
@@ -242,19 +246,6 @@ enum HostEvent {
     },
 }
 
-/// Counters for tests, benchmarks and (later) the Prometheus exposition.
-#[derive(Debug, Default)]
-pub struct FleetCounters {
-    /// Heartbeats received.
-    pub heartbeats: AtomicU64,
-    /// Sessions opened (welcome sent).
-    pub sessions_opened: AtomicU64,
-    /// Connections refused or closed for an error.
-    pub refused: AtomicU64,
-    /// Successful enrollments.
-    pub joins: AtomicU64,
-}
-
 /// The fleet's session layer.
 pub struct Fleet {
     store: Store,
@@ -274,8 +265,6 @@ pub struct Fleet {
     metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
     /// The event stream.
     pub bus: crate::bus::Bus,
-    /// Counters.
-    pub counters: FleetCounters,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -331,7 +320,6 @@ impl Fleet {
             usage: Mutex::new(None),
             metrics: std::sync::OnceLock::new(),
             bus: crate::bus::Bus::default(),
-            counters: FleetCounters::default(),
         }))
     }
 
@@ -447,7 +435,6 @@ impl Fleet {
         let conn = match tokio::time::timeout(OPEN_TIMEOUT, incoming).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                self.counters.refused.fetch_add(1, Ordering::Relaxed);
                 warn_limited!(self.limiter, %remote, error = %e, "agent handshake failed");
                 return;
             }
@@ -463,7 +450,6 @@ impl Fleet {
     }
 
     fn refuse_conn(&self, conn: &quinn::Connection, code: ErrorCode, message: &str) {
-        self.counters.refused.fetch_add(1, Ordering::Relaxed);
         warn_limited!(self.limiter, remote = %conn.remote_address(), %code, message, "agent refused");
         close(conn, code, message);
     }
@@ -591,7 +577,6 @@ impl Fleet {
         }
         match committed.await {
             Ok(Ok(Ok(()))) => {
-                self.counters.joins.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(host_id = %host.id, name = %host.name, "host enrolled");
                 Ok(JoinReply {
                     host_id: host.id,
@@ -711,7 +696,6 @@ impl Fleet {
             address: conn.remote_address().to_string(),
             now_ms,
         });
-        self.counters.sessions_opened.fetch_add(1, Ordering::Relaxed);
         self.bus.host(
             host_id,
             format!(
@@ -837,7 +821,6 @@ impl Fleet {
             }
             let reply = match msg {
                 AgentMessage::Heartbeat(hb) => {
-                    self.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
                     Some(ServerMessage::HeartbeatAck(HeartbeatAck { seq: hb.seq }))
                 }
                 AgentMessage::Inventory(mut inv) => {
@@ -1000,7 +983,7 @@ impl Fleet {
                         spec: r.spec,
                         power: r.power,
                     },
-                    host,
+                    placement: Placement::Host(host),
                     rules: PlacementRules {
                         host: Some(host),
                         ..PlacementRules::default()
@@ -1098,7 +1081,7 @@ impl Fleet {
                 spec: req.spec,
                 power: req.power,
             },
-            host,
+            placement: Placement::Host(host),
             rules: req.placement,
             created_ms: unix_ms(SystemTime::now()),
         };
@@ -1114,7 +1097,9 @@ impl Fleet {
             rec.vm.id,
             format!("VM {} created, placed on host {host}", rec.vm.spec.name),
         );
-        self.push_desired(host, desired);
+        if let Some(d) = desired {
+            self.push_desired(host, d);
+        }
         Ok(rec)
     }
 
@@ -1127,11 +1112,13 @@ impl Fleet {
             rec.vm.op_id = OpId::random();
             let desired = self.store.put_vm(&rec)?.map_err(|e| VmError::NameTaken(e.0))?;
             self.bus.vm(
-                Some(rec.host),
+                rec.host(),
                 id,
                 format!("VM {} should be {power:?}", rec.vm.spec.name).to_lowercase(),
             );
-            self.push_desired(rec.host, desired);
+            if let (Some(h), Some(d)) = (rec.host(), desired) {
+                self.push_desired(h, d);
+            }
         }
         Ok(rec)
     }
@@ -1155,9 +1142,11 @@ impl Fleet {
             idx.remove(id);
         }
         self.bus
-            .vm(Some(rec.host), id, format!("VM {} deleted", rec.vm.spec.name));
-        if let Some(d) = self.store.desired(rec.host)? {
-            self.push_desired(rec.host, d);
+            .vm(rec.host(), id, format!("VM {} deleted", rec.vm.spec.name));
+        if let Some(h) = rec.host() {
+            if let Some(d) = self.store.desired(h)? {
+                self.push_desired(h, d);
+            }
         }
         tracing::info!(vm = %rec.vm.spec.name, id = %id, "VM deleted");
         Ok(rec)
@@ -1165,7 +1154,8 @@ impl Fleet {
 
     /// A VM with what its host last observed of it.
     pub fn vm_view(&self, rec: VmRecord) -> VmView {
-        let live = self.lock_sessions().get(&rec.host).cloned();
+        let host = rec.host();
+        let live = host.and_then(|h| self.lock_sessions().get(&h).cloned());
         let uuid = rec.vm.id.to_string();
         let observed = live.and_then(|s| {
             lock(&s.inventory)
@@ -1174,6 +1164,7 @@ impl Fleet {
         });
         VmView {
             record: rec,
+            host,
             observed,
         }
     }

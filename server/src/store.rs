@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use novacron_shared::codec;
 use novacron_shared::ids::{HostId, VmId};
+use novacron_shared::placement::Placement;
 use novacron_shared::protocol::Capacity;
 use novacron_shared::spec::DesiredVm;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -258,7 +259,9 @@ fn put_vm(tx: &redb::WriteTransaction, v: &VmRecord) -> Result<Result<(), NameTa
     }
     names.insert(v.vm.spec.name.as_str(), v.vm.id.0)?;
     vms.insert(v.vm.id.0, v.encode()?.as_slice())?;
-    tx.open_table(HOST_VMS)?.insert((v.host.0, v.vm.id.0), ())?;
+    if let Some(h) = v.host() {
+        tx.open_table(HOST_VMS)?.insert((h.0, v.vm.id.0), ())?;
+    }
     Ok(Ok(()))
 }
 
@@ -270,7 +273,9 @@ fn remove_vm(tx: &redb::WriteTransaction, id: u128) -> Result<Option<VmRecord>, 
         .transpose()?;
     if let Some(o) = &old {
         tx.open_table(VM_NAMES)?.remove(o.vm.spec.name.as_str())?;
-        tx.open_table(HOST_VMS)?.remove((o.host.0, id))?;
+        if let Some(h) = o.host() {
+            tx.open_table(HOST_VMS)?.remove((h.0, id))?;
+        }
     }
     Ok(old)
 }
@@ -297,21 +302,61 @@ pub struct DesiredRecord {
 }
 
 /// One VM: what it should be and where it runs.
+///
+/// Only a VM placed on a host is in that host's desired state (and in the
+/// host index, generations, usage index and migrations); a VM in a cloud
+/// provider or pending is listed, but no agent runs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRecord {
     /// The VM, as its host's agent gets it.
     pub vm: DesiredVm,
-    /// The host it is placed on.
-    pub host: HostId,
+    /// Where it is placed.
+    pub placement: Placement,
     /// The rules it was placed by (kept for later placements: groups).
     pub rules: PlacementRules,
     /// Creation time, Unix ms.
     pub created_ms: u64,
 }
 
+impl VmRecord {
+    /// The host it is placed on, when it is on one.
+    pub fn host(&self) -> Option<HostId> {
+        self.placement.host()
+    }
+}
+
 impl Record for VmRecord {
     const TABLE: &'static str = "vms";
-    const VERSION: u8 = 1;
+    /// 2: `host` became `placement` (a host, a cloud provider, or pending).
+    const VERSION: u8 = 2;
+
+    fn decode_old(version: u8, body: &[u8]) -> Result<Self, StoreError> {
+        let corrupt = |source| StoreError::Corrupt {
+            table: Self::TABLE,
+            source,
+        };
+        match version {
+            1 => {
+                let v1: VmRecordV1 = codec::decode(body).map_err(corrupt)?;
+                Ok(VmRecord {
+                    vm: v1.vm,
+                    placement: Placement::Host(v1.host),
+                    rules: v1.rules,
+                    created_ms: v1.created_ms,
+                })
+            }
+            _ => codec::decode(body).map_err(corrupt),
+        }
+    }
+}
+
+/// [`VmRecord`] as version 1 stored it (every VM was on a host).
+#[derive(Deserialize)]
+struct VmRecordV1 {
+    vm: DesiredVm,
+    host: HostId,
+    rules: PlacementRules,
+    created_ms: u64,
 }
 
 /// Placement rules of a VM.
@@ -633,10 +678,11 @@ impl Store {
         Ok(Ok(self.desired(host)?.unwrap_or_default()))
     }
 
-    /// Adds or replaces one VM; returns its host's new desired state. A VM
-    /// that moved hosts is removed from the old host's state too (that
-    /// host's generation is bumped as well).
-    pub fn put_vm(&self, v: &VmRecord) -> Result<Result<DesiredRecord, NameTaken>, StoreError> {
+    /// Adds or replaces one VM; returns its host's new desired state (none
+    /// when it is not on a host). A VM that moved hosts (or off a host) is
+    /// removed from the old host's state too (that host's generation is
+    /// bumped as well).
+    pub fn put_vm(&self, v: &VmRecord) -> Result<Result<Option<DesiredRecord>, NameTaken>, StoreError> {
         let tx = self.db.begin_write()?;
         {
             let old = tx
@@ -647,22 +693,27 @@ impl Store {
             if let Err(e) = put_vm(&tx, v)? {
                 return Ok(Err(e));
             }
-            if let Some(old) = old.filter(|o| o.host != v.host) {
-                tx.open_table(HOST_VMS)?.remove((old.host.0, v.vm.id.0))?;
-                bump_generation(&tx, old.host)?;
+            if let Some(old_host) = old.and_then(|o| o.host()).filter(|h| Some(*h) != v.host()) {
+                tx.open_table(HOST_VMS)?.remove((old_host.0, v.vm.id.0))?;
+                bump_generation(&tx, old_host)?;
             }
-            bump_generation(&tx, v.host)?;
+            if let Some(h) = v.host() {
+                bump_generation(&tx, h)?;
+            }
         }
         tx.commit()?;
-        Ok(Ok(self.desired(v.host)?.unwrap_or_default()))
+        match v.host() {
+            Some(h) => Ok(Ok(Some(self.desired(h)?.unwrap_or_default()))),
+            None => Ok(Ok(None)),
+        }
     }
 
-    /// Deletes a VM; returns its record (and so its host) if it existed.
+    /// Deletes a VM; returns its record (and so its placement) if it existed.
     pub fn delete_vm(&self, id: VmId) -> Result<Option<VmRecord>, StoreError> {
         let tx = self.db.begin_write()?;
         let old = remove_vm(&tx, id.0)?;
-        if let Some(o) = &old {
-            bump_generation(&tx, o.host)?;
+        if let Some(h) = old.as_ref().and_then(VmRecord::host) {
+            bump_generation(&tx, h)?;
         }
         tx.commit()?;
         Ok(old)
@@ -825,17 +876,15 @@ mod tests {
 
     #[test]
     fn a_batch_of_joins_commits_each_token_once() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let s = Store::open(&dir.path().join("db.redb")).unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
         let tok = |expires_ms| JoinTokenRecord {
             created_ms: 0,
             expires_ms,
             used_by: None,
         };
-        s.put_join_token(&[1; 32], &tok(100))
-            .unwrap_or_else(|e| panic!("{e}"));
-        s.put_join_token(&[2; 32], &tok(10))
-            .unwrap_or_else(|e| panic!("{e}"));
+        s.put_join_token(&[1; 32], &tok(100)).unwrap();
+        s.put_join_token(&[2; 32], &tok(10)).unwrap();
         let out = s
             .enroll(
                 &[
@@ -846,7 +895,7 @@ mod tests {
                 ],
                 50,
             )
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert_eq!(
             out,
             [
@@ -856,12 +905,9 @@ mod tests {
                 Err(TokenRefusal::Unknown)
             ]
         );
-        let ids: Vec<u128> = s.hosts().unwrap_or_default().iter().map(|h| h.id.0).collect();
+        let ids: Vec<u128> = s.hosts().unwrap().iter().map(|h| h.id.0).collect();
         assert_eq!(ids, [1], "only the accepted join created a host");
-        assert_eq!(
-            s.check_join_token(&[1; 32], 50).ok(),
-            Some(Err(TokenRefusal::Used))
-        );
+        assert_eq!(s.check_join_token(&[1; 32], 50).unwrap(), Err(TokenRefusal::Used));
     }
 
     #[test]
@@ -893,8 +939,8 @@ mod tests {
             77,
         );
         let mut bytes = vec![1u8];
-        codec::encode_into(&old, &mut bytes).unwrap_or_else(|e| panic!("{e}"));
-        let r = HostRecord::decode(&bytes).unwrap_or_else(|e| panic!("{e}"));
+        codec::encode_into(&old, &mut bytes).unwrap();
+        let r = HostRecord::decode(&bytes).unwrap();
         assert_eq!(r.name, "h9");
         assert_eq!(
             (r.capacity.cpus, r.capacity.memory_mib, r.capacity.storage_mib),
@@ -902,16 +948,16 @@ mod tests {
         );
         assert_eq!((r.state, r.cert_not_after), (HostState::Online, 77));
         // And the current version round-trips.
-        assert_eq!(HostRecord::decode(&r.encode().unwrap_or_default()).ok(), Some(r));
+        assert_eq!(HostRecord::decode(&r.encode().unwrap()).unwrap(), r);
     }
 
     #[test]
     fn join_token_is_single_use_and_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
         let h = [7u8; 32];
         {
-            let s = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
+            let s = Store::open(&path).unwrap();
             s.put_join_token(
                 &h,
                 &JoinTokenRecord {
@@ -920,22 +966,22 @@ mod tests {
                     used_by: None,
                 },
             )
-            .unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(s.check_join_token(&h, 50).ok(), Some(Ok(())));
-            let r = s.enroll(&[(h, host(1))], 50).unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
+            assert_eq!(s.check_join_token(&h, 50).unwrap(), Ok(()));
+            let r = s.enroll(&[(h, host(1))], 50).unwrap();
             assert_eq!(r, [Ok(())]);
-            let again = s.enroll(&[(h, host(2))], 50).unwrap_or_else(|e| panic!("{e}"));
+            let again = s.enroll(&[(h, host(2))], 50).unwrap();
             assert_eq!(again, [Err(TokenRefusal::Used)]);
         }
-        let s = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(s.hosts().unwrap_or_default().len(), 1);
-        assert!(s.host(HostId(2)).unwrap_or(None).is_none());
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.hosts().unwrap().len(), 1);
+        assert!(s.host(HostId(2)).unwrap().is_none());
     }
 
     #[test]
     fn expired_and_unknown_tokens_create_nothing() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let s = Store::open(&dir.path().join("db.redb")).unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
         let h = [1u8; 32];
         s.put_join_token(
             &h,
@@ -945,43 +991,133 @@ mod tests {
                 used_by: None,
             },
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert_eq!(
-            s.check_join_token(&[2u8; 32], 0).ok(),
-            Some(Err(TokenRefusal::Unknown))
+            s.check_join_token(&[2u8; 32], 0).unwrap(),
+            Err(TokenRefusal::Unknown)
         );
-        let r = s
-            .enroll(&[([2u8; 32], host(1))], 0)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let r = s.enroll(&[([2u8; 32], host(1))], 0).unwrap();
         assert_eq!(r, [Err(TokenRefusal::Unknown)]);
-        assert_eq!(s.check_join_token(&h, 100).ok(), Some(Err(TokenRefusal::Expired)));
-        let r = s.enroll(&[(h, host(1))], 100).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.check_join_token(&h, 100).unwrap(), Err(TokenRefusal::Expired));
+        let r = s.enroll(&[(h, host(1))], 100).unwrap();
         assert_eq!(r, [Err(TokenRefusal::Expired)]);
-        assert!(s.hosts().unwrap_or_default().is_empty());
+        assert!(s.hosts().unwrap().is_empty());
         // Before expiry the same token still works: nothing above used it.
-        assert_eq!(s.check_join_token(&h, 10).ok(), Some(Ok(())));
+        assert_eq!(s.check_join_token(&h, 10).unwrap(), Ok(()));
     }
 
     #[test]
     fn revoke_marks_host_and_serial() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let s = Store::open(&dir.path().join("db.redb")).unwrap_or_else(|e| panic!("{e}"));
-        s.put_hosts(&[host(5)]).unwrap_or_else(|e| panic!("{e}"));
-        let h = s.revoke_host(HostId(5), 9).unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
+        s.put_hosts(&[host(5)]).unwrap();
+        let h = s.revoke_host(HostId(5), 9).unwrap();
         assert_eq!(h.map(|h| h.state), Some(HostState::Revoked));
-        let serials = s.revoked_serials().unwrap_or_default();
+        let serials = s.revoked_serials().unwrap();
         assert_eq!(serials.len(), 1);
         assert_eq!(serials[0].0, "5");
-        assert!(s.revoke_host(HostId(6), 9).unwrap_or(Some(host(0))).is_none());
+        assert!(s.revoke_host(HostId(6), 9).unwrap().is_none());
     }
 
     #[test]
     fn newer_record_version_is_refused() {
-        let mut bytes = host(1).encode().unwrap_or_default();
+        let mut bytes = host(1).encode().unwrap();
         bytes[0] = 9;
         assert!(matches!(
             HostRecord::decode(&bytes),
             Err(StoreError::TooNew { found: 9, .. })
         ));
+    }
+
+    fn vm(id: u128, placement: Placement) -> VmRecord {
+        VmRecord {
+            vm: DesiredVm {
+                id: VmId(id),
+                op_id: novacron_shared::ids::OpId(id),
+                spec: novacron_shared::spec::VmSpec::minimal(&format!("v{id}"), 1, 64),
+                power: novacron_shared::spec::Power::Running,
+            },
+            placement,
+            rules: PlacementRules::default(),
+            created_ms: 5,
+        }
+    }
+
+    #[test]
+    fn a_version_1_vm_record_decodes_as_placed_on_its_host() {
+        // Version 1's exact layout: the VM, then its host id.
+        #[derive(Serialize)]
+        struct V1<'a>(&'a DesiredVm, HostId, &'a PlacementRules, u64);
+        let current = vm(3, Placement::Host(HostId(42)));
+        let rules = PlacementRules {
+            anti_affinity: Some("web".into()),
+            ..PlacementRules::default()
+        };
+        let mut bytes = vec![1u8];
+        codec::encode_into(&V1(&current.vm, HostId(42), &rules, 77), &mut bytes).unwrap();
+        let r = VmRecord::decode(&bytes).unwrap();
+        assert_eq!(r.placement, Placement::Host(HostId(42)));
+        assert_eq!(r.vm, current.vm);
+        assert_eq!(r.rules, rules);
+        assert_eq!(r.created_ms, 77);
+        // Rewritten, it is version 2 and round-trips.
+        let again = r.encode().unwrap();
+        assert_eq!(again[0], 2);
+        assert_eq!(VmRecord::decode(&again).unwrap(), r);
+    }
+
+    #[test]
+    fn a_version_1_vm_record_in_the_database_is_found_on_its_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
+        s.put_vm(&vm(1, Placement::Host(HostId(7)))).unwrap().unwrap();
+        // Overwrite the stored value with version 1's bytes for the same VM.
+        #[derive(Serialize)]
+        struct V1<'a>(&'a DesiredVm, HostId, &'a PlacementRules, u64);
+        let v = vm(1, Placement::Host(HostId(7)));
+        let mut bytes = vec![1u8];
+        codec::encode_into(&V1(&v.vm, HostId(7), &v.rules, 5), &mut bytes).unwrap();
+        {
+            let tx = s.db.begin_write().unwrap();
+            tx.open_table(VMS).unwrap().insert(1, bytes.as_slice()).unwrap();
+            tx.commit().unwrap();
+        }
+        assert_eq!(s.vm(VmId(1)).unwrap().unwrap(), v);
+        let d = s.desired(HostId(7)).unwrap().unwrap();
+        assert_eq!(d.vms, vec![v.vm]);
+    }
+
+    #[test]
+    fn cloud_and_pending_vms_are_listed_but_on_no_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
+        let on_host = s.put_vm(&vm(1, Placement::Host(HostId(7)))).unwrap().unwrap();
+        assert_eq!(on_host.map(|d| d.vms.len()), Some(1));
+        let g = s.desired(HostId(7)).unwrap().unwrap().generation;
+        let cloud = Placement::Cloud {
+            provider: "aws".into(),
+            instance: "i-1".into(),
+        };
+        assert_eq!(s.put_vm(&vm(2, cloud.clone())).unwrap().unwrap(), None);
+        let pending = Placement::Pending {
+            reason: "no host fits".into(),
+        };
+        assert_eq!(s.put_vm(&vm(3, pending)).unwrap().unwrap(), None);
+        let d = s.desired(HostId(7)).unwrap().unwrap();
+        assert_eq!(d.generation, g, "a VM on no host changes no host's generation");
+        assert_eq!(d.vms.iter().map(|v| v.id).collect::<Vec<_>>(), [VmId(1)]);
+        assert_eq!(s.vms(None, 10).unwrap().len(), 3);
+        assert_eq!(s.vm(VmId(2)).unwrap().unwrap().placement, cloud);
+        // Moving the host's VM to the cloud takes it off the host.
+        let d = s.put_vm(&vm(1, cloud)).unwrap().unwrap();
+        assert_eq!(d, None);
+        let d = s.desired(HostId(7)).unwrap().unwrap();
+        assert!(d.vms.is_empty());
+        assert!(d.generation > g);
+        // Deleting a cloud VM touches no host.
+        let g = d.generation;
+        assert!(s.delete_vm(VmId(2)).unwrap().is_some());
+        assert_eq!(s.desired(HostId(7)).unwrap().unwrap().generation, g);
+        assert!(s.vm_by_name("v2").unwrap().is_none());
     }
 }

@@ -106,7 +106,12 @@ impl Fleet {
     fn prepare_migration(&self, vm: VmId, target: Option<HostId>, actor: &str) -> Result<Prepared, VmError> {
         let rec = self.store.vm(vm)?.ok_or(VmError::NotFound(vm))?;
         self.not_migrating(vm)?;
-        let source = rec.host;
+        let Some(source) = rec.host() else {
+            return Err(VmError::Invalid(format!(
+                "VM {} is not on a host of the fleet; only VMs on a host can be live-migrated",
+                rec.vm.spec.name
+            )));
+        };
         if !self.connected(source) {
             return Err(VmError::NotConnected(format!(
                 "the VM's host {source} is not connected; a live migration needs its agent"

@@ -54,12 +54,14 @@ impl UsageIndex {
         Ok(idx)
     }
 
-    /// Counts a VM on its host (and on its migration target while it moves).
+    /// Counts a VM on its host (and on its migration target while it
+    /// moves); a VM on no host (in a cloud, pending) claims nothing here.
     pub fn add(&mut self, v: &VmRecord, migrating_to: Option<HostId>) {
         self.remove(v.vm.id);
+        let Some(host) = v.host() else { return };
         let r = request_for(&v.vm.spec, &v.rules);
         let u = VmUse {
-            on: std::iter::once(v.host).chain(migrating_to).collect(),
+            on: std::iter::once(host).chain(migrating_to).collect(),
             vcpus: r.vcpus,
             memory_mib: r.memory_mib,
             group: v.rules.group().map(str::to_string),
@@ -117,7 +119,7 @@ mod tests {
                 spec: VmSpec::minimal(&format!("v{id}"), 2, 100),
                 power: Power::Running,
             },
-            host: HostId(host),
+            placement: novacron_shared::placement::Placement::Host(HostId(host)),
             rules: PlacementRules {
                 anti_affinity: group.map(str::to_string),
                 ..PlacementRules::default()
@@ -151,5 +153,19 @@ mod tests {
         idx.remove(VmId(1));
         assert!(idx.of(HostId(10)).1.is_empty());
         assert_eq!(idx.of(HostId(10)).0.vcpus, 0);
+    }
+
+    #[test]
+    fn a_vm_on_no_host_claims_nothing() {
+        let mut idx = UsageIndex::default();
+        idx.add(&vm(1, 10, Some("web")), None);
+        let mut pending = vm(1, 10, Some("web"));
+        pending.placement = novacron_shared::placement::Placement::Pending {
+            reason: "no host fits".into(),
+        };
+        idx.add(&pending, None);
+        let (u, g) = idx.of(HostId(10));
+        assert_eq!(u.vcpus, 0, "re-adding it off the host released its claim");
+        assert!(g.is_empty());
     }
 }
