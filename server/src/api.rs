@@ -730,7 +730,7 @@ impl Api {
             let Some(last) = page.last() else { break };
             cursor = Some(last.vm.id);
             for r in page {
-                if host.is_some_and(|h| h != r.host) || !r.vm.spec.name.starts_with(prefix) {
+                if host.is_some_and(|h| r.host() != Some(h)) || !r.vm.spec.name.starts_with(prefix) {
                     continue;
                 }
                 if out.len() == limit {
@@ -884,7 +884,10 @@ impl Api {
             .vm(id)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))?
             .ok_or_else(|| vm_error(VmError::NotFound(id)))?;
-        self.command(rec.host, kind).await
+        let host = rec
+            .host()
+            .ok_or_else(|| vm_error(VmError::Invalid(format!("VM {id} is not on a host of the fleet"))))?;
+        self.command(host, kind).await
     }
 }
 
