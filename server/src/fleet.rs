@@ -12,7 +12,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
+
+use novacron_shared::clock::Clock;
 
 use novacron_shared::framing::{self, FrameError, MAX_FRAME_LEN};
 use novacron_shared::ids::{HostId, OpId, VmId};
@@ -31,13 +33,16 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::AgentPolicy;
 use crate::ratelimit::LogLimiter;
 use crate::scheduler;
+mod liveness;
 mod migration;
 mod usage;
+
+pub use liveness::Liveness;
 
 use crate::store::{
     DesiredRecord, HostRecord, HostState, PlacementRules, Store, StoreError, TokenRefusal, VmRecord,
 };
-use crate::{secrets, unix_ms, warn_limited};
+use crate::{secrets, warn_limited};
 
 /// Largest frame accepted on an enrollment connection.
 const JOIN_FRAME_LEN: u32 = 64 * 1024;
@@ -65,6 +70,7 @@ pub struct LiveSession {
     conn_id: u64,
     outbox: mpsc::Sender<ServerMessage>,
     last_seen_ms: AtomicU64,
+    liveness: Mutex<Liveness>,
     version: u16,
     inventory: Mutex<Option<Inventory>>,
     report: Mutex<Option<ReconcileReport>>,
@@ -265,6 +271,7 @@ pub struct Fleet {
     metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
     /// The event stream.
     pub bus: crate::bus::Bus,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -292,6 +299,7 @@ impl Fleet {
         policy: AgentPolicy,
         scheduler_policy: scheduler::Policy,
         migration: crate::config::MigrationPolicy,
+        clock: Clock,
     ) -> Result<Arc<Self>, StoreError> {
         let mut serials = HashSet::new();
         let mut hosts = HashSet::new();
@@ -302,7 +310,7 @@ impl Fleet {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(host_writer(store.clone(), rx));
         let (joins, join_rx) = mpsc::channel(JOIN_QUEUE);
-        tokio::spawn(join_writer(store.clone(), join_rx));
+        tokio::spawn(join_writer(store.clone(), join_rx, clock.clone()));
         Ok(Arc::new(Self {
             store,
             ca,
@@ -319,7 +327,8 @@ impl Fleet {
             migration,
             usage: Mutex::new(None),
             metrics: std::sync::OnceLock::new(),
-            bus: crate::bus::Bus::default(),
+            bus: crate::bus::Bus::new(clock.clone()),
+            clock,
         }))
     }
 
@@ -339,6 +348,11 @@ impl Fleet {
     /// Metric ingest, once attached.
     pub fn metrics(&self) -> Option<&Arc<crate::metrics::Metrics>> {
         self.metrics.get()
+    }
+
+    /// The server's one clock (monotonic and wall time).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// The store.
@@ -385,7 +399,7 @@ impl Fleet {
     pub fn revoke(&self, id: HostId) -> Result<HostRecord, RevokeError> {
         let rec = self
             .store
-            .revoke_host(id, unix_ms(SystemTime::now()))?
+            .revoke_host(id, self.clock.unix_ms())?
             .ok_or(RevokeError::UnknownHost(id))?;
         self.revoked_serials
             .write()
@@ -405,7 +419,7 @@ impl Fleet {
     /// Creates a join token valid for `ttl`; returns it and its expiry (Unix ms).
     pub fn create_join_token(&self, ttl: Duration) -> Result<(String, u64), StoreError> {
         let token = secrets::new_token("ncj");
-        let now = unix_ms(SystemTime::now());
+        let now = self.clock.unix_ms();
         let expires_ms = now + u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX / 2);
         self.store.put_join_token(
             &secrets::hash(&token),
@@ -520,13 +534,16 @@ impl Fleet {
         }
         let hash = secrets::hash(&req.token);
         let host_id = HostId::random();
-        let now = SystemTime::now();
+        let now = self.clock.wall();
         let internal = |e: &dyn std::fmt::Display| WireError {
             code: ErrorCode::Internal,
             message: format!("server could not complete the join: {e}"),
         };
         // Cheap checks first: nobody gets a signature for a bad token.
-        match self.store.check_join_token(&hash, unix_ms(now)) {
+        match self
+            .store
+            .check_join_token(&hash, novacron_shared::clock::unix_ms(now))
+        {
             Err(e) => {
                 tracing::error!(error = %e, "join failed in the store");
                 return Err(internal(&e));
@@ -552,8 +569,8 @@ impl Fleet {
             addresses: vec![conn.remote_address().to_string()],
             capacity: Capacity::default(),
             agent_version: clean_name(&req.agent_version),
-            first_seen_ms: unix_ms(now),
-            last_seen_ms: unix_ms(now),
+            first_seen_ms: novacron_shared::clock::unix_ms(now),
+            last_seen_ms: novacron_shared::clock::unix_ms(now),
             state: HostState::Enrolled,
             cert_serial: info.serial,
             cert_not_after: info.not_after,
@@ -665,12 +682,17 @@ impl Fleet {
         };
         let mut recv = framing::FramedRecv::new(recv, MAX_FRAME_LEN);
         let (outbox, mut outbox_rx) = mpsc::channel(64);
-        let now_ms = unix_ms(SystemTime::now());
+        let now_ms = self.clock.unix_ms();
         let session = Arc::new(LiveSession {
             conn: conn.clone(),
             conn_id: self.next_conn.fetch_add(1, Ordering::Relaxed),
             outbox,
             last_seen_ms: AtomicU64::new(now_ms),
+            liveness: Mutex::new(Liveness::new(
+                self.clock.now(),
+                self.policy.session_timeout,
+                PERSIST_SEEN_EVERY,
+            )),
             version,
             inventory: Mutex::new(None),
             report: Mutex::new(None),
@@ -750,7 +772,7 @@ impl Fleet {
         if self.deregister(host_id, session.conn_id) {
             let _ = self.events.send(HostEvent::Disconnected {
                 id: host_id,
-                now_ms: unix_ms(SystemTime::now()),
+                now_ms: self.clock.unix_ms(),
             });
             self.bus.host(host_id, "host disconnected".into());
             tracing::info!(host_id = %host_id, "agent session closed");
@@ -778,10 +800,24 @@ impl Fleet {
     ) -> Result<(), (ErrorCode, String)> {
         let version = session.version;
         let mut wbuf = Vec::new();
-        let mut last_persist = Instant::now();
         loop {
+            let now = self.clock.now();
+            let wait = {
+                let live = lock(&session.liveness);
+                if live.expired(now) {
+                    return Err((
+                        ErrorCode::Timeout,
+                        format!(
+                            "no frame for {}",
+                            novacron_shared::duration::format(live.timeout())
+                        ),
+                    ));
+                }
+                live.remaining(now)
+            };
             let msg = tokio::select! {
-                r = tokio::time::timeout(self.policy.session_timeout, recv.next::<AgentMessage>()) => r,
+                r = recv.next::<AgentMessage>() => r,
+                () = tokio::time::sleep(wait) => continue,
                 out = outbox.recv() => {
                     let Some(out) = out else { return Ok(()) };
                     framing::write_frame(send, version, &out, &mut wbuf).await.map_err(|e| (e.code(), e.to_string()))?;
@@ -789,23 +825,14 @@ impl Fleet {
                 }
             };
             let (v, msg) = match msg {
-                Err(_) => {
-                    return Err((
-                        ErrorCode::Timeout,
-                        format!(
-                            "no frame for {}",
-                            novacron_shared::duration::format(self.policy.session_timeout)
-                        ),
-                    ))
-                }
-                Ok(Ok(None)) => return Ok(()),
-                Ok(Err(FrameError::Io(e))) => {
+                Ok(None) => return Ok(()),
+                Err(FrameError::Io(e)) => {
                     // The connection closed (agent gone, replaced or revoked).
                     tracing::debug!(host_id = %host_id, error = %e, "control stream ended");
                     return Ok(());
                 }
-                Ok(Err(e)) => return Err((e.code(), e.to_string())),
-                Ok(Ok(Some(m))) => m,
+                Err(e) => return Err((e.code(), e.to_string())),
+                Ok(Some(m)) => m,
             };
             if v != version {
                 return Err((
@@ -813,10 +840,9 @@ impl Fleet {
                     format!("frame version {v}, session negotiated {version}"),
                 ));
             }
-            let now_ms = unix_ms(SystemTime::now());
+            let now_ms = self.clock.unix_ms();
             session.last_seen_ms.store(now_ms, Ordering::Relaxed);
-            if last_persist.elapsed() >= PERSIST_SEEN_EVERY {
-                last_persist = Instant::now();
+            if lock(&session.liveness).frame(self.clock.now()) {
                 let _ = self.events.send(HostEvent::Seen { id: host_id, now_ms });
             }
             let reply = match msg {
@@ -920,7 +946,7 @@ impl Fleet {
     }
 
     fn renew(&self, host_id: HostId, csr: &[u8]) -> ServerMessage {
-        let validity = Validity::for_ttl(SystemTime::now(), self.policy.cert_ttl);
+        let validity = Validity::for_ttl(self.clock.wall(), self.policy.cert_ttl);
         let signed = self
             .ca
             .sign_host_csr(csr, host_id, validity)
@@ -969,7 +995,7 @@ impl Fleet {
             .desired(host)?
             .map(|d| d.vms.into_iter().map(|v| (v.spec.name.clone(), v)).collect())
             .unwrap_or_default();
-        let now = unix_ms(SystemTime::now());
+        let now = self.clock.unix_ms();
         let records = vms
             .into_iter()
             .map(|r| {
@@ -1083,7 +1109,7 @@ impl Fleet {
             },
             placement: Placement::Host(host),
             rules: req.placement,
-            created_ms: unix_ms(SystemTime::now()),
+            created_ms: self.clock.unix_ms(),
         };
         let desired = self.store.put_vm(&rec)?.map_err(|e| VmError::NameTaken(e.0))?;
         if let Some(idx) = lock(&self.usage).as_mut() {
@@ -1171,7 +1197,7 @@ impl Fleet {
 
     /// Cordons (no new VMs) or uncordons a host.
     pub fn set_cordon(&self, id: HostId, cordoned: bool) -> Result<bool, StoreError> {
-        let known = self.store.set_cordon(id, cordoned, unix_ms(SystemTime::now()))?;
+        let known = self.store.set_cordon(id, cordoned, self.clock.unix_ms())?;
         if known {
             let what = if cordoned { "cordoned" } else { "uncordoned" };
             self.bus.host(id, format!("host {what}"));
@@ -1357,7 +1383,7 @@ fn token_error(refusal: TokenRefusal) -> WireError {
 
 /// Commits signed joins in batches: whatever queued while the previous
 /// batch was being written goes into the next transaction.
-async fn join_writer(store: Store, mut rx: mpsc::Receiver<JoinJob>) {
+async fn join_writer(store: Store, mut rx: mpsc::Receiver<JoinJob>, clock: Clock) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < JOIN_BATCH {
@@ -1368,7 +1394,7 @@ async fn join_writer(store: Store, mut rx: mpsc::Receiver<JoinJob>) {
         }
         let items: Vec<([u8; 32], HostRecord)> = batch.iter().map(|j| (j.hash, j.host.clone())).collect();
         let s = store.clone();
-        let now = unix_ms(SystemTime::now());
+        let now = clock.unix_ms();
         let result = tokio::task::spawn_blocking(move || s.enroll(&items, now)).await;
         match result {
             Ok(Ok(outcomes)) => {

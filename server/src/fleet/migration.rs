@@ -13,7 +13,7 @@
 //! agents' hands off until then.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use novacron_shared::ids::{HostId, OpId, VmId};
 use novacron_shared::protocol::{CommandKind, CommandOutcome, VmState};
@@ -23,7 +23,6 @@ use super::{lock, request_for, Fleet, VmError};
 use crate::store::{
     MigrationClaim, OperationKind, OperationRecord, OperationState, PlacementRules, Progress, StoreError,
 };
-use crate::unix_ms;
 
 /// How often an uncertain migration re-reads both hosts.
 const RESOLVE_EVERY: Duration = Duration::from_secs(3);
@@ -59,10 +58,6 @@ pub fn whereabouts(on_source: Option<VmState>, on_target: Option<VmState>) -> Wh
         (Some(_), None) => Whereabouts::Source,
         _ => Whereabouts::Unclear,
     }
-}
-
-fn now_ms() -> u64 {
-    unix_ms(SystemTime::now())
 }
 
 impl Fleet {
@@ -171,7 +166,7 @@ impl Fleet {
         let dest_uri = self
             .migration_uri(to)
             .ok_or_else(|| VmError::NotConnected(format!("target host {to} went away")))?;
-        let now = now_ms();
+        let now = self.clock.unix_ms();
         let op = OperationRecord {
             id: OpId::random(),
             kind: OperationKind::Migrate,
@@ -220,7 +215,7 @@ impl Fleet {
 
     /// Stores and publishes an operation change.
     fn update_op(&self, op: &mut OperationRecord, persist: bool) {
-        op.updated_ms = now_ms();
+        op.updated_ms = self.clock.unix_ms();
         if persist || op.state.is_final() {
             if let Err(e) = self.store.put_operation(op) {
                 tracing::error!(op = %op.id, error = %e, "cannot store the operation");
@@ -238,7 +233,7 @@ impl Fleet {
     /// desired generation.
     async fn acknowledged(&self, host: HostId, deadline: Instant) -> Result<bool, StoreError> {
         let want = self.store.desired(host)?.map_or(0, |d| d.generation);
-        while Instant::now() < deadline {
+        while self.clock.now() < deadline {
             let got = self
                 .lock_sessions()
                 .get(&host)
@@ -265,7 +260,7 @@ impl Fleet {
             "waiting for both agents to leave the VM alone".into(),
             true,
         );
-        let deadline = Instant::now() + self.migration.prepare_timeout;
+        let deadline = self.clock.now() + self.migration.prepare_timeout;
         for h in [claim.source, claim.target] {
             if !self.acknowledged(h, deadline).await.unwrap_or(false) {
                 let msg = format!(
@@ -287,11 +282,11 @@ impl Fleet {
         let fleet = self.clone();
         let mut progress_op = op.clone();
         let progress = tokio::spawn(async move {
-            let mut last_persist = Instant::now();
+            let mut last_persist = fleet.clock.now();
             while let Some((pct, msg)) = rx.recv().await {
-                let persist = last_persist.elapsed() >= PERSIST_PROGRESS_EVERY;
+                let persist = fleet.clock.since(last_persist) >= PERSIST_PROGRESS_EVERY;
                 if persist {
-                    last_persist = Instant::now();
+                    last_persist = fleet.clock.now();
                 }
                 fleet.set_progress(&mut progress_op, pct.min(99), msg, persist);
             }
@@ -372,7 +367,7 @@ impl Fleet {
             Duration::from_millis(claim.started_ms) + self.migration.timeout + Duration::from_secs(30);
         let give_up = agent_deadline + RESOLVE_GRACE;
         loop {
-            let now = Duration::from_millis(now_ms());
+            let now = Duration::from_millis(self.clock.unix_ms());
             if now > give_up {
                 op.state = OperationState::Failed;
                 op.error = Some(format!(
@@ -421,7 +416,7 @@ impl Fleet {
         if !self.set_cordon(host, true)? {
             return Err(VmError::Invalid(format!("no host with id {host}")));
         }
-        let now = now_ms();
+        let now = self.clock.unix_ms();
         let mut op = OperationRecord {
             id: OpId::random(),
             kind: OperationKind::Drain,
