@@ -1,8 +1,9 @@
 //! What the placed VMs claim on each host (vCPUs, memory, placement
 //! groups), kept in memory so that a placement does not read every VM
-//! record. Built from the store on first use; creations and deletions
-//! update it in place; rarer changes (a host's VMs replaced, migrations
-//! claimed or ended) drop it so the next placement rebuilds it.
+//! record. Only VMs on a host claim anything. Built from the store on first
+//! use; placements (creations, migration claims) and deletions update it in
+//! place; rarer changes (a host's VMs replaced, migrations ended) drop it so
+//! the next placement rebuilds it. The [`super::vms::Placer`] owns it.
 
 use std::collections::{HashMap, HashSet};
 
