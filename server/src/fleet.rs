@@ -19,10 +19,9 @@
 //! another part but through that part's methods.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use novacron_shared::clock::Clock;
-use novacron_shared::ids::{HostId, OpId, VmId};
+use novacron_shared::ids::{HostId, VmId};
 use novacron_shared::pki::FleetCa;
 use novacron_shared::protocol::{DesiredState, Inventory, ReconcileReport, ServerMessage, VmEvent};
 use novacron_shared::spec::{DesiredVm, Power, VmSpec};
@@ -41,8 +40,12 @@ pub mod vms;
 
 pub use liveness::Liveness;
 pub use ops::migration::{whereabouts, Whereabouts};
+pub use sessions::commands::CommandError;
+pub use sessions::RevokeError;
 pub use sessions::{close, LiveSession};
 pub use view::{Action, FleetView, HostSnapshot, VmSnapshot};
+pub use vms::desired::DesiredError;
+pub use vms::VmError;
 
 /// The fleet: agent sessions, VMs, operations, and the view controllers read.
 pub struct Fleet {
@@ -173,32 +176,6 @@ pub struct VmView {
     pub observed: Option<novacron_shared::protocol::VmObserved>,
 }
 
-/// A VM request failed.
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    /// The request is invalid.
-    #[error("{0}")]
-    Invalid(String),
-    /// The name is taken.
-    #[error("a VM named {0:?} already exists")]
-    NameTaken(String),
-    /// No such VM.
-    #[error("no VM with id {0}")]
-    NotFound(VmId),
-    /// Nothing fits.
-    #[error(transparent)]
-    NoFit(scheduler::NoFit),
-    /// The VM or host is busy with something that must end first.
-    #[error("{0}")]
-    Busy(String),
-    /// A host involved is not connected.
-    #[error("{0}")]
-    NotConnected(String),
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
 /// The scheduler's request for a VM.
 pub fn request_for(spec: &VmSpec, rules: &PlacementRules) -> scheduler::Request {
     scheduler::Request {
@@ -226,22 +203,6 @@ pub struct HostVms {
     pub events: Vec<VmEvent>,
 }
 
-/// A command could not be carried out.
-#[derive(Debug, thiserror::Error)]
-pub enum CommandError {
-    /// The host has no open session.
-    #[error("host {0} is not connected")]
-    NotConnected(HostId),
-    /// The agent did not answer in time.
-    #[error("the agent did not finish op {op_id} within {timeout:?}; it may still complete")]
-    Timeout {
-        /// The operation.
-        op_id: OpId,
-        /// How long we waited.
-        timeout: Duration,
-    },
-}
-
 /// A host's record merged with its live session, for the API.
 #[derive(Debug, Clone, Serialize)]
 pub struct HostView {
@@ -260,30 +221,6 @@ pub struct HostView {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
-/// Revoking a host failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RevokeError {
-    /// No such host.
-    #[error("no host with id {0}")]
-    UnknownHost(HostId),
-    /// The store failed.
-    #[error("could not record the revocation")]
-    Store(#[from] StoreError),
-}
-
-/// Setting desired VMs failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DesiredError {
-    /// No such host.
-    #[error("no host with id {0}")]
-    UnknownHost(HostId),
-    /// A VM request is invalid.
-    #[error("{0}")]
-    Invalid(String),
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

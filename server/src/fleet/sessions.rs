@@ -24,22 +24,35 @@ use novacron_shared::framing::{self, FrameError, MAX_FRAME_LEN};
 use novacron_shared::ids::{HostId, OpId, VmId};
 use novacron_shared::pki::{CertInfo, Validity};
 use novacron_shared::protocol::{
-    self, AgentMessage, Command, CommandKind, CommandOutcome, ErrorCode, HeartbeatAck, Inventory,
-    ReconcileReport, RenewReply, ServerMessage, VmEvent, VmState, Welcome, WireError, HANDSHAKE_VERSION,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    self, AgentMessage, ErrorCode, HeartbeatAck, Inventory, ReconcileReport, RenewReply, ServerMessage,
+    VmEvent, VmState, Welcome, WireError, HANDSHAKE_VERSION, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 use novacron_shared::tls::peer_leaf;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
-use super::{desired_message, lock, CommandError, Fleet, HostView, Liveness, RevokeError};
+use super::{desired_message, lock, Fleet, HostView, Liveness};
 use crate::ratelimit::LogLimiter;
 use crate::store::{HostRecord, HostState, Store, StoreError};
 use crate::warn_limited;
 
+pub mod commands;
 pub mod join;
 pub mod status;
 
+use commands::Pending;
+
 use status::HostEvent;
+
+/// Revoking a host failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    /// No such host.
+    #[error("no host with id {0}")]
+    UnknownHost(HostId),
+    /// The store failed.
+    #[error("could not record the revocation")]
+    Store(#[from] StoreError),
+}
 
 /// The session part's state.
 pub(super) struct Sessions {
@@ -141,13 +154,6 @@ pub struct LiveSession {
     report: Mutex<Option<ReconcileReport>>,
     vm_events: Mutex<VecDeque<VmEvent>>,
     pending: Mutex<HashMap<OpId, Pending>>,
-}
-
-/// A command waiting for its agent's answer.
-#[derive(Debug)]
-struct Pending {
-    done: oneshot::Sender<CommandOutcome>,
-    progress: Option<mpsc::UnboundedSender<(u8, String)>>,
 }
 
 /// VM events kept per session for the API.
@@ -638,59 +644,6 @@ impl Fleet {
                 message: format!("renewal refused: {e}"),
             }),
         }
-    }
-
-    /// Sends a command to a connected agent and waits for its outcome.
-    pub async fn command(
-        &self,
-        host: HostId,
-        kind: CommandKind,
-        timeout: Duration,
-    ) -> Result<(OpId, CommandOutcome), CommandError> {
-        self.command_with_progress(host, OpId::random(), kind, timeout, None)
-            .await
-    }
-
-    /// Like [`Self::command`], with a given op id and the agent's progress
-    /// reports forwarded to `progress`.
-    pub async fn command_with_progress(
-        &self,
-        host: HostId,
-        op_id: OpId,
-        kind: CommandKind,
-        timeout: Duration,
-        progress: Option<mpsc::UnboundedSender<(u8, String)>>,
-    ) -> Result<(OpId, CommandOutcome), CommandError> {
-        let session = self
-            .lock_sessions()
-            .get(&host)
-            .cloned()
-            .ok_or(CommandError::NotConnected(host))?;
-        let (tx, rx) = oneshot::channel();
-        lock(&session.pending).insert(op_id, Pending { done: tx, progress });
-        if session
-            .outbox
-            .send(ServerMessage::Command(Command { op_id, kind }))
-            .await
-            .is_err()
-        {
-            lock(&session.pending).remove(&op_id);
-            return Err(CommandError::NotConnected(host));
-        }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(outcome)) => Ok((op_id, outcome)),
-            Ok(Err(_)) => Err(CommandError::NotConnected(host)),
-            Err(_) => {
-                lock(&session.pending).remove(&op_id);
-                Err(CommandError::Timeout { op_id, timeout })
-            }
-        }
-    }
-
-    /// Sends a message to a host's live session, if it has one.
-    pub fn send_to(&self, id: HostId, msg: ServerMessage) -> bool {
-        let s = self.lock_sessions().get(&id).cloned();
-        s.is_some_and(|s| s.outbox.try_send(msg).is_ok())
     }
 
     /// Closes every session (server shutdown).

@@ -20,11 +20,37 @@ use novacron_shared::placement::Placement;
 use novacron_shared::spec::{DesiredVm, Power};
 
 use super::usage::UsageIndex;
-use super::{
-    desired_message, lock, request_for, CreateVm, DesiredError, Fleet, HostVms, VmError, VmRequest, VmView,
-};
+use super::{desired_message, lock, request_for, CreateVm, Fleet, HostVms, VmView};
 use crate::scheduler;
-use crate::store::{DesiredRecord, HostState, PlacementRules, Store, StoreError, VmRecord};
+use crate::store::{DesiredRecord, HostState, Store, StoreError, VmRecord};
+
+pub mod desired;
+
+/// A VM request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The request is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The name is taken.
+    #[error("a VM named {0:?} already exists")]
+    NameTaken(String),
+    /// No such VM.
+    #[error("no VM with id {0}")]
+    NotFound(VmId),
+    /// Nothing fits.
+    #[error(transparent)]
+    NoFit(scheduler::NoFit),
+    /// The VM or host is busy with something that must end first.
+    #[error("{0}")]
+    Busy(String),
+    /// A host involved is not connected.
+    #[error("{0}")]
+    NotConnected(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// The placement part's state, under one lock.
 pub(super) struct Placer {
@@ -140,62 +166,6 @@ impl Placer {
 }
 
 impl Fleet {
-    /// Replaces a host's desired VMs: validates them, keeps the ids of VMs
-    /// it already had (by name), stores the new state durably, then pushes
-    /// it to the agent if connected.
-    pub fn set_desired(&self, host: HostId, vms: Vec<VmRequest>) -> Result<DesiredRecord, DesiredError> {
-        if self.store.host(host)?.is_none() {
-            return Err(DesiredError::UnknownHost(host));
-        }
-        let mut problems = Vec::new();
-        let mut names = HashSet::new();
-        for (i, v) in vms.iter().enumerate() {
-            if let Err(e) = v.spec.validate() {
-                problems.push(format!("vms[{i}]: {e}"));
-            }
-            if !names.insert(v.spec.name.clone()) {
-                problems.push(format!("vms[{i}]: the name {:?} is used twice", v.spec.name));
-            }
-        }
-        if !problems.is_empty() {
-            return Err(DesiredError::Invalid(problems.join("; ")));
-        }
-        let old: HashMap<String, DesiredVm> = self
-            .store
-            .desired(host)?
-            .map(|d| d.vms.into_iter().map(|v| (v.spec.name.clone(), v)).collect())
-            .unwrap_or_default();
-        let now = self.clock.unix_ms();
-        let records = vms
-            .into_iter()
-            .map(|r| {
-                let prev = old.get(&r.spec.name);
-                let id = r.id.or(prev.map(|p| p.id)).unwrap_or_else(VmId::random);
-                let unchanged = prev.filter(|p| p.id == id && p.spec == r.spec && p.power == r.power);
-                VmRecord {
-                    vm: DesiredVm {
-                        id,
-                        op_id: unchanged.map_or_else(OpId::random, |p| p.op_id),
-                        spec: r.spec,
-                        power: r.power,
-                    },
-                    placement: Placement::Host(host),
-                    rules: PlacementRules {
-                        host: Some(host),
-                        ..PlacementRules::default()
-                    },
-                    created_ms: now,
-                }
-            })
-            .collect();
-        let rec = self.store.replace_host_vms(host, records);
-        // Rebuilt at the next placement.
-        self.placer.invalidate();
-        let rec = rec?.map_err(|e| DesiredError::Invalid(e.to_string()))?;
-        self.send_to(host, desired_message(rec.clone()));
-        Ok(rec)
-    }
-
     /// The hosts a placement may choose from, without usage: capacity,
     /// labels, cordons, liveness and measured load.
     pub(super) fn candidate_hosts(&self) -> Result<Vec<scheduler::Host>, StoreError> {
@@ -403,6 +373,7 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::PlacementRules;
     use novacron_shared::spec::VmSpec;
 
     fn host(id: u128) -> scheduler::Host {
