@@ -1,6 +1,6 @@
 //! Operations: live migration and drain, each a pure state machine
 //! ([`migration::Migration::step`], [`drain::Drain::step`]: no I/O, no clock
-//! reads) and one driver ([`driver`]) that reads the clock, carries the
+//! reads) and one driver (`driver`) that reads the clock, carries the
 //! actions out and feeds the outcomes back as events.
 //!
 //! Owns: the running operations' state. Must not touch: the session table

@@ -3,7 +3,7 @@
 //! record. Only VMs on a host claim anything. Built from the store on first
 //! use; placements (creations, migration claims) and deletions update it in
 //! place; rarer changes (a host's VMs replaced, migrations ended) drop it so
-//! the next placement rebuilds it. The [`super::vms::Placer`] owns it.
+//! the next placement rebuilds it. The placer (`super::vms`) owns it.
 
 use std::collections::{HashMap, HashSet};
 

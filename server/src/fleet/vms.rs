@@ -1,6 +1,6 @@
 //! VMs: desired state, placement and the usage index.
 //!
-//! A placement runs under one lock (the [`Placer`]'s) that holds the
+//! A placement runs under one lock (the `Placer`'s) that holds the
 //! scheduler, the usage index and the reservations; it is never held across
 //! a store commit. A new VM is reserved in the usage index under the lock,
 //! committed outside it, and the reservation is confirmed after the commit or
@@ -10,7 +10,7 @@
 //!
 //! Owns: the scheduler, the usage index and the reservations. Must not
 //! touch: live sessions (it reads them through [`Fleet::live`]) or
-//! operations (migration reserves through [`Placer`] like everyone else).
+//! operations (migration reserves through the `Placer` like everyone else).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
