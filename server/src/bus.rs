@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use novacron_shared::clock::Clock;
 use novacron_shared::ids::{HostId, VmId};
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -67,21 +68,30 @@ pub struct FleetEvent {
 pub struct Bus {
     tx: broadcast::Sender<Arc<FleetEvent>>,
     seq: AtomicU64,
+    clock: Clock,
 }
 
 impl Default for Bus {
     fn default() -> Self {
-        Self {
-            tx: broadcast::channel(BUS_CAPACITY).0,
-            seq: AtomicU64::new(1),
-        }
+        Self::new(Clock::system())
     }
 }
 
 impl Bus {
-    /// Publishes an event (dropped when nobody listens).
+    /// A bus that stamps events with `clock`'s wall time.
+    pub fn new(clock: Clock) -> Self {
+        Self {
+            tx: broadcast::channel(BUS_CAPACITY).0,
+            seq: AtomicU64::new(1),
+            clock,
+        }
+    }
+
+    /// Publishes an event (dropped when nobody listens), numbered and
+    /// stamped now.
     pub fn publish(&self, mut ev: FleetEvent) {
         ev.seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        ev.at_ms = self.clock.unix_ms();
         let _ = self.tx.send(Arc::new(ev));
     }
 
@@ -112,12 +122,12 @@ impl Bus {
 }
 
 impl FleetEvent {
-    /// An event stamped now (its `seq` is set when published).
+    /// An event (its `seq` and `at_ms` are set when published).
     pub fn new(kind: EventKind, host: Option<HostId>, vm: Option<VmId>, message: String) -> Self {
         Self {
             seq: 0,
             kind,
-            at_ms: crate::unix_ms(std::time::SystemTime::now()),
+            at_ms: 0,
             host,
             vm,
             message,

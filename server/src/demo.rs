@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio::process::{Child, Command};
@@ -97,8 +97,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let config_path = root.join("server.toml");
     std::fs::write(&config_path, toml::to_string(&cfg)?)?;
     let dir = DataDir::new(&cfg.data_dir);
-    let report = dir.init(&cfg, SystemTime::now())?;
-    let running = crate::start(&cfg)
+    let clock = novacron_shared::clock::Clock::system();
+    let report = dir.init(&cfg, clock.wall())?;
+    let running = crate::start_with_clock(&cfg, clock.clone())
         .await
         .context("cannot start the server (is another demo running? try --api/--quic)")?;
     println!(
@@ -126,9 +127,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             );
             agents.push(AgentProc { name, child });
         }
-        let start = Instant::now();
+        let start = clock.now();
         while running.fleet.session_count() < agents.len() {
-            if start.elapsed() > Duration::from_secs(60) {
+            if clock.since(start) > Duration::from_secs(60) {
                 bail!(
                     "only {} of {} agents connected within 60s; see the agent logs",
                     running.fleet.session_count(),
@@ -228,9 +229,10 @@ async fn place_vms(running: &crate::Running, token: &str) -> anyhow::Result<()> 
         "  created {} VMs through POST /v1/vms; the scheduler placed them",
         ids.len()
     );
-    let start = Instant::now();
+    let clock = running.fleet.clock();
+    let start = clock.now();
     for (name, id, power) in &ids {
-        let want = if *power == "running" { "Running" } else { "Stopped" };
+        let want = if *power == "running" { "running" } else { "stopped" };
         loop {
             let v = crate::client::call(
                 running.api_addr,
@@ -243,7 +245,7 @@ async fn place_vms(running: &crate::Running, token: &str) -> anyhow::Result<()> 
             if v["observed"]["state"] == want {
                 break;
             }
-            if start.elapsed() > Duration::from_secs(60) {
+            if clock.since(start) > Duration::from_secs(60) {
                 bail!(
                     "VM {name} is not {want} within 60s (observed: {}); see the agent logs",
                     v["observed"]
@@ -339,7 +341,7 @@ fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &s
         println!(
             "{:<10} {:<14} {:<9} {:<9} {:>5} {:>8}",
             r.vm.spec.name,
-            names.get(&r.host).map_or("?", String::as_str),
+            r.host().and_then(|h| names.get(&h)).map_or("-", String::as_str),
             format!("{:?}", r.vm.power),
             view.observed
                 .map_or_else(|| "-".to_string(), |o| format!("{:?}", o.state)),

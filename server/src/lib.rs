@@ -19,19 +19,15 @@ pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+
+use novacron_shared::clock::Clock;
 
 use config::ServerConfig;
 use datadir::{DataDir, DataDirError};
 use fleet::Fleet;
 use store::Store;
 
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+pub use novacron_shared::clock::unix_ms;
 
 /// Starting the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -119,8 +115,15 @@ fn server_endpoint(
     )
 }
 
-/// Opens the store, binds the QUIC endpoint and the API, and starts serving.
+/// Opens the store, binds the QUIC endpoint and the API, and starts serving
+/// on the operating system's clock.
 pub async fn start(cfg: &ServerConfig) -> Result<Running, StartError> {
+    start_with_clock(cfg, Clock::system()).await
+}
+
+/// Like [`start`], with every part reading the time from `clock` (the one
+/// clock of the server: sessions, operations, metrics, events).
+pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Running, StartError> {
     let dir = DataDir::new(&cfg.data_dir);
     let pki = dir.load_pki()?;
     let store = Store::open(&dir.db())?;
@@ -157,12 +160,15 @@ pub async fn start(cfg: &ServerConfig) -> Result<Running, StartError> {
         cfg.agents.clone(),
         cfg.scheduler,
         cfg.migration.clone(),
+        clock.clone(),
     )?;
-    let metrics = metrics::Metrics::open(&dir.metrics_db(), cfg.metrics.to_config())?;
+    let metrics = metrics::Metrics::open(&dir.metrics_db(), cfg.metrics.to_config(), clock)?;
     fleet.set_metrics(metrics);
     tokio::spawn(fleet.clone().serve(endpoint.clone()));
     fleet.clone().resume_operations();
-    tokio::spawn(api::Api::new(fleet.clone(), store, cfg.api.clone()).serve(listener));
+    tokio::spawn(
+        api::Api::with_clock(fleet.clone(), store, cfg.api.clone(), fleet.clock().clone()).serve(listener),
+    );
     tracing::info!(%quic_addr, %api_addr, "novacron-server started");
     Ok(Running {
         fleet,

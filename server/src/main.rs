@@ -1,7 +1,7 @@
 //! `novacron-server`: parses the command line and wires the parts together.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -131,7 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Init => {
-            let report = dir.init(&cfg, SystemTime::now())?;
+            let report = dir.init(&cfg, novacron_shared::clock::Clock::system().wall())?;
             println!("Initialised {}", dir.root().display());
             println!("CA fingerprint: sha256:{}", report.ca_fingerprint);
             println!(

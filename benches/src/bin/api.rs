@@ -22,6 +22,7 @@ use novacron_server::config::ServerConfig;
 use novacron_server::datadir::DataDir;
 use novacron_server::store::{PlacementRules, Store, VmRecord};
 use novacron_shared::ids::{HostId, OpId, VmId};
+use novacron_shared::placement::Placement;
 use novacron_shared::spec::{DesiredVm, Power, VmSpec};
 use serde_json::json;
 
@@ -97,7 +98,7 @@ fn fill(store: &Store, n: usize) -> anyhow::Result<()> {
                     spec: s,
                     power: Power::Running,
                 },
-                host,
+                placement: Placement::Host(host),
                 rules: PlacementRules {
                     host: Some(host),
                     ..PlacementRules::default()

@@ -2,7 +2,6 @@
 //! (`novacron_api`): the handlers reply with the API's types only.
 
 use novacron_api as api;
-use novacron_shared::placement::Placement;
 
 use crate::bus::{EventKind, FleetEvent};
 use crate::fleet::{HostView, VmView};
@@ -106,9 +105,9 @@ pub fn vm(v: VmView) -> api::vms::Vm {
 /// A stored VM (nothing observed).
 pub fn vm_record(r: VmRecord) -> api::vms::Vm {
     api::vms::Vm {
+        host: r.host(),
         vm: r.vm,
-        placement: Placement::Host(r.host),
-        host: Some(r.host),
+        placement: r.placement,
         rules: rules_out(r.rules),
         created_ms: r.created_ms,
         observed: None,

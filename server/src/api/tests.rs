@@ -55,6 +55,7 @@ async fn serve(dir: &std::path::Path, audit: Option<Arc<dyn AuditSink>>) -> (Api
         AgentPolicy::default(),
         crate::scheduler::Policy::default(),
         MigrationPolicy::default(),
+        clock.clone(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let audit = audit.unwrap_or_else(|| Arc::new(store.clone()));

@@ -108,7 +108,7 @@ fn list(
         let Some(last) = page.last() else { break };
         cursor = Some(last.vm.id);
         for r in page {
-            if host.is_some_and(|h| h != r.host) || !r.vm.spec.name.starts_with(prefix) {
+            if host.is_some_and(|h| r.host() != Some(h)) || !r.vm.spec.name.starts_with(prefix) {
                 continue;
             }
             if vms.len() == limit {
@@ -129,11 +129,27 @@ async fn vm_command(api: &Api, id: VmId, kind: CommandKind) -> Result<Resp, ApiE
         .vm(id)
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(|| vm_error(VmError::NotFound(id)))?;
-    hosts::command(api, rec.host, kind).await
+    let host = rec.host().ok_or_else(|| {
+        vm_error(VmError::Invalid(format!(
+            "VM {id} is not on a host of the fleet ({}); commands go to a host's agent",
+            describe(&rec.placement)
+        )))
+    })?;
+    hosts::command(api, host, kind).await
 }
 
 fn snapshot_name(s: &str) -> Result<String, ApiError> {
     novacron_shared::spec::check_name(s, novacron_shared::spec::MAX_NAME_LEN)
         .map(|()| s.to_string())
         .map_err(|m| ApiError::bad_request(ErrorCode::InvalidName, format!("snapshot name {m}")))
+}
+
+/// Where a VM is, in words, for errors.
+fn describe(p: &novacron_shared::placement::Placement) -> String {
+    use novacron_shared::placement::Placement;
+    match p {
+        Placement::Host(h) => format!("on host {h}"),
+        Placement::Cloud { provider, instance } => format!("in {provider} as {instance}"),
+        Placement::Pending { reason } => format!("pending: {reason}"),
+    }
 }

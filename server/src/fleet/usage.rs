@@ -1,8 +1,9 @@
 //! What the placed VMs claim on each host (vCPUs, memory, placement
 //! groups), kept in memory so that a placement does not read every VM
-//! record. Built from the store on first use; creations and deletions
-//! update it in place; rarer changes (a host's VMs replaced, migrations
-//! claimed or ended) drop it so the next placement rebuilds it.
+//! record. Only VMs on a host claim anything. Built from the store on first
+//! use; placements (creations, migration claims) and deletions update it in
+//! place; rarer changes (a host's VMs replaced, migrations ended) drop it so
+//! the next placement rebuilds it. The placer (`super::vms`) owns it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -54,12 +55,14 @@ impl UsageIndex {
         Ok(idx)
     }
 
-    /// Counts a VM on its host (and on its migration target while it moves).
+    /// Counts a VM on its host (and on its migration target while it
+    /// moves); a VM on no host (in a cloud, pending) claims nothing here.
     pub fn add(&mut self, v: &VmRecord, migrating_to: Option<HostId>) {
         self.remove(v.vm.id);
+        let Some(host) = v.host() else { return };
         let r = request_for(&v.vm.spec, &v.rules);
         let u = VmUse {
-            on: std::iter::once(v.host).chain(migrating_to).collect(),
+            on: std::iter::once(host).chain(migrating_to).collect(),
             vcpus: r.vcpus,
             memory_mib: r.memory_mib,
             group: v.rules.group().map(str::to_string),
@@ -117,7 +120,7 @@ mod tests {
                 spec: VmSpec::minimal(&format!("v{id}"), 2, 100),
                 power: Power::Running,
             },
-            host: HostId(host),
+            placement: novacron_shared::placement::Placement::Host(HostId(host)),
             rules: PlacementRules {
                 anti_affinity: group.map(str::to_string),
                 ..PlacementRules::default()
@@ -151,5 +154,19 @@ mod tests {
         idx.remove(VmId(1));
         assert!(idx.of(HostId(10)).1.is_empty());
         assert_eq!(idx.of(HostId(10)).0.vcpus, 0);
+    }
+
+    #[test]
+    fn a_vm_on_no_host_claims_nothing() {
+        let mut idx = UsageIndex::default();
+        idx.add(&vm(1, 10, Some("web")), None);
+        let mut pending = vm(1, 10, Some("web"));
+        pending.placement = novacron_shared::placement::Placement::Pending {
+            reason: "no host fits".into(),
+        };
+        idx.add(&pending, None);
+        let (u, g) = idx.of(HostId(10));
+        assert_eq!(u.vcpus, 0, "re-adding it off the host released its claim");
+        assert!(g.is_empty());
     }
 }

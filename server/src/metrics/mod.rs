@@ -17,7 +17,7 @@ pub mod window;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use novacron_shared::codec;
 use novacron_shared::ids::HostId;
@@ -26,8 +26,9 @@ use novacron_shared::protocol::{MetricsAck, ServerMessage};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::telemetry::TELEMETRY;
-use crate::{unix_ms, warn_limited};
+use crate::warn_limited;
 use db::{MetricsDb, SeqRecord, StoredBatch};
+use novacron_shared::clock::Clock;
 use window::{ClosedMinute, Owner, SeriesHandle, SeriesKey, Window};
 
 /// Batches waiting for the writer before ingest waits (backpressure on the
@@ -122,6 +123,7 @@ pub struct Metrics {
     jobs: mpsc::Sender<Job>,
     live: broadcast::Sender<Arc<LiveUpdate>>,
     limiter: crate::ratelimit::LogLimiter,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Job {
@@ -151,8 +153,8 @@ fn valid_label(l: &str) -> bool {
 impl Metrics {
     /// Opens the database, rebuilds the window from the stored raw batches
     /// and starts the writer and the janitor.
-    pub fn open(path: &Path, cfg: MetricsConfig) -> Result<Arc<Metrics>, db::DbError> {
-        let started = Instant::now();
+    pub fn open(path: &Path, cfg: MetricsConfig, clock: Clock) -> Result<Arc<Metrics>, db::DbError> {
+        let started = clock.now();
         let db = Arc::new(MetricsDb::open(path)?);
         let seqs = db.seqs()?;
         let window = Window::default();
@@ -179,14 +181,14 @@ impl Metrics {
             }
         })?;
         let (series, points) = window.size();
-        tracing::info!(batches = replayed, series, points, took = ?started.elapsed(), "metrics window rebuilt from the database");
+        tracing::info!(batches = replayed, series, points, took = ?clock.since(started), "metrics window rebuilt from the database");
         let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
         let (live, _) = broadcast::channel(1024);
         let hosts = seqs
             .iter()
             .map(|(h, r)| (*h, Arc::new(tokio::sync::Mutex::new(*r))))
             .collect();
-        tokio::spawn(writer(db.clone(), seqs, rx));
+        tokio::spawn(writer(db.clone(), seqs, rx, clock.clone()));
         let m = Arc::new(Metrics {
             cfg,
             window,
@@ -194,7 +196,8 @@ impl Metrics {
             db,
             jobs,
             live,
-            limiter: crate::ratelimit::LogLimiter::new(20, Duration::from_secs(60)),
+            limiter: crate::ratelimit::LogLimiter::with_clock(20, Duration::from_secs(60), clock.clone()),
+            clock,
         });
         tokio::spawn(janitor(Arc::downgrade(&m)));
         Ok(m)
@@ -324,7 +327,7 @@ impl Metrics {
             cache,
             &mut closed,
         )?;
-        let now = unix_ms(SystemTime::now());
+        let now = self.clock.unix_ms();
         if let Some(last) = ticks.last() {
             TELEMETRY
                 .metrics_ingest_delay
@@ -351,7 +354,7 @@ impl Metrics {
             epoch: batch.epoch,
             dropped: batch.dropped,
             ack_to: ack_to.clone(),
-            queued: Instant::now(),
+            queued: self.clock.now(),
         };
         // Still holding the host's slot: this host's jobs queue in order.
         self.jobs.send(job).await.map_err(|_| IngestError::WriterGone)?;
@@ -383,7 +386,7 @@ impl Metrics {
     /// its CPU busy share over the last minute, its memory in use and its
     /// CPU pressure (some, avg10). `None` without recent metrics.
     pub fn host_load(&self, host: HostId) -> Option<f64> {
-        let now = unix_ms(SystemTime::now());
+        let now = self.clock.unix_ms();
         let since = now.saturating_sub(60_000);
         let mut busy = 0.0;
         let mut total = 0.0;
@@ -484,7 +487,12 @@ fn fill(
     Ok(())
 }
 
-async fn writer(db: Arc<MetricsDb>, mut committed: HashMap<HostId, SeqRecord>, mut rx: mpsc::Receiver<Job>) {
+async fn writer(
+    db: Arc<MetricsDb>,
+    mut committed: HashMap<HostId, SeqRecord>,
+    mut rx: mpsc::Receiver<Job>,
+    clock: Clock,
+) {
     let mut jobs = Vec::new();
     loop {
         jobs.clear();
@@ -516,7 +524,7 @@ async fn writer(db: Arc<MetricsDb>, mut committed: HashMap<HostId, SeqRecord>, m
                     rec.high = rec.high.max(batch.seq);
                     rec.batches += 1;
                     rec.agent_dropped = dropped;
-                    rec.last_ms = unix_ms(SystemTime::now());
+                    rec.last_ms = clock.unix_ms();
                     touched.insert(batch.host, *rec);
                     acks.insert(batch.host, ack_to);
                     oldest_queued = Some(oldest_queued.map_or(queued, |o: Instant| o.min(queued)));
@@ -535,7 +543,7 @@ async fn writer(db: Arc<MetricsDb>, mut committed: HashMap<HostId, SeqRecord>, m
                 } => prune = Some((raw_before_ms, rollup_before_minute)),
             }
         }
-        let started = Instant::now();
+        let started = clock.now();
         let db2 = db.clone();
         let result = tokio::task::spawn_blocking(move || {
             let r = if batches.is_empty() && touched.is_empty() {
@@ -556,9 +564,9 @@ async fn writer(db: Arc<MetricsDb>, mut committed: HashMap<HostId, SeqRecord>, m
         };
         TELEMETRY
             .metrics_commit_duration
-            .observe(started.elapsed().as_secs_f64());
+            .observe(clock.since(started).as_secs_f64());
         if let Some(q) = oldest_queued {
-            TELEMETRY.metrics_ack_delay.observe(q.elapsed().as_secs_f64());
+            TELEMETRY.metrics_ack_delay.observe(clock.since(q).as_secs_f64());
         }
         match pruned {
             Some(Ok((raw, days))) if raw > 0 || days > 0 => {
@@ -587,19 +595,38 @@ async fn writer(db: Arc<MetricsDb>, mut committed: HashMap<HostId, SeqRecord>, m
     }
 }
 
+/// What the janitor forgets and prunes at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PrunePlan {
+    /// Series with no point since then leave the window.
+    idle_before_ms: u64,
+    /// Raw batches before then are deleted.
+    raw_before_ms: u64,
+    /// Rollups of minutes before this one are deleted.
+    rollup_before_minute: u64,
+}
+
+impl PrunePlan {
+    /// The plan at wall time `now_ms`: raw batches outlive the window by a
+    /// minute, so a restart can rebuild the open minute of every series.
+    fn at(now_ms: u64, cfg: &MetricsConfig) -> Self {
+        let window_ms = cfg.raw_window.as_millis() as u64;
+        Self {
+            idle_before_ms: now_ms.saturating_sub(window_ms),
+            raw_before_ms: now_ms.saturating_sub(window_ms + 60_000),
+            rollup_before_minute: now_ms.saturating_sub(cfg.retention.as_millis() as u64) / 60_000,
+        }
+    }
+}
+
 async fn janitor(m: std::sync::Weak<Metrics>) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Some(m) = m.upgrade() else { return };
-        let now = unix_ms(SystemTime::now());
-        let window_ms = m.cfg.raw_window.as_millis() as u64;
-        // Raw batches outlive the window by a minute, so a restart can
-        // rebuild the open minute of every series.
-        let raw_before = now.saturating_sub(window_ms + 60_000);
-        let rollup_before = now.saturating_sub(m.cfg.retention.as_millis() as u64) / 60_000;
-        let gone = m.window.forget_idle(now.saturating_sub(window_ms));
+        let plan = PrunePlan::at(m.clock.unix_ms(), &m.cfg);
+        let gone = m.window.forget_idle(plan.idle_before_ms);
         if gone > 0 {
             tracing::debug!(series = gone, "idle series left the window");
         }
@@ -609,8 +636,8 @@ async fn janitor(m: std::sync::Weak<Metrics>) {
         let _ = m
             .jobs
             .send(Job::Prune {
-                raw_before_ms: raw_before,
-                rollup_before_minute: rollup_before,
+                raw_before_ms: plan.raw_before_ms,
+                rollup_before_minute: plan.rollup_before_minute,
             })
             .await;
     }
@@ -637,11 +664,17 @@ mod tests {
     #[tokio::test]
     async fn batches_are_stored_once_in_order_and_acknowledged_after_commit() {
         let dir = tempfile::tempdir().expect("tmp");
-        let m = Metrics::open(&dir.path().join("m.redb"), MetricsConfig::default()).expect("open");
+        let (clock, _) = Clock::manual();
+        let m = Metrics::open(
+            &dir.path().join("m.redb"),
+            MetricsConfig::default(),
+            clock.clone(),
+        )
+        .expect("open");
         let host = HostId(5);
         let (tx, mut rx) = mpsc::channel(16);
         let mut cache = StreamCache::default();
-        let now = unix_ms(SystemTime::now()) / 1000 * 1000;
+        let now = clock.unix_ms() / 1000 * 1000;
         for seq in [1, 2, 2, 1, 3] {
             m.ingest(
                 host,
@@ -686,8 +719,31 @@ mod tests {
         // Reopened: the stream state and the window come back from disk.
         drop(m);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let m = Metrics::open(&dir.path().join("m.redb"), MetricsConfig::default()).expect("reopen");
+        let m = Metrics::open(&dir.path().join("m.redb"), MetricsConfig::default(), clock).expect("reopen");
         assert_eq!(m.stream_state(host).await.expect("state").high, 5);
         assert_eq!(m.window().series_of(Owner::Host(host)).len(), 2);
+    }
+
+    #[test]
+    fn the_janitor_keeps_a_minute_of_raw_batches_past_the_window() {
+        let cfg = MetricsConfig::default();
+        let (clock, manual) = Clock::manual();
+        let now = clock.unix_ms();
+        let window = cfg.raw_window.as_millis() as u64;
+        let p = PrunePlan::at(now, &cfg);
+        assert_eq!(p.idle_before_ms, now - window);
+        assert_eq!(p.raw_before_ms, now - window - 60_000);
+        assert_eq!(
+            p.rollup_before_minute,
+            (now - cfg.retention.as_millis() as u64) / 60_000
+        );
+        // A wall clock set back moves the plan back with it (nothing newer
+        // is pruned), and before the epoch nothing is.
+        manual.jump_wall(Duration::from_secs(3600), false);
+        assert_eq!(
+            PrunePlan::at(clock.unix_ms(), &cfg).raw_before_ms,
+            p.raw_before_ms - 3_600_000
+        );
+        assert_eq!(PrunePlan::at(0, &cfg).raw_before_ms, 0);
     }
 }

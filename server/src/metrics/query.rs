@@ -8,7 +8,6 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use novacron_shared::ids::{HostId, VmId};
 use novacron_shared::metrics::{Kind, Metric, Owner as MetricOwner};
@@ -16,7 +15,6 @@ use serde::Serialize;
 
 use super::window::{self, Owner, Rollup, SeriesKey};
 use super::Metrics;
-use crate::unix_ms;
 
 /// Which resolution to answer with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +130,7 @@ pub fn parse_storage_key(b: &[u8]) -> Option<SeriesKey> {
 impl Metrics {
     /// Answers a query.
     pub fn query(&self, req: &Request) -> Result<Answer, super::db::DbError> {
-        let now = unix_ms(SystemTime::now());
+        let now = self.clock.unix_ms();
         let window_start = now.saturating_sub(self.cfg.raw_window.as_millis() as u64);
         let raw = match req.resolution {
             Resolution::Raw => true,

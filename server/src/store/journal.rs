@@ -2,6 +2,7 @@
 //! operations, live-migration claims and API token management.
 
 use novacron_shared::ids::{HostId, OpId, VmId};
+use novacron_shared::placement::Placement;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -145,6 +146,9 @@ pub enum ClaimRefusal {
     /// The VM moved or is already moving.
     #[error("VM {0} is already being migrated")]
     Busy(VmId),
+    /// The VM is not on any host of the fleet (in a cloud, or pending).
+    #[error("VM {0} is not on a host of the fleet")]
+    NotOnAHost(VmId),
     /// The VM is not on the expected source any more.
     #[error("VM {vm} is on host {actual}, not {expected}")]
     Moved {
@@ -319,12 +323,16 @@ impl Store {
             let Some(rec) = rec else {
                 return Ok(Err(ClaimRefusal::NoVm(claim.vm)));
             };
-            if rec.host != claim.source {
-                return Ok(Err(ClaimRefusal::Moved {
-                    vm: claim.vm,
-                    expected: claim.source,
-                    actual: rec.host,
-                }));
+            match rec.host() {
+                Some(h) if h == claim.source => {}
+                Some(actual) => {
+                    return Ok(Err(ClaimRefusal::Moved {
+                        vm: claim.vm,
+                        expected: claim.source,
+                        actual,
+                    }))
+                }
+                None => return Ok(Err(ClaimRefusal::NotOnAHost(claim.vm))),
             }
             let mut t = tx.open_table(MIGRATIONS)?;
             if t.get(claim.vm.0)?.is_some() {
@@ -354,18 +362,20 @@ impl Store {
                 let rec = vms.get(vm.0)?.map(|v| VmRecord::decode(v.value())).transpose()?;
                 if let Some(mut rec) = rec {
                     let mut index = tx.open_table(HOST_VMS)?;
-                    index.remove((rec.host.0, vm.0))?;
+                    let old = rec.host();
+                    if let Some(o) = old {
+                        index.remove((o.0, vm.0))?;
+                    }
                     index.insert((c.target.0, vm.0), ())?;
-                    let old = rec.host;
-                    rec.host = c.target;
+                    rec.placement = Placement::Host(c.target);
                     if rec.rules.host.is_some() {
                         rec.rules.host = Some(c.target);
                     }
                     vms.insert(vm.0, rec.encode()?.as_slice())?;
-                    if old != c.source {
+                    if let Some(o) = old.filter(|o| *o != c.source) {
                         drop(vms);
                         drop(index);
-                        bump_generation(&tx, old)?;
+                        bump_generation(&tx, o)?;
                     }
                 }
             }
@@ -471,7 +481,7 @@ mod tests {
                 spec,
                 power: Power::Running,
             },
-            host: HostId(host),
+            placement: Placement::Host(HostId(host)),
             rules: PlacementRules::default(),
             created_ms: 1,
         }
@@ -533,14 +543,14 @@ mod tests {
         assert!(target.vms.is_empty());
         // Failure: the VM stays.
         s.end_migration(VmId(1), false).expect("end");
-        assert_eq!(s.vm(VmId(1)).expect("vm").expect("some").host, HostId(10));
+        assert_eq!(s.vm(VmId(1)).expect("vm").expect("some").host(), Some(HostId(10)));
         assert!(s.desired(HostId(20)).expect("d").expect("g").migrating.is_empty());
         assert!(s.desired(HostId(10)).expect("d").expect("g").migrating.is_empty());
         // Success: the VM moves, both hosts learn it.
         s.claim_migration(&claim).expect("claim").expect("accepted");
         let g_source = s.desired(HostId(10)).expect("d").expect("g").generation;
         s.end_migration(VmId(1), true).expect("end");
-        assert_eq!(s.vm(VmId(1)).expect("vm").expect("some").host, HostId(20));
+        assert_eq!(s.vm(VmId(1)).expect("vm").expect("some").host(), Some(HostId(20)));
         let src = s.desired(HostId(10)).expect("d").expect("g");
         assert!(src.generation > g_source && src.vms.is_empty());
         let dst = s.desired(HostId(20)).expect("d").expect("g");

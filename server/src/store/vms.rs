@@ -1,0 +1,391 @@
+//! VMs in the store: each VM's record (what it should be and where it is
+//! placed), the name index, the host → VMs index and each host's desired
+//! state and generation. Only a VM placed on a host is in the host index.
+
+use novacron_shared::codec;
+use novacron_shared::ids::{HostId, VmId};
+use novacron_shared::placement::Placement;
+use novacron_shared::spec::DesiredVm;
+use redb::{ReadableDatabase, ReadableTable};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    bump_generation, journal, MigrationClaim, Record, Store, StoreError, HOST_GENERATION, HOST_VMS, VMS,
+    VM_NAMES,
+};
+
+fn put_vm(tx: &redb::WriteTransaction, v: &VmRecord) -> Result<Result<(), NameTaken>, StoreError> {
+    let mut names = tx.open_table(VM_NAMES)?;
+    let mut vms = tx.open_table(VMS)?;
+    if let Some(other) = names.get(v.vm.spec.name.as_str())?.map(|x| x.value()) {
+        if other != v.vm.id.0 {
+            return Ok(Err(NameTaken(v.vm.spec.name.clone())));
+        }
+    }
+    if let Some(old) = vms
+        .get(v.vm.id.0)?
+        .map(|x| VmRecord::decode(x.value()))
+        .transpose()?
+    {
+        if old.vm.spec.name != v.vm.spec.name {
+            names.remove(old.vm.spec.name.as_str())?;
+        }
+    }
+    names.insert(v.vm.spec.name.as_str(), v.vm.id.0)?;
+    vms.insert(v.vm.id.0, v.encode()?.as_slice())?;
+    if let Some(h) = v.host() {
+        tx.open_table(HOST_VMS)?.insert((h.0, v.vm.id.0), ())?;
+    }
+    Ok(Ok(()))
+}
+
+fn remove_vm(tx: &redb::WriteTransaction, id: u128) -> Result<Option<VmRecord>, StoreError> {
+    let old = tx
+        .open_table(VMS)?
+        .remove(id)?
+        .map(|x| VmRecord::decode(x.value()))
+        .transpose()?;
+    if let Some(o) = &old {
+        tx.open_table(VM_NAMES)?.remove(o.vm.spec.name.as_str())?;
+        if let Some(h) = o.host() {
+            tx.open_table(HOST_VMS)?.remove((h.0, id))?;
+        }
+    }
+    Ok(old)
+}
+
+/// The VMs one host should run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredRecord {
+    /// Increases with every change.
+    pub generation: u64,
+    /// The VMs.
+    pub vms: Vec<DesiredVm>,
+    /// VMs in a live migration from or to this host (left alone by its agent).
+    #[serde(default)]
+    pub migrating: Vec<VmId>,
+}
+
+/// One VM: what it should be and where it runs.
+///
+/// Only a VM placed on a host is in that host's desired state (and in the
+/// host index, generations, usage index and migrations); a VM in a cloud
+/// provider or pending is listed, but no agent runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The VM, as its host's agent gets it.
+    pub vm: DesiredVm,
+    /// Where it is placed.
+    pub placement: Placement,
+    /// The rules it was placed by (kept for later placements: groups).
+    pub rules: PlacementRules,
+    /// Creation time, Unix ms.
+    pub created_ms: u64,
+}
+
+impl VmRecord {
+    /// The host it is placed on, when it is on one.
+    pub fn host(&self) -> Option<HostId> {
+        self.placement.host()
+    }
+}
+
+impl Record for VmRecord {
+    const TABLE: &'static str = "vms";
+    /// 2: `host` became `placement` (a host, a cloud provider, or pending).
+    const VERSION: u8 = 2;
+
+    fn decode_old(version: u8, body: &[u8]) -> Result<Self, StoreError> {
+        let corrupt = |source| StoreError::Corrupt {
+            table: Self::TABLE,
+            source,
+        };
+        match version {
+            1 => {
+                let v1: VmRecordV1 = codec::decode(body).map_err(corrupt)?;
+                Ok(VmRecord {
+                    vm: v1.vm,
+                    placement: Placement::Host(v1.host),
+                    rules: v1.rules,
+                    created_ms: v1.created_ms,
+                })
+            }
+            _ => codec::decode(body).map_err(corrupt),
+        }
+    }
+}
+
+/// [`VmRecord`] as version 1 stored it (every VM was on a host).
+#[derive(Deserialize)]
+struct VmRecordV1 {
+    vm: DesiredVm,
+    host: HostId,
+    rules: PlacementRules,
+    created_ms: u64,
+}
+
+/// Placement rules of a VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementRules {
+    /// Put it on this host (skips the scheduler's scoring, not its filters).
+    #[serde(default)]
+    pub host: Option<HostId>,
+    /// Labels the host must carry.
+    #[serde(default)]
+    pub required_labels: std::collections::BTreeMap<String, String>,
+    /// Prefer hosts running VMs of this group.
+    #[serde(default)]
+    pub affinity: Option<String>,
+    /// Never share a host with another VM of this group.
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
+}
+
+impl PlacementRules {
+    /// The group this VM belongs to, if any.
+    pub fn group(&self) -> Option<&str> {
+        self.anti_affinity.as_deref().or(self.affinity.as_deref())
+    }
+}
+
+/// A VM name is already taken by another VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a VM named {0:?} already exists")]
+pub struct NameTaken(pub String);
+
+impl Store {
+    /// A host's desired VMs (generation 0 and none if never set).
+    pub fn desired(&self, id: HostId) -> Result<Option<DesiredRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let generation = tx.open_table(HOST_GENERATION)?.get(id.0)?.map(|g| g.value());
+        let Some(generation) = generation else {
+            return Ok(None);
+        };
+        let vms = tx.open_table(VMS)?;
+        let mut out = Vec::new();
+        for row in tx.open_table(HOST_VMS)?.range((id.0, 0)..=(id.0, u128::MAX))? {
+            let (k, _) = row?;
+            if let Some(v) = vms.get(k.value().1)? {
+                out.push(VmRecord::decode(v.value())?.vm);
+            }
+        }
+        let mut migrating = Vec::new();
+        for row in tx.open_table(journal::MIGRATIONS)?.iter()? {
+            let c = MigrationClaim::decode(row?.1.value())?;
+            if c.target == id || c.source == id {
+                migrating.push(c.vm);
+            }
+        }
+        Ok(Some(DesiredRecord {
+            generation,
+            vms: out,
+            migrating,
+        }))
+    }
+
+    /// Replaces the VMs placed on `host` with `vms` (pinned there), in one
+    /// transaction: VMs of the host not listed are deleted. Returns the
+    /// host's new desired state.
+    pub fn replace_host_vms(
+        &self,
+        host: HostId,
+        vms: Vec<VmRecord>,
+    ) -> Result<Result<DesiredRecord, NameTaken>, StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let keep: std::collections::HashSet<u128> = vms.iter().map(|v| v.vm.id.0).collect();
+            let current: Vec<u128> = tx
+                .open_table(HOST_VMS)?
+                .range((host.0, 0)..=(host.0, u128::MAX))?
+                .map(|r| r.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()?;
+            for id in current.into_iter().filter(|id| !keep.contains(id)) {
+                remove_vm(&tx, id)?;
+            }
+            for v in vms {
+                if let Err(e) = put_vm(&tx, &v)? {
+                    return Ok(Err(e));
+                }
+            }
+            bump_generation(&tx, host)?;
+        }
+        tx.commit()?;
+        Ok(Ok(self.desired(host)?.unwrap_or_default()))
+    }
+
+    /// Adds or replaces one VM; returns its host's new desired state (none
+    /// when it is not on a host). A VM that moved hosts (or off a host) is
+    /// removed from the old host's state too (that host's generation is
+    /// bumped as well).
+    pub fn put_vm(&self, v: &VmRecord) -> Result<Result<Option<DesiredRecord>, NameTaken>, StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let old = tx
+                .open_table(VMS)?
+                .get(v.vm.id.0)?
+                .map(|x| VmRecord::decode(x.value()))
+                .transpose()?;
+            if let Err(e) = put_vm(&tx, v)? {
+                return Ok(Err(e));
+            }
+            if let Some(old_host) = old.and_then(|o| o.host()).filter(|h| Some(*h) != v.host()) {
+                tx.open_table(HOST_VMS)?.remove((old_host.0, v.vm.id.0))?;
+                bump_generation(&tx, old_host)?;
+            }
+            if let Some(h) = v.host() {
+                bump_generation(&tx, h)?;
+            }
+        }
+        tx.commit()?;
+        match v.host() {
+            Some(h) => Ok(Ok(Some(self.desired(h)?.unwrap_or_default()))),
+            None => Ok(Ok(None)),
+        }
+    }
+
+    /// Deletes a VM; returns its record (and so its placement) if it existed.
+    pub fn delete_vm(&self, id: VmId) -> Result<Option<VmRecord>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let old = remove_vm(&tx, id.0)?;
+        if let Some(h) = old.as_ref().and_then(VmRecord::host) {
+            bump_generation(&tx, h)?;
+        }
+        tx.commit()?;
+        Ok(old)
+    }
+
+    /// One VM.
+    pub fn vm(&self, id: VmId) -> Result<Option<VmRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(VMS)?;
+        t.get(id.0)?.map(|v| VmRecord::decode(v.value())).transpose()
+    }
+
+    /// One VM, by name.
+    pub fn vm_by_name(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let Some(id) = tx.open_table(VM_NAMES)?.get(name)?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let t = tx.open_table(VMS)?;
+        t.get(id)?.map(|v| VmRecord::decode(v.value())).transpose()
+    }
+
+    /// VMs in id order, starting after `after`, at most `limit`.
+    pub fn vms(&self, after: Option<VmId>, limit: usize) -> Result<Vec<VmRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(VMS)?;
+        let mut out = Vec::new();
+        let iter = match after {
+            Some(a) if a.0 == u128::MAX => return Ok(out),
+            Some(a) => t.range(a.0 + 1..)?,
+            None => t.range(0..)?,
+        };
+        for row in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = row?;
+            out.push(VmRecord::decode(v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(id: u128, placement: Placement) -> VmRecord {
+        VmRecord {
+            vm: DesiredVm {
+                id: VmId(id),
+                op_id: novacron_shared::ids::OpId(id),
+                spec: novacron_shared::spec::VmSpec::minimal(&format!("v{id}"), 1, 64),
+                power: novacron_shared::spec::Power::Running,
+            },
+            placement,
+            rules: PlacementRules::default(),
+            created_ms: 5,
+        }
+    }
+
+    #[test]
+    fn a_version_1_vm_record_decodes_as_placed_on_its_host() {
+        // Version 1's exact layout: the VM, then its host id.
+        #[derive(Serialize)]
+        struct V1<'a>(&'a DesiredVm, HostId, &'a PlacementRules, u64);
+        let current = vm(3, Placement::Host(HostId(42)));
+        let rules = PlacementRules {
+            anti_affinity: Some("web".into()),
+            ..PlacementRules::default()
+        };
+        let mut bytes = vec![1u8];
+        codec::encode_into(&V1(&current.vm, HostId(42), &rules, 77), &mut bytes).unwrap();
+        let r = VmRecord::decode(&bytes).unwrap();
+        assert_eq!(r.placement, Placement::Host(HostId(42)));
+        assert_eq!(r.vm, current.vm);
+        assert_eq!(r.rules, rules);
+        assert_eq!(r.created_ms, 77);
+        // Rewritten, it is version 2 and round-trips.
+        let again = r.encode().unwrap();
+        assert_eq!(again[0], 2);
+        assert_eq!(VmRecord::decode(&again).unwrap(), r);
+    }
+
+    #[test]
+    fn a_version_1_vm_record_in_the_database_is_found_on_its_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
+        s.put_vm(&vm(1, Placement::Host(HostId(7)))).unwrap().unwrap();
+        // Overwrite the stored value with version 1's bytes for the same VM.
+        #[derive(Serialize)]
+        struct V1<'a>(&'a DesiredVm, HostId, &'a PlacementRules, u64);
+        let v = vm(1, Placement::Host(HostId(7)));
+        let mut bytes = vec![1u8];
+        codec::encode_into(&V1(&v.vm, HostId(7), &v.rules, 5), &mut bytes).unwrap();
+        {
+            let tx = s.db.begin_write().unwrap();
+            tx.open_table(VMS).unwrap().insert(1, bytes.as_slice()).unwrap();
+            tx.commit().unwrap();
+        }
+        assert_eq!(s.vm(VmId(1)).unwrap().unwrap(), v);
+        let d = s.desired(HostId(7)).unwrap().unwrap();
+        assert_eq!(d.vms, vec![v.vm]);
+    }
+
+    #[test]
+    fn cloud_and_pending_vms_are_listed_but_on_no_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
+        let on_host = s.put_vm(&vm(1, Placement::Host(HostId(7)))).unwrap().unwrap();
+        assert_eq!(on_host.map(|d| d.vms.len()), Some(1));
+        let g = s.desired(HostId(7)).unwrap().unwrap().generation;
+        let cloud = Placement::Cloud {
+            provider: "aws".into(),
+            instance: "i-1".into(),
+        };
+        assert_eq!(s.put_vm(&vm(2, cloud.clone())).unwrap().unwrap(), None);
+        let pending = Placement::Pending {
+            reason: "no host fits".into(),
+        };
+        assert_eq!(s.put_vm(&vm(3, pending)).unwrap().unwrap(), None);
+        let d = s.desired(HostId(7)).unwrap().unwrap();
+        assert_eq!(d.generation, g, "a VM on no host changes no host's generation");
+        assert_eq!(d.vms.iter().map(|v| v.id).collect::<Vec<_>>(), [VmId(1)]);
+        assert_eq!(s.vms(None, 10).unwrap().len(), 3);
+        assert_eq!(s.vm(VmId(2)).unwrap().unwrap().placement, cloud);
+        // Moving the host's VM to the cloud takes it off the host.
+        let d = s.put_vm(&vm(1, cloud)).unwrap().unwrap();
+        assert_eq!(d, None);
+        let d = s.desired(HostId(7)).unwrap().unwrap();
+        assert!(d.vms.is_empty());
+        assert!(d.generation > g);
+        // Deleting a cloud VM touches no host.
+        let g = d.generation;
+        assert!(s.delete_vm(VmId(2)).unwrap().is_some());
+        assert_eq!(s.desired(HostId(7)).unwrap().unwrap().generation, g);
+        assert!(s.vm_by_name("v2").unwrap().is_none());
+    }
+}
