@@ -23,6 +23,7 @@ fn cli() -> Command {
         "NOVACRON_TOKEN",
         "NOVACRON_TOKEN_FILE",
         "NOVACRON_SERVER_CONFIG",
+        "NOVACRON_CA_FILE",
     ] {
         c.env_remove(k);
     }
@@ -31,9 +32,21 @@ fn cli() -> Command {
     c
 }
 
-/// Runs `novacron --api <server> --token <admin> ARGS…`.
+/// Runs `novacron --api <server> --token <admin> ARGS…` (HTTPS, trusting
+/// that server's fleet CA).
 fn run(server: &Server, args: &[&str]) -> Output {
-    run_with(&format!("http://{}", server.api), &server.token, args)
+    run_as(server, &server.token, args)
+}
+
+/// Runs `novacron --api <server> --ca-file <its CA> --token <token> ARGS…`.
+fn run_as(server: &Server, token: &str, args: &[&str]) -> Output {
+    cli()
+        .args(["--api", &server.api_url(), "--token", token])
+        .arg("--ca-file")
+        .arg(server.ca_file())
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn run_with(api: &str, token: &str, args: &[&str]) -> Output {
@@ -283,7 +296,7 @@ fn api_refusals_exit_1_with_the_api_code_and_message() {
         "novacron: error: no host with id or name \"nowhere\"\n"
     );
 
-    let o = run_with(&format!("http://{}", server.api), "nca_wrong", &["hosts", "list"]);
+    let o = run_as(&server, "nca_wrong", &["hosts", "list"]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         stderr(&o),
@@ -333,15 +346,16 @@ fn defaults_come_from_the_local_server_config() {
     assert_eq!(v, json!({"hosts": []}));
     // NOVACRON_API and NOVACRON_TOKEN are read too.
     let o = cli()
-        .env("NOVACRON_API", format!("http://{}", server.api))
+        .env("NOVACRON_API", server.api_url())
         .env("NOVACRON_TOKEN", &server.token)
+        .env("NOVACRON_CA_FILE", server.ca_file())
         .args(["hosts", "list"])
         .output()
         .unwrap();
     assert!(ok(&o).starts_with("ID "));
     // Without a readable default token the CLI says what to do.
     let o = cli()
-        .args(["--api", &format!("http://{}", server.api), "hosts", "list"])
+        .args(["--api", &server.api_url(), "hosts", "list"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
@@ -718,10 +732,9 @@ fn a_viewer_token_reads_but_gets_403_on_changes() {
     assert_eq!(row.split_whitespace().nth(2), Some("viewer"), "{row}");
     let token_id = row.split_whitespace().next().unwrap().to_string();
 
-    let api = format!("http://{}", server.api);
-    assert!(ok(&run_with(&api, &secret, &["hosts", "list"])).starts_with("ID "));
-    let o = run_with(
-        &api,
+    assert!(ok(&run_as(&server, &secret, &["hosts", "list"])).starts_with("ID "));
+    let o = run_as(
+        &server,
         &secret,
         &["vms", "create", "--name", "x", "--vcpus", "1", "--memory", "128"],
     );
@@ -733,7 +746,7 @@ fn a_viewer_token_reads_but_gets_403_on_changes() {
 
     let out = ok(&run(&server, &["tokens", "delete", &token_id]));
     assert!(out.starts_with("deleted viewer token \"ro\""), "{out}");
-    let o = run_with(&api, &secret, &["hosts", "list"]);
+    let o = run_as(&server, &secret, &["hosts", "list"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).starts_with("novacron: error: 401 unauthenticated"),
@@ -869,12 +882,9 @@ fn events_show_a_vm_being_stopped() {
     let (server, _agent, _host) = fleet("ev-host");
     running_vm(&server, "ev-1", "ev-host");
     let mut child = cli()
-        .args([
-            "--api",
-            &format!("http://{}", server.api),
-            "--token",
-            &server.token,
-        ])
+        .args(["--api", &server.api_url(), "--token", &server.token])
+        .arg("--ca-file")
+        .arg(server.ca_file())
         .args(["events", "--vm", "ev-1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

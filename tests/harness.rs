@@ -1,7 +1,9 @@
 //! Test harness for NovaCron's end-to-end tests: starts real
 //! `novacron-server` and `novacron-agent` processes in temporary
-//! directories, talks to the API over plain HTTP, and opens raw QUIC
-//! connections for the bad-peer cases.
+//! directories, talks to the API over HTTPS (verifying the server's
+//! certificate against that server's fleet CA; plain HTTP only for a server
+//! configured with `[api] plaintext`), and opens raw QUIC connections for
+//! the bad-peer cases.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`, which
 //! `make test` does); a missing binary is a loud failure, never a skip.
@@ -79,6 +81,90 @@ pub fn let_real_time_pass(d: Duration) {
     std::thread::sleep(d);
 }
 
+/// The TLS client configs of the HTTPS servers this process started, by
+/// API address (each trusts only its own server's fleet CA).
+fn tls_servers(
+) -> &'static std::sync::Mutex<std::collections::HashMap<SocketAddr, std::sync::Arc<rustls::ClientConfig>>> {
+    static SERVERS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<SocketAddr, std::sync::Arc<rustls::ClientConfig>>>,
+    > = std::sync::OnceLock::new();
+    SERVERS.get_or_init(Default::default)
+}
+
+/// A TLS client config trusting only the CA certificates in `ca_pem`.
+pub fn tls_client(ca_pem: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    let pem =
+        std::fs::read_to_string(ca_pem).unwrap_or_else(|e| panic!("cannot read {}: {e}", ca_pem.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in novacron_shared::pki::certs_from_pem(&pem).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    std::sync::Arc::new(cfg)
+}
+
+/// A connection to an API: TLS when the server at `addr` serves HTTPS.
+pub enum Conn {
+    /// Plain HTTP.
+    Plain(TcpStream),
+    /// HTTPS.
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    /// Connects to the API at `addr` (HTTPS if a server this harness
+    /// started there serves it).
+    pub fn open(addr: SocketAddr) -> Conn {
+        let tcp = TcpStream::connect(addr).expect("connect to API");
+        let cfg = tls_servers().lock().unwrap().get(&addr).cloned();
+        match cfg {
+            None => Conn::Plain(tcp),
+            Some(cfg) => {
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let conn = rustls::ClientConnection::new(cfg, name).unwrap();
+                Conn::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)))
+            }
+        }
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(t) => t,
+            Conn::Tls(s) => &s.sock,
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(t) => t.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(t) => t.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(t) => t.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
 /// A minimal HTTP/1.1 call; returns status and JSON body (`null` for an
 /// empty body, the text as a JSON string when it is not JSON).
 pub fn http(
@@ -103,8 +189,8 @@ pub fn http_text(addr: SocketAddr, method: &str, path: &str, token: Option<&str>
 }
 
 fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to API");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut s = Conn::open(addr);
+    s.tcp().set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -114,8 +200,15 @@ fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body
         body.len()
     )
     .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let mut raw = Vec::new();
+    match s.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // The server closes after `Connection: close` without a TLS
+        // close_notify; everything it sent has arrived.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => panic!("reading the API's reply to {method} {path}: {e}"),
+    }
+    let out = String::from_utf8_lossy(&raw).into_owned();
     let status: u16 = out
         .split(' ')
         .nth(1)
@@ -127,13 +220,13 @@ fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body
 
 /// A server-sent events stream read off a raw socket.
 pub struct Sse {
-    stream: TcpStream,
+    stream: Conn,
     buf: String,
 }
 
 /// Opens `GET path` as an event stream with `token`.
 pub fn sse(addr: SocketAddr, token: &str, path: &str) -> Sse {
-    let mut stream = TcpStream::connect(addr).expect("connect to API");
+    let mut stream = Conn::open(addr);
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n\r\n"
@@ -169,6 +262,7 @@ impl Sse {
             }
             let left = timeout.checked_sub(start.elapsed())?;
             self.stream
+                .tcp()
                 .set_read_timeout(Some(left.max(Duration::from_millis(10))))
                 .unwrap();
             let mut chunk = [0u8; 8192];
@@ -297,7 +391,7 @@ impl Server {
             .unwrap();
         self.child = Some(child);
         let path = self.log_path();
-        let (q, a) = wait_for("server to start", Duration::from_secs(30), || {
+        let (q, a, https) = wait_for("server to start", Duration::from_secs(30), || {
             let text = std::fs::read_to_string(&path).ok()?;
             let line = text.lines().find(|l| l.contains("novacron-server started"))?;
             let field = |k: &str| -> Option<SocketAddr> {
@@ -305,10 +399,17 @@ impl Server {
                     .find_map(|w| w.strip_prefix(k))
                     .and_then(|v| v.parse().ok())
             };
-            Some((field("quic_addr=")?, field("api_addr=")?))
+            let https = line.contains("api=https://");
+            Some((field("quic_addr=")?, field("api_addr=")?, https))
         });
         self.quic = q;
         self.api = a;
+        let mut servers = tls_servers().lock().unwrap();
+        if https {
+            servers.insert(a, tls_client(&self.ca_file()));
+        } else {
+            servers.remove(&a);
+        }
     }
 
     /// Starts the server again after [`Server::kill9`].
@@ -321,6 +422,20 @@ impl Server {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
             c.wait().unwrap();
+        }
+    }
+
+    /// The fleet CA (PEM): what the API's certificate chains to.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("data/ca.pem")
+    }
+
+    /// The API's URL: `https://ADDR` (`http://` for a plain-text server).
+    pub fn api_url(&self) -> String {
+        if tls_servers().lock().unwrap().contains_key(&self.api) {
+            format!("https://{}", self.api)
+        } else {
+            format!("http://{}", self.api)
         }
     }
 

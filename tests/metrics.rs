@@ -49,12 +49,9 @@ fn novacron(server: &Server, args: &[&str]) -> std::process::Output {
     Command::new(novacron_e2e::bin("novacron"))
         .env("NOVACRON_SERVER_CONFIG", "/nonexistent/server.toml")
         .env_remove("NOVACRON_TOKEN_FILE")
-        .args([
-            "--api",
-            &format!("http://{}", server.api),
-            "--token",
-            &server.token,
-        ])
+        .args(["--api", &server.api_url(), "--token", &server.token])
+        .arg("--ca-file")
+        .arg(server.ca_file())
         .args(args)
         .output()
         .unwrap()

@@ -28,7 +28,9 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(target: std::net::SocketAddr) -> Prometheus {
+    /// A Prometheus scraping the server at `target` over HTTPS, trusting
+    /// only `ca_file` (the fleet CA), as the README's scrape config says.
+    fn start(target: std::net::SocketAddr, ca_file: &std::path::Path) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -39,7 +41,9 @@ impl Prometheus {
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: novacron\n    \
-                 metrics_path: /metrics\n    static_configs:\n      - targets: ['{target}']\n"
+                 metrics_path: /metrics\n    scheme: https\n    tls_config:\n      ca_file: {ca}\n    \
+                 static_configs:\n      - targets: ['{target}']\n",
+                ca = ca_file.display()
             ),
         )
         .unwrap();
@@ -201,7 +205,7 @@ fn a_busy_guest_moves_its_cpu_series_in_the_api_and_in_prometheus() {
     assert_eq!(current, Some(128.0 * 1024.0 * 1024.0), "{mem}");
 
     // Prometheus scrapes the server and has the VM's CPU counter, rising.
-    let prom = Prometheus::start(server.api);
+    let prom = Prometheus::start(server.api, &server.ca_file());
     let series = wait_for(
         "Prometheus to scrape the busy guest's CPU",
         Duration::from_secs(60),

@@ -244,7 +244,8 @@ fn a_running_guest_live_migrates_and_drains_between_two_real_hosts() {
         &format!("/v1/vms/{vm}/migrate"),
         &json!({"host": "00000000-0000-0000-0000-0000000000ff"}),
     );
-    assert_eq!(s, 400, "{v}");
+    assert_eq!(s, 404, "an unknown target host is not found: {v}");
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
 
     // Live migration to host 2, named.
     let (s, v) = server.send("POST", &format!("/v1/vms/{vm}/migrate"), &json!({"host": id2}));

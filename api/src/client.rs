@@ -5,6 +5,12 @@
 //! bodies and replies are this crate's types) and untyped ones
 //! ([`ApiClient::call`]: JSON values), and opens server-sent-event streams;
 //! [`SseParser`] is the sans-IO parser behind [`EventStream`].
+//!
+//! The API is HTTPS: a client trusts only the CA it is given
+//! ([`TrustedCa`]: the fleet CA, `ca.pem` in the server's data directory,
+//! or the CA of the certificate an operator gave the API), never a system
+//! store, and refuses an `https://` call without one. Plain `http://` is
+//! for servers configured with `[api] plaintext`.
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -13,6 +19,7 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -35,6 +42,15 @@ pub enum ClientError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// An `https://` URL, but no CA to verify the server's certificate with.
+    #[error("{url} is HTTPS, and no CA to verify its certificate was given: pass the fleet CA (ca.pem in the server's data directory) with --ca-file or NOVACRON_CA_FILE")]
+    NoCa {
+        /// Where.
+        url: String,
+    },
+    /// The CA file is unusable.
+    #[error(transparent)]
+    Ca(#[from] CaError),
     /// The server could not be reached.
     #[error("cannot reach the NovaCron API at {url} (is `novacron-server run` running there?)")]
     Connect {
@@ -94,6 +110,16 @@ pub enum ClientError {
     },
 }
 
+/// A CA the client cannot use.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot use the CA file {path}: {reason}")]
+pub struct CaError {
+    /// The file.
+    pub path: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
 impl ClientError {
     /// Whether the server could not be reached at all (as opposed to
     /// refusing the request or answering something odd).
@@ -113,9 +139,12 @@ impl ClientError {
     }
 }
 
-/// Where the API is: `http://host:port`, optionally with a path prefix.
+/// Where the API is: `https://host:port` (or `http://` for a plain-text
+/// server), optionally with a path prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiUrl {
+    /// HTTPS (the default) or plain HTTP.
+    tls: bool,
     /// `host:port` (the host may be a bracketed IPv6 address).
     authority: String,
     /// A path prefix without a trailing slash (usually empty).
@@ -125,19 +154,35 @@ pub struct ApiUrl {
 impl ApiUrl {
     /// The full URL for an API path (`/v1/...`).
     pub fn join(&self, path: &str) -> String {
-        format!("http://{}{}{}", self.authority, self.prefix, path)
+        format!("{}{}", self, path)
+    }
+
+    /// `http://addr`: a server configured with `[api] plaintext`.
+    pub fn plain(addr: SocketAddr) -> Self {
+        ApiUrl {
+            tls: false,
+            ..Self::from(addr)
+        }
+    }
+
+    /// Whether this is an `https://` URL.
+    pub fn is_https(&self) -> bool {
+        self.tls
     }
 }
 
 impl std::fmt::Display for ApiUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.prefix)
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.prefix)
     }
 }
 
 impl From<SocketAddr> for ApiUrl {
+    /// `https://addr`.
     fn from(addr: SocketAddr) -> Self {
         ApiUrl {
+            tls: true,
             authority: addr.to_string(),
             prefix: String::new(),
         }
@@ -152,17 +197,17 @@ impl FromStr for ApiUrl {
             url: s.to_string(),
             reason,
         };
-        let rest = if let Some(r) = s.strip_prefix("http://") {
-            r
-        } else if s.starts_with("https://") {
-            return Err(bad(
-                "https is not supported yet; use http:// (or a local TLS proxy)",
-            ));
+        let (tls, rest) = if let Some(r) = s.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = s.strip_prefix("http://") {
+            (false, r)
         } else if s.contains("://") {
-            return Err(bad("the scheme must be http://"));
+            return Err(bad(
+                "the scheme must be https:// (or http:// for a plain-text server)",
+            ));
         } else {
-            // A bare `host:port`.
-            s
+            // A bare `host:port`: HTTPS, as the server serves by default.
+            (true, s)
         };
         let (authority, prefix) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
@@ -179,15 +224,97 @@ impl FromStr for ApiUrl {
                 port.parse::<u16>().map_err(|_| bad("the port is not a number"))?;
                 authority.to_string()
             }
-            _ => format!("{authority}:80"),
+            _ => format!("{authority}:{}", if tls { 443 } else { 80 }),
         };
         let uri = format!("http://{authority}{prefix}/");
         uri.parse::<hyper::Uri>().map_err(|_| bad("not a valid URL"))?;
         Ok(ApiUrl {
+            tls,
             authority,
             prefix: prefix.to_string(),
         })
     }
+}
+
+/// The certificate authorities an HTTPS client trusts: only these, never
+/// a system store.
+#[derive(Clone)]
+pub struct TrustedCa(std::sync::Arc<rustls::ClientConfig>);
+
+impl std::fmt::Debug for TrustedCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("TrustedCa").finish_non_exhaustive()
+    }
+}
+
+impl TrustedCa {
+    /// The CA certificates in a PEM text (`what` names it in errors).
+    pub fn from_pem(pem: &str, what: &str) -> Result<Self, CaError> {
+        use rustls::pki_types::pem::PemObject;
+        let bad = |reason: String| CaError {
+            path: what.to_string(),
+            reason,
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| bad(format!("not PEM certificates ({e})")))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(format!("not a usable CA certificate ({e})")))?;
+        }
+        if roots.is_empty() {
+            return Err(bad("no certificate in it".into()));
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self(std::sync::Arc::new(cfg)))
+    }
+
+    /// The CA certificates in a PEM file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, CaError> {
+        let text = std::fs::read_to_string(path).map_err(|e| CaError {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_pem(&text, &path.display().to_string())
+    }
+}
+
+type Http = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+fn http_client(ca: Option<&TrustedCa>) -> Http {
+    let tls = match ca {
+        Some(c) => (*c.0).clone(),
+        // Plain http:// only: an https:// call without a CA is refused
+        // before connecting (and this empty store would trust nothing).
+        None => rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+        .unwrap_or_else(|_| unreachable_config()),
+    };
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// ring's default provider supports the safe default versions; this is
+/// never reached, and trusts nothing if it were.
+fn unreachable_config() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
 }
 
 /// A client for one API endpoint, with an optional bearer token.
@@ -196,18 +323,28 @@ pub struct ApiClient {
     base: ApiUrl,
     token: Option<String>,
     timeout: Duration,
-    http: Client<HttpConnector, Full<Bytes>>,
+    has_ca: bool,
+    http: Http,
 }
 
 impl ApiClient {
     /// A client for `base` that sends `token` (when given) with every call.
+    /// An `https://` base also needs [`ApiClient::with_ca`].
     pub fn new(base: ApiUrl, token: Option<String>) -> Self {
         Self {
             base,
             token,
             timeout: DEFAULT_TIMEOUT,
-            http: Client::builder(TokioExecutor::new()).build_http(),
+            has_ca: false,
+            http: http_client(None),
         }
+    }
+
+    /// Verifies the server's certificate against `ca` (and only `ca`).
+    pub fn with_ca(mut self, ca: &TrustedCa) -> Self {
+        self.http = http_client(Some(ca));
+        self.has_ca = true;
+        self
     }
 
     /// Sets how long a call (or opening a stream) may take.
@@ -228,6 +365,11 @@ impl ApiClient {
         body: Option<&[u8]>,
         accept: &'static str,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
+        if self.base.tls && !self.has_ca {
+            return Err(ClientError::NoCa {
+                url: self.base.to_string(),
+            });
+        }
         let url = self.base.join(path);
         let mut req = Request::builder()
             .method(method)
@@ -567,23 +709,43 @@ impl SseParser {
     }
 }
 
-/// Calls `method path` at `addr` with an optional JSON body; returns the
-/// JSON reply (the admin subcommands of `novacron-server` use this).
+/// Calls `method path` at `base` (verified against `ca`) with an optional
+/// JSON body; returns the JSON reply (the admin subcommands of
+/// `novacron-server` use this).
 pub async fn call(
-    addr: SocketAddr,
+    base: ApiUrl,
+    ca: Option<&TrustedCa>,
     token: &str,
     method: Method,
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<serde_json::Value, ClientError> {
-    ApiClient::new(addr.into(), Some(token.to_string()))
-        .call(method, path, body)
-        .await
+    let mut c = ApiClient::new(base, Some(token.to_string()));
+    if let Some(ca) = ca {
+        c = c.with_ca(ca);
+    }
+    c.call(method, path, body).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn https_without_a_ca_is_refused_before_connecting() {
+        // Nothing listens on port 9 of loopback: a connection attempt would
+        // be `Connect`; the refusal must come first.
+        let c = ApiClient::new("https://127.0.0.1:9".parse().unwrap(), None);
+        let e = c.get::<serde_json::Value>("/healthz").await.unwrap_err();
+        assert!(matches!(e, ClientError::NoCa { .. }), "{e}");
+        assert!(e.to_string().contains("--ca-file"), "{e}");
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused() {
+        let e = TrustedCa::from_pem("hello", "ca.pem").unwrap_err();
+        assert!(e.to_string().contains("ca.pem"), "{e}");
+    }
 
     #[test]
     fn urls_parse_with_defaults_and_refuse_what_we_cannot_speak() {
@@ -594,11 +756,18 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(u.join("/v1/vms"), "http://fleet.example.com:80/novacron/v1/vms");
         let u: ApiUrl = "[::1]:7080".parse().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(u.to_string(), "http://[::1]:7080");
+        assert_eq!(u.to_string(), "https://[::1]:7080", "a bare address is HTTPS");
+        assert!(u.is_https());
         let u: ApiUrl = "http://[::1]".parse().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(u.to_string(), "http://[::1]:80");
+        let u: ApiUrl = "https://fleet.example.com"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(u.to_string(), "https://fleet.example.com:443");
+        let a: SocketAddr = "127.0.0.1:7080".parse().unwrap();
+        assert_eq!(ApiUrl::from(a).to_string(), "https://127.0.0.1:7080");
+        assert_eq!(ApiUrl::plain(a).to_string(), "http://127.0.0.1:7080");
         for bad in [
-            "https://x:1",
             "ftp://x",
             "http://",
             "http://x:port",

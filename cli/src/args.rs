@@ -11,11 +11,18 @@ use crate::units;
 #[derive(Parser, Debug)]
 #[command(name = "novacron", version)]
 pub struct Cli {
-    /// The API's URL [default: the api.listen of the local server config
-    /// (NOVACRON_SERVER_CONFIG or /etc/novacron/server.toml), else
-    /// http://127.0.0.1:7080].
+    /// The API's URL, https://HOST:PORT (http:// only for a server
+    /// configured with [api] plaintext) [default: the api.listen of the
+    /// local server config (NOVACRON_SERVER_CONFIG or
+    /// /etc/novacron/server.toml), else https://127.0.0.1:7080].
     #[arg(long, env = "NOVACRON_API", global = true, value_name = "URL")]
     pub api: Option<String>,
+
+    /// The CA (PEM) that the API's certificate must chain to; nothing else
+    /// is trusted [default: the fleet CA, ca.pem in the local server's data
+    /// directory].
+    #[arg(long, env = "NOVACRON_CA_FILE", global = true, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
 
     /// The API token [default: admin.token in the local server's data
     /// directory, if readable].

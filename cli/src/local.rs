@@ -28,6 +28,13 @@ pub struct LocalApi {
     /// Where the API listens.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Plain HTTP instead of HTTPS.
+    #[serde(default)]
+    pub plaintext: bool,
+    /// The operator's certificate for the API, if any (its chain anchors
+    /// the check besides the fleet CA).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -42,6 +49,8 @@ impl Default for LocalApi {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            plaintext: false,
+            cert_file: None,
         }
     }
 }
@@ -76,6 +85,11 @@ impl LocalServer {
     /// The admin token the server writes into its data directory.
     pub fn admin_token(&self) -> PathBuf {
         self.data_dir.join("admin.token")
+    }
+
+    /// The fleet CA in the data directory.
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("ca.pem")
     }
 
     /// The API address to call: the listen address, loopback when it is

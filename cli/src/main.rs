@@ -25,7 +25,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use local::LocalServer;
-use novacron_api::client::{ApiClient, ApiUrl, ClientError};
+use novacron_api::client::{ApiClient, ApiUrl, CaError, ClientError, TrustedCa};
 
 use args::{Cli, Command, HostsCommand};
 use ctx::Ctx;
@@ -70,6 +70,9 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// The CA to verify the API with is unusable.
+    #[error(transparent)]
+    Ca(#[from] novacron_api::client::CaError),
     /// The VM spec file could not be read.
     #[error("cannot read {path}")]
     SpecFile {
@@ -122,8 +125,10 @@ impl CliError {
             CliError::Api(e) if e.is_unreachable() => 3,
             CliError::Api(ClientError::Body(_)) => 3,
             CliError::Api(ClientError::InvalidUrl { .. }) => 2,
+            CliError::Api(ClientError::NoCa { .. }) => 2,
             CliError::TokenFile { .. }
             | CliError::NoToken { .. }
+            | CliError::Ca(_)
             | CliError::SpecFile { .. }
             | CliError::SpecJson { .. }
             | CliError::Usage(_) => 2,
@@ -167,7 +172,8 @@ fn main() -> ExitCode {
 }
 
 fn client(cli: &Cli) -> Result<ApiClient, CliError> {
-    let needs_local = cli.api.is_none() || (cli.token.is_none() && cli.token_file.is_none());
+    let needs_local =
+        cli.api.is_none() || (cli.token.is_none() && cli.token_file.is_none()) || cli.ca_file.is_none();
     let local = if needs_local {
         LocalServer::find()
     } else {
@@ -175,6 +181,7 @@ fn client(cli: &Cli) -> Result<ApiClient, CliError> {
     };
     let base: ApiUrl = match &cli.api {
         Some(url) => url.parse()?,
+        None if local.api.plaintext => ApiUrl::plain(local.api_addr()),
         None => local.api_addr().into(),
     };
     let read = |path: &PathBuf| std::fs::read_to_string(path).map(|t| t.trim().to_string());
@@ -192,7 +199,32 @@ fn client(cli: &Cli) -> Result<ApiClient, CliError> {
             })?
         }
     };
-    Ok(ApiClient::new(base, Some(token)))
+    let ca = match (&cli.ca_file, base.is_https()) {
+        (_, false) => None,
+        (Some(path), true) => Some(TrustedCa::from_file(path)?),
+        (None, true) => {
+            // The local server's fleet CA (plus the operator's API chain).
+            let path = local.ca_file();
+            let mut pem = std::fs::read_to_string(&path).map_err(|e| CaError {
+                path: path.display().to_string(),
+                reason: format!(
+                    "{e}; pass --ca-file (or NOVACRON_CA_FILE) with the CA of the API's certificate"
+                ),
+            })?;
+            if let Some(extra) = &local.api.cert_file {
+                pem.push_str(&std::fs::read_to_string(extra).map_err(|e| CaError {
+                    path: extra.display().to_string(),
+                    reason: e.to_string(),
+                })?);
+            }
+            Some(TrustedCa::from_pem(&pem, &path.display().to_string())?)
+        }
+    };
+    let api = ApiClient::new(base, Some(token));
+    Ok(match &ca {
+        Some(ca) => api.with_ca(ca),
+        None => api,
+    })
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {

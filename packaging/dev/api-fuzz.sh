@@ -53,7 +53,7 @@ free_port() {
 }
 api_port="$(free_port)"
 quic_port="$(free_port)"
-api="http://127.0.0.1:$api_port"
+api="https://127.0.0.1:$api_port"
 
 cat >"$work/server.toml" <<EOF
 data_dir = "$work/server"
@@ -65,14 +65,16 @@ listen = "127.0.0.1:$quic_port"
 EOF
 "$server_bin" -c "$work/server.toml" init >/dev/null
 token="$(cat "$work/server/admin.token")"
+# The API is HTTPS with the fleet CA's server certificate: verify it.
+ca="$work/server/ca.pem"
 fingerprint="$("$server_bin" -c "$work/server.toml" ca fingerprint)"
 "$server_bin" -c "$work/server.toml" run 2>"$work/server.log" &
 pids+=($!)
 for _ in $(seq 100); do
-  curl -sf "$api/healthz" >/dev/null && break
+  curl -sf --cacert "$ca" "$api/healthz" >/dev/null && break
   sleep 0.1
 done
-curl -sf "$api/healthz" >/dev/null || { cat "$work/server.log" >&2; exit 1; }
+curl -sf --cacert "$ca" "$api/healthz" >/dev/null || { cat "$work/server.log" >&2; exit 1; }
 
 # One agent on a libvirt test-driver host, so host routes have a live host.
 mkdir -p "$work/host"
@@ -97,7 +99,7 @@ join="$("$server_bin" -c "$work/server.toml" token create --ttl 10m)"
 "$agent_bin" -c "$work/host/agent.toml" run 2>"$work/agent.log" &
 pids+=($!)
 for _ in $(seq 100); do
-  curl -sf -H "Authorization: Bearer $token" "$api/v1/hosts" | grep -q '"connected":true' && break
+  curl -sf --cacert "$ca" -H "Authorization: Bearer $token" "$api/v1/hosts" | grep '"connected":true' >/dev/null && break
   sleep 0.1
 done
 
@@ -108,6 +110,7 @@ status=0
 # Run from the temporary directory: schemathesis keeps its cache there.
 (cd "$work" && "$venv/bin/schemathesis" --config-file "$root/packaging/dev/api-fuzz.toml" run "$api/v1/openapi.json" \
   --header "Authorization: Bearer $token" \
+  --tls-verify "$ca" \
   --checks all \
   --max-examples "$cases" \
   --request-timeout 70 \

@@ -9,6 +9,8 @@ pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev pkg-config)
 command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v genisoimage >/dev/null 2>&1 || need+=(genisoimage)
+# curl: the HTTPS tests call the API as an operator would.
+command -v curl >/dev/null 2>&1 || need+=(curl ca-certificates)
 # Prometheus and promtool: the exposition is checked and scraped for real.
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 

@@ -65,6 +65,9 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 /// Longest a request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a client has for the TLS handshake and for its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Shared state of the API.
 #[derive(Debug)]
 pub struct Api {
@@ -142,6 +145,19 @@ impl Api {
 
     /// Serves HTTP on `listener` until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        self.serve_on(listener, None).await;
+    }
+
+    /// Serves on `listener` until the task is dropped: HTTPS through `tls`
+    /// (the handshake runs in the connection's own task, under the header
+    /// timeout), plain HTTP without it. A failed handshake (a client that
+    /// does not trust the certificate, a port scanner) is logged,
+    /// rate-limited, and affects nothing else.
+    pub async fn serve_on(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) {
         loop {
             let (stream, remote) = match listener.accept().await {
                 Ok(x) => x,
@@ -152,16 +168,37 @@ impl Api {
                 }
             };
             let api = self.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
+                let svc = {
                     let api = api.clone();
-                    async move { Ok::<_, Infallible>(api.handle(req, remote).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
+                    hyper::service::service_fn(move |req| {
+                        let api = api.clone();
+                        async move { Ok::<_, Infallible>(api.handle(req, remote).await) }
+                    })
+                };
+                let http = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .clone();
+                match tls {
+                    None => {
+                        let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                    Some(acceptor) => {
+                        match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => {
+                                let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                            Ok(Err(e)) => {
+                                warn_limited!(api.limiter, %remote, error = %e, "API TLS handshake failed");
+                            }
+                            Err(_) => {
+                                warn_limited!(api.limiter, %remote, "API TLS handshake timed out");
+                            }
+                        }
+                    }
+                }
             });
         }
     }

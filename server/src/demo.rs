@@ -103,8 +103,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await
         .context("cannot start the server (is another demo running? try --api/--quic)")?;
     println!(
-        "server up: agent link quic://{}, API http://{}",
-        running.quic_addr, running.api_addr
+        "server up: agent link quic://{}, API {}",
+        running.quic_addr, running.api_url
     );
 
     let mut agents = Vec::new();
@@ -191,6 +191,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 /// (stopped); the scheduler places them. Then waits until every agent
 /// runs what it was given.
 async fn place_vms(running: &crate::Running, token: &str) -> anyhow::Result<()> {
+    let api = running.api_client(token)?;
     let n = running.fleet.hosts()?.len();
     let mut ids = Vec::new();
     for i in 1..=n {
@@ -210,14 +211,7 @@ async fn place_vms(running: &crate::Running, token: &str) -> anyhow::Result<()> 
                 "power": power,
                 "placement": {"anti_affinity": group}
             });
-            let vm = crate::client::call(
-                running.api_addr,
-                token,
-                hyper::Method::POST,
-                "/v1/vms",
-                Some(body),
-            )
-            .await?;
+            let vm = api.call(hyper::Method::POST, "/v1/vms", Some(body)).await?;
             ids.push((
                 name,
                 vm["vm"]["id"].as_str().unwrap_or_default().to_string(),
@@ -234,14 +228,9 @@ async fn place_vms(running: &crate::Running, token: &str) -> anyhow::Result<()> 
     for (name, id, power) in &ids {
         let want = if *power == "running" { "running" } else { "stopped" };
         loop {
-            let v = crate::client::call(
-                running.api_addr,
-                token,
-                hyper::Method::GET,
-                &format!("/v1/vms/{id}"),
-                None,
-            )
-            .await?;
+            let v = api
+                .call(hyper::Method::GET, &format!("/v1/vms/{id}"), None)
+                .await?;
             if v["observed"]["state"] == want {
                 break;
             }
@@ -351,35 +340,36 @@ fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &s
     }
     println!();
     println!("Where to look:");
+    let ca = running.ca_file.display();
     println!(
-        "  curl -s -H 'Authorization: Bearer {token}' http://{}/v1/hosts",
-        running.api_addr
+        "  curl -s --cacert {ca} -H 'Authorization: Bearer {token}' {}/v1/hosts",
+        running.api_url
     );
     println!(
-        "  curl -s -H 'Authorization: Bearer {token}' http://{}/v1/vms",
-        running.api_addr
+        "  curl -s --cacert {ca} -H 'Authorization: Bearer {token}' {}/v1/vms",
+        running.api_url
     );
     println!(
-        "  curl -sN -H 'Authorization: Bearer {token}' http://{}/v1/events    (live events)",
-        running.api_addr
+        "  curl -sN --cacert {ca} -H 'Authorization: Bearer {token}' {}/v1/events    (live events)",
+        running.api_url
     );
     println!(
-        "  curl -s -H 'Authorization: Bearer {token}' 'http://{}/v1/metrics?host=<host id>&from=5m'   (host metrics, 1 s samples)",
-        running.api_addr
+        "  curl -s --cacert {ca} -H 'Authorization: Bearer {token}' '{}/v1/metrics?host=<host id>&from=5m'   (host metrics, 1 s samples)",
+        running.api_url
     );
     println!(
-        "  curl -s http://{}/metrics    (Prometheus exposition: server health and every host's and VM's latest values)",
-        running.api_addr
+        "  curl -s --cacert {ca} {}/metrics    (Prometheus exposition: server health and every host's and VM's latest values)",
+        running.api_url
     );
     println!("  novacron-server -c {} host list", config.display());
     println!(
-        "  novacron --api http://{} --token-file {} top   (live host and VM metrics)",
-        running.api_addr,
+        "  novacron --api {} --ca-file {ca} --token-file {} top   (live host and VM metrics)",
+        running.api_url,
         DataDir::new(root.join("server")).admin_token().display()
     );
     println!(
-        "  novacron --api http://{} --token-file {} vms list   (also hosts list, events, ...)",
-        running.api_addr,
+        "  novacron --api {} --ca-file {ca} --token-file {} vms list   (also hosts list, events, ...)",
+        running.api_url,
         DataDir::new(root.join("server")).admin_token().display()
     );
     println!("  files and logs: {}", root.display());

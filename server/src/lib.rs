@@ -44,6 +44,9 @@ pub enum StartError {
     /// TLS setup failed.
     #[error("TLS setup failed")]
     Tls(#[from] novacron_shared::tls::TlsError),
+    /// The server certificate could not be loaded, mended or renewed.
+    #[error("server certificate")]
+    Https(#[from] https::HttpsError),
     /// A socket could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -66,6 +69,22 @@ pub struct Running {
     pub quic_addr: SocketAddr,
     /// Where the API listens.
     pub api_addr: SocketAddr,
+    /// The API's URL (`https://`, or `http://` when configured plain).
+    pub api_url: client::ApiUrl,
+    /// The fleet CA the API's default certificate chains to.
+    pub ca_file: std::path::PathBuf,
+}
+
+impl Running {
+    /// A client of this server's API with `token`, trusting the fleet CA.
+    pub fn api_client(&self, token: &str) -> Result<client::ApiClient, client::CaError> {
+        let c = client::ApiClient::new(self.api_url.clone(), Some(token.to_string()));
+        Ok(if self.api_url.is_https() {
+            c.with_ca(&client::TrustedCa::from_file(&self.ca_file)?)
+        } else {
+            c
+        })
+    }
 }
 
 impl Running {
@@ -125,14 +144,22 @@ pub async fn start(cfg: &ServerConfig) -> Result<Running, StartError> {
 /// clock of the server: sessions, operations, metrics, events).
 pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Running, StartError> {
     let dir = DataDir::new(&cfg.data_dir);
-    let pki = dir.load_pki()?;
+    let ca = dir.load_ca()?;
     let store = Store::open(&dir.db())?;
-    let server_cfg = novacron_shared::tls::server_config(
-        pki.ca.cert_der().clone(),
-        pki.chain,
-        pki.key,
+    // One certificate for both listeners, renewed in place.
+    let renewer = https::Renewer::open(cfg, clock.clone())?;
+    let certs = renewer.certs();
+    let server_cfg = novacron_shared::tls::server_config_reloadable(
+        ca.cert_der().clone(),
+        certs.fleet.clone(),
         cfg.agents.session_timeout,
     )?;
+    let api_tls = if cfg.api.plaintext {
+        tracing::warn!(addr = %cfg.api.listen, "the API serves plain HTTP ([api] plaintext): bearer tokens cross the wire in clear text");
+        None
+    } else {
+        Some(https::acceptor(certs.api.clone())?)
+    };
     let endpoint =
         server_endpoint(server_cfg, cfg.quic.listen, cfg.quic.udp_recv_buffer).map_err(|source| {
             StartError::Bind {
@@ -156,7 +183,7 @@ pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Runnin
     })?;
     let fleet = Fleet::new(
         store.clone(),
-        pki.ca,
+        ca,
         cfg.agents.clone(),
         cfg.scheduler,
         cfg.migration.clone(),
@@ -167,13 +194,22 @@ pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Runnin
     tokio::spawn(fleet.clone().serve(endpoint.clone()));
     fleet.clone().resume_operations();
     tokio::spawn(
-        api::Api::with_clock(fleet.clone(), store, cfg.api.clone(), fleet.clock().clone()).serve(listener),
+        api::Api::with_clock(fleet.clone(), store, cfg.api.clone(), fleet.clock().clone())
+            .serve_on(listener, api_tls.clone()),
     );
-    tracing::info!(%quic_addr, %api_addr, "novacron-server started");
+    tokio::spawn(renewer.run());
+    let api_url = if api_tls.is_some() {
+        client::ApiUrl::from(api_addr)
+    } else {
+        client::ApiUrl::plain(api_addr)
+    };
+    tracing::info!(%quic_addr, %api_addr, api = %api_url, "novacron-server started");
     Ok(Running {
         fleet,
         endpoint,
         quic_addr,
         api_addr,
+        api_url,
+        ca_file: dir.ca_cert(),
     })
 }

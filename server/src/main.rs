@@ -217,12 +217,32 @@ async fn api(
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
+    let (url, ca) = if cfg.api.plaintext {
+        (client::ApiUrl::plain(addr), None)
+    } else {
+        (client::ApiUrl::from(addr), Some(local_ca(cfg, dir)?))
+    };
     Ok(tokio::time::timeout(
         Duration::from_secs(30),
-        client::call(addr, &token, method, path, body),
+        client::call(url, ca.as_ref(), &token, method, path, body),
     )
     .await
     .context("the API did not answer within 30s")??)
+}
+
+/// What a local admin command trusts: the fleet CA, and the certificates
+/// of `[api] cert_file` when the operator gave the API its own certificate
+/// (its chain's intermediate then anchors the check).
+fn local_ca(cfg: &ServerConfig, dir: &DataDir) -> anyhow::Result<client::TrustedCa> {
+    let path = dir.ca_cert();
+    let mut pem =
+        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    if let Some(extra) = &cfg.api.cert_file {
+        pem.push_str(
+            &std::fs::read_to_string(extra).with_context(|| format!("cannot read {}", extra.display()))?,
+        );
+    }
+    Ok(client::TrustedCa::from_pem(&pem, &path.display().to_string())?)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -18,7 +18,6 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use hyper::Method;
 use novacron_bench::{clock_ticks_per_sec, machine_description, mib, ProcSample};
-use novacron_server::client::call;
 use novacron_server::config::ServerConfig;
 use novacron_server::datadir::DataDir;
 use serde_json::json;
@@ -101,10 +100,10 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let token = report.admin_token.clone();
-    let addr = running.api_addr;
+    let api = running.api_client(&token)?;
     let t = Instant::now();
     loop {
-        let hosts = call(addr, &token, Method::GET, "/v1/hosts", None).await?;
+        let hosts = api.call(Method::GET, "/v1/hosts", None).await?;
         if hosts["hosts"][0]["capacity"]["cpus"].as_u64().unwrap_or(0) > 0 {
             break;
         }
@@ -117,9 +116,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for i in 0..args.vms {
-        call(
-            addr,
-            &token,
+        api.call(
             Method::POST,
             "/v1/vms",
             Some(json!({"spec": {"name": format!("vm-{i}"), "vcpus": 1, "memory_mib": 64}})),
@@ -128,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let t = Instant::now();
     loop {
-        let v = call(addr, &token, Method::GET, "/v1/vms?limit=1000", None).await?;
+        let v = api.call(Method::GET, "/v1/vms?limit=1000", None).await?;
         let running_vms = v["vms"].as_array().map_or(0, |a| {
             a.iter().filter(|v| v["observed"]["state"] == "running").count()
         });
@@ -155,9 +152,9 @@ async fn main() -> anyhow::Result<()> {
         set_metrics(&cfg_path, section)?;
         let mut child = run_agent(&bin, &host_dir, &format!("agent-{}.log", label.replace(' ', "-")))?;
         let pid = child.id().context("agent exited")?;
-        let before = call(addr, &token, Method::GET, "/v1/metrics/streams", None).await?;
+        let before = api.call(Method::GET, "/v1/metrics/streams", None).await?;
         let (cpu, s) = measure(pid, args.seconds).await?;
-        let after = call(addr, &token, Method::GET, "/v1/metrics/streams", None).await?;
+        let after = api.call(Method::GET, "/v1/metrics/streams", None).await?;
         let batches = |v: &serde_json::Value| v["streams"][0]["batches"].as_u64().unwrap_or(0);
         let extra = match baseline {
             None => {
@@ -178,9 +175,11 @@ async fn main() -> anyhow::Result<()> {
         );
         let _ = child.kill().await;
     }
-    let latest = call(addr, &token, Method::GET, "/v1/metrics/latest?owner=host", None).await?;
+    let latest = api
+        .call(Method::GET, "/v1/metrics/latest?owner=host", None)
+        .await?;
     let series = latest["owners"][0]["values"].as_array().map_or(0, Vec::len);
-    let vms = call(addr, &token, Method::GET, "/v1/metrics/latest?owner=vm", None).await?;
+    let vms = api.call(Method::GET, "/v1/metrics/latest?owner=vm", None).await?;
     println!(
         "series per tick: {series} host series with a value + {} VMs reporting",
         vms["owners"].as_array().map_or(0, Vec::len)

@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use hyper::Method;
 use novacron_bench::{machine_description, ms, Summary};
-use novacron_server::client::call;
+use novacron_server::client::ApiClient;
 use novacron_server::config::ServerConfig;
 use novacron_server::datadir::DataDir;
 use novacron_server::store::{PlacementRules, Store, VmRecord};
@@ -37,6 +37,10 @@ struct Args {
     /// The agent binary (default: next to this one).
     #[arg(long)]
     agent_bin: Option<PathBuf>,
+    /// Serve the API as plain HTTP on loopback (`[api] plaintext`), to
+    /// compare with builds that had no HTTPS; the default is HTTPS.
+    #[arg(long)]
+    plain_http: bool,
 }
 
 const NODE: &str = "<node><cpu><mhz>2400</mhz><model>x86_64</model><active>256</active><nodes>1</nodes>\
@@ -48,26 +52,20 @@ fn spec(name: &str) -> serde_json::Value {
 
 /// Creates `n` VMs one at a time; each is timed from the request until the
 /// API shows it running (polled every millisecond).
-async fn create_latencies(
-    addr: std::net::SocketAddr,
-    token: &str,
-    prefix: &str,
-    n: usize,
-) -> anyhow::Result<Vec<Duration>> {
+async fn create_latencies(api: &ApiClient, prefix: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let t0 = Instant::now();
-        let v = call(
-            addr,
-            token,
-            Method::POST,
-            "/v1/vms",
-            Some(json!({"spec": spec(&format!("{prefix}-{i}"))})),
-        )
-        .await?;
+        let v = api
+            .call(
+                Method::POST,
+                "/v1/vms",
+                Some(json!({"spec": spec(&format!("{prefix}-{i}"))})),
+            )
+            .await?;
         let id = v["vm"]["id"].as_str().context("no id")?.to_string();
         loop {
-            let v = call(addr, token, Method::GET, &format!("/v1/vms/{id}"), None).await?;
+            let v = api.call(Method::GET, &format!("/v1/vms/{id}"), None).await?;
             if v["observed"]["state"] == "running" {
                 break;
             }
@@ -115,7 +113,10 @@ fn fill(store: &Store, n: usize) -> anyhow::Result<()> {
 }
 
 /// A fresh server data directory and config (API unthrottled).
-fn init(dir: &std::path::Path) -> anyhow::Result<(ServerConfig, novacron_server::datadir::InitReport)> {
+fn init(
+    dir: &std::path::Path,
+    plain_http: bool,
+) -> anyhow::Result<(ServerConfig, novacron_server::datadir::InitReport)> {
     let mut cfg = ServerConfig {
         data_dir: dir.to_path_buf(),
         ..ServerConfig::default()
@@ -123,6 +124,7 @@ fn init(dir: &std::path::Path) -> anyhow::Result<(ServerConfig, novacron_server:
     cfg.quic.listen = "127.0.0.1:0".parse()?;
     cfg.api.listen = "127.0.0.1:0".parse()?;
     cfg.api.rate_limit = 0.0;
+    cfg.api.plaintext = plain_http;
     let report = DataDir::new(&cfg.data_dir).init(&cfg, SystemTime::now())?;
     Ok((cfg, report))
 }
@@ -185,13 +187,13 @@ async fn main() -> anyhow::Result<()> {
     let root = std::env::temp_dir().join(format!("novacron-api-bench-{}", std::process::id()));
 
     // Part 1: an empty fleet of one test-driver host.
-    let (cfg, report) = init(&root.join("server-a"))?;
+    let (cfg, report) = init(&root.join("server-a"), args.plain_http)?;
     let token = report.admin_token.clone();
     let running = novacron_server::start(&cfg).await?;
     let mut agent = agent_on(&running, &agent_bin, &root.join("host-a"), &report.ca_fingerprint).await?;
-    let lat = create_latencies(running.api_addr, &token, "warm", 10).await?;
+    let lat = create_latencies(&running.api_client(&token)?, "warm", 10).await?;
     drop(lat);
-    let lat = Summary::of(create_latencies(running.api_addr, &token, "lat", args.creates).await?)
+    let lat = Summary::of(create_latencies(&running.api_client(&token)?, "lat", args.creates).await?)
         .context("no runs")?;
     println!(
         "create -> running, empty store, {} sequential creates: median {} p99 {} max {}",
@@ -205,7 +207,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Part 2: a second server whose store holds 100,000 VMs (on made-up
     // hosts, never connected) before it starts.
-    let (cfg, report) = init(&root.join("server-b"))?;
+    let (cfg, report) = init(&root.join("server-b"), args.plain_http)?;
     let token = report.admin_token.clone();
     let t = Instant::now();
     {
@@ -214,14 +216,15 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("stored {} VMs in {:.1} s", args.vms, t.elapsed().as_secs_f64());
     let running = novacron_server::start(&cfg).await?;
-    let addr = running.api_addr;
-    let first = timed(20, || call(addr, &token, Method::GET, "/v1/vms", None)).await?;
+    let api = running.api_client(&token)?;
+    let api = &api;
+    let first = timed(20, || api.call(Method::GET, "/v1/vms", None)).await?;
     println!(
         "GET /v1/vms (first page of 100): median {} p99 {}",
         ms(first.median),
         ms(first.p99)
     );
-    let big = timed(20, || call(addr, &token, Method::GET, "/v1/vms?limit=1000", None)).await?;
+    let big = timed(20, || api.call(Method::GET, "/v1/vms?limit=1000", None)).await?;
     println!(
         "GET /v1/vms?limit=1000: median {} p99 {}",
         ms(big.median),
@@ -235,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
             Some(a) => format!("/v1/vms?limit=1000&after={a}"),
             None => "/v1/vms?limit=1000".to_string(),
         };
-        let v = call(addr, &token, Method::GET, &path, None).await?;
+        let v = api.call(Method::GET, &path, None).await?;
         total += v["vms"].as_array().map_or(0, Vec::len);
         match v["next"].as_str() {
             Some(n) => after = Some(n.to_string()),
@@ -248,14 +251,14 @@ async fn main() -> anyhow::Result<()> {
         total as f64 / t.elapsed().as_secs_f64()
     );
     let q = format!("/v1/vms?host={}", HostId(0xbe00 + 99));
-    let scan = timed(5, || call(addr, &token, Method::GET, &q, None)).await?;
+    let scan = timed(5, || api.call(Method::GET, &q, None)).await?;
     println!(
         "GET /v1/vms?host=<last host> (filter scans the store): median {} p99 {}",
         ms(scan.median),
         ms(scan.p99)
     );
     let q = format!("/v1/vms?name_prefix=vm-{:06}", args.vms - 1);
-    let scan = timed(5, || call(addr, &token, Method::GET, &q, None)).await?;
+    let scan = timed(5, || api.call(Method::GET, &q, None)).await?;
     println!(
         "GET /v1/vms?name_prefix=<last VM's name>: median {} p99 {}",
         ms(scan.median),
@@ -265,7 +268,7 @@ async fn main() -> anyhow::Result<()> {
     // Part 3: create -> running with the full store.
     let mut agent = agent_on(&running, &agent_bin, &root.join("host-b"), &report.ca_fingerprint).await?;
     let n = (args.creates / 4).max(10);
-    let lat = Summary::of(create_latencies(addr, &token, "full", n).await?).context("no runs")?;
+    let lat = Summary::of(create_latencies(api, "full", n).await?).context("no runs")?;
     println!(
         "create -> running with {} VMs stored, {n} creates: median {} p99 {}",
         args.vms,
