@@ -5,10 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
-use novacron_e2e::{http, wait_for, Agent, Server};
+use novacron_e2e::{http, wait_for, Agent, Conn, Server};
 use novacron_shared::clock::Clock;
 use serde_json::{json, Value};
 
@@ -19,15 +18,22 @@ fn call_with_headers(
     path: &str,
     token: &str,
 ) -> (u16, Vec<(String, String)>, Value) {
-    let mut s = TcpStream::connect(server.api).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = Conn::open(server.api);
+    s.tcp().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
     )
     .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let mut raw = Vec::new();
+    // Connection: close ends the reply without a TLS close_notify.
+    if let Err(e) = s.read_to_end(&mut raw) {
+        assert!(
+            e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty(),
+            "{e}"
+        );
+    }
+    let out = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
     let mut lines = head.lines();
     let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
@@ -219,8 +225,11 @@ fn the_served_openapi_document_matches_the_live_router() {
 }
 
 /// Reads SSE events until `done` says stop; returns them as JSON.
-fn read_events(stream: TcpStream, deadline: Duration, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
-    stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+fn read_events(stream: Conn, deadline: Duration, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
+    stream
+        .tcp()
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let mut r = BufReader::new(stream);
     let mut events = Vec::new();
     let clock = Clock::system();
@@ -262,7 +271,7 @@ fn the_event_stream_shows_a_vm_created_placed_and_running() {
         (server.host(&agent.host_id)["capacity"]["memory_mib"].as_u64()? > 0).then_some(())
     });
 
-    let mut s = TcpStream::connect(server.api).unwrap();
+    let mut s = Conn::open(server.api);
     write!(
         s,
         "GET /v1/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {viewer}\r\n\r\n"

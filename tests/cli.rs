@@ -245,13 +245,18 @@ fn bad_arguments_exit_2_with_a_clear_error() {
         assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
         assert!(o.stdout.is_empty(), "{args:?}");
     }
-    let o = run_with("https://127.0.0.1:9", "t", &["hosts", "list"]);
+    let o = run_with("ftp://127.0.0.1:9", "t", &["hosts", "list"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).starts_with("novacron: error: invalid API URL"),
         "{}",
         stderr(&o)
     );
+    // HTTPS with no CA to verify the server with: refused before dialling,
+    // saying what to pass.
+    let o = run_with("https://127.0.0.1:9", "t", &["hosts", "list"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--ca-file"), "{}", stderr(&o));
     let o = cli()
         .args([
             "--api",

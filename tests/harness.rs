@@ -133,7 +133,8 @@ impl Conn {
         }
     }
 
-    fn tcp(&self) -> &TcpStream {
+    /// The TCP stream under it (for timeouts).
+    pub fn tcp(&self) -> &TcpStream {
         match self {
             Conn::Plain(t) => t,
             Conn::Tls(s) => &s.sock,

@@ -8,6 +8,10 @@
 //!
 //! Plain blocking `std::fs` code; the caller runs it on a blocking thread.
 //!
+//! Why one long file: about 950 lines are the spool and its crash-recovery
+//! rules, which only make sense together; the rest are its tests (torn
+//! tails, corruption, a model-based property test) beside what they check.
+//!
 //! # Layout of the directory
 //!
 //! - `seg-<first seq, 20 digits>.log`: segments, each a run of records with

@@ -65,7 +65,10 @@ async fn serve(dir: &std::path::Path, audit: Option<Arc<dyn AuditSink>>) -> (Api
         .unwrap_or_else(|e| panic!("{e}"));
     let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
     tokio::spawn(api.serve(listener));
-    (ApiClient::new(addr.into(), Some(TOKEN.into())), store)
+    (
+        ApiClient::new(novacron_api::client::ApiUrl::plain(addr), Some(TOKEN.into())),
+        store,
+    )
 }
 
 fn refusal(e: ClientError) -> (u16, Option<ErrorCode>) {
