@@ -457,12 +457,7 @@ impl ApiClient {
                     tokio::time::sleep(retry_after(resp.headers())).await;
                     continue;
                 }
-                let bytes = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(ClientError::Body)?
-                    .to_bytes();
+                let bytes = body_of(resp).await?;
                 return Ok((status, bytes));
             }
         };
@@ -485,12 +480,7 @@ impl ApiClient {
         let work = async {
             let resp = self.request(Method::GET, path, None, "text/plain").await?;
             let status = resp.status();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(ClientError::Body)?
-                .to_bytes();
+            let bytes = body_of(resp).await?;
             if !status.is_success() {
                 decode_reply(status, &bytes)?;
             }
@@ -507,12 +497,7 @@ impl ApiClient {
             .await??;
         let status = resp.status();
         if !status.is_success() {
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(ClientError::Body)?
-                .to_bytes();
+            let bytes = body_of(resp).await?;
             return Err(refusal(status, &bytes));
         }
         Ok(EventStream {
@@ -520,6 +505,16 @@ impl ApiClient {
             parser: SseParser::default(),
         })
     }
+}
+
+/// The whole body of a reply.
+async fn body_of(resp: hyper::Response<Incoming>) -> Result<Bytes, ClientError> {
+    Ok(resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(ClientError::Body)?
+        .to_bytes())
 }
 
 /// How often a rate-limited read is tried again.
