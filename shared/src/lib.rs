@@ -15,6 +15,7 @@ pub mod files;
 #[cfg(feature = "quic")]
 pub mod framing;
 pub mod ids;
+pub mod lease;
 pub mod metrics;
 #[cfg(feature = "quic")]
 pub mod pki;
