@@ -9,6 +9,8 @@ pub mod config;
 pub mod datadir;
 pub mod demo;
 pub mod fleet;
+/// High availability: host leases (pure), later the HA controller.
+pub mod ha;
 pub mod https;
 pub mod metrics;
 pub mod ratelimit;
