@@ -18,11 +18,17 @@
 //!   VMs (the argument is in `novacron_shared::lease`): the HA controller
 //!   may restart them elsewhere. This is the only state that allows it.
 //! - [`HostState::Returning`]: a host declared fenced was heard again. VMs
-//!   may have moved off it; it stays here (whatever else it does, until it
-//!   is silent for `W` again, which makes it fenced again) until the HA
-//!   controller reports it reconciled with [`HostLeases::returned_clean`].
+//!   may have moved off it, so it stays here (through heartbeats,
+//!   disconnects and silences shorter than `W`) until the HA controller
+//!   reports it reconciled with [`HostLeases::returned_clean`]; silent for
+//!   `W` again, it is fenced again.
 //! - [`HostState::Maintenance`]: set by an operator; never fenced while
 //!   in it. Leaving it applies the rules above at once.
+//!
+//! Any frame counts, not only heartbeats: the last frame received arrived
+//! no earlier than the last heartbeat received, so it is no earlier than the
+//! send of any heartbeat whose ack the agent holds, which is all the
+//! inequality needs. Out-of-order inputs never move the last receipt back.
 //!
 //! A host heard again before it was declared fenced goes back to online
 //! (through suspect while disconnected): nothing moved, so nothing needs

@@ -9,7 +9,7 @@
 //! and that wait covers the clock-rate drift bound, the fence time and a
 //! margin. This folder only ever declares a host fenced after that wait.
 //!
-//! Owns: the per-host lease view ([`lease`]). Pure: no I/O, no clock reads
+//! Owns: the per-host lease view ([`lease`](crate::ha::lease)). Pure: no I/O, no clock reads
 //! (`now` is passed in), no store, no sessions. Must not touch: the session
 //! loop, the link or the store; the drivers feed it and act on what it says.
 
