@@ -54,6 +54,8 @@
 //! `now`; a host that passed through several states between two ticks is
 //! reported once, from its last reported state to its current one.
 //! [`HostLeases::next_tick`] says when the next tick can have news.
+//!
+//! (About 380 lines of state machine; the rest is its tests, kept beside it.)
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
