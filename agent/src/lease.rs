@@ -1008,7 +1008,6 @@ mod tests {
                 m.advance(ms(100));
                 note(clock.now(), step(&mut l, clock.now(), Event::Tick));
             }
-            drop(note);
             (clock.now() - t0, log)
         };
         let (calm, jumped) = (run(false), run(true));
