@@ -1,9 +1,9 @@
 //! The agent's HA lease: renewed by heartbeat acks, and at its deadline the
 //! agent stops its HA VMs itself, before the server can restart them
 //! elsewhere. Pure: `now` and events in, actions out; no clock reads, no
-//! I/O. The link feeds it (heartbeats sent, acks received, sessions), the
-//! converge loop asks [`Lease::may_start_ha`] and performs
-//! [`Action::FenceHaVms`].
+//! I/O. Its driver (not wired yet) is to feed it the link's heartbeats,
+//! acks and sessions, ask [`Lease::may_start_ha`] before starting an HA VM,
+//! and perform [`Action::FenceHaVms`].
 //!
 //! # The safety argument it relies on
 //!
