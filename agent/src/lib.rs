@@ -28,6 +28,8 @@ pub mod events;
 pub mod ffi;
 pub mod hypervisor;
 pub mod identity;
+/// The HA lease (pure): heartbeat acks renew it, its deadline fences the HA VMs.
+pub mod lease;
 pub mod link;
 pub mod metrics;
 pub mod migrate;
