@@ -6,7 +6,8 @@
 //! layer; nothing imports upwards, so there are no circles):
 //! 1. no libvirt: the pure `drift` (the definition hash), `domxml` (XML
 //!    text) and `reconcile` (desired + observed in, actions out, on its own
-//!    observation type); and `seed` (builds the cloud-init ISO), `spool`
+//!    observation type), `lease` (the HA lease: heartbeat acks in,
+//!    fencing out; not wired to the link yet); and `seed` (builds the cloud-init ISO), `spool`
 //!    (the on-disk metric spool), `identity` (key and certificate files);
 //! 2. the libvirt driver: `error` (its one error type), `ffi` and `events`
 //!    (unwrapped libvirt calls), `vmops` (operations on a connection; turns

@@ -12,6 +12,25 @@ pub struct Host {
     _dir: tempfile::TempDir,
 }
 
+/// libxml2 loads the RNG schema's datatype library lazily, and two
+/// threads doing it at once can fail ("Error type 'unsignedInt' is not
+/// exported by type library ..."). The test driver validates in this
+/// process, and tests run on parallel threads, so the first validating
+/// define runs here, once, before any test's own. (The agent defines on
+/// its one hypervisor thread, and a real libvirtd validates in its own
+/// process, so this is a test-harness concern only.)
+fn load_domain_schema_once(conn: &Connect) {
+    static SCHEMA: std::sync::Once = std::sync::Once::new();
+    SCHEMA.call_once(|| {
+        let xml = "<domain type='test'><name>schema-warm-up</name><memory>65536</memory>\
+                   <os><type>hvm</type></os></domain>";
+        let dom = conn
+            .define_domain_xml_flags(xml, virt::sys::VIR_DOMAIN_DEFINE_VALIDATE)
+            .unwrap_or_else(|e| panic!("a validating define of a minimal domain failed: {e}"));
+        dom.undefine().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
 /// A private test-driver host (test:///default is shared by every
 /// connection in a process; a node file gives each test its own state),
 /// with `domains` (domain XML NovaCron did not define) in its node file.
@@ -29,6 +48,7 @@ pub fn host(domains: &str) -> Host {
     .unwrap_or_else(|e| panic!("{e}"));
     let uri = format!("test://{}", node.display());
     let conn = Connect::open(Some(&uri)).unwrap_or_else(|e| panic!("{e}"));
+    load_domain_schema_once(&conn);
     let setup = HostSetup {
         pool: "novacron".into(),
         pool_path: dir.path().join("pool").to_string_lossy().into_owned(),
