@@ -10,6 +10,11 @@
 //! acks, and the server process's RSS and CPU read from `/proc`. Everything
 //! is torn down at the end: sessions closed, server stopped by its PID,
 //! temporary directory removed.
+//!
+//! One file, one job: every part (the server process, the simulated agents'
+//! enrollment and sessions, their metric streams, the exposition reader, the
+//! report) exists only for this one measurement and is read top to bottom
+//! as one run; the pieces other benchmarks share live in `benches/src/lib.rs`.
 
 // A benchmark times real processes (server, agents, libvirtd, QEMU) by the
 // OS clock and waits on them in real time: the clock rule does not apply.

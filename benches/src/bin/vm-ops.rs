@@ -1,6 +1,10 @@
 //! `vm-ops`: what the NovaCron agent costs per VM operation, and what its
 //! inventory and reconcile pass cost on a large host.
 //!
+//! One file, one job: both parts measure the agent's libvirt driver, and
+//! their helpers (guest XML, the three ways to call libvirt, timing
+//! statistics, cleanup) serve only this measurement.
+//!
 //! **Part 1: agent overhead per operation** against the real libvirtd at
 //! `qemu:///system` (needs root and a running libvirtd; on a dev machine
 //! `bash packaging/dev/testbed.sh start` starts one). Each iteration runs the
