@@ -117,18 +117,22 @@ pub trait Record: Serialize + DeserializeOwned {
 
     /// Decodes an older version's body; records that never changed have none.
     fn decode_old(_version: u8, body: &[u8]) -> Result<Self, StoreError> {
-        codec::decode(body).map_err(|source| StoreError::Corrupt {
+        codec::decode(body).map_err(Self::corrupt)
+    }
+
+    /// A body of this table that does not decode.
+    fn corrupt(source: codec::CodecError) -> StoreError {
+        StoreError::Corrupt {
             table: Self::TABLE,
             source,
-        })
+        }
     }
 
     /// Decodes, migrating older versions.
     fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-        let (&v, body) = bytes.split_first().ok_or(StoreError::Corrupt {
-            table: Self::TABLE,
-            source: codec::CodecError::TrailingBytes(0),
-        })?;
+        let (&v, body) = bytes
+            .split_first()
+            .ok_or(Self::corrupt(codec::CodecError::TrailingBytes(0)))?;
         if v > Self::VERSION {
             return Err(StoreError::TooNew {
                 table: Self::TABLE,
@@ -139,10 +143,7 @@ pub trait Record: Serialize + DeserializeOwned {
         if v < Self::VERSION {
             return Self::decode_old(v, body);
         }
-        codec::decode(body).map_err(|source| StoreError::Corrupt {
-            table: Self::TABLE,
-            source,
-        })
+        codec::decode(body).map_err(Self::corrupt)
     }
 }
 
@@ -190,13 +191,9 @@ impl Record for HostRecord {
     const VERSION: u8 = 2;
 
     fn decode_old(version: u8, body: &[u8]) -> Result<Self, StoreError> {
-        let corrupt = |source| StoreError::Corrupt {
-            table: Self::TABLE,
-            source,
-        };
         match version {
             1 => {
-                let v1: HostRecordV1 = codec::decode(body).map_err(corrupt)?;
+                let v1: HostRecordV1 = codec::decode(body).map_err(Self::corrupt)?;
                 Ok(HostRecord {
                     id: v1.id,
                     name: v1.name,
@@ -214,7 +211,7 @@ impl Record for HostRecord {
                     cert_not_after: v1.cert_not_after,
                 })
             }
-            _ => codec::decode(body).map_err(corrupt),
+            _ => codec::decode(body).map_err(Self::corrupt),
         }
     }
 }

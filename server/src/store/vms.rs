@@ -96,13 +96,9 @@ impl Record for VmRecord {
     const VERSION: u8 = 2;
 
     fn decode_old(version: u8, body: &[u8]) -> Result<Self, StoreError> {
-        let corrupt = |source| StoreError::Corrupt {
-            table: Self::TABLE,
-            source,
-        };
         match version {
             1 => {
-                let v1: VmRecordV1 = codec::decode(body).map_err(corrupt)?;
+                let v1: VmRecordV1 = codec::decode(body).map_err(Self::corrupt)?;
                 Ok(VmRecord {
                     vm: v1.vm,
                     placement: Placement::Host(v1.host),
@@ -110,7 +106,7 @@ impl Record for VmRecord {
                     created_ms: v1.created_ms,
                 })
             }
-            _ => codec::decode(body).map_err(corrupt),
+            _ => codec::decode(body).map_err(Self::corrupt),
         }
     }
 }
