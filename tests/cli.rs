@@ -48,18 +48,16 @@ fn json_output_parses_and_matches_the_api() {
     };
     // The record may still be settling (the session's address is added
     // after the join's): the CLI must match an API read taken right after.
-    let mut last = None;
-    let agreed = std::iter::repeat_with(|| {
-        let out = ok(&run(&server, &["-o", "json", "hosts", "list"]));
-        let cli: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-        let api = server.get("/v1/hosts");
-        let same = strip(&cli) == strip(&api);
-        last = Some((cli, api));
-        same
-    })
-    .take(20)
-    .any(|same| same);
-    assert!(agreed, "the CLI's JSON never matched the API's: {last:#?}");
+    wait_for(
+        "the CLI's JSON to match an API read taken right after it",
+        Duration::from_secs(10),
+        || {
+            let out = ok(&run(&server, &["-o", "json", "hosts", "list"]));
+            let cli: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+            let api = server.get("/v1/hosts");
+            (strip(&cli) == strip(&api)).then_some(())
+        },
+    );
     let out = ok(&run(&server, &["-o", "json", "hosts", "show", "cli-json"]));
     let one: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(one["id"], id.as_str());

@@ -721,18 +721,12 @@ pub fn testbed() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/dev/testbed.sh")
 }
 
-/// `bash packaging/dev/testbed.sh` (add its arguments), run with every
-/// inherited descriptor above stderr closed first: a daemon it starts
-/// (libvirtd, a namespaced host) must not keep open a lock the test runner
-/// holds, such as the one `flock LOCK cargo test …` passes down, or the
-/// lock outlives the test.
+/// `bash packaging/dev/testbed.sh` (add its arguments). The script starts
+/// its daemons with no inherited descriptor but stdio (`bare` there), so
+/// none keeps a lock or pipe of the test runner open.
 pub fn testbed_command() -> Command {
     let mut c = Command::new("bash");
-    c.arg("-c")
-        .arg(
-            r#"for fd in /proc/$$/fd/*; do fd=${fd##*/}; if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi; done; exec bash "$0" "$@""#,
-        )
-        .arg(testbed());
+    c.arg(testbed());
     c
 }
 

@@ -1,20 +1,23 @@
 //! The drift hash: a short digest recorded in a domain's metadata, so the
 //! reconciler can tell whether a definition is stale without reading the
-//! domain XML back. Pure; the reconciler, the XML generator and
-//! `vmops::define` all compare through [`matches`].
+//! domain XML back. Pure; the XML generator records [`domain_hash`] and
+//! the reconciler and `vmops::define` compare through [`matches`].
 //!
 //! The hash covers exactly what `define` turns into the domain and its
 //! disks: the VM id (the domain UUID), name, vCPUs, memory, disks, NICs,
 //! cloud-init (the seed disk's content), kernel boot, machine type and
 //! labels (the domain description). Fields of the spec that never reach
 //! libvirt (the HA flag today; tenancy or burst policy tomorrow) are left
-//! out, so adding or changing them redefines nothing. [`DomainPart`] is
+//! out, so adding or changing them redefines no domain defined under this
+//! scheme. [`DomainPart`] is
 //! built by destructuring the whole `VmSpec`, so a new spec field does not
 //! compile until it is sorted into the domain part or left out here.
 //!
 //! Domains defined before this scheme carry the hash of the previous one
 //! (the whole spec, HA flag included); [`matches`] also accepts that
-//! [`legacy_v1_hash`], so an upgrade does not redefine every domain once.
+//! [`legacy_v1_hash`], so an upgrade does not redefine every domain once;
+//! such a domain is redefined once when its HA flag changes (the legacy
+//! hash covered it), and from then on carries the current hash.
 
 use std::collections::BTreeMap;
 

@@ -37,8 +37,9 @@
 //!
 //! Only [`Instant`]s are used: the wall clock can jump without effect.
 //!
-//! Epochs: [`EpochGuard`] keeps the highest epoch seen per VM so that the
-//! agent never starts a copy of a VM from a stale placement.
+//! Epochs: [`EpochGuard`] keeps the highest epoch seen per VM, for the
+//! agent to refuse a copy of a VM from a stale placement once desired VMs
+//! carry epochs (the HA controller's part; not wired yet, like the lease).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};

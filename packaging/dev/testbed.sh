@@ -361,11 +361,11 @@ ensure_bridge() {
 # host_link_ok NAME IP: veth0 in NAME carries IP/24 and its peer is on br0.
 # A link that is merely down (a fault test cut it) still counts as present.
 host_link_ok() {
-  ip -n "$1" -o -4 addr show dev veth0 2>/dev/null | grep -q " inet $2/24 " &&
-    ip -n "$BRIDGE_NS" -o link show "$1" 2>/dev/null | grep -q ' master br0 '
+  ip -n "$1" -o -4 addr show dev veth0 2>/dev/null | grep " inet $2/24 " >/dev/null &&
+    ip -n "$BRIDGE_NS" -o link show "$1" 2>/dev/null | grep ' master br0 ' >/dev/null
 }
 
-link_admin_up() { ip -n "$1" -o link show "$2" 2>/dev/null | grep -q '[<,]UP[,>]'; }
+link_admin_up() { ip -n "$1" -o link show "$2" 2>/dev/null | grep '[<,]UP[,>]' >/dev/null; }
 
 create_link() {
   local name=$1 ip=$2

@@ -4,9 +4,9 @@
 //! Logic never reads the time itself: it takes `now` as an argument, and the
 //! drivers that feed it hold a [`Clock`]. Production uses
 //! [`Clock::system`]; tests use a [`ManualClock`] they advance by hand (and
-//! can make the wall clock jump while monotonic time goes on), or
-//! [`Clock::tokio`] (feature `tokio`) under tokio's paused time, so nothing
-//! that tests a timeout sleeps for real.
+//! can make the wall clock jump while monotonic time goes on), so nothing
+//! that tests a timeout sleeps for real. (Async drivers wait on tokio
+//! timers, which follow `tokio::time::pause` in their own tests.)
 //!
 //! This is the only module allowed to call `Instant::now` and
 //! `SystemTime::now` (`clippy.toml` bans them everywhere else).
@@ -170,42 +170,6 @@ impl TimeSource for ManualClock {
 
     fn wall(&self) -> SystemTime {
         self.lock().wall
-    }
-}
-
-#[cfg(feature = "tokio")]
-mod tokio_source {
-    use super::{Clock, TimeSource};
-    use std::sync::Arc;
-    use std::time::{Instant, SystemTime};
-
-    /// tokio's clock: under `tokio::time::pause` both monotonic and wall
-    /// time move only as the paused runtime auto-advances or is advanced.
-    struct Tokio {
-        base: tokio::time::Instant,
-        wall: SystemTime,
-    }
-
-    impl TimeSource for Tokio {
-        fn now(&self) -> Instant {
-            tokio::time::Instant::now().into_std()
-        }
-
-        fn wall(&self) -> SystemTime {
-            self.wall + tokio::time::Instant::now().saturating_duration_since(self.base)
-        }
-    }
-
-    impl Clock {
-        /// tokio's time (follows `tokio::time::pause`/`advance` in tests);
-        /// wall time starts at the system's and moves with tokio's.
-        pub fn tokio() -> Self {
-            let wall = Clock::system().wall();
-            Self(Arc::new(Tokio {
-                base: tokio::time::Instant::now(),
-                wall,
-            }))
-        }
     }
 }
 

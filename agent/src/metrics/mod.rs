@@ -295,7 +295,7 @@ fn sampler(
                             *retry_at = clock.now() + RECONNECT_EVERY;
                             if !warned {
                                 warned = true;
-                                tracing::warn!(uri = %uri, error = %e, "metrics: cannot connect to libvirt; VM metrics wait (retrying every 5 s)");
+                                tracing::warn!(uri = %uri, error = %e, retry_every = ?RECONNECT_EVERY, "metrics: cannot connect to libvirt; VM metrics wait");
                             }
                         }
                     }
@@ -446,23 +446,5 @@ mod tests {
         assert_eq!(missed_ticks(4000, 8000, 1000), 3);
         // The wall clock stepped back: nothing was missed.
         assert_eq!(missed_ticks(8000, 5000, 1000), 0);
-    }
-
-    #[test]
-    fn the_sampler_schedule_follows_a_manual_clock() {
-        let (clock, time) = Clock::manual();
-        let step = 100;
-        let mut last = 0;
-        let mut missed = 0;
-        for pause_ms in [0u64, 0, 350, 0] {
-            time.advance(Duration::from_millis(pause_ms));
-            let now = clock.unix_ms();
-            let next = next_tick(now, step);
-            assert!(next > now && next - now <= step);
-            missed += missed_ticks(last, next, step);
-            last = next;
-            time.advance(Duration::from_millis(next - now));
-        }
-        assert_eq!(missed, 3, "the 350 ms stall skipped three 100 ms ticks");
     }
 }

@@ -841,10 +841,7 @@ static METRIC_BATCHES: AtomicU64 = AtomicU64::new(0);
 static METRIC_SAMPLES: AtomicU64 = AtomicU64::new(0);
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    novacron_shared::clock::Clock::system().unix_ms()
 }
 
 fn frame_err(what: &str, e: &FrameError) -> String {

@@ -91,16 +91,6 @@ mod tests {
     }
 
     #[test]
-    fn a_wall_clock_jump_changes_nothing() {
-        let (clock, m) = Clock::manual();
-        let l = Liveness::new(clock.now(), 10 * S, 15 * S);
-        m.jump_wall(Duration::from_secs(3600), true);
-        assert!(!l.expired(clock.now()));
-        m.jump_wall(Duration::from_secs(7200), false);
-        assert_eq!(l.remaining(clock.now()), 10 * S);
-    }
-
-    #[test]
     fn last_seen_is_persisted_at_most_every_period() {
         let (clock, m) = Clock::manual();
         let mut l = Liveness::new(clock.now(), 60 * S, 15 * S);
