@@ -276,11 +276,21 @@ impl TrustedCa {
 
     /// The CA certificates in a PEM file.
     pub fn from_file(path: &std::path::Path) -> Result<Self, CaError> {
-        let text = std::fs::read_to_string(path).map_err(|e| CaError {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        Self::from_pem(&text, &path.display().to_string())
+        Self::from_files(path, &[])
+    }
+
+    /// The CA certificates in `path` and in each of `more` (on the server
+    /// host: the fleet CA, and the chain of an operator's own API
+    /// certificate, whose intermediate then anchors the check).
+    pub fn from_files(path: &std::path::Path, more: &[&std::path::Path]) -> Result<Self, CaError> {
+        let mut pem = String::new();
+        for p in std::iter::once(path).chain(more.iter().copied()) {
+            pem.push_str(&std::fs::read_to_string(p).map_err(|e| CaError {
+                path: p.display().to_string(),
+                reason: e.to_string(),
+            })?);
+        }
+        Self::from_pem(&pem, &path.display().to_string())
     }
 }
 
@@ -637,12 +647,17 @@ pub struct SseEvent {
 /// (a line is cut there, so a misbehaving server cannot exhaust memory).
 pub const MAX_SSE_LINE: usize = 1 << 20;
 
+/// Most bytes of `data:` one event may gather; a larger event is dropped
+/// whole (its remaining lines are skipped until the blank line ends it).
+pub const MAX_SSE_EVENT: usize = 4 << 20;
+
 /// A sans-IO parser for `text/event-stream`: push bytes in, take events out.
 #[derive(Debug, Default)]
 pub struct SseParser {
     buf: Vec<u8>,
     pending: SseEvent,
     has_data: bool,
+    oversized: bool,
     ready: std::collections::VecDeque<SseEvent>,
 }
 
@@ -672,7 +687,8 @@ impl SseParser {
     fn line(&mut self, line: &str) {
         if line.is_empty() {
             let ev = std::mem::take(&mut self.pending);
-            if std::mem::take(&mut self.has_data) {
+            let oversized = std::mem::take(&mut self.oversized);
+            if std::mem::take(&mut self.has_data) && !oversized {
                 let event = if ev.event.is_empty() {
                     "message".to_string()
                 } else {
@@ -691,6 +707,11 @@ impl SseParser {
         };
         match field {
             "event" => self.pending.event = value.to_string(),
+            "data" if self.oversized => {}
+            "data" if self.pending.data.len() + value.len() + 1 > MAX_SSE_EVENT => {
+                self.oversized = true;
+                self.pending.data = String::new();
+            }
             "data" => {
                 if self.has_data {
                     self.pending.data.push('\n');

@@ -1,8 +1,6 @@
 //! `novacron events`: follows the server-sent event stream, one line per
 //! event, until Ctrl-C or the server closes it.
 
-use std::time::Duration;
-
 use novacron_api::events::{Event, EventKind, Lagged};
 
 use crate::args::EventsArgs;
@@ -36,8 +34,9 @@ pub async fn run(ctx: &mut Ctx, args: EventsArgs) -> Result<(), CliError> {
         None => None,
     };
     let path = format!("/v1/events{}", query(&[("host", host), ("vm", vm)]));
-    let api = ctx.api.clone().with_timeout(Duration::from_secs(30));
-    let mut stream = api.stream(&path).await?;
+    // Opening the stream is bounded by the client's timeout; events then
+    // come as they come.
+    let mut stream = ctx.api.stream(&path).await?;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {

@@ -1,7 +1,8 @@
 //! The local server's config, when there is one (`/etc/novacron/server.toml`
 //! or `NOVACRON_SERVER_CONFIG`): it names the default API address and the
-//! data directory holding `admin.token`. Only those two settings are read;
-//! the rest of the file is the server's business.
+//! data directory holding `admin.token` and `ca.pem`. Only `data_dir` and
+//! `[api]`'s `listen`, `plaintext` and `cert_file` are read; the rest of
+//! the file is the server's business.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -108,7 +109,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_the_two_settings_and_ignores_the_rest() {
+    fn reads_its_settings_and_ignores_the_rest() {
         let c: LocalServer = toml::from_str(
             "data_dir = \"/srv/nc\"\n[api]\nlisten = \"0.0.0.0:9000\"\nrate_limit = 5.0\n[quic]\nlisten = \"0.0.0.0:7443\"\n",
         )

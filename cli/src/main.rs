@@ -204,20 +204,16 @@ fn client(cli: &Cli) -> Result<ApiClient, CliError> {
         (Some(path), true) => Some(TrustedCa::from_file(path)?),
         (None, true) => {
             // The local server's fleet CA (plus the operator's API chain).
-            let path = local.ca_file();
-            let mut pem = std::fs::read_to_string(&path).map_err(|e| CaError {
-                path: path.display().to_string(),
-                reason: format!(
-                    "{e}; pass --ca-file (or NOVACRON_CA_FILE) with the CA of the API's certificate"
-                ),
-            })?;
-            if let Some(extra) = &local.api.cert_file {
-                pem.push_str(&std::fs::read_to_string(extra).map_err(|e| CaError {
-                    path: extra.display().to_string(),
-                    reason: e.to_string(),
-                })?);
-            }
-            Some(TrustedCa::from_pem(&pem, &path.display().to_string())?)
+            let extra: Vec<&std::path::Path> = local.api.cert_file.iter().map(|p| p.as_path()).collect();
+            Some(
+                TrustedCa::from_files(&local.ca_file(), &extra).map_err(|e| CaError {
+                    reason: format!(
+                        "{}; pass --ca-file (or NOVACRON_CA_FILE) with the CA of the API's certificate",
+                        e.reason
+                    ),
+                    ..e
+                })?,
+            )
         }
     };
     let api = ApiClient::new(base, Some(token));

@@ -21,11 +21,10 @@
 use std::sync::{Arc, Mutex};
 
 use novacron_shared::clock::Clock;
-use novacron_shared::ids::{HostId, VmId};
+use novacron_shared::ids::VmId;
 use novacron_shared::pki::FleetCa;
 use novacron_shared::protocol::{DesiredState, Inventory, ReconcileReport, ServerMessage, VmEvent};
 use novacron_shared::spec::{DesiredVm, Power, VmSpec};
-use serde::Serialize;
 
 use crate::config::{AgentPolicy, MigrationPolicy};
 use crate::scheduler;
@@ -135,43 +134,33 @@ pub fn desired_message(d: DesiredRecord) -> ServerMessage {
     })
 }
 
-/// A VM as an operator asks for it on a host.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A VM as an operator asks for it on a host (the API's request, checked).
+#[derive(Debug, Clone)]
 pub struct VmRequest {
     /// Its id; kept from an earlier request with the same name, or new.
-    #[serde(default)]
     pub id: Option<VmId>,
     /// The spec.
     pub spec: VmSpec,
-    /// The power state (default running).
-    #[serde(default)]
+    /// The power state.
     pub power: Power,
 }
 
-/// A request to create a VM.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A request to create a VM (the API's request, checked).
+#[derive(Debug, Clone)]
 pub struct CreateVm {
     /// The spec.
     pub spec: VmSpec,
-    /// The power state (default running).
-    #[serde(default)]
+    /// The power state.
     pub power: Power,
     /// Placement rules.
-    #[serde(default)]
     pub placement: PlacementRules,
 }
 
 /// A VM with its observed state.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct VmView {
     /// The stored VM.
-    #[serde(flatten)]
     pub record: VmRecord,
-    /// The host it is placed on (null when it is on none); the same as
-    /// `placement.host`, kept for clients that read it.
-    pub host: Option<HostId>,
     /// What its host last reported of it (absent while unknown).
     pub observed: Option<novacron_shared::protocol::VmObserved>,
 }
@@ -189,7 +178,7 @@ pub fn request_for(spec: &VmSpec, rules: &PlacementRules) -> scheduler::Request 
 }
 
 /// A host's VMs: what should be, what is, and what the agent last said.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct HostVms {
     /// The desired-state generation.
     pub generation: u64,
@@ -204,10 +193,9 @@ pub struct HostVms {
 }
 
 /// A host's record merged with its live session, for the API.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct HostView {
     /// The stored record.
-    #[serde(flatten)]
     pub record: HostRecord,
     /// Whether a session is open now.
     pub connected: bool,

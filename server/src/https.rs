@@ -118,14 +118,13 @@ impl Renewer {
     /// operator's API certificate if configured.
     pub fn open(cfg: &ServerConfig, clock: Clock) -> Result<Self, HttpsError> {
         let dir = DataDir::new(&cfg.data_dir);
-        let ca = dir.load_ca()?;
+        let pki = dir.load_pki()?;
+        let ca = pki.ca;
         let names = cfg.quic.server_names.clone();
         let now = clock.wall();
-        let loaded = dir.load_pki().map_err(HttpsError::from).and_then(|p| {
-            let info = CertInfo::parse(&p.chain[0])?;
-            let cert = ReloadableCert::new(p.chain, p.key)?;
-            Ok((cert, info))
-        });
+        let loaded = CertInfo::parse(&pki.chain[0])
+            .map_err(HttpsError::from)
+            .and_then(|info| Ok((ReloadableCert::new(pki.chain, pki.key)?, info)));
         let (fleet, fleet_info) = match loaded {
             Ok((cert, info)) if renewal(&info, now) != Renewal::Due => (cert, info),
             Ok(_) => {
@@ -177,10 +176,7 @@ impl Renewer {
     pub fn check(&mut self) -> Result<Checked, HttpsError> {
         let mut out = Checked::default();
         if renewal(&self.fleet_info, self.clock.wall()) == Renewal::Due {
-            let (chain, key) = self
-                .dir
-                .issue_server_cert(&self.ca, &self.names, self.clock.wall())?;
-            let info = CertInfo::parse(&chain[0])?;
+            let (chain, key, info) = issue_parts(&self.dir, &self.ca, &self.names, self.clock.wall())?;
             self.certs.fleet.replace(chain, key)?;
             tracing::info!(serial = %info.serial, not_after = info.not_after, "server certificate renewed");
             out.renewed = Some(info.serial.clone());
@@ -211,14 +207,27 @@ impl Renewer {
     }
 }
 
+/// A new server certificate, written to the data directory: chain, key
+/// and what it says.
+fn issue_parts(
+    dir: &DataDir,
+    ca: &FleetCa,
+    names: &[String],
+    now: SystemTime,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, CertInfo), HttpsError> {
+    let (chain, key) = dir.issue_server_cert(ca, names, now)?;
+    let info = CertInfo::parse(&chain[0])?;
+    Ok((chain, key, info))
+}
+
+/// [`issue_parts`], served from a new [`ReloadableCert`].
 fn issue(
     dir: &DataDir,
     ca: &FleetCa,
     names: &[String],
     now: SystemTime,
 ) -> Result<(Arc<ReloadableCert>, CertInfo), HttpsError> {
-    let (chain, key) = dir.issue_server_cert(ca, names, now)?;
-    let info = CertInfo::parse(&chain[0])?;
+    let (chain, key, info) = issue_parts(dir, ca, names, now)?;
     Ok((ReloadableCert::new(chain, key)?, info))
 }
 

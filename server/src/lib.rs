@@ -195,10 +195,7 @@ pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Runnin
     fleet.set_metrics(metrics);
     tokio::spawn(fleet.clone().serve(endpoint.clone()));
     fleet.clone().resume_operations();
-    tokio::spawn(
-        api::Api::with_clock(fleet.clone(), store, cfg.api.clone(), fleet.clock().clone())
-            .serve_on(listener, api_tls.clone()),
-    );
+    tokio::spawn(api::Api::new(fleet.clone(), store, cfg.api.clone()).serve_on(listener, api_tls.clone()));
     tokio::spawn(renewer.run());
     let api_url = if api_tls.is_some() {
         client::ApiUrl::from(api_addr)

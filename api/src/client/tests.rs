@@ -130,3 +130,18 @@ fn sse_lines_are_bounded() {
     p.push(&vec![b'x'; MAX_SSE_LINE + 10]);
     assert!(p.buf.len() <= MAX_SSE_LINE);
 }
+
+#[test]
+fn an_event_past_its_size_cap_is_dropped_whole_and_the_stream_goes_on() {
+    let mut p = SseParser::default();
+    let line = format!("data: {}\n", "y".repeat(MAX_SSE_LINE / 2));
+    // Many lines of one event: more than the cap in all.
+    for _ in 0..(2 * MAX_SSE_EVENT / (MAX_SSE_LINE / 2) + 2) {
+        p.push(line.as_bytes());
+        assert!(p.pending.data.len() <= MAX_SSE_EVENT, "{}", p.pending.data.len());
+    }
+    p.push(b"\nevent: op\ndata: small\n\n");
+    let ev = p.next_event().expect("the next event arrives");
+    assert_eq!((ev.event.as_str(), ev.data.as_str()), ("op", "small"));
+    assert!(p.next_event().is_none(), "the oversized event is not delivered");
+}

@@ -1,6 +1,7 @@
 //! Whether an agent's session is alive, counted on the monotonic clock from
 //! the last frame it sent: a pure piece (no clock reads, no I/O) that the
-//! session loop feeds with `now`, and that later leases are built on.
+//! session loop feeds with `now`. (The HA host leases, `crate::ha::lease`,
+//! keep their own last-heard instant.)
 //!
 //! Owns: the instants of a session's last frame and last persisted
 //! last-seen. Must not touch: the session's connection or the store.

@@ -102,6 +102,27 @@ impl LiveSession {
             .and_then(|i| i.vms.iter().find(|o| o.uuid == uuid).map(|o| o.state))
     }
 
+    /// What the latest inventory reports of `vm` (one entry copied, not
+    /// the inventory).
+    pub fn observed(&self, vm: VmId) -> Option<novacron_shared::protocol::VmObserved> {
+        let uuid = vm.to_string();
+        lock(&self.inventory)
+            .as_ref()
+            .and_then(|i| i.vms.iter().find(|o| o.uuid == uuid).cloned())
+    }
+
+    /// The latest inventory's capacity and host labels.
+    pub fn capacity_labels(
+        &self,
+    ) -> Option<(
+        novacron_shared::protocol::Capacity,
+        std::collections::BTreeMap<String, String>,
+    )> {
+        lock(&self.inventory)
+            .as_ref()
+            .map(|i| (i.capacity, i.labels.clone()))
+    }
+
     /// The latest inventory.
     pub fn inventory(&self) -> Option<Inventory> {
         lock(&self.inventory).clone()

@@ -1,8 +1,8 @@
 //! The read-only fleet view controllers read, and the action channel they
 //! write to.
 //!
-//! A controller (migration today; the HA controller, the burst broker and
-//! the alert evaluator next) takes a [`FleetView`] snapshot — hosts with
+//! A controller (the HA controller, the burst broker and the alert
+//! evaluator, next; nothing but its tests uses it yet) takes a [`FleetView`] snapshot — hosts with
 //! liveness, capacity, cordon and labels; VMs with placement — decides, and
 //! submits [`Action`]s through an [`ActionSender`]. One task runs the
 //! actions through the fleet's public operations, so a controller never
@@ -246,15 +246,15 @@ impl Fleet {
             .into_iter()
             .map(|h| {
                 let live = sessions.get(&h.id);
-                let inv = live.and_then(|s| s.inventory());
+                let inv = live.and_then(|s| s.capacity_labels());
                 HostSnapshot {
                     id: h.id,
                     name: h.name,
                     state: h.state,
                     silent_for: live.map(|s| s.liveness().silent_for(at)),
-                    capacity: inv.as_ref().map_or(h.capacity, |i| i.capacity),
+                    capacity: inv.as_ref().map_or(h.capacity, |i| i.0),
                     cordoned: cordons.contains(&h.id),
-                    labels: inv.map(|i| i.labels).unwrap_or_default(),
+                    labels: inv.map(|i| i.1).unwrap_or_default(),
                 }
             })
             .collect();

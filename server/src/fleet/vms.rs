@@ -179,7 +179,7 @@ impl Fleet {
             .map(|h| {
                 let live = sessions.get(&h.id);
                 let (capacity, labels) = live
-                    .and_then(|s| s.inventory().map(|i| (i.capacity, i.labels)))
+                    .and_then(|s| s.capacity_labels())
                     .unwrap_or((h.capacity, Default::default()));
                 scheduler::Host {
                     id: h.id,
@@ -326,14 +326,11 @@ impl Fleet {
     /// A VM with what its host last observed of it.
     pub fn vm_view(&self, rec: VmRecord) -> VmView {
         let host = rec.host();
-        let uuid = rec.vm.id.to_string();
         let observed = host
             .and_then(|h| self.live(h))
-            .and_then(|s| s.inventory())
-            .and_then(|i| i.vms.into_iter().find(|o| o.uuid == uuid));
+            .and_then(|s| s.observed(rec.vm.id));
         VmView {
             record: rec,
-            host,
             observed,
         }
     }

@@ -173,8 +173,9 @@ impl Host {
 struct Rules {
     /// The server's start instant.
     started: Instant,
-    /// No lease counts as expired before this.
-    grace_end: Instant,
+    /// No lease counts as expired before this (`None`: a grace so long
+    /// that its end cannot be represented, so it never ends).
+    grace_end: Option<Instant>,
     /// `SUSPECT_AFTER_BEATS` heartbeat intervals.
     suspect_after: Duration,
     /// `L`.
@@ -199,8 +200,7 @@ impl HostLeases {
         Self {
             rules: Rules {
                 started: now,
-                // Past the end of time no lease expires (no silence is that long).
-                grace_end: now.checked_add(grace).unwrap_or(now),
+                grace_end: now.checked_add(grace),
                 suspect_after: policy.heartbeat_interval.saturating_mul(SUSPECT_AFTER_BEATS),
                 lease: policy.timing.lease,
                 fenced_after,
@@ -329,7 +329,7 @@ impl HostLeases {
             let r = &self.rules;
             let since = r.silent_since(h);
             let thresholds = [
-                Some(r.grace_end),
+                r.grace_end,
                 since.checked_add(r.suspect_after),
                 since
                     .checked_add(r.lease)
@@ -357,7 +357,7 @@ impl Rules {
             return HostState::Maintenance;
         }
         let silent = now.saturating_duration_since(self.silent_since(h));
-        let in_grace = now < self.grace_end;
+        let in_grace = self.grace_end.is_none_or(|end| now < end);
         if !in_grace && silent >= self.fenced_after {
             return HostState::Fenced;
         }

@@ -11,6 +11,7 @@
 //!
 //! Owns: the per-host lease view ([`lease`](crate::ha::lease)). Pure: no I/O, no clock reads
 //! (`now` is passed in), no store, no sessions. Must not touch: the session
-//! loop, the link or the store; the drivers feed it and act on what it says.
+//! loop, the link or the store; the drivers will feed it and act on what it says (not wired yet: the
+//! session loop and the HA controller come next).
 
 pub mod lease;
