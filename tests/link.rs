@@ -512,6 +512,7 @@ async fn an_inventory_with_a_hostile_migration_uri_and_labels_is_sanitised() {
             vms: vec![],
             migration_uri: Some(uri.into()),
             labels: labels.into_iter().collect(),
+            shared_storage: None,
         })
     };
     let mut buf = Vec::new();

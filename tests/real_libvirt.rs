@@ -204,6 +204,7 @@ async fn guest_lifecycle() {
         op_id: OpId::random(),
         spec,
         power: Power::Running,
+        epoch: 0,
     };
     hv.define(vm.clone()).await.unwrap();
     let overlay = {

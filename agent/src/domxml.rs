@@ -410,6 +410,7 @@ pub(crate) mod tests {
             op_id: OpId(0x22),
             spec,
             power: Power::Running,
+            epoch: 0,
         }
     }
 

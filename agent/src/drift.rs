@@ -68,6 +68,8 @@ impl<'a> DomainPart<'a> {
             machine,
             ha: _, // the server's restart policy; never reaches libvirt
             labels,
+            ephemeral: _,   // how the server may restart it; never reaches libvirt
+            ha_priority: _, // the server's restart order; never reaches libvirt
         } = &vm.spec;
         Self {
             id: vm.id,

@@ -445,6 +445,7 @@ pub fn to_inventory(
     Inventory {
         migration_uri,
         labels: Default::default(),
+        shared_storage: None,
         capacity,
         hypervisor: uri.to_string(),
         vms: vms

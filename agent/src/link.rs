@@ -532,6 +532,10 @@ async fn serve(
                             m.ack(a.epoch, a.upto_seq);
                         }
                     }
+                    ServerMessage::LeaseTerms(t) => {
+                        // Wired to the HA lease in the HA issue's next step.
+                        tracing::debug!(terms = ?t, "lease terms from the server");
+                    }
                     ServerMessage::Welcome(_) | ServerMessage::Joined(_) => {
                         tracing::debug!("ignoring a message that does not apply here");
                     }

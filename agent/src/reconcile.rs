@@ -295,6 +295,7 @@ mod tests {
             op_id: OpId(id + 1000),
             spec: VmSpec::minimal(name, 1, 128),
             power,
+            epoch: 0,
         }
     }
 

@@ -31,6 +31,7 @@ fn running_vm(h: &Host, name: &str, id: VmId) {
         op_id: OpId(id.0),
         spec: VmSpec::minimal(name, 1, 128),
         power: Power::Running,
+        epoch: 0,
     };
     ok(vmops::define(&h.conn, &h.setup, &vm));
     ok(vmops::start(&h.conn, id));

@@ -43,6 +43,7 @@ fn vm(name: &str, id: u128) -> DesiredVm {
         op_id: OpId(id),
         spec,
         power: Power::Running,
+        epoch: 0,
     }
 }
 

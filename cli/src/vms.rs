@@ -243,6 +243,8 @@ async fn body_from_flags(ctx: &mut Ctx, a: CreateArgs) -> Result<CreateVm, CliEr
             machine: Default::default(),
             ha: false,
             labels: a.labels.into_iter().collect(),
+            ephemeral: false,
+            ha_priority: 0,
         },
         power: if a.stopped { Power::Stopped } else { Power::Running },
         placement: PlacementRules {

@@ -131,6 +131,7 @@ pub fn desired_message(d: DesiredRecord) -> ServerMessage {
         generation: d.generation,
         vms: d.vms,
         migrating: d.migrating,
+        departed: d.departed,
     })
 }
 

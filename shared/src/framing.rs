@@ -255,6 +255,7 @@ mod tests {
                 }],
                 migration_uri: Some("qemu+tls://h1/system".into()),
                 labels: [("rack".to_string(), "r1".to_string())].into(),
+                shared_storage: Some("/srv/novacron/pool".into()),
             }),
             AgentMessage::Progress(CommandProgress {
                 op_id: OpId(8),
@@ -426,6 +427,7 @@ mod tests {
                         .collect(),
                     migration_uri: None,
                     labels: Default::default(),
+                    shared_storage: None,
                 })),
         ]
     }

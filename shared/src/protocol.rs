@@ -65,6 +65,9 @@ pub enum ServerMessage {
     Error(WireError),
     /// The VMs this host should have; replaces any earlier desired state.
     DesiredState(DesiredState),
+    /// The HA lease terms; sent right after the welcome, before any
+    /// heartbeat ack, and again whenever they change.
+    LeaseTerms(LeaseTerms),
 }
 
 /// The agent's opening: which versions it speaks and what it is.
@@ -213,6 +216,47 @@ pub struct DesiredState {
     /// their domains alone (libvirt is moving them) until a later desired
     /// state lists them as its own or not at all.
     pub migrating: Vec<VmId>,
+    /// HA VMs restarted on another host while this one was fenced: the
+    /// agent removes their domains here (never starts them), keeping the
+    /// disks when `keep_disks` (they are on the shared pool, in use there).
+    pub departed: Vec<Departed>,
+}
+
+/// An HA VM that now runs on another host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Departed {
+    /// The VM.
+    pub vm: VmId,
+    /// Its disks are on the shared pool: undefine the domain only.
+    pub keep_disks: bool,
+}
+
+/// How an agent stops its HA VMs when its lease ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FenceStyle {
+    /// Kill them at once (libvirt's destroy).
+    Kill,
+    /// Ask the guests to shut down; kill what still runs after `grace_ms`
+    /// (which is less than the fence time).
+    ShutdownThenKill {
+        /// The guests' grace, ms.
+        grace_ms: u32,
+    },
+}
+
+/// The HA lease the server grants: an acknowledged heartbeat keeps the
+/// lease for `lease_ms` from when the agent sent it; by then plus
+/// `fence_time_ms` the agent has stopped its HA VMs (see
+/// `novacron_shared::lease`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseTerms {
+    /// `L`, ms.
+    pub lease_ms: u32,
+    /// `F`, ms.
+    pub fence_time_ms: u32,
+    /// How to fence.
+    pub fence: FenceStyle,
 }
 
 /// The reconciler's account of one pass.
@@ -254,6 +298,11 @@ pub struct Inventory {
     pub migration_uri: Option<String>,
     /// The host's labels (agent config `labels`), for placement rules.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// When the VM storage pool is shared (agent config
+    /// `vms.storage_shared`: the same storage at the same path on every
+    /// such host), its identity: the pool's directory. HA VMs with disks
+    /// move only between hosts reporting the same value.
+    pub shared_storage: Option<String>,
 }
 
 /// A command from the server; idempotent by `op_id`.

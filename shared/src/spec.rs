@@ -72,13 +72,22 @@ pub struct VmSpec {
     /// The machine type.
     #[serde(default)]
     pub machine: Machine,
-    /// Restart elsewhere when the host dies.
+    /// Restart elsewhere when the host dies (high availability). An HA VM's
+    /// disks must live on a shared storage pool, unless it is `ephemeral`.
     #[serde(default)]
     pub ha: bool,
     /// Free-form labels (`key = value`), for placement and search.
     #[serde(default)]
     #[cfg_attr(feature = "schema", schema(schema_with = labels_schema))]
     pub labels: BTreeMap<String, String>,
+    /// With `ha`: the disks may be made afresh (from their templates, or
+    /// blank) on the host it is restarted on, so it may run on hosts without
+    /// shared storage; what was written to them is lost on a failover.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// With `ha`: restart order after a host loss, higher first.
+    #[serde(default)]
+    pub ha_priority: u8,
 }
 
 /// The JSON schema of a spec's labels: at most 64; keys are 1-63 of
@@ -300,6 +309,11 @@ pub struct DesiredVm {
     pub spec: VmSpec,
     /// The power state it should be in.
     pub power: Power,
+    /// Its placement epoch: raised each time the HA controller restarts it
+    /// on another host. An agent never starts a copy of a lower epoch than
+    /// one it has seen for the VM.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// One problem with a spec.
@@ -486,6 +500,8 @@ impl VmSpec {
             machine: Machine::default(),
             ha: false,
             labels: BTreeMap::new(),
+            ephemeral: false,
+            ha_priority: 0,
         }
     }
 
@@ -606,6 +622,18 @@ impl VmSpec {
             if let Err(m) = check_label(k, v) {
                 e.add(format!("labels.{k}"), m);
             }
+        }
+        if !self.ha && self.ephemeral {
+            e.add(
+                "ephemeral",
+                "applies to HA VMs only (set ha too, or drop ephemeral)",
+            );
+        }
+        if !self.ha && self.ha_priority != 0 {
+            e.add(
+                "ha_priority",
+                "applies to HA VMs only (set ha too, or drop ha_priority)",
+            );
         }
         if e.0.is_empty() {
             Ok(())

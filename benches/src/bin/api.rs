@@ -95,6 +95,7 @@ fn fill(store: &Store, n: usize) -> anyhow::Result<()> {
                     op_id: OpId::random(),
                     spec: s,
                     power: Power::Running,
+                    epoch: 0,
                 },
                 placement: Placement::Host(host),
                 rules: PlacementRules {

@@ -328,6 +328,7 @@ impl Guest {
             op_id: OpId::random(),
             spec: s,
             power: Power::Running,
+            epoch: 0,
         };
         vm.spec.validate().context("the benchmark's own VM spec")?;
         let volume = spec::volume_name(&name, "root");
@@ -895,6 +896,7 @@ fn inventory_bench(args: &Args) -> anyhow::Result<()> {
                 op_id: OpId::random(),
                 spec: s,
                 power: Power::Running,
+                epoch: 0,
             }
         })
         .collect();

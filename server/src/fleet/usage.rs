@@ -119,6 +119,7 @@ mod tests {
                 op_id: OpId(id),
                 spec: VmSpec::minimal(&format!("v{id}"), 2, 100),
                 power: Power::Running,
+                epoch: 0,
             },
             placement: novacron_shared::placement::Placement::Host(HostId(host)),
             rules: PlacementRules {

@@ -480,6 +480,7 @@ mod tests {
                 op_id: OpId(id),
                 spec,
                 power: Power::Running,
+                epoch: 0,
             },
             placement: Placement::Host(HostId(host)),
             rules: PlacementRules::default(),

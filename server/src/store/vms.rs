@@ -64,6 +64,10 @@ pub struct DesiredRecord {
     /// VMs in a live migration from or to this host (left alone by its agent).
     #[serde(default)]
     pub migrating: Vec<VmId>,
+    /// HA VMs restarted elsewhere while this host was fenced: its agent
+    /// removes them (not wired yet: the HA controller fills it).
+    #[serde(default)]
+    pub departed: Vec<novacron_shared::protocol::Departed>,
 }
 
 /// One VM: what it should be and where it runs.
@@ -93,17 +97,28 @@ impl VmRecord {
 impl Record for VmRecord {
     const TABLE: &'static str = "vms";
     /// 2: `host` became `placement` (a host, a cloud provider, or pending).
-    const VERSION: u8 = 2;
+    /// 3: the VM gained its HA epoch, and its spec `ephemeral` and
+    /// `ha_priority`.
+    const VERSION: u8 = 3;
 
     fn decode_old(version: u8, body: &[u8]) -> Result<Self, StoreError> {
         match version {
             1 => {
                 let v1: VmRecordV1 = codec::decode(body).map_err(Self::corrupt)?;
                 Ok(VmRecord {
-                    vm: v1.vm,
+                    vm: v1.vm.into(),
                     placement: Placement::Host(v1.host),
                     rules: v1.rules,
                     created_ms: v1.created_ms,
+                })
+            }
+            2 => {
+                let v2: VmRecordV2 = codec::decode(body).map_err(Self::corrupt)?;
+                Ok(VmRecord {
+                    vm: v2.vm.into(),
+                    placement: v2.placement,
+                    rules: v2.rules,
+                    created_ms: v2.created_ms,
                 })
             }
             _ => codec::decode(body).map_err(Self::corrupt),
@@ -114,10 +129,70 @@ impl Record for VmRecord {
 /// [`VmRecord`] as version 1 stored it (every VM was on a host).
 #[derive(Deserialize)]
 struct VmRecordV1 {
-    vm: DesiredVm,
+    vm: DesiredVmV2,
     host: HostId,
     rules: PlacementRules,
     created_ms: u64,
+}
+
+/// [`VmRecord`] as version 2 stored it (no epoch, the older spec).
+#[derive(Deserialize)]
+struct VmRecordV2 {
+    vm: DesiredVmV2,
+    placement: Placement,
+    rules: PlacementRules,
+    created_ms: u64,
+}
+
+/// A [`DesiredVm`] as record versions 1 and 2 stored it.
+#[derive(Serialize, Deserialize)]
+struct DesiredVmV2 {
+    id: VmId,
+    op_id: novacron_shared::ids::OpId,
+    spec: VmSpecV2,
+    power: novacron_shared::spec::Power,
+}
+
+/// A [`VmSpec`](novacron_shared::spec::VmSpec) as record versions 1 and 2
+/// stored it: every field up to `labels`.
+#[derive(Serialize, Deserialize)]
+struct VmSpecV2 {
+    name: String,
+    vcpus: u32,
+    memory_mib: u64,
+    disks: Vec<novacron_shared::spec::DiskSpec>,
+    nics: Vec<novacron_shared::spec::NicSpec>,
+    cloud_init: Option<novacron_shared::spec::CloudInit>,
+    boot: Option<novacron_shared::spec::KernelBoot>,
+    machine: novacron_shared::spec::Machine,
+    ha: bool,
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+impl From<DesiredVmV2> for DesiredVm {
+    fn from(v: DesiredVmV2) -> Self {
+        let s = v.spec;
+        DesiredVm {
+            id: v.id,
+            op_id: v.op_id,
+            spec: novacron_shared::spec::VmSpec {
+                name: s.name,
+                vcpus: s.vcpus,
+                memory_mib: s.memory_mib,
+                disks: s.disks,
+                nics: s.nics,
+                cloud_init: s.cloud_init,
+                boot: s.boot,
+                machine: s.machine,
+                ha: s.ha,
+                labels: s.labels,
+                ephemeral: false,
+                ha_priority: 0,
+            },
+            power: v.power,
+            epoch: 0,
+        }
+    }
 }
 
 /// Placement rules of a VM.
@@ -177,6 +252,7 @@ impl Store {
             generation,
             vms: out,
             migrating,
+            departed: Vec::new(),
         }))
     }
 
@@ -300,6 +376,7 @@ mod tests {
                 op_id: novacron_shared::ids::OpId(id),
                 spec: novacron_shared::spec::VmSpec::minimal(&format!("v{id}"), 1, 64),
                 power: novacron_shared::spec::Power::Running,
+                epoch: 0,
             },
             placement,
             rules: PlacementRules::default(),
@@ -307,26 +384,77 @@ mod tests {
         }
     }
 
+    /// `v` in the layout of record versions 1 and 2 (its epoch and the
+    /// newer spec fields must be at their defaults).
+    fn legacy(v: &DesiredVm) -> DesiredVmV2 {
+        assert_eq!((v.epoch, v.spec.ephemeral, v.spec.ha_priority), (0, false, 0));
+        let s = v.spec.clone();
+        DesiredVmV2 {
+            id: v.id,
+            op_id: v.op_id,
+            spec: VmSpecV2 {
+                name: s.name,
+                vcpus: s.vcpus,
+                memory_mib: s.memory_mib,
+                disks: s.disks,
+                nics: s.nics,
+                cloud_init: s.cloud_init,
+                boot: s.boot,
+                machine: s.machine,
+                ha: s.ha,
+                labels: s.labels,
+            },
+            power: v.power,
+        }
+    }
+
+    #[test]
+    fn a_version_2_vm_record_decodes_with_epoch_zero_and_default_ha_options() {
+        #[derive(Serialize)]
+        struct V2<'a>(&'a DesiredVmV2, &'a Placement, &'a PlacementRules, u64);
+        let mut current = vm(
+            4,
+            Placement::Pending {
+                reason: "full".into(),
+            },
+        );
+        current.vm.spec.ha = true;
+        current.vm.spec.labels.insert("tier".into(), "db".into());
+        let mut bytes = vec![2u8];
+        codec::encode_into(
+            &V2(&legacy(&current.vm), &current.placement, &current.rules, 5),
+            &mut bytes,
+        )
+        .unwrap();
+        let r = VmRecord::decode(&bytes).unwrap();
+        assert_eq!(r, current);
+        // A version-2 body read as the current layout does not decode: the
+        // migration is what makes it readable.
+        let mut as_current = bytes.clone();
+        as_current[0] = VmRecord::VERSION;
+        assert!(VmRecord::decode(&as_current).is_err());
+    }
+
     #[test]
     fn a_version_1_vm_record_decodes_as_placed_on_its_host() {
         // Version 1's exact layout: the VM, then its host id.
         #[derive(Serialize)]
-        struct V1<'a>(&'a DesiredVm, HostId, &'a PlacementRules, u64);
+        struct V1<'a>(&'a DesiredVmV2, HostId, &'a PlacementRules, u64);
         let current = vm(3, Placement::Host(HostId(42)));
         let rules = PlacementRules {
             anti_affinity: Some("web".into()),
             ..PlacementRules::default()
         };
         let mut bytes = vec![1u8];
-        codec::encode_into(&V1(&current.vm, HostId(42), &rules, 77), &mut bytes).unwrap();
+        codec::encode_into(&V1(&legacy(&current.vm), HostId(42), &rules, 77), &mut bytes).unwrap();
         let r = VmRecord::decode(&bytes).unwrap();
         assert_eq!(r.placement, Placement::Host(HostId(42)));
         assert_eq!(r.vm, current.vm);
         assert_eq!(r.rules, rules);
         assert_eq!(r.created_ms, 77);
-        // Rewritten, it is version 2 and round-trips.
+        // Rewritten, it is the current version and round-trips.
         let again = r.encode().unwrap();
-        assert_eq!(again[0], 2);
+        assert_eq!(again[0], VmRecord::VERSION);
         assert_eq!(VmRecord::decode(&again).unwrap(), r);
     }
 
@@ -337,10 +465,10 @@ mod tests {
         s.put_vm(&vm(1, Placement::Host(HostId(7)))).unwrap().unwrap();
         // Overwrite the stored value with version 1's bytes for the same VM.
         #[derive(Serialize)]
-        struct V1<'a>(&'a DesiredVm, HostId, &'a PlacementRules, u64);
+        struct V1<'a>(&'a DesiredVmV2, HostId, &'a PlacementRules, u64);
         let v = vm(1, Placement::Host(HostId(7)));
         let mut bytes = vec![1u8];
-        codec::encode_into(&V1(&v.vm, HostId(7), &v.rules, 5), &mut bytes).unwrap();
+        codec::encode_into(&V1(&legacy(&v.vm), HostId(7), &v.rules, 5), &mut bytes).unwrap();
         {
             let tx = s.db.begin_write().unwrap();
             tx.open_table(VMS).unwrap().insert(1, bytes.as_slice()).unwrap();

@@ -66,6 +66,7 @@ impl Fleet {
                         op_id: unchanged.map_or_else(OpId::random, |p| p.op_id),
                         spec: r.spec,
                         power: r.power,
+                        epoch: 0,
                     },
                     placement: Placement::Host(host),
                     rules: PlacementRules {
