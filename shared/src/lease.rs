@@ -41,6 +41,11 @@ pub const MAX_DRIFT_PPM: u64 = 1_000;
 /// between the server's timer and its decision, and rounding.
 pub const SAFETY_MARGIN: Duration = Duration::from_millis(500);
 
+/// The lease an acknowledged heartbeat buys when the server's `[ha]`
+/// config does not say otherwise (`L`). With 1 s heartbeats, four may be
+/// lost in a row without the lease running out.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
+
 /// Longest the agent may take, from its lease deadline, to have killed
 /// every HA VM (SIGKILL of QEMU through libvirt's destroy; measured in
 /// milliseconds on the test bed, bounded generously).
