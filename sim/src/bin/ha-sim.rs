@@ -1,0 +1,132 @@
+//! `ha-sim`: runs the HA simulation over many seeds (or one, with its log,
+//! or a scenario file) and prints seeds run, steps per second and the
+//! invariant checks made.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use novacron_shared::clock::Clock;
+use novacron_sim::scenario::Scenario;
+use novacron_sim::{report, run, Config, Stats};
+
+const USAGE: &str = "usage: ha-sim [--seeds N] [--from S] | --seed S [--log] | --scenario FILE [--print]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut seeds = 10_000u64;
+    let mut from = 0u64;
+    let mut one: Option<u64> = None;
+    let mut scenario: Option<PathBuf> = None;
+    let mut log = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut num = |name: &str| -> Option<u64> {
+            let v = it.next().and_then(|v| v.parse().ok());
+            if v.is_none() {
+                eprintln!("{name} needs a number\n{USAGE}");
+            }
+            v
+        };
+        match a.as_str() {
+            "--seeds" => match num("--seeds") {
+                Some(n) => seeds = n,
+                None => return ExitCode::from(2),
+            },
+            "--from" => match num("--from") {
+                Some(n) => from = n,
+                None => return ExitCode::from(2),
+            },
+            "--seed" => match num("--seed") {
+                Some(n) => one = Some(n),
+                None => return ExitCode::from(2),
+            },
+            "--scenario" => scenario = it.next().map(PathBuf::from),
+            "--log" | "--print" => log = true,
+            _ => {
+                eprintln!("{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(path) = scenario {
+        let sc = match Scenario::load(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if log {
+            match sc.run() {
+                Ok(out) => {
+                    for l in &out.log {
+                        println!("{l:?},");
+                    }
+                    println!("# violation: {:?}", out.violation);
+                    return ExitCode::SUCCESS;
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        return match sc.check() {
+            Ok(_) => {
+                println!("scenario {:?}: ok", sc.name);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(seed) = one {
+        let cfg = Config::random(seed);
+        let out = run(cfg.clone());
+        if log {
+            println!("{cfg:#?}");
+            for l in &out.log {
+                println!("{l}");
+            }
+        }
+        println!("{}", report(&cfg, &out));
+        return if out.violation.is_none() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    let clock = Clock::system();
+    let started = clock.now();
+    let mut total = Stats::default();
+    let mut failed = 0u64;
+    for seed in from..from + seeds {
+        let cfg = Config::random(seed);
+        let out = run(cfg.clone());
+        total.steps += out.stats.steps;
+        total.checks += out.stats.checks;
+        total.restarts += out.stats.restarts;
+        total.fences += out.stats.fences;
+        if out.violation.is_some() {
+            failed += 1;
+            eprintln!("{}", report(&cfg, &out));
+        }
+    }
+    let secs = clock.since(started).as_secs_f64().max(1e-9);
+    println!(
+        "seeds run: {seeds} (from {from}), failed: {failed}\nsteps: {} ({:.0} steps/s, {:.1} s)\ninvariant checks: {}\nrestarts: {}, agent fences: {}",
+        total.steps,
+        total.steps as f64 / secs,
+        secs,
+        total.checks,
+        total.restarts,
+        total.fences
+    );
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
