@@ -65,7 +65,7 @@ pub struct DesiredRecord {
     #[serde(default)]
     pub migrating: Vec<VmId>,
     /// HA VMs restarted elsewhere while this host was fenced: its agent
-    /// removes them (not wired yet: the HA controller fills it).
+    /// removes them; cleared when the host is reported reconciled.
     #[serde(default)]
     pub departed: Vec<novacron_shared::protocol::Departed>,
 }
@@ -248,11 +248,12 @@ impl Store {
                 migrating.push(c.vm);
             }
         }
+        let departed = super::ha::departed_in(&tx.open_table(super::ha::DEPARTED)?, id)?;
         Ok(Some(DesiredRecord {
             generation,
             vms: out,
             migrating,
-            departed: Vec::new(),
+            departed,
         }))
     }
 
@@ -320,6 +321,7 @@ impl Store {
     pub fn delete_vm(&self, id: VmId) -> Result<Option<VmRecord>, StoreError> {
         let tx = self.db.begin_write()?;
         let old = remove_vm(&tx, id.0)?;
+        super::ha::forget_vm(&tx, id)?;
         if let Some(h) = old.as_ref().and_then(VmRecord::host) {
             bump_generation(&tx, h)?;
         }
