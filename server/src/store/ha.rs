@@ -315,9 +315,9 @@ impl Store {
     }
 
     /// Restarts a VM elsewhere in one transaction, if it is still on
-    /// `c.from` at `c.epoch` and not migrating: placement = `c.to`, epoch
-    /// + 1, the new op id; `departed` += (`c.from`, VM); its history
-    /// updated; both hosts' generations bumped.
+    /// `c.from` at `c.epoch` and not migrating: placement = `c.to`, the
+    /// epoch raised by one, the new op id; `departed` gains (`c.from`, VM);
+    /// its history updated; both hosts' generations bumped.
     pub fn restart_vm(&self, c: &RestartCommit) -> Result<Result<Restarted, RestartRefusal>, StoreError> {
         let tx = self.db.begin_write()?;
         let (record, history) = {
