@@ -149,6 +149,9 @@ pub enum RestartRefusal {
     /// A live migration of it is under way.
     #[error("the VM is live-migrating (operation {0})")]
     Migrating(OpId),
+    /// Its host is not (or no longer) declared fenced.
+    #[error("host {0} is not declared fenced")]
+    NotFenced(HostId),
 }
 
 /// A committed restart.
@@ -250,6 +253,22 @@ impl Store {
     pub fn departed(&self, host: HostId) -> Result<Vec<Departed>, StoreError> {
         let tx = self.db.begin_read()?;
         departed_in(&tx.open_table(DEPARTED)?, host)
+    }
+
+    /// Every host's departed VMs (hosts without any are absent).
+    pub fn all_departed(&self) -> Result<std::collections::HashMap<HostId, Vec<Departed>>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(DEPARTED)?;
+        let mut out: std::collections::HashMap<HostId, Vec<Departed>> = std::collections::HashMap::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let (host, vm) = k.value();
+            out.entry(HostId(host)).or_default().push(Departed {
+                vm: VmId(vm),
+                keep_disks: DepartedRecord::decode(v.value())?.keep_disks,
+            });
+        }
+        Ok(out)
     }
 
     /// `host` reconciled: forgets the VMs that left it and its

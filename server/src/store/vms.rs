@@ -257,6 +257,18 @@ impl Store {
         }))
     }
 
+    /// Every host's desired-state generation (hosts never given one are absent).
+    pub fn generations(&self) -> Result<std::collections::HashMap<HostId, u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(HOST_GENERATION)?;
+        let mut out = std::collections::HashMap::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.insert(HostId(k.value()), v.value());
+        }
+        Ok(out)
+    }
+
     /// Replaces the VMs placed on `host` with `vms` (pinned there), in one
     /// transaction: VMs of the host not listed are deleted. Returns the
     /// host's new desired state.
