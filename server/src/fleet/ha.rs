@@ -271,6 +271,19 @@ impl Fleet {
     /// same storage), its epoch raised, recorded as departed from `from`,
     /// all in one store transaction; then both hosts are told.
     pub fn restart_vm(&self, vm: VmId, from: HostId, epoch: u64) -> Result<VmRecord, VmError> {
+        let hosts = self.candidate_hosts()?;
+        self.restart_among(vm, from, epoch, hosts)
+    }
+
+    /// [`Fleet::restart_vm`] among `hosts` (the fleet's candidate hosts;
+    /// any host whose lease is not online counts as down).
+    fn restart_among(
+        &self,
+        vm: VmId,
+        from: HostId,
+        epoch: u64,
+        mut hosts: Vec<crate::scheduler::Host>,
+    ) -> Result<VmRecord, VmError> {
         let stale = VmError::Stale;
         let rec = self.store.vm(vm)?.ok_or(VmError::NotFound(vm))?;
         if !rec.vm.spec.ha {
@@ -303,7 +316,6 @@ impl Fleet {
             let pool = self.store.ha_vm(vm)?.and_then(|h| h.shared_storage);
             req.shared_storage = Some(pool.map_or(SharedStorageNeed::Any, SharedStorageNeed::Same));
         }
-        let mut hosts = self.candidate_hosts()?;
         {
             let l = lock(&self.ha.leases);
             for h in &mut hosts {
@@ -412,3 +424,6 @@ impl Fleet {
         self.bump_lease_changes();
     }
 }
+
+#[cfg(test)]
+mod tests;
