@@ -6,7 +6,7 @@
 //! # The lease lock
 //!
 //! One `Mutex<HostLeases>`, touched only here: the session loop records
-//! every frame with [`Fleet::ha_heard`] and, under the same lock, decides
+//! every frame with `Fleet::ha_heard` and, under the same lock, decides
 //! whether a heartbeat may be acknowledged ([`HostLeases::may_ack`]); the
 //! driver calls [`Fleet::tick_leases`]. So no ack can renew the lease of a
 //! host that a tick at that instant would declare fenced, and a host

@@ -8,7 +8,10 @@
 //! session table maps host ids to the live connection so that a newer
 //! connection replaces an older one and a revocation closes it at once.
 //! Liveness is counted on the monotonic clock from the last frame
-//! ([`Liveness`]).
+//! ([`Liveness`]). After the welcome a session gets the HA lease terms,
+//! then its desired state; every frame is recorded in the HA part's lease
+//! view, which decides whether a heartbeat is acknowledged
+//! (`Fleet::ha_heard`).
 //!
 //! Owns: the session table, the revocation cache, the join and host status
 //! queues. Must not touch: VM placement (the [`super::vms`] part) or
