@@ -406,8 +406,13 @@ impl Fleet {
 
     /// A frame from `host` arrived at `now`: recorded, then (under the same
     /// lock) whether a heartbeat in it may be acknowledged.
+    /// A host the leases do not track (forgotten at revocation while its
+    /// session closes) is not tracked again, and gets no ack.
     pub(super) fn ha_heard(&self, host: HostId, now: Instant) -> bool {
         let mut l = lock(&self.ha.leases);
+        if l.state(host).is_none() {
+            return false;
+        }
         l.heard(host, now);
         l.may_ack(host, now)
     }

@@ -476,3 +476,62 @@ async fn the_view_carries_lease_and_ha_facts_and_actions_reach_the_ha_part() {
     f.publish_ha_status(status.clone());
     assert_eq!(f.ha_status(), status);
 }
+
+#[tokio::test]
+async fn an_epoch_never_goes_back_when_an_operator_replaces_the_hosts_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir);
+    store
+        .put_hosts(&[host_record(H1), host_record(H2), host_record(H3)])
+        .unwrap();
+    let mut v = ha_vm(7, H1);
+    v.vm.spec.ephemeral = true;
+    store.put_vm(&v).unwrap().unwrap();
+    let (f, clock) = fleet(store.clone(), HaConfig::default());
+    fence_h1(&f, &clock);
+    let rec = f
+        .restart_among(VmId(7), H1, 0, vec![candidate(H2, None)])
+        .unwrap();
+    assert_eq!(rec.vm.epoch, 1);
+    let d = f
+        .set_desired(
+            H2,
+            vec![crate::fleet::VmRequest {
+                id: None,
+                spec: rec.vm.spec.clone(),
+                power: Power::Stopped,
+            }],
+        )
+        .unwrap();
+    assert_eq!(
+        d.vms.iter().map(|v| (v.id, v.epoch)).collect::<Vec<_>>(),
+        [(VmId(7), 1)]
+    );
+    // Pinned elsewhere by id, it keeps its epoch too.
+    let d = f
+        .set_desired(
+            H3,
+            vec![crate::fleet::VmRequest {
+                id: Some(VmId(7)),
+                spec: rec.vm.spec,
+                power: Power::Running,
+            }],
+        )
+        .unwrap();
+    assert_eq!(d.vms.iter().map(|v| v.epoch).collect::<Vec<_>>(), [1]);
+}
+
+#[tokio::test]
+async fn a_revoked_host_is_forgotten_and_a_late_frame_does_not_track_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir);
+    store.put_hosts(&[host_record(H1)]).unwrap();
+    let (f, _) = fleet(store, HaConfig::default());
+    let now = f.clock().now();
+    f.ha_connected(H1, now);
+    assert!(f.ha_heard(H1, now));
+    f.revoke(H1).unwrap();
+    assert!(!f.ha_heard(H1, now), "no ack for a revoked host");
+    f.tick_leases(now).unwrap();
+    assert_eq!(f.lease_state(H1), None);
+}

@@ -54,29 +54,33 @@ impl Fleet {
             .map(|d| d.vms.into_iter().map(|v| (v.spec.name.clone(), v)).collect())
             .unwrap_or_default();
         let now = self.clock.unix_ms();
-        let records = vms
-            .into_iter()
-            .map(|r| {
-                let prev = old.get(&r.spec.name);
-                let id = r.id.or(prev.map(|p| p.id)).unwrap_or_else(VmId::random);
-                let unchanged = prev.filter(|p| p.id == id && p.spec == r.spec && p.power == r.power);
-                VmRecord {
-                    vm: DesiredVm {
-                        id,
-                        op_id: unchanged.map_or_else(OpId::random, |p| p.op_id),
-                        spec: r.spec,
-                        power: r.power,
-                        epoch: 0,
-                    },
-                    placement: Placement::Host(host),
-                    rules: PlacementRules {
-                        host: Some(host),
-                        ..PlacementRules::default()
-                    },
-                    created_ms: now,
-                }
-            })
-            .collect();
+        let mut records = Vec::with_capacity(vms.len());
+        for r in vms {
+            let prev = old.get(&r.spec.name);
+            let id = r.id.or(prev.map(|p| p.id)).unwrap_or_else(VmId::random);
+            let unchanged = prev.filter(|p| p.id == id && p.spec == r.spec && p.power == r.power);
+            // An epoch never goes back: agents refuse a VM of an older
+            // epoch than one they have seen (a restart elsewhere raised it).
+            let epoch = match prev.filter(|p| p.id == id) {
+                Some(p) => p.epoch,
+                None => self.store.vm(id)?.map_or(0, |v| v.vm.epoch),
+            };
+            records.push(VmRecord {
+                vm: DesiredVm {
+                    id,
+                    op_id: unchanged.map_or_else(OpId::random, |p| p.op_id),
+                    spec: r.spec,
+                    power: r.power,
+                    epoch,
+                },
+                placement: Placement::Host(host),
+                rules: PlacementRules {
+                    host: Some(host),
+                    ..PlacementRules::default()
+                },
+                created_ms: now,
+            });
+        }
         let rec = self.store.replace_host_vms(host, records);
         // Rebuilt at the next placement.
         self.placer.invalidate();
