@@ -22,7 +22,7 @@ mod journal;
 mod vms;
 pub use ha::{
     DepartedRecord, HaHostRecord, HaTermsRecord, HaVmRecord, LastRestart, RestartCommit, RestartRefusal,
-    Restarted,
+    Restarted, ReturnRefusal,
 };
 pub use journal::{
     token_id, ApiTokenInfo, AuditRecord, ClaimRefusal, MigrationClaim, OperationKind, OperationRecord,

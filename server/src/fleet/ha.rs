@@ -35,7 +35,9 @@ use super::{lock, request_for, Fleet, VmError};
 use crate::config::HaConfig;
 use crate::ha::lease::{HostLeases, HostState, LeaseError, Restored, Transition};
 use crate::scheduler::SharedStorageNeed;
-use crate::store::{HostState as StoredState, RestartCommit, RestartRefusal, Store, StoreError, VmRecord};
+use crate::store::{
+    HostState as StoredState, RestartCommit, RestartRefusal, ReturnRefusal, Store, StoreError, VmRecord,
+};
 use crate::telemetry::{RestartOutcome, TELEMETRY};
 
 /// An HA operation on a host failed.
@@ -44,6 +46,10 @@ pub enum HaError {
     /// No such host.
     #[error("no host with id {0}")]
     UnknownHost(HostId),
+    /// The host's agent has not reconciled to its current desired state
+    /// (or holds a VM that departed from it).
+    #[error("host {0} is not reconciled to its desired state yet")]
+    NotReconciled(HostId),
     /// The lease view refused it (e.g. the host is not returning).
     #[error(transparent)]
     Lease(#[from] LeaseError),
@@ -101,6 +107,9 @@ pub(super) struct Ha {
     changes: watch::Sender<u64>,
     status: Mutex<HaStatus>,
     releases: watch::Sender<u64>,
+    /// Hosts declared fenced whose must-return flag is not stored yet
+    /// (retried at every tick; a restart needs the stored flag).
+    unstored: Mutex<std::collections::BTreeSet<HostId>>,
 }
 
 impl Ha {
@@ -139,6 +148,7 @@ impl Ha {
             changes: watch::channel(0).0,
             status: Mutex::new(HaStatus::default()),
             releases: watch::channel(0).0,
+            unstored: Mutex::new(std::collections::BTreeSet::new()),
         })
     }
 }
@@ -150,17 +160,23 @@ impl Fleet {
     }
 
     /// Derives every host's lease state at `now` and returns the changes.
-    /// A host newly declared fenced is recorded as one that must return
-    /// before this returns (so no restart can come before it is stored).
+    /// A host newly declared fenced is stored as one that must return
+    /// before this returns; if that fails, the error is returned, the
+    /// flag is written again at the next tick, and no restart from that
+    /// host commits until it is stored.
     pub fn tick_leases(&self, now: Instant) -> Result<Vec<Transition>, StoreError> {
         let moves = lock(&self.ha.leases).tick(now);
-        let fenced: Vec<HostId> = moves
-            .iter()
-            .filter(|t| t.to == HostState::Fenced)
-            .map(|t| t.host)
-            .collect();
+        let fenced: Vec<HostId> = {
+            let mut unstored = lock(&self.ha.unstored);
+            unstored.extend(moves.iter().filter(|t| t.to == HostState::Fenced).map(|t| t.host));
+            unstored.iter().copied().collect()
+        };
         if !fenced.is_empty() {
             self.store.update_ha_hosts(&fenced, |r| r.must_return = true)?;
+            let mut unstored = lock(&self.ha.unstored);
+            for h in &fenced {
+                unstored.remove(h);
+            }
         }
         let expired = |s: HostState| matches!(s, HostState::LeaseExpired | HostState::Fenced);
         for t in &moves {
@@ -244,19 +260,36 @@ impl Fleet {
 
     /// The returning `host` reconciled (the VMs that moved are gone from
     /// it): its departed list is cleared and it may get a lease again.
+    /// Checked again here, against its live session: its latest reconcile
+    /// report answers its current desired generation and is converged, and
+    /// its latest inventory holds none of its departed VMs.
     pub fn returned_clean(&self, host: HostId) -> Result<(), HaError> {
+        let desired = self.store.desired(host)?.unwrap_or_default();
+        let reconciled = self
+            .live(host)
+            .is_some_and(|s| s.reconciled(desired.generation, &desired.departed));
+        if !reconciled {
+            return Err(HaError::NotReconciled(host));
+        }
+        self.clear_returned(host, desired.generation)
+    }
+
+    /// [`Fleet::returned_clean`] once the host is known to be reconciled to
+    /// desired generation `generation`.
+    fn clear_returned(&self, host: HostId, generation: u64) -> Result<(), HaError> {
         match lock(&self.ha.leases).state(host) {
             None => return Err(HaError::UnknownHost(host)),
             Some(HostState::Returning) => {}
             Some(state) => return Err(LeaseError::NotReturning { host, state }.into()),
         }
-        // Stored first: a crash after this leaves the host cleared in the
-        // store and (after the restart) in the leases; before it, it stays
-        // returning in both.
-        let desired = self
-            .store
-            .returned_clean(host)?
-            .ok_or(HaError::UnknownHost(host))?;
+        // Stored first, and only if no VM left the host since it reconciled:
+        // a crash after this leaves the host cleared in the store (and so in
+        // the leases after the restart); before it, returning in both.
+        let desired = match self.store.returned_clean(host, generation)? {
+            Ok(d) => d,
+            Err(ReturnRefusal::UnknownHost(h)) => return Err(HaError::UnknownHost(h)),
+            Err(ReturnRefusal::Changed { .. }) => return Err(HaError::NotReconciled(host)),
+        };
         lock(&self.ha.leases).returned_clean(host)?;
         self.push_desired(host, desired);
         self.bus

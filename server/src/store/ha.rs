@@ -154,6 +154,22 @@ pub enum RestartRefusal {
     NotFenced(HostId),
 }
 
+/// Why a returning host was not cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReturnRefusal {
+    /// No such host.
+    #[error("no host with id {0}")]
+    UnknownHost(HostId),
+    /// Its desired state changed since it reconciled.
+    #[error("its desired state is at generation {now}, not {expected}: not reconciled to it yet")]
+    Changed {
+        /// The generation it reconciled to.
+        expected: u64,
+        /// The generation now.
+        now: u64,
+    },
+}
+
 /// A committed restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restarted {
@@ -271,14 +287,29 @@ impl Store {
         Ok(out)
     }
 
-    /// `host` reconciled: forgets the VMs that left it and its
-    /// must-return flag, and bumps its generation, in one transaction.
-    /// Returns its new desired state (None: unknown host).
-    pub fn returned_clean(&self, host: HostId) -> Result<Option<DesiredRecord>, StoreError> {
+    /// `host` reconciled at desired generation `generation`: forgets the
+    /// VMs that left it and its must-return flag, and bumps its generation,
+    /// in one transaction — unless its generation moved on since (a VM left
+    /// it meanwhile, and its agent has not seen that yet).
+    pub fn returned_clean(
+        &self,
+        host: HostId,
+        generation: u64,
+    ) -> Result<Result<DesiredRecord, ReturnRefusal>, StoreError> {
         let tx = self.db.begin_write()?;
         {
             if tx.open_table(HOSTS)?.get(host.0)?.is_none() {
-                return Ok(None);
+                return Ok(Err(ReturnRefusal::UnknownHost(host)));
+            }
+            let now = tx
+                .open_table(super::HOST_GENERATION)?
+                .get(host.0)?
+                .map_or(0, |g| g.value());
+            if now != generation {
+                return Ok(Err(ReturnRefusal::Changed {
+                    expected: generation,
+                    now,
+                }));
             }
             let mut t = tx.open_table(DEPARTED)?;
             let keys: Vec<(u128, u128)> = t
@@ -299,7 +330,7 @@ impl Store {
             bump_generation(&tx, host)?;
         }
         tx.commit()?;
-        self.desired(host)
+        Ok(Ok(self.desired(host)?.unwrap_or_default()))
     }
 
     /// One VM's restart history.
@@ -334,7 +365,8 @@ impl Store {
     }
 
     /// Restarts a VM elsewhere in one transaction, if it is still on
-    /// `c.from` at `c.epoch` and not migrating: placement = `c.to`, the
+    /// `c.from` at `c.epoch`, not migrating, and `c.from` is stored as
+    /// declared fenced (must return): placement = `c.to`, the
     /// epoch raised by one, the new op id; `departed` gains (`c.from`, VM);
     /// its history updated; both hosts' generations bumped.
     pub fn restart_vm(&self, c: &RestartCommit) -> Result<Result<Restarted, RestartRefusal>, StoreError> {
@@ -360,6 +392,10 @@ impl Store {
                 decode_opt(tx.open_table(journal::MIGRATIONS)?.get(c.vm.0)?)?;
             if let Some(m) = claim {
                 return Ok(Err(RestartRefusal::Migrating(m.op)));
+            }
+            let flags: Option<HaHostRecord> = decode_opt(tx.open_table(HA_HOSTS)?.get(c.from.0)?)?;
+            if !flags.is_some_and(|f| f.must_return) {
+                return Ok(Err(RestartRefusal::NotFenced(c.from)));
             }
             rec.placement = Placement::Host(c.to);
             rec.vm.epoch += 1;
@@ -582,10 +618,29 @@ mod tests {
         assert_eq!(h.shared_storage.as_deref(), Some("/srv/pool"));
         assert_eq!(s.vm(VmId(7)).unwrap().unwrap(), r.record);
         // The host reconciled: departed and its flag are cleared together.
-        let d = s.returned_clean(HostId(1)).unwrap().unwrap();
-        assert!(d.departed.is_empty() && d.generation > r.from.generation);
+        // Reconciled to an older generation: refused, nothing cleared.
+        let g = r.from.generation;
+        assert_eq!(
+            s.returned_clean(HostId(1), g - 1).unwrap(),
+            Err(ReturnRefusal::Changed {
+                expected: g - 1,
+                now: g
+            })
+        );
+        assert_eq!(s.departed(HostId(1)).unwrap(), vec![gone]);
+        let d = s.returned_clean(HostId(1), g).unwrap().unwrap();
+        assert!(d.departed.is_empty() && d.generation > g);
         assert!(s.ha_hosts().unwrap().is_empty());
-        assert_eq!(s.returned_clean(HostId(9)).unwrap(), None);
+        assert_eq!(
+            s.returned_clean(HostId(9), 0).unwrap(),
+            Err(ReturnRefusal::UnknownHost(HostId(9)))
+        );
+        // No longer declared fenced: no restart from it.
+        s.put_vm(&vm(8, 1)).unwrap().unwrap();
+        assert_eq!(
+            s.restart_vm(&commit(8, 1, 0, 2)).unwrap(),
+            Err(RestartRefusal::NotFenced(HostId(1)))
+        );
     }
 
     #[test]
@@ -593,6 +648,8 @@ mod tests {
         let (_d, s) = open();
         s.put_hosts(&[host(1), host(2), host(3)]).unwrap();
         s.put_vm(&vm(7, 1)).unwrap().unwrap();
+        s.update_ha_hosts(&[HostId(1), HostId(3)], |r| r.must_return = true)
+            .unwrap();
         assert_eq!(
             s.restart_vm(&commit(8, 1, 0, 2)).unwrap(),
             Err(RestartRefusal::NotFound)

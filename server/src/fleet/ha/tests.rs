@@ -321,18 +321,27 @@ async fn acks_are_withheld_from_a_fenced_host_until_it_returned_clean_even_acros
     assert!(!f.ha_heard(H1, now));
     f.tick_leases(now).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Returning));
-    f.returned_clean(H1).unwrap();
+    // No session has reported it reconciled: refused, still no ack.
+    assert!(matches!(f.returned_clean(H1), Err(HaError::NotReconciled(H1))));
+    assert!(!f.ha_heard(H1, now));
+    let generation = store.desired(H1).unwrap().map_or(0, |d| d.generation);
+    let r = f.clear_returned(H1, generation + 1);
+    assert!(
+        matches!(r, Err(HaError::NotReconciled(H1))),
+        "reconciled to another generation: {r:?}"
+    );
+    f.clear_returned(H1, generation).unwrap();
     assert!(f.ha_heard(H1, now), "reconciled: acks resume");
     assert!(store.ha_hosts().unwrap().is_empty());
     f.tick_leases(now).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Online));
-    let r = f.returned_clean(H1);
+    let r = f.clear_returned(H1, generation + 1);
     assert!(
         matches!(r, Err(HaError::Lease(LeaseError::NotReturning { .. }))),
         "{r:?}"
     );
     assert!(matches!(
-        f.returned_clean(HostId(99)),
+        f.clear_returned(HostId(99), 0),
         Err(HaError::UnknownHost(_))
     ));
 }
@@ -451,7 +460,10 @@ async fn the_view_carries_lease_and_ha_facts_and_actions_reach_the_ha_part() {
         "{r:?}"
     );
     let r = actions.submit(Action::ReturnedClean { host: H2 }, "test").await;
-    assert!(matches!(r, Err(ActionError::Ha(HaError::Lease(_)))), "{r:?}");
+    assert!(
+        matches!(r, Err(ActionError::Ha(HaError::NotReconciled(H2)))),
+        "{r:?}"
+    );
 
     // The driver's status and the operator's release request.
     let releases = f.release_requests();
