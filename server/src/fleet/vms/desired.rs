@@ -45,6 +45,18 @@ impl Fleet {
                 problems.push(format!("vms[{i}]: the name {:?} is used twice", v.spec.name));
             }
         }
+        // An HA VM's disks must be where it can restart: on shared storage.
+        let pool = self.live(host).map(|s| s.shared_storage());
+        for (i, v) in vms.iter().enumerate() {
+            let on_shared = v.spec.ha && !v.spec.ephemeral && !v.spec.disks.is_empty();
+            if on_shared && matches!(pool, Some(None)) {
+                problems.push(format!(
+                    "vms[{i}]: {:?} is HA with disks, but host {host} reports no shared storage: set \
+                     vms.storage_shared = true in its agent's config, or make the VM ephemeral: true",
+                    v.spec.name
+                ));
+            }
+        }
         if !problems.is_empty() {
             return Err(DesiredError::Invalid(problems.join("; ")));
         }
@@ -85,6 +97,15 @@ impl Fleet {
         // Rebuilt at the next placement.
         self.placer.invalidate();
         let rec = rec?.map_err(|e| DesiredError::Invalid(e.to_string()))?;
+        if let Some(Some(pool)) = pool {
+            for v in rec
+                .vms
+                .iter()
+                .filter(|v| v.spec.ha && !v.spec.ephemeral && !v.spec.disks.is_empty())
+            {
+                self.store.set_vm_storage(v.id, Some(pool.clone()))?;
+            }
+        }
         self.send_to(host, desired_message(rec.clone()));
         Ok(rec)
     }
