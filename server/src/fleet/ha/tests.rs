@@ -547,3 +547,121 @@ async fn a_revoked_host_is_forgotten_and_a_late_frame_does_not_track_it_again() 
     f.tick_leases(now).unwrap();
     assert_eq!(f.lease_state(H1), None);
 }
+
+/// Reads the next control-stream frame, or fails after a few seconds.
+async fn next_frame(
+    recv: &mut novacron_shared::framing::FramedRecv,
+) -> novacron_shared::protocol::ServerMessage {
+    use novacron_shared::protocol::ServerMessage;
+    match tokio::time::timeout(Duration::from_secs(10), recv.next::<ServerMessage>()).await {
+        Ok(Ok(Some((_, m)))) => m,
+        other => panic!("no frame from the server: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn over_a_real_session_terms_come_before_the_desired_state_and_acks_stop_once_fenced() {
+    use novacron_shared::framing::{self, FramedRecv, MAX_FRAME_LEN};
+    use novacron_shared::protocol::{
+        AgentMessage, Heartbeat, HeartbeatAck, Hello, RenewRequest, ServerMessage, HANDSHAKE_VERSION,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    // TLS checks certificates against the real wall time: start there.
+    let manual = Arc::new(ManualClock::starting_at(Clock::system().wall()));
+    let clock = Clock::from_source(manual.clone());
+    let mut cfg = crate::config::ServerConfig {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.api.listen = "127.0.0.1:0".parse().unwrap();
+    let data = crate::datadir::DataDir::new(dir.path());
+    data.init(&cfg, clock.wall()).unwrap();
+    {
+        let store = Store::open(&data.db()).unwrap();
+        store.put_hosts(&[host_record(H1)]).unwrap();
+        store.put_vm(&ha_vm(7, H1)).unwrap().unwrap();
+    }
+    let ca = data.load_ca().unwrap();
+    let (key, csr) = novacron_shared::pki::make_csr("h1").unwrap();
+    let validity = novacron_shared::pki::Validity::for_ttl(clock.wall(), Duration::from_secs(3600));
+    let cert = ca.sign_host_csr(&csr, H1, validity).unwrap();
+    let running = crate::start_with_clock(&cfg, clock).await.unwrap();
+    let f = running.fleet.clone();
+
+    let tls = novacron_shared::tls::client_config_mtls(
+        ca.cert_der().clone(),
+        vec![cert],
+        novacron_shared::pki::key_from_pem(&key.serialize_pem()).unwrap(),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep
+        .connect_with(tls, running.quic_addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut recv = FramedRecv::new(recv, MAX_FRAME_LEN);
+    let mut buf = Vec::new();
+    let hello = AgentMessage::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        agent_version: "test".into(),
+        hostname: "h1".into(),
+    });
+    framing::write_frame(&mut send, HANDSHAKE_VERSION, &hello, &mut buf)
+        .await
+        .unwrap();
+    assert!(matches!(next_frame(&mut recv).await, ServerMessage::Welcome(_)));
+    match next_frame(&mut recv).await {
+        ServerMessage::LeaseTerms(t) => assert_eq!(t, f.ha_config().terms()),
+        m => panic!("the lease terms come right after the welcome, got {m:?}"),
+    }
+    match next_frame(&mut recv).await {
+        ServerMessage::DesiredState(d) => {
+            assert_eq!(d.vms.iter().map(|v| v.id).collect::<Vec<_>>(), [VmId(7)])
+        }
+        m => panic!("then the desired state, got {m:?}"),
+    }
+    let beat = |seq| AgentMessage::Heartbeat(Heartbeat { seq });
+    // A garbage renewal always gets an error reply: after a heartbeat it
+    // shows whether an ack came first.
+    let probe = || {
+        AgentMessage::RenewCertificate(RenewRequest {
+            csr_der: vec![1, 2, 3],
+        })
+    };
+    for m in [beat(1), probe()] {
+        framing::write_frame(&mut send, 1, &m, &mut buf).await.unwrap();
+    }
+    assert_eq!(
+        next_frame(&mut recv).await,
+        ServerMessage::HeartbeatAck(HeartbeatAck { seq: 1 })
+    );
+    assert!(matches!(next_frame(&mut recv).await, ServerMessage::Error(_)));
+
+    // Silent past the fence wait: declared fenced; heartbeats go unanswered.
+    manual.advance(f.ha_config().timing().fenced_after() + Duration::from_millis(100));
+    f.tick_leases(f.clock().now()).unwrap();
+    assert_eq!(f.lease_state(H1), Some(HostState::Fenced));
+    for m in [beat(2), probe()] {
+        framing::write_frame(&mut send, 1, &m, &mut buf).await.unwrap();
+    }
+    match next_frame(&mut recv).await {
+        ServerMessage::Error(_) => {}
+        m => panic!("no ack for a fenced host, got {m:?}"),
+    }
+    f.tick_leases(f.clock().now()).unwrap();
+    assert_eq!(f.lease_state(H1), Some(HostState::Returning));
+    for m in [beat(3), probe()] {
+        framing::write_frame(&mut send, 1, &m, &mut buf).await.unwrap();
+    }
+    match next_frame(&mut recv).await {
+        ServerMessage::Error(_) => {}
+        m => panic!("no ack for a returning host, got {m:?}"),
+    }
+    running.shutdown().await;
+}
