@@ -560,7 +560,7 @@ async fn next_frame(
 }
 
 #[tokio::test]
-async fn over_a_real_session_terms_come_before_the_desired_state_and_acks_stop_once_fenced() {
+async fn over_a_real_session_terms_come_first_and_acks_stop_when_fenced_until_returned_clean() {
     use novacron_shared::framing::{self, FramedRecv, MAX_FRAME_LEN};
     use novacron_shared::protocol::{
         AgentMessage, Heartbeat, HeartbeatAck, Hello, RenewRequest, ServerMessage, HANDSHAKE_VERSION,
@@ -663,5 +663,55 @@ async fn over_a_real_session_terms_come_before_the_desired_state_and_acks_stop_o
         ServerMessage::Error(_) => {}
         m => panic!("no ack for a returning host, got {m:?}"),
     }
+    assert!(matches!(f.returned_clean(H1), Err(HaError::NotReconciled(H1))));
+
+    // The agent reports an inventory and a converged pass at the current
+    // generation: reconciled, so the controller may clear it; acks resume.
+    let generation = f.store().desired(H1).unwrap().unwrap().generation;
+    let mut changes = f.lease_changes();
+    changes.borrow_and_update();
+    let inventory = AgentMessage::Inventory(novacron_shared::protocol::Inventory {
+        capacity: Capacity {
+            cpus: 4,
+            memory_mib: 4096,
+            ..Capacity::default()
+        },
+        hypervisor: "test:///default".into(),
+        vms: vec![],
+        migration_uri: None,
+        labels: Default::default(),
+        shared_storage: Some("/srv/pool".into()),
+    });
+    let report = AgentMessage::Reconciled(novacron_shared::protocol::ReconcileReport {
+        generation,
+        converged: true,
+        actions: vec![],
+        drift: vec![],
+    });
+    for m in [inventory, report, probe()] {
+        framing::write_frame(&mut send, 1, &m, &mut buf).await.unwrap();
+    }
+    assert!(matches!(next_frame(&mut recv).await, ServerMessage::Error(_)));
+    assert!(
+        changes.has_changed().unwrap(),
+        "inventories and reports wake the driver"
+    );
+    let view = f.view().unwrap();
+    let h = view.host(H1).unwrap();
+    assert!(h.reconciled, "{h:?}");
+    assert_eq!(h.shared_storage.as_deref(), Some("/srv/pool"));
+    assert_eq!(h.lease, HostState::Returning);
+    f.returned_clean(H1).unwrap();
+    match next_frame(&mut recv).await {
+        ServerMessage::DesiredState(d) => assert!(d.generation > generation && d.departed.is_empty()),
+        m => panic!("the cleared host gets its desired state, got {m:?}"),
+    }
+    framing::write_frame(&mut send, 1, &beat(4), &mut buf)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut recv).await,
+        ServerMessage::HeartbeatAck(HeartbeatAck { seq: 4 })
+    );
     running.shutdown().await;
 }
