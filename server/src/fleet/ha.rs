@@ -242,10 +242,8 @@ impl Fleet {
         }
         {
             let mut l = lock(&self.ha.leases);
-            if l.state(host).is_none() {
-                // Enrolled while the server runs and never heard yet.
-                l.heard(host, self.clock.now());
-            }
+            // Enrolled while the server runs and never heard yet.
+            l.track(host);
             l.set_maintenance(host, on)?;
         }
         let what = if on {

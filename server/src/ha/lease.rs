@@ -299,6 +299,12 @@ impl HostLeases {
         h.last_heard = Some(h.last_heard.map_or(now, |t| t.max(now)));
     }
 
+    /// Tracks `host` (enrolled while the server runs) as not heard yet, if
+    /// it is not tracked already; records no frame.
+    pub fn track(&mut self, host: HostId) {
+        self.hosts.entry(host).or_insert_with(Host::unheard);
+    }
+
     /// `host` opened a session at `now` (its hello counts as a frame).
     pub fn connected(&mut self, host: HostId, now: Instant) {
         self.heard(host, now);

@@ -371,6 +371,12 @@ async fn maintenance_is_persisted_and_announced() {
     let (f, _) = fleet(store, HaConfig::default());
     f.tick_leases(f.clock().now()).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Maintenance));
+    // A host enrolled while the server runs: tracked, and no frame invented.
+    f.store().put_hosts(&[host_record(H2)]).unwrap();
+    f.set_maintenance(H2, true).unwrap();
+    assert_eq!(f.lease_last_heard(H2), None);
+    f.tick_leases(f.clock().now()).unwrap();
+    assert_eq!(f.lease_state(H2), Some(HostState::Maintenance));
     // Connects, disconnects bump the change counter too.
     let mut changes = f.lease_changes();
     f.ha_connected(H1, f.clock().now());

@@ -561,3 +561,16 @@ fn restored_flags_come_back_as_returning_and_maintenance() {
     plain.connected(A, t0);
     assert!(plain.may_ack(A, t0));
 }
+
+#[test]
+fn a_tracked_host_is_known_but_not_heard() {
+    let t0 = base();
+    let mut l = HostLeases::new(policy(), [], t0);
+    l.track(A);
+    assert_eq!(l.state(A), Some(Suspect));
+    assert_eq!(l.last_heard(A), None, "tracking records no frame");
+    l.connected(A, t0);
+    l.track(A);
+    assert_eq!(l.last_heard(A), Some(t0), "tracking a known host changes nothing");
+    assert!(l.may_ack(A, t0));
+}
