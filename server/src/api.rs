@@ -467,6 +467,7 @@ fn vm_error(e: VmError) -> ApiError {
         e @ VmError::NotFound(_) => ApiError::not_found(e.to_string()),
         VmError::NoFit(n) => ApiError::conflict(ErrorCode::NoCapacity, n.to_string()),
         VmError::Busy(m) => ApiError::conflict(ErrorCode::Conflict, m),
+        e @ VmError::Stale(_) => ApiError::conflict(ErrorCode::Conflict, e.to_string()),
         VmError::NotConnected(m) => ApiError::conflict(ErrorCode::NotConnected, m),
         VmError::Store(e) => ApiError::internal(&e),
     }

@@ -183,12 +183,13 @@ pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Runnin
         addr: cfg.api.listen,
         source,
     })?;
-    let fleet = Fleet::new(
+    let fleet = Fleet::with_ha(
         store.clone(),
         ca,
         cfg.agents.clone(),
         cfg.scheduler,
         cfg.migration.clone(),
+        cfg.ha.clone(),
         clock.clone(),
     )?;
     let metrics = metrics::Metrics::open(&dir.metrics_db(), cfg.metrics.to_config(), clock)?;

@@ -195,6 +195,8 @@ pub fn event(e: &FleetEvent) -> api::events::Event {
             EventKind::Vm => api::events::EventKind::Vm,
             EventKind::Host => api::events::EventKind::Host,
             EventKind::Operation => api::events::EventKind::Operation,
+            // The API has no HA kind yet; shown as host events until it does.
+            EventKind::Ha => api::events::EventKind::Host,
         },
         at_ms: e.at_ms,
         host: e.host,

@@ -9,9 +9,14 @@
 //! and that wait covers the clock-rate drift bound, the fence time and a
 //! margin. This folder only ever declares a host fenced after that wait.
 //!
-//! Owns: the per-host lease view ([`lease`](crate::ha::lease)). Pure: no I/O, no clock reads
+//! Owns: the per-host lease view ([`lease`]), the mass-failure guard
+//! ([`guard`]) and the HA controller ([`controller`]), which decides which
+//! VMs of fenced hosts restart elsewhere. All pure: no I/O, no clock reads
 //! (`now` is passed in), no store, no sessions. Must not touch: the session
-//! loop, the link or the store; the drivers will feed it and act on what it says (not wired yet: the
-//! session loop and the HA controller come next).
+//! loop, the link or the store; the fleet feeds the lease view and carries
+//! the controller's decisions out (the driver that connects them comes with
+//! the fleet's wiring).
 
+pub mod controller;
+pub mod guard;
 pub mod lease;
