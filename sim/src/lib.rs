@@ -1,6 +1,7 @@
 //! The deterministic HA simulation: the real agent lease and epoch guard
 //! (`novacron_agent::lease`), the real server host leases
-//! (`novacron_server::ha::lease`), the HA controller and the real scheduler,
+//! (`novacron_server::ha::lease`), the real HA controller and mass-failure
+//! guard (`novacron_server::ha::controller`, `guard`) and the real scheduler,
 //! run over a simulated network of ordered per-session streams and per-node
 //! clocks drifting within `MAX_DRIFT_PPM`, stepped one event at a time from
 //! one seeded RNG: one seed reproduces one run exactly.
@@ -25,7 +26,6 @@
 
 pub mod config;
 pub mod scenario;
-pub mod standin;
 pub mod world;
 
 pub use config::{Config, Fault, Profile, Timed};

@@ -11,14 +11,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use novacron_agent::lease::{Action, EpochGuard, Event, FenceMode, Lease, State};
-use novacron_server::ha::lease::{HostLeases, HostState, LeasePolicy, Transition};
+use novacron_server::ha::controller::{Controller, Decision, HostInput, Policy, VmInput};
+use novacron_server::ha::guard::{GuardPolicy, GuardState};
+use novacron_server::ha::lease::{HostLeases, HostState, LeasePolicy, Restored, Transition};
 use novacron_server::scheduler;
 use novacron_shared::clock::Clock;
 use novacron_shared::ids::{HostId, VmId};
 
 use crate::config::{Config, Fault, Nanos, Profile, MS, SEC};
-use crate::standin as controller;
-use controller::{Controller, Decision, HostInput, Policy, VmInput};
 
 /// Steps after which a run counts as stuck (a run takes a few thousand).
 const MAX_STEPS: u64 = 1_000_000;
@@ -163,6 +163,9 @@ struct VmRec {
 struct HostRec {
     gen: u64,
     departed: BTreeSet<usize>,
+    /// Declared fenced and not reported reconciled since (kept across
+    /// server restarts, as the fleet's store keeps it).
+    must_return: bool,
 }
 
 /// What survives a server crash.
@@ -183,7 +186,6 @@ struct Server {
     last_rx: BTreeMap<usize, Nanos>,
     converged: BTreeMap<usize, u64>,
     tick_at: Option<Nanos>,
-    held: bool,
     crash_after_restart: Option<u64>,
 }
 
@@ -259,9 +261,10 @@ pub struct World {
 fn policy(cfg: &Config) -> Policy {
     Policy {
         enabled: true,
-        mass_failure_ratio: cfg.mass_failure_ratio,
-        mass_failure_window: Duration::from_secs(10),
-        release_step: Duration::from_secs(5),
+        guard: GuardPolicy {
+            ratio: cfg.mass_failure_ratio,
+            ..GuardPolicy::default()
+        },
         retry: Duration::from_secs(2),
     }
 }
@@ -318,13 +321,12 @@ impl World {
             inc: 0,
             clock: sclock,
             leases: HostLeases::new(lease_policy(&cfg), known.clone(), sclock.local(0)),
-            ctl: Controller::new(policy(&cfg), known.len(), sclock.local(0)),
+            ctl: Controller::new(policy(&cfg), known.clone(), sclock.local(0)),
             sched: scheduler::Scheduler::default(),
             sessions: BTreeMap::new(),
             last_rx: BTreeMap::new(),
             converged: BTreeMap::new(),
             tick_at: None,
-            held: false,
             crash_after_restart: None,
         };
         let mut w = Self {
@@ -589,10 +591,12 @@ impl World {
                 self.at(now + for_ms * MS, Ev::UnIsolate);
             }
             Fault::Release => {
-                if self.server.alive && self.server.held {
+                if self.server.alive && self.held() {
                     self.note("operator releases held".into());
-                    let local = self.server.clock.local(now);
-                    self.server.ctl.release(local);
+                    let hosts = self.host_inputs();
+                    if let Some(d) = self.server.ctl.release(&hosts) {
+                        self.apply(d);
+                    }
                     self.server_step();
                 }
             }
@@ -1090,29 +1094,15 @@ impl World {
         match m {
             Up::Hello => {}
             Up::Heartbeat(seq) => {
-                self.server_step();
-                if !self.server.alive {
-                    return;
-                }
-                let state = self.server.leases.state(id);
-                if !matches!(state, Some(HostState::Fenced) | Some(HostState::Returning)) {
+                // Recorded, then under the same lock whether it may be acked.
+                if self.server.leases.may_ack(id, local) {
                     self.send_down(sid, Down::Ack(seq));
                 }
+                self.server_step();
             }
             Up::Converged(gen) => {
                 let c = self.server.converged.entry(host).or_insert(0);
                 *c = (*c).max(gen);
-                let state = self.server.leases.state(id);
-                let rec = &self.store.hosts[host];
-                if gen == rec.gen
-                    && !rec.departed.is_empty()
-                    && !matches!(state, Some(HostState::Fenced) | Some(HostState::Returning))
-                {
-                    // Departed entries a crashed server left behind, on a
-                    // host that was never fenced in this run.
-                    self.store.hosts[host].departed.clear();
-                    self.store.hosts[host].gen += 1;
-                }
                 self.server_step();
             }
         }
@@ -1144,25 +1134,20 @@ impl World {
         let local = self.server.clock.local(self.now);
         let transitions: Vec<Transition> = self.server.leases.tick(local);
         for t in &transitions {
+            if t.to == HostState::Fenced {
+                if let Some(h) = self.host_index(t.host) {
+                    self.store.hosts[h].must_return = true;
+                }
+            }
+        }
+        for t in &transitions {
             if matches!(t.to, HostState::Fenced | HostState::Returning) || t.from == HostState::Fenced {
                 if let Some(h) = self.host_index(t.host) {
                     self.note(format!("server: h{} {:?} -> {:?}", h + 1, t.from, t.to));
                 }
             }
         }
-        let hosts: Vec<HostInput> = self
-            .server
-            .leases
-            .hosts()
-            .map(|(id, lease)| {
-                let h = self.host_index(id).unwrap_or(0);
-                HostInput {
-                    id,
-                    lease,
-                    reconciled: self.server.converged.get(&h) == Some(&self.store.hosts[h].gen),
-                }
-            })
-            .collect();
+        let hosts = self.host_inputs();
         let vms: Vec<VmInput> = self
             .store
             .vms
@@ -1178,7 +1163,7 @@ impl World {
                 created_ms: v.created_ms,
             })
             .collect();
-        let decisions = self.server.ctl.step(local, &transitions, &hosts, &vms);
+        let decisions = self.server.ctl.step(local, &hosts, &vms);
         for d in decisions {
             if !self.server.alive {
                 return;
@@ -1188,18 +1173,40 @@ impl World {
         self.schedule_server_tick();
     }
 
+    fn host_inputs(&self) -> Vec<HostInput> {
+        self.server
+            .leases
+            .hosts()
+            .map(|(id, lease)| {
+                let h = self.host_index(id).unwrap_or(0);
+                HostInput {
+                    id,
+                    lease,
+                    reconciled: self.server.converged.get(&h) == Some(&self.store.hosts[h].gen),
+                }
+            })
+            .collect()
+    }
+
+    /// The guard holds every fenced host (no restart may be decided).
+    fn held(&self) -> bool {
+        matches!(self.server.ctl.guard(), GuardState::Held { .. })
+    }
+
     fn apply(&mut self, d: Decision) {
-        let local = self.server.clock.local(self.now);
         match d {
             Decision::Restart { vm, from, epoch } => self.restart(vm, from, epoch),
             Decision::ReturnedClean { host } => {
                 let Some(h) = self.host_index(host) else { return };
+                // Stored first (departed and must-return cleared), then the
+                // lease view; the fleet does the same.
+                self.store.hosts[h].departed.clear();
+                self.store.hosts[h].must_return = false;
+                self.store.hosts[h].gen += 1;
                 if let Err(e) = self.server.leases.returned_clean(host) {
                     self.violate(format!("returned_clean refused: {e}"));
                     return;
                 }
-                self.store.hosts[h].departed.clear();
-                self.store.hosts[h].gen += 1;
                 self.note(format!("server: h{} returned clean", h + 1));
                 self.push_desired(h);
             }
@@ -1208,15 +1215,13 @@ impl World {
                 self.note(format!("server: vm{v} lost with h{}", h + 1));
             }
             Decision::Held { silent, monitored } => {
-                self.server.held = true;
                 self.note(format!("server: held ({silent} of {monitored} hosts silent)"));
             }
+            Decision::Releasing => self.note("server: releasing".into()),
             Decision::Released { by_operator } => {
-                self.server.held = false;
                 self.note(format!("server: released (by operator: {by_operator})"));
             }
         }
-        let _ = local;
     }
 
     fn restart(&mut self, vm: VmId, from: HostId, epoch: u64) {
@@ -1225,7 +1230,7 @@ impl World {
             self.violate(format!("restart of unknown vm {vm} or host {from}"));
             return;
         };
-        if self.server.held {
+        if self.held() {
             self.violate(format!("restart of vm{v} decided while held"));
         }
         // The old host must no longer be able to run it.
@@ -1243,7 +1248,7 @@ impl World {
             ));
         }
         let rec = &self.store.vms[v];
-        if rec.host != Some(f) || rec.epoch != epoch {
+        if rec.host != Some(f) || rec.epoch != epoch || !self.server.leases.must_return(from) {
             self.server.ctl.restart_failed(vm, local, "stale decision".into());
             return;
         }
@@ -1266,6 +1271,7 @@ impl World {
                     load: None,
                     used,
                     groups: Default::default(),
+                    shared_storage: Some("pool".into()),
                 }
             })
             .collect();
@@ -1312,7 +1318,7 @@ impl World {
         }
         self.push_desired(t);
         self.push_desired(f);
-        self.server.ctl.restart_done(vm, to, local);
+        self.server.ctl.restart_done(vm);
     }
 
     fn schedule_server_tick(&mut self) {
@@ -1350,16 +1356,28 @@ impl World {
         self.server.inc += 1;
         self.server.sessions.clear();
         self.server.tick_at = None;
-        self.server.held = false;
         self.at(self.now + for_ms * MS, Ev::ServerStart);
     }
 
     fn server_start(&mut self) {
         let local = self.server.clock.local(self.now);
         let known: Vec<HostId> = self.hosts.iter().map(|h| h.id).collect();
+        let restored: Vec<(HostId, Restored)> = known
+            .iter()
+            .zip(&self.store.hosts)
+            .map(|(id, r)| {
+                (
+                    *id,
+                    Restored {
+                        maintenance: false,
+                        must_return: r.must_return,
+                    },
+                )
+            })
+            .collect();
         self.server.alive = true;
-        self.server.leases = HostLeases::new(lease_policy(&self.cfg), known.clone(), local);
-        self.server.ctl = Controller::new(policy(&self.cfg), known.len(), local);
+        self.server.leases = HostLeases::restored(lease_policy(&self.cfg), restored, local);
+        self.server.ctl = Controller::new(policy(&self.cfg), known, local);
         self.server.sched = scheduler::Scheduler::default();
         self.server.last_rx.clear();
         self.server.converged.clear();
@@ -1413,7 +1431,7 @@ impl World {
             return;
         };
         self.stats.checks += 1;
-        if self.server.held {
+        if self.held() {
             return;
         }
         for v in vms {
