@@ -1244,7 +1244,7 @@ impl World {
             self.violate(format!(
                 "restart of vm{v} decided while h{} can still run it (copy left: {copy_left}, lease: {:?})",
                 f + 1,
-                old.agent.as_ref().map(|a| a.lease.state())
+                old.agent.as_ref().map(|a| state_name(a.lease.state()))
             ));
         }
         let rec = &self.store.vms[v];
@@ -1447,6 +1447,17 @@ impl World {
                 ));
             }
         }
+    }
+}
+
+/// The name of a lease state (instants left out: they depend on the base).
+fn state_name(s: State) -> &'static str {
+    match s {
+        State::NoLease { .. } => "no lease",
+        State::Leased { .. } => "leased",
+        State::Renewing { .. } => "renewing",
+        State::SelfFencing { .. } => "self-fencing",
+        State::Fenced { .. } => "fenced",
     }
 }
 

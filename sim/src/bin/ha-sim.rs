@@ -11,6 +11,17 @@ use novacron_sim::{report, run, Config, Stats};
 
 const USAGE: &str = "usage: ha-sim [--seeds N] [--from S] | --seed S [--log] | --scenario FILE [--print]";
 
+/// An error with its causes, one per line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!("\n  caused by: {c}"));
+        cur = c.source();
+    }
+    s
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut seeds = 10_000u64;
@@ -52,7 +63,7 @@ fn main() -> ExitCode {
         let sc = match Scenario::load(&path) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("{}", chain(&e));
                 return ExitCode::FAILURE;
             }
         };
@@ -66,7 +77,7 @@ fn main() -> ExitCode {
                     return ExitCode::SUCCESS;
                 }
                 Err(e) => {
-                    eprintln!("{e}");
+                    eprintln!("{}", chain(&e));
                     return ExitCode::FAILURE;
                 }
             }
@@ -77,7 +88,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("{}", chain(&e));
                 ExitCode::FAILURE
             }
         };
