@@ -29,4 +29,4 @@ pub mod scenario;
 pub mod world;
 
 pub use config::{Config, Fault, Profile, Timed};
-pub use world::{report, run, Outcome, Stats};
+pub use world::{report, run, Checks, Outcome, Stats};

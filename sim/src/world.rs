@@ -207,13 +207,51 @@ enum Ev {
     RecoveryCheck { index: usize },
 }
 
+/// Invariant evaluations made, per invariant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Checks {
+    /// Never two copies of one VM (after every step).
+    pub single_copy: u64,
+    /// Epochs only increase, in the store and in started copies (after
+    /// every step).
+    pub epochs: u64,
+    /// Within tolerance nothing fences or restarts (after every step of a
+    /// benign run).
+    pub tolerance: u64,
+    /// A restart is decided only when the old host can no longer run the
+    /// VM (at every restart decision).
+    pub restart_after_fence: u64,
+    /// No restart while held (at every restart decision).
+    pub held: u64,
+    /// Every HA VM of a lost host runs again within the bound (per VM, at
+    /// the bound).
+    pub recovery: u64,
+}
+
+impl Checks {
+    /// All of them.
+    pub fn total(&self) -> u64 {
+        self.single_copy + self.epochs + self.tolerance + self.restart_after_fence + self.held + self.recovery
+    }
+
+    /// Adds `o` to these.
+    pub fn add(&mut self, o: &Checks) {
+        self.single_copy += o.single_copy;
+        self.epochs += o.epochs;
+        self.tolerance += o.tolerance;
+        self.restart_after_fence += o.restart_after_fence;
+        self.held += o.held;
+        self.recovery += o.recovery;
+    }
+}
+
 /// Totals of one run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Events stepped.
     pub steps: u64,
-    /// Invariant evaluations made (each invariant counted per step).
-    pub checks: u64,
+    /// Invariant evaluations made.
+    pub checks: Checks,
     /// Restarts carried out.
     pub restarts: u64,
     /// Fences started by agents.
@@ -252,6 +290,8 @@ pub struct World {
     log: Vec<String>,
     violation: Option<String>,
     violations: Vec<String>,
+    /// The store's epoch per VM at the last step.
+    last_epoch: Vec<u64>,
     /// Highest epoch of a copy ever started, per VM.
     started_epoch: BTreeMap<usize, u64>,
     /// Host crashes to check the recovery bound for: (host, HA VMs it held).
@@ -347,6 +387,7 @@ impl World {
             log: Vec::new(),
             violation: None,
             violations: Vec::new(),
+            last_epoch: Vec::new(),
             started_epoch: BTreeMap::new(),
             crashes: Vec::new(),
         };
@@ -366,6 +407,7 @@ impl World {
             let at = w.cfg.faults[i].at_ms * MS;
             w.at(at, Ev::Fault { index: i });
         }
+        w.last_epoch = w.store.vms.iter().map(|v| v.epoch).collect();
         w.schedule_server_tick();
         w
     }
@@ -1230,6 +1272,8 @@ impl World {
             self.violate(format!("restart of unknown vm {vm} or host {from}"));
             return;
         };
+        self.stats.checks.held += 1;
+        self.stats.checks.restart_after_fence += 1;
         if self.held() {
             self.violate(format!("restart of vm{v} decided while held"));
         }
@@ -1388,7 +1432,8 @@ impl World {
     // ---- invariants ----
 
     fn check(&mut self) {
-        self.stats.checks += 3;
+        self.stats.checks.single_copy += 1;
+        self.stats.checks.epochs += 1;
         // Never two copies of one VM (a dying copy still counts).
         let mut seen: BTreeMap<usize, usize> = BTreeMap::new();
         for (hi, h) in self.hosts.iter().enumerate() {
@@ -1414,7 +1459,22 @@ impl World {
                 return;
             }
         }
+        let back = (0..self.last_epoch.len()).find(|&v| self.store.vms[v].epoch < self.last_epoch[v]);
+        if let Some(v) = back {
+            let msg = format!(
+                "vm{v}: store epoch went back from {} to {}",
+                self.last_epoch[v], self.store.vms[v].epoch
+            );
+            self.violate(msg);
+            return;
+        }
+        for (last, rec) in self.last_epoch.iter_mut().zip(&self.store.vms) {
+            *last = rec.epoch;
+        }
         // Within tolerance nothing fences or restarts.
+        if self.cfg.profile == Profile::Benign {
+            self.stats.checks.tolerance += 1;
+        }
         if self.cfg.profile == Profile::Benign && (self.stats.fences > 0 || self.stats.restarts > 0) {
             let msg = format!(
                 "faults within tolerance ({} ms) fenced {} and restarted {}",
@@ -1430,11 +1490,11 @@ impl World {
         let Some((host, vms)) = self.crashes.get(index).cloned() else {
             return;
         };
-        self.stats.checks += 1;
         if self.held() {
             return;
         }
         for v in vms {
+            self.stats.checks.recovery += 1;
             let running = self
                 .hosts
                 .iter()
@@ -1486,4 +1546,29 @@ pub fn report(cfg: &Config, out: &Outcome) -> String {
         let _ = writeln!(s, "  {l}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_clock_inverts_exactly_at_the_drift_bound() {
+        let (clock, _m) = Clock::manual();
+        let base = clock.now();
+        for rate_ppm in [-1_000, -1, 0, 1, 1_000] {
+            let c = NodeClock { base, rate_ppm };
+            for t in [0, 1, 999, SEC, 7 * SEC + 12_345, 3_600 * SEC] {
+                let x = c.local(t);
+                let r = c.real_at(x);
+                assert!(r <= t, "rate {rate_ppm}, t {t}: {r}");
+                assert!(c.local(r) >= x);
+                assert!(r == 0 || c.local(r - 1) < x);
+            }
+            // A second on a slow clock lasts longer in real time.
+            let one = c.real_at(base + Duration::from_secs(1));
+            let expect = (1_000_000_000u128 * 1_000_000).div_ceil((1_000_000 + rate_ppm) as u128) as u64;
+            assert!(one.abs_diff(expect) <= 1, "rate {rate_ppm}: {one} vs {expect}");
+        }
+    }
 }

@@ -117,7 +117,7 @@ fn main() -> ExitCode {
         let cfg = Config::random(seed);
         let out = run(cfg.clone());
         total.steps += out.stats.steps;
-        total.checks += out.stats.checks;
+        total.checks.add(&out.stats.checks);
         total.restarts += out.stats.restarts;
         total.fences += out.stats.fences;
         if out.violation.is_some() {
@@ -127,10 +127,11 @@ fn main() -> ExitCode {
     }
     let secs = clock.since(started).as_secs_f64().max(1e-9);
     println!(
-        "seeds run: {seeds} (from {from}), failed: {failed}\nsteps: {} ({:.0} steps/s, {:.1} s)\ninvariant checks: {}\nrestarts: {}, agent fences: {}",
+        "seeds run: {seeds} (from {from}), failed: {failed}\nsteps: {} ({:.0} steps/s, {:.1} s)\ninvariant checks: {} ({:?})\nrestarts: {}, agent fences: {}",
         total.steps,
         total.steps as f64 / secs,
         secs,
+        total.checks.total(),
         total.checks,
         total.restarts,
         total.fences
