@@ -17,6 +17,24 @@ pub const MS: Nanos = 1_000_000;
 /// One second in [`Nanos`].
 pub const SEC: Nanos = 1_000 * MS;
 
+/// A transition of the server right after which it can be killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CrashPoint {
+    /// A host newly declared fenced, its must-return flag stored, before
+    /// the controller stepped.
+    Fenced,
+    /// A restart committed (placement, epoch, departed), before its push.
+    Restart,
+    /// A returning host's departed list and flag cleared in the store,
+    /// before the lease view was told.
+    ReturnedClean,
+    /// The guard held.
+    Held,
+    /// A VM reported lost.
+    Lost,
+}
+
 /// A fault, injected at a time.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -83,11 +101,20 @@ pub enum Fault {
         /// How long it is down.
         for_ms: u64,
     },
-    /// The server is killed right after it next commits a restart, before
-    /// the push, and started again after `for_ms`.
-    ServerCrashAfterRestart {
+    /// The server is killed right after it next reaches `point` (its
+    /// store written, what follows not done), and started again after
+    /// `for_ms`.
+    ServerCrashAfter {
+        /// Where.
+        point: CrashPoint,
         /// How long it is down.
         for_ms: u64,
+    },
+    /// The host's session is lost (both ends see it close at once); the
+    /// agent reconnects at its next heartbeat.
+    SessionLoss {
+        /// Host index.
+        host: usize,
     },
     /// The server is unreachable from every host for `for_ms`.
     Isolate {
@@ -112,7 +139,8 @@ impl Fault {
             | Fault::Isolate { for_ms } => for_ms <= tol,
             Fault::Flap { down_ms, .. } => down_ms <= tol,
             Fault::Delay { max_ms, .. } => max_ms <= cfg.normal_delay_ms.1,
-            Fault::HostCrash { .. } | Fault::ServerCrashAfterRestart { .. } | Fault::Release => false,
+            Fault::SessionLoss { .. } => true,
+            Fault::HostCrash { .. } | Fault::ServerCrashAfter { .. } | Fault::Release => false,
         }
     }
 }
@@ -274,7 +302,8 @@ impl Config {
                 for _ in 0..n {
                     let host = rng.random_range(0..hosts);
                     let for_ms = rng.random_range(100..=tol);
-                    let fault = match rng.random_range(0..7) {
+                    let fault = match rng.random_range(0..8) {
+                        7 => Fault::SessionLoss { host },
                         0 => Fault::Partition { host, for_ms },
                         1 => Fault::DropAcks { host, for_ms },
                         2 => Fault::DropBeats { host, for_ms },
@@ -295,6 +324,7 @@ impl Config {
                             times,
                             ..
                         } => (down_ms + up_ms) * u64::from(times),
+                        Fault::SessionLoss { .. } => 0,
                         _ => for_ms,
                     };
                     cfg.faults.push(Timed { at_ms: at, fault });
@@ -318,7 +348,7 @@ impl Config {
                     let short = rng.random_range(100..=tol);
                     let long = rng.random_range(tol..20_000);
                     let for_ms = if rng.random_bool(0.5) { short } else { long };
-                    let fault = match rng.random_range(0..12) {
+                    let fault = match rng.random_range(0..13) {
                         0 => Fault::Partition { host, for_ms },
                         1 => Fault::DropAcks { host, for_ms },
                         2 => Fault::DropBeats { host, for_ms },
@@ -342,9 +372,19 @@ impl Config {
                             reboot_ms: rng.random_bool(0.6).then_some(for_ms),
                         },
                         7 => Fault::ServerCrash { for_ms },
-                        8 => Fault::ServerCrashAfterRestart { for_ms },
+                        8 => Fault::ServerCrashAfter {
+                            point: [
+                                CrashPoint::Fenced,
+                                CrashPoint::Restart,
+                                CrashPoint::ReturnedClean,
+                                CrashPoint::Held,
+                                CrashPoint::Lost,
+                            ][rng.random_range(0..5)],
+                            for_ms,
+                        },
                         9 => Fault::Isolate { for_ms },
                         10 => Fault::Release,
+                        11 => Fault::SessionLoss { host },
                         _ => Fault::Partition { host, for_ms: long },
                     };
                     cfg.faults.push(Timed { at_ms, fault });
@@ -385,7 +425,8 @@ impl Config {
                 } => (Some(host), (down_ms + up_ms) * u64::from(times)),
                 Fault::AgentStop { host, for_ms } => (Some(host), for_ms),
                 Fault::ServerCrash { for_ms } | Fault::Isolate { for_ms } => (None, for_ms),
-                Fault::ServerCrashAfterRestart { .. } => (None, u64::MAX / 4),
+                Fault::ServerCrashAfter { .. } => (None, u64::MAX / 4),
+                Fault::SessionLoss { host } => (Some(host), 0),
                 Fault::HostCrash { .. } | Fault::Release => return false,
             };
             stops.iter().any(|&(h, from, to)| {

@@ -28,5 +28,5 @@ pub mod config;
 pub mod scenario;
 pub mod world;
 
-pub use config::{Config, Fault, Profile, Timed};
+pub use config::{Config, CrashPoint, Fault, Profile, Timed};
 pub use world::{report, run, Checks, Outcome, Stats};

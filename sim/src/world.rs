@@ -18,7 +18,7 @@ use novacron_server::scheduler;
 use novacron_shared::clock::Clock;
 use novacron_shared::ids::{HostId, VmId};
 
-use crate::config::{Config, Fault, Nanos, Profile, MS, SEC};
+use crate::config::{Config, CrashPoint, Fault, Nanos, Profile, MS, SEC};
 
 /// Steps after which a run counts as stuck (a run takes a few thousand).
 const MAX_STEPS: u64 = 1_000_000;
@@ -186,7 +186,8 @@ struct Server {
     last_rx: BTreeMap<usize, Nanos>,
     converged: BTreeMap<usize, u64>,
     tick_at: Option<Nanos>,
-    crash_after_restart: Option<u64>,
+    /// Armed crash points: killed right after the next one, for so long.
+    crash_at: Vec<(CrashPoint, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -367,7 +368,7 @@ impl World {
             last_rx: BTreeMap::new(),
             converged: BTreeMap::new(),
             tick_at: None,
-            crash_after_restart: None,
+            crash_at: Vec::new(),
         };
         let mut w = Self {
             cfg,
@@ -624,8 +625,24 @@ impl World {
                     self.server_crash(for_ms);
                 }
             }
-            Fault::ServerCrashAfterRestart { for_ms } => {
-                self.server.crash_after_restart = Some(for_ms);
+            Fault::ServerCrashAfter { point, for_ms } => {
+                self.server.crash_at.push((point, for_ms));
+            }
+            Fault::SessionLoss { host } => {
+                let Some(sid) = self.hosts[host].agent.as_ref().and_then(|a| a.session) else {
+                    return;
+                };
+                self.note(format!("fault: h{} session lost", host + 1));
+                if let Some(a) = self.hosts[host].agent.as_mut() {
+                    a.session = None;
+                }
+                if self.server.alive && self.server.sessions.get(&host) == Some(&sid) {
+                    self.server.sessions.remove(&host);
+                    let local = self.server.clock.local(now);
+                    let id = self.host_id(host);
+                    self.server.leases.disconnected(id, local);
+                    self.server_step();
+                }
             }
             Fault::Isolate { for_ms } => {
                 self.note(format!("fault: server unreachable for {for_ms} ms"));
@@ -1175,10 +1192,12 @@ impl World {
         }
         let local = self.server.clock.local(self.now);
         let transitions: Vec<Transition> = self.server.leases.tick(local);
+        let mut fenced = false;
         for t in &transitions {
             if t.to == HostState::Fenced {
                 if let Some(h) = self.host_index(t.host) {
                     self.store.hosts[h].must_return = true;
+                    fenced = true;
                 }
             }
         }
@@ -1188,6 +1207,9 @@ impl World {
                     self.note(format!("server: h{} {:?} -> {:?}", h + 1, t.from, t.to));
                 }
             }
+        }
+        if fenced && self.crash_point(CrashPoint::Fenced) {
+            return;
         }
         let hosts = self.host_inputs();
         let vms: Vec<VmInput> = self
@@ -1245,6 +1267,9 @@ impl World {
                 self.store.hosts[h].departed.clear();
                 self.store.hosts[h].must_return = false;
                 self.store.hosts[h].gen += 1;
+                if self.crash_point(CrashPoint::ReturnedClean) {
+                    return;
+                }
                 if let Err(e) = self.server.leases.returned_clean(host) {
                     self.violate(format!("returned_clean refused: {e}"));
                     return;
@@ -1255,9 +1280,11 @@ impl World {
             Decision::Lost { vm, host } => {
                 let (v, h) = (self.vm_index(vm).unwrap_or(0), self.host_index(host).unwrap_or(0));
                 self.note(format!("server: vm{v} lost with h{}", h + 1));
+                self.crash_point(CrashPoint::Lost);
             }
             Decision::Held { silent, monitored } => {
                 self.note(format!("server: held ({silent} of {monitored} hosts silent)"));
+                self.crash_point(CrashPoint::Held);
             }
             Decision::Releasing => self.note("server: releasing".into()),
             Decision::Released { by_operator } => {
@@ -1355,14 +1382,23 @@ impl World {
             f + 1,
             t + 1
         ));
-        if let Some(ms) = self.server.crash_after_restart.take() {
-            self.note(format!("fault: server killed after the commit, for {ms} ms"));
-            self.server_crash(ms);
+        if self.crash_point(CrashPoint::Restart) {
             return;
         }
         self.push_desired(t);
         self.push_desired(f);
         self.server.ctl.restart_done(vm);
+    }
+
+    /// Kills the server if a crash is armed at `point`; whether it did.
+    fn crash_point(&mut self, point: CrashPoint) -> bool {
+        let Some(i) = self.server.crash_at.iter().position(|(p, _)| *p == point) else {
+            return false;
+        };
+        let (_, ms) = self.server.crash_at.remove(i);
+        self.note(format!("fault: server killed right after {point:?}, for {ms} ms"));
+        self.server_crash(ms);
+        true
     }
 
     fn schedule_server_tick(&mut self) {

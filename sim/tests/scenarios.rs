@@ -59,6 +59,16 @@ fn mass_failure_released_when_hosts_return() {
 }
 
 #[test]
+fn server_unreachable_from_every_host() {
+    check("server-unreachable.toml");
+}
+
+#[test]
+fn flapping_link() {
+    check("flapping-link.toml");
+}
+
+#[test]
 fn an_agent_stopped_then_cut_off_is_the_uncovered_double_run() {
     check("agent-stop-then-partition.toml");
 }
@@ -74,7 +84,7 @@ fn every_scenario_file_is_tested_and_valid() {
         })
         .unwrap_or_default();
     files.sort();
-    assert_eq!(files.len(), 9, "scenario files: {files:?}");
+    assert_eq!(files.len(), 11, "scenario files: {files:?}");
     let me = include_str!("scenarios.rs");
     for f in &files {
         assert!(me.contains(&format!("check(\"{f}\")")), "{f} has no test");
