@@ -74,6 +74,11 @@ fn an_agent_stopped_then_cut_off_is_the_uncovered_double_run() {
 }
 
 #[test]
+fn an_agent_stopped_longer_than_the_wait_is_the_uncovered_double_run() {
+    check("agent-stop-long.toml");
+}
+
+#[test]
 fn every_scenario_file_is_tested_and_valid() {
     let mut files: Vec<String> = std::fs::read_dir(dir())
         .map(|d| {
@@ -84,7 +89,7 @@ fn every_scenario_file_is_tested_and_valid() {
         })
         .unwrap_or_default();
     files.sort();
-    assert_eq!(files.len(), 11, "scenario files: {files:?}");
+    assert_eq!(files.len(), 12, "scenario files: {files:?}");
     let me = include_str!("scenarios.rs");
     for f in &files {
         assert!(me.contains(&format!("check(\"{f}\")")), "{f} has no test");
