@@ -40,6 +40,7 @@ pub mod convert;
 pub mod doc;
 pub mod error;
 mod events;
+mod ha;
 mod hosts;
 pub mod http;
 mod metrics;
@@ -355,6 +356,7 @@ impl Api {
             | Op::CordonHost
             | Op::UncordonHost
             | Op::DrainHost
+            | Op::SetMaintenance
             | Op::GetHostVms
             | Op::PutHostVms
             | Op::HostCommand => hosts::handle(self, call).await,
@@ -377,6 +379,7 @@ impl Api {
                 tokens::handle(self, call).await
             }
             Op::ListAudit => audit::handle(self, &call),
+            Op::GetHa | Op::ReleaseHa => ha::handle(self, call).await,
             Op::QueryMetrics | Op::LatestMetrics | Op::StreamMetrics | Op::MetricStreams => {
                 metrics::handle(self, &call).await
             }

@@ -194,6 +194,8 @@ pub struct VmView {
     pub record: VmRecord,
     /// What its host last reported of it (absent while unknown).
     pub observed: Option<novacron_shared::protocol::VmObserved>,
+    /// HA VMs (and VMs lost with a fenced host): HA history and state.
+    pub ha: Option<VmHaView>,
 }
 
 /// The scheduler's request for a VM.
@@ -239,6 +241,20 @@ pub struct HostView {
     pub cordoned: bool,
     /// The labels the host's agent reports (empty while disconnected).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Its HA lease, as the last tick of the lease view reported it (None
+    /// for a host the view does not track: revoked).
+    pub lease: Option<crate::ha::lease::HostState>,
+    /// The shared storage its agent reports (while connected).
+    pub shared_storage: Option<String>,
+}
+
+/// A VM's HA history and, while its host is fenced, its state.
+#[derive(Debug, Clone)]
+pub struct VmHaView {
+    /// Restarts so far and the latest.
+    pub history: crate::store::HaVmRecord,
+    /// Restarting, waiting or lost (while its host is fenced).
+    pub status: Option<ha::VmHa>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -198,6 +198,7 @@ pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Runnin
     fleet.clone().resume_operations();
     tokio::spawn(api::Api::new(fleet.clone(), store, cfg.api.clone()).serve_on(listener, api_tls.clone()));
     tokio::spawn(renewer.run());
+    tokio::spawn(ha::driver::run(fleet.clone()));
     let api_url = if api_tls.is_some() {
         client::ApiUrl::from(api_addr)
     } else {

@@ -96,6 +96,8 @@ pub struct VmHa {
 pub struct HaStatus {
     /// Set while the server is held.
     pub held: Option<Held>,
+    /// Leaving held: fenced hosts are released one at a time.
+    pub releasing: bool,
     /// VMs of fenced hosts, by id.
     pub vms: BTreeMap<VmId, VmHa>,
 }

@@ -242,7 +242,8 @@ impl Fleet {
             .map(|r| {
                 let live = sessions.get(&r.id);
                 let cordoned = cordons.contains(&r.id);
-                view(r, live, cordoned)
+                let lease = self.lease_state(r.id);
+                view(r, live, cordoned, lease)
             })
             .collect())
     }
@@ -254,7 +255,7 @@ impl Fleet {
         };
         let cordoned = self.store.cordons()?.contains(&id);
         let sessions = self.lock_sessions();
-        Ok(Some(view(r, sessions.get(&id), cordoned)))
+        Ok(Some(view(r, sessions.get(&id), cordoned, self.lease_state(id))))
     }
 
     /// Revokes a host: its certificates are refused from now on and its
@@ -728,7 +729,12 @@ impl Fleet {
     }
 }
 
-fn view(record: HostRecord, live: Option<&Arc<LiveSession>>, cordoned: bool) -> HostView {
+fn view(
+    record: HostRecord,
+    live: Option<&Arc<LiveSession>>,
+    cordoned: bool,
+    lease: Option<crate::ha::lease::HostState>,
+) -> HostView {
     let mut record = record;
     if let Some(s) = live {
         if let Some(inv) = s.inventory.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
@@ -752,6 +758,8 @@ fn view(record: HostRecord, live: Option<&Arc<LiveSession>>, cordoned: bool) -> 
         labels: live
             .and_then(|s| lock(&s.inventory).as_ref().map(|i| i.labels.clone()))
             .unwrap_or_default(),
+        shared_storage: live.and_then(|s| lock(&s.inventory).as_ref().and_then(|i| i.shared_storage.clone())),
+        lease,
         record,
     }
 }

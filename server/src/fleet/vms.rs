@@ -363,9 +363,23 @@ impl Fleet {
         let observed = host
             .and_then(|h| self.live(h))
             .and_then(|s| s.observed(rec.vm.id));
+        let status = self.ha_status().vms.get(&rec.vm.id).cloned();
+        let ha = if rec.vm.spec.ha || status.is_some() {
+            let history = match self.store.ha_vm(rec.vm.id) {
+                Ok(h) => h.unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(vm = %rec.vm.id, error = %e, "cannot read a VM's HA history");
+                    Default::default()
+                }
+            };
+            Some(super::VmHaView { history, status })
+        } else {
+            None
+        };
         VmView {
             record: rec,
             observed,
+            ha,
         }
     }
 

@@ -702,12 +702,12 @@ async fn over_a_real_session_terms_come_first_and_acks_stop_when_fenced_until_re
         changes.has_changed().unwrap(),
         "inventories and reports wake the driver"
     );
+    // The running server's HA driver sees it reconciled and clears it
+    // (the view may already show it cleared).
     let view = f.view().unwrap();
     let h = view.host(H1).unwrap();
-    assert!(h.reconciled, "{h:?}");
     assert_eq!(h.shared_storage.as_deref(), Some("/srv/pool"));
-    assert_eq!(h.lease, HostState::Returning);
-    f.returned_clean(H1).unwrap();
+    assert!(h.reconciled || h.lease == HostState::Online, "{h:?}");
     match next_frame(&mut recv).await {
         ServerMessage::DesiredState(d) => assert!(d.generation > generation && d.departed.is_empty()),
         m => panic!("the cleared host gets its desired state, got {m:?}"),
