@@ -1,6 +1,8 @@
 //! `ha-sim`: runs the HA simulation over many seeds (or one, with its log,
 //! or a scenario file) and prints seeds run, steps per second and the
-//! invariant checks made.
+//! invariant checks made. `--broken-server-lease-ms` runs the broken
+//! variant (the server's wait computed for a shorter lease than agents
+//! hold), which must fail.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +11,7 @@ use novacron_shared::clock::Clock;
 use novacron_sim::scenario::Scenario;
 use novacron_sim::{report, run, Config, Stats};
 
-const USAGE: &str = "usage: ha-sim [--seeds N] [--from S] | --seed S [--log] | --scenario FILE [--print]";
+const USAGE: &str = "usage: ha-sim [--seeds N] [--from S] [--broken-server-lease-ms MS] | --seed S [--log] | --scenario FILE [--print]";
 
 /// An error with its causes, one per line.
 fn chain(e: &dyn std::error::Error) -> String {
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
     let mut one: Option<u64> = None;
     let mut scenario: Option<PathBuf> = None;
     let mut log = false;
+    let mut broken: Option<u64> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> Option<u64> {
@@ -49,6 +52,10 @@ fn main() -> ExitCode {
             },
             "--seed" => match num("--seed") {
                 Some(n) => one = Some(n),
+                None => return ExitCode::from(2),
+            },
+            "--broken-server-lease-ms" => match num("--broken-server-lease-ms") {
+                Some(n) => broken = Some(n),
                 None => return ExitCode::from(2),
             },
             "--scenario" => scenario = it.next().map(PathBuf::from),
@@ -93,8 +100,15 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Some(seed) = one {
+    let plan = |seed: u64| {
         let cfg = Config::random(seed);
+        match broken {
+            Some(ms) => cfg.with_server_lease(std::time::Duration::from_millis(ms)),
+            None => cfg,
+        }
+    };
+    if let Some(seed) = one {
+        let cfg = plan(seed);
         let out = run(cfg.clone());
         if log {
             println!("{cfg:#?}");
@@ -113,8 +127,9 @@ fn main() -> ExitCode {
     let started = clock.now();
     let mut total = Stats::default();
     let mut failed = 0u64;
+    let mut double_runs = 0u64;
     for seed in from..from + seeds {
-        let cfg = Config::random(seed);
+        let cfg = plan(seed);
         let out = run(cfg.clone());
         total.steps += out.stats.steps;
         total.checks.add(&out.stats.checks);
@@ -122,12 +137,17 @@ fn main() -> ExitCode {
         total.fences += out.stats.fences;
         if out.violation.is_some() {
             failed += 1;
-            eprintln!("{}", report(&cfg, &out));
+            if out.violations.iter().any(|v| v.contains("runs twice")) {
+                double_runs += 1;
+            }
+            if broken.is_none() {
+                eprintln!("{}", report(&cfg, &out));
+            }
         }
     }
     let secs = clock.since(started).as_secs_f64().max(1e-9);
     println!(
-        "seeds run: {seeds} (from {from}), failed: {failed}\nsteps: {} ({:.0} steps/s, {:.1} s)\ninvariant checks: {} ({:?})\nrestarts: {}, agent fences: {}",
+        "seeds run: {seeds} (from {from}), failed: {failed} (with a double run: {double_runs})\nsteps: {} ({:.0} steps/s, {:.1} s)\ninvariant checks: {} ({:?})\nrestarts: {}, agent fences: {}",
         total.steps,
         total.steps as f64 / secs,
         secs,
