@@ -121,6 +121,8 @@ enum Phase {
 #[derive(Debug, Clone, Copy)]
 struct VmCopy {
     id: u64,
+    /// When it finished booting (real time; 0 while booting).
+    since: Nanos,
     epoch: u64,
     ha: bool,
     phase: Phase,
@@ -274,6 +276,9 @@ pub struct Outcome {
     pub violation: Option<String>,
     /// Every violation (up to 20), when the run went on past the first.
     pub violations: Vec<String>,
+    /// In host-loss runs, from the crash to each of the lost host's HA
+    /// VMs running (booted) again, ms.
+    pub recoveries_ms: Vec<u64>,
     /// The HA event log (restarts, fences, host states, held).
     pub log: Vec<String>,
 }
@@ -301,8 +306,11 @@ pub struct World {
     last_epoch: Vec<u64>,
     /// Highest epoch of a copy ever started, per VM.
     started_epoch: BTreeMap<usize, u64>,
-    /// Host crashes to check the recovery bound for: (host, HA VMs it held).
-    crashes: Vec<(usize, Vec<usize>)>,
+    /// Host crashes to check the recovery bound for: (host, when, HA VMs
+    /// it held).
+    crashes: Vec<(usize, Nanos, Vec<usize>)>,
+    /// From a host crash to each of its HA VMs running again, ms.
+    recoveries_ms: Vec<u64>,
 }
 
 fn policy(cfg: &Config) -> Policy {
@@ -397,6 +405,7 @@ impl World {
             last_epoch: Vec::new(),
             started_epoch: BTreeMap::new(),
             crashes: Vec::new(),
+            recoveries_ms: Vec::new(),
         };
         // Every VM already runs where it is placed, under a lease the
         // agent is about to renew: start each agent with its copies.
@@ -424,6 +433,7 @@ impl World {
         let r = &self.store.vms[vm];
         VmCopy {
             id: self.next_copy,
+            since: 0,
             epoch: r.epoch,
             ha: r.ha,
             phase,
@@ -475,6 +485,7 @@ impl World {
             stats: self.stats,
             violation: self.violation,
             violations: self.violations,
+            recoveries_ms: self.recoveries_ms,
             log: self.log,
         }
     }
@@ -504,6 +515,7 @@ impl World {
                 if let Some(c) = self.hosts[host].copies.get_mut(&vm) {
                     if c.id == copy && c.phase == Phase::Booting {
                         c.phase = Phase::Running;
+                        c.since = self.now;
                     }
                 }
             }

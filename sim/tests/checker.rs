@@ -83,4 +83,11 @@ fn with_capacity_the_lost_hosts_vms_run_again_within_the_bound() {
     assert_eq!(out.violation, None, "{:?}", out.log);
     assert_eq!(out.stats.restarts, 2);
     assert_eq!(out.stats.checks.recovery, 2);
+    let bound = Config::base(12, 4).recovery_bound().as_millis() as u64;
+    assert_eq!(out.recoveries_ms.len(), 2);
+    assert!(
+        out.recoveries_ms.iter().all(|ms| *ms <= bound),
+        "{:?}",
+        out.recoveries_ms
+    );
 }

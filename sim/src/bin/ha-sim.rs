@@ -128,11 +128,13 @@ fn main() -> ExitCode {
     let mut total = Stats::default();
     let mut failed = 0u64;
     let mut double_runs = 0u64;
+    let mut recoveries: Vec<u64> = Vec::new();
     for seed in from..from + seeds {
         let cfg = plan(seed);
         let out = run(cfg.clone());
         total.steps += out.stats.steps;
         total.checks.add(&out.stats.checks);
+        recoveries.extend(&out.recoveries_ms);
         total.restarts += out.stats.restarts;
         total.fences += out.stats.fences;
         if out.violation.is_some() {
@@ -156,6 +158,18 @@ fn main() -> ExitCode {
         total.restarts,
         total.fences
     );
+    recoveries.sort_unstable();
+    if !recoveries.is_empty() {
+        let at = |q: f64| recoveries[((recoveries.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "host loss -> HA VM running again ({} VMs): median {} ms, p99 {} ms, max {} ms (bound {} ms)",
+            recoveries.len(),
+            at(0.5),
+            at(0.99),
+            at(1.0),
+            Config::base(0, 4).recovery_bound().as_millis()
+        );
+    }
     if failed == 0 {
         ExitCode::SUCCESS
     } else {

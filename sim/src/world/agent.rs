@@ -264,6 +264,7 @@ impl World {
         self.next_copy += 1;
         let copy = VmCopy {
             id: self.next_copy,
+            since: 0,
             epoch,
             ha: self.store.vms[vm].ha,
             phase: Phase::Booting,

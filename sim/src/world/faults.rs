@@ -77,7 +77,7 @@ impl World {
                     self.at(now + ms * MS, Ev::HostBoot { host });
                 }
                 if self.cfg.profile == Profile::HostLoss {
-                    self.crashes.push((host, held));
+                    self.crashes.push((host, now, held));
                     let idx = self.crashes.len() - 1;
                     let bound = self.cfg.recovery_bound().as_nanos() as u64;
                     self.at(now + bound, Ev::RecoveryCheck { index: idx });

@@ -60,7 +60,7 @@ impl World {
     }
 
     pub(super) fn recovery_check(&mut self, index: usize) {
-        let Some((host, vms)) = self.crashes.get(index).cloned() else {
+        let Some((host, crashed, vms)) = self.crashes.get(index).cloned() else {
             return;
         };
         if self.held() {
@@ -71,8 +71,12 @@ impl World {
             let running = self
                 .hosts
                 .iter()
-                .any(|h| h.up && h.copies.get(&v).is_some_and(|c| c.phase == Phase::Running));
-            if !running {
+                .filter(|h| h.up)
+                .find_map(|h| h.copies.get(&v).filter(|c| c.phase == Phase::Running))
+                .map(|c| c.since);
+            if let Some(since) = running {
+                self.recoveries_ms.push(since.saturating_sub(crashed) / MS);
+            } else {
                 let bound = self.cfg.recovery_bound().as_millis();
                 self.violate(format!(
                     "vm{v} of crashed h{} not running again within {bound} ms",
