@@ -208,6 +208,20 @@ pub struct Config {
     pub mass_failure_ratio: f64,
     /// Go on past the first violation (to see what it leads to).
     pub keep_going: bool,
+    /// Simulated server behaviour broken on purpose (test-only knobs of
+    /// the simulation, not of the product).
+    pub broken: Broken,
+}
+
+/// Ways to break the simulated server on purpose, to prove the checker
+/// can fail and to show which rule carries which guarantee.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Broken {
+    /// A restart does not push the new desired state to the old host (a
+    /// lost push).
+    pub skip_old_host_push: bool,
+    /// Heartbeats of fenced and returning hosts are acknowledged too.
+    pub ack_fenced_hosts: bool,
 }
 
 impl Config {
@@ -233,6 +247,7 @@ impl Config {
             profile: Profile::Chaos,
             mass_failure_ratio: 0.3,
             keep_going: false,
+            broken: Broken::default(),
         }
     }
 

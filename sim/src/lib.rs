@@ -35,5 +35,5 @@ pub mod config;
 pub mod scenario;
 pub mod world;
 
-pub use config::{Config, CrashPoint, Fault, Profile, Timed};
+pub use config::{Broken, Config, CrashPoint, Fault, Profile, Timed};
 pub use world::{report, run, Checks, Outcome, Stats};

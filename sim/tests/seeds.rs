@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use novacron_sim::{report, run, Config, Profile};
+use novacron_sim::{report, run, Broken, Config, Profile};
 
 /// Seeds CI runs (split over two tests so both cores work).
 const SEEDS: u64 = 10_000;
@@ -74,6 +74,44 @@ fn a_server_waiting_for_a_shorter_lease_than_agents_hold_is_caught_running_a_vm_
     // The restart that caused it was flagged first, at its decision.
     assert!(all[0].contains("can still run it"), "seed {seed}: {all:?}");
     assert!(v.contains("runs twice"), "seed {seed}: {v}");
+}
+
+fn failures(broken: Broken, seeds: u64) -> (u64, u64) {
+    let mut failed = 0;
+    let mut double = 0;
+    for seed in 0..seeds {
+        let mut cfg = Config::random(seed);
+        cfg.broken = broken;
+        cfg.keep_going = true;
+        let out = run(cfg);
+        if out.violation.is_some() {
+            failed += 1;
+        }
+        if out.violations.iter().any(|v| v.contains("runs twice")) {
+            double += 1;
+        }
+    }
+    (failed, double)
+}
+
+#[test]
+fn withheld_acks_cover_a_lost_push_to_the_old_host() {
+    // A restart whose push to the old host is lost: that host keeps a
+    // desired state naming the VM at its old epoch. Its acks are withheld
+    // until it reconciles to the new one, so it never gets the lease it
+    // would need to start that copy...
+    let lost_push = Broken {
+        skip_old_host_push: true,
+        ack_fenced_hosts: false,
+    };
+    assert_eq!(failures(lost_push, 1_000), (0, 0));
+    // ...and acking it anyway runs the VM twice.
+    let also_acked = Broken {
+        skip_old_host_push: true,
+        ack_fenced_hosts: true,
+    };
+    let (failed, double) = failures(also_acked, 1_000);
+    assert!(double > 0, "{failed} failed, none ran a VM twice");
 }
 
 #[test]

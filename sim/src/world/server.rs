@@ -70,7 +70,7 @@ impl World {
             Up::Hello => {}
             Up::Heartbeat(seq) => {
                 // Recorded, then under the same lock whether it may be acked.
-                if self.server.leases.may_ack(id, local) {
+                if self.cfg.broken.ack_fenced_hosts || self.server.leases.may_ack(id, local) {
                     self.send_down(sid, Down::Ack(seq));
                 }
                 self.server_step();
@@ -302,7 +302,9 @@ impl World {
             return;
         }
         self.push_desired(t);
-        self.push_desired(f);
+        if !self.cfg.broken.skip_old_host_push {
+            self.push_desired(f);
+        }
         self.server.ctl.restart_done(vm);
     }
 
