@@ -26,11 +26,11 @@ mod invariants;
 mod net;
 mod server;
 
-/// Steps after which a run counts as stuck (a run takes a few thousand).
+/// Steps after which a run counts as stuck (a run takes about a thousand).
 const MAX_STEPS: u64 = 1_000_000;
 
-/// A node's monotonic clock: `base + offset + t·(1 + rate)`, `t` the real
-/// time of the run. Every node's instants derive from one base.
+/// A node's monotonic clock: `base + t·(1 + rate)`, `t` the real time of
+/// the run. Every node's instants derive from one base.
 #[derive(Debug, Clone, Copy)]
 struct NodeClock {
     base: Instant,
@@ -313,14 +313,14 @@ pub struct World {
     recoveries_ms: Vec<u64>,
 }
 
+/// The product's default HA policy, with the run's mass-failure ratio.
 fn policy(cfg: &Config) -> Policy {
     Policy {
-        enabled: true,
         guard: GuardPolicy {
             ratio: cfg.mass_failure_ratio,
             ..GuardPolicy::default()
         },
-        retry: Duration::from_secs(2),
+        ..Policy::default()
     }
 }
 
