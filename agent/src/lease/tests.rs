@@ -650,10 +650,7 @@ proptest! {
 
 /// `timing()` with another lease length.
 fn with_lease(lease: Duration) -> LeaseTiming {
-    LeaseTiming {
-        lease,
-        ..timing()
-    }
+    LeaseTiming { lease, ..timing() }
 }
 
 #[test]
@@ -694,9 +691,7 @@ fn terms_that_end_the_lease_fence_at_once() {
     let (t0, mut l) = leased();
     let sent = t0 + ms(1_000);
     let mode = FenceMode::ShutdownThenKill { grace: ms(500) };
-    let out = l
-        .set_timing(t0 + ms(4_000), with_lease(ms(2_000)), mode)
-        .unwrap();
+    let out = l.set_timing(t0 + ms(4_000), with_lease(ms(2_000)), mode).unwrap();
     assert_eq!(
         out,
         vec![
