@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::error::HvError;
 use crate::hypervisor::Hypervisor;
 use crate::lease::{Action, Event, FenceMode, Lease, LeaseError, State};
+use crate::reconcile::Gate;
 
 /// The log messages of lease actions (each with an `at_ms` field).
 pub mod msg {
@@ -286,7 +287,8 @@ impl LeaseHandle {
     }
 
     /// Applies terms from the server (validated; refused ones leave the old
-    /// terms in force, with a rate-limited warning) and saves them.
+    /// terms in force) and saves them; failures are logged here, with a
+    /// rate limit (the server can send terms at will).
     pub fn apply_terms(&self, terms: &LeaseTerms) -> Result<(), HaError> {
         let now = self.clock.now();
         let mut g = self.lock();
@@ -307,13 +309,18 @@ impl LeaseHandle {
         };
         tracing::info!(at_ms = self.clock.unix_ms(), lease = ?timing.lease, fence_time = ?timing.fence_time, ?mode, "{}", msg::TERMS);
         self.perform(&mut g, now, &actions);
-        let file = g.terms_file.clone();
+        let saved = match &g.terms_file {
+            Some(path) => save_terms(path, terms),
+            None => Ok(()),
+        };
+        if let Err(e) = &saved {
+            if let Some(held) = g.warn.allow(now) {
+                tracing::warn!(error = %e, suppressed = held, "the lease terms are in force but not saved; the next start uses the previous ones");
+            }
+        }
         drop(g);
         self.wake.notify_one();
-        if let Some(path) = file {
-            save_terms(&path, terms)?;
-        }
-        Ok(())
+        saved
     }
 
     /// Records the HA VMs of a desired state just received.
@@ -324,6 +331,16 @@ impl LeaseHandle {
     /// Whether an HA VM may be started at `now`.
     pub fn may_start_ha(&self, now: Instant) -> bool {
         self.lock().lease.may_start_ha(now)
+    }
+
+    /// The reconciler's gate at `now`: open only while an HA VM may start.
+    pub fn gate(&self, now: Instant) -> Gate {
+        let g = self.lock();
+        if g.lease.may_start_ha(now) {
+            Gate::open()
+        } else {
+            Gate::closed(g.lease.state().name())
+        }
     }
 
     /// Where the lease stands.
@@ -404,8 +421,9 @@ pub async fn run(
     }
 }
 
-/// Stops every running HA VM; returns once none runs.
-async fn fence(handle: &LeaseHandle, fencer: &impl Fencer, mode: FenceMode) {
+/// Stops every running HA VM now; returns once none runs (the driver
+/// then reports [`Event::HaVmsGone`]).
+pub async fn fence(handle: &LeaseHandle, fencer: &impl Fencer, mode: FenceMode) {
     let clock = &handle.clock;
     tracing::warn!(at_ms = clock.unix_ms(), ?mode, "{}", msg::FENCING);
     let mut warn = WarnLimit::new(WARN_EVERY);

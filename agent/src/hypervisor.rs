@@ -401,6 +401,21 @@ impl Hypervisor {
         Ok(true)
     }
 
+    /// Removes an HA VM that now runs elsewhere (its volumes too unless
+    /// `keep_disks`).
+    pub async fn depart(&self, uuid: String, keep_disks: bool) -> Result<Vec<String>, HvError> {
+        self.call(move |d| {
+            let (c, s) = d.parts()?;
+            vmops::depart(c, s, &uuid, keep_disks)
+        })
+        .await
+    }
+
+    /// Rewrites a domain's HA flag and epoch.
+    pub async fn retag(&self, vm: DesiredVm) -> Result<(), HvError> {
+        self.call(move |d| vmops::retag(d.conn()?, &vm)).await
+    }
+
     /// Removes a VM with its volumes and snapshot metadata.
     pub async fn remove(&self, uuid: String) -> Result<Vec<String>, HvError> {
         self.call(move |d| {

@@ -101,6 +101,19 @@ pub enum State {
     },
 }
 
+impl State {
+    /// A short name, for logs and drift messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::NoLease { .. } => "no lease",
+            State::Leased { .. } => "leased",
+            State::Renewing { .. } => "renewing",
+            State::SelfFencing { .. } => "self-fencing",
+            State::Fenced { .. } => "fenced",
+        }
+    }
+}
+
 /// What happened, as the driver tells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {

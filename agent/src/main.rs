@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use novacron_agent::config::{self, split_host_port, AgentConfig, ConfigFile};
+use novacron_agent::ha;
 use novacron_agent::hypervisor::Hypervisor;
 use novacron_agent::identity::{Enrollment, Identity, IdentityError, Paths};
 use novacron_agent::link::{self, LinkConfig};
@@ -194,9 +195,19 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             };
             let (tx, rx) = tokio::sync::watch::channel(false);
             tracing::info!(host_id = %identity.host_id, server = %link_cfg.server, libvirt = %cfg.libvirt_uri, "novacron-agent starting");
+            // The HA lease: without a lease within the saved lease length,
+            // HA VMs a previous run left running are fenced.
+            let saved = ha::load_terms(&paths.lease_terms());
+            let (timing, mode) = ha::initial_timing(saved.as_ref());
+            let (lease, lease_driver) =
+                ha::LeaseHandle::new(timing, mode, clock.clone(), Some(paths.lease_terms()))?;
+            tracing::info!(lease = ?timing.lease, fence_time = ?timing.fence_time, ?mode, saved = saved.is_some(), "HA lease: none yet");
+            let ha_task = tokio::spawn(ha::run(lease.clone(), lease_driver, hv.clone(), rx.clone()));
+            link_cfg.lease = Some(lease.clone());
             let (channels, desired) = link::VmChannels::new(1024);
             let converge_cfg = novacron_agent::converge::ConvergeConfig {
                 shutdown_grace: cfg.vms.shutdown_timeout,
+                lease: Some(lease),
                 ..Default::default()
             };
             let vms = tokio::spawn(novacron_agent::converge::run(
@@ -221,6 +232,7 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             let _ = tx.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(5), link).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), vms).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), ha_task).await;
         }
     }
     Ok(())

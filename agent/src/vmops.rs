@@ -66,6 +66,8 @@ impl ObservedVm {
             state: self.state,
             managed: self.meta.as_ref().map(|m| Managed {
                 spec_hash: m.spec_hash.clone(),
+                ha: m.ha,
+                epoch: m.epoch,
             }),
         }
     }
@@ -409,6 +411,28 @@ pub fn resume(conn: &Connect, id: VmId) -> Result<(), HvError> {
 /// Removes a VM: powers it off, undefines it with its snapshot metadata,
 /// and deletes its volumes. Returns the deleted volume names.
 pub fn remove(conn: &Connect, setup: &HostSetup, uuid: &str) -> Result<Vec<String>, HvError> {
+    remove_with(conn, setup, uuid, true)
+}
+
+/// Removes an HA VM that now runs on another host: powers it off and
+/// undefines it; deletes its volumes only when `keep_disks` is false (with
+/// shared storage they are the other host's disks now). Returns the
+/// deleted volume names.
+pub fn depart(
+    conn: &Connect,
+    setup: &HostSetup,
+    uuid: &str,
+    keep_disks: bool,
+) -> Result<Vec<String>, HvError> {
+    remove_with(conn, setup, uuid, !keep_disks)
+}
+
+fn remove_with(
+    conn: &Connect,
+    setup: &HostSetup,
+    uuid: &str,
+    delete_volumes: bool,
+) -> Result<Vec<String>, HvError> {
     let d = match conn.lookup_domain_by_uuid_string(uuid) {
         Ok(d) => d,
         Err(e) if is(&e, ErrorNumber::NoDomain) => return Ok(Vec::new()),
@@ -425,6 +449,9 @@ pub fn remove(conn: &Connect, setup: &HostSetup, uuid: &str) -> Result<Vec<Strin
     }
     d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         .map_err(call("undefine"))?;
+    if !delete_volumes {
+        return Ok(Vec::new());
+    }
     let pool = ensure_pool(conn, setup)?;
     let prefix = format!("{name}.");
     let mut removed = Vec::new();
@@ -436,6 +463,26 @@ pub fn remove(conn: &Connect, setup: &HostSetup, uuid: &str) -> Result<Vec<Strin
         }
     }
     Ok(removed)
+}
+
+/// Rewrites the HA flag and epoch in a domain's metadata (live and
+/// persistent), keeping its definition: for a VM whose placement changed
+/// but whose domain matches.
+pub fn retag(conn: &Connect, vm: &DesiredVm) -> Result<(), HvError> {
+    let d = require(conn, vm.id)?;
+    let flags = if d.is_active().map_err(call("domain state"))? {
+        sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG
+    } else {
+        sys::VIR_DOMAIN_AFFECT_CONFIG
+    };
+    d.set_metadata(
+        sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+        Some(&Metadata::of(vm).element()),
+        Some(domxml::METADATA_PREFIX),
+        Some(domxml::METADATA_NS),
+        flags,
+    )
+    .map_err(call("set metadata"))
 }
 
 /// Takes an internal snapshot (no-op when one with that name exists).
