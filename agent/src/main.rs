@@ -179,6 +179,7 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
                 cfg.host_setup(),
                 clock.clone(),
             )?;
+            let hv = hv.with_storage(cfg.vms.storage());
             let metrics = if cfg.metrics.enabled {
                 let m = novacron_agent::metrics::start(
                     &cfg.metrics,

@@ -200,12 +200,23 @@ fn vol_format(vol: &StorageVol) -> Result<String, HvError> {
 fn ensure_volumes(
     pool: &StoragePool,
     vm: &DesiredVm,
+    storage: Storage,
     created: &mut Vec<StorageVol>,
 ) -> Result<Vec<String>, HvError> {
     let mut paths = Vec::with_capacity(vm.spec.disks.len());
+    let mut refreshed = false;
     for d in &vm.spec.disks {
         let name = spec::volume_name(&vm.spec.name, &d.name);
-        if let Some(v) = volume(pool, &name)? {
+        let mut existing = volume(pool, &name)?;
+        if existing.is_none() && storage == Storage::Shared && !refreshed {
+            // Another host may have created it (the VM ran there): look
+            // again with libvirt's view of the directory refreshed, and
+            // reuse it rather than make a new one.
+            pool.refresh(0).map_err(call("refresh storage pool"))?;
+            refreshed = true;
+            existing = volume(pool, &name)?;
+        }
+        if let Some(v) = existing {
             paths.push(v.path().map_err(call("volume path"))?);
             continue;
         }
@@ -262,7 +273,12 @@ fn ensure_seed(
         }
     };
     let path = vol.path().map_err(call("seed volume path"))?;
-    // The pool is a local directory: write the image in place, atomically.
+    if std::fs::read(&path).is_ok_and(|old| old == iso) {
+        // Already this content (the image is a function of the spec): not
+        // rewritten, which on a shared pool may be open on another host.
+        return Ok(Some(path));
+    }
+    // The pool is a directory: write the image in place, atomically.
     let tmp = format!("{path}.tmp");
     std::fs::write(&tmp, &iso)
         .and_then(|()| std::fs::rename(&tmp, &path))
@@ -270,9 +286,32 @@ fn ensure_seed(
     Ok(Some(path))
 }
 
-/// Defines (or updates) a VM: volumes, cloud-init seed, domain. Nothing is
-/// left behind when it fails.
+/// Whether the storage pool is this host's alone or shared with others
+/// (agent config `vms.storage_shared`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Storage {
+    /// Only this host uses the pool.
+    #[default]
+    Local,
+    /// Other hosts use the same directory: a volume missing from libvirt's
+    /// view is looked for again after a pool refresh, and reused.
+    Shared,
+}
+
+/// Defines (or updates) a VM on a local pool; see [`define_on`].
 pub fn define(conn: &Connect, setup: &HostSetup, vm: &DesiredVm) -> Result<Defined, HvError> {
+    define_on(conn, setup, Storage::Local, vm)
+}
+
+/// Defines (or updates) a VM: volumes, cloud-init seed, domain. Existing
+/// volumes are reused, never re-created or overwritten. Nothing this call
+/// created is left behind when it fails.
+pub fn define_on(
+    conn: &Connect,
+    setup: &HostSetup,
+    storage: Storage,
+    vm: &DesiredVm,
+) -> Result<Defined, HvError> {
     vm.spec.validate().map_err(|e| HvError::Invalid(e.to_string()))?;
     let existing = lookup(conn, vm.id)?;
     if let Some(d) = &existing {
@@ -296,7 +335,7 @@ pub fn define(conn: &Connect, setup: &HostSetup, vm: &DesiredVm) -> Result<Defin
     let pool = ensure_pool(conn, setup)?;
     let mut created = Vec::new();
     let result = (|| {
-        let disk_paths = ensure_volumes(&pool, vm, &mut created)?;
+        let disk_paths = ensure_volumes(&pool, vm, storage, &mut created)?;
         let seed_path = ensure_seed(&pool, vm, &mut created)?;
         let placement = Placement {
             virt_type: virt_type(conn, setup)?,
