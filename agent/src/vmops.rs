@@ -273,12 +273,9 @@ fn ensure_seed(
         }
     };
     let path = vol.path().map_err(call("seed volume path"))?;
-    if std::fs::read(&path).is_ok_and(|old| old == iso) {
-        // Already this content (the image is a function of the spec): not
-        // rewritten, which on a shared pool may be open on another host.
-        return Ok(Some(path));
-    }
-    // The pool is a directory: write the image in place, atomically.
+    // The pool is a directory: write the image in place, atomically. (It
+    // is made from the spec and attached read-only; on a shared pool the
+    // host that used it last is fenced or has departed the VM.)
     let tmp = format!("{path}.tmp");
     std::fs::write(&tmp, &iso)
         .and_then(|()| std::fs::rename(&tmp, &path))
