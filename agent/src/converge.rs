@@ -129,7 +129,18 @@ pub async fn run(
     let mut last_connects = None;
     let mut triggers = Triggers::new(cfg.resync_every, clock.now());
     let mut dirty = true;
+    let mut lease_opened = cfg.lease.as_ref().map(LeaseHandle::subscribe);
     loop {
+        let opened = async {
+            match lease_opened.as_mut() {
+                Some(rx) => {
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
         let settle = triggers
             .settle_at()
             .map(|t| t.saturating_duration_since(clock.now()));
@@ -142,6 +153,10 @@ pub async fn run(
         tokio::select! {
             _ = settled => {
                 // The burst's window is over: one round for all of it.
+                dirty = true;
+            }
+            _ = opened => {
+                // A lease: HA VMs waiting for it may start now.
                 dirty = true;
             }
             _ = shutdown.changed() => {

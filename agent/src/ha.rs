@@ -221,6 +221,8 @@ struct Inner {
     terms_file: Option<PathBuf>,
     fence_tx: mpsc::UnboundedSender<FenceMode>,
     warn: WarnLimit,
+    /// Bumped whenever HA VMs may have become startable.
+    opened: watch::Sender<u64>,
 }
 
 /// The shared handle on the agent's lease.
@@ -263,6 +265,7 @@ impl LeaseHandle {
                 terms_file,
                 fence_tx,
                 warn: WarnLimit::new(WARN_EVERY),
+                opened: watch::channel(0).0,
             })),
             wake: Arc::new(Notify::new()),
             clock,
@@ -323,6 +326,13 @@ impl LeaseHandle {
         saved
     }
 
+    /// Changes whenever HA VMs may have become startable (a lease acquired,
+    /// renewals resumed): the VM loop plans again at once instead of at its
+    /// next resync.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.lock().opened.subscribe()
+    }
+
     /// Records the HA VMs of a desired state just received.
     pub fn set_ha_vms(&self, vms: impl IntoIterator<Item = VmId>) {
         self.lock().ha_vms = vms.into_iter().collect();
@@ -368,13 +378,15 @@ impl LeaseHandle {
         for a in actions {
             match *a {
                 Action::LeaseAcquired { deadline } => {
-                    tracing::info!(at_ms, ends_in_ms = left(deadline), "{}", msg::ACQUIRED)
+                    tracing::info!(at_ms, ends_in_ms = left(deadline), "{}", msg::ACQUIRED);
+                    g.opened.send_modify(|n| *n += 1);
                 }
                 Action::Renewing { deadline } => {
                     tracing::warn!(at_ms, ends_in_ms = left(deadline), "{}", msg::RENEWING)
                 }
                 Action::Renewed { deadline } => {
-                    tracing::info!(at_ms, ends_in_ms = left(deadline), "{}", msg::RENEWED)
+                    tracing::info!(at_ms, ends_in_ms = left(deadline), "{}", msg::RENEWED);
+                    g.opened.send_modify(|n| *n += 1);
                 }
                 Action::LeaseLost { .. } => tracing::warn!(at_ms, "{}", msg::LOST),
                 Action::FenceHaVms { mode } => {

@@ -287,6 +287,22 @@ async fn shutdown_then_kill_waits_the_grace_in_parallel_and_fences_only_then() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_vm_loop_hears_when_ha_vms_may_start() {
+    let r = rig(Model::default(), FenceMode::Kill);
+    let mut opened = r.lease.subscribe();
+    assert!(!opened.has_changed().unwrap());
+    leased(&r).await;
+    assert!(opened.has_changed().unwrap(), "a lease acquired");
+    opened.borrow_and_update();
+    // Renewing, then renewed: told again.
+    at(r.t0 + ms(3_100)).await;
+    assert!(!r.lease.may_start_ha(r.lease.clock.now()));
+    r.lease.step(Event::HeartbeatSent { seq: 2 });
+    r.lease.step(Event::AckReceived { seq: 2 });
+    assert!(opened.has_changed().unwrap(), "renewals resumed");
+}
+
+#[tokio::test(start_paused = true)]
 async fn after_the_fence_a_new_ack_of_a_later_heartbeat_acquires_a_lease() {
     let r = rig(Model::with(&[(1, true, true)]), FenceMode::Kill);
     leased(&r).await;
