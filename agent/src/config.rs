@@ -77,8 +77,23 @@ pub struct VmConfig {
     /// hosts sharing it), and a volume another host created is reused.
     #[serde(default)]
     pub storage_shared: bool,
+    /// Run the fence guard (a small process of this binary that kills the
+    /// HA QEMUs at the lease deadline if the agent is killed or stopped
+    /// and no agent renews the lease).
+    #[serde(default = "default_true")]
+    pub fence_guard: bool,
+    /// Where libvirt keeps its QEMU pid files (`<domain>.pid`), for the
+    /// fence guard.
+    #[serde(default = "default_qemu_pid_dir")]
+    pub qemu_pid_dir: PathBuf,
 }
 
+fn default_true() -> bool {
+    true
+}
+fn default_qemu_pid_dir() -> PathBuf {
+    PathBuf::from("/run/libvirt/qemu")
+}
 fn default_pool() -> String {
     "novacron".into()
 }
@@ -109,6 +124,8 @@ impl Default for VmConfig {
             call_timeout: default_call_timeout(),
             migration_uri: None,
             storage_shared: false,
+            fence_guard: true,
+            qemu_pid_dir: default_qemu_pid_dir(),
         }
     }
 }
@@ -150,6 +167,7 @@ impl VmConfig {
         for (key, p) in [
             ("vms.storage_path", &self.storage_path),
             ("vms.console_log_dir", &self.console_log_dir),
+            ("vms.qemu_pid_dir", &self.qemu_pid_dir),
         ] {
             let s = p.to_string_lossy();
             if !p.is_absolute() || s.chars().any(char::is_control) || s.contains("/../") {

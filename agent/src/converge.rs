@@ -240,6 +240,9 @@ async fn pass(
             }
         };
         observed = vms;
+        if let Some(l) = &cfg.lease {
+            l.note_observed(&observed);
+        }
         let Some(want) = want else {
             post(
                 outbox,

@@ -35,6 +35,7 @@ use crate::error::HvError;
 use crate::hypervisor::Hypervisor;
 use crate::lease::{Action, Event, FenceMode, Lease, LeaseError, State};
 use crate::reconcile::Gate;
+use crate::vmops::ObservedVm;
 
 /// The log messages of lease actions (each with an `at_ms` field).
 pub mod msg {
@@ -223,6 +224,33 @@ struct Inner {
     warn: WarnLimit,
     /// Bumped whenever HA VMs may have become startable.
     opened: watch::Sender<u64>,
+    /// Running HA domains (names), as the VM loop last saw them.
+    running_ha: Vec<String>,
+    /// What the fence guard is told: the deadline, the running HA domains,
+    /// whether fenced; bumped when it changes.
+    guard: watch::Sender<GuardView>,
+}
+
+/// What the fence guard needs: the deadline, the running HA domains, and
+/// whether the agent has fenced.
+pub type GuardView = (Option<Instant>, Vec<String>, bool);
+
+impl Inner {
+    fn publish(&mut self) {
+        let view = (
+            self.lease.deadline(),
+            self.running_ha.clone(),
+            matches!(self.lease.state(), State::Fenced { .. }),
+        );
+        self.guard.send_if_modified(|v| {
+            if *v == view {
+                false
+            } else {
+                *v = view;
+                true
+            }
+        });
+    }
 }
 
 /// The shared handle on the agent's lease.
@@ -266,6 +294,8 @@ impl LeaseHandle {
                 fence_tx,
                 warn: WarnLimit::new(WARN_EVERY),
                 opened: watch::channel(0).0,
+                running_ha: Vec::new(),
+                guard: watch::channel((None, Vec::new(), false)).0,
             })),
             wake: Arc::new(Notify::new()),
             clock,
@@ -285,6 +315,7 @@ impl LeaseHandle {
             Ok(actions) => self.perform(&mut g, now, &actions),
             Err(e) => tracing::error!(error = %e, ?event, "HA lease event refused"),
         }
+        g.publish();
         drop(g);
         self.wake.notify_one();
     }
@@ -312,6 +343,7 @@ impl LeaseHandle {
         };
         tracing::info!(at_ms = self.clock.unix_ms(), lease = ?timing.lease, fence_time = ?timing.fence_time, ?mode, "{}", msg::TERMS);
         self.perform(&mut g, now, &actions);
+        g.publish();
         let saved = match &g.terms_file {
             Some(path) => save_terms(path, terms),
             None => Ok(()),
@@ -331,6 +363,41 @@ impl LeaseHandle {
     /// next resync.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.lock().opened.subscribe()
+    }
+
+    /// Brings the no-lease deadline forward to `at` (a previous run's
+    /// deadline, from the fence guard).
+    pub fn limit_no_lease(&self, at: Instant) {
+        let mut g = self.lock();
+        g.lease.limit_no_lease(at);
+        g.publish();
+        drop(g);
+        self.wake.notify_one();
+    }
+
+    /// Records which HA domains run now (HA by metadata or by the last
+    /// desired state), for the fence guard.
+    pub fn note_observed(&self, vms: &[ObservedVm]) {
+        let mut g = self.lock();
+        let mut names: Vec<String> = vms
+            .iter()
+            .filter(|o| !matches!(o.state, VmState::Stopped | VmState::Crashed))
+            .filter(|o| o.meta.as_ref().is_some_and(|m| m.ha || g.ha_vms.contains(&m.vm)))
+            .map(|o| o.name.clone())
+            .collect();
+        names.sort();
+        g.running_ha = names;
+        g.publish();
+    }
+
+    /// Changes whenever what the fence guard needs changes.
+    pub fn watch_guard(&self) -> watch::Receiver<GuardView> {
+        self.lock().guard.subscribe()
+    }
+
+    /// What the fence guard needs now.
+    pub fn guard_view(&self) -> GuardView {
+        self.lock().guard.borrow().clone()
     }
 
     /// Records the HA VMs of a desired state just received.

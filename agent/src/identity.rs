@@ -103,6 +103,10 @@ impl Paths {
     pub fn lease_terms(&self) -> PathBuf {
         self.root.join("lease-terms.json")
     }
+    /// The fence guard's socket.
+    pub fn fence_guard(&self) -> PathBuf {
+        self.root.join("fence-guard.sock")
+    }
 }
 
 impl Identity {

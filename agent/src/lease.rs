@@ -250,6 +250,17 @@ impl Lease {
         })
     }
 
+    /// Brings the no-lease deadline forward to `at` (never later): a
+    /// previous run's lease, as the fence guard remembers it, ended then.
+    /// Does nothing once a lease was held.
+    pub fn limit_no_lease(&mut self, at: Instant) {
+        if let State::NoLease { fence_at } = self.state {
+            self.state = State::NoLease {
+                fence_at: fence_at.min(at),
+            };
+        }
+    }
+
     /// The timing in force.
     pub fn timing(&self) -> LeaseTiming {
         self.timing

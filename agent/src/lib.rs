@@ -15,7 +15,8 @@
 //!    `hypervisor` (the driver thread, dispatching to `vmops` and `migrate`);
 //! 3. `metrics` (collectors and sampler, on the driver) and `config`;
 //! 4. the loops: `ha` (drives the lease on its own task and fences
-//!    through `hypervisor`), `converge` (plans with `reconcile`, gated by
+//!    through `hypervisor`), `guard` (the fence guard process and the
+//!    agent's client of it, on `ha`), `converge` (plans with `reconcile`, gated by
 //!    `ha`, acts through `hypervisor`) and `link` (the server session, on
 //!    `converge` and `ha`).
 //!
@@ -29,6 +30,7 @@ pub mod drift;
 pub mod error;
 pub mod events;
 pub mod ffi;
+pub mod guard;
 pub mod ha;
 pub mod hypervisor;
 pub mod identity;

@@ -55,6 +55,14 @@ enum Command {
     },
     /// Check the config file (and the enrollment, if any) and exit.
     Validate,
+    /// The fence guard (started by `run`): kills the HA QEMUs when the
+    /// lease deadline passes without an agent renewing it.
+    #[command(hide = true)]
+    FenceGuard {
+        /// Its socket.
+        #[arg(long)]
+        socket: PathBuf,
+    },
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -85,6 +93,15 @@ fn real_main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Command::FenceGuard { socket } = &cli.command {
+        // Needs no config: it only holds a deadline and kills what it was
+        // told to (a config that turned invalid must not stop it).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        return Ok(runtime.block_on(novacron_agent::guard::serve(socket, Clock::system()))?);
+    }
     let cfg = {
         let (p, explicit) = match &cli.config {
             Some(p) => (p.clone(), true),
@@ -112,6 +129,9 @@ fn hostname(cfg: &AgentConfig) -> String {
 async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
     let paths = Paths::new(&cfg.data_dir);
     match command {
+        Command::FenceGuard { socket } => {
+            novacron_agent::guard::serve(&socket, Clock::system()).await?;
+        }
         Command::Validate => {
             let enrolled = match Enrollment::load(&paths) {
                 Ok(e) => format!("enrolled as host {} with {}", e.host_id, e.server),
@@ -205,6 +225,19 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             tracing::info!(lease = ?timing.lease, fence_time = ?timing.fence_time, ?mode, saved = saved.is_some(), "HA lease: none yet");
             let ha_task = tokio::spawn(ha::run(lease.clone(), lease_driver, hv.clone(), rx.clone()));
             link_cfg.lease = Some(lease.clone());
+            let guard_task = cfg.vms.fence_guard.then(|| {
+                let guard_cfg = novacron_agent::guard::GuardConfig {
+                    socket: paths.fence_guard(),
+                    program: std::env::current_exe().ok(),
+                    pid_dir: cfg.vms.qemu_pid_dir.clone(),
+                };
+                tokio::spawn(novacron_agent::guard::run_client(
+                    guard_cfg,
+                    lease.clone(),
+                    clock.clone(),
+                    rx.clone(),
+                ))
+            });
             let (channels, desired) = link::VmChannels::new(1024);
             let converge_cfg = novacron_agent::converge::ConvergeConfig {
                 shutdown_grace: cfg.vms.shutdown_timeout,
@@ -234,6 +267,9 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             let _ = tokio::time::timeout(Duration::from_secs(5), link).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), vms).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), ha_task).await;
+            if let Some(g) = guard_task {
+                let _ = tokio::time::timeout(Duration::from_secs(1), g).await;
+            }
         }
     }
     Ok(())

@@ -760,3 +760,28 @@ fn terms_with_a_grace_longer_than_the_fence_time_change_nothing() {
     assert_eq!(l.timing(), timing());
     assert_eq!(l.deadline(), Some(t0 + ms(1_000) + L));
 }
+
+#[test]
+fn a_previous_runs_deadline_only_brings_the_no_lease_fence_forward() {
+    let (t0, mut l) = start();
+    l.limit_no_lease(t0 + L + ms(1));
+    assert_eq!(l.deadline(), Some(t0 + L));
+    l.limit_no_lease(t0 + ms(1_500));
+    assert_eq!(l.deadline(), Some(t0 + ms(1_500)));
+    assert!(step(&mut l, t0 + ms(1_499), Event::Tick).is_empty());
+    assert_eq!(
+        step(&mut l, t0 + ms(1_500), Event::Tick),
+        vec![
+            Action::LeaseLost {
+                deadline: t0 + ms(1_500)
+            },
+            Action::FenceHaVms {
+                mode: FenceMode::Kill
+            }
+        ]
+    );
+    // Under a lease it changes nothing.
+    let (t0, mut l) = leased();
+    l.limit_no_lease(t0);
+    assert_eq!(l.deadline(), Some(t0 + ms(1_000) + L));
+}
