@@ -472,8 +472,11 @@ async fn session(
     let mut changes = lease.watch_guard();
     loop {
         let (deadline, names, fenced) = changes.borrow_and_update().clone();
-        let msg = match deadline {
-            Some(d) => {
+        let msg = match (deadline, names) {
+            // Until the VM loop has looked, the running HA QEMUs are not
+            // known: the guard keeps what the previous run told it.
+            (Some(_), None) => None,
+            (Some(d), Some(names)) => {
                 let half = lease.timing().fence_time / 2;
                 let fire_in = d.saturating_duration_since(clock.now()) + half;
                 let targets = names.iter().filter_map(|n| target_of(&cfg.pid_dir, n)).collect();
@@ -482,9 +485,9 @@ async fn session(
                     targets,
                 })
             }
-            None if fenced => Some(ToGuard::Disarm),
+            (None, _) if fenced => Some(ToGuard::Disarm),
             // Fencing: the guard keeps the last deadline as the backstop.
-            None => None,
+            (None, _) => None,
         };
         if let Some(m) = msg {
             w.write_all(&line(&m)?).await?;

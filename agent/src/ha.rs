@@ -224,16 +224,18 @@ struct Inner {
     warn: WarnLimit,
     /// Bumped whenever HA VMs may have become startable.
     opened: watch::Sender<u64>,
-    /// Running HA domains (names), as the VM loop last saw them.
-    running_ha: Vec<String>,
+    /// Running HA domains (names), as the VM loop last saw them; `None`
+    /// before its first look.
+    running_ha: Option<Vec<String>>,
     /// What the fence guard is told: the deadline, the running HA domains,
     /// whether fenced; bumped when it changes.
     guard: watch::Sender<GuardView>,
 }
 
-/// What the fence guard needs: the deadline, the running HA domains, and
-/// whether the agent has fenced.
-pub type GuardView = (Option<Instant>, Vec<String>, bool);
+/// What the fence guard needs: the deadline, the running HA domains
+/// (`None` until the VM loop first looked), and whether the agent has
+/// fenced.
+pub type GuardView = (Option<Instant>, Option<Vec<String>>, bool);
 
 impl Inner {
     fn publish(&mut self) {
@@ -294,8 +296,8 @@ impl LeaseHandle {
                 fence_tx,
                 warn: WarnLimit::new(WARN_EVERY),
                 opened: watch::channel(0).0,
-                running_ha: Vec::new(),
-                guard: watch::channel((None, Vec::new(), false)).0,
+                running_ha: None,
+                guard: watch::channel((None, None, false)).0,
             })),
             wake: Arc::new(Notify::new()),
             clock,
@@ -386,7 +388,7 @@ impl LeaseHandle {
             .map(|o| o.name.clone())
             .collect();
         names.sort();
-        g.running_ha = names;
+        g.running_ha = Some(names);
         g.publish();
     }
 

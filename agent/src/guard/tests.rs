@@ -238,6 +238,7 @@ async fn a_restarted_agent_takes_the_guards_deadline_and_arms_it_with_its_own() 
     };
     tokio::spawn(run_client(cfg, lease.clone(), clock.clone(), stop_rx));
     tokio::time::sleep(ms(10)).await;
+    lease.note_observed(&[]);
     // The old deadline (fire − F/2 = 1 s from then) is now this run's.
     match lease.state() {
         State::NoLease { fence_at } => {
@@ -251,4 +252,67 @@ async fn a_restarted_agent_takes_the_guards_deadline_and_arms_it_with_its_own() 
     let mut r = BufReader::new(r);
     let hello: FromGuard = serde_json::from_str(&read_line(&mut r).await.unwrap().unwrap()).unwrap();
     assert_eq!(hello.fire_in_ms, Some(1_980));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_keeps_the_previous_targets_until_it_has_looked() {
+    use crate::lease::FenceMode;
+    use novacron_shared::lease::LeaseTiming;
+    let clock = Clock::from_source(Arc::new(TokioTime));
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("guard.sock");
+    tokio::spawn({
+        let socket = socket.clone();
+        let clock = clock.clone();
+        async move { serve(&socket, clock).await }
+    });
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+        if socket.exists() {
+            break;
+        }
+    }
+    let mut qemu = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let pid = i32::try_from(qemu.id()).unwrap();
+    let c = UnixStream::connect(&socket).await.unwrap();
+    let (r, mut w) = c.into_split();
+    let mut r = BufReader::new(r);
+    read_line(&mut r).await.unwrap();
+    let arm = ToGuard::Arm {
+        fire_in_ms: 2_000,
+        targets: vec![Target {
+            name: "ha-1".into(),
+            pid,
+            start_ticks: start_ticks(pid).unwrap(),
+        }],
+    };
+    w.write_all(&line(&arm).unwrap()).await.unwrap();
+    drop((r, w));
+    tokio::time::sleep(ms(10)).await;
+    // A new agent connects, but its VM loop has not looked yet (its view
+    // of the running HA QEMUs is unknown, not empty).
+    let (lease, _driver) =
+        LeaseHandle::new(LeaseTiming::new(ms(5_000)), FenceMode::Kill, clock.clone(), None).unwrap();
+    let (_stop, stop_rx) = watch::channel(false);
+    let cfg = GuardConfig {
+        socket: socket.clone(),
+        program: None,
+        pid_dir: dir.path().to_path_buf(),
+    };
+    tokio::spawn(run_client(cfg, lease, clock.clone(), stop_rx));
+    tokio::time::sleep(ms(2_100)).await;
+    let mut status = None;
+    for _ in 0..500 {
+        status = qemu.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.and_then(|s| s.signal()),
+        Some(9),
+        "the previous run's target was dropped"
+    );
 }
