@@ -227,17 +227,32 @@ pub fn start_ticks(pid: i32) -> Option<u64> {
     parse_start_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-/// The QEMU of domain `name`, from libvirt's pid file in `pid_dir`.
+/// The QEMU of domain `name`, from libvirt's pid file in `pid_dir`: only a
+/// process whose command line names that guest (`-name guest=NAME,...`).
 pub fn target_of(pid_dir: &Path, name: &str) -> Option<Target> {
     let pid: i32 = std::fs::read_to_string(pid_dir.join(format!("{name}.pid")))
         .ok()?
         .trim()
         .parse()
         .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    if !names_guest(&cmdline, name) {
+        return None;
+    }
     Some(Target {
         name: name.to_string(),
         pid,
         start_ticks: start_ticks(pid)?,
+    })
+}
+
+/// Whether a NUL-separated command line has an argument naming guest
+/// `name` (libvirt's `guest=NAME` or `guest=NAME,debug-threads=on`).
+pub fn names_guest(cmdline: &[u8], name: &str) -> bool {
+    let want = format!("guest={name}");
+    cmdline.split(|&b| b == 0).any(|arg| {
+        arg.strip_prefix(want.as_bytes())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(b","))
     })
 }
 
@@ -377,8 +392,9 @@ pub struct GuardConfig {
     /// The program to start (`fence-guard --socket S` is appended); `None`:
     /// connect only.
     pub program: Option<PathBuf>,
-    /// libvirt's QEMU pid files.
-    pub pid_dir: PathBuf,
+    /// libvirt's QEMU pid files; `None` (a libvirt that runs no QEMU, such
+    /// as the test driver): the guard is armed with no targets.
+    pub pid_dir: Option<PathBuf>,
 }
 
 async fn connect_or_start(cfg: &GuardConfig, clock: &Clock) -> Result<UnixStream, GuardError> {
@@ -479,7 +495,10 @@ async fn session(
             (Some(d), Some(names)) => {
                 let half = lease.timing().fence_time / 2;
                 let fire_in = d.saturating_duration_since(clock.now()) + half;
-                let targets = names.iter().filter_map(|n| target_of(&cfg.pid_dir, n)).collect();
+                let targets = match &cfg.pid_dir {
+                    Some(dir) => names.iter().filter_map(|n| target_of(dir, n)).collect(),
+                    None => Vec::new(),
+                };
                 Some(ToGuard::Arm {
                     fire_in_ms: ms(fire_in),
                     targets,

@@ -229,7 +229,11 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
                 let guard_cfg = novacron_agent::guard::GuardConfig {
                     socket: paths.fence_guard(),
                     program: std::env::current_exe().ok(),
-                    pid_dir: cfg.vms.qemu_pid_dir.clone(),
+                    // Only a QEMU libvirt has QEMU pid files (not the test driver).
+                    pid_dir: cfg
+                        .libvirt_uri
+                        .starts_with("qemu")
+                        .then(|| cfg.vms.qemu_pid_dir.clone()),
                 };
                 tokio::spawn(novacron_agent::guard::run_client(
                     guard_cfg,

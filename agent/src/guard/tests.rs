@@ -103,14 +103,37 @@ fn a_target_whose_pid_was_reused_is_not_killed() {
 }
 
 #[test]
-fn targets_come_from_libvirt_pid_files() {
+fn targets_come_from_libvirt_pid_files_naming_the_guest() {
     let dir = tempfile::tempdir().unwrap();
-    let me = i32::try_from(std::process::id()).unwrap();
-    std::fs::write(dir.path().join("web.pid"), format!("{me}\n")).unwrap();
+    let mut qemu = std::process::Command::new("sh")
+        .args(["-c", "sleep 30; true", "-name", "guest=web,debug-threads=on"])
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(qemu.id()).unwrap();
+    std::fs::write(dir.path().join("web.pid"), format!("{pid}\n")).unwrap();
     let got = target_of(dir.path(), "web").unwrap();
-    assert_eq!((got.pid, got.name.as_str()), (me, "web"));
-    assert_eq!(Some(got.start_ticks), start_ticks(me));
+    assert_eq!((got.pid, got.name.as_str()), (pid, "web"));
+    assert_eq!(Some(got.start_ticks), start_ticks(pid));
     assert_eq!(target_of(dir.path(), "missing"), None);
+    // A pid file whose process names another guest (or none) is no target.
+    std::fs::write(dir.path().join("we.pid"), format!("{pid}\n")).unwrap();
+    assert_eq!(target_of(dir.path(), "we"), None);
+    let me = std::process::id();
+    std::fs::write(dir.path().join("db.pid"), format!("{me}\n")).unwrap();
+    assert_eq!(target_of(dir.path(), "db"), None);
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+}
+
+#[test]
+fn the_guest_name_must_match_whole() {
+    assert!(names_guest(b"qemu\0-name\0guest=web,debug-threads=on\0", "web"));
+    assert!(names_guest(b"qemu\0-name\0guest=web\0", "web"));
+    assert!(!names_guest(
+        b"qemu\0-name\0guest=web-2,debug-threads=on\0",
+        "web"
+    ));
+    assert!(!names_guest(b"qemu\0-name\0xguest=web\0", "web"));
 }
 
 /// Time that follows tokio's (paused) clock.
@@ -234,7 +257,7 @@ async fn a_restarted_agent_takes_the_guards_deadline_and_arms_it_with_its_own() 
     let cfg = GuardConfig {
         socket: socket.clone(),
         program: None,
-        pid_dir: dir.path().to_path_buf(),
+        pid_dir: Some(dir.path().to_path_buf()),
     };
     tokio::spawn(run_client(cfg, lease.clone(), clock.clone(), stop_rx));
     tokio::time::sleep(ms(10)).await;
@@ -297,7 +320,7 @@ async fn a_restarted_agent_keeps_the_previous_targets_until_it_has_looked() {
     let cfg = GuardConfig {
         socket: socket.clone(),
         program: None,
-        pid_dir: dir.path().to_path_buf(),
+        pid_dir: Some(dir.path().to_path_buf()),
     };
     tokio::spawn(run_client(cfg, lease, clock.clone(), stop_rx));
     tokio::time::sleep(ms(2_100)).await;
