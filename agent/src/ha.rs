@@ -346,17 +346,19 @@ impl LeaseHandle {
         tracing::info!(at_ms = self.clock.unix_ms(), lease = ?timing.lease, fence_time = ?timing.fence_time, ?mode, "{}", msg::TERMS);
         self.perform(&mut g, now, &actions);
         g.publish();
-        let saved = match &g.terms_file {
+        let file = g.terms_file.clone();
+        drop(g);
+        self.wake.notify_one();
+        // Written (and synced) outside the lock: heartbeats do not wait.
+        let saved = match &file {
             Some(path) => save_terms(path, terms),
             None => Ok(()),
         };
         if let Err(e) = &saved {
-            if let Some(held) = g.warn.allow(now) {
+            if let Some(held) = self.lock().warn.allow(now) {
                 tracing::warn!(error = %e, suppressed = held, "the lease terms are in force but not saved; the next start uses the previous ones");
             }
         }
-        drop(g);
-        self.wake.notify_one();
         saved
     }
 
