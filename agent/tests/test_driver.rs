@@ -644,3 +644,83 @@ async fn the_inventory_names_the_shared_pool() {
     let (local, _dir) = driver_host(vmops::Storage::Local);
     assert_eq!(ok(local.inventory().await).shared_storage, None);
 }
+
+/// The VM loop on a test-driver host: an HA VM is defined but not started
+/// without a lease (the report says why), and starts as soon as a lease is
+/// acquired, without waiting for the periodic resync; a non-HA VM starts at
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vm_loop_starts_ha_vms_only_under_a_lease_and_as_soon_as_one_comes() {
+    use novacron_agent::converge::{self, ConvergeConfig};
+    use novacron_agent::lease::Event;
+    use novacron_shared::protocol::{AgentMessage, DesiredState};
+    let (hv, _dir) = driver_host(vmops::Storage::Local);
+    let lease = lease_handle();
+    let mut ha_vm = vm("ha-web", 61);
+    ha_vm.spec.ha = true;
+    ha_vm.spec.cloud_init = None;
+    let mut plain = vm("plain-web", 62);
+    plain.spec.cloud_init = None;
+    let (desired_tx, desired_rx) = tokio::sync::watch::channel(None);
+    let (_events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (outbox_tx, mut outbox) = tokio::sync::mpsc::channel(1024);
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let cfg = ConvergeConfig {
+        // Far away: nothing here may rely on the periodic resync.
+        resync_every: Duration::from_secs(3600),
+        lease: Some(lease.clone()),
+        ..Default::default()
+    };
+    let clock = novacron_shared::clock::Clock::system();
+    tokio::spawn(converge::run(
+        hv.clone(),
+        cfg,
+        clock.clone(),
+        desired_rx,
+        events_rx,
+        outbox_tx,
+        stop_rx,
+    ));
+    desired_tx.send_replace(Some(DesiredState {
+        generation: 1,
+        vms: vec![ha_vm.clone(), plain.clone()],
+        migrating: vec![],
+        departed: vec![],
+    }));
+    let limit = Duration::from_secs(20);
+    let start = clock.now();
+    let waiting = loop {
+        assert!(clock.since(start) < limit, "no report about the HA VM waiting");
+        match tokio::time::timeout(limit, outbox.recv()).await {
+            Ok(Some(AgentMessage::Reconciled(r))) if r.drift.iter().any(|d| d.vm == "ha-web") => break r,
+            Ok(Some(_)) => {}
+            other => panic!("the VM loop stopped reporting: {other:?}"),
+        }
+    };
+    assert!(!waiting.converged);
+    assert_eq!(
+        waiting
+            .drift
+            .iter()
+            .map(|d| d.message.as_str())
+            .collect::<Vec<_>>(),
+        ["waiting for the HA lease (state no lease)"]
+    );
+    assert_eq!(running(&hv).await, ["plain-web", "test"]);
+    // A lease: the HA VM starts now.
+    lease.step(Event::SessionStarted);
+    lease.step(Event::HeartbeatSent { seq: 1 });
+    lease.step(Event::AckReceived { seq: 1 });
+    loop {
+        assert!(
+            clock.since(start) < limit,
+            "the HA VM did not start under the lease"
+        );
+        match tokio::time::timeout(limit, outbox.recv()).await {
+            Ok(Some(AgentMessage::Reconciled(r))) if r.converged => break,
+            Ok(Some(_)) => {}
+            other => panic!("the VM loop stopped reporting: {other:?}"),
+        }
+    }
+    assert_eq!(running(&hv).await, ["ha-web", "plain-web", "test"]);
+}
