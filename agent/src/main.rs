@@ -263,7 +263,7 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
                 r = tokio::signal::ctrl_c() => r?,
                 _ = term.recv() => {}
             }
-            tracing::info!("shutting down; VMs keep running");
+            tracing::info!("shutting down; VMs keep running (the fence guard stops HA VMs at the lease deadline unless an agent renews the lease)");
             if let Some(m) = &metrics {
                 m.stop();
             }
