@@ -263,7 +263,11 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
                 r = tokio::signal::ctrl_c() => r?,
                 _ = term.recv() => {}
             }
-            tracing::info!("shutting down; VMs keep running (the fence guard stops HA VMs at the lease deadline unless an agent renews the lease)");
+            if cfg.vms.fence_guard {
+                tracing::info!("shutting down; VMs keep running (the fence guard stops HA VMs at the lease deadline unless an agent renews the lease)");
+            } else {
+                tracing::warn!("shutting down; VMs keep running, HA VMs too (no fence guard): the server may restart them elsewhere after the lease");
+            }
             if let Some(m) = &metrics {
                 m.stop();
             }
