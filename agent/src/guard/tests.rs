@@ -110,6 +110,13 @@ fn targets_come_from_libvirt_pid_files_naming_the_guest() {
         .spawn()
         .unwrap();
     let pid = i32::try_from(qemu.id()).unwrap();
+    // Right after the exec the kernel may still show an empty command line.
+    for _ in 0..100_000 {
+        if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty()) {
+            break;
+        }
+        std::thread::yield_now();
+    }
     std::fs::write(dir.path().join("web.pid"), format!("{pid}\n")).unwrap();
     let got = target_of(dir.path(), "web").unwrap();
     assert_eq!((got.pid, got.name.as_str()), (pid, "web"));
