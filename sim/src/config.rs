@@ -208,6 +208,9 @@ pub struct Config {
     pub mass_failure_ratio: f64,
     /// Go on past the first violation (to see what it leads to).
     pub keep_going: bool,
+    /// Each host runs the agent's fence guard (`novacron_agent::guard`),
+    /// which outlives the agent and kills its HA QEMUs at `deadline + F/2`.
+    pub fence_guard: bool,
     /// Simulated server behaviour broken on purpose (test-only knobs of
     /// the simulation, not of the product).
     pub broken: Broken,
@@ -247,6 +250,7 @@ impl Config {
             profile: Profile::Chaos,
             mass_failure_ratio: 0.3,
             keep_going: false,
+            fence_guard: true,
             broken: Broken::default(),
         }
     }
@@ -378,10 +382,9 @@ impl Config {
                             max_ms: rng.random_range(100..=cfg.agent_timing.lease.as_millis() as u64),
                             for_ms: long,
                         },
-                        // QEMUs left running by a stopped agent are only
-                        // safe for stops within tolerance (see the crate
-                        // header): longer stops stop the QEMUs too.
-                        5 => Fault::AgentStop { host, for_ms: short },
+                        // The QEMUs keep running; its fence guard
+                        // does not stop.
+                        5 => Fault::AgentStop { host, for_ms },
                         6 => Fault::HostCrash {
                             host,
                             reboot_ms: rng.random_bool(0.6).then_some(for_ms),
@@ -405,54 +408,9 @@ impl Config {
                     cfg.faults.push(Timed { at_ms, fault });
                 }
                 cfg.faults.sort_by_key(|t| t.at_ms);
-                cfg.keep_agent_stops_alone();
             }
         }
         cfg
-    }
-
-    /// Drops every fault that could overlap an agent stop (on its host, or
-    /// fleet-wide) from a stop's start to `L + F + 2 s` after the agent is
-    /// back: a stopped agent's QEMUs keep running, and a fresh agent fences
-    /// only `L` after its start, so a link loss around a stop is the case the
-    /// design leaves to the next issue's guards (see the crate header).
-    fn keep_agent_stops_alone(&mut self) {
-        let after = (self.agent_timing.lease + self.agent_timing.fence_time).as_millis() as u64 + 2_000;
-        let stops: Vec<(usize, u64, u64)> = self
-            .faults
-            .iter()
-            .filter_map(|t| match t.fault {
-                Fault::AgentStop { host, for_ms } => Some((host, t.at_ms, t.at_ms + for_ms + after)),
-                _ => None,
-            })
-            .collect();
-        let conflicts = |t: &Timed| -> bool {
-            let (host, span) = match t.fault {
-                Fault::Partition { host, for_ms }
-                | Fault::DropAcks { host, for_ms }
-                | Fault::DropBeats { host, for_ms }
-                | Fault::Delay { host, for_ms, .. } => (Some(host), for_ms),
-                Fault::Flap {
-                    host,
-                    down_ms,
-                    up_ms,
-                    times,
-                } => (Some(host), (down_ms + up_ms) * u64::from(times)),
-                Fault::AgentStop { host, for_ms } => (Some(host), for_ms),
-                Fault::ServerCrash { for_ms } | Fault::Isolate { for_ms } => (None, for_ms),
-                Fault::ServerCrashAfter { .. } => (None, u64::MAX / 4),
-                Fault::SessionLoss { host } => (Some(host), 0),
-                Fault::HostCrash { .. } | Fault::Release => return false,
-            };
-            stops.iter().any(|&(h, from, to)| {
-                let same = host.is_none_or(|x| x == h);
-                let this_stop =
-                    matches!(t.fault, Fault::AgentStop { .. }) && t.at_ms == from && host == Some(h);
-                same && !this_stop && t.at_ms <= to && t.at_ms + span >= from
-            })
-        };
-        let keep: Vec<Timed> = self.faults.iter().filter(|t| !conflicts(t)).cloned().collect();
-        self.faults = keep;
     }
 
     /// The margin broken on purpose: the server computes `W` for a lease

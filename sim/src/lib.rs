@@ -14,15 +14,13 @@
 //! [`config::Profile::HostLoss`] every HA VM of the lost host runs again
 //! within [`config::Config::recovery_bound`].
 //!
-//! Not covered by the design (and so not drawn by random runs; a scenario
-//! shows the double run each allows, and expects the checker to flag it): an
-//! agent stopped while its QEMUs keep running (a) for longer than the
-//! server's wait — stated in `novacron_shared::lease` — (`agent-stop-long`),
-//! or (b) briefly, then cut off before it renews: a fresh agent fences only
-//! `L` after its own start, later than the server's wait counted from the
-//! last heartbeat the stopped agent sent (`agent-stop-then-partition`).
-//! Random runs draw agent stops within the tolerance, with no other fault on
-//! that host or the server around them.
+//! Each host also runs the agent's real fence guard
+//! (`novacron_agent::guard::Guard`), which outlives the agent and kills its
+//! HA QEMUs at the lease deadline plus `F/2`; a restarted agent takes its
+//! deadline as its own. Random runs stop agents (QEMUs left running) for
+//! shorter and longer than the lease, among any other faults; two scenarios
+//! run without the guard and expect the checker to flag the double run the
+//! lease alone allows there (`*-without-guard.toml`).
 //!
 //! Cost: `cargo test` runs 10,000 seeds (about 8.5 million steps); the
 //! crate is built at `opt-level = 1` in the dev profile (root `Cargo.toml`),

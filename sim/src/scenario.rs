@@ -36,6 +36,10 @@ pub struct Scenario {
     /// bound is checked) or `chaos` (safety only; the default).
     #[serde(default)]
     pub profile: Option<String>,
+    /// Hosts run the agent's fence guard (the default; `false` shows what
+    /// it covers).
+    #[serde(default = "yes")]
+    pub fence_guard: bool,
     /// The faults.
     #[serde(default)]
     pub fault: Vec<Timed>,
@@ -46,6 +50,10 @@ pub struct Scenario {
     /// that show what the design does not cover.
     #[serde(default)]
     pub expect_violation: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A scenario that could not be read or did not go as written.
@@ -122,6 +130,7 @@ impl Scenario {
         cfg.plain_vms = self.plain_vms;
         cfg.duration_ms = self.duration_ms;
         cfg.faults = self.fault.clone();
+        cfg.fence_guard = self.fence_guard;
         cfg.profile = match self.profile.as_deref() {
             None | Some("chaos") => Profile::Chaos,
             Some("benign") => Profile::Benign,

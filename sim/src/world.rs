@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use novacron_agent::guard::{Guard as FenceGuard, GuardEvent, Target};
 use novacron_agent::lease::{Action, EpochGuard, Event, FenceMode, Lease, State};
 use novacron_server::ha::controller::{Controller, Decision, HostInput, Policy, VmInput};
 use novacron_server::ha::guard::{GuardPolicy, GuardState};
@@ -153,7 +154,17 @@ struct Host {
     down_blocked: bool,
     delay_max_ms: Option<u64>,
     inc: u64,
+    /// The fence guard process: outlives the agent, not the host.
+    guard: FenceGuard,
+    /// What the agent last told its guard (deadline, HA copies, fenced).
+    guard_view: Option<GuardView>,
+    /// When the guard's timer is due.
+    guard_timer: Option<Nanos>,
 }
+
+/// What the agent tells its fence guard: the lease deadline, the running
+/// HA copies (by copy id), whether it has fenced.
+type GuardView = (Option<Instant>, Vec<u64>, bool);
 
 #[derive(Debug, Clone)]
 struct VmRec {
@@ -203,6 +214,7 @@ enum Ev {
     AgentBeat { host: usize, inc: u64 },
     AgentTimer { host: usize, inc: u64 },
     AgentStart { host: usize },
+    GuardTimer { host: usize },
     HostBoot { host: usize },
     BootDone { host: usize, vm: usize, copy: u64 },
     CopyGone { host: usize, vm: usize, copy: u64 },
@@ -350,6 +362,9 @@ impl World {
                 down_blocked: false,
                 delay_max_ms: None,
                 inc: 0,
+                guard: FenceGuard::default(),
+                guard_view: None,
+                guard_timer: None,
             })
             .collect();
         let mut vms = Vec::new();
@@ -493,6 +508,12 @@ impl World {
     fn handle(&mut self, ev: Ev) {
         match ev {
             Ev::AgentStart { host } => self.agent_start(host),
+            Ev::GuardTimer { host } => {
+                if self.hosts[host].up && self.hosts[host].guard_timer == Some(self.now) {
+                    self.hosts[host].guard_timer = None;
+                    self.guard_step(host, GuardEvent::Tick);
+                }
+            }
             Ev::AgentBeat { host, inc } => {
                 if self.agent_inc(host) == Some(inc) {
                     self.agent_beat(host);

@@ -69,13 +69,23 @@ fn flapping_link() {
 }
 
 #[test]
-fn an_agent_stopped_then_cut_off_is_the_uncovered_double_run() {
+fn an_agent_stopped_then_cut_off_is_covered_by_its_fence_guard() {
     check("agent-stop-then-partition.toml");
 }
 
 #[test]
-fn an_agent_stopped_longer_than_the_wait_is_the_uncovered_double_run() {
+fn an_agent_stopped_then_cut_off_without_the_fence_guard_runs_a_vm_twice() {
+    check("agent-stop-then-partition-without-guard.toml");
+}
+
+#[test]
+fn an_agent_stopped_longer_than_the_wait_is_covered_by_its_fence_guard() {
     check("agent-stop-long.toml");
+}
+
+#[test]
+fn an_agent_stopped_longer_than_the_wait_without_the_fence_guard_runs_a_vm_twice() {
+    check("agent-stop-long-without-guard.toml");
 }
 
 #[test]
@@ -89,7 +99,7 @@ fn every_scenario_file_is_tested_and_valid() {
         })
         .unwrap_or_default();
     files.sort();
-    assert_eq!(files.len(), 12, "scenario files: {files:?}");
+    assert_eq!(files.len(), 14, "scenario files: {files:?}");
     let me = include_str!("scenarios.rs");
     for f in &files {
         assert!(me.contains(&format!("check(\"{f}\")")), "{f} has no test");

@@ -1,6 +1,7 @@
 //! The simulated host: the agent (the real `Lease` and `EpochGuard`, its
-//! heartbeat loop, session, desired state and reconciler) and its hypervisor
-//! (VM copies booting, running, dying).
+//! heartbeat loop, session, desired state and reconciler), its fence guard
+//! (the real `novacron_agent::guard::Guard`, armed as the agent's guard
+//! client arms it) and its hypervisor (VM copies booting, running, dying).
 
 use super::*;
 
@@ -16,10 +17,19 @@ impl World {
         }
         h.inc += 1;
         let local = h.clock.local(self.now);
-        let Ok(lease) = Lease::new(self.cfg.agent_timing, FenceMode::Kill, local) else {
+        let Ok(mut lease) = Lease::new(self.cfg.agent_timing, FenceMode::Kill, local) else {
             self.violate("the agent's lease refused its timing".into());
             return;
         };
+        if self.cfg.fence_guard {
+            // A previous run's deadline, as its guard holds it: it ended
+            // half a fence time before the guard fires.
+            if let Some(fire_in) = h.guard.hello(local).fire_in_ms {
+                let half = self.cfg.agent_timing.fence_time / 2;
+                lease.limit_no_lease(local + Duration::from_millis(fire_in).saturating_sub(half));
+            }
+            h.guard_view = None;
+        }
         h.agent = Some(Agent {
             inc: h.inc,
             lease,
@@ -33,7 +43,86 @@ impl World {
             fencing: false,
         });
         self.schedule_agent_timer(host);
+        self.guard_publish(host);
         self.agent_beat(host);
+    }
+
+    /// Tells the fence guard what changed, as the agent's guard client
+    /// does: armed at `deadline + F/2` with the running HA copies,
+    /// disarmed once fenced, left alone while fencing.
+    pub(super) fn guard_publish(&mut self, host: usize) {
+        if !self.cfg.fence_guard {
+            return;
+        }
+        let h = &self.hosts[host];
+        let Some(a) = h.agent.as_ref() else { return };
+        let copies: Vec<u64> = h.copies.values().filter(|c| c.ha).map(|c| c.id).collect();
+        let view: GuardView = (
+            a.lease.deadline(),
+            copies,
+            matches!(a.lease.state(), State::Fenced { .. }),
+        );
+        if h.guard_view.as_ref() == Some(&view) {
+            return;
+        }
+        let event = match &view {
+            (Some(d), copies, _) => GuardEvent::Arm {
+                fire_at: *d + self.cfg.agent_timing.fence_time / 2,
+                targets: h
+                    .copies
+                    .iter()
+                    .filter(|(_, c)| copies.contains(&c.id))
+                    .map(|(vm, c)| Target {
+                        name: format!("vm{vm}"),
+                        pid: c.id as i32,
+                        start_ticks: c.id,
+                    })
+                    .collect(),
+            },
+            (None, _, true) => GuardEvent::Disarm,
+            (None, _, false) => {
+                self.hosts[host].guard_view = Some(view);
+                return;
+            }
+        };
+        self.hosts[host].guard_view = Some(view);
+        self.guard_step(host, event);
+    }
+
+    /// Steps the fence guard; the QEMUs it kills (by pid and start time:
+    /// only the very copy it was armed with) die within `F/2`.
+    pub(super) fn guard_step(&mut self, host: usize, event: GuardEvent) {
+        let h = &mut self.hosts[host];
+        let local = h.clock.local(self.now);
+        let kills = h.guard.step(local, event);
+        let next = h.guard.next_timer().map(|i| h.clock.real_at(i).max(self.now));
+        if next != h.guard_timer {
+            h.guard_timer = next;
+            if let Some(t) = next {
+                self.at(t, Ev::GuardTimer { host });
+            }
+        }
+        if !kills.is_empty() {
+            self.note(format!(
+                "h{} fence guard fires: kills {} HA QEMU(s)",
+                host + 1,
+                kills.len()
+            ));
+        }
+        let half = self.cfg.agent_timing.fence_time.as_nanos() as u64 / 2;
+        for t in kills {
+            let hit = self.hosts[host]
+                .copies
+                .iter()
+                .find(|(_, c)| c.id == t.start_ticks && c.id as i32 == t.pid)
+                .map(|(vm, c)| (*vm, c.id));
+            let Some((vm, copy)) = hit else { continue };
+            if let Some(c) = self.hosts[host].copies.get_mut(&vm) {
+                c.phase = Phase::Dying;
+            }
+            let gone = self.now + self.rng.random_range(0..=half);
+            self.at(gone, Ev::CopyGone { host, vm, copy });
+        }
     }
 
     pub(super) fn schedule_agent_timer(&mut self, host: usize) {
@@ -72,6 +161,7 @@ impl World {
             }
         }
         self.schedule_agent_timer(host);
+        self.guard_publish(host);
     }
 
     pub(super) fn fence(&mut self, host: usize) {
@@ -99,6 +189,7 @@ impl World {
     }
 
     pub(super) fn after_copy_gone(&mut self, host: usize) {
+        self.guard_publish(host);
         let ha_left = self.hosts[host].copies.values().any(|c| c.ha);
         let fencing = self.hosts[host].agent.as_ref().is_some_and(|a| a.fencing);
         if fencing && !ha_left {
@@ -291,5 +382,6 @@ impl World {
                 copy: copy.id,
             },
         );
+        self.guard_publish(host);
     }
 }

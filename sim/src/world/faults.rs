@@ -73,6 +73,9 @@ impl World {
                 h.up = false;
                 h.agent = None;
                 h.copies.clear();
+                h.guard = FenceGuard::default();
+                h.guard_view = None;
+                h.guard_timer = None;
                 if let Some(ms) = reboot_ms {
                     self.at(now + ms * MS, Ev::HostBoot { host });
                 }
