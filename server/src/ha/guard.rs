@@ -20,8 +20,8 @@
 //!   does not age into restarts.
 //! - **Leave held** by itself when the hosts still silent are no longer
 //!   more than the share (or fewer than two): the guard turns *releasing*
-//!   and releases the fenced hosts it held back one per `release_step`,
-//!   longest silent first; hosts fenced while releasing queue behind them.
+//!   and releases the fenced hosts it held back one per `release_step`
+//!   (the first a step after leaving held), longest silent first; hosts fenced while releasing queue behind them.
 //!   It is normal again when the queue is empty. If the share is exceeded
 //!   again it is held again.
 //! - **An operator** may release at any time: every fenced host is released
@@ -238,9 +238,13 @@ impl Guard {
                 None
             }
             GuardState::Held { .. } if !too_many(silent_now) => {
-                self.state = GuardState::Releasing { next: now };
-                let more = self.release_step(now, hosts);
-                Some(more.unwrap_or(GuardChange::Releasing))
+                // The first release waits a step too: hosts coming back
+                // after a network fault return over a few moments, and one
+                // heard before then keeps its VMs.
+                self.state = GuardState::Releasing {
+                    next: now.checked_add(self.policy.release_step).unwrap_or(now),
+                };
+                Some(GuardChange::Releasing)
             }
             GuardState::Held { .. } => None,
             GuardState::Releasing { next } if now >= next => self.release_step(now, hosts),
@@ -345,13 +349,15 @@ mod tests {
         assert_eq!(g.observe(t3, &hosts(&states)), Some(GuardChange::Releasing));
         assert!(matches!(g.state(), GuardState::Releasing { .. }));
         let allowed = |g: &Guard| (3..=4).filter(|h| g.allows(HostId(*h))).count();
-        assert_eq!(allowed(&g), 1);
+        assert_eq!(allowed(&g), 0, "the first release waits a step");
         assert_eq!(g.observe(t3 + p.release_step / 2, &hosts(&states)), None);
-        assert_eq!(allowed(&g), 1, "not before the step");
+        assert_eq!(allowed(&g), 0, "not before the step");
         assert_eq!(g.observe(t3 + p.release_step, &hosts(&states)), None);
+        assert_eq!(allowed(&g), 1);
+        assert_eq!(g.observe(t3 + p.release_step * 2, &hosts(&states)), None);
         assert_eq!(allowed(&g), 2);
         assert_eq!(
-            g.observe(t3 + p.release_step * 2, &hosts(&states)),
+            g.observe(t3 + p.release_step * 3, &hosts(&states)),
             Some(GuardChange::Normal { by_operator: false })
         );
         assert_eq!(g.state(), &GuardState::Normal);
