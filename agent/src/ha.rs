@@ -404,6 +404,14 @@ impl LeaseHandle {
         self.lock().guard.borrow().clone()
     }
 
+    /// Whether this host has HA VMs that a lost lease would fence: HA
+    /// domains seen running (or not looked at yet), or HA VMs in the last
+    /// desired state.
+    pub fn has_ha_vms(&self) -> bool {
+        let g = self.lock();
+        g.running_ha.as_ref().is_none_or(|n| !n.is_empty()) || !g.ha_vms.is_empty()
+    }
+
     /// Records the HA VMs of a desired state just received.
     pub fn set_ha_vms(&self, vms: impl IntoIterator<Item = VmId>) {
         self.lock().ha_vms = vms.into_iter().collect();

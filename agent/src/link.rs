@@ -149,20 +149,39 @@ fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, LinkError> {
     quinn::Endpoint::client(bind).map_err(LinkError::Endpoint)
 }
 
-/// Connects to `addr`, with the open timeout.
+/// Connects to `addr`, giving up after `open_timeout`.
 async fn connect(
     endpoint: &quinn::Endpoint,
     client_cfg: quinn::ClientConfig,
     addr: SocketAddr,
     server_name: &str,
+    open_timeout: Duration,
 ) -> Result<quinn::Connection, LinkError> {
     let connecting = endpoint
         .connect_with(client_cfg, addr, server_name)
         .map_err(|source| LinkError::Connect { addr, source })?;
-    tokio::time::timeout(OPEN_TIMEOUT, connecting)
+    tokio::time::timeout(open_timeout, connecting)
         .await
-        .map_err(|_| LinkError::Timeout(OPEN_TIMEOUT))?
+        .map_err(|_| LinkError::Timeout(open_timeout))?
         .map_err(LinkError::Connection)
+}
+
+/// How hard a host with HA VMs reconnects while its HA lease is at stake
+/// (held, or the one a previous run may have held): attempts at most `lease / 10` apart, each
+/// given up after `lease / 5`, so a server back within the lease is
+/// reached before the lease runs out (a QUIC handshake whose first packets
+/// went to a dead server would otherwise wait for its retransmission
+/// timer, which doubles to seconds). `None`: nothing at stake, the usual
+/// backoff and open timeout. Pure.
+pub fn urgency(state: crate::lease::State, lease: Duration) -> Option<(Duration, Duration)> {
+    use crate::lease::State;
+    match state {
+        State::NoLease { .. } | State::Leased { .. } | State::Renewing { .. } => Some((
+            (lease / 10).max(Duration::from_millis(100)),
+            (lease / 5).clamp(Duration::from_millis(500), OPEN_TIMEOUT),
+        )),
+        State::SelfFencing { .. } | State::Fenced { .. } => None,
+    }
 }
 
 /// Turns a closed connection into the clearest error we can give.
@@ -195,7 +214,7 @@ pub async fn join(
     let endpoint = client_endpoint(addr)?;
     let client_cfg = novacron_shared::tls::client_config_pinned(&fp, IDLE_TIMEOUT)?;
     let (key, csr_der) = pki::make_csr(&cfg.hostname)?;
-    let conn = connect(&endpoint, client_cfg, addr, &cfg.server_name).await?;
+    let conn = connect(&endpoint, client_cfg, addr, &cfg.server_name, OPEN_TIMEOUT).await?;
     let result = async {
         let (mut send, recv) = conn.open_bi().await.map_err(LinkError::Connection)?;
         let mut recv = FramedRecv::new(recv, MAX_FRAME_LEN);
@@ -350,9 +369,19 @@ pub async fn run(
             return;
         }
         let now = cfg.clock.now();
-        let delay = reconnect
+        let mut delay = reconnect
             .next_attempt(now, rand::random::<f64>())
             .saturating_duration_since(now);
+        // Only hosts with HA VMs hurry: a fleet's worth of agents retrying
+        // every half second would swamp a restarting server.
+        if let Some((cap, _)) = cfg
+            .lease
+            .as_ref()
+            .filter(|l| l.has_ha_vms())
+            .and_then(|l| urgency(l.state(), l.timing().lease))
+        {
+            delay = delay.min(cap);
+        }
         match attempt {
             Ok(()) => tracing::warn!(retry_in = ?delay, "session ended; reconnecting"),
             Err(e) if e.needs_operator() => {
@@ -400,7 +429,13 @@ async fn session(
         }
     };
     let client_cfg = identity.client_config(IDLE_TIMEOUT)?;
-    let conn = connect(&ep, client_cfg, addr, &cfg.server_name).await?;
+    let open_timeout = cfg
+        .lease
+        .as_ref()
+        .filter(|l| l.has_ha_vms())
+        .and_then(|l| urgency(l.state(), l.timing().lease))
+        .map_or(OPEN_TIMEOUT, |(_, open)| open);
+    let conn = connect(&ep, client_cfg, addr, &cfg.server_name, open_timeout).await?;
     let r = serve(cfg, &conn, identity, paths, hv, vm, reconnect, shutdown).await;
     if *shutdown.borrow() {
         conn.close(0u32.into(), b"agent shutting down");
@@ -618,5 +653,37 @@ mod tests {
         assert_eq!(r.next_attempt(clock.now(), 1.0) - clock.now(), RECONNECT_BASE);
         let before = r.next_attempt(clock.now(), 1.0) - clock.now();
         assert_eq!(r.next_attempt(clock.now(), 1.0) - clock.now(), before * 2);
+    }
+
+    #[test]
+    fn reconnects_hurry_while_a_lease_is_at_stake_and_back_off_when_fenced() {
+        use crate::lease::State;
+        let (clock, _) = Clock::manual();
+        let t = clock.now();
+        let lease = Duration::from_secs(5);
+        for held in [
+            State::NoLease { fence_at: t },
+            State::Leased { renewed_from: t },
+            State::Renewing { renewed_from: t },
+        ] {
+            let (every, open) = urgency(held, lease).unwrap_or_else(|| panic!("{held:?}: at stake"));
+            assert_eq!(
+                (every, open),
+                (Duration::from_millis(500), Duration::from_secs(1))
+            );
+            // Several attempts fit in what is left of a lease.
+            assert!(every + open < lease / 3);
+        }
+        assert_eq!(urgency(State::SelfFencing { since: t }, lease), None);
+        assert_eq!(urgency(State::Fenced { since: t }, lease), None);
+        // Bounds for extreme leases.
+        assert_eq!(
+            urgency(State::Leased { renewed_from: t }, Duration::from_secs(1)),
+            Some((Duration::from_millis(100), Duration::from_millis(500)))
+        );
+        assert_eq!(
+            urgency(State::Leased { renewed_from: t }, Duration::from_secs(600)).map(|u| u.1),
+            Some(OPEN_TIMEOUT)
+        );
     }
 }
