@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
@@ -19,8 +19,13 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::error::ApiError;
 
-/// Largest request body accepted.
-pub const MAX_BODY: usize = 64 * 1024;
+/// Largest request body accepted: room for several VM specs at their
+/// limits (one spec's cloud-init user data alone may be 64 KiB).
+pub const MAX_BODY: usize = 1024 * 1024;
+/// A body past [`MAX_BODY`] is still read (and dropped) up to this much,
+/// so the client, still sending, gets the 413 instead of a broken
+/// connection; past it the connection is closed.
+pub const MAX_DRAIN: usize = 4 * MAX_BODY;
 /// How often an idle event stream gets a keep-alive comment.
 pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 
@@ -76,19 +81,47 @@ pub fn error_response(e: &ApiError) -> Resp {
     r
 }
 
+/// Reads a body of at most `limit` bytes; a longer one is read on (and
+/// dropped) up to `drain` bytes before it is refused with 413, so that a
+/// client still sending reads the refusal.
+async fn read_limited<B>(mut body: B, limit: usize, drain: usize) -> Result<Bytes, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::BodyTooLarge,
+            format!("request bodies are limited to {limit} bytes"),
+        )
+    };
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(ApiError::bad_request(
+                ErrorCode::InvalidBody,
+                "the request body could not be read".to_string(),
+            ));
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        seen = seen.saturating_add(data.len());
+        if seen > drain {
+            return Err(too_large());
+        }
+        if seen <= limit {
+            buf.extend_from_slice(&data);
+        }
+    }
+    if seen > limit {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(buf))
+}
+
 /// Reads a JSON body into a typed request (no body reads as `{}`).
 pub async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::BodyTooLarge,
-                format!("request bodies are limited to {MAX_BODY} bytes"),
-            )
-        })?
-        .to_bytes();
+    let body = read_limited(req.into_body(), MAX_BODY, MAX_DRAIN).await?;
     let bytes = if body.is_empty() {
         Bytes::from_static(b"{}")
     } else {
@@ -281,6 +314,18 @@ pub fn sse<T: Send + Sync + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn bodies_past_the_limit_are_drained_then_refused() {
+        let read = |n: usize| read_limited(Full::new(Bytes::from(vec![b' '; n])), 10, 40);
+        assert_eq!(read(10).await.map(|b| b.len()).ok(), Some(10));
+        for n in [11, 40, 41] {
+            let e = read(n).await.err().map(|e| e.status);
+            assert_eq!(e, Some(StatusCode::PAYLOAD_TOO_LARGE), "{n} bytes");
+        }
+        // The limit fits the largest single VM spec field.
+        assert!(MAX_BODY > novacron_shared::spec::MAX_USER_DATA * 4);
+    }
 
     #[test]
     fn query_values_are_percent_decoded() {
