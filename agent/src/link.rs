@@ -166,6 +166,14 @@ async fn connect(
         .map_err(LinkError::Connection)
 }
 
+/// The QUIC idle timeout of a session on a host with HA VMs: half the
+/// lease (1 s..=10 s). Any packet from the server keeps it alive (its QUIC
+/// stack acknowledges every heartbeat, acked by the lease or not), so
+/// only a dead or unreachable server times out. Pure.
+pub fn session_idle_timeout(lease: Duration) -> Duration {
+    (lease / 2).clamp(Duration::from_secs(1), IDLE_TIMEOUT)
+}
+
 /// How hard a host with HA VMs reconnects while its HA lease is at stake
 /// (held, or the one a previous run may have held): attempts at most `lease / 10` apart, each
 /// given up after `lease / 5`, so a server back within the lease is
@@ -428,7 +436,15 @@ async fn session(
             ep
         }
     };
-    let client_cfg = identity.client_config(IDLE_TIMEOUT)?;
+    // With HA VMs at stake the connection is given up at half the lease of
+    // silence: a server restarted (kill -9) cannot reset the old
+    // connection, and waiting the full idle timeout would outlast the lease.
+    let idle = cfg
+        .lease
+        .as_ref()
+        .filter(|l| l.has_ha_vms())
+        .map_or(IDLE_TIMEOUT, |l| session_idle_timeout(l.timing().lease));
+    let client_cfg = identity.client_config(idle)?;
     let open_timeout = cfg
         .lease
         .as_ref()
@@ -675,6 +691,14 @@ mod tests {
             assert!(every + open < lease / 3);
         }
         assert_eq!(urgency(State::SelfFencing { since: t }, lease), None);
+        // A dead server is noticed well before the lease runs out.
+        assert_eq!(session_idle_timeout(lease), Duration::from_millis(2500));
+        assert!(session_idle_timeout(lease) + Duration::from_secs(1) < lease);
+        assert_eq!(session_idle_timeout(Duration::from_secs(600)), IDLE_TIMEOUT);
+        assert_eq!(
+            session_idle_timeout(Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
         assert_eq!(urgency(State::Fenced { since: t }, lease), None);
         // Bounds for extreme leases.
         assert_eq!(
