@@ -270,3 +270,300 @@ fn the_ha_test_bed_shares_a_pool_and_injects_faults() {
     assert!(all_domains(&f.host(0).local_uri).is_empty());
     f.server.wait_connected(&f.agents[0].host_id, true);
 }
+
+/// The HA terms of these tests: a 3 s lease and 1 s to fence (the server
+/// restarts after about 4 s plus drift and margin: `fenced_after`), and a
+/// mass-failure ratio of one half, so that one of three hosts failing is a
+/// host failure, not the server's own network (the default 30 % would hold
+/// at one in three).
+const HA_TOML: &str = "[ha]\nlease = \"3s\"\nfence_time = \"1s\"\nmass_failure_ratio = 0.5\n";
+/// The lease above.
+const LEASE: Duration = Duration::from_secs(3);
+/// Longer than the server's fence wait for the terms above (3 s + 1 s,
+/// drift and margin are well under a second more).
+const PAST_FENCE_WAIT: Duration = Duration::from_secs(6);
+/// Every agent reports its pool as shared.
+const SHARED_TOML: &str = "storage_shared = true";
+
+fn ha_fleet() -> Fleet {
+    Fleet::start(3, HA_TOML, SHARED_TOML)
+}
+
+impl Fleet {
+    fn vm(&self, id: &str) -> serde_json::Value {
+        self.server.get(&format!("/v1/vms/{id}"))
+    }
+
+    /// The index of the host with id `host_id`.
+    fn index_of(&self, host_id: &str) -> usize {
+        self.agents
+            .iter()
+            .position(|a| a.host_id == host_id)
+            .unwrap_or_else(|| panic!("no agent with host id {host_id}"))
+    }
+
+    /// The index of the host the API places VM `id` on.
+    fn placed_on(&self, id: &str) -> usize {
+        let v = self.vm(id);
+        self.index_of(v["host"].as_str().unwrap_or_else(|| panic!("VM without a host: {v}")))
+    }
+
+    /// The hosts (among those not in `dead`) whose libvirt runs domain
+    /// `id`; a dead host has no libvirtd to ask, and no process at all
+    /// (checked where it is killed).
+    fn running_on(&self, id: &str, dead: &[usize]) -> Vec<usize> {
+        (0..self.bed.hosts.len())
+            .filter(|i| !dead.contains(i))
+            .filter(|&i| domstate(&self.host(i).local_uri, id).as_deref() == Some("running"))
+            .collect()
+    }
+
+    /// Boot markers of VM `name` on all hosts together.
+    fn boots(&self, name: &str) -> usize {
+        (0..self.bed.hosts.len()).map(|i| boot_count(&self.console(i, name))).sum()
+    }
+
+    /// Creates an HA VM with a disk on the shared pool and waits until it
+    /// booted; returns its id and host.
+    fn ha_vm(&self, name: &str) -> (String, usize) {
+        let id = self.create(
+            name,
+            json!({"ha": true, "disks": [{"name": "root", "size_mib": 64}]}),
+            json!({}),
+        );
+        let i = wait_for(&format!("{name} to be placed"), Duration::from_secs(30), || {
+            self.vm(&id)["host"].as_str().map(|h| self.index_of(h))
+        });
+        self.wait_booted(i, name, 1);
+        wait_for(&format!("the API to see {name} running"), Duration::from_secs(30), || {
+            (self.vm(&id)["observed"]["state"] == "running").then_some(())
+        });
+        (id, i)
+    }
+
+    /// Waits until HA VM `id` runs on a host other than `from` and booted
+    /// there; returns that host.
+    fn wait_restarted(&self, id: &str, name: &str, from: usize, dead: &[usize]) -> usize {
+        let to = wait_for(
+            &format!("{name} to be placed on another host than {}", self.host(from).name),
+            Duration::from_secs(120),
+            || {
+                let i = self.placed_on(id);
+                (i != from).then_some(i)
+            },
+        );
+        self.wait_booted(to, name, 1);
+        wait_for(&format!("{name} to run on {}", self.host(to).name), Duration::from_secs(60), || {
+            (self.running_on(id, dead) == [to]).then_some(())
+        });
+        to
+    }
+}
+
+/// The `at_ms=N` field of a log line.
+fn at_ms(line: &str) -> Option<u64> {
+    let rest = line.split("at_ms=").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// Unix ms of a wall-clock time.
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// (a) Every process of a host SIGKILLed (libvirtd, virtlogd, QEMUs, the
+/// agent): its HA guest boots on another host, from the same disk in the
+/// shared pool (its console there shows the boot marker), and runs only
+/// there; the host's non-HA VM is reported lost, and runs nowhere.
+#[test]
+fn a_host_that_loses_every_process_has_its_ha_guest_boot_elsewhere_and_its_other_vm_reported_lost() {
+    let _bed = take_bed();
+    let f = ha_fleet();
+    let (ha, from) = f.ha_vm("ha-a");
+    let plain = f.create("plain-a", json!({}), json!({"host": f.agents[from].host_id}));
+    f.wait_booted(from, "plain-a", 1);
+
+    f.bed.kill_host(f.host(from));
+    assert_eq!(f.bed.pids(f.host(from)), Vec::<u32>::new(), "nothing of the host is left");
+    let to = f.wait_restarted(&ha, "ha-a", from, &[from]);
+    assert_ne!(to, from);
+    let v = f.vm(&ha);
+    assert_eq!(v["spec"]["epoch"].as_u64().or(v["epoch"].as_u64()), Some(1), "one restart, one epoch: {v}");
+    // The disk moved with it: the guest sees it.
+    let console = std::fs::read_to_string(f.console(to, "ha-a")).unwrap();
+    assert!(console.contains("NOVACRON-GUEST-DISKS vda"), "{console}");
+
+    // The non-HA VM stays where it was, reported lost, running nowhere.
+    wait_for("the non-HA VM to be reported lost", Duration::from_secs(60), || {
+        let v = f.vm(&plain);
+        (v["ha"]["state"] == "lost").then_some(())
+    });
+    let v = f.vm(&plain);
+    assert_eq!(f.index_of(v["host"].as_str().unwrap()), from, "never moved: {v}");
+    assert_eq!(f.running_on(&plain, &[from]), Vec::<usize>::new());
+    // Nothing else changed meanwhile: one copy of the HA guest.
+    novacron_e2e::assert_holds("one running copy", Duration::from_secs(3), || {
+        let on = f.running_on(&ha, &[from]);
+        (on == [to]).then_some(()).ok_or(format!("running on {on:?}"))
+    });
+}
+
+/// (b) A host's link cut (nft DROP inside it): its agent fences its HA
+/// guest — QEMU gone, in libvirt's log and the agent's `at_ms` log — before
+/// the server restarts it elsewhere (the server's log), on the one wall
+/// clock all these processes share. Restored, the host destroys its copy
+/// (the VM departed from it) and no duplicate runs anywhere.
+#[test]
+fn a_cut_host_fences_its_ha_guest_before_the_server_restarts_it_and_keeps_no_copy_when_back() {
+    let _bed = take_bed();
+    let f = ha_fleet();
+    let (ha, from) = f.ha_vm("ha-b");
+    let x = f.host(from).clone();
+    let dom = virsh(&x.local_uri, &["domname", &ha]).unwrap_or_else(|e| panic!("{e:?}"));
+    let dom = dom.trim().to_string();
+
+    f.bed.cut(&x, Cut::Drop);
+    // Its libvirt is still reachable from here (unix socket): the agent
+    // stops the guest with no word from the server.
+    wait_for("the cut host to fence its HA guest", Duration::from_secs(60), || {
+        (domstate(&x.local_uri, &ha).as_deref() != Some("running")).then_some(())
+    });
+    let to = f.wait_restarted(&ha, "ha-b", from, &[]);
+    assert_ne!(to, from);
+
+    let agent_log = f.agents[from].logs();
+    let killed = agent_log
+        .lines()
+        .find(|l| l.contains("HA VM killed") && l.contains(&ha))
+        .and_then(at_ms)
+        .unwrap_or_else(|| panic!("the agent logged no kill of {ha}:\n{agent_log}"));
+    let qemu_log = std::fs::read_to_string(x.libvirt_log_dir().join(format!("qemu/{dom}.log"))).unwrap();
+    let destroyed = qemu_log
+        .lines()
+        .filter(|l| l.contains("shutting down, reason=destroyed"))
+        .filter_map(novacron_e2e::log_time)
+        .next_back()
+        .unwrap_or_else(|| panic!("libvirt logged no destroy:\n{qemu_log}"));
+    let server_log = f.server.logs();
+    let restarted = novacron_e2e::first_log_time(&server_log, &["HA VM restarted elsewhere", &ha])
+        .unwrap_or_else(|| panic!("the server logged no restart of {ha}"));
+    eprintln!(
+        "agent killed at {killed}, libvirt destroyed at {}, server restarted at {}",
+        unix_ms(destroyed),
+        unix_ms(restarted)
+    );
+    assert!(killed < unix_ms(restarted), "the agent fenced before the restart");
+    assert!(destroyed < restarted, "QEMU was gone before the restart");
+
+    // Back on the bridge: the host reconciles, its copy goes, acks resume.
+    f.bed.restore(&x);
+    f.server.wait_connected(&f.agents[from].host_id, true);
+    wait_for("the returning host to remove its copy", Duration::from_secs(60), || {
+        domstate(&x.local_uri, &ha).is_none().then_some(())
+    });
+    novacron_e2e::assert_holds("no duplicate after the return", Duration::from_secs(5), || {
+        let on = f.running_on(&ha, &[]);
+        let defined: usize = (0..3)
+            .map(|i| all_domains(&f.host(i).local_uri).iter().filter(|d| **d == ha).count())
+            .sum();
+        (on == [to] && defined == 1)
+            .then_some(())
+            .ok_or(format!("running on {on:?}, defined {defined} times"))
+    });
+    assert_eq!(f.boots("ha-b"), 2, "booted once where it was created, once where it moved");
+}
+
+/// (c) The server SIGKILLed for less than the lease and started again:
+/// nothing is fenced or restarted (same QEMU processes, no new boot).
+/// SIGKILLed for longer than the lease: in this issue every agent fences
+/// its HA VMs (as Proxmox VE does when the whole cluster loses quorum; the
+/// peer witness of the next issue removes this), and once the server is
+/// back every HA VM is started exactly once.
+#[test]
+fn a_server_kill9_within_the_lease_changes_nothing_and_a_longer_one_restarts_each_ha_vm_once() {
+    let _bed = take_bed();
+    let mut f = ha_fleet();
+    let vms: Vec<(String, String, usize)> = ["ha-c1", "ha-c2"]
+        .iter()
+        .map(|n| {
+            let (id, i) = f.ha_vm(n);
+            (n.to_string(), id, i)
+        })
+        .collect();
+    let pids: Vec<u32> = vms.iter().map(|(_, id, i)| qemu_pid(f.host(*i), id)).collect();
+
+    // Shorter than the lease.
+    f.server.kill9();
+    novacron_e2e::let_real_time_pass(LEASE / 3);
+    f.server.restart();
+    for a in &f.agents {
+        f.server.wait_connected(&a.host_id, true);
+    }
+    novacron_e2e::assert_holds("nothing fenced or moved", PAST_FENCE_WAIT, || {
+        for ((name, id, i), pid) in vms.iter().zip(&pids) {
+            if domstate(&f.host(*i).local_uri, id).as_deref() != Some("running") {
+                return Err(format!("{name} stopped on {}", f.host(*i).name));
+            }
+            if qemu_pid(f.host(*i), id) != *pid {
+                return Err(format!("{name} has a new QEMU"));
+            }
+            if f.boots(name) != 1 {
+                return Err(format!("{name} booted again"));
+            }
+        }
+        Ok(())
+    });
+    let logs: String = f.agents.iter().map(Agent::logs).collect();
+    assert!(!logs.contains("HA fencing started"), "no agent fenced:\n{logs}");
+
+    // Longer than the lease: the agents fence by themselves.
+    f.server.kill9();
+    for (name, id, i) in &vms {
+        wait_for(&format!("{name} to be fenced"), Duration::from_secs(60), || {
+            (domstate(&f.host(*i).local_uri, id).as_deref() != Some("running")).then_some(())
+        });
+    }
+    f.server.restart();
+    for (name, id, _) in &vms {
+        wait_for(&format!("{name} to run again"), Duration::from_secs(180), || {
+            (f.running_on(id, &[]).len() == 1 && f.boots(name) == 2).then_some(())
+        });
+    }
+    novacron_e2e::assert_holds("each HA VM started exactly once", Duration::from_secs(5), || {
+        for (name, id, _) in &vms {
+            let on = f.running_on(id, &[]);
+            if on.len() != 1 || f.boots(name) != 2 {
+                return Err(format!("{name}: running on {on:?}, {} boots", f.boots(name)));
+            }
+        }
+        Ok(())
+    });
+}
+
+/// (d) An agent SIGKILLed and started again within the lease (its QEMU
+/// keeps running): nothing moves, nothing is fenced.
+#[test]
+fn an_agent_kill9_within_the_tolerance_moves_nothing() {
+    let _bed = take_bed();
+    let mut f = ha_fleet();
+    let (ha, on) = f.ha_vm("ha-d");
+    let pid = qemu_pid(f.host(on), &ha);
+    f.agents[on].kill9();
+    novacron_e2e::let_real_time_pass(LEASE / 3);
+    f.agents[on].start(&[]);
+    f.server.wait_connected(&f.agents[on].host_id, true);
+    novacron_e2e::assert_holds("nothing moved", PAST_FENCE_WAIT, || {
+        if f.placed_on(&ha) != on {
+            return Err("the API moved it".into());
+        }
+        if qemu_pid(f.host(on), &ha) != pid {
+            return Err("a new QEMU runs it".into());
+        }
+        if f.boots("ha-d") != 1 {
+            return Err("it booted again".into());
+        }
+        Ok(())
+    });
+    assert!(!f.agents[on].logs().contains("HA fencing started"));
+    assert!(!f.server.logs().contains("HA VM restarted elsewhere"));
+}
