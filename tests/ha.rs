@@ -8,8 +8,8 @@
 //! order (from the logs' own timestamps and from libvirt), never how fast.
 //!
 //! Needs root, QEMU, libvirt and the guest files (`.ci/run` provides
-//! them); fails loudly without. Run one at a time with the other real
-//! libvirt tests (`flock /var/tmp/nc-libvirt.lock`); the tests of this
+//! them); fails loudly without. Run them one at a time with the other
+//! real-libvirt tests (they share the namespaced hosts); the tests of this
 //! file take turns on the one test bed.
 
 #![allow(clippy::unwrap_used)]

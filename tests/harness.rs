@@ -22,9 +22,13 @@ use std::time::{Duration, Instant, SystemTime};
 use novacron_shared::framing::{self, FramedRecv, MAX_FRAME_LEN};
 use novacron_shared::protocol::{AgentMessage, Hello, ServerMessage, HANDSHAKE_VERSION};
 
-/// The path of a workspace binary next to the test executable.
+/// The path of a workspace binary next to the test executable (one
+/// directory above it; for a benchmark binary, in its own directory).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
+    if let Some(p) = exe.parent().map(|d| d.join(name)).filter(|p| p.exists()) {
+        return p;
+    }
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
     assert!(
@@ -885,17 +889,6 @@ pub fn guest_dir() -> PathBuf {
         );
     }
     dir
-}
-
-/// `bin()` for a binary run from the target directory itself (a
-/// benchmark binary sits next to the workspace binaries, a test binary one
-/// directory below them).
-pub fn bin_near(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    match exe.parent().map(|d| d.join(name)) {
-        Some(p) if p.exists() => p,
-        _ => bin(name),
-    }
 }
 
 /// One namespaced libvirt host of the test bed (`testbed.sh hosts-up`).
