@@ -388,7 +388,7 @@ fn a_host_that_loses_every_process_has_its_ha_guest_boot_elsewhere_and_its_other
     let to = f.wait_restarted(&ha, "ha-a", from, &[from]);
     assert_ne!(to, from);
     let v = f.vm(&ha);
-    assert_eq!(v["spec"]["epoch"].as_u64().or(v["epoch"].as_u64()), Some(1), "one restart, one epoch: {v}");
+    assert_eq!(v["vm"]["epoch"], 1, "one restart, one epoch: {v}");
     // The disk moved with it: the guest sees it.
     let console = std::fs::read_to_string(f.console(to, "ha-a")).unwrap();
     assert!(console.contains("NOVACRON-GUEST-DISKS vda"), "{console}");
