@@ -125,7 +125,12 @@ impl Fleet {
         wait_for("every host to report capacity", Duration::from_secs(30), || {
             agents
                 .iter()
-                .all(|a| server.host(&a.host_id)["capacity"]["memory_mib"].as_u64().unwrap_or(0) > 0)
+                .all(|a| {
+                    server.host(&a.host_id)["capacity"]["memory_mib"]
+                        .as_u64()
+                        .unwrap_or(0)
+                        > 0
+                })
                 .then_some(())
         });
         Fleet {
@@ -205,8 +210,7 @@ fn the_ha_test_bed_shares_a_pool_and_injects_faults() {
     for (i, h) in f.bed.hosts.iter().enumerate() {
         let console = scratch.path().join(format!("bed-{}.log", h.name));
         std::fs::write(&xml, guest_xml("ha-bed", uuid, &disk, &console)).unwrap();
-        virsh(&h.local_uri, &["define", xml.to_str().unwrap()])
-            .unwrap_or_else(|e| panic!("{e:?}"));
+        virsh(&h.local_uri, &["define", xml.to_str().unwrap()]).unwrap_or_else(|e| panic!("{e:?}"));
         if i > 0 {
             // Still running on the previous host: QEMU's lock refuses.
             let prev = &f.bed.hosts[i - 1];
@@ -261,10 +265,17 @@ fn the_ha_test_bed_shares_a_pool_and_injects_faults() {
     let agent_pid = f.agents[2].pid().unwrap();
     let qemu_pid = qemu_pid(f.host(2), &vm);
     let before = f.bed.pids(f.host(2));
-    assert!(before.contains(&agent_pid), "the agent runs in its host: {before:?}");
+    assert!(
+        before.contains(&agent_pid),
+        "the agent runs in its host: {before:?}"
+    );
     assert!(before.contains(&qemu_pid), "so does the guest's QEMU: {before:?}");
     f.bed.kill_host(f.host(2));
-    assert_eq!(f.bed.pids(f.host(2)), Vec::<u32>::new(), "nothing of host 3 is left");
+    assert_eq!(
+        f.bed.pids(f.host(2)),
+        Vec::<u32>::new(),
+        "nothing of host 3 is left"
+    );
     f.server.wait_connected(&id3, false);
     // The others kept running.
     assert!(all_domains(&f.host(0).local_uri).is_empty());
@@ -305,7 +316,11 @@ impl Fleet {
     /// The index of the host the API places VM `id` on.
     fn placed_on(&self, id: &str) -> usize {
         let v = self.vm(id);
-        self.index_of(v["host"].as_str().unwrap_or_else(|| panic!("VM without a host: {v}")))
+        self.index_of(
+            v["host"]
+                .as_str()
+                .unwrap_or_else(|| panic!("VM without a host: {v}")),
+        )
     }
 
     /// The hosts (among those not in `dead`) whose libvirt runs domain
@@ -320,7 +335,9 @@ impl Fleet {
 
     /// Boot markers of VM `name` on all hosts together.
     fn boots(&self, name: &str) -> usize {
-        (0..self.bed.hosts.len()).map(|i| boot_count(&self.console(i, name))).sum()
+        (0..self.bed.hosts.len())
+            .map(|i| boot_count(&self.console(i, name)))
+            .sum()
     }
 
     /// Creates an HA VM with a disk on the shared pool and waits until it
@@ -335,9 +352,11 @@ impl Fleet {
             self.vm(&id)["host"].as_str().map(|h| self.index_of(h))
         });
         self.wait_booted(i, name, 1);
-        wait_for(&format!("the API to see {name} running"), Duration::from_secs(30), || {
-            (self.vm(&id)["observed"]["state"] == "running").then_some(())
-        });
+        wait_for(
+            &format!("the API to see {name} running"),
+            Duration::from_secs(30),
+            || (self.vm(&id)["observed"]["state"] == "running").then_some(()),
+        );
         (id, i)
     }
 
@@ -345,7 +364,10 @@ impl Fleet {
     /// there; returns that host.
     fn wait_restarted(&self, id: &str, name: &str, from: usize, dead: &[usize]) -> usize {
         let to = wait_for(
-            &format!("{name} to be placed on another host than {}", self.host(from).name),
+            &format!(
+                "{name} to be placed on another host than {}",
+                self.host(from).name
+            ),
             Duration::from_secs(120),
             || {
                 let i = self.placed_on(id);
@@ -353,9 +375,11 @@ impl Fleet {
             },
         );
         self.wait_booted(to, name, 1);
-        wait_for(&format!("{name} to run on {}", self.host(to).name), Duration::from_secs(60), || {
-            (self.running_on(id, dead) == [to]).then_some(())
-        });
+        wait_for(
+            &format!("{name} to run on {}", self.host(to).name),
+            Duration::from_secs(60),
+            || (self.running_on(id, dead) == [to]).then_some(()),
+        );
         to
     }
 }
@@ -384,7 +408,11 @@ fn a_host_that_loses_every_process_has_its_ha_guest_boot_elsewhere_and_its_other
     f.wait_booted(from, "plain-a", 1);
 
     f.bed.kill_host(f.host(from));
-    assert_eq!(f.bed.pids(f.host(from)), Vec::<u32>::new(), "nothing of the host is left");
+    assert_eq!(
+        f.bed.pids(f.host(from)),
+        Vec::<u32>::new(),
+        "nothing of the host is left"
+    );
     let to = f.wait_restarted(&ha, "ha-a", from, &[from]);
     assert_ne!(to, from);
     let v = f.vm(&ha);
@@ -394,10 +422,14 @@ fn a_host_that_loses_every_process_has_its_ha_guest_boot_elsewhere_and_its_other
     assert!(console.contains("NOVACRON-GUEST-DISKS vda"), "{console}");
 
     // The non-HA VM stays where it was, reported lost, running nowhere.
-    wait_for("the non-HA VM to be reported lost", Duration::from_secs(60), || {
-        let v = f.vm(&plain);
-        (v["ha"]["state"] == "lost").then_some(())
-    });
+    wait_for(
+        "the non-HA VM to be reported lost",
+        Duration::from_secs(60),
+        || {
+            let v = f.vm(&plain);
+            (v["ha"]["state"] == "lost").then_some(())
+        },
+    );
     let v = f.vm(&plain);
     assert_eq!(f.index_of(v["host"].as_str().unwrap()), from, "never moved: {v}");
     assert_eq!(f.running_on(&plain, &[from]), Vec::<usize>::new());
@@ -425,9 +457,11 @@ fn a_cut_host_fences_its_ha_guest_before_the_server_restarts_it_and_keeps_no_cop
     f.bed.cut(&x, Cut::Drop);
     // Its libvirt is still reachable from here (unix socket): the agent
     // stops the guest with no word from the server.
-    wait_for("the cut host to fence its HA guest", Duration::from_secs(60), || {
-        (domstate(&x.local_uri, &ha).as_deref() != Some("running")).then_some(())
-    });
+    wait_for(
+        "the cut host to fence its HA guest",
+        Duration::from_secs(60),
+        || (domstate(&x.local_uri, &ha).as_deref() != Some("running")).then_some(()),
+    );
     let to = f.wait_restarted(&ha, "ha-b", from, &[]);
     assert_ne!(to, from);
 
@@ -458,19 +492,30 @@ fn a_cut_host_fences_its_ha_guest_before_the_server_restarts_it_and_keeps_no_cop
     // Back on the bridge: the host reconciles, its copy goes, acks resume.
     f.bed.restore(&x);
     f.server.wait_connected(&f.agents[from].host_id, true);
-    wait_for("the returning host to remove its copy", Duration::from_secs(60), || {
-        domstate(&x.local_uri, &ha).is_none().then_some(())
-    });
+    wait_for(
+        "the returning host to remove its copy",
+        Duration::from_secs(60),
+        || domstate(&x.local_uri, &ha).is_none().then_some(()),
+    );
     novacron_e2e::assert_holds("no duplicate after the return", Duration::from_secs(5), || {
         let on = f.running_on(&ha, &[]);
         let defined: usize = (0..3)
-            .map(|i| all_domains(&f.host(i).local_uri).iter().filter(|d| **d == ha).count())
+            .map(|i| {
+                all_domains(&f.host(i).local_uri)
+                    .iter()
+                    .filter(|d| **d == ha)
+                    .count()
+            })
             .sum();
         (on == [to] && defined == 1)
             .then_some(())
             .ok_or(format!("running on {on:?}, defined {defined} times"))
     });
-    assert_eq!(f.boots("ha-b"), 2, "booted once where it was created, once where it moved");
+    assert_eq!(
+        f.boots("ha-b"),
+        2,
+        "booted once where it was created, once where it moved"
+    );
 }
 
 /// (c) The server SIGKILLed for less than the lease and started again:

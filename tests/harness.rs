@@ -1180,9 +1180,15 @@ mod log_time_tests {
         let want = SystemTime::UNIX_EPOCH + Duration::from_micros(1_796_164_467_123_456);
         assert_eq!(t, want);
         let t = log_time("2026-12-01 22:34:27.123+0000: shutting down, reason=destroyed").unwrap();
-        assert_eq!(t, SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_164_467_123));
+        assert_eq!(
+            t,
+            SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_164_467_123)
+        );
         assert_eq!(log_time("1970-01-01T00:00:00Z"), Some(SystemTime::UNIX_EPOCH));
-        assert_eq!(log_time("2000-03-01T00:00:00Z"), Some(SystemTime::UNIX_EPOCH + Duration::from_secs(951_868_800)));
+        assert_eq!(
+            log_time("2000-03-01T00:00:00Z"),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(951_868_800))
+        );
         assert_eq!(log_time("not a time"), None);
         assert_eq!(log_time("2026-13-01T00:00:00Z"), None);
     }

@@ -315,7 +315,12 @@ async fn first_with_ha(running: &crate::Running, token: &str, agents: &[AgentPro
 /// prints its HA VMs coming up elsewhere, with the time from the kill to
 /// each being placed on another host and running there, and its other VMs
 /// reported lost.
-async fn kill_host(running: &crate::Running, token: &str, name: &str, child: &mut Child) -> anyhow::Result<()> {
+async fn kill_host(
+    running: &crate::Running,
+    token: &str,
+    name: &str,
+    child: &mut Child,
+) -> anyhow::Result<()> {
     let api = running.api_client(token)?;
     let hosts = api.call(hyper::Method::GET, "/v1/hosts", None).await?;
     let names: std::collections::HashMap<String, String> = hosts["hosts"]

@@ -86,7 +86,11 @@ fn since(a: SystemTime, b: SystemTime) -> Duration {
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, or fails after `timeout`.
-fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f()? {
@@ -130,7 +134,9 @@ fn main() -> anyhow::Result<()> {
 
     let bed = HaBed::up(3);
     let pool = bed.shared_dir("bench-pool-");
-    let scratch = tempfile::Builder::new().prefix("nc-ha-bench-").tempdir_in("/var/tmp")?;
+    let scratch = tempfile::Builder::new()
+        .prefix("nc-ha-bench-")
+        .tempdir_in("/var/tmp")?;
     Command::new("chmod").arg("0755").arg(scratch.path()).status()?;
     let server = Server::start_in_netns(
         &bed.server_ns,
@@ -185,7 +191,9 @@ fn main() -> anyhow::Result<()> {
             .and_then(index_of))
     };
     let mut on = poll("the VM to be placed", Duration::from_secs(30), host_of)?;
-    poll("the first boot", trial_timeout, || Ok((boot_count(&console(on)) >= 1).then_some(())))?;
+    poll("the first boot", trial_timeout, || {
+        Ok((boot_count(&console(on)) >= 1).then_some(()))
+    })?;
 
     let mut trials = Vec::new();
     for n in 1..=args.trials {
@@ -205,7 +213,8 @@ fn main() -> anyhow::Result<()> {
             Ok((boot_count(&console(to)) > boots[to]).then(SystemTime::now))
         })?;
         let logs = server.logs();
-        let placed = first_log_time(&logs, &[LOG_RESTARTED, &vm]).context("no restart line in the server log")?;
+        let placed =
+            first_log_time(&logs, &[LOG_RESTARTED, &vm]).context("no restart line in the server log")?;
         let expired = host_line(&server, &host_id, &[LOG_EXPIRED], loss)
             .with_context(|| format!("no '{LOG_EXPIRED}' line for host {host_id} in the server log"))?;
         let fenced = host_line(&server, &host_id, &[LOG_FENCED], expired)
