@@ -17,6 +17,10 @@ pub enum EventKind {
     Host,
     /// An operation changed (state or progress).
     Operation,
+    /// High availability: a host's lease changed, a VM was restarted on
+    /// another host or lost with its host, the mass-failure guard held or
+    /// released.
+    Ha,
 }
 
 impl EventKind {
@@ -26,6 +30,7 @@ impl EventKind {
             Self::Vm => "vm",
             Self::Host => "host",
             Self::Operation => "operation",
+            Self::Ha => "ha",
         }
     }
 }

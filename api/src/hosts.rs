@@ -54,6 +54,11 @@ pub struct Host {
     pub cordoned: bool,
     /// The labels the host's agent reports (empty while disconnected).
     pub labels: BTreeMap<String, String>,
+    /// Its HA lease, as the server judges it.
+    pub lease: crate::ha::LeaseState,
+    /// Its agent reports a shared storage pool (its directory).
+    #[serde(default)]
+    pub shared_storage: Option<String>,
 }
 
 /// `GET /v1/hosts`.

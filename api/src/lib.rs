@@ -10,6 +10,7 @@ pub mod audit;
 pub mod client;
 pub mod error;
 pub mod events;
+pub mod ha;
 pub mod hosts;
 pub mod metrics;
 pub mod operations;

@@ -57,6 +57,9 @@ pub struct Vm {
     /// What its host last reported of it (absent while unknown).
     #[serde(default)]
     pub observed: Option<VmObserved>,
+    /// Its HA history and state (HA VMs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<crate::ha::VmHa>,
 }
 
 /// `GET /v1/vms`: a page of VMs by id.

@@ -89,6 +89,22 @@ pub enum Command {
     Top(TopArgs),
     /// One host's or VM's metric series over a time range.
     Metrics(MetricsArgs),
+    /// High availability: host leases, VMs of fenced hosts, the
+    /// mass-failure guard.
+    Ha {
+        #[command(subcommand)]
+        command: Option<HaCommand>,
+    },
+}
+
+/// `ha ...`
+#[derive(Subcommand, Debug)]
+pub enum HaCommand {
+    /// Host leases, VMs restarting, waiting or lost, and whether restarts are held (the default).
+    Status,
+    /// Leave *held* now: restart the HA VMs of every fenced host. Only when
+    /// those hosts are known to be down (or their HA VMs known to be stopped).
+    Release,
 }
 
 /// `top`
@@ -160,6 +176,15 @@ pub enum HostsCommand {
     },
     /// Move a host's VMs elsewhere.
     Drain(DrainArgs),
+    /// Put a host into maintenance (`on`: never fenced, its VMs never
+    /// restarted elsewhere) or take it out (`off`).
+    Maintenance {
+        /// Host id or name.
+        host: String,
+        /// on or off.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
 }
 
 /// `drain H [--wait]`

@@ -119,5 +119,10 @@ async fn subject(ctx: &mut Ctx, e: &Event) -> String {
             }
             None => "-".into(),
         },
+        EventKind::Ha => match (e.vm, e.host) {
+            (Some(vm), _) => format!("ha vm {}", ctx.vm_label(vm).await),
+            (None, Some(h)) => format!("ha host {}", ctx.host_label(h).await),
+            (None, None) => "ha fleet".into(),
+        },
     }
 }

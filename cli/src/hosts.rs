@@ -31,7 +31,26 @@ pub async fn run(ctx: &mut Ctx, command: HostsCommand) -> Result<(), CliError> {
         HostsCommand::Cordon { host } => cordon(ctx, &host, true).await,
         HostsCommand::Uncordon { host } => cordon(ctx, &host, false).await,
         HostsCommand::Drain(args) => drain(ctx, args).await,
+        HostsCommand::Maintenance { host, state } => maintenance(ctx, &host, state == "on").await,
     }
+}
+
+async fn maintenance(ctx: &mut Ctx, host: &str, on: bool) -> Result<(), CliError> {
+    let id = ctx.host_id(host).await?;
+    let v: Host = ctx
+        .post(
+            &format!("/v1/hosts/{id}/maintenance"),
+            &novacron_api::ha::SetMaintenance { maintenance: on },
+        )
+        .await?;
+    ctx.report(&v, || {
+        let who = format!("{} ({id})", v.name);
+        if on {
+            format!("host {who} is in maintenance: it is never fenced and its VMs stay placed on it")
+        } else {
+            format!("host {who} left maintenance (lease: {})", word(&v.lease))
+        }
+    })
 }
 
 async fn cordon(ctx: &mut Ctx, host: &str, on: bool) -> Result<(), CliError> {
@@ -69,6 +88,11 @@ fn host_state(h: &Host) -> String {
     let mut s = word(&h.state);
     if h.cordoned {
         s.push_str(",cordoned");
+    }
+    // Only what is unusual: an online lease is the normal case.
+    if h.lease != novacron_api::ha::LeaseState::Online {
+        s.push(',');
+        s.push_str(&word(&h.lease));
     }
     s
 }
@@ -123,6 +147,11 @@ fn show(h: &Host, now: u64) -> String {
         ("state", word(&h.state)),
         ("connected", h.connected.to_string()),
         ("cordoned", h.cordoned.to_string()),
+        ("ha lease", word(&h.lease)),
+        (
+            "shared storage",
+            h.shared_storage.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("vms", opt(h.vm_count)),
         ("cpus", cap.cpus.to_string()),
         ("memory", human_mib(cap.memory_mib)),
@@ -153,7 +182,8 @@ mod tests {
             "capacity": {"cpus": 8, "memory_mib": 16384, "storage_mib": 102400, "storage_free_mib": 51200},
             "agent_version": "0.1.0", "first_seen_ms": 1_000, "last_seen_ms": 1_700_000_000_000u64,
             "state": "online", "cert_serial": "ab", "cert_not_after": 1_800_000_000,
-            "connected": true, "protocol_version": 1, "vm_count": 3, "cordoned": false, "labels": {}
+            "connected": true, "protocol_version": 1, "vm_count": 3, "cordoned": false, "labels": {},
+            "lease": "online"
         }))
         .unwrap_or_else(|e| panic!("{e}"))
     }
@@ -177,6 +207,22 @@ mod tests {
         let out = list(std::slice::from_ref(&h), 1_700_000_005_000);
         assert!(out.contains("online,cordoned"), "{out}");
         assert!(out.contains("5s ago"), "{out}");
-        assert!(show(&h, 1_700_000_005_000).contains("cordoned:      true"));
+        let shown = show(&h, 1_700_000_005_000);
+        assert!(
+            shown
+                .lines()
+                .any(|l| l.starts_with("cordoned:") && l.trim_end().ends_with(" true")),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn an_unusual_lease_shows_in_the_state_column() {
+        let mut h = host();
+        assert!(!list(std::slice::from_ref(&h), 0).contains("online,"));
+        h.lease = novacron_api::ha::LeaseState::LeaseExpired;
+        let out = list(std::slice::from_ref(&h), 0);
+        assert!(out.contains("online,lease-expired"), "{out}");
+        assert!(show(&h, 0).contains("lease-expired"));
     }
 }

@@ -11,6 +11,7 @@
 mod args;
 mod ctx;
 mod events;
+mod ha;
 mod hosts;
 mod local;
 mod metrics;
@@ -236,5 +237,6 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Events(a) => events::run(&mut ctx, a).await,
         Command::Top(a) => metrics::top(&mut ctx, a).await,
         Command::Metrics(a) => metrics::metrics(&mut ctx, a).await,
+        Command::Ha { command } => ha::run(&mut ctx, command.unwrap_or(args::HaCommand::Status)).await,
     }
 }

@@ -40,6 +40,7 @@ pub mod convert;
 pub mod doc;
 pub mod error;
 mod events;
+mod ha;
 mod hosts;
 pub mod http;
 mod metrics;
@@ -355,6 +356,7 @@ impl Api {
             | Op::CordonHost
             | Op::UncordonHost
             | Op::DrainHost
+            | Op::SetMaintenance
             | Op::GetHostVms
             | Op::PutHostVms
             | Op::HostCommand => hosts::handle(self, call).await,
@@ -377,6 +379,7 @@ impl Api {
                 tokens::handle(self, call).await
             }
             Op::ListAudit => audit::handle(self, &call),
+            Op::GetHa | Op::ReleaseHa => ha::handle(self, call).await,
             Op::QueryMetrics | Op::LatestMetrics | Op::StreamMetrics | Op::MetricStreams => {
                 metrics::handle(self, &call).await
             }
@@ -467,6 +470,7 @@ fn vm_error(e: VmError) -> ApiError {
         e @ VmError::NotFound(_) => ApiError::not_found(e.to_string()),
         VmError::NoFit(n) => ApiError::conflict(ErrorCode::NoCapacity, n.to_string()),
         VmError::Busy(m) => ApiError::conflict(ErrorCode::Conflict, m),
+        e @ VmError::Stale(_) => ApiError::conflict(ErrorCode::Conflict, e.to_string()),
         VmError::NotConnected(m) => ApiError::conflict(ErrorCode::NotConnected, m),
         VmError::Store(e) => ApiError::internal(&e),
     }

@@ -1,4 +1,4 @@
-//! The fleet's event stream: VM, host and operation events, numbered, for
+//! The fleet's event stream: VM, host, operation and HA events, numbered, for
 //! the API's server-sent events. Publishing never blocks; a subscriber
 //! that falls behind by more than [`BUS_CAPACITY`] events is told how many
 //! it missed.
@@ -26,6 +26,9 @@ pub enum EventKind {
     Host,
     /// An operation changed (state or progress).
     Operation,
+    /// High availability: a host fenced or returned, a VM restarted
+    /// elsewhere or waiting, the server held or released.
+    Ha,
 }
 
 impl EventKind {
@@ -35,6 +38,7 @@ impl EventKind {
             Self::Vm => "vm",
             Self::Host => "host",
             Self::Operation => "operation",
+            Self::Ha => "ha",
         }
     }
 }
@@ -105,6 +109,11 @@ impl Bus {
         self.publish(FleetEvent::new(EventKind::Host, Some(host), None, message));
     }
 
+    /// An HA event about a host and/or a VM.
+    pub fn ha(&self, host: Option<HostId>, vm: Option<VmId>, message: String) {
+        self.publish(FleetEvent::new(EventKind::Ha, host, vm, message));
+    }
+
     /// An operation event.
     pub fn operation(&self, op: &OperationRecord) {
         let mut ev = FleetEvent::new(EventKind::Operation, op.host, op.vm, op.progress.message.clone());
@@ -165,5 +174,10 @@ mod tests {
         let json = serde_json::to_value(&*b).expect("json");
         assert_eq!(json["type"], "vm");
         assert_eq!(json["message"], "started");
+        bus.ha(Some(HostId(3)), Some(VmId(9)), "restarted".into());
+        let c = rx.recv().await.expect("third");
+        assert_eq!((c.kind, c.kind.as_str()), (EventKind::Ha, "ha"));
+        assert!(c.matches(Some(HostId(3)), Some(VmId(9))));
+        assert_eq!(serde_json::to_value(&*c).expect("json")["type"], "ha");
     }
 }

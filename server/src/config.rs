@@ -37,6 +37,230 @@ pub struct ServerConfig {
     /// Metric ingest and retention.
     #[serde(default)]
     pub metrics: MetricsSettings,
+    /// High availability: host leases, fencing and restarts.
+    #[serde(default)]
+    pub ha: HaConfig,
+}
+
+/// How an agent stops its HA VMs when its lease runs out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FenceMode {
+    /// Kill them at once (libvirt's destroy).
+    #[default]
+    Kill,
+    /// Ask the guests to shut down, kill what still runs after `fence_grace`.
+    ShutdownThenKill,
+}
+
+/// `[ha]`: host leases, fencing and the restart of HA VMs elsewhere.
+///
+/// `enabled = false` only stops the HA driver from restarting VMs: lease
+/// terms, heartbeat acks (withheld from fenced and returning hosts) and the
+/// agents' self-fencing stay on, so turning HA on later is safe at any
+/// moment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// Restart HA VMs of fenced hosts elsewhere (leases run either way).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// `L`: how long an acknowledged heartbeat keeps an agent's lease.
+    #[serde(default = "default_lease", with = "serde_human")]
+    pub lease: Duration,
+    /// `F`: how long an agent may take to stop its HA VMs after its lease ran out.
+    #[serde(default = "default_fence_time", with = "serde_human")]
+    pub fence_time: Duration,
+    /// How agents stop their HA VMs.
+    #[serde(default)]
+    pub fence: FenceMode,
+    /// With `shutdown_then_kill`: the guests' time to shut down (less than `fence_time`).
+    #[serde(default = "default_fence_grace", with = "serde_human")]
+    pub fence_grace: Duration,
+    /// From the server's start, how long before any lease can count as
+    /// expired (default and minimum: the fence wait `W` of the lease).
+    #[serde(default, with = "serde_human_opt", skip_serializing_if = "Option::is_none")]
+    pub start_grace: Option<Duration>,
+    /// More than this share of hosts going silent within
+    /// `mass_failure_window` puts the server in *held* (no restarts).
+    #[serde(default = "default_mass_ratio")]
+    pub mass_failure_ratio: f64,
+    /// The window of `mass_failure_ratio`.
+    #[serde(default = "default_mass_window", with = "serde_human")]
+    pub mass_failure_window: Duration,
+    /// While leaving *held*, one more fenced host's VMs are released per step.
+    #[serde(default = "default_release_step", with = "serde_human")]
+    pub release_step: Duration,
+    /// A VM that did not fit anywhere is tried again this often.
+    #[serde(default = "default_retry", with = "serde_human")]
+    pub retry: Duration,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_lease() -> Duration {
+    novacron_shared::lease::DEFAULT_LEASE
+}
+fn default_fence_time() -> Duration {
+    novacron_shared::lease::DEFAULT_FENCE_TIME
+}
+fn default_fence_grace() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_mass_ratio() -> f64 {
+    0.3
+}
+fn default_mass_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_release_step() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_retry() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            lease: default_lease(),
+            fence_time: default_fence_time(),
+            fence: FenceMode::default(),
+            fence_grace: default_fence_grace(),
+            start_grace: None,
+            mass_failure_ratio: default_mass_ratio(),
+            mass_failure_window: default_mass_window(),
+            release_step: default_release_step(),
+            retry: default_retry(),
+        }
+    }
+}
+
+impl HaConfig {
+    /// The lease and fence time agents are held to.
+    pub fn timing(&self) -> novacron_shared::lease::LeaseTiming {
+        novacron_shared::lease::LeaseTiming {
+            lease: self.lease,
+            fence_time: self.fence_time,
+        }
+    }
+
+    /// The terms sent to every agent at the start of its session.
+    pub fn terms(&self) -> novacron_shared::protocol::LeaseTerms {
+        use novacron_shared::protocol::{FenceStyle, LeaseTerms};
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        LeaseTerms {
+            lease_ms: ms(self.lease),
+            fence_time_ms: ms(self.fence_time),
+            fence: match self.fence {
+                FenceMode::Kill => FenceStyle::Kill,
+                FenceMode::ShutdownThenKill => FenceStyle::ShutdownThenKill {
+                    grace_ms: ms(self.fence_grace),
+                },
+            },
+        }
+    }
+
+    /// The start grace: the configured one, never shorter than `W`.
+    pub fn start_grace(&self) -> Duration {
+        let w = self.timing().fenced_after();
+        self.start_grace.map_or(w, |g| g.max(w))
+    }
+
+    /// The server's lease policy for agents beating every `heartbeat_interval`.
+    pub fn policy(&self, heartbeat_interval: Duration) -> crate::ha::lease::LeasePolicy {
+        crate::ha::lease::LeasePolicy {
+            timing: self.timing(),
+            heartbeat_interval,
+            start_grace: self.start_grace(),
+        }
+    }
+
+    /// Checks ranges and relations (`heartbeat` from `[agents]`).
+    fn validate(&self, heartbeat: Duration) -> Result<(), ConfigError> {
+        let fmt = novacron_shared::duration::format;
+        let invalid = |key: &'static str, message: String| Err(ConfigError::Invalid { key, message });
+        if self.lease < heartbeat * 3 {
+            return invalid(
+                "ha.lease",
+                format!(
+                    "must be at least three heartbeat intervals ({}), so that a lost heartbeat or two do not end it",
+                    fmt(heartbeat * 3)
+                ),
+            );
+        }
+        if self.lease > Duration::from_secs(600) {
+            return invalid("ha.lease", "must be at most 10m".into());
+        }
+        if self.fence_time < Duration::from_millis(100) || self.fence_time > Duration::from_secs(300) {
+            return invalid("ha.fence_time", "must be between 100ms and 5m".into());
+        }
+        if self.fence == FenceMode::ShutdownThenKill
+            && (self.fence_grace.is_zero() || self.fence_grace >= self.fence_time)
+        {
+            return invalid(
+                "ha.fence_grace",
+                format!(
+                    "must be more than 0 and less than ha.fence_time ({}): the kill after it must still land within the fence time",
+                    fmt(self.fence_time)
+                ),
+            );
+        }
+        let w = self.timing().fenced_after();
+        if let Some(g) = self.start_grace {
+            if g < w {
+                return invalid(
+                    "ha.start_grace",
+                    format!(
+                        "must be at least the fence wait of the lease ({}); a shorter grace could restart VMs of a host whose agent still holds a lease from before the server started",
+                        fmt(w)
+                    ),
+                );
+            }
+            if g > Duration::from_secs(3600) {
+                return invalid("ha.start_grace", "must be at most 1h".into());
+            }
+        }
+        let r = self.mass_failure_ratio;
+        if !r.is_finite() || r <= 0.0 || r > 1.0 {
+            return invalid(
+                "ha.mass_failure_ratio",
+                format!("must be a share of hosts above 0 and at most 1, got {r}"),
+            );
+        }
+        for (key, d) in [
+            ("ha.mass_failure_window", self.mass_failure_window),
+            ("ha.release_step", self.release_step),
+            ("ha.retry", self.retry),
+        ] {
+            if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+                return invalid(key, "must be between 1s and 1h".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `Option<Duration>` in the human form of `serde_human` (`"10s"`).
+mod serde_human_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::serde_human::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct Human(#[serde(with = "super::serde_human")] Duration);
+        Option::<Human>::deserialize(d).map(|o| o.map(|h| h.0))
+    }
 }
 
 /// `[metrics]`: how long metrics are kept.
@@ -250,6 +474,7 @@ impl Default for ServerConfig {
             migration: MigrationPolicy::default(),
             metrics: MetricsSettings::default(),
             agents: AgentPolicy::default(),
+            ha: HaConfig::default(),
         }
     }
 }
@@ -336,6 +561,7 @@ impl ConfigFile for ServerConfig {
                 ),
             });
         }
+        self.ha.validate(hb)?;
         let ttl = self.agents.cert_ttl;
         if ttl < Duration::from_secs(5) || ttl > Duration::from_secs(10 * 365 * 86_400) {
             return Err(ConfigError::Invalid {
@@ -410,6 +636,98 @@ mod tests {
         assert!(e.to_string().contains("metrics.retention"), "{e}");
         let e = ServerConfig::parse("[api]\nlisten = \"nope\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn ha_defaults_and_terms() {
+        let c = ServerConfig::default();
+        c.validate().unwrap_or_else(|e| panic!("{e}"));
+        let ha = &c.ha;
+        assert!(ha.enabled);
+        assert_eq!(
+            (ha.lease, ha.fence_time),
+            (Duration::from_secs(5), Duration::from_secs(2))
+        );
+        assert_eq!(ha.start_grace(), ha.timing().fenced_after());
+        let t = ha.terms();
+        assert_eq!((t.lease_ms, t.fence_time_ms), (5_000, 2_000));
+        assert_eq!(t.fence, novacron_shared::protocol::FenceStyle::Kill);
+        let c = ServerConfig::parse(
+            "[ha]\nenabled = false\nlease = \"8s\"\nfence = \"shutdown_then_kill\"\nfence_grace = \"1500ms\"\nstart_grace = \"1m\"\n",
+            "t",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!c.ha.enabled);
+        assert_eq!(c.ha.start_grace(), Duration::from_secs(60));
+        assert_eq!(
+            c.ha.terms().fence,
+            novacron_shared::protocol::FenceStyle::ShutdownThenKill { grace_ms: 1_500 }
+        );
+        assert_eq!(
+            c.ha.policy(Duration::from_secs(1)).timing.lease,
+            Duration::from_secs(8)
+        );
+    }
+
+    #[test]
+    fn ha_values_out_of_range_are_refused_by_name() {
+        for (toml, key, phrase) in [
+            ("[ha]\nlease = \"2s\"\n", "ha.lease", "three heartbeat"),
+            (
+                "[agents]\nheartbeat_interval = \"2s\"\n[ha]\nlease = \"5s\"\n",
+                "ha.lease",
+                "6s",
+            ),
+            (
+                "[ha]\nfence = \"shutdown_then_kill\"\nfence_grace = \"2s\"\n",
+                "ha.fence_grace",
+                "less than ha.fence_time",
+            ),
+            ("[ha]\nstart_grace = \"5s\"\n", "ha.start_grace", "fence wait"),
+            (
+                "[ha]\nmass_failure_ratio = 0.0\n",
+                "ha.mass_failure_ratio",
+                "above 0",
+            ),
+            (
+                "[ha]\nmass_failure_ratio = 1.5\n",
+                "ha.mass_failure_ratio",
+                "at most 1",
+            ),
+            ("[ha]\nretry = \"0s\"\n", "ha.retry", "between"),
+            ("[ha]\nfence = \"reboot\"\n", "fence", "reboot"),
+        ] {
+            let e = ServerConfig::parse(toml, "t").unwrap_err();
+            let text = format!("{e} {e:?}");
+            assert!(text.contains(key) && text.contains(phrase), "{toml}: {text}");
+        }
+        // The fence grace only matters when the guests get one.
+        ServerConfig::parse("[ha]\nfence_grace = \"3s\"\n", "t").unwrap_or_else(|e| panic!("{e}"));
+        ServerConfig::parse("[ha]\nmass_failure_ratio = 1.0\n", "t").unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn the_example_config_is_valid_and_lists_every_ha_key() {
+        let text = include_str!("../../packaging/etc/server.toml");
+        let c = ServerConfig::parse(text, "server.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.ha.enabled);
+        for key in [
+            "enabled",
+            "lease",
+            "fence_time",
+            "fence",
+            "fence_grace",
+            "start_grace",
+            "mass_failure_ratio",
+            "mass_failure_window",
+            "release_step",
+            "retry",
+        ] {
+            assert!(
+                text.contains(&format!("\n{key} =")) || text.contains(&format!("# {key} =")),
+                "{key}"
+            );
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //!   driver that carries their actions out.
 //! - [`view`]: the read-only [`FleetView`] snapshot that controllers read
 //!   and the [`Action`] channel they write to.
+//! - [`ha`]: the host leases (fed by the sessions, ticked by the HA
+//!   driver), the HA status, restarts elsewhere and returning hosts.
 //!
 //! Here: only wiring and shared infrastructure (store, clock, CA, agent
 //! policy, metric ingest, event bus). No part's state is reached from
@@ -26,10 +28,11 @@ use novacron_shared::pki::FleetCa;
 use novacron_shared::protocol::{DesiredState, Inventory, ReconcileReport, ServerMessage, VmEvent};
 use novacron_shared::spec::{DesiredVm, Power, VmSpec};
 
-use crate::config::{AgentPolicy, MigrationPolicy};
+use crate::config::{AgentPolicy, HaConfig, MigrationPolicy};
 use crate::scheduler;
 use crate::store::{DesiredRecord, HostRecord, PlacementRules, Store, StoreError, VmRecord};
 
+pub mod ha;
 mod liveness;
 pub mod ops;
 pub mod sessions;
@@ -37,6 +40,7 @@ mod usage;
 pub mod view;
 pub mod vms;
 
+pub use ha::{HaError, HaStatus, Held, VmHa, VmHaState};
 pub use liveness::Liveness;
 pub use ops::migration::{whereabouts, Whereabouts};
 pub use sessions::commands::CommandError;
@@ -57,6 +61,7 @@ pub struct Fleet {
     /// The event stream.
     pub bus: crate::bus::Bus,
     sessions: sessions::Sessions,
+    ha: ha::Ha,
     placer: vms::Placer,
     actions: view::ActionQueue,
 }
@@ -68,8 +73,9 @@ impl std::fmt::Debug for Fleet {
 }
 
 impl Fleet {
-    /// Builds the fleet on `clock` and starts its writer tasks (joins,
-    /// host status) and the action runner controllers write to.
+    /// Builds the fleet on `clock` with the default `[ha]` config and
+    /// starts its writer tasks (joins, host status) and the action runner
+    /// controllers write to.
     pub fn new(
         store: Store,
         ca: FleetCa,
@@ -78,6 +84,29 @@ impl Fleet {
         migration: MigrationPolicy,
         clock: Clock,
     ) -> Result<Arc<Self>, StoreError> {
+        Self::with_ha(
+            store,
+            ca,
+            policy,
+            scheduler_policy,
+            migration,
+            HaConfig::default(),
+            clock,
+        )
+    }
+
+    /// Like [`Fleet::new`], with the `[ha]` config `ha`: the lease terms it
+    /// grants are recorded in the store before any session can get them.
+    pub fn with_ha(
+        store: Store,
+        ca: FleetCa,
+        policy: AgentPolicy,
+        scheduler_policy: scheduler::Policy,
+        migration: MigrationPolicy,
+        ha: HaConfig,
+        clock: Clock,
+    ) -> Result<Arc<Self>, StoreError> {
+        let ha = ha::Ha::start(&store, &clock, ha, policy.heartbeat_interval)?;
         let sessions = sessions::Sessions::start(&store, &clock)?;
         let (actions, action_rx) = view::ActionQueue::new();
         let fleet = Arc::new(Self {
@@ -90,6 +119,7 @@ impl Fleet {
             migration,
             metrics: std::sync::OnceLock::new(),
             sessions,
+            ha,
             actions,
         });
         tokio::spawn(view::run_actions(Arc::downgrade(&fleet), action_rx));
@@ -164,6 +194,8 @@ pub struct VmView {
     pub record: VmRecord,
     /// What its host last reported of it (absent while unknown).
     pub observed: Option<novacron_shared::protocol::VmObserved>,
+    /// HA VMs (and VMs lost with a fenced host): HA history and state.
+    pub ha: Option<VmHaView>,
 }
 
 /// The scheduler's request for a VM.
@@ -175,6 +207,7 @@ pub fn request_for(spec: &VmSpec, rules: &PlacementRules) -> scheduler::Request 
         required_labels: rules.required_labels.clone(),
         affinity: rules.affinity.clone(),
         anti_affinity: rules.anti_affinity.clone(),
+        shared_storage: None,
     }
 }
 
@@ -208,6 +241,20 @@ pub struct HostView {
     pub cordoned: bool,
     /// The labels the host's agent reports (empty while disconnected).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Its HA lease, as the last tick of the lease view reported it (None
+    /// for a host the view does not track: revoked).
+    pub lease: Option<crate::ha::lease::HostState>,
+    /// The shared storage its agent reports (while connected).
+    pub shared_storage: Option<String>,
+}
+
+/// A VM's HA history and, while its host is fenced, its state.
+#[derive(Debug, Clone)]
+pub struct VmHaView {
+    /// Restarts so far and the latest.
+    pub history: crate::store::HaVmRecord,
+    /// Restarting, waiting or lost (while its host is fenced).
+    pub status: Option<ha::VmHa>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

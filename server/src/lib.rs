@@ -183,12 +183,13 @@ pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Runnin
         addr: cfg.api.listen,
         source,
     })?;
-    let fleet = Fleet::new(
+    let fleet = Fleet::with_ha(
         store.clone(),
         ca,
         cfg.agents.clone(),
         cfg.scheduler,
         cfg.migration.clone(),
+        cfg.ha.clone(),
         clock.clone(),
     )?;
     let metrics = metrics::Metrics::open(&dir.metrics_db(), cfg.metrics.to_config(), clock)?;
@@ -197,6 +198,7 @@ pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Runnin
     fleet.clone().resume_operations();
     tokio::spawn(api::Api::new(fleet.clone(), store, cfg.api.clone()).serve_on(listener, api_tls.clone()));
     tokio::spawn(renewer.run());
+    tokio::spawn(ha::driver::run(fleet.clone()));
     let api_url = if api_tls.is_some() {
         client::ApiUrl::from(api_addr)
     } else {

@@ -4,7 +4,10 @@
 //!
 //! Filters (hard): the host is up and not cordoned; CPU and memory fit
 //! under the overcommit ratios; storage fits; the host carries every
-//! required label; no VM of the request's anti-affinity group runs there.
+//! required label; the host reports the shared storage the request needs
+//! (any, or one pool in particular: an HA VM's disks must be reachable
+//! where it restarts); no VM of the request's anti-affinity group runs
+//! there.
 //! Scoring (soft): `pack` prefers the fullest host that fits, `spread` the
 //! emptiest; measured load (when the host reports it) counts towards
 //! fullness; hosts already running the request's affinity group score
@@ -115,6 +118,8 @@ pub struct Host {
     pub used: Usage,
     /// Placement groups of the VMs on it.
     pub groups: HashSet<String>,
+    /// The shared storage its agent reports (the pool's identity), if any.
+    pub shared_storage: Option<String>,
 }
 
 /// Resources claimed on a host.
@@ -143,6 +148,17 @@ pub struct Request {
     pub affinity: Option<String>,
     /// Never share a host with a VM of this group.
     pub anti_affinity: Option<String>,
+    /// The shared storage the host must report (None: any host).
+    pub shared_storage: Option<SharedStorageNeed>,
+}
+
+/// Which shared storage a VM needs its host to report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedStorageNeed {
+    /// Any shared storage (a new HA VM with disks).
+    Any,
+    /// This pool (an HA VM whose disks are already there).
+    Same(String),
 }
 
 /// Why a host was excluded, in the order filters run.
@@ -155,6 +171,10 @@ pub enum Filter {
     Cordoned,
     /// Missing a required label.
     Labels,
+    /// Reports no shared storage, and the VM needs it.
+    SharedStorage,
+    /// Reports shared storage other than the one the VM's disks are on.
+    OtherSharedStorage,
     /// Runs a VM of the anti-affinity group.
     AntiAffinity,
     /// Not enough CPU under the overcommit ratio.
@@ -171,6 +191,8 @@ impl Filter {
             Filter::Down => "down",
             Filter::Cordoned => "cordoned",
             Filter::Labels => "missing required labels",
+            Filter::SharedStorage => "with no shared storage",
+            Filter::OtherSharedStorage => "with other shared storage",
             Filter::AntiAffinity => "excluded by anti-affinity",
             Filter::Cpu => "exhausted CPU",
             Filter::Memory => "exhausted memory",
@@ -224,6 +246,14 @@ pub fn check(p: &Policy, h: &Host, r: &Request) -> Option<Filter> {
         .all(|(k, v)| h.labels.get(k).is_some_and(|hv| hv == v))
     {
         return Some(Filter::Labels);
+    }
+    match (&r.shared_storage, &h.shared_storage) {
+        (None, _) => {}
+        (Some(_), None) => return Some(Filter::SharedStorage),
+        (Some(SharedStorageNeed::Same(want)), Some(has)) if want != has => {
+            return Some(Filter::OtherSharedStorage)
+        }
+        (Some(_), Some(_)) => {}
     }
     if r.anti_affinity.as_ref().is_some_and(|g| h.groups.contains(g)) {
         return Some(Filter::AntiAffinity);
@@ -354,6 +384,7 @@ mod tests {
             load: None,
             used: Usage::default(),
             groups: HashSet::new(),
+            shared_storage: None,
         }
     }
 
@@ -370,6 +401,33 @@ mod tests {
             candidate_limit: 0,
             ..Policy::default()
         }
+    }
+
+    #[test]
+    fn shared_storage_needs_a_host_that_reports_it_and_the_same_pool_to_move() {
+        let mut hosts = vec![host(1, 8, 16384), host(2, 8, 16384), host(3, 8, 16384)];
+        hosts[1].shared_storage = Some("/srv/a".into());
+        hosts[2].shared_storage = Some("/srv/b".into());
+        let p = all_hosts();
+        let plain = req(1, 1024);
+        assert_eq!(check(&p, &hosts[0], &plain), None, "no need, no filter");
+        let any = Request {
+            shared_storage: Some(SharedStorageNeed::Any),
+            ..req(1, 1024)
+        };
+        assert_eq!(check(&p, &hosts[0], &any), Some(Filter::SharedStorage));
+        assert_eq!(check(&p, &hosts[1], &any), None);
+        let same = Request {
+            shared_storage: Some(SharedStorageNeed::Same("/srv/b".into())),
+            ..req(1, 1024)
+        };
+        assert_eq!(Scheduler::default().place(&p, &hosts, &same), Ok(HostId(3)));
+        hosts.pop();
+        let e = Scheduler::default().place(&p, &hosts, &same).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no host fits: 1 host with no shared storage, 1 host with other shared storage"
+        );
     }
 
     #[test]

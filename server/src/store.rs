@@ -1,6 +1,7 @@
 //! The server's durable state in redb: hosts, join tokens, revocations and
 //! API tokens here; VMs and each host's desired state in `vms`; the audit
-//! log, operations and migration claims in `journal`.
+//! log, operations and migration claims in `journal`; lease terms, HA host
+//! flags, departed VMs and restart history in `ha`.
 //!
 //! Every value is stored as `[record version: u8][codec payload]`; a reader
 //! that meets an older version migrates it (see [`Record::decode`]), and one
@@ -16,8 +17,13 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+mod ha;
 mod journal;
 mod vms;
+pub use ha::{
+    DepartedRecord, HaHostRecord, HaTermsRecord, HaVmRecord, LastRestart, RestartCommit, RestartRefusal,
+    Restarted, ReturnRefusal,
+};
 pub use journal::{
     token_id, ApiTokenInfo, AuditRecord, ClaimRefusal, MigrationClaim, OperationKind, OperationRecord,
     OperationState, Progress, TokenDeleteRefusal,
@@ -367,6 +373,9 @@ impl Store {
             tx.open_table(journal::OPERATIONS)?;
             tx.open_table(journal::OPERATION_IDS)?;
             tx.open_table(journal::MIGRATIONS)?;
+            tx.open_table(ha::HA_HOSTS)?;
+            tx.open_table(ha::DEPARTED)?;
+            tx.open_table(ha::HA_VMS)?;
         }
         tx.commit()?;
         Ok(Self { db: Arc::new(db) })

@@ -6,7 +6,7 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Every server health metric.
@@ -42,7 +42,59 @@ pub struct Telemetry {
     pub api_duration: HistogramVec,
     /// Scheduler decisions by outcome.
     pub scheduler_decisions: IntCounterVec,
+    /// HA restarts by outcome (`placed`, `no_fit`).
+    pub ha_restarts: IntCounterVec,
+    /// Hosts whose lease ran out (entered lease-expired or fenced).
+    pub ha_lease_expiries: IntCounter,
+    /// Hosts per lease state (set by the HA driver).
+    pub ha_hosts: IntGaugeVec,
+    /// 1 while the server is held (no restarts), else 0 (set by the HA driver).
+    pub ha_held: IntGauge,
+    /// From a fenced host's last frame to its VM's restart being placed.
+    pub ha_restart_seconds: Histogram,
 }
+
+/// The `outcome` label of `novacron_ha_restarts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartOutcome {
+    /// Placed on another host.
+    Placed,
+    /// No host fits.
+    NoFit,
+}
+
+impl RestartOutcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Placed => "placed",
+            Self::NoFit => "no_fit",
+        }
+    }
+}
+
+/// The `state` label of `novacron_ha_hosts` for a lease state.
+pub fn lease_state_label(s: crate::ha::lease::HostState) -> &'static str {
+    use crate::ha::lease::HostState as S;
+    match s {
+        S::Online => "online",
+        S::Suspect => "suspect",
+        S::LeaseExpired => "lease_expired",
+        S::Fenced => "fenced",
+        S::Returning => "returning",
+        S::Maintenance => "maintenance",
+    }
+}
+
+/// Every lease state, for the HA driver to set each gauge (zeros included).
+pub const LEASE_STATES: [crate::ha::lease::HostState; 6] = [
+    crate::ha::lease::HostState::Online,
+    crate::ha::lease::HostState::Suspect,
+    crate::ha::lease::HostState::LeaseExpired,
+    crate::ha::lease::HostState::Fenced,
+    crate::ha::lease::HostState::Returning,
+    crate::ha::lease::HostState::Maintenance,
+];
 
 fn must<T>(r: prometheus::Result<T>) -> T {
     match r {
@@ -139,6 +191,32 @@ impl Telemetry {
                 ),
                 &["outcome"]
             )),
+            ha_restarts: reg!(IntCounterVec::new(
+                Opts::new(
+                    "novacron_ha_restarts_total",
+                    "HA VM restarts on another host, by outcome (placed, no_fit)."
+                ),
+                &["outcome"]
+            )),
+            ha_lease_expiries: reg!(IntCounter::new(
+                "novacron_ha_lease_expiries_total",
+                "Hosts whose lease ran out (lease expired or fenced)."
+            )),
+            ha_hosts: reg!(IntGaugeVec::new(
+                Opts::new("novacron_ha_hosts", "Hosts per lease state."),
+                &["state"]
+            )),
+            ha_held: reg!(IntGauge::new(
+                "novacron_ha_held",
+                "1 while the mass-failure guard holds all restarts, else 0."
+            )),
+            ha_restart_seconds: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "novacron_ha_restart_seconds",
+                    "From a fenced host's last frame to its HA VM being placed elsewhere."
+                )
+                .buckets(vec![1.0, 2.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0])
+            )),
             registry,
         }
     }
@@ -167,5 +245,32 @@ mod tests {
             .expect("encode");
         assert!(out.contains("novacron_metrics_batches_total"));
         assert!(out.contains("operation=\"listVms\""));
+    }
+
+    #[test]
+    fn ha_metrics_have_their_names_and_labels() {
+        TELEMETRY
+            .ha_restarts
+            .with_label_values(&[RestartOutcome::NoFit.as_str()])
+            .inc();
+        for s in LEASE_STATES {
+            TELEMETRY
+                .ha_hosts
+                .with_label_values(&[lease_state_label(s)])
+                .set(0);
+        }
+        let mut out = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&TELEMETRY.registry.gather(), &mut out)
+            .expect("encode");
+        for name in [
+            "novacron_ha_restarts_total{outcome=\"no_fit\"}",
+            "novacron_ha_lease_expiries_total",
+            "novacron_ha_hosts{state=\"lease_expired\"}",
+            "novacron_ha_held",
+            "novacron_ha_restart_seconds_bucket",
+        ] {
+            assert!(out.contains(name), "{name}");
+        }
     }
 }

@@ -72,6 +72,7 @@ fn fleet(n: usize) -> Vec<Host> {
                 load: Some((rng.next() % 100) as f64 / 100.0),
                 used: Usage::default(),
                 groups: HashSet::new(),
+                shared_storage: None,
             }
         })
         .collect()

@@ -26,6 +26,55 @@ pub fn host(v: HostView) -> api::hosts::Host {
         vm_count: v.vm_count.map(|n| n as u64),
         cordoned: v.cordoned,
         labels: v.labels,
+        // A host the lease view does not track (revoked) holds no lease.
+        lease: v.lease.map_or(api::ha::LeaseState::Suspect, lease_state),
+        shared_storage: v.shared_storage,
+    }
+}
+
+/// A lease state for the API.
+pub fn lease_state(s: crate::ha::lease::HostState) -> api::ha::LeaseState {
+    use crate::ha::lease::HostState as S;
+    use api::ha::LeaseState as L;
+    match s {
+        S::Online => L::Online,
+        S::Suspect => L::Suspect,
+        S::LeaseExpired => L::LeaseExpired,
+        S::Fenced => L::Fenced,
+        S::Returning => L::Returning,
+        S::Maintenance => L::Maintenance,
+    }
+}
+
+/// Why the server is held, for the API.
+pub fn held(h: &crate::fleet::Held) -> api::ha::Held {
+    api::ha::Held {
+        since_ms: h.since_ms,
+        silent: h.silent as u64,
+        monitored: h.monitored as u64,
+    }
+}
+
+/// One VM of a fenced host, for the API.
+pub fn fenced_vm(
+    id: novacron_shared::ids::VmId,
+    name: String,
+    host: novacron_shared::ids::HostId,
+    s: &crate::fleet::VmHa,
+) -> api::ha::FencedVm {
+    use crate::fleet::VmHaState as S;
+    use api::ha::VmHaState as A;
+    api::ha::FencedVm {
+        id,
+        name,
+        host,
+        state: match s.state {
+            S::Restarting => A::Restarting,
+            S::Waiting => A::Waiting,
+            S::Lost => A::Lost,
+        },
+        why: s.why.clone(),
+        since_ms: s.since_ms,
     }
 }
 
@@ -97,8 +146,25 @@ fn rules_out(r: PlacementRules) -> api::vms::PlacementRules {
 
 /// A VM with what its host last reported.
 pub fn vm(v: VmView) -> api::vms::Vm {
+    let epoch = v.record.vm.epoch;
+    let name = v.record.vm.spec.name.clone();
+    let host = v.record.host();
     let mut out = vm_record(v.record);
     out.observed = v.observed;
+    out.ha = v.ha.map(|h| api::ha::VmHa {
+        epoch,
+        restarts: u64::from(h.history.restarts),
+        last_restart_ms: h.history.last_restart.as_ref().map(|r| r.at_ms),
+        last_restart_from: h.history.last_restart.as_ref().map(|r| r.from),
+        fenced: h.status.as_ref().map(|s| {
+            fenced_vm(
+                out.vm.id,
+                name.clone(),
+                host.unwrap_or(novacron_shared::ids::HostId(0)),
+                s,
+            )
+        }),
+    });
     out
 }
 
@@ -111,6 +177,7 @@ pub fn vm_record(r: VmRecord) -> api::vms::Vm {
         rules: rules_out(r.rules),
         created_ms: r.created_ms,
         observed: None,
+        ha: None,
     }
 }
 
@@ -195,6 +262,7 @@ pub fn event(e: &FleetEvent) -> api::events::Event {
             EventKind::Vm => api::events::EventKind::Vm,
             EventKind::Host => api::events::EventKind::Host,
             EventKind::Operation => api::events::EventKind::Operation,
+            EventKind::Ha => api::events::EventKind::Ha,
         },
         at_ms: e.at_ms,
         host: e.host,

@@ -166,6 +166,27 @@ fn doc(route: &Route, c: &mut Components) -> OpDoc {
             202,
             json_content(c.add::<api::operations::OperationAccepted>()),
         ),
+        Op::SetMaintenance => (
+            "Put a host into maintenance (never fenced, its VMs never restarted elsewhere) or take it out",
+            vec![],
+            c.body::<api::ha::SetMaintenance>(),
+            200,
+            json_content(c.add::<api::hosts::Host>()),
+        ),
+        Op::GetHa => (
+            "High availability: every host's lease, the VMs of fenced hosts (restarting, waiting or lost) and the mass-failure guard",
+            vec![],
+            None,
+            200,
+            json_content(c.add::<api::ha::HaOverview>()),
+        ),
+        Op::ReleaseHa => (
+            "Leave held now: the HA VMs of every fenced host are restarted elsewhere (only when those hosts are known to be down)",
+            vec![],
+            c.body::<api::Empty>(),
+            200,
+            json_content(c.add::<api::ha::HaOverview>()),
+        ),
         Op::GetHostVms => ("A host's VMs: desired, observed, the last reconcile report and recent events", vec![], None, 200, json_content(c.add::<api::hosts::HostVms>())),
         Op::PutHostVms => (
             "Replace a host's desired VMs",

@@ -61,6 +61,14 @@ pub(super) async fn handle(api: &Api, call: Call) -> Result<Resp, ApiError> {
                 },
             )
         }
+        Op::SetMaintenance => {
+            let body: novacron_api::ha::SetMaintenance = read_json(call.req).await?;
+            match api.fleet.set_maintenance(id, body.maintenance) {
+                Ok(()) => show(api, id),
+                Err(crate::fleet::HaError::UnknownHost(_)) => Err(no_host(id)),
+                Err(e) => Err(ApiError::internal(&e)),
+            }
+        }
         Op::GetHostVms => match api.fleet.host_vms(id).map_err(|e| ApiError::internal(&e))? {
             Some(v) => reply(StatusCode::OK, &convert::host_vms(v)),
             None => Err(no_host(id)),

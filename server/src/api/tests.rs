@@ -35,6 +35,15 @@ const TOKEN: &str = "nca_test_admin";
 /// An API over a fresh store with one admin token, writing its audit
 /// entries to `audit` (the store itself when `None`), served on loopback.
 async fn serve(dir: &std::path::Path, audit: Option<Arc<dyn AuditSink>>) -> (ApiClient, Store) {
+    let (api, store, _) = serve_fleet(dir, audit).await;
+    (api, store)
+}
+
+/// [`serve`], also returning the fleet behind the API.
+async fn serve_fleet(
+    dir: &std::path::Path,
+    audit: Option<Arc<dyn AuditSink>>,
+) -> (ApiClient, Store, Arc<Fleet>) {
     std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
     let store = Store::open(&dir.join("db.redb")).unwrap_or_else(|e| panic!("{e}"));
     let hash = crate::secrets::hash(TOKEN);
@@ -59,7 +68,7 @@ async fn serve(dir: &std::path::Path, audit: Option<Arc<dyn AuditSink>>) -> (Api
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let audit = audit.unwrap_or_else(|| Arc::new(store.clone()));
-    let api = Api::with_audit(fleet, store.clone(), audit, ApiConfig::default(), clock);
+    let api = Api::with_audit(fleet.clone(), store.clone(), audit, ApiConfig::default(), clock);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -68,6 +77,7 @@ async fn serve(dir: &std::path::Path, audit: Option<Arc<dyn AuditSink>>) -> (Api
     (
         ApiClient::new(novacron_api::client::ApiUrl::plain(addr), Some(TOKEN.into())),
         store,
+        fleet,
     )
 }
 
@@ -168,4 +178,97 @@ async fn a_wrong_method_gets_405_with_allow() {
     assert!(head.starts_with("http/1.1 405"), "{reply}");
     assert!(head.contains("\r\nallow: post, get\r\n"), "{reply}");
     assert!(reply.contains("\"code\":\"method_not_allowed\""), "{reply}");
+}
+
+/// `/v1/ha` shows the lease timing and the guard; releasing is for admins
+/// and reaches the HA driver's channel; maintenance reaches the lease view.
+#[tokio::test]
+async fn ha_overview_release_and_maintenance() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (api, store, fleet) = serve_fleet(tmp.path(), None).await;
+    let operator = "nca_test_operator";
+    store
+        .put_api_token(
+            &crate::secrets::hash(operator),
+            &ApiTokenRecord {
+                name: "op".into(),
+                role: Role::Operator,
+                created_ms: 0,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let as_operator = ApiClient::new(api.base().clone(), Some(operator.into()));
+
+    let v = api
+        .call(Method::GET, "/v1/ha", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let timing = fleet.ha_config().timing();
+    assert_eq!(v["guard"], "normal");
+    assert_eq!(v["enabled"], true);
+    assert_eq!(v["lease_ms"], timing.lease.as_millis() as u64);
+    assert_eq!(v["fenced_after_ms"], timing.fenced_after().as_millis() as u64);
+
+    let mut releases = fleet.release_requests();
+    releases.borrow_and_update();
+    let refused = as_operator
+        .call(Method::POST, "/v1/ha/release", Some(json!({})))
+        .await;
+    assert_eq!(refused.map_err(refusal).err().map(|r| r.0), Some(403));
+    assert!(
+        !releases.has_changed().unwrap_or(true),
+        "a refused release reaches nobody"
+    );
+    api.call(Method::POST, "/v1/ha/release", Some(json!({})))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        releases.has_changed().unwrap_or(false),
+        "the driver is asked to release"
+    );
+
+    let unknown = "/v1/hosts/00000000-0000-0000-0000-000000000009/maintenance";
+    let r = as_operator
+        .call(Method::POST, unknown, Some(json!({"maintenance": true})))
+        .await;
+    assert_eq!(r.map_err(refusal).err().map(|r| r.0), Some(404));
+    let h = crate::store::HostRecord {
+        id: novacron_shared::ids::HostId(1),
+        name: "h1".into(),
+        addresses: vec![],
+        capacity: Default::default(),
+        agent_version: "0".into(),
+        first_seen_ms: 0,
+        last_seen_ms: 0,
+        state: crate::store::HostState::Offline,
+        cert_serial: "1".into(),
+        cert_not_after: 0,
+    };
+    store.put_hosts(&[h]).unwrap_or_else(|e| panic!("{e}"));
+    let path = "/v1/hosts/00000000-0000-0000-0000-000000000001/maintenance";
+    let bad = as_operator
+        .call(Method::POST, path, Some(json!({"maintenance": "yes"})))
+        .await;
+    assert_eq!(bad.map_err(refusal).err().map(|r| r.0), Some(400));
+    as_operator
+        .call(Method::POST, path, Some(json!({"maintenance": true})))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    fleet
+        .tick_leases(fleet.clock().now())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let host = api
+        .call(
+            Method::GET,
+            "/v1/hosts/00000000-0000-0000-0000-000000000001",
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(host["lease"], "maintenance", "{host}");
+    let v = api
+        .call(Method::GET, "/v1/ha", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(v["hosts"][0]["lease"], "maintenance", "{v}");
 }

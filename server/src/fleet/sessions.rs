@@ -8,7 +8,10 @@
 //! session table maps host ids to the live connection so that a newer
 //! connection replaces an older one and a revocation closes it at once.
 //! Liveness is counted on the monotonic clock from the last frame
-//! ([`Liveness`]).
+//! ([`Liveness`]). After the welcome a session gets the HA lease terms,
+//! then its desired state; every frame is recorded in the HA part's lease
+//! view, which decides whether a heartbeat is acknowledged
+//! (`Fleet::ha_heard`).
 //!
 //! Owns: the session table, the revocation cache, the join and host status
 //! queues. Must not touch: VM placement (the [`super::vms`] part) or
@@ -128,6 +131,28 @@ impl LiveSession {
         lock(&self.inventory).clone()
     }
 
+    /// The shared storage the latest inventory reports.
+    pub fn shared_storage(&self) -> Option<String> {
+        lock(&self.inventory)
+            .as_ref()
+            .and_then(|i| i.shared_storage.clone())
+    }
+
+    /// Whether the agent is reconciled to `generation`: its latest
+    /// reconcile report answers it and is converged, and its latest
+    /// inventory holds none of the `departed` VMs.
+    pub fn reconciled(&self, generation: u64, departed: &[novacron_shared::protocol::Departed]) -> bool {
+        let converged = lock(&self.report)
+            .as_ref()
+            .is_some_and(|r| r.generation == generation && r.converged);
+        converged
+            && lock(&self.inventory).as_ref().is_some_and(|i| {
+                departed
+                    .iter()
+                    .all(|d| !i.vms.iter().any(|o| o.uuid == d.vm.to_string()))
+            })
+    }
+
     /// The migration URI of the latest inventory.
     pub fn migration_uri(&self) -> Option<String> {
         lock(&self.inventory)
@@ -177,6 +202,9 @@ pub struct LiveSession {
     pending: Mutex<HashMap<OpId, Pending>>,
 }
 
+/// Longest shared storage identity kept from an inventory (a pool path).
+const MAX_STORAGE_ID: usize = 1024;
+
 /// VM events kept per session for the API.
 const KEEP_VM_EVENTS: usize = 200;
 impl Fleet {
@@ -214,7 +242,8 @@ impl Fleet {
             .map(|r| {
                 let live = sessions.get(&r.id);
                 let cordoned = cordons.contains(&r.id);
-                view(r, live, cordoned)
+                let lease = self.lease_state(r.id);
+                view(r, live, cordoned, lease)
             })
             .collect())
     }
@@ -226,7 +255,7 @@ impl Fleet {
         };
         let cordoned = self.store.cordons()?.contains(&id);
         let sessions = self.lock_sessions();
-        Ok(Some(view(r, sessions.get(&id), cordoned)))
+        Ok(Some(view(r, sessions.get(&id), cordoned, self.lease_state(id))))
     }
 
     /// Revokes a host: its certificates are refused from now on and its
@@ -249,6 +278,7 @@ impl Fleet {
         if let Some(s) = self.lock_sessions().remove(&id) {
             close(&s.conn, ErrorCode::Revoked, "this host's certificate was revoked");
         }
+        self.ha_forget(id);
         tracing::info!(host_id = %id, serial = %rec.cert_serial, "host revoked");
         Ok(rec)
     }
@@ -429,9 +459,16 @@ impl Fleet {
             heartbeat_interval_ms: u32::try_from(self.policy.heartbeat_interval.as_millis()).unwrap_or(1000),
         });
         let mut wbuf = Vec::new();
+        self.ha_connected(host_id, self.clock.now());
         let mut greeting = framing::write_frame(&mut send, HANDSHAKE_VERSION, &welcome, &mut wbuf).await;
         if greeting.is_ok() {
-            // The desired state goes first, so the agent can converge at once.
+            // The lease terms come before the desired state and before any
+            // heartbeat ack (which is what grants the lease).
+            let terms = ServerMessage::LeaseTerms(self.ha_config().terms());
+            greeting = framing::write_frame(&mut send, version, &terms, &mut wbuf).await;
+        }
+        if greeting.is_ok() {
+            // The desired state goes next, so the agent can converge at once.
             match self.store.desired(host_id) {
                 Ok(Some(d)) => {
                     let msg = desired_message(d);
@@ -466,6 +503,7 @@ impl Fleet {
             close(&conn, code, &message);
         }
         if self.deregister(host_id, session.conn_id) {
+            self.ha_disconnected(host_id, self.clock.now());
             let _ = self.sessions.events.send(HostEvent::Disconnected {
                 id: host_id,
                 now_ms: self.clock.unix_ms(),
@@ -538,12 +576,20 @@ impl Fleet {
             }
             let now_ms = self.clock.unix_ms();
             session.last_seen_ms.store(now_ms, Ordering::Relaxed);
-            if lock(&session.liveness).frame(self.clock.now()) {
+            let now = self.clock.now();
+            if lock(&session.liveness).frame(now) {
                 let _ = self.sessions.events.send(HostEvent::Seen { id: host_id, now_ms });
             }
+            // Every frame counts for the lease; an ack renews it, so it is
+            // decided under the same lock, after the frame is recorded.
+            let may_ack = self.ha_heard(host_id, now);
             let reply = match msg {
-                AgentMessage::Heartbeat(hb) => {
+                AgentMessage::Heartbeat(hb) if may_ack => {
                     Some(ServerMessage::HeartbeatAck(HeartbeatAck { seq: hb.seq }))
+                }
+                AgentMessage::Heartbeat(hb) => {
+                    tracing::debug!(host_id = %host_id, seq = hb.seq, "heartbeat not acknowledged: the host is fenced or returning");
+                    None
                 }
                 AgentMessage::Inventory(mut inv) => {
                     // The migration URI is handed to other hosts' libvirtd and
@@ -567,8 +613,15 @@ impl Fleet {
                         id: host_id,
                         capacity: inv.capacity,
                     });
+                    if let Some(pool) = inv.shared_storage.as_deref() {
+                        if pool.is_empty() || pool.len() > MAX_STORAGE_ID || pool.chars().any(char::is_control) {
+                            warn_limited!(self.sessions.limiter, host_id = %host_id, "inventory's shared storage identity ignored (empty, control characters or too long)");
+                            inv.shared_storage = None;
+                        }
+                    }
                     tracing::debug!(host_id = %host_id, vms = inv.vms.len(), "inventory");
                     *session.inventory.lock().unwrap_or_else(|p| p.into_inner()) = Some(inv);
+                    self.bump_lease_changes();
                     None
                 }
                 AgentMessage::CommandResult(r) => {
@@ -620,6 +673,7 @@ impl Fleet {
                     }
                     *lock(&session.report) = Some(r);
                     self.sessions.reports.send_modify(|n| *n += 1);
+                    self.bump_lease_changes();
                     None
                 }
                 AgentMessage::Metrics(_) => Some(ServerMessage::Error(WireError {
@@ -675,7 +729,12 @@ impl Fleet {
     }
 }
 
-fn view(record: HostRecord, live: Option<&Arc<LiveSession>>, cordoned: bool) -> HostView {
+fn view(
+    record: HostRecord,
+    live: Option<&Arc<LiveSession>>,
+    cordoned: bool,
+    lease: Option<crate::ha::lease::HostState>,
+) -> HostView {
     let mut record = record;
     if let Some(s) = live {
         if let Some(inv) = s.inventory.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
@@ -699,6 +758,8 @@ fn view(record: HostRecord, live: Option<&Arc<LiveSession>>, cordoned: bool) -> 
         labels: live
             .and_then(|s| lock(&s.inventory).as_ref().map(|i| i.labels.clone()))
             .unwrap_or_default(),
+        shared_storage: live.and_then(|s| lock(&s.inventory).as_ref().and_then(|i| i.shared_storage.clone())),
+        lease,
         record,
     }
 }

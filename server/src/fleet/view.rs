@@ -1,9 +1,10 @@
 //! The read-only fleet view controllers read, and the action channel they
 //! write to.
 //!
-//! A controller (the HA controller, the burst broker and the alert
-//! evaluator, next; nothing but its tests uses it yet) takes a [`FleetView`] snapshot — hosts with
-//! liveness, capacity, cordon and labels; VMs with placement — decides, and
+//! A controller (the HA controller; the burst broker and the alert
+//! evaluator next) takes a [`FleetView`] snapshot — hosts with liveness,
+//! lease state, capacity, cordon, labels, shared storage and whether they
+//! are reconciled; VMs with placement, HA options and epoch — decides, and
 //! submits [`Action`]s through an [`ActionSender`]. One task runs the
 //! actions through the fleet's public operations, so a controller never
 //! holds a lock of the fleet or reaches into a part's state.
@@ -21,7 +22,8 @@ use novacron_shared::protocol::{Capacity, VmState};
 use novacron_shared::spec::Power;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Fleet, VmError};
+use super::{Fleet, HaError, VmError};
+use crate::ha::lease::HostState as LeaseState;
 use crate::store::{HostState, OperationRecord, StoreError, VmRecord};
 
 /// Actions queued before submitters wait.
@@ -45,6 +47,14 @@ pub struct HostSnapshot {
     pub cordoned: bool,
     /// Its agent's labels (empty while disconnected).
     pub labels: BTreeMap<String, String>,
+    /// Its lease state, as the last lease tick reported it.
+    pub lease: LeaseState,
+    /// The shared storage its agent reports (None: none, or disconnected).
+    pub shared_storage: Option<String>,
+    /// A session is open, its latest reconcile report answers the host's
+    /// current desired generation and is converged, and its latest
+    /// inventory shows none of the VMs that departed from it.
+    pub reconciled: bool,
 }
 
 impl HostSnapshot {
@@ -69,6 +79,18 @@ pub struct VmSnapshot {
     pub observed: Option<VmState>,
     /// The target of a live migration under way.
     pub migrating_to: Option<HostId>,
+    /// Restarted elsewhere when its host is fenced.
+    pub ha: bool,
+    /// Higher restarts first.
+    pub ha_priority: u8,
+    /// Recreated from its template on restart (its disks are not kept).
+    pub ephemeral: bool,
+    /// It has disks.
+    pub has_disks: bool,
+    /// Raised by one on every restart elsewhere.
+    pub epoch: u64,
+    /// Created, Unix ms.
+    pub created_ms: u64,
 }
 
 /// A snapshot of the fleet at one moment.
@@ -125,6 +147,22 @@ pub enum Action {
         /// The state.
         power: Power,
     },
+    /// Restart an HA VM of a fenced host elsewhere, if it is still on
+    /// `from` at `epoch` (see [`Fleet::restart_vm`]).
+    Restart {
+        /// The VM.
+        vm: VmId,
+        /// The fenced host it is on.
+        from: HostId,
+        /// The epoch the controller saw.
+        epoch: u64,
+    },
+    /// A returning host reconciled: clear its departed VMs, let it get a
+    /// lease again (see [`Fleet::returned_clean`]).
+    ReturnedClean {
+        /// The host.
+        host: HostId,
+    },
 }
 
 /// How an action ended.
@@ -136,6 +174,8 @@ pub enum Outcome {
     Vm(Box<VmRecord>),
     /// A host's cordon was set.
     Cordoned,
+    /// A returning host was cleared.
+    Returned,
 }
 
 /// An action was not carried out.
@@ -150,6 +190,9 @@ pub enum ActionError {
     /// The fleet refused it.
     #[error(transparent)]
     Refused(#[from] VmError),
+    /// The HA part refused it.
+    #[error(transparent)]
+    Ha(#[from] HaError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -224,6 +267,11 @@ fn apply(f: &Arc<Fleet>, action: Action, actor: &str) -> Result<Outcome, ActionE
             Outcome::Cordoned
         }
         Action::SetPower { vm, power } => Outcome::Vm(Box::new(f.set_power(vm, power)?)),
+        Action::Restart { vm, from, epoch } => Outcome::Vm(Box::new(f.restart_vm(vm, from, epoch)?)),
+        Action::ReturnedClean { host } => {
+            f.returned_clean(host)?;
+            Outcome::Returned
+        }
     })
 }
 
@@ -233,7 +281,10 @@ impl Fleet {
         let at = self.clock.now();
         let at_ms = self.clock.unix_ms();
         let cordons = self.store.cordons()?;
+        let generations = self.store.generations()?;
+        let departed = self.store.all_departed()?;
         let sessions = self.live_sessions();
+        let leases = self.lease_states();
         let migrating: HashMap<VmId, HostId> = self
             .store
             .migrations()?
@@ -247,6 +298,11 @@ impl Fleet {
             .map(|h| {
                 let live = sessions.get(&h.id);
                 let inv = live.and_then(|s| s.capacity_labels());
+                let reconciled = live.is_some_and(|s| {
+                    let generation = generations.get(&h.id).copied().unwrap_or(0);
+                    let gone = departed.get(&h.id).map_or(&[][..], Vec::as_slice);
+                    s.reconciled(generation, gone)
+                });
                 HostSnapshot {
                     id: h.id,
                     name: h.name,
@@ -255,6 +311,9 @@ impl Fleet {
                     capacity: inv.as_ref().map_or(h.capacity, |i| i.0),
                     cordoned: cordons.contains(&h.id),
                     labels: inv.map(|i| i.1).unwrap_or_default(),
+                    lease: leases.get(&h.id).copied().unwrap_or(LeaseState::Suspect),
+                    shared_storage: live.and_then(|s| s.shared_storage()),
+                    reconciled,
                 }
             })
             .collect();
@@ -272,6 +331,12 @@ impl Fleet {
                 vms.push(VmSnapshot {
                     id: r.vm.id,
                     migrating_to: migrating.get(&r.vm.id).copied(),
+                    ha: r.vm.spec.ha,
+                    ha_priority: r.vm.spec.ha_priority,
+                    ephemeral: r.vm.spec.ephemeral,
+                    has_disks: !r.vm.spec.disks.is_empty(),
+                    epoch: r.vm.epoch,
+                    created_ms: r.created_ms,
                     name: r.vm.spec.name,
                     placement: r.placement,
                     power: r.vm.power,

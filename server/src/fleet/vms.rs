@@ -47,6 +47,9 @@ pub enum VmError {
     /// A host involved is not connected.
     #[error("{0}")]
     NotConnected(String),
+    /// A restart planned from an older view: the VM changed since.
+    #[error("restart refused: {0}")]
+    Stale(crate::store::RestartRefusal),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -152,6 +155,15 @@ impl Placer {
         }
     }
 
+    /// The commit of a reserved move of a stored VM (a restart) failed:
+    /// the reservation counted it on its new host, so the index is built
+    /// afresh from the store.
+    pub(super) fn unreserve_moved(&self, id: VmId) {
+        let mut st = lock(&self.state);
+        st.reserved.remove(&id);
+        st.usage = None;
+    }
+
     /// A VM was deleted.
     pub(super) fn forget(&self, id: VmId) {
         if let Some(idx) = lock(&self.state).usage.as_mut() {
@@ -192,6 +204,7 @@ impl Fleet {
                     load: self.metrics.get().and_then(|m| m.host_load(h.id)),
                     used: scheduler::Usage::default(),
                     groups: HashSet::new(),
+                    shared_storage: live.and_then(|s| s.shared_storage()),
                 }
             })
             .collect())
@@ -225,7 +238,20 @@ impl Fleet {
                 return Err(VmError::Invalid(format!("placement.host: no host with id {pin}")));
             }
         }
-        let r = request_for(&req.spec, &req.placement);
+        let mut r = request_for(&req.spec, &req.placement);
+        let on_shared = req.spec.ha && !req.spec.ephemeral && !req.spec.disks.is_empty();
+        if on_shared {
+            if !hosts.iter().any(|h| h.shared_storage.is_some()) {
+                return Err(VmError::Invalid(format!(
+                    "VM {:?} is HA with disks, but no host reports shared storage, so its disks could not \
+                     follow it to another host: set vms.storage_shared = true in the agents' config \
+                     (on a pool every host mounts at the same path), or make the VM ephemeral: true \
+                     (recreated from its template on restart, losing its disks' contents)",
+                    req.spec.name
+                )));
+            }
+            r.shared_storage = Some(scheduler::SharedStorageNeed::Any);
+        }
         let created_ms = self.clock.unix_ms();
         // The claim is reserved under the placement lock; the commit runs
         // outside it, so placements do not queue behind fsyncs.
@@ -263,6 +289,13 @@ impl Fleet {
             }
         };
         let host = rec.host();
+        if on_shared {
+            // Where its disks live: a restart elsewhere needs the same pool.
+            let pool = host.and_then(|h| self.live(h)).and_then(|s| s.shared_storage());
+            if let Err(e) = self.store.set_vm_storage(rec.vm.id, pool) {
+                tracing::error!(vm = %rec.vm.spec.name, error = %e, "cannot record the VM's shared storage");
+            }
+        }
         tracing::info!(vm = %rec.vm.spec.name, id = %rec.vm.id, host = ?host, "VM placed");
         if let Some(h) = host {
             self.bus.vm(
@@ -330,9 +363,23 @@ impl Fleet {
         let observed = host
             .and_then(|h| self.live(h))
             .and_then(|s| s.observed(rec.vm.id));
+        let status = self.ha_status().vms.get(&rec.vm.id).cloned();
+        let ha = if rec.vm.spec.ha || status.is_some() {
+            let history = match self.store.ha_vm(rec.vm.id) {
+                Ok(h) => h.unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(vm = %rec.vm.id, error = %e, "cannot read a VM's HA history");
+                    Default::default()
+                }
+            };
+            Some(super::VmHaView { history, status })
+        } else {
+            None
+        };
         VmView {
             record: rec,
             observed,
+            ha,
         }
     }
 
@@ -386,6 +433,7 @@ mod tests {
             load: None,
             used: scheduler::Usage::default(),
             groups: HashSet::new(),
+            shared_storage: None,
         }
     }
 

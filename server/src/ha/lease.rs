@@ -110,6 +110,16 @@ pub enum LeaseError {
     },
 }
 
+/// What the store remembers of a host across server restarts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// An operator put it into maintenance.
+    pub maintenance: bool,
+    /// It was declared fenced and has not been reported reconciled since:
+    /// it comes back as returning, never straight to online.
+    pub must_return: bool,
+}
+
 /// The timing the server's lease view runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeasePolicy {
@@ -209,6 +219,50 @@ impl HostLeases {
         }
     }
 
+    /// Like [`HostLeases::new`], each known host with the flags the store
+    /// kept for it (maintenance, declared fenced and not yet returned).
+    pub fn restored(
+        policy: LeasePolicy,
+        known: impl IntoIterator<Item = (HostId, Restored)>,
+        now: Instant,
+    ) -> Self {
+        let known: Vec<(HostId, Restored)> = known.into_iter().collect();
+        let mut l = Self::new(policy, known.iter().map(|(h, _)| *h), now);
+        for (id, r) in known {
+            if let Some(h) = l.hosts.get_mut(&id) {
+                h.maintenance = r.maintenance;
+                h.must_return = r.must_return;
+            }
+        }
+        l
+    }
+
+    /// Whether a heartbeat from `host` may be acknowledged at `now` (which
+    /// would renew its lease): the host is known, the last tick did not
+    /// report it fenced, a tick at `now` would call it neither fenced nor
+    /// returning, and it is not waiting to return (not even in maintenance;
+    /// [`HostLeases::returned_clean`] ends the wait). Reports nothing.
+    pub fn may_ack(&self, host: HostId, now: Instant) -> bool {
+        let Some(h) = self.hosts.get(&host) else {
+            return false;
+        };
+        let derived = self.rules.derive(h, now);
+        !h.must_return
+            && h.reported != HostState::Fenced
+            && !matches!(derived, HostState::Fenced | HostState::Returning)
+    }
+
+    /// Whether `host` was declared fenced and is not reported reconciled
+    /// since (what the store keeps across restarts).
+    pub fn must_return(&self, host: HostId) -> bool {
+        self.hosts.get(&host).is_some_and(|h| h.must_return)
+    }
+
+    /// Whether `host` is in maintenance.
+    pub fn in_maintenance(&self, host: HostId) -> bool {
+        self.hosts.get(&host).is_some_and(|h| h.maintenance)
+    }
+
     /// How long after the last frame a host counts as fenced.
     pub fn fenced_after(&self) -> Duration {
         self.rules.fenced_after
@@ -243,6 +297,12 @@ impl HostLeases {
     pub fn heard(&mut self, host: HostId, now: Instant) {
         let h = self.hosts.entry(host).or_insert_with(Host::unheard);
         h.last_heard = Some(h.last_heard.map_or(now, |t| t.max(now)));
+    }
+
+    /// Tracks `host` (enrolled while the server runs) as not heard yet, if
+    /// it is not tracked already; records no frame.
+    pub fn track(&mut self, host: HostId) {
+        self.hosts.entry(host).or_insert_with(Host::unheard);
     }
 
     /// `host` opened a session at `now` (its hello counts as a frame).

@@ -11,12 +11,14 @@
 //!
 //! Owns: the per-host lease view ([`lease`]), the mass-failure guard
 //! ([`guard`]) and the HA controller ([`controller`]), which decides which
-//! VMs of fenced hosts restart elsewhere. All pure: no I/O, no clock reads
-//! (`now` is passed in), no store, no sessions. Must not touch: the session
-//! loop, the link or the store; the fleet feeds the lease view and carries
-//! the controller's decisions out (the driver that connects them comes with
-//! the fleet's wiring).
+//! VMs of fenced hosts restart elsewhere — all pure: no I/O, no clock reads
+//! (`now` is passed in), no store, no sessions — and the [`driver`], the
+//! one task that runs them against the live fleet (it ticks the fleet's
+//! lease view, which the session loop feeds, reads the fleet view, and acts
+//! only through the fleet's action channel). Must not touch: the session
+//! loop, the link or the store directly.
 
 pub mod controller;
+pub mod driver;
 pub mod guard;
 pub mod lease;

@@ -65,7 +65,7 @@ pub struct DesiredRecord {
     #[serde(default)]
     pub migrating: Vec<VmId>,
     /// HA VMs restarted elsewhere while this host was fenced: its agent
-    /// removes them (not wired yet: the HA controller fills it).
+    /// removes them; cleared when the host is reported reconciled.
     #[serde(default)]
     pub departed: Vec<novacron_shared::protocol::Departed>,
 }
@@ -248,12 +248,25 @@ impl Store {
                 migrating.push(c.vm);
             }
         }
+        let departed = super::ha::departed_in(&tx.open_table(super::ha::DEPARTED)?, id)?;
         Ok(Some(DesiredRecord {
             generation,
             vms: out,
             migrating,
-            departed: Vec::new(),
+            departed,
         }))
+    }
+
+    /// Every host's desired-state generation (hosts never given one are absent).
+    pub fn generations(&self) -> Result<std::collections::HashMap<HostId, u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(HOST_GENERATION)?;
+        let mut out = std::collections::HashMap::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.insert(HostId(k.value()), v.value());
+        }
+        Ok(out)
     }
 
     /// Replaces the VMs placed on `host` with `vms` (pinned there), in one
@@ -320,6 +333,7 @@ impl Store {
     pub fn delete_vm(&self, id: VmId) -> Result<Option<VmRecord>, StoreError> {
         let tx = self.db.begin_write()?;
         let old = remove_vm(&tx, id.0)?;
+        super::ha::forget_vm(&tx, id)?;
         if let Some(h) = old.as_ref().and_then(VmRecord::host) {
             bump_generation(&tx, h)?;
         }

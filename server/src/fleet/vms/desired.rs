@@ -45,6 +45,18 @@ impl Fleet {
                 problems.push(format!("vms[{i}]: the name {:?} is used twice", v.spec.name));
             }
         }
+        // An HA VM's disks must be where it can restart: on shared storage.
+        let pool = self.live(host).map(|s| s.shared_storage());
+        for (i, v) in vms.iter().enumerate() {
+            let on_shared = v.spec.ha && !v.spec.ephemeral && !v.spec.disks.is_empty();
+            if on_shared && matches!(pool, Some(None)) {
+                problems.push(format!(
+                    "vms[{i}]: {:?} is HA with disks, but host {host} reports no shared storage: set \
+                     vms.storage_shared = true in its agent's config, or make the VM ephemeral: true",
+                    v.spec.name
+                ));
+            }
+        }
         if !problems.is_empty() {
             return Err(DesiredError::Invalid(problems.join("; ")));
         }
@@ -54,33 +66,46 @@ impl Fleet {
             .map(|d| d.vms.into_iter().map(|v| (v.spec.name.clone(), v)).collect())
             .unwrap_or_default();
         let now = self.clock.unix_ms();
-        let records = vms
-            .into_iter()
-            .map(|r| {
-                let prev = old.get(&r.spec.name);
-                let id = r.id.or(prev.map(|p| p.id)).unwrap_or_else(VmId::random);
-                let unchanged = prev.filter(|p| p.id == id && p.spec == r.spec && p.power == r.power);
-                VmRecord {
-                    vm: DesiredVm {
-                        id,
-                        op_id: unchanged.map_or_else(OpId::random, |p| p.op_id),
-                        spec: r.spec,
-                        power: r.power,
-                        epoch: 0,
-                    },
-                    placement: Placement::Host(host),
-                    rules: PlacementRules {
-                        host: Some(host),
-                        ..PlacementRules::default()
-                    },
-                    created_ms: now,
-                }
-            })
-            .collect();
+        let mut records = Vec::with_capacity(vms.len());
+        for r in vms {
+            let prev = old.get(&r.spec.name);
+            let id = r.id.or(prev.map(|p| p.id)).unwrap_or_else(VmId::random);
+            let unchanged = prev.filter(|p| p.id == id && p.spec == r.spec && p.power == r.power);
+            // An epoch never goes back: agents refuse a VM of an older
+            // epoch than one they have seen (a restart elsewhere raised it).
+            let epoch = match prev.filter(|p| p.id == id) {
+                Some(p) => p.epoch,
+                None => self.store.vm(id)?.map_or(0, |v| v.vm.epoch),
+            };
+            records.push(VmRecord {
+                vm: DesiredVm {
+                    id,
+                    op_id: unchanged.map_or_else(OpId::random, |p| p.op_id),
+                    spec: r.spec,
+                    power: r.power,
+                    epoch,
+                },
+                placement: Placement::Host(host),
+                rules: PlacementRules {
+                    host: Some(host),
+                    ..PlacementRules::default()
+                },
+                created_ms: now,
+            });
+        }
         let rec = self.store.replace_host_vms(host, records);
         // Rebuilt at the next placement.
         self.placer.invalidate();
         let rec = rec?.map_err(|e| DesiredError::Invalid(e.to_string()))?;
+        if let Some(Some(pool)) = pool {
+            for v in rec
+                .vms
+                .iter()
+                .filter(|v| v.spec.ha && !v.spec.ephemeral && !v.spec.disks.is_empty())
+            {
+                self.store.set_vm_storage(v.id, Some(pool.clone()))?;
+            }
+        }
         self.send_to(host, desired_message(rec.clone()));
         Ok(rec)
     }

@@ -493,3 +493,84 @@ fn a_shrunk_wait_lets_fenced_come_first_so_the_check_can_fail() {
     assert!(!timing.is_safe_for(naive, 0));
     assert!(!agent_fences_first(timing, naive, t_real, t_real, 0, 0));
 }
+
+#[test]
+fn acks_are_withheld_from_fenced_and_returning_hosts() {
+    let (mut l, t) = online_past_grace();
+    assert!(l.may_ack(A, t), "an online host is acknowledged");
+    assert!(!l.may_ack(B, t), "a forgotten host is not");
+    // Silent for W: a tick at that instant would call it fenced, so a
+    // heartbeat checked there (before any tick ran) is not acknowledged.
+    let w = t + l.fenced_after();
+    assert!(l.may_ack(A, w - MS));
+    assert!(!l.may_ack(A, w), "fenced by the rules, not yet reported");
+    assert_eq!(l.state(A), Some(Online), "may_ack reports nothing");
+    assert_eq!(moves(&mut l, w), vec![(A, Online, Fenced)]);
+    assert!(!l.may_ack(A, w));
+    // Heard again: returning, still no ack, before and after a tick.
+    l.heard(A, w + MS);
+    assert!(!l.may_ack(A, w + MS));
+    assert_eq!(moves(&mut l, w + MS), vec![(A, Fenced, Returning)]);
+    assert!(!l.may_ack(A, w + MS));
+    // In maintenance it still waits for the controller.
+    l.set_maintenance(A, true).unwrap();
+    assert!(!l.may_ack(A, w + MS));
+    l.set_maintenance(A, false).unwrap();
+    l.returned_clean(A).unwrap();
+    assert!(l.may_ack(A, w + 2 * MS), "reconciled: acks resume");
+    assert_eq!(moves(&mut l, w + 2 * MS), vec![(A, Returning, Online)]);
+}
+
+#[test]
+fn restored_flags_come_back_as_returning_and_maintenance() {
+    let t0 = base();
+    let flags = [
+        (
+            A,
+            Restored {
+                maintenance: false,
+                must_return: true,
+            },
+        ),
+        (
+            B,
+            Restored {
+                maintenance: true,
+                must_return: false,
+            },
+        ),
+    ];
+    let mut l = HostLeases::restored(policy(), flags, t0);
+    assert!(l.must_return(A) && !l.must_return(B));
+    assert!(l.in_maintenance(B) && !l.in_maintenance(A));
+    l.connected(A, t0);
+    l.connected(B, t0);
+    assert!(
+        !l.may_ack(A, t0),
+        "declared fenced in an earlier run: no lease yet"
+    );
+    assert!(l.may_ack(B, t0));
+    let mut got = moves(&mut l, t0);
+    got.sort_by_key(|m| m.0);
+    assert_eq!(got, vec![(A, Suspect, Returning), (B, Suspect, Maintenance)]);
+    l.returned_clean(A).unwrap();
+    assert!(!l.must_return(A));
+    assert!(l.may_ack(A, t0));
+    // The same hosts through `new` carry no flags.
+    let mut plain = HostLeases::new(policy(), [A, B], t0);
+    plain.connected(A, t0);
+    assert!(plain.may_ack(A, t0));
+}
+
+#[test]
+fn a_tracked_host_is_known_but_not_heard() {
+    let t0 = base();
+    let mut l = HostLeases::new(policy(), [], t0);
+    l.track(A);
+    assert_eq!(l.state(A), Some(Suspect));
+    assert_eq!(l.last_heard(A), None, "tracking records no frame");
+    l.connected(A, t0);
+    l.track(A);
+    assert_eq!(l.last_heard(A), Some(t0), "tracking a known host changes nothing");
+    assert!(l.may_ack(A, t0));
+}
