@@ -119,6 +119,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     cfg.quic.listen = args.quic;
     cfg.api.listen = args.api;
+    // One host of three may fail without holding (see the module header).
+    cfg.ha.mass_failure_ratio = 0.5;
     cfg.validate()?;
     let config_path = root.join("server.toml");
     std::fs::write(&config_path, toml::to_string(&cfg)?)?;
