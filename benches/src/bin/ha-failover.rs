@@ -66,9 +66,10 @@ struct Args {
 }
 
 /// The server's log lines the phases end at.
-const LOG_EXPIRED: &str = "lease expired";
-const LOG_FENCED: &str = "fenced";
+const LOG_EXPIRED: &str = "HA: host lease expired";
+const LOG_FENCED: &str = "HA: host is fenced";
 const LOG_RESTARTED: &str = "HA VM restarted elsewhere";
+const LOG_ONLINE: &str = "HA: host holds its lease again";
 
 /// One trial's instants (wall clock).
 #[derive(Debug, Clone, Copy)]
@@ -250,8 +251,8 @@ fn main() -> anyhow::Result<()> {
         poll("the returning host to drop its copy", trial_timeout, || {
             Ok(domstate(&back, &vm).is_none().then_some(()))
         })?;
-        poll("the returning host to be online again", trial_timeout, || {
-            Ok((server.host(&host_id)["ha"]["state"] == "online").then_some(()))
+        poll("the returning host to hold a lease again", trial_timeout, || {
+            Ok(host_line(&server, &host_id, &[LOG_ONLINE], t.fenced).map(|_| ()))
         })?;
         on = to;
     }
