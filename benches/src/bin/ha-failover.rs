@@ -40,7 +40,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context};
 use clap::Parser;
 use novacron_bench::{machine_description, ms, Summary};
-use novacron_e2e::{boot_count, domstate, first_log_time, Agent, HaBed, Server};
+use novacron_e2e::{boot_count, domstate, Agent, HaBed, Server};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -104,13 +104,13 @@ fn poll<T>(
     }
 }
 
-/// A line of the server's logs naming `host` (its id) with `words`, at or
-/// after `after`.
-fn host_line(server: &Server, host: &str, words: &[&str], after: SystemTime) -> Option<SystemTime> {
+/// The time of the first line of the server's logs naming `id` (a host's
+/// or a VM's) with `words`, at or after `after`.
+fn host_line(server: &Server, id: &str, words: &[&str], after: SystemTime) -> Option<SystemTime> {
     server
         .logs()
         .lines()
-        .filter(|l| l.contains(host) && words.iter().all(|w| l.contains(w)))
+        .filter(|l| l.contains(id) && words.iter().all(|w| l.contains(w)))
         .filter_map(novacron_e2e::log_time)
         .find(|t| *t >= after)
 }
@@ -213,9 +213,8 @@ fn main() -> anyhow::Result<()> {
         let marker = poll("the boot marker on the new host", trial_timeout, || {
             Ok((boot_count(&console(to)) > boots[to]).then(SystemTime::now))
         })?;
-        let logs = server.logs();
         let placed =
-            first_log_time(&logs, &[LOG_RESTARTED, &vm]).context("no restart line in the server log")?;
+            host_line(&server, &vm, &[LOG_RESTARTED], loss).context("no restart line in the server log")?;
         let expired = host_line(&server, &host_id, &[LOG_EXPIRED], loss)
             .with_context(|| format!("no '{LOG_EXPIRED}' line for host {host_id} in the server log"))?;
         let fenced = host_line(&server, &host_id, &[LOG_FENCED], expired)
