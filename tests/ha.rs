@@ -417,6 +417,12 @@ fn a_host_that_loses_every_process_has_its_ha_guest_boot_elsewhere_and_its_other
     assert_ne!(to, from);
     let v = f.vm(&ha);
     assert_eq!(v["vm"]["epoch"], 1, "one restart, one epoch: {v}");
+    assert_eq!(v["ha"]["restarts"], 1, "{v}");
+    assert_eq!(
+        v["ha"]["last_restart_from"],
+        f.agents[from].host_id.as_str(),
+        "{v}"
+    );
     // The disk moved with it: the guest sees it.
     let console = std::fs::read_to_string(f.console(to, "ha-a")).unwrap();
     assert!(console.contains("NOVACRON-GUEST-DISKS vda"), "{console}");
@@ -427,9 +433,24 @@ fn a_host_that_loses_every_process_has_its_ha_guest_boot_elsewhere_and_its_other
         Duration::from_secs(60),
         || {
             let v = f.vm(&plain);
-            (v["ha"]["state"] == "lost").then_some(())
+            (v["ha"]["fenced"]["state"] == "lost").then_some(())
         },
     );
+    let overview = f.server.get("/v1/ha");
+    let listed = overview["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == plain.as_str())
+        .unwrap_or_else(|| panic!("GET /v1/ha lists the lost VM: {overview:#}"));
+    assert_eq!(listed["state"], "lost", "{overview:#}");
+    let lease = overview["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == f.agents[from].host_id.as_str())
+        .map(|h| h["lease"].clone());
+    assert_eq!(lease, Some(json!("fenced")), "{overview:#}");
     let v = f.vm(&plain);
     assert_eq!(f.index_of(v["host"].as_str().unwrap()), from, "never moved: {v}");
     assert_eq!(f.running_on(&plain, &[from]), Vec::<usize>::new());
@@ -488,10 +509,25 @@ fn a_cut_host_fences_its_ha_guest_before_the_server_restarts_it_and_keeps_no_cop
     );
     assert!(killed < unix_ms(restarted), "the agent fenced before the restart");
     assert!(destroyed < restarted, "QEMU was gone before the restart");
+    // The API's record of the restart says the same.
+    let v = f.vm(&ha);
+    let api_restart = v["ha"]["last_restart_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no restart time in the API: {v}"));
+    assert!(
+        killed < api_restart,
+        "fenced at {killed}, restarted at {api_restart}"
+    );
+    assert_eq!(v["ha"]["restarts"], 1, "{v}");
 
     // Back on the bridge: the host reconciles, its copy goes, acks resume.
     f.bed.restore(&x);
     f.server.wait_connected(&f.agents[from].host_id, true);
+    wait_for(
+        "the returning host to hold a lease again",
+        Duration::from_secs(60),
+        || (f.server.host(&f.agents[from].host_id)["lease"] == "online").then_some(()),
+    );
     wait_for(
         "the returning host to remove its copy",
         Duration::from_secs(60),
