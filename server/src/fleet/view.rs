@@ -278,6 +278,16 @@ fn apply(f: &Arc<Fleet>, action: Action, actor: &str) -> Result<Outcome, ActionE
 impl Fleet {
     /// A snapshot of the fleet for controllers.
     pub fn view(&self) -> Result<FleetView, StoreError> {
+        self.view_of(true)
+    }
+
+    /// The hosts only (`vms` empty): what a controller needs while no host
+    /// is fenced, without reading every VM.
+    pub fn view_hosts(&self) -> Result<FleetView, StoreError> {
+        self.view_of(false)
+    }
+
+    fn view_of(&self, with_vms: bool) -> Result<FleetView, StoreError> {
         let at = self.clock.now();
         let at_ms = self.clock.unix_ms();
         let cordons = self.store.cordons()?;
@@ -320,6 +330,9 @@ impl Fleet {
         let mut vms = Vec::new();
         let mut after = None;
         loop {
+            if !with_vms {
+                break;
+            }
             let page = self.store.vms(after, 4096)?;
             let Some(last) = page.last() else { break };
             after = Some(last.vm.id);

@@ -70,7 +70,14 @@ pub async fn run(fleet: Arc<Fleet>) {
             // nothing until its flag is stored (retried at every tick).
             Err(e) => tracing::error!(error = %e, "HA: cannot store a fenced host's flag; retrying"),
         }
-        let view = match fleet.view() {
+        // Every VM is read only while some host is fenced (the controller
+        // has VMs to restart or report); else the hosts are enough.
+        let fenced = fleet.lease_states().values().any(|s| *s == HostState::Fenced);
+        let view = match if fenced || !ctl.vms().is_empty() {
+            fleet.view()
+        } else {
+            fleet.view_hosts()
+        } {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "HA driver cannot read the fleet view; retrying");
