@@ -371,8 +371,20 @@ async fn kill_host(
         std::collections::HashMap::new();
     let mut lost: std::collections::HashSet<String> = std::collections::HashSet::new();
     let deadline = Duration::from_secs(60);
+    let mut lease = String::from("online");
     loop {
         let elapsed = clock.since(t0);
+        let h = api
+            .call(hyper::Method::GET, &format!("/v1/hosts/{host}"), None)
+            .await?;
+        if let Some(l) = h["lease"].as_str().filter(|l| *l != lease) {
+            lease = l.to_string();
+            println!(
+                "  {name}: lease {} after {:.1}s",
+                lease.replace('_', " "),
+                elapsed.as_secs_f64()
+            );
+        }
         for (id, vm_name, is_ha) in &on_host {
             let v = api
                 .call(hyper::Method::GET, &format!("/v1/vms/{id}"), None)
@@ -393,7 +405,7 @@ async fn kill_host(
                     e.1 = Some(elapsed);
                     println!("  {vm_name}: running there after {:.1}s", elapsed.as_secs_f64());
                 }
-            } else if !lost.contains(id) && v["ha"]["state"] == "lost" {
+            } else if !lost.contains(id) && v["ha"]["fenced"]["state"] == "lost" {
                 lost.insert(id.clone());
                 println!(
                     "  {vm_name}: not HA, reported lost after {:.1}s (never moved)",
