@@ -648,3 +648,40 @@ fn an_agent_kill9_within_the_tolerance_moves_nothing() {
     assert!(!f.agents[on].logs().contains("HA fencing started"));
     assert!(!f.server.logs().contains("HA VM restarted elsewhere"));
 }
+
+/// `novacron-server demo --kill-host`: the demo's agent of a host running
+/// an HA VM is SIGKILLed once everything runs; the demo prints that host
+/// fenced, its HA VM placed on another host and running there, and its
+/// other VMs reported lost (libvirt test-driver hosts, no test bed).
+#[test]
+fn the_demo_kills_a_host_and_shows_its_ha_vm_running_elsewhere() {
+    let out = Command::new(novacron_e2e::bin("novacron-server"))
+        .args(["demo", "--agents", "3", "--kill-host", "--duration", "1s"])
+        .args(["--api", "127.0.0.1:0", "--quic", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = stdout
+        .split_once("HA: killing ")
+        .map(|(_, a)| a)
+        .unwrap_or_else(|| panic!("the demo killed no host: {stdout}"));
+    let killed = after.split_whitespace().next().unwrap();
+    assert!(
+        after.contains(&format!("{killed}: lease fenced after")),
+        "{stdout}"
+    );
+    let placed = after
+        .lines()
+        .find(|l| l.contains(": placed on demo-host-"))
+        .unwrap_or_else(|| panic!("no HA VM placed elsewhere: {stdout}"));
+    assert!(!placed.contains(&format!("placed on {killed} ")), "{placed}");
+    assert!(placed.contains("(epoch 1)"), "{placed}");
+    assert!(after.contains(": running there after"), "{stdout}");
+    assert!(after.contains("not HA, reported lost after"), "{stdout}");
+    assert!(!after.contains("not all of it within"), "{stdout}");
+}
