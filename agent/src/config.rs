@@ -71,8 +71,29 @@ pub struct VmConfig {
     /// migrations (the server says so when one is asked for).
     #[serde(default)]
     pub migration_uri: Option<String>,
+    /// The storage pool's directory is shared with other hosts (NFS, or
+    /// one directory for namespaced test hosts), at the same path on
+    /// each: reported to the server (HA VMs with disks move only between
+    /// hosts sharing it), and a volume another host created is reused.
+    #[serde(default)]
+    pub storage_shared: bool,
+    /// Run the fence guard (a small process of this binary that kills the
+    /// HA QEMUs at the lease deadline if the agent is killed or stopped
+    /// and no agent renews the lease).
+    #[serde(default = "default_true")]
+    pub fence_guard: bool,
+    /// Where libvirt keeps its QEMU pid files (`<domain>.pid`), for the
+    /// fence guard.
+    #[serde(default = "default_qemu_pid_dir")]
+    pub qemu_pid_dir: PathBuf,
 }
 
+fn default_true() -> bool {
+    true
+}
+fn default_qemu_pid_dir() -> PathBuf {
+    PathBuf::from("/run/libvirt/qemu")
+}
 fn default_pool() -> String {
     "novacron".into()
 }
@@ -102,11 +123,23 @@ impl Default for VmConfig {
             shutdown_timeout: default_shutdown(),
             call_timeout: default_call_timeout(),
             migration_uri: None,
+            storage_shared: false,
+            fence_guard: true,
+            qemu_pid_dir: default_qemu_pid_dir(),
         }
     }
 }
 
 impl VmConfig {
+    /// Whether the pool is shared (`storage_shared`).
+    pub fn storage(&self) -> crate::vmops::Storage {
+        if self.storage_shared {
+            crate::vmops::Storage::Shared
+        } else {
+            crate::vmops::Storage::Local
+        }
+    }
+
     /// The driver's view of this section.
     pub fn host_setup(&self) -> crate::vmops::HostSetup {
         use crate::domxml::VirtType;
@@ -134,6 +167,7 @@ impl VmConfig {
         for (key, p) in [
             ("vms.storage_path", &self.storage_path),
             ("vms.console_log_dir", &self.console_log_dir),
+            ("vms.qemu_pid_dir", &self.qemu_pid_dir),
         ] {
             let s = p.to_string_lossy();
             if !p.is_absolute() || s.chars().any(char::is_control) || s.contains("/../") {
@@ -277,6 +311,9 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.vms.shutdown_timeout, std::time::Duration::from_secs(20));
         assert_eq!(c.vms.storage_pool, "novacron");
+        assert_eq!(c.vms.storage(), crate::vmops::Storage::Local);
+        let c = AgentConfig::parse("[vms]\nstorage_shared = true\n", "t").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.vms.storage(), crate::vmops::Storage::Shared);
         for bad in [
             "virt_type = \"xen\"",
             "storage_path = \"rel/dir\"",
@@ -286,6 +323,17 @@ mod tests {
             let e = AgentConfig::parse(&format!("[vms]\n{bad}\n"), "t").unwrap_err();
             assert!(e.to_string().contains("vms."), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_packaged_example_parses_with_the_defaults() {
+        let text = include_str!("../../packaging/etc/agent.toml");
+        let c = AgentConfig::parse(text, "packaging/etc/agent.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!c.vms.storage_shared);
+        let shared = text.replace("storage_shared = false", "storage_shared = true");
+        assert_ne!(shared, text, "the example documents vms.storage_shared");
+        let c = AgentConfig::parse(&shared, "t").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.vms.storage(), crate::vmops::Storage::Shared);
     }
 
     #[test]

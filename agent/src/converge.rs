@@ -3,7 +3,9 @@
 //! one-off commands off the session loop, and notices libvirtd restarts.
 //!
 //! Nothing here acts before the server has sent a desired state: an agent
-//! that starts while the server is away leaves every VM as it is.
+//! that starts while the server is away leaves every VM as it is. An HA VM
+//! is started (or resumed) only when the HA lease allows it, asked when
+//! the plan is made and again right before the start.
 //!
 //! Time comes from the [`Clock`] the wiring passes in; when a round is due
 //! (event debounce, periodic resync) is decided by [`Triggers`], which takes
@@ -22,8 +24,9 @@ use novacron_shared::protocol::{
 use tokio::sync::{mpsc, watch};
 
 use crate::events::LifecycleEvent;
+use crate::ha::LeaseHandle;
 use crate::hypervisor::Hypervisor;
-use crate::reconcile::{Action, Reconciler};
+use crate::reconcile::{Action, Gate, Reconciler};
 use crate::vmops::ObservedVm;
 
 /// Settings for the VM loop.
@@ -35,6 +38,9 @@ pub struct ConvergeConfig {
     pub resync_every: Duration,
     /// How often the libvirt connection is checked.
     pub ping_every: Duration,
+    /// The HA lease that gates starting HA VMs; `None`: HA VMs are never
+    /// started.
+    pub lease: Option<LeaseHandle>,
 }
 
 impl Default for ConvergeConfig {
@@ -43,6 +49,7 @@ impl Default for ConvergeConfig {
             shutdown_grace: Duration::from_secs(120),
             resync_every: Duration::from_secs(30),
             ping_every: Duration::from_secs(2),
+            lease: None,
         }
     }
 }
@@ -122,7 +129,18 @@ pub async fn run(
     let mut last_connects = None;
     let mut triggers = Triggers::new(cfg.resync_every, clock.now());
     let mut dirty = true;
+    let mut lease_opened = cfg.lease.as_ref().map(LeaseHandle::subscribe);
     loop {
+        let opened = async {
+            match lease_opened.as_mut() {
+                Some(rx) => {
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
         let settle = triggers
             .settle_at()
             .map(|t| t.saturating_duration_since(clock.now()));
@@ -135,6 +153,10 @@ pub async fn run(
         tokio::select! {
             _ = settled => {
                 // The burst's window is over: one round for all of it.
+                dirty = true;
+            }
+            _ = opened => {
+                // A lease: HA VMs waiting for it may start now.
                 dirty = true;
             }
             _ = shutdown.changed() => {
@@ -218,6 +240,9 @@ async fn pass(
             }
         };
         observed = vms;
+        if let Some(l) = &cfg.lease {
+            l.note_observed(&observed);
+        }
         let Some(want) = want else {
             post(
                 outbox,
@@ -241,7 +266,12 @@ async fn pass(
             .filter(|o| !skip_uuids.contains(&o.uuid))
             .map(ObservedVm::to_observed)
             .collect();
-        let plan = rec.plan(clock.now(), &wanted, &seen);
+        let gate = |now| match &cfg.lease {
+            Some(l) => l.gate(now),
+            None => Gate::closed("no lease configured"),
+        };
+        rec.learn_epochs(&wanted, &seen);
+        let plan = rec.plan_with(clock.now(), &wanted, &want.departed, &seen, gate(clock.now()));
         tracing::debug!(?plan, "plan");
         passes += 1;
         if plan.actions.is_empty() || passes > MAX_PASSES {
@@ -254,6 +284,15 @@ async fn pass(
         for a in plan.actions {
             let name = a.vm_name().to_string();
             let line = a.to_string();
+            // The lease is asked again at the moment of starting: the plan
+            // may be older than the lease's end.
+            if let Action::Start(t) | Action::Resume(t) = &a {
+                let g = gate(clock.now());
+                if !g.ha_allowed && wanted.iter().any(|v| v.id == t.id && v.spec.ha) {
+                    tracing::info!(action = %line, lease = g.lease, "not started: waiting for the HA lease");
+                    continue;
+                }
+            }
             let r = act(hv, cfg, a).await;
             match &r {
                 Ok(()) => {
@@ -313,6 +352,8 @@ async fn act(hv: &Hypervisor, cfg: &ConvergeConfig, a: Action) -> Result<(), Str
         Action::Resume(t) => hv.resume(t.id).await,
         Action::Shutdown(t) => hv.shutdown(t.id, cfg.shutdown_grace).await.map(|_| ()),
         Action::Remove { uuid, .. } => hv.remove(uuid).await.map(|_| ()),
+        Action::Retag(vm) => hv.retag(vm).await,
+        Action::Depart { uuid, keep_disks, .. } => hv.depart(uuid, keep_disks).await.map(|_| ()),
     };
     r.map_err(|e| e.to_string())
 }

@@ -158,9 +158,26 @@ pub struct Metadata {
     pub spec_hash: String,
     /// The operation that made the definition.
     pub op_id: OpId,
+    /// Whether the VM is HA (fenced with the lease). Domains defined
+    /// before HA metadata read as `false`.
+    pub ha: bool,
+    /// The placement epoch it was defined or last retagged under (0 for
+    /// domains defined before epochs).
+    pub epoch: u64,
 }
 
 impl Metadata {
+    /// The metadata a definition of `vm` records.
+    pub fn of(vm: &DesiredVm) -> Self {
+        Self {
+            vm: vm.id,
+            spec_hash: crate::drift::domain_hash(vm),
+            op_id: vm.op_id,
+            ha: vm.spec.ha,
+            epoch: vm.epoch,
+        }
+    }
+
     /// The metadata element (without the namespace declaration), as
     /// `virDomainSetMetadata` takes it.
     pub fn element(&self) -> String {
@@ -168,7 +185,9 @@ impl Metadata {
         x.open("vm", &[])
             .text("id", &[], &self.vm.to_string())
             .text("spec-hash", &[], &self.spec_hash)
-            .text("op", &[], &self.op_id.to_string());
+            .text("op", &[], &self.op_id.to_string())
+            .text("ha", &[], if self.ha { "true" } else { "false" })
+            .text("epoch", &[], &self.epoch.to_string());
         x.finish()
     }
 
@@ -184,6 +203,9 @@ impl Metadata {
             vm: field("id")?.parse().ok()?,
             spec_hash: field("spec-hash")?,
             op_id: field("op")?.parse().ok()?,
+            // Absent in domains defined before HA: not HA, epoch 0.
+            ha: field("ha").is_some_and(|v| v == "true"),
+            epoch: field("epoch").and_then(|v| v.parse().ok()).unwrap_or(0),
         })
     }
 }
@@ -200,15 +222,13 @@ pub fn domain(vm: &DesiredVm, p: &Placement) -> String {
         x.text("description", &[], &title.join(", "));
     }
     x.open("metadata", &[]);
-    let meta = Metadata {
-        vm: vm.id,
-        spec_hash: crate::drift::domain_hash(vm),
-        op_id: vm.op_id,
-    };
+    let meta = Metadata::of(vm);
     x.open("novacron:vm", &[("xmlns:novacron", METADATA_NS)])
         .text("novacron:id", &[], &meta.vm.to_string())
         .text("novacron:spec-hash", &[], &meta.spec_hash)
         .text("novacron:op", &[], &meta.op_id.to_string())
+        .text("novacron:ha", &[], if meta.ha { "true" } else { "false" })
+        .text("novacron:epoch", &[], &meta.epoch.to_string())
         .close();
     x.close();
     x.text("memory", &[("unit", "MiB")], &spec.memory_mib.to_string());
@@ -499,11 +519,23 @@ pub(crate) mod tests {
             vm: VmId(5),
             spec_hash: "abcd".into(),
             op_id: OpId(6),
+            ha: true,
+            epoch: 7,
         };
         // libvirt returns the element with its namespace prefix stripped.
         assert_eq!(Metadata::parse(&m.element()), Some(m.clone()));
-        let from_libvirt = "<vm xmlns=\"https://novacron.dev/xmlns/vm/1\">\n  <id>00000000-0000-0000-0000-000000000005</id>\n  <spec-hash>abcd</spec-hash>\n  <op>00000000-0000-0000-0000-000000000006</op>\n</vm>";
-        assert_eq!(Metadata::parse(from_libvirt), Some(m));
+        let from_libvirt = "<vm xmlns=\"https://novacron.dev/xmlns/vm/1\">\n  <id>00000000-0000-0000-0000-000000000005</id>\n  <spec-hash>abcd</spec-hash>\n  <op>00000000-0000-0000-0000-000000000006</op>\n  <ha>true</ha>\n  <epoch>7</epoch>\n</vm>";
+        assert_eq!(Metadata::parse(from_libvirt), Some(m.clone()));
+        // Written before HA metadata: not HA by metadata, epoch 0.
+        let older = "<vm xmlns=\"https://novacron.dev/xmlns/vm/1\">\n  <id>00000000-0000-0000-0000-000000000005</id>\n  <spec-hash>abcd</spec-hash>\n  <op>00000000-0000-0000-0000-000000000006</op>\n</vm>";
+        assert_eq!(
+            Metadata::parse(older),
+            Some(Metadata {
+                ha: false,
+                epoch: 0,
+                ..m
+            })
+        );
         assert_eq!(Metadata::parse("<vm/>"), None);
     }
 

@@ -6,10 +6,12 @@
 //! The hash covers exactly what `define` turns into the domain and its
 //! disks: the VM id (the domain UUID), name, vCPUs, memory, disks, NICs,
 //! cloud-init (the seed disk's content), kernel boot, machine type and
-//! labels (the domain description). Fields of the spec that never reach
-//! libvirt (the HA flag today; tenancy or burst policy tomorrow) are left
-//! out, so adding or changing them redefines no domain defined under this
-//! scheme. [`DomainPart`] is
+//! labels (the domain description). Fields of the spec that are not
+//! domain content (the HA flag, `ephemeral`, `ha_priority`; tenancy or
+//! burst policy tomorrow) and the placement epoch are left out, so adding
+//! or changing them redefines no domain defined under this scheme (the HA
+//! flag and the epoch are recorded in the metadata beside the hash and
+//! retagged there). [`DomainPart`] is
 //! built by destructuring the whole `VmSpec`, so a new spec field does not
 //! compile until it is sorted into the domain part or left out here.
 //!
@@ -162,6 +164,11 @@ mod tests {
         b.spec.ha = !a.spec.ha;
         b.power = Power::Stopped;
         b.op_id = novacron_shared::ids::OpId(0x99);
+        // The placement epoch is not domain content either (the metadata
+        // records it beside the hash; a retag, not a redefinition).
+        b.epoch = 42;
+        b.spec.ephemeral = true;
+        b.spec.ha_priority = 9;
         assert_eq!(domain_hash(&a), domain_hash(&b));
         assert!(matches(&domain_hash(&a), &b));
     }

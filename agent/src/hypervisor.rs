@@ -24,7 +24,7 @@ use virt::connect::Connect;
 use crate::error::HvError;
 use crate::events::{self, LifecycleEvent};
 use crate::migrate::{self, MigrateRequest, Progress};
-use crate::vmops::{self, Defined, HostSetup, ObservedVm};
+use crate::vmops::{self, Defined, HostSetup, ObservedVm, Storage};
 
 type Job = Box<dyn FnOnce(&mut Driver) + Send>;
 
@@ -53,6 +53,7 @@ pub struct Hypervisor {
     pub abandoned: Arc<std::sync::atomic::AtomicU64>,
     departures: Arc<Mutex<HashMap<VmId, Departure>>>,
     clock: Clock,
+    storage: Storage,
 }
 
 /// A VM live-migrating away from this host: the reconciler leaves it alone.
@@ -184,6 +185,7 @@ impl Hypervisor {
                 abandoned: Arc::default(),
                 departures: Arc::default(),
                 clock,
+                storage: Storage::Local,
             },
             events,
         ))
@@ -224,10 +226,19 @@ impl Hypervisor {
         r
     }
 
-    /// The wire form of an observation of this host.
+    /// This driver on a pool shared with other hosts (or not): set once,
+    /// before the handle is cloned.
+    pub fn with_storage(mut self, storage: Storage) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// The wire form of an observation of this host: with a shared pool,
+    /// its directory names the shared storage.
     pub fn to_inventory(&self, capacity: Capacity, vms: &[ObservedVm]) -> Inventory {
         let mut inv = to_inventory(&self.uri, self.setup.migration_uri.clone(), capacity, vms);
         inv.labels = self.setup.labels.clone();
+        inv.shared_storage = (self.storage == Storage::Shared).then(|| self.setup.pool_path.clone());
         inv
     }
 
@@ -331,9 +342,10 @@ impl Hypervisor {
 
     /// Defines or updates a VM.
     pub async fn define(&self, vm: DesiredVm) -> Result<Defined, HvError> {
+        let storage = self.storage;
         self.call(move |d| {
             let (c, s) = d.parts()?;
-            vmops::define(c, s, &vm)
+            vmops::define_on(c, s, storage, &vm)
         })
         .await
     }
@@ -399,6 +411,21 @@ impl Hypervisor {
         tracing::warn!(vm = %id, ?grace, "guest did not shut down in time; powering it off");
         self.destroy(id).await?;
         Ok(true)
+    }
+
+    /// Removes an HA VM that now runs elsewhere (its volumes too unless
+    /// `keep_disks`).
+    pub async fn depart(&self, uuid: String, keep_disks: bool) -> Result<Vec<String>, HvError> {
+        self.call(move |d| {
+            let (c, s) = d.parts()?;
+            vmops::depart(c, s, &uuid, keep_disks)
+        })
+        .await
+    }
+
+    /// Rewrites a domain's HA flag and epoch.
+    pub async fn retag(&self, vm: DesiredVm) -> Result<(), HvError> {
+        self.call(move |d| vmops::retag(d.conn()?, &vm)).await
     }
 
     /// Removes a VM with its volumes and snapshot metadata.

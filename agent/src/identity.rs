@@ -99,6 +99,14 @@ impl Paths {
     pub fn enrollment(&self) -> PathBuf {
         self.root.join("enrollment.toml")
     }
+    /// The HA lease terms the server last sent (JSON), for the next start.
+    pub fn lease_terms(&self) -> PathBuf {
+        self.root.join("lease-terms.json")
+    }
+    /// The fence guard's socket.
+    pub fn fence_guard(&self) -> PathBuf {
+        self.root.join("fence-guard.sock")
+    }
 }
 
 impl Identity {

@@ -1,9 +1,9 @@
 //! The agent's HA lease: renewed by heartbeat acks, and at its deadline the
 //! agent stops its HA VMs itself, before the server can restart them
 //! elsewhere. Pure: `now` and events in, actions out; no clock reads, no
-//! I/O. Its driver (not wired yet) is to feed it the link's heartbeats,
-//! acks and sessions, ask [`Lease::may_start_ha`] before starting an HA VM,
-//! and perform [`Action::FenceHaVms`].
+//! I/O. Its driver (`crate::ha`) feeds it the link's heartbeats, acks,
+//! sessions and lease terms, the VM loop asks [`Lease::may_start_ha`]
+//! before starting an HA VM, and the driver performs [`Action::FenceHaVms`].
 //!
 //! # The safety argument it relies on
 //!
@@ -37,9 +37,9 @@
 //!
 //! Only [`Instant`]s are used: the wall clock can jump without effect.
 //!
-//! Epochs: [`EpochGuard`] keeps the highest epoch seen per VM, for the
-//! agent to refuse a copy of a VM from a stale placement once desired VMs
-//! carry epochs (the HA controller's part; not wired yet, like the lease).
+//! Epochs: [`EpochGuard`] keeps the highest epoch seen per VM (in desired
+//! states and in domain metadata), for the reconciler to refuse a copy of
+//! a VM from a stale placement.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -99,6 +99,19 @@ pub enum State {
         /// When the driver confirmed it.
         since: Instant,
     },
+}
+
+impl State {
+    /// A short name, for logs and drift messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::NoLease { .. } => "no lease",
+            State::Leased { .. } => "leased",
+            State::Renewing { .. } => "renewing",
+            State::SelfFencing { .. } => "self-fencing",
+            State::Fenced { .. } => "fenced",
+        }
+    }
 }
 
 /// What happened, as the driver tells it.
@@ -214,19 +227,15 @@ pub struct Lease {
     /// Heartbeats up to this number were sent before the fence was
     /// confirmed (this session).
     sent_before_fence: Option<u64>,
+    /// When this lease (the agent) started: the no-lease deadline counts
+    /// from it.
+    started: Instant,
 }
 
 impl Lease {
     /// A lease for an agent that started at `now`, with no lease yet.
     pub fn new(timing: LeaseTiming, mode: FenceMode, now: Instant) -> Result<Self, LeaseError> {
-        if let FenceMode::ShutdownThenKill { grace } = mode {
-            if grace >= timing.fence_time {
-                return Err(LeaseError::GraceExceedsFenceTime {
-                    grace,
-                    fence_time: timing.fence_time,
-                });
-            }
-        }
+        check_mode(timing, mode)?;
         Ok(Self {
             timing,
             mode,
@@ -237,7 +246,64 @@ impl Lease {
             last_sent: None,
             newest_acked: None,
             sent_before_fence: None,
+            started: now,
         })
+    }
+
+    /// Brings the no-lease deadline forward to `at` (never later): a
+    /// previous run's lease, as the fence guard remembers it, ended then.
+    /// Does nothing once a lease was held.
+    pub fn limit_no_lease(&mut self, at: Instant) {
+        if let State::NoLease { fence_at } = self.state {
+            self.state = State::NoLease {
+                fence_at: fence_at.min(at),
+            };
+        }
+    }
+
+    /// The timing in force.
+    pub fn timing(&self) -> LeaseTiming {
+        self.timing
+    }
+
+    /// New terms from the server, applied at `now`: every deadline is
+    /// recomputed from the same send instants under the new lease length
+    /// (a held lease ends at `sent + L'`), then time is applied, so terms
+    /// that end the lease at once fence at once. Without a lease yet, the
+    /// start deadline only ever moves earlier (`min(fence_at, start + L')`):
+    /// a previous run may have held a lease under the longer terms. While
+    /// fencing or fenced nothing but the terms themselves changes. Refused
+    /// (nothing changed) when the grace does not fit the new fence time.
+    pub fn set_timing(
+        &mut self,
+        now: Instant,
+        timing: LeaseTiming,
+        mode: FenceMode,
+    ) -> Result<Vec<Action>, LeaseError> {
+        check_mode(timing, mode)?;
+        self.timing = timing;
+        self.mode = mode;
+        let mut out = Vec::new();
+        match self.state {
+            State::NoLease { fence_at } => {
+                self.state = State::NoLease {
+                    fence_at: fence_at.min(after(self.started, timing.lease)),
+                };
+            }
+            State::Renewing { renewed_from } if now < self.renewing_from(renewed_from) => {
+                // A longer lease: no longer overdue for a renewal.
+                self.state = State::Leased { renewed_from };
+                out.push(Action::Renewed {
+                    deadline: self.deadline_from(renewed_from),
+                });
+            }
+            State::Leased { .. }
+            | State::Renewing { .. }
+            | State::SelfFencing { .. }
+            | State::Fenced { .. } => {}
+        }
+        self.advance(now, &mut out);
+        Ok(out)
     }
 
     /// Where the lease stands (as of the last step).
@@ -414,6 +480,19 @@ impl Lease {
     fn renewing_from(&self, sent: Instant) -> Instant {
         after(sent, self.timing.lease / RENEWING_DIVISOR)
     }
+}
+
+/// Refuses a shutdown grace that does not fit inside the fence time.
+fn check_mode(timing: LeaseTiming, mode: FenceMode) -> Result<(), LeaseError> {
+    if let FenceMode::ShutdownThenKill { grace } = mode {
+        if grace >= timing.fence_time {
+            return Err(LeaseError::GraceExceedsFenceTime {
+                grace,
+                fence_time: timing.fence_time,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `t + d`, or `t` itself where that overflows (an already-ended lease:

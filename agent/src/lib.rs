@@ -7,15 +7,18 @@
 //! 1. no libvirt: the pure `drift` (the definition hash), `domxml` (XML
 //!    text) and `reconcile` (desired + observed in, actions out, on its own
 //!    observation type), `lease` (the HA lease: heartbeat acks in,
-//!    fencing out; not wired to the link yet); and `seed` (builds the cloud-init ISO), `spool`
+//!    fencing out); and `seed` (builds the cloud-init ISO), `spool`
 //!    (the on-disk metric spool), `identity` (key and certificate files);
 //! 2. the libvirt driver: `error` (its one error type), `ffi` and `events`
 //!    (unwrapped libvirt calls), `vmops` (operations on a connection; turns
 //!    what it observes into the reconciler's type), `migrate` (on `vmops`),
 //!    `hypervisor` (the driver thread, dispatching to `vmops` and `migrate`);
 //! 3. `metrics` (collectors and sampler, on the driver) and `config`;
-//! 4. the loops: `converge` (plans with `reconcile`, acts through
-//!    `hypervisor`) and `link` (the server session, on `converge`).
+//! 4. the loops: `ha` (drives the lease on its own task and fences
+//!    through `hypervisor`), `guard` (the fence guard process and the
+//!    agent's client of it, on `ha`), `converge` (plans with `reconcile`, gated by
+//!    `ha`, acts through `hypervisor`) and `link` (the server session, on
+//!    `converge` and `ha`).
 //!
 //! Time: `main` makes one `Clock` and hands it to `hypervisor`, `converge`,
 //! `metrics` and `link`; logic with deadlines or backoff takes `now`.
@@ -27,6 +30,8 @@ pub mod drift;
 pub mod error;
 pub mod events;
 pub mod ffi;
+pub mod guard;
+pub mod ha;
 pub mod hypervisor;
 pub mod identity;
 /// The HA lease (pure): heartbeat acks renew it, its deadline fences the HA VMs.

@@ -2,6 +2,11 @@
 //! then a mutual-TLS session with hello, heartbeats, inventory, commands and
 //! certificate renewal, reconnecting with capped exponential backoff.
 //!
+//! HA: the session feeds the lease ([`LinkConfig::lease`]): a session
+//! start when the welcome arrives (which also forgets the desired state),
+//! every heartbeat as it is sent (stamped before the frame is written),
+//! every ack, the lease terms, and the HA VMs of each desired state.
+//!
 //! Time comes from the [`Clock`] in [`LinkConfig`]: the wall clock decides
 //! when the certificate is due for renewal, and [`Reconnect`] (pure, `now`
 //! in) when the next connection attempt is; the waits themselves are tokio
@@ -22,8 +27,10 @@ use novacron_shared::protocol::{
 use tokio::sync::{mpsc, watch};
 
 use crate::converge::{self, OpCache};
+use crate::ha::LeaseHandle;
 use crate::hypervisor::Hypervisor;
 use crate::identity::{Identity, IdentityError, Paths};
+use crate::lease::Event as LeaseEvent;
 
 /// Idle timeout of the QUIC connection.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -102,6 +109,9 @@ pub struct LinkConfig {
     pub metrics: Option<Arc<crate::metrics::MetricsShared>>,
     /// Where the link reads the time.
     pub clock: Clock,
+    /// The HA lease the session feeds (sessions, heartbeats, acks, terms,
+    /// the HA VMs of each desired state); `None`: no HA (tools, tests).
+    pub lease: Option<LeaseHandle>,
 }
 
 impl LinkConfig {
@@ -114,6 +124,7 @@ impl LinkConfig {
             versions: (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
             metrics: None,
             clock: Clock::system(),
+            lease: None,
         }
     }
 }
@@ -444,6 +455,13 @@ async fn serve(
     let version = welcome.version;
     reconnect.connected();
     tracing::info!(host_id = %identity.host_id, version, "connected to the server");
+    // A new session: heartbeat numbers start again at 1, and HA VMs are
+    // only ever started under this session's desired state (the server
+    // sends it before its first ack), so the last one is forgotten.
+    if let Some(l) = &cfg.lease {
+        l.step(LeaseEvent::SessionStarted);
+    }
+    vm.desired.send_replace(None);
 
     // Whatever queued while disconnected is stale: the fresh inventory
     // below (and the server's desired state) supersede it.
@@ -482,6 +500,11 @@ async fn serve(
             }
             _ = ticker.tick() => {
                 seq += 1;
+                // Stamped before the frame leaves: the lease counts from
+                // no later than the server can have received it.
+                if let Some(l) = &cfg.lease {
+                    l.step(LeaseEvent::HeartbeatSent { seq });
+                }
                 framing::write_frame(&mut send, version, &AgentMessage::Heartbeat(Heartbeat { seq }), &mut buf).await?;
                 if pending_key.is_none() && cfg.clock.wall() >= identity.validity.renew_at() {
                     let (key, csr_der) = pki::make_csr(&cfg.hostname)?;
@@ -498,9 +521,11 @@ async fn serve(
                     return Err(LinkError::Protocol(format!("frame version {v}, session negotiated {version}")));
                 }
                 match msg {
-                    ServerMessage::HeartbeatAck(_) => {
-                        // Liveness is the server's to judge (and QUIC's idle
-                        // timeout ours); an ack needs no action.
+                    ServerMessage::HeartbeatAck(a) => {
+                        // The lease: renewed from when heartbeat `a.seq` was sent.
+                        if let Some(l) = &cfg.lease {
+                            l.step(LeaseEvent::AckReceived { seq: a.seq });
+                        }
                     }
                     ServerMessage::Command(cmd) => {
                         // Off the session loop: heartbeats keep flowing while
@@ -508,7 +533,10 @@ async fn serve(
                         converge::spawn_command(hv.clone(), vm.ops.clone(), cmd.op_id, cmd.kind, vm.outbox_tx.clone());
                     }
                     ServerMessage::DesiredState(ds) => {
-                        tracing::info!(generation = ds.generation, vms = ds.vms.len(), "desired state from the server");
+                        tracing::info!(generation = ds.generation, vms = ds.vms.len(), departed = ds.departed.len(), "desired state from the server");
+                        if let Some(l) = &cfg.lease {
+                            l.set_ha_vms(ds.vms.iter().filter(|v| v.spec.ha).map(|v| v.id));
+                        }
                         vm.desired.send_replace(Some(ds));
                     }
                     ServerMessage::CertificateRenewed(r) => {
@@ -533,8 +561,11 @@ async fn serve(
                         }
                     }
                     ServerMessage::LeaseTerms(t) => {
-                        // Wired to the HA lease in the HA issue's next step.
-                        tracing::debug!(terms = ?t, "lease terms from the server");
+                        // Applied and saved at once; refusals and failures
+                        // are logged (rate-limited) by the lease handle.
+                        if let Some(l) = &cfg.lease {
+                            let _ = l.apply_terms(&t);
+                        }
                     }
                     ServerMessage::Welcome(_) | ServerMessage::Joined(_) => {
                         tracing::debug!("ignoring a message that does not apply here");

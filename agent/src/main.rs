@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use novacron_agent::config::{self, split_host_port, AgentConfig, ConfigFile};
+use novacron_agent::ha;
 use novacron_agent::hypervisor::Hypervisor;
 use novacron_agent::identity::{Enrollment, Identity, IdentityError, Paths};
 use novacron_agent::link::{self, LinkConfig};
@@ -54,6 +55,14 @@ enum Command {
     },
     /// Check the config file (and the enrollment, if any) and exit.
     Validate,
+    /// The fence guard (started by `run`): kills the HA QEMUs when the
+    /// lease deadline passes without an agent renewing it.
+    #[command(hide = true)]
+    FenceGuard {
+        /// Its socket.
+        #[arg(long)]
+        socket: PathBuf,
+    },
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -84,6 +93,15 @@ fn real_main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Command::FenceGuard { socket } = &cli.command {
+        // Needs no config: it only holds a deadline and kills what it was
+        // told to (a config that turned invalid must not stop it).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        return Ok(runtime.block_on(novacron_agent::guard::serve(socket, Clock::system()))?);
+    }
     let cfg = {
         let (p, explicit) = match &cli.config {
             Some(p) => (p.clone(), true),
@@ -111,6 +129,9 @@ fn hostname(cfg: &AgentConfig) -> String {
 async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
     let paths = Paths::new(&cfg.data_dir);
     match command {
+        Command::FenceGuard { socket } => {
+            novacron_agent::guard::serve(&socket, Clock::system()).await?;
+        }
         Command::Validate => {
             let enrolled = match Enrollment::load(&paths) {
                 Ok(e) => format!("enrolled as host {} with {}", e.host_id, e.server),
@@ -178,6 +199,7 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
                 cfg.host_setup(),
                 clock.clone(),
             )?;
+            let hv = hv.with_storage(cfg.vms.storage());
             let metrics = if cfg.metrics.enabled {
                 let m = novacron_agent::metrics::start(
                     &cfg.metrics,
@@ -194,9 +216,36 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             };
             let (tx, rx) = tokio::sync::watch::channel(false);
             tracing::info!(host_id = %identity.host_id, server = %link_cfg.server, libvirt = %cfg.libvirt_uri, "novacron-agent starting");
+            // The HA lease: without a lease within the saved lease length,
+            // HA VMs a previous run left running are fenced.
+            let saved = ha::load_terms(&paths.lease_terms());
+            let (timing, mode) = ha::initial_timing(saved.as_ref());
+            let (lease, lease_driver) =
+                ha::LeaseHandle::new(timing, mode, clock.clone(), Some(paths.lease_terms()))?;
+            tracing::info!(lease = ?timing.lease, fence_time = ?timing.fence_time, ?mode, saved = saved.is_some(), "HA lease: none yet");
+            let ha_task = tokio::spawn(ha::run(lease.clone(), lease_driver, hv.clone(), rx.clone()));
+            link_cfg.lease = Some(lease.clone());
+            let guard_task = cfg.vms.fence_guard.then(|| {
+                let guard_cfg = novacron_agent::guard::GuardConfig {
+                    socket: paths.fence_guard(),
+                    program: std::env::current_exe().ok(),
+                    // Only a QEMU libvirt has QEMU pid files (not the test driver).
+                    pid_dir: cfg
+                        .libvirt_uri
+                        .starts_with("qemu")
+                        .then(|| cfg.vms.qemu_pid_dir.clone()),
+                };
+                tokio::spawn(novacron_agent::guard::run_client(
+                    guard_cfg,
+                    lease.clone(),
+                    clock.clone(),
+                    rx.clone(),
+                ))
+            });
             let (channels, desired) = link::VmChannels::new(1024);
             let converge_cfg = novacron_agent::converge::ConvergeConfig {
                 shutdown_grace: cfg.vms.shutdown_timeout,
+                lease: Some(lease),
                 ..Default::default()
             };
             let vms = tokio::spawn(novacron_agent::converge::run(
@@ -214,13 +263,21 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
                 r = tokio::signal::ctrl_c() => r?,
                 _ = term.recv() => {}
             }
-            tracing::info!("shutting down; VMs keep running");
+            if cfg.vms.fence_guard {
+                tracing::info!("shutting down; VMs keep running (the fence guard stops HA VMs at the lease deadline unless an agent renews the lease)");
+            } else {
+                tracing::warn!("shutting down; VMs keep running, HA VMs too (no fence guard): the server may restart them elsewhere after the lease");
+            }
             if let Some(m) = &metrics {
                 m.stop();
             }
             let _ = tx.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(5), link).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), vms).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), ha_task).await;
+            if let Some(g) = guard_task {
+                let _ = tokio::time::timeout(Duration::from_secs(1), g).await;
+            }
         }
     }
     Ok(())

@@ -12,6 +12,17 @@
 //!   one is reported as drift.
 //! - A VM whose last action failed is retried with exponential backoff and
 //!   reported as drift meanwhile.
+//! - HA: an HA VM is started, restarted after a crash or resumed only when
+//!   the [`Gate`] (the lease's `may_start_ha` at planning time) allows it;
+//!   otherwise it is drift ("waiting for the HA lease"). Stopping, pausing,
+//!   removing and defining are always allowed.
+//! - Epochs: a desired VM whose epoch is lower than the highest seen for it
+//!   (in desired states or domain metadata, kept in an
+//!   [`EpochGuard`]) is never defined or started; a higher one, or a
+//!   changed HA flag, retags the domain's metadata before it is started.
+//! - Departed VMs (restarted on another host while this one was fenced)
+//!   are destroyed and undefined, their volumes deleted only when their
+//!   disks are not shared; they are never started here.
 //!
 //! Layering: this module sits beside the libvirt driver, not on it. It
 //! imports no driver module (`hypervisor`, `vmops`, `migrate`, `events`):
@@ -23,10 +34,11 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use novacron_shared::ids::{OpId, VmId};
-use novacron_shared::protocol::{Drift, VmState};
+use novacron_shared::protocol::{Departed, Drift, VmState};
 use novacron_shared::spec::{DesiredVm, Power};
 
 use crate::drift;
+use crate::lease::EpochGuard;
 
 /// A domain as the reconciler needs to see it to plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +58,38 @@ pub struct Observed {
 pub struct Managed {
     /// The drift hash of the spec the definition was made from.
     pub spec_hash: String,
+    /// Whether its metadata marks it HA.
+    pub ha: bool,
+    /// The placement epoch in its metadata.
+    pub epoch: u64,
+}
+
+/// Whether HA VMs may be started now: the lease's answer when the plan is
+/// made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gate {
+    /// An HA VM may be started, restarted or resumed.
+    pub ha_allowed: bool,
+    /// The lease state, for the drift message.
+    pub lease: &'static str,
+}
+
+impl Gate {
+    /// HA VMs may start (a live lease).
+    pub fn open() -> Self {
+        Self {
+            ha_allowed: true,
+            lease: "leased",
+        }
+    }
+
+    /// HA VMs may not start; `lease` says why (the lease state).
+    pub fn closed(lease: &'static str) -> Self {
+        Self {
+            ha_allowed: false,
+            lease,
+        }
+    }
 }
 
 /// One step towards the desired state.
@@ -70,6 +114,19 @@ pub enum Action {
         /// Its UUID.
         uuid: String,
     },
+    /// Rewrite a domain's HA flag and epoch in its metadata (the
+    /// definition itself matches).
+    Retag(DesiredVm),
+    /// Remove an HA VM that now runs elsewhere: destroy, undefine, and
+    /// delete its volumes unless `keep_disks`.
+    Depart {
+        /// Its name.
+        name: String,
+        /// Its UUID.
+        uuid: String,
+        /// Its disks are on shared storage, in use on the other host.
+        keep_disks: bool,
+    },
 }
 
 /// The VM an action is for.
@@ -87,9 +144,9 @@ impl Action {
     /// The VM's name (the backoff key).
     pub fn vm_name(&self) -> &str {
         match self {
-            Action::Define(v) | Action::Redefine(v) => &v.spec.name,
+            Action::Define(v) | Action::Redefine(v) | Action::Retag(v) => &v.spec.name,
             Action::Start(t) | Action::Suspend(t) | Action::Resume(t) | Action::Shutdown(t) => &t.name,
-            Action::Remove { name, .. } => name,
+            Action::Remove { name, .. } | Action::Depart { name, .. } => name,
         }
     }
 }
@@ -104,6 +161,18 @@ impl std::fmt::Display for Action {
             Action::Resume(t) => write!(f, "resume {} (op {})", t.name, t.op_id),
             Action::Shutdown(t) => write!(f, "shut down {} (op {})", t.name, t.op_id),
             Action::Remove { name, .. } => write!(f, "remove {name}"),
+            Action::Retag(v) => write!(
+                f,
+                "retag {} (ha {}, epoch {}; op {})",
+                v.spec.name, v.spec.ha, v.epoch, v.op_id
+            ),
+            Action::Depart { name, keep_disks, .. } => {
+                if *keep_disks {
+                    write!(f, "remove departed {name} (keeping its shared disks)")
+                } else {
+                    write!(f, "remove departed {name} with its disks")
+                }
+            }
         }
     }
 }
@@ -133,10 +202,12 @@ struct Failure {
     message: String,
 }
 
-/// The reconciler's memory between passes: failures and their backoff.
+/// The reconciler's memory between passes: failures and their backoff,
+/// and the highest epoch seen per VM.
 #[derive(Debug, Default)]
 pub struct Reconciler {
     failures: HashMap<String, Failure>,
+    epochs: EpochGuard,
     /// The generation the host last fully matched (for logging transitions).
     pub converged_generation: Option<u64>,
 }
@@ -147,15 +218,81 @@ pub const RETRY_BASE: Duration = Duration::from_secs(2);
 pub const RETRY_MAX: Duration = Duration::from_secs(300);
 
 impl Reconciler {
-    /// Plans one pass.
+    /// Plans one pass with the HA gate closed and nothing departed (HA
+    /// VMs are defined but never started): for tools and benchmarks.
     pub fn plan(&self, now: Instant, desired: &[DesiredVm], observed: &[Observed]) -> Plan {
+        self.plan_with(now, desired, &[], observed, Gate::closed("not consulted"))
+    }
+
+    /// Raises the epoch guard with the epochs of `desired` and those in the
+    /// metadata of `observed` (a lower epoch than one seen is ignored).
+    /// Call before [`Reconciler::plan_with`] on each pass.
+    pub fn learn_epochs(&mut self, desired: &[DesiredVm], observed: &[Observed]) {
+        for o in observed {
+            if let (Some(m), Ok(id)) = (&o.managed, o.uuid.parse::<VmId>()) {
+                self.epochs.admit(id, m.epoch);
+            }
+        }
+        for d in desired {
+            self.epochs.admit(d.id, d.epoch);
+        }
+    }
+
+    /// The highest epoch seen for `vm`.
+    pub fn highest_epoch(&self, vm: VmId) -> Option<u64> {
+        self.epochs.highest(vm)
+    }
+
+    /// Plans one pass: `desired` VMs, `departed` ones (restarted
+    /// elsewhere), what libvirt shows, and whether HA VMs may start now.
+    pub fn plan_with(
+        &self,
+        now: Instant,
+        desired: &[DesiredVm],
+        departed: &[Departed],
+        observed: &[Observed],
+        gate: Gate,
+    ) -> Plan {
         let mut plan = Plan::default();
         let by_uuid: HashMap<&str, &Observed> = observed.iter().map(|o| (o.uuid.as_str(), o)).collect();
         let by_name: HashMap<&str, &Observed> = observed.iter().map(|o| (o.name.as_str(), o)).collect();
+        let gone: HashMap<String, bool> = departed
+            .iter()
+            .map(|d| (d.vm.to_string(), d.keep_disks))
+            .collect();
         let mut wanted = HashSet::new();
         for d in desired {
             let uuid = d.id.to_string();
             wanted.insert(uuid.clone());
+            if gone.contains_key(&uuid) {
+                // Contradictory; the safe reading is that it runs elsewhere.
+                plan.drift.push(Drift {
+                    vm: d.spec.name.clone(),
+                    message: "listed both as desired and as departed; treated as departed".into(),
+                });
+                continue;
+            }
+            let seen = self
+                .epochs
+                .highest(d.id)
+                .into_iter()
+                .chain(
+                    by_uuid
+                        .get(uuid.as_str())
+                        .and_then(|o| o.managed.as_ref())
+                        .map(|m| m.epoch),
+                )
+                .max();
+            if let Some(seen) = seen.filter(|&s| d.epoch < s) {
+                plan.drift.push(Drift {
+                    vm: d.spec.name.clone(),
+                    message: format!(
+                        "stale epoch {} < {seen}: a newer placement exists; not defined or started here",
+                        d.epoch
+                    ),
+                });
+                continue;
+            }
             if let Some(f) = self.failures.get(&d.spec.name) {
                 if now < f.retry_at {
                     plan.drift.push(Drift {
@@ -208,6 +345,10 @@ impl Reconciler {
                 plan.actions.push(Action::Redefine(d.clone()));
                 continue;
             }
+            if managed.ha != d.spec.ha || managed.epoch < d.epoch {
+                plan.actions.push(Action::Retag(d.clone()));
+                continue;
+            }
             let action = match (d.power, o.state) {
                 (_, VmState::ShuttingDown) => {
                     plan.settling += 1;
@@ -228,22 +369,42 @@ impl Reconciler {
                     None
                 }
             };
+            let starts = matches!(action, Some(Action::Start(_) | Action::Resume(_)));
+            if starts && d.spec.ha && !gate.ha_allowed {
+                plan.drift.push(Drift {
+                    vm: d.spec.name.clone(),
+                    message: format!("waiting for the HA lease (state {})", gate.lease),
+                });
+                continue;
+            }
             plan.actions.extend(action);
         }
         for o in observed {
-            if o.managed.is_some() && !wanted.contains(&o.uuid) {
-                if self.failures.get(&o.name).is_some_and(|f| now < f.retry_at) {
-                    plan.drift.push(Drift {
-                        vm: o.name.clone(),
-                        message: "no longer wanted here; removing it failed, will retry".into(),
-                    });
-                    continue;
-                }
-                plan.actions.push(Action::Remove {
+            if o.managed.is_none() {
+                continue;
+            }
+            let keep = gone.get(&o.uuid).copied();
+            if keep.is_none() && wanted.contains(&o.uuid) {
+                continue;
+            }
+            if self.failures.get(&o.name).is_some_and(|f| now < f.retry_at) {
+                plan.drift.push(Drift {
+                    vm: o.name.clone(),
+                    message: "no longer wanted here; removing it failed, will retry".into(),
+                });
+                continue;
+            }
+            plan.actions.push(match keep {
+                Some(keep_disks) => Action::Depart {
                     name: o.name.clone(),
                     uuid: o.uuid.clone(),
-                });
-            }
+                    keep_disks,
+                },
+                None => Action::Remove {
+                    name: o.name.clone(),
+                    uuid: o.uuid.clone(),
+                },
+            });
         }
         plan
     }
@@ -281,6 +442,7 @@ impl Reconciler {
 mod tests {
     use super::*;
     use novacron_shared::clock::Clock;
+    use novacron_shared::protocol::Departed;
     use novacron_shared::spec::VmSpec;
     use proptest::prelude::*;
 
@@ -306,6 +468,8 @@ mod tests {
             state,
             managed: Some(Managed {
                 spec_hash: drift::domain_hash(d),
+                ha: d.spec.ha,
+                epoch: d.epoch,
             }),
         }
     }
@@ -415,9 +579,14 @@ mod tests {
         let d = desired("web", 3, Power::Running);
         let o = observed_of(&d, VmState::Running);
         let mut d2 = d.clone();
+        d2.spec.ha_priority = 7;
+        d2.spec.ephemeral = true;
+        let p = r.plan(now(), std::slice::from_ref(&d2), std::slice::from_ref(&o));
+        assert!(p.converged(), "{p:?}");
+        // The HA flag lives in the metadata: retagged, not redefined.
         d2.spec.ha = !d.spec.ha;
         let p = r.plan(now(), std::slice::from_ref(&d2), &[o]);
-        assert!(p.converged(), "{p:?}");
+        assert_eq!(p.actions, [Action::Retag(d2)]);
     }
 
     #[test]
@@ -427,6 +596,8 @@ mod tests {
         let mut o = observed_of(&d, VmState::Running);
         o.managed = Some(Managed {
             spec_hash: drift::legacy_v1_hash(&d),
+            ha: false,
+            epoch: 0,
         });
         let p = r.plan(now(), std::slice::from_ref(&d), std::slice::from_ref(&o));
         assert!(p.converged(), "{p:?}");
@@ -470,6 +641,234 @@ mod tests {
         r.record(clock.now(), "a", Err("again".into()));
         time.advance(RETRY_BASE);
         assert_eq!(acts(&r), 1, "the count started over after the success");
+    }
+
+    fn ha(name: &str, id: u128, power: Power, epoch: u64) -> DesiredVm {
+        let mut d = desired(name, id, power);
+        d.spec.ha = true;
+        d.epoch = epoch;
+        d
+    }
+
+    fn drift_of(p: &Plan) -> Vec<&str> {
+        p.drift.iter().map(|d| d.message.as_str()).collect()
+    }
+
+    #[test]
+    fn ha_vms_start_or_resume_only_through_an_open_gate() {
+        let r = Reconciler::default();
+        let closed = Gate::closed("renewing");
+        for state in [VmState::Stopped, VmState::Crashed, VmState::Paused] {
+            let d = ha("h", 1, Power::Running, 0);
+            let seen = [observed_of(&d, state)];
+            let p = r.plan_with(now(), std::slice::from_ref(&d), &[], &seen, closed);
+            assert!(p.actions.is_empty(), "{state:?}: {p:?}");
+            assert_eq!(drift_of(&p), ["waiting for the HA lease (state renewing)"]);
+            assert!(!p.converged());
+            let p = r.plan_with(now(), std::slice::from_ref(&d), &[], &seen, Gate::open());
+            assert!(
+                matches!(&p.actions[..], [Action::Start(_) | Action::Resume(_)]),
+                "{state:?}: {p:?}"
+            );
+        }
+        // A paused HA VM wanted paused but off starts through the gate too.
+        let d = ha("h", 1, Power::Paused, 0);
+        let p = r.plan_with(
+            now(),
+            std::slice::from_ref(&d),
+            &[],
+            &[observed_of(&d, VmState::Stopped)],
+            closed,
+        );
+        assert!(p.actions.is_empty());
+        // Non-HA VMs do not wait for the lease.
+        let plain = desired("p", 2, Power::Running);
+        let p = r.plan_with(
+            now(),
+            std::slice::from_ref(&plain),
+            &[],
+            &[observed_of(&plain, VmState::Stopped)],
+            closed,
+        );
+        assert!(matches!(&p.actions[..], [Action::Start(_)]), "{p:?}");
+        // The plan without a gate never starts an HA VM.
+        let p = r.plan(
+            now(),
+            std::slice::from_ref(&d),
+            &[observed_of(&d, VmState::Stopped)],
+        );
+        assert!(p.actions.is_empty());
+    }
+
+    #[test]
+    fn stopping_pausing_defining_and_removing_need_no_lease() {
+        let r = Reconciler::default();
+        let closed = Gate::closed("fenced");
+        let stop = ha("s", 1, Power::Stopped, 0);
+        let pause = ha("p", 2, Power::Paused, 0);
+        let missing = ha("m", 3, Power::Running, 0);
+        let old = ha("old", 4, Power::Running, 0);
+        let seen = [
+            observed_of(&stop, VmState::Running),
+            observed_of(&pause, VmState::Running),
+            observed_of(&old, VmState::Running),
+        ];
+        let p = r.plan_with(
+            now(),
+            &[stop.clone(), pause.clone(), missing.clone()],
+            &[],
+            &seen,
+            closed,
+        );
+        assert_eq!(p.actions.len(), 4, "{p:?}");
+        assert!(matches!(&p.actions[0], Action::Shutdown(t) if t.id == stop.id));
+        assert!(matches!(&p.actions[1], Action::Suspend(t) if t.id == pause.id));
+        assert_eq!(p.actions[2], Action::Define(missing));
+        assert!(matches!(&p.actions[3], Action::Remove { uuid, .. } if *uuid == old.id.to_string()));
+    }
+
+    #[test]
+    fn a_stale_epoch_is_never_defined_or_started() {
+        let mut r = Reconciler::default();
+        // The domain here records epoch 3; the desired state says 2.
+        let d3 = ha("h", 1, Power::Running, 3);
+        let seen = [observed_of(&d3, VmState::Stopped)];
+        let d2 = ha("h", 1, Power::Running, 2);
+        r.learn_epochs(std::slice::from_ref(&d2), &seen);
+        let p = r.plan_with(now(), std::slice::from_ref(&d2), &[], &seen, Gate::open());
+        assert!(p.actions.is_empty(), "{p:?}");
+        assert_eq!(drift_of(&p).len(), 1);
+        assert!(drift_of(&p)[0].starts_with("stale epoch 2 < 3"), "{p:?}");
+        // Once seen, the guard remembers it even when the domain is gone:
+        // a stale copy is not defined again.
+        let p = r.plan_with(now(), std::slice::from_ref(&d2), &[], &[], Gate::open());
+        assert!(
+            p.actions.is_empty() && drift_of(&p)[0].starts_with("stale epoch 2 < 3"),
+            "{p:?}"
+        );
+        assert_eq!(r.highest_epoch(d2.id), Some(3));
+        // A desired epoch seen earlier guards too.
+        let mut r = Reconciler::default();
+        r.learn_epochs(&[ha("h", 1, Power::Running, 5)], &[]);
+        r.learn_epochs(std::slice::from_ref(&d2), &[]);
+        let p = r.plan_with(now(), std::slice::from_ref(&d2), &[], &[], Gate::open());
+        assert!(
+            p.actions.is_empty() && drift_of(&p)[0].starts_with("stale epoch 2 < 5"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_higher_epoch_or_a_new_ha_flag_retags_before_starting() {
+        let mut r = Reconciler::default();
+        let d1 = ha("h", 1, Power::Running, 1);
+        let mut seen = [observed_of(&d1, VmState::Stopped)];
+        let d2 = ha("h", 1, Power::Running, 2);
+        r.learn_epochs(std::slice::from_ref(&d2), &seen);
+        let p = r.plan_with(now(), std::slice::from_ref(&d2), &[], &seen, Gate::open());
+        assert_eq!(p.actions, [Action::Retag(d2.clone())]);
+        if let Some(m) = seen[0].managed.as_mut() {
+            m.epoch = 2;
+        }
+        let p = r.plan_with(now(), std::slice::from_ref(&d2), &[], &seen, Gate::open());
+        assert!(matches!(&p.actions[..], [Action::Start(_)]), "{p:?}");
+        // A domain defined before HA metadata (ha false, epoch 0).
+        let mut old = observed_of(&d2, VmState::Running);
+        old.managed = Some(Managed {
+            spec_hash: drift::domain_hash(&d2),
+            ha: false,
+            epoch: 0,
+        });
+        let p = r.plan_with(
+            now(),
+            std::slice::from_ref(&d2),
+            &[],
+            &[old],
+            Gate::closed("no lease"),
+        );
+        assert_eq!(p.actions, [Action::Retag(d2.clone())]);
+        // The epoch alone never redefines the domain.
+        let mut e = d2.clone();
+        e.epoch = 9;
+        assert_eq!(drift::domain_hash(&e), drift::domain_hash(&d2));
+    }
+
+    #[test]
+    fn departed_vms_are_removed_keeping_or_deleting_disks_and_never_started() {
+        let r = Reconciler::default();
+        let a = ha("a", 1, Power::Running, 0);
+        let b = ha("b", 2, Power::Running, 0);
+        let other = desired("other", 3, Power::Running);
+        let gone = [
+            Departed {
+                vm: a.id,
+                keep_disks: true,
+            },
+            Departed {
+                vm: b.id,
+                keep_disks: false,
+            },
+            // Not here at all: nothing to do.
+            Departed {
+                vm: VmId(99),
+                keep_disks: true,
+            },
+        ];
+        let seen = [
+            observed_of(&a, VmState::Running),
+            observed_of(&b, VmState::Stopped),
+            observed_of(&other, VmState::Running),
+            foreign("hand-made", &VmId(98).to_string()),
+        ];
+        // `other` is no longer desired: removed as before, with its disks.
+        let p = r.plan_with(now(), &[], &gone, &seen, Gate::open());
+        assert_eq!(
+            p.actions,
+            [
+                Action::Depart {
+                    name: "a".into(),
+                    uuid: a.id.to_string(),
+                    keep_disks: true
+                },
+                Action::Depart {
+                    name: "b".into(),
+                    uuid: b.id.to_string(),
+                    keep_disks: false
+                },
+                Action::Remove {
+                    name: "other".into(),
+                    uuid: other.id.to_string()
+                },
+            ]
+        );
+        // Listed as departed and desired at once: departed wins, drift says so.
+        let p = r.plan_with(
+            now(),
+            std::slice::from_ref(&a),
+            &gone[..1],
+            &seen[..1],
+            Gate::open(),
+        );
+        assert!(
+            matches!(&p.actions[..], [Action::Depart { keep_disks: true, .. }]),
+            "{p:?}"
+        );
+        assert_eq!(
+            drift_of(&p),
+            ["listed both as desired and as departed; treated as departed"]
+        );
+        // A foreign domain with a departed VM's UUID is never touched.
+        let p = r.plan_with(
+            now(),
+            &[],
+            &[Departed {
+                vm: VmId(98),
+                keep_disks: false,
+            }],
+            &seen[3..],
+            Gate::open(),
+        );
+        assert!(p.actions.is_empty(), "{p:?}");
     }
 
     proptest! {
@@ -517,7 +916,17 @@ mod tests {
                         Action::Start(t) | Action::Resume(t) => set(&mut host, t.id, VmState::Running),
                         Action::Suspend(t) => set(&mut host, t.id, VmState::Paused),
                         Action::Shutdown(t) => set(&mut host, t.id, VmState::Stopped),
-                        Action::Remove { uuid, .. } => host.retain(|o| o.uuid != uuid),
+                        Action::Remove { uuid, .. } | Action::Depart { uuid, .. } => {
+                            host.retain(|o| o.uuid != uuid)
+                        }
+                        Action::Retag(d) => {
+                            for o in host.iter_mut().filter(|o| o.uuid == d.id.to_string()) {
+                                if let Some(m) = o.managed.as_mut() {
+                                    m.ha = d.spec.ha;
+                                    m.epoch = d.epoch;
+                                }
+                            }
+                        }
                     }
                 }
             }

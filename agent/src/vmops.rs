@@ -66,6 +66,8 @@ impl ObservedVm {
             state: self.state,
             managed: self.meta.as_ref().map(|m| Managed {
                 spec_hash: m.spec_hash.clone(),
+                ha: m.ha,
+                epoch: m.epoch,
             }),
         }
     }
@@ -198,12 +200,23 @@ fn vol_format(vol: &StorageVol) -> Result<String, HvError> {
 fn ensure_volumes(
     pool: &StoragePool,
     vm: &DesiredVm,
+    storage: Storage,
     created: &mut Vec<StorageVol>,
 ) -> Result<Vec<String>, HvError> {
     let mut paths = Vec::with_capacity(vm.spec.disks.len());
+    let mut refreshed = false;
     for d in &vm.spec.disks {
         let name = spec::volume_name(&vm.spec.name, &d.name);
-        if let Some(v) = volume(pool, &name)? {
+        let mut existing = volume(pool, &name)?;
+        if existing.is_none() && storage == Storage::Shared && !refreshed {
+            // Another host may have created it (the VM ran there): look
+            // again with libvirt's view of the directory refreshed, and
+            // reuse it rather than make a new one.
+            pool.refresh(0).map_err(call("refresh storage pool"))?;
+            refreshed = true;
+            existing = volume(pool, &name)?;
+        }
+        if let Some(v) = existing {
             paths.push(v.path().map_err(call("volume path"))?);
             continue;
         }
@@ -260,7 +273,9 @@ fn ensure_seed(
         }
     };
     let path = vol.path().map_err(call("seed volume path"))?;
-    // The pool is a local directory: write the image in place, atomically.
+    // The pool is a directory: write the image in place, atomically. (It
+    // is made from the spec and attached read-only; on a shared pool the
+    // host that used it last is fenced or has departed the VM.)
     let tmp = format!("{path}.tmp");
     std::fs::write(&tmp, &iso)
         .and_then(|()| std::fs::rename(&tmp, &path))
@@ -268,9 +283,32 @@ fn ensure_seed(
     Ok(Some(path))
 }
 
-/// Defines (or updates) a VM: volumes, cloud-init seed, domain. Nothing is
-/// left behind when it fails.
+/// Whether the storage pool is this host's alone or shared with others
+/// (agent config `vms.storage_shared`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Storage {
+    /// Only this host uses the pool.
+    #[default]
+    Local,
+    /// Other hosts use the same directory: a volume missing from libvirt's
+    /// view is looked for again after a pool refresh, and reused.
+    Shared,
+}
+
+/// Defines (or updates) a VM on a local pool; see [`define_on`].
 pub fn define(conn: &Connect, setup: &HostSetup, vm: &DesiredVm) -> Result<Defined, HvError> {
+    define_on(conn, setup, Storage::Local, vm)
+}
+
+/// Defines (or updates) a VM: volumes, cloud-init seed, domain. Existing
+/// volumes are reused, never re-created or overwritten. Nothing this call
+/// created is left behind when it fails.
+pub fn define_on(
+    conn: &Connect,
+    setup: &HostSetup,
+    storage: Storage,
+    vm: &DesiredVm,
+) -> Result<Defined, HvError> {
     vm.spec.validate().map_err(|e| HvError::Invalid(e.to_string()))?;
     let existing = lookup(conn, vm.id)?;
     if let Some(d) = &existing {
@@ -294,7 +332,7 @@ pub fn define(conn: &Connect, setup: &HostSetup, vm: &DesiredVm) -> Result<Defin
     let pool = ensure_pool(conn, setup)?;
     let mut created = Vec::new();
     let result = (|| {
-        let disk_paths = ensure_volumes(&pool, vm, &mut created)?;
+        let disk_paths = ensure_volumes(&pool, vm, storage, &mut created)?;
         let seed_path = ensure_seed(&pool, vm, &mut created)?;
         let placement = Placement {
             virt_type: virt_type(conn, setup)?,
@@ -409,6 +447,28 @@ pub fn resume(conn: &Connect, id: VmId) -> Result<(), HvError> {
 /// Removes a VM: powers it off, undefines it with its snapshot metadata,
 /// and deletes its volumes. Returns the deleted volume names.
 pub fn remove(conn: &Connect, setup: &HostSetup, uuid: &str) -> Result<Vec<String>, HvError> {
+    remove_with(conn, setup, uuid, true)
+}
+
+/// Removes an HA VM that now runs on another host: powers it off and
+/// undefines it; deletes its volumes only when `keep_disks` is false (with
+/// shared storage they are the other host's disks now). Returns the
+/// deleted volume names.
+pub fn depart(
+    conn: &Connect,
+    setup: &HostSetup,
+    uuid: &str,
+    keep_disks: bool,
+) -> Result<Vec<String>, HvError> {
+    remove_with(conn, setup, uuid, !keep_disks)
+}
+
+fn remove_with(
+    conn: &Connect,
+    setup: &HostSetup,
+    uuid: &str,
+    delete_volumes: bool,
+) -> Result<Vec<String>, HvError> {
     let d = match conn.lookup_domain_by_uuid_string(uuid) {
         Ok(d) => d,
         Err(e) if is(&e, ErrorNumber::NoDomain) => return Ok(Vec::new()),
@@ -425,6 +485,9 @@ pub fn remove(conn: &Connect, setup: &HostSetup, uuid: &str) -> Result<Vec<Strin
     }
     d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         .map_err(call("undefine"))?;
+    if !delete_volumes {
+        return Ok(Vec::new());
+    }
     let pool = ensure_pool(conn, setup)?;
     let prefix = format!("{name}.");
     let mut removed = Vec::new();
@@ -436,6 +499,26 @@ pub fn remove(conn: &Connect, setup: &HostSetup, uuid: &str) -> Result<Vec<Strin
         }
     }
     Ok(removed)
+}
+
+/// Rewrites the HA flag and epoch in a domain's metadata (live and
+/// persistent), keeping its definition: for a VM whose placement changed
+/// but whose domain matches.
+pub fn retag(conn: &Connect, vm: &DesiredVm) -> Result<(), HvError> {
+    let d = require(conn, vm.id)?;
+    let flags = if d.is_active().map_err(call("domain state"))? {
+        sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG
+    } else {
+        sys::VIR_DOMAIN_AFFECT_CONFIG
+    };
+    d.set_metadata(
+        sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+        Some(&Metadata::of(vm).element()),
+        Some(domxml::METADATA_PREFIX),
+        Some(domxml::METADATA_NS),
+        flags,
+    )
+    .map_err(call("set metadata"))
 }
 
 /// Takes an internal snapshot (no-op when one with that name exists).

@@ -130,11 +130,17 @@ fn domains_defined_under_the_legacy_hash_are_unchanged_after_an_upgrade() {
     let meta = vmops::metadata(&ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("gone")))
         .unwrap_or_else(|| panic!("no metadata"));
     assert_eq!(meta.spec_hash, drift::domain_hash(&bigger));
-    // From then on a field outside the domain changes nothing.
+    // From then on a field outside the domain never redefines it; the HA
+    // flag is retagged in the metadata.
     let mut ha = bigger.clone();
-    ha.spec.ha = !bigger.spec.ha;
+    ha.spec.ha_priority = 3;
     ha.power = Power::Stopped;
     assert!(plan_for(&h, &ha).actions.is_empty());
+    ha.spec.ha = !bigger.spec.ha;
+    assert_eq!(
+        plan_for(&h, &ha).actions,
+        [novacron_agent::reconcile::Action::Retag(ha.clone())]
+    );
 }
 
 /// The reconciler's plan for `vm` against what the host has now.
@@ -398,4 +404,323 @@ fn golden_xml_passes_virt_xml_validate() {
         }
     }
     assert_eq!(checked, 6);
+}
+
+// ---- HA: fencing, departed VMs, retagging, shared storage ----
+
+use novacron_agent::ha::{self, LeaseHandle};
+use novacron_agent::hypervisor::Hypervisor;
+use novacron_agent::lease::FenceMode;
+use novacron_agent::reconcile::{Action, Gate, Reconciler};
+use novacron_shared::lease::LeaseTiming;
+use novacron_shared::protocol::Departed;
+use std::time::Duration;
+
+/// The agent's driver on a private test-driver host (with the foreign,
+/// running domain "test"), on `storage`.
+fn driver_host(storage: vmops::Storage) -> (Hypervisor, tempfile::TempDir) {
+    common::warm_up_schema();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let uri = common::node_uri(
+        dir.path(),
+        "<domain type='test'><name>test</name><memory>65536</memory><os><type>hvm</type></os></domain>",
+    );
+    let (hv, _events) = ok(Hypervisor::start(
+        &uri,
+        Duration::from_secs(20),
+        common::setup_in(dir.path()),
+    ));
+    (hv.with_storage(storage), dir)
+}
+
+fn lease_handle() -> LeaseHandle {
+    let (h, _driver) = LeaseHandle::new(
+        LeaseTiming::new(Duration::from_secs(5)),
+        FenceMode::Kill,
+        novacron_shared::clock::Clock::system(),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    h
+}
+
+async fn running(hv: &Hypervisor) -> Vec<String> {
+    let (_, vms) = ok(hv.observe().await);
+    let mut names: Vec<String> = vms
+        .into_iter()
+        .filter(|o| o.state == VmState::Running)
+        .map(|o| o.name)
+        .collect();
+    names.sort();
+    names
+}
+
+async fn fence_test(mode: FenceMode) {
+    let (hv, _dir) = driver_host(vmops::Storage::Local);
+    let mut by_meta = vm("ha-meta", 21);
+    by_meta.spec.ha = true;
+    let plain = vm("plain", 22);
+    // HA only by the desired state (defined when it was not HA).
+    let by_desired = vm("ha-desired", 23);
+    let mut stopped_ha = vm("ha-off", 24);
+    stopped_ha.spec.ha = true;
+    for v in [&by_meta, &plain, &by_desired, &stopped_ha] {
+        ok(hv.define(v.clone()).await);
+    }
+    for v in [&by_meta, &plain, &by_desired] {
+        ok(hv.start_vm(v.id).await);
+    }
+    assert_eq!(running(&hv).await, ["ha-desired", "ha-meta", "plain", "test"]);
+    let lease = lease_handle();
+    lease.set_ha_vms([by_desired.id]);
+    ha::fence(&lease, &hv, mode).await;
+    assert_eq!(
+        running(&hv).await,
+        ["plain", "test"],
+        "HA domains stopped; the non-HA and the foreign domain untouched"
+    );
+    // Stopped, not removed: the definitions and disks stay.
+    for v in [&by_meta, &by_desired, &stopped_ha] {
+        assert!(ok(hv.observe().await).1.iter().any(|o| o.name == v.spec.name));
+    }
+}
+
+#[tokio::test]
+async fn the_fence_kills_ha_domains_and_leaves_the_others_running() {
+    fence_test(FenceMode::Kill).await;
+}
+
+#[tokio::test]
+async fn the_fence_by_shutdown_stops_ha_domains_only() {
+    fence_test(FenceMode::ShutdownThenKill {
+        grace: Duration::from_secs(1),
+    })
+    .await;
+}
+
+#[test]
+fn departed_vms_are_removed_keeping_or_deleting_their_disks() {
+    let h = host();
+    let kept = vm("moved-shared", 31);
+    let deleted = vm("moved-local", 32);
+    let stays = vm("stays", 33);
+    for v in [&kept, &deleted, &stays] {
+        ok(vmops::define(&h.conn, &h.setup, v));
+        ok(vmops::start(&h.conn, v.id));
+    }
+    let departed = [
+        Departed {
+            vm: kept.id,
+            keep_disks: true,
+        },
+        Departed {
+            vm: deleted.id,
+            keep_disks: false,
+        },
+    ];
+    let (_, vms) = ok(vmops::observe(&h.conn, &h.setup));
+    let seen: Vec<_> = vms.iter().map(|o| o.to_observed()).collect();
+    let clock = novacron_shared::clock::Clock::system();
+    // Planned without a lease (a returning host has none yet).
+    let plan = Reconciler::default().plan_with(
+        clock.now(),
+        std::slice::from_ref(&stays),
+        &departed,
+        &seen,
+        Gate::closed("fenced"),
+    );
+    assert_eq!(plan.actions.len(), 2, "{plan:?}");
+    for a in plan.actions {
+        let Action::Depart { uuid, keep_disks, .. } = a else {
+            panic!("not a departure: {a:?}")
+        };
+        ok(vmops::depart(&h.conn, &h.setup, &uuid, keep_disks));
+    }
+    assert!(ok(vmops::lookup(&h.conn, kept.id)).is_none());
+    assert!(ok(vmops::lookup(&h.conn, deleted.id)).is_none());
+    assert_eq!(state(&h, stays.id), VmState::Running);
+    assert_eq!(
+        volumes(&h),
+        [
+            "moved-shared.cidata.iso",
+            "moved-shared.data.qcow2",
+            "moved-shared.root.qcow2",
+            "stays.cidata.iso",
+            "stays.data.qcow2",
+            "stays.root.qcow2",
+        ]
+    );
+    // Gone already: nothing to do, no error.
+    assert!(ok(vmops::depart(&h.conn, &h.setup, &kept.id.to_string(), false)).is_empty());
+}
+
+#[test]
+fn a_retag_rewrites_live_and_persistent_metadata_without_a_redefinition() {
+    let h = host();
+    let v = vm("tagged", 41);
+    ok(vmops::define(&h.conn, &h.setup, &v));
+    ok(vmops::start(&h.conn, v.id));
+    let mut moved = v.clone();
+    moved.spec.ha = true;
+    moved.epoch = 3;
+    ok(vmops::retag(&h.conn, &moved));
+    let d = ok(vmops::lookup(&h.conn, v.id)).unwrap_or_else(|| panic!("gone"));
+    let meta = vmops::metadata(&d).unwrap_or_else(|| panic!("no metadata"));
+    assert!(meta.ha && meta.epoch == 3, "{meta:?}");
+    assert_eq!(meta.spec_hash, drift::domain_hash(&v));
+    let inactive = ok_virt(d.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE));
+    assert!(
+        inactive.contains("<novacron:epoch>3</novacron:epoch>"),
+        "{inactive}"
+    );
+    assert_eq!(state(&h, v.id), VmState::Running, "a retag does not restart it");
+    // The definition matches: nothing more to do, with the lease.
+    let (_, vms) = ok(vmops::observe(&h.conn, &h.setup));
+    let seen: Vec<_> = vms.iter().map(|o| o.to_observed()).collect();
+    let clock = novacron_shared::clock::Clock::system();
+    let plan = Reconciler::default().plan_with(
+        clock.now(),
+        std::slice::from_ref(&moved),
+        &[],
+        &seen,
+        Gate::open(),
+    );
+    assert!(plan.converged(), "{plan:?}");
+    assert_eq!(ok(vmops::define(&h.conn, &h.setup, &moved)), Defined::Unchanged);
+}
+
+#[test]
+fn a_shared_pool_reuses_the_volumes_another_host_made() {
+    let h = host();
+    let pool = ok(vmops::ensure_pool(&h.conn, &h.setup));
+    // "Another host" made the root disk (bigger than this spec says).
+    let root = novacron_agent::domxml::volume("shared-1.root.qcow2", 100 << 20, "qcow2", None);
+    ok_virt(StorageVol::create_xml(&pool, &root, 0));
+    let v = vm("shared-1", 51);
+    assert_eq!(
+        ok(vmops::define_on(&h.conn, &h.setup, vmops::Storage::Shared, &v)),
+        Defined::Created
+    );
+    let vol = ok_virt(pool.lookup_storage_vol_by_name("shared-1.root.qcow2"));
+    assert_eq!(
+        ok_virt(vol.info()).capacity,
+        100 << 20,
+        "re-created over the other host's disk"
+    );
+    assert_eq!(
+        volumes(&h),
+        [
+            "shared-1.cidata.iso",
+            "shared-1.data.qcow2",
+            "shared-1.root.qcow2"
+        ]
+    );
+    // A failed define on a shared pool deletes only what it created.
+    let mut bad = vm("shared-2", 52);
+    let other = novacron_agent::domxml::volume("shared-2.root.qcow2", 64 << 20, "qcow2", None);
+    ok_virt(StorageVol::create_xml(&pool, &other, 0));
+    bad.spec.disks.push(DiskSpec {
+        name: "third".into(),
+        size_mib: None,
+        template: Some("missing.qcow2".into()),
+    });
+    assert!(vmops::define_on(&h.conn, &h.setup, vmops::Storage::Shared, &bad).is_err());
+    assert!(
+        volumes(&h).contains(&"shared-2.root.qcow2".to_string()),
+        "{:?}",
+        volumes(&h)
+    );
+    assert!(!volumes(&h).contains(&"shared-2.data.qcow2".to_string()));
+}
+
+#[tokio::test]
+async fn the_inventory_names_the_shared_pool() {
+    let (hv, dir) = driver_host(vmops::Storage::Shared);
+    let inv = ok(hv.inventory().await);
+    assert_eq!(
+        inv.shared_storage.as_deref(),
+        Some(dir.path().join("pool").to_string_lossy().as_ref())
+    );
+    let (local, _dir) = driver_host(vmops::Storage::Local);
+    assert_eq!(ok(local.inventory().await).shared_storage, None);
+}
+
+/// The VM loop on a test-driver host: an HA VM is defined but not started
+/// without a lease (the report says why), and starts as soon as a lease is
+/// acquired, without waiting for the periodic resync; a non-HA VM starts at
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vm_loop_starts_ha_vms_only_under_a_lease_and_as_soon_as_one_comes() {
+    use novacron_agent::converge::{self, ConvergeConfig};
+    use novacron_agent::lease::Event;
+    use novacron_shared::protocol::{AgentMessage, DesiredState};
+    let (hv, _dir) = driver_host(vmops::Storage::Local);
+    let lease = lease_handle();
+    let mut ha_vm = vm("ha-web", 61);
+    ha_vm.spec.ha = true;
+    ha_vm.spec.cloud_init = None;
+    let mut plain = vm("plain-web", 62);
+    plain.spec.cloud_init = None;
+    let (desired_tx, desired_rx) = tokio::sync::watch::channel(None);
+    let (_events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (outbox_tx, mut outbox) = tokio::sync::mpsc::channel(1024);
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let cfg = ConvergeConfig {
+        // Far away: nothing here may rely on the periodic resync.
+        resync_every: Duration::from_secs(3600),
+        lease: Some(lease.clone()),
+        ..Default::default()
+    };
+    let clock = novacron_shared::clock::Clock::system();
+    tokio::spawn(converge::run(
+        hv.clone(),
+        cfg,
+        clock.clone(),
+        desired_rx,
+        events_rx,
+        outbox_tx,
+        stop_rx,
+    ));
+    desired_tx.send_replace(Some(DesiredState {
+        generation: 1,
+        vms: vec![ha_vm.clone(), plain.clone()],
+        migrating: vec![],
+        departed: vec![],
+    }));
+    let limit = Duration::from_secs(20);
+    let start = clock.now();
+    let waiting = loop {
+        assert!(clock.since(start) < limit, "no report about the HA VM waiting");
+        match tokio::time::timeout(limit, outbox.recv()).await {
+            Ok(Some(AgentMessage::Reconciled(r))) if r.drift.iter().any(|d| d.vm == "ha-web") => break r,
+            Ok(Some(_)) => {}
+            other => panic!("the VM loop stopped reporting: {other:?}"),
+        }
+    };
+    assert!(!waiting.converged);
+    assert_eq!(
+        waiting
+            .drift
+            .iter()
+            .map(|d| d.message.as_str())
+            .collect::<Vec<_>>(),
+        ["waiting for the HA lease (state no lease)"]
+    );
+    assert_eq!(running(&hv).await, ["plain-web", "test"]);
+    // A lease: the HA VM starts now.
+    lease.step(Event::SessionStarted);
+    lease.step(Event::HeartbeatSent { seq: 1 });
+    lease.step(Event::AckReceived { seq: 1 });
+    loop {
+        assert!(
+            clock.since(start) < limit,
+            "the HA VM did not start under the lease"
+        );
+        match tokio::time::timeout(limit, outbox.recv()).await {
+            Ok(Some(AgentMessage::Reconciled(r))) if r.converged => break,
+            Ok(Some(_)) => {}
+            other => panic!("the VM loop stopped reporting: {other:?}"),
+        }
+    }
+    assert_eq!(running(&hv).await, ["ha-web", "plain-web", "test"]);
 }

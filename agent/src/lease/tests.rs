@@ -647,3 +647,141 @@ proptest! {
         }
     }
 }
+
+/// `timing()` with another lease length.
+fn with_lease(lease: Duration) -> LeaseTiming {
+    LeaseTiming { lease, ..timing() }
+}
+
+#[test]
+fn new_terms_recompute_the_deadline_from_the_same_send_instant() {
+    let (t0, mut l) = leased();
+    let sent = t0 + ms(1_000);
+    // Longer: the same heartbeat now holds the lease for 10 s.
+    let out = l
+        .set_timing(t0 + ms(2_000), with_lease(ms(10_000)), FenceMode::Kill)
+        .unwrap();
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(l.deadline(), Some(sent + ms(10_000)));
+    assert_eq!(l.next_timer(), Some(sent + ms(10_000) / RENEWING_DIVISOR));
+    // Shorter: 3 s from the same send; nothing happens before it...
+    assert!(l
+        .set_timing(t0 + ms(2_000), with_lease(ms(3_000)), FenceMode::Kill)
+        .unwrap()
+        .iter()
+        .all(|a| matches!(a, Action::Renewing { .. })));
+    assert_eq!(l.deadline(), Some(sent + ms(3_000)));
+    assert!(step(&mut l, sent + ms(2_999), Event::Tick).is_empty());
+    // ...and at it the HA VMs are fenced.
+    assert_eq!(
+        step(&mut l, sent + ms(3_000), Event::Tick),
+        vec![
+            Action::LeaseLost {
+                deadline: sent + ms(3_000)
+            },
+            Action::FenceHaVms {
+                mode: FenceMode::Kill
+            }
+        ]
+    );
+}
+
+#[test]
+fn terms_that_end_the_lease_fence_at_once() {
+    let (t0, mut l) = leased();
+    let sent = t0 + ms(1_000);
+    let mode = FenceMode::ShutdownThenKill { grace: ms(500) };
+    let out = l.set_timing(t0 + ms(4_000), with_lease(ms(2_000)), mode).unwrap();
+    assert_eq!(
+        out,
+        vec![
+            Action::LeaseLost {
+                deadline: sent + ms(2_000)
+            },
+            Action::FenceHaVms { mode }
+        ]
+    );
+    assert_eq!(l.mode(), mode);
+}
+
+#[test]
+fn a_longer_lease_ends_a_renewing_warning_and_a_shorter_one_starts_it() {
+    let (t0, mut l) = leased();
+    let sent = t0 + ms(1_000);
+    // 6 s lease: renewing from sent + 2 s.
+    let out = step(&mut l, sent + ms(2_500), Event::Tick);
+    assert_eq!(out, vec![Action::Renewing { deadline: sent + L }]);
+    assert!(!l.may_start_ha(sent + ms(2_500)));
+    let out = l
+        .set_timing(sent + ms(2_500), with_lease(ms(12_000)), FenceMode::Kill)
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![Action::Renewed {
+            deadline: sent + ms(12_000)
+        }]
+    );
+    assert!(l.may_start_ha(sent + ms(2_500)));
+    let out = l
+        .set_timing(sent + ms(2_500), with_lease(ms(6_000)), FenceMode::Kill)
+        .unwrap();
+    assert_eq!(out, vec![Action::Renewing { deadline: sent + L }]);
+}
+
+#[test]
+fn without_a_lease_new_terms_only_bring_the_start_deadline_forward() {
+    let (t0, mut l) = start();
+    assert_eq!(l.deadline(), Some(t0 + L));
+    l.set_timing(t0 + ms(100), with_lease(ms(20_000)), FenceMode::Kill)
+        .unwrap();
+    assert_eq!(l.deadline(), Some(t0 + L), "a previous run may have held L");
+    l.set_timing(t0 + ms(100), with_lease(ms(2_000)), FenceMode::Kill)
+        .unwrap();
+    assert_eq!(l.deadline(), Some(t0 + ms(2_000)));
+    // The next lease is counted under the new terms.
+    send(&mut l, t0 + ms(1_000), 1);
+    ack(&mut l, t0 + ms(1_100), 1);
+    assert_eq!(l.deadline(), Some(t0 + ms(3_000)));
+}
+
+#[test]
+fn terms_with_a_grace_longer_than_the_fence_time_change_nothing() {
+    let (t0, mut l) = leased();
+    let e = l
+        .set_timing(
+            t0 + ms(1_500),
+            with_lease(ms(1_000)),
+            FenceMode::ShutdownThenKill {
+                grace: timing().fence_time,
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(e, LeaseError::GraceExceedsFenceTime { .. }), "{e}");
+    assert_eq!(l.timing(), timing());
+    assert_eq!(l.deadline(), Some(t0 + ms(1_000) + L));
+}
+
+#[test]
+fn a_previous_runs_deadline_only_brings_the_no_lease_fence_forward() {
+    let (t0, mut l) = start();
+    l.limit_no_lease(t0 + L + ms(1));
+    assert_eq!(l.deadline(), Some(t0 + L));
+    l.limit_no_lease(t0 + ms(1_500));
+    assert_eq!(l.deadline(), Some(t0 + ms(1_500)));
+    assert!(step(&mut l, t0 + ms(1_499), Event::Tick).is_empty());
+    assert_eq!(
+        step(&mut l, t0 + ms(1_500), Event::Tick),
+        vec![
+            Action::LeaseLost {
+                deadline: t0 + ms(1_500)
+            },
+            Action::FenceHaVms {
+                mode: FenceMode::Kill
+            }
+        ]
+    );
+    // Under a lease it changes nothing.
+    let (t0, mut l) = leased();
+    l.limit_no_lease(t0);
+    assert_eq!(l.deadline(), Some(t0 + ms(1_000) + L));
+}

@@ -31,12 +31,12 @@ fn load_domain_schema_once(conn: &Connect) {
     });
 }
 
-/// A private test-driver host (test:///default is shared by every
-/// connection in a process; a node file gives each test its own state),
-/// with `domains` (domain XML NovaCron did not define) in its node file.
-pub fn host(domains: &str) -> Host {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let node = dir.path().join("node.xml");
+/// The URI of a private test-driver host (test:///default is shared by
+/// every connection in a process; a node file gives each its own state),
+/// with `domains` (domain XML NovaCron did not define) in its node file
+/// under `dir`.
+pub fn node_uri(dir: &std::path::Path, domains: &str) -> String {
+    let node = dir.join("node.xml");
     std::fs::write(
         &node,
         format!(
@@ -46,20 +46,39 @@ pub fn host(domains: &str) -> Host {
         ),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let uri = format!("test://{}", node.display());
-    let conn = Connect::open(Some(&uri)).unwrap_or_else(|e| panic!("{e}"));
-    load_domain_schema_once(&conn);
-    let setup = HostSetup {
+    format!("test://{}", node.display())
+}
+
+/// Pool and console paths inside `dir`.
+pub fn setup_in(dir: &std::path::Path) -> HostSetup {
+    HostSetup {
         pool: "novacron".into(),
-        pool_path: dir.path().join("pool").to_string_lossy().into_owned(),
-        console_dir: dir.path().to_string_lossy().into_owned(),
+        pool_path: dir.join("pool").to_string_lossy().into_owned(),
+        console_dir: dir.to_string_lossy().into_owned(),
         virt_type: None,
         migration_uri: None,
         labels: Default::default(),
-    };
+    }
+}
+
+/// A private test-driver host with `domains` in its node file.
+pub fn host(domains: &str) -> Host {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let uri = node_uri(dir.path(), domains);
+    let conn = Connect::open(Some(&uri)).unwrap_or_else(|e| panic!("{e}"));
+    load_domain_schema_once(&conn);
+    let setup = setup_in(dir.path());
     Host {
         conn,
         setup,
         _dir: dir,
     }
+}
+
+/// Warms the schema loader up on a connection of its own (see
+/// [`host`]), for tests that drive the host through the agent's driver.
+pub fn warm_up_schema() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let conn = Connect::open(Some(&node_uri(dir.path(), ""))).unwrap_or_else(|e| panic!("{e}"));
+    load_domain_schema_once(&conn);
 }
