@@ -113,7 +113,8 @@ fn host(id: &str, name: &str) -> Value {
            "capacity": {"cpus": 4, "memory_mib": 4096, "storage_mib": 0, "storage_free_mib": 0},
            "agent_version": "0.1.0", "first_seen_ms": 1, "last_seen_ms": 1, "state": "online",
            "cert_serial": "ab", "cert_not_after": 1_800_000_000, "connected": true,
-           "protocol_version": 1, "vm_count": 1, "cordoned": false, "labels": {}})
+           "protocol_version": 1, "vm_count": 1, "cordoned": false, "labels": {},
+           "lease": "online"})
 }
 
 /// The VM web-1 on HOST1 as the API shows it.

@@ -97,6 +97,18 @@ impl Fleet {
             }
         }
         let mut hosts = self.candidate_hosts()?;
+        // An HA VM arrives running: only on a host holding its HA lease
+        // (libvirt starts it there without the agent's lease gate).
+        let leased = |h: HostId| self.lease_state(h) == Some(crate::ha::lease::HostState::Online);
+        if rec.vm.spec.ha {
+            if let Some(t) = target.filter(|t| *t != source && !leased(*t)) {
+                return Err(VmError::Busy(format!(
+                    "host {t} does not hold its HA lease now ({:?}); an HA VM moves only to a host that does",
+                    self.lease_state(t)
+                )));
+            }
+            hosts.retain(|h| leased(h.id));
+        }
         match target {
             Some(t) if t == source => {
                 return Err(VmError::Invalid(format!("host: the VM already runs on host {t}")));
