@@ -617,11 +617,13 @@ fn a_server_kill9_within_the_lease_changes_nothing_and_a_longer_one_restarts_eac
     }
     novacron_e2e::assert_holds("nothing fenced or moved", PAST_FENCE_WAIT, || {
         for ((name, id, i), pid) in vms.iter().zip(&pids) {
-            if domstate(&f.host(*i).local_uri, id).as_deref() != Some("running") {
+            let state = domstate(&f.host(*i).local_uri, id);
+            if state.as_deref() != Some("running") {
                 return Err(format!(
-                    "{name} stopped on {}:\n{}",
+                    "{name} is {state:?} on {}:\n{}\nits agent's whole log:\n{}",
                     f.host(*i).name,
-                    f.ha_story()
+                    f.ha_story(),
+                    f.agents[*i].logs()
                 ));
             }
             if qemu_pid(f.host(*i), id) != *pid {
