@@ -2,7 +2,7 @@
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: deps testbed demo bench-ha test lint fuzz
+.PHONY: deps testbed demo bench-ha test lint fuzz sim
 
 GUEST_DIR ?= /var/tmp/novacron-guest
 
@@ -38,3 +38,7 @@ lint: deps
 
 fuzz:
 	bash shared/fuzz/run.sh $(or $(FUZZ_SECONDS),30)
+
+## The deterministic HA simulation over many seeds (no root, no libvirt).
+sim:
+	$(CARGO) run --locked --release -p novacron-sim --bin ha-sim -- --seeds $(or $(SEEDS),100000)

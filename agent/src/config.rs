@@ -79,7 +79,10 @@ pub struct VmConfig {
     pub storage_shared: bool,
     /// Run the fence guard (a small process of this binary that kills the
     /// HA QEMUs at the lease deadline if the agent is killed or stopped
-    /// and no agent renews the lease).
+    /// and no agent renews the lease). Off, an agent stopped or killed for
+    /// longer than the server's fence wait leaves its HA VMs running while
+    /// the server restarts them elsewhere: two copies. Only for hosts that
+    /// run no HA VMs, or tests.
     #[serde(default = "default_true")]
     pub fence_guard: bool,
     /// Where libvirt keeps its QEMU pid files (`<domain>.pid`), for the

@@ -144,6 +144,7 @@ pub(super) async fn command(api: &Api, host: HostId, kind: CommandKind) -> Resul
         Err(e @ CommandError::NotConnected(_)) => {
             Err(ApiError::conflict(ErrorCode::NotConnected, e.to_string()))
         }
+        Err(e @ CommandError::NoLease(_)) => Err(ApiError::conflict(ErrorCode::Conflict, e.to_string())),
         Err(e @ CommandError::Timeout { .. }) => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::Timeout,

@@ -10,18 +10,21 @@
 //! at the first step that saw it so; a host not heard since the server
 //! started went silent at the start):
 //!
-//! - **Enter held** when at least one silent host's lease has expired, and
-//!   the hosts that went silent within the last `window` are at least two
-//!   and more than `ratio · monitored`. One host alone never holds: in a
+//! - **Enter held** when the hosts whose lease has expired (`LeaseExpired`
+//!   or `Fenced`) and that went silent within the last `window` are at
+//!   least two and more than `ratio · monitored`. A host only suspect (late
+//!   heartbeats on a busy machine) does not count: hosts cut off together
+//!   all pass their lease within a heartbeat of each other, before the
+//!   first of them is fenced. One host alone never holds: in a
 //!   fleet of three, losing one host is a failover, losing two at once is
 //!   held.
 //! - **While held** no fenced host is released, whatever its age: the
 //!   window only decides entry, so a long outage of the server's network
 //!   does not age into restarts.
-//! - **Leave held** by itself when the hosts still silent are no longer
-//!   more than the share (or fewer than two): the guard turns *releasing*
-//!   and releases the fenced hosts it held back one per `release_step`,
-//!   longest silent first; hosts fenced while releasing queue behind them.
+//! - **Leave held** by itself when the hosts whose lease is still expired
+//!   are no longer more than the share (or fewer than two): the guard turns *releasing*
+//!   and releases the fenced hosts it held back one per `release_step`
+//!   (the first a step after leaving held), longest silent first; hosts fenced while releasing queue behind them.
 //!   It is normal again when the queue is empty. If the share is exceeded
 //!   again it is held again.
 //! - **An operator** may release at any time: every fenced host is released
@@ -199,18 +202,24 @@ impl Guard {
             }
         }
         let monitored = hosts.iter().filter(|h| h.lease != HostState::Maintenance).count();
-        let silent_now = hosts
+        // Counted: hosts whose lease expired. A host only late with its
+        // heartbeats (suspect: a busy machine, a slow link) is no sign of
+        // a mass failure; hosts cut off together all pass their lease
+        // within a heartbeat of each other, before the first is fenced.
+        let lapsed: BTreeSet<HostId> = hosts
             .iter()
-            .filter(|h| is_silent(h.lease) && !self.judged.contains(&h.id))
-            .count();
-        let expired = hosts
-            .iter()
-            .any(|h| matches!(h.lease, HostState::LeaseExpired | HostState::Fenced));
+            .filter(|h| matches!(h.lease, HostState::LeaseExpired | HostState::Fenced))
+            .map(|h| h.id)
+            .collect();
+        let silent_now = lapsed.iter().filter(|h| !self.judged.contains(h)).count();
+        let expired = !lapsed.is_empty();
         let recent = self
             .silent_since
             .iter()
             .filter(|(h, t)| {
-                !self.judged.contains(h) && now.saturating_duration_since(**t) <= self.policy.window
+                lapsed.contains(h)
+                    && !self.judged.contains(h)
+                    && now.saturating_duration_since(**t) <= self.policy.window
             })
             .count();
         let too_many = |n: usize| n >= 2 && (n as f64) > self.policy.ratio * monitored as f64;
@@ -238,9 +247,13 @@ impl Guard {
                 None
             }
             GuardState::Held { .. } if !too_many(silent_now) => {
-                self.state = GuardState::Releasing { next: now };
-                let more = self.release_step(now, hosts);
-                Some(more.unwrap_or(GuardChange::Releasing))
+                // The first release waits a step too: hosts coming back
+                // after a network fault return over a few moments, and one
+                // heard before then keeps its VMs.
+                self.state = GuardState::Releasing {
+                    next: now.checked_add(self.policy.release_step).unwrap_or(now),
+                };
+                Some(GuardChange::Releasing)
             }
             GuardState::Held { .. } => None,
             GuardState::Releasing { next } if now >= next => self.release_step(now, hosts),
@@ -345,13 +358,15 @@ mod tests {
         assert_eq!(g.observe(t3, &hosts(&states)), Some(GuardChange::Releasing));
         assert!(matches!(g.state(), GuardState::Releasing { .. }));
         let allowed = |g: &Guard| (3..=4).filter(|h| g.allows(HostId(*h))).count();
-        assert_eq!(allowed(&g), 1);
+        assert_eq!(allowed(&g), 0, "the first release waits a step");
         assert_eq!(g.observe(t3 + p.release_step / 2, &hosts(&states)), None);
-        assert_eq!(allowed(&g), 1, "not before the step");
+        assert_eq!(allowed(&g), 0, "not before the step");
         assert_eq!(g.observe(t3 + p.release_step, &hosts(&states)), None);
+        assert_eq!(allowed(&g), 1);
+        assert_eq!(g.observe(t3 + p.release_step * 2, &hosts(&states)), None);
         assert_eq!(allowed(&g), 2);
         assert_eq!(
-            g.observe(t3 + p.release_step * 2, &hosts(&states)),
+            g.observe(t3 + p.release_step * 3, &hosts(&states)),
             Some(GuardChange::Normal { by_operator: false })
         );
         assert_eq!(g.state(), &GuardState::Normal);
@@ -424,5 +439,35 @@ mod tests {
             None
         );
         assert!(g.allows(HostId(2)));
+    }
+}
+
+#[cfg(test)]
+mod suspect_tests {
+    use super::*;
+    use novacron_shared::clock::Clock;
+    use HostState::{Fenced, Online, Suspect};
+
+    #[test]
+    fn a_late_host_beside_a_dead_one_does_not_hold() {
+        // One host of three dies; another is only late with its heartbeats
+        // (a busy machine): a failover, not a mass failure.
+        let (clock, _) = Clock::manual();
+        let t0 = clock.now();
+        let ids = [HostId(1), HostId(2), HostId(3)];
+        let mut g = Guard::new(GuardPolicy::default(), ids, t0);
+        let at = |states: [HostState; 3]| -> Vec<HostLease> {
+            ids.iter()
+                .zip(states)
+                .map(|(id, lease)| HostLease { id: *id, lease })
+                .collect()
+        };
+        g.observe(t0, &at([Online, Online, Online]));
+        g.observe(t0 + Duration::from_secs(3), &at([Suspect, Suspect, Online]));
+        assert_eq!(
+            g.observe(t0 + Duration::from_secs(8), &at([Fenced, Suspect, Online])),
+            None
+        );
+        assert!(g.allows(HostId(1)));
     }
 }

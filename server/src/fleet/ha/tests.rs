@@ -653,6 +653,17 @@ async fn over_a_real_session_terms_come_first_and_acks_stop_when_fenced_until_re
     manual.advance(f.ha_config().timing().fenced_after() + Duration::from_millis(100));
     f.tick_leases(f.clock().now()).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Fenced));
+    // A snapshot revert (which may start the HA VM) is refused while the
+    // host holds no lease; it never reaches the agent.
+    let revert = novacron_shared::protocol::CommandKind::SnapshotRevert {
+        vm: VmId(7),
+        name: "s1".into(),
+    };
+    let r = f.command(H1, revert, Duration::from_secs(5)).await;
+    assert!(
+        matches!(r, Err(crate::fleet::CommandError::NoLease(h)) if h == H1),
+        "{r:?}"
+    );
     for m in [beat(2), probe()] {
         framing::write_frame(&mut send, 1, &m, &mut buf).await.unwrap();
     }

@@ -35,6 +35,12 @@ pub enum CommandError {
         /// How long we waited.
         timeout: Duration,
     },
+    /// A snapshot revert may start an HA VM, and the host does not hold
+    /// its HA lease now.
+    #[error(
+        "host {0} does not hold its HA lease now; an HA VM's snapshot is reverted only on a host that does"
+    )]
+    NoLease(HostId),
 }
 
 impl Fleet {
@@ -60,6 +66,20 @@ impl Fleet {
         progress: Option<mpsc::UnboundedSender<(u8, String)>>,
     ) -> Result<(OpId, CommandOutcome), CommandError> {
         let session = self.live(host).ok_or(CommandError::NotConnected(host))?;
+        if let CommandKind::SnapshotRevert { vm, .. } = &kind {
+            // Reverting to a running snapshot starts the VM past the
+            // agent's lease gate. A store error refuses too.
+            let ha = match self.store.vm(*vm) {
+                Ok(r) => r.is_some_and(|r| r.vm.spec.ha),
+                Err(e) => {
+                    tracing::warn!(vm = %vm, error = %e, "cannot read the VM for a snapshot revert; refused");
+                    true
+                }
+            };
+            if ha && self.lease_state(host) != Some(crate::ha::lease::HostState::Online) {
+                return Err(CommandError::NoLease(host));
+            }
+        }
         let (tx, rx) = oneshot::channel();
         lock(&session.pending).insert(op_id, Pending { done: tx, progress });
         if session
