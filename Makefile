@@ -2,7 +2,7 @@
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: deps testbed demo test lint fuzz sim
+.PHONY: deps testbed demo bench-ha test lint fuzz sim
 
 GUEST_DIR ?= /var/tmp/novacron-guest
 
@@ -19,6 +19,12 @@ testbed:
 demo: deps
 	$(CARGO) build --release --locked --bins
 	$(TARGET_DIR)/release/novacron-server demo $(DEMO_ARGS)
+
+## HA failover figures on the real test bed (root): host loss -> the HA
+## guest running on another host, 20 trials, median and p99 per phase.
+bench-ha: deps testbed
+	$(CARGO) build --release --locked -p novacron-server -p novacron-agent -p novacron-bench --bins
+	$(TARGET_DIR)/release/ha-failover --guest-dir $(GUEST_DIR) $(BENCH_HA_ARGS)
 
 ## Unit, property and end-to-end tests (the e2e tests start real processes,
 ## and drive a real libvirtd with QEMU guests: run as root).

@@ -22,9 +22,13 @@ use std::time::{Duration, Instant, SystemTime};
 use novacron_shared::framing::{self, FramedRecv, MAX_FRAME_LEN};
 use novacron_shared::protocol::{AgentMessage, Hello, ServerMessage, HANDSHAKE_VERSION};
 
-/// The path of a workspace binary next to the test executable.
+/// The path of a workspace binary next to the test executable (one
+/// directory above it; for a benchmark binary, in its own directory).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
+    if let Some(p) = exe.parent().map(|d| d.join(name)).filter(|p| p.exists()) {
+        return p;
+    }
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
     assert!(
@@ -91,6 +95,43 @@ fn tls_servers(
     SERVERS.get_or_init(Default::default)
 }
 
+/// The network namespaces of the servers this process started inside one
+/// (`Server::start_in_netns`), by API address.
+fn netns_servers() -> &'static std::sync::Mutex<std::collections::HashMap<SocketAddr, String>> {
+    static SERVERS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<SocketAddr, String>>> =
+        std::sync::OnceLock::new();
+    SERVERS.get_or_init(Default::default)
+}
+
+/// A TCP connection to `addr` opened from inside the network namespace
+/// `ns` (`/run/netns/NS`, as `ip netns` names it): a helper thread enters
+/// the namespace, connects and ends; the socket stays in that namespace.
+pub fn connect_in_netns(ns: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let path = Path::new("/run/netns").join(ns);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let f = std::fs::File::open(&path)?;
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
+    })
+}
+
+/// `ip netns exec NS PROGRAM`: the program runs in that network namespace
+/// (same pid: `ip` execs it), with everything else of this process.
+fn in_netns(ns: Option<&str>, program: &Path) -> Command {
+    match ns {
+        None => Command::new(program),
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+    }
+}
+
 /// A TLS client config trusting only the CA certificates in `ca_pem`.
 pub fn tls_client(ca_pem: &Path) -> std::sync::Arc<rustls::ClientConfig> {
     let pem =
@@ -121,7 +162,12 @@ impl Conn {
     /// Connects to the API at `addr` (HTTPS if a server this harness
     /// started there serves it).
     pub fn open(addr: SocketAddr) -> Conn {
-        let tcp = TcpStream::connect(addr).expect("connect to API");
+        let ns = netns_servers().lock().unwrap().get(&addr).cloned();
+        let tcp = match ns {
+            None => TcpStream::connect(addr).expect("connect to API"),
+            Some(ns) => connect_in_netns(&ns, addr)
+                .unwrap_or_else(|e| panic!("connect to API {addr} in network namespace {ns}: {e}")),
+        };
         let cfg = tls_servers().lock().unwrap().get(&addr).cloned();
         match cfg {
             None => Conn::Plain(tcp),
@@ -296,6 +342,8 @@ pub struct Server {
     /// The CA fingerprint.
     pub fingerprint: String,
     starts: u32,
+    /// The network namespace it runs in (`None`: this process's).
+    netns: Option<String>,
 }
 
 impl Server {
@@ -346,6 +394,7 @@ impl Server {
             token,
             fingerprint,
             starts: 0,
+            netns: None,
         };
         s.spawn();
         // Pin the ports so that restarts come back on the same addresses.
@@ -361,6 +410,70 @@ impl Server {
             );
         std::fs::write(&s.config, text).unwrap();
         s
+    }
+
+    /// Like [`Server::start_with`], inside the network namespace `netns`:
+    /// the agent link listens on `quic_ip` (also in its certificate's
+    /// names), the API on that namespace's loopback (this harness's API
+    /// calls reach it there, see [`connect_in_netns`]).
+    pub fn start_in_netns(netns: &str, quic_ip: &str, agents_toml: &str, extra_toml: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("server.toml");
+        let data = dir.path().join("data");
+        let text = |quic: &str, api: &str| {
+            format!(
+                "data_dir = \"{}\"\n[quic]\nlisten = \"{quic}\"\nserver_names = [\"localhost\", \"127.0.0.1\", \"{quic_ip}\"]\n[api]\nlisten = \"{api}\"\n[agents]\n{agents_toml}\n{extra_toml}\n",
+                data.display()
+            )
+        };
+        std::fs::write(&config, text(&format!("{quic_ip}:0"), "127.0.0.1:0")).unwrap();
+        let out = Command::new(bin("novacron-server"))
+            .arg("-c")
+            .arg(&config)
+            .arg("init")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = std::fs::read_to_string(dir.path().join("data/admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let fp = Command::new(bin("novacron-server"))
+            .arg("-c")
+            .arg(&config)
+            .args(["ca", "fingerprint"])
+            .output()
+            .unwrap();
+        let fingerprint = String::from_utf8_lossy(&fp.stdout).trim().to_string();
+        let mut s = Server {
+            config: config.clone(),
+            child: None,
+            quic: "0.0.0.0:0".parse().unwrap(),
+            api: "0.0.0.0:0".parse().unwrap(),
+            token,
+            fingerprint,
+            starts: 0,
+            netns: Some(netns.to_string()),
+            dir,
+        };
+        s.spawn();
+        // Pin the ports so that restarts come back on the same addresses.
+        std::fs::write(&config, text(&s.quic.to_string(), &s.api.to_string())).unwrap();
+        s
+    }
+
+    /// The network namespace the server runs in, if not this process's.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The current log file.
@@ -381,7 +494,7 @@ impl Server {
     fn spawn(&mut self) {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).unwrap();
-        let child = Command::new(bin("novacron-server"))
+        let child = in_netns(self.netns.as_deref(), &bin("novacron-server"))
             .arg("-c")
             .arg(&self.config)
             .arg("run")
@@ -405,6 +518,10 @@ impl Server {
         });
         self.quic = q;
         self.api = a;
+        match &self.netns {
+            Some(ns) => netns_servers().lock().unwrap().insert(a, ns.clone()),
+            None => netns_servers().lock().unwrap().remove(&a),
+        };
         let mut servers = tls_servers().lock().unwrap();
         if https {
             servers.insert(a, tls_client(&self.ca_file()));
@@ -449,7 +566,7 @@ impl Server {
 
     /// Runs `novacron-server -c CONFIG ARGS…`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("novacron-server"))
+        in_netns(self.netns.as_deref(), &bin("novacron-server"))
             .arg("-c")
             .arg(&self.config)
             .args(args)
@@ -524,6 +641,8 @@ pub struct Agent {
     starts: u32,
     /// The host id, once joined.
     pub host_id: String,
+    /// The network namespace it joins and runs in (`None`: this process's).
+    netns: Option<String>,
 }
 
 impl Agent {
@@ -562,7 +681,32 @@ impl Agent {
             child: None,
             starts: 0,
             host_id: String::new(),
+            netns: None,
         }
+    }
+
+    /// Like [`Agent::on`], for an agent that joins and runs inside the
+    /// network namespace `netns` (a test-bed host's: `ip netns pids` lists
+    /// it with that host's daemons, and cutting the host's link cuts it).
+    pub fn in_netns(netns: &str, name: &str, uri: &str, vms_toml: &str) -> Agent {
+        let mut a = Agent::on(name, uri, vms_toml);
+        a.netns = Some(netns.to_string());
+        a
+    }
+
+    /// The agent's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Every run's log, in order.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|i| {
+                let p = self.dir.path().join(format!("agent-{i}.log"));
+                std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
+            })
+            .collect()
     }
 
     /// The agent's data directory.
@@ -572,7 +716,7 @@ impl Agent {
 
     /// Runs `join`; returns the process output (does not assert success).
     pub fn try_join(&self, server: &Server, token: &str, fingerprint: &str) -> Output {
-        Command::new(bin("novacron-agent"))
+        in_netns(self.netns.as_deref(), &bin("novacron-agent"))
             .arg("-c")
             .arg(&self.config)
             .args([
@@ -611,7 +755,7 @@ impl Agent {
     pub fn start(&mut self, extra: &[&str]) {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).unwrap();
-        let child = Command::new(bin("novacron-agent"))
+        let child = in_netns(self.netns.as_deref(), &bin("novacron-agent"))
             .arg("-c")
             .arg(&self.config)
             .arg("run")
@@ -745,4 +889,307 @@ pub fn guest_dir() -> PathBuf {
         );
     }
     dir
+}
+
+/// One namespaced libvirt host of the test bed (`testbed.sh hosts-up`).
+#[derive(Debug, Clone)]
+pub struct NsHost {
+    /// Also its network namespace's name (`ncb-hN`).
+    pub name: String,
+    /// Its address on the bridge.
+    pub ip: String,
+    /// The libvirt URI a process in the root namespace manages it by.
+    pub local_uri: String,
+    /// The libvirt URI other hosts reach it by (peer-to-peer migration).
+    pub migration_uri: String,
+}
+
+impl NsHost {
+    /// Its libvirt log directory as seen from here (`/var/log/libvirt`
+    /// inside the host).
+    pub fn libvirt_log_dir(&self) -> PathBuf {
+        let sock = self
+            .local_uri
+            .split_once("socket=")
+            .map(|(_, s)| PathBuf::from(s))
+            .expect("a local URI with a socket path");
+        sock.parent()
+            .and_then(Path::parent)
+            .expect("the host's state directory")
+            .join("log")
+    }
+}
+
+/// How [`HaBed::cut`] cuts a host off.
+#[derive(Debug, Clone, Copy)]
+pub enum Cut {
+    /// Its veth set down (sends fail at once).
+    LinkDown,
+    /// An nft DROP of everything but loopback inside it (packets vanish).
+    Drop,
+}
+
+/// The HA test bed (`testbed.sh hosts-up N --ha`): N namespaced libvirt
+/// hosts, a namespace of its own for the server on the same bridge, and a
+/// directory pool every host sees at the same path. Torn down on drop
+/// (`hosts-down`).
+pub struct HaBed {
+    /// The hosts, in order.
+    pub hosts: Vec<NsHost>,
+    /// The server's network namespace.
+    pub server_ns: String,
+    /// The server's address on the bridge.
+    pub server_ip: String,
+    /// The shared pool directory (the same path on every host).
+    pub shared: PathBuf,
+}
+
+/// Runs `testbed.sh ARGS…` and returns its stdout; fails the test with its
+/// stderr when it fails.
+pub fn testbed_run(args: &[&str]) -> String {
+    let out = testbed_command().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`testbed.sh {}` failed (needs root and `testbed.sh install`):\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl HaBed {
+    /// Brings up `n` hosts with what HA needs.
+    pub fn up(n: usize) -> HaBed {
+        let out = testbed_run(&["hosts-up", &n.to_string(), "--ha"]);
+        let mut bed = HaBed {
+            hosts: Vec::new(),
+            server_ns: String::new(),
+            server_ip: String::new(),
+            shared: PathBuf::new(),
+        };
+        for l in out.lines() {
+            let f: Vec<&str> = l.split('\t').collect();
+            match f.as_slice() {
+                ["server-ns", ns, ip] => {
+                    bed.server_ns = ns.to_string();
+                    bed.server_ip = ip.to_string();
+                }
+                ["shared-pool", p] => bed.shared = PathBuf::from(p),
+                [name, ip, local, mig] => bed.hosts.push(NsHost {
+                    name: name.to_string(),
+                    ip: ip.to_string(),
+                    local_uri: local.to_string(),
+                    migration_uri: mig.to_string(),
+                }),
+                _ => panic!("unexpected line from hosts-up --ha: {l:?}"),
+            }
+        }
+        assert_eq!(bed.hosts.len(), n, "hosts-up printed: {out}");
+        assert!(
+            !bed.server_ns.is_empty() && bed.shared.is_absolute(),
+            "hosts-up --ha printed no server namespace or shared pool: {out}"
+        );
+        bed
+    }
+
+    /// A fresh directory in the shared pool that QEMU (as libvirt-qemu)
+    /// can use; removed with the bed.
+    pub fn shared_dir(&self, prefix: &str) -> PathBuf {
+        let d = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&self.shared)
+            .unwrap()
+            .keep();
+        let st = Command::new("chown")
+            .arg("libvirt-qemu:kvm")
+            .arg(&d)
+            .status()
+            .unwrap();
+        assert!(st.success(), "chown libvirt-qemu:kvm {}", d.display());
+        Command::new("chmod").arg("0775").arg(&d).status().unwrap();
+        d
+    }
+
+    /// SIGKILLs every process of `h` (libvirtd, virtlogd, QEMUs, an agent
+    /// run there); returns once none is left.
+    pub fn kill_host(&self, h: &NsHost) {
+        testbed_run(&["host-kill", &h.name]);
+    }
+
+    /// Boots a killed host again (its libvirt definitions kept).
+    pub fn revive_host(&self, h: &NsHost) {
+        testbed_run(&["host-revive", &h.name]);
+    }
+
+    /// Cuts `h` off the bridge.
+    pub fn cut(&self, h: &NsHost, how: Cut) {
+        let how = match how {
+            Cut::LinkDown => "down",
+            Cut::Drop => "drop",
+        };
+        testbed_run(&["link-cut", &h.name, how]);
+    }
+
+    /// Undoes [`HaBed::cut`].
+    pub fn restore(&self, h: &NsHost) {
+        testbed_run(&["link-restore", &h.name]);
+    }
+
+    /// The live processes in `h`'s network namespace.
+    pub fn pids(&self, h: &NsHost) -> Vec<u32> {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &h.name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip netns pids {}", h.name);
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+}
+
+impl Drop for HaBed {
+    fn drop(&mut self) {
+        let _ = testbed_command().arg("hosts-down").output();
+    }
+}
+
+/// How a `virsh` command failed.
+#[derive(Debug)]
+pub struct VirshFailed {
+    /// The command line, for messages.
+    pub command: String,
+    /// Its exit status.
+    pub status: std::process::ExitStatus,
+    /// Its non-empty stderr lines.
+    pub errors: Vec<String>,
+}
+
+/// Runs `virsh -c URI ARGS…`: its stdout when it succeeds (a failure to run
+/// it at all fails the test).
+pub fn virsh(uri: &str, args: &[&str]) -> Result<String, VirshFailed> {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run virsh: {e}"));
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    Err(VirshFailed {
+        command: format!("virsh -c {uri} {}", args.join(" ")),
+        status: out.status,
+        errors: String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
+/// The domain's state on the libvirtd at `uri` (`Some("running")`, ...),
+/// or `None` when that libvirtd answers that it has no such domain. Any
+/// other failure (libvirtd unreachable) fails the test: "gone" must be
+/// libvirt's word, not a silence.
+pub fn domstate(uri: &str, dom: &str) -> Option<String> {
+    match virsh(uri, &["domstate", dom]) {
+        Ok(out) => Some(out.trim().to_string()),
+        Err(f) if f.errors == [format!("error: failed to get domain '{dom}'")] => None,
+        Err(f) => panic!(
+            "cannot read the state of domain {dom}: `{}` exited with {}: {}",
+            f.command,
+            f.status,
+            f.errors.join(" / ")
+        ),
+    }
+}
+
+/// Every domain (any state) the libvirtd at `uri` knows, by UUID.
+pub fn all_domains(uri: &str) -> Vec<String> {
+    let out = virsh(uri, &["list", "--all", "--uuid"])
+        .unwrap_or_else(|f| panic!("`{}` failed: {}", f.command, f.errors.join(" / ")));
+    out.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// How many times the guest's boot marker is in the console log at `path`
+/// (0 when the file does not exist yet).
+pub fn boot_count(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.matches("NOVACRON-GUEST-BOOTED").count())
+        .unwrap_or(0)
+}
+
+/// The time at the start of a log line: the RFC 3339 UTC timestamp the
+/// server's and the agent's logs begin with (`2026-12-01T22:34:27.123456Z`),
+/// or libvirt's (`2026-12-01 22:34:27.123+0000: ...`).
+pub fn log_time(line: &str) -> Option<SystemTime> {
+    let line = line.trim_start();
+    let b = line.as_bytes();
+    if b.len() < 19 || !matches!(b[10], b'T' | b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u64> { line.get(r)?.parse().ok() };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' || !(1..=12).contains(&mo) {
+        return None;
+    }
+    let mut nanos = 0u64;
+    if b.get(19) == Some(&b'.') {
+        let digits: String = line[20..].chars().take_while(char::is_ascii_digit).collect();
+        let frac: String = digits.chars().chain(std::iter::repeat('0')).take(9).collect();
+        nanos = frac.parse().ok()?;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm), UTC.
+    let (y, m) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + s;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_nanos(nanos))
+}
+
+/// The time of the first line of `log` that contains every one of `words`.
+pub fn first_log_time(log: &str, words: &[&str]) -> Option<SystemTime> {
+    log.lines()
+        .find(|l| words.iter().all(|w| l.contains(w)))
+        .and_then(log_time)
+}
+
+#[cfg(test)]
+mod log_time_tests {
+    use super::*;
+
+    #[test]
+    fn log_time_reads_both_formats() {
+        let t = log_time("2026-12-01T22:34:27.123456Z  INFO novacron_server: x").unwrap();
+        let want = SystemTime::UNIX_EPOCH + Duration::from_micros(1_796_164_467_123_456);
+        assert_eq!(t, want);
+        let t = log_time("2026-12-01 22:34:27.123+0000: shutting down, reason=destroyed").unwrap();
+        assert_eq!(
+            t,
+            SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_164_467_123)
+        );
+        assert_eq!(log_time("1970-01-01T00:00:00Z"), Some(SystemTime::UNIX_EPOCH));
+        assert_eq!(
+            log_time("2000-03-01T00:00:00Z"),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(951_868_800))
+        );
+        assert_eq!(log_time("not a time"), None);
+        assert_eq!(log_time("2026-13-01T00:00:00Z"), None);
+    }
 }

@@ -12,6 +12,17 @@
 #   testbed.sh hosts-up N     N (1-8) libvirt hosts in network namespaces
 #                             ncb-h1..ncb-hN (10.231.0.1..N), one bridge;
 #                             prints "name<TAB>ip<TAB>local_uri<TAB>migration_uri"
+#   testbed.sh hosts-up N --ha  the same, plus what HA tests need: a server
+#                             namespace ncb-srv (10.231.0.254) on the bridge and
+#                             a directory pool shared by all hosts; prints two
+#                             more lines: "server-ns<TAB>ncb-srv<TAB>10.231.0.254"
+#                             and "shared-pool<TAB>PATH"
+#   testbed.sh host-kill NAME     SIGKILL every process of host NAME (by pid)
+#   testbed.sh host-revive NAME   boot a killed host again (its /run emptied,
+#                             its libvirt definitions and disks kept)
+#   testbed.sh link-cut NAME [down|drop]   cut host NAME's link (veth0 down,
+#                             or an nft DROP of all but loopback inside it)
+#   testbed.sh link-restore NAME  undo link-cut
 #   testbed.sh hosts-down     stop them all (domains, daemons, QEMUs), delete
 #                             the namespaces and their state
 #
@@ -36,6 +47,13 @@ HOST_PREFIX=ncb-h
 BRIDGE_NS=ncb-br
 HOST_NET=10.231.0
 MAX_HOSTS=8
+# For HA tests (hosts-up N --ha): a namespace of its own on the bridge for
+# the server, and a directory every host sees at the same path.
+SERVER_NS=ncb-srv
+SERVER_IP=$HOST_NET.254
+SHARED_DIR=${NOVACRON_TESTBED_SHARED_DIR:-/var/lib/novacron-testbed/shared}
+# The nft table link-cut adds inside a host.
+CUT_TABLE=ncb_cut
 ROOT_NETNS=
 
 log() { printf 'testbed: %s\n' "$*" >&2; }
@@ -51,7 +69,8 @@ self_path() {
 
 usage() {
   cat >&2 <<EOF
-usage: $0 install | start | stop | libvirtd-pid | guest DIR | hosts-up N | hosts-down
+usage: $0 install | start | stop | libvirtd-pid | guest DIR | hosts-up N [--ha] | hosts-down
+          | host-kill NAME | host-revive NAME | link-cut NAME [down|drop] | link-restore NAME
   install       install qemu-system-x86 (qemu-utils pinned to 1:7.2), libvirt-daemon-system,
                 libvirt-clients, libvirt-dev, busybox-static, genisoimage, iproute2, nftables if missing
   start         start virtlogd and libvirtd if not running (pids in $RUN_DIR),
@@ -64,8 +83,31 @@ usage: $0 install | start | stop | libvirtd-pid | guest DIR | hosts-up N | hosts
                 virtlogd + libvirtd (state in $HOSTS_DIR/NAME, /var/lib/libvirt
                 in $HOSTS_LIB_DIR/NAME/lib); prints one line per host:
                 NAME<TAB>IP<TAB>qemu+unix:///system?socket=PATH<TAB>qemu+tcp://IP/system
+  hosts-up N --ha
+                the same, plus for HA tests: a namespace $SERVER_NS with $SERVER_IP/24 on the
+                bridge (run the server there with 'ip netns exec $SERVER_NS'; agents run in
+                their host's namespace with 'ip netns exec NAME'), and a directory pool
+                $SHARED_DIR that every host sees at the same path (o+x parents,
+                owned by libvirt-qemu; override with NOVACRON_TESTBED_SHARED_DIR); after
+                the host lines it prints "server-ns<TAB>$SERVER_NS<TAB>$SERVER_IP" and
+                "shared-pool<TAB>$SHARED_DIR"
+  host-kill NAME
+                SIGKILL every process in host NAME's network namespace ('ip netns pids',
+                each checked to live there): libvirtd, virtlogd, QEMUs, an agent run
+                there; waits until none is left. The namespace and state stay.
+  host-revive NAME
+                boot a killed host again: its /run/libvirt emptied (as a reboot does),
+                its /etc/libvirt (persistent domains) and /var/lib/libvirt kept, its
+                daemons started; refuses while any process of it still runs
+  link-cut NAME [down|drop]
+                cut host NAME off the bridge: 'down' (default) sets its veth0 down;
+                'drop' adds an nft table $CUT_TABLE inside it dropping every packet
+                in and out but loopback (the link stays up, packets vanish)
+  link-restore NAME
+                undo link-cut (veth0 up, the nft table deleted); no error if not cut
   hosts-down    destroy their domains, stop their daemons and QEMUs (by pid),
-                delete the namespaces and the state
+                delete the namespaces ($SERVER_NS too) and the state (the shared
+                pool too)
 EOF
 }
 
@@ -500,13 +542,21 @@ prepare_host() {
 
 # launch_host NAME IP: namespace, link and daemons; does not wait.
 launch_host() {
-  local name=$1 ip=$2 b lib
+  local name=$1 ip=$2 b
   b=$(host_base "$name")
-  lib=$(host_lib "$name")
   ip netns add "$name"
   netns_id "$name" >"$b/netns"
   create_link "$name" "$ip"
   log "hosts: $name: starting virtlogd + libvirtd ($ip, state $b)"
+  start_host_daemons "$name"
+}
+
+# start_host_daemons NAME: virtlogd + libvirtd in NAME's namespace, inside
+# private mount + UTS namespaces; does not wait.
+start_host_daemons() {
+  local name=$1 b lib
+  b=$(host_base "$name")
+  lib=$(host_lib "$name")
   # shellcheck disable=SC2016
   bare ip netns exec "$name" unshare --mount --uts --propagation private -- bash -c '
     set -e
@@ -567,7 +617,13 @@ hosts_check_env() {
 }
 
 cmd_hosts_up() {
-  local n=${1:-}
+  local n=${1:-} ha=0
+  case ${2:-} in
+    '') ;;
+    --ha) ha=1 ;;
+    *) usage; die "hosts-up: unknown option '${2}'" ;;
+  esac
+  [ $# -le 2 ] || { usage; die "hosts-up: too many arguments"; }
   case $n in ''|*[!0-9]*) usage; die "hosts-up: N (1-$MAX_HOSTS) missing or not a number" ;; esac
   n=$((10#$n))
   if [ "$n" -lt 1 ] || [ "$n" -gt $MAX_HOSTS ]; then die "hosts-up: N must be 1-$MAX_HOSTS (got $n)"; fi
@@ -581,6 +637,10 @@ cmd_hosts_up() {
   take_hosts_lock
   local t0=$SECONDS i name ip started=()
   ensure_bridge
+  if [ $ha -eq 1 ]; then
+    ensure_server_ns
+    ensure_shared_dir
+  fi
   for ((i = 1; i <= n; i++)); do
     name=$(host_name "$i")
     ip=$(host_ip "$i")
@@ -623,6 +683,10 @@ cmd_hosts_up() {
     name=$(host_name "$i")
     printf '%s\t%s\t%s\t%s\n' "$name" "$(host_ip "$i")" "$(host_local_uri "$name")" "$(host_mig_uri "$(host_ip "$i")")"
   done
+  if [ $ha -eq 1 ]; then
+    printf 'server-ns\t%s\t%s\n' "$SERVER_NS" "$SERVER_IP"
+    printf 'shared-pool\t%s\n' "$SHARED_DIR"
+  fi
 }
 
 cmd_hosts_down() {
@@ -634,6 +698,17 @@ cmd_hosts_down() {
     cleanup_host "$name"
     log "hosts: $name: removed"
   done
+  if netns_exists "$SERVER_NS"; then
+    any=1
+    cleanup_server_ns
+    log "hosts: $SERVER_NS: removed"
+  fi
+  if [ -d "$SHARED_DIR" ]; then
+    any=1
+    no_mounts_under "$SHARED_DIR" || die "hosts: something is mounted under $SHARED_DIR; not deleting it"
+    rm -rf -- "$SHARED_DIR"
+    log "hosts: shared pool $SHARED_DIR: removed"
+  fi
   if netns_exists "$BRIDGE_NS"; then
     any=1
     local p
@@ -647,6 +722,164 @@ cmd_hosts_down() {
   rmdir "$HOSTS_DIR" "$HOSTS_LIB_DIR" 2>/dev/null || true
   rmdir "$(dirname "$HOSTS_LIB_DIR")" 2>/dev/null || true
   [ $any -eq 1 ] || log "hosts: nothing was up"
+}
+
+# ---------------------------------------------------------------- HA --------
+#
+# What HA tests need on top of the hosts: the server in a namespace of its
+# own on the bridge (agents inside their hosts' namespaces reach it there,
+# and lose it when their link is cut), a pool directory that every host
+# sees at the same path, and faults: a host losing every process at once,
+# a host's link cut and restored.
+
+# netns_live_pids NS NSID: the live processes in NS that live in the network
+# namespace NSID (never the root one).
+netns_live_pids() {
+  local p
+  [ -n "$2" ] && [ "$2" != "$ROOT_NETNS" ] || return 0
+  for p in $(ip netns pids "$1" 2>/dev/null || true); do
+    proc_running "$p" || continue
+    [ "$(readlink "/proc/$p/ns/net" 2>/dev/null || true)" = "$2" ] || continue
+    echo "$p"
+  done
+}
+
+netns_empty() { [ -z "$(netns_live_pids "$1" "$2")" ]; }
+
+ensure_server_ns() {
+  if netns_exists "$SERVER_NS" && host_link_ok "$SERVER_NS" "$SERVER_IP"; then
+    return 0
+  fi
+  log "hosts: creating server namespace $SERVER_NS ($SERVER_IP)"
+  netns_exists "$SERVER_NS" || ip netns add "$SERVER_NS"
+  create_link "$SERVER_NS" "$SERVER_IP"
+}
+
+cleanup_server_ns() {
+  local nsid p
+  nsid=$(netns_id "$SERVER_NS" || true)
+  for p in $(netns_live_pids "$SERVER_NS" "$nsid"); do
+    log "hosts: $SERVER_NS: stopping leftover pid $p ($(cat "/proc/$p/comm" 2>/dev/null || echo '?'))"
+    kill_wait "$p" 5 proc_running "$p"
+  done
+  ip -n "$BRIDGE_NS" link del "$SERVER_NS" 2>/dev/null || true
+  ip netns del "$SERVER_NS" || log "hosts: warning: 'ip netns del $SERVER_NS' failed"
+}
+
+# The shared pool: QEMU runs as libvirt-qemu, so every parent needs o+x and
+# the directory itself belongs to libvirt-qemu.
+ensure_shared_dir() {
+  case $SHARED_DIR in
+    /*/*) ;;
+    *) die "NOVACRON_TESTBED_SHARED_DIR ($SHARED_DIR) must be an absolute path below /" ;;
+  esac
+  case $SHARED_DIR in
+    *[!A-Za-z0-9/._-]*) die "NOVACRON_TESTBED_SHARED_DIR may only contain [A-Za-z0-9/._-]: $SHARED_DIR" ;;
+  esac
+  local d
+  for d in /run/libvirt /var/lib/libvirt /etc/libvirt /var/log/libvirt /var/cache/libvirt; do
+    case "$SHARED_DIR/" in "$d"/*) die "the shared pool cannot live under $d (each host bind-mounts its own)" ;; esac
+  done
+  mkdir -p "$(dirname "$SHARED_DIR")"
+  d=$(dirname "$SHARED_DIR")
+  while [ "$d" != / ]; do
+    [ $((8#$(stat -c '%a' "$d") & 1)) -eq 1 ] ||
+      die "the shared pool's parent $d lacks o+x (QEMU, as libvirt-qemu, could not reach the pool)"
+    d=$(dirname "$d")
+  done
+  mkdir -p "$SHARED_DIR"
+  chown libvirt-qemu:kvm "$SHARED_DIR" ||
+    die "cannot chown $SHARED_DIR to libvirt-qemu:kvm (is libvirt installed?)"
+  chmod 0775 "$SHARED_DIR"
+}
+
+# ha_host NAME: NAME is one of our hosts and exists; sets B and NSID.
+ha_host() {
+  local name=$1
+  case $name in "$HOST_PREFIX"[0-9]*) ;; *) die "not a test-bed host: '$name' (expected ${HOST_PREFIX}N)" ;; esac
+  B=$(host_base "$name")
+  [ -d "$B" ] && netns_exists "$name" || die "host $name is not up (run: $0 hosts-up N)"
+  NSID=$(cat "$B/netns" 2>/dev/null || true)
+  [ -n "$NSID" ] && [ "$NSID" != "$ROOT_NETNS" ] && [ "$(netns_id "$name")" = "$NSID" ] ||
+    die "host $name: its namespace id does not match $B/netns; refusing"
+}
+
+cmd_host_kill() {
+  local name=${1:-}
+  [ -n "$name" ] || { usage; die "host-kill: NAME missing"; }
+  hosts_check_env host-kill
+  ha_host "$name"
+  local round p total=0
+  # A dying process may have forked a child meanwhile: go round until
+  # nothing is left.
+  for round in 1 2 3 4 5; do
+    for p in $(netns_live_pids "$name" "$NSID"); do
+      log "host-kill: $name: kill -KILL $p ($(cat "/proc/$p/comm" 2>/dev/null || echo '?'))"
+      kill -KILL "$p" 2>/dev/null || true
+      total=$((total + 1))
+    done
+    wait_for 5 netns_empty "$name" "$NSID" && break
+    log "host-kill: $name: round $round left processes behind; again"
+  done
+  netns_empty "$name" "$NSID" ||
+    die "host-kill: $name still has processes: $(netns_live_pids "$name" "$NSID" | tr '\n' ' ')"
+  log "host-kill: $name: $total processes killed; none left"
+}
+
+cmd_host_revive() {
+  local name=${1:-}
+  [ -n "$name" ] || { usage; die "host-revive: NAME missing"; }
+  hosts_check_env host-revive
+  for c in unshare libvirtd virtlogd virsh; do need_cmd "$c"; done
+  take_hosts_lock
+  ha_host "$name"
+  netns_empty "$name" "$NSID" ||
+    die "host-revive: $name still has processes ($(netns_live_pids "$name" "$NSID" | tr '\n' ' ')); run host-kill first"
+  # A reboot empties /run: sockets, pid files, QEMU status files.
+  no_mounts_under "$B/run" || die "host-revive: something is mounted under $B/run"
+  find "$B/run" -mindepth 1 -delete
+  rm -f "$B/libvirtd.pid" "$B/virtlogd.pid"
+  log "host-revive: $name: starting virtlogd + libvirtd again"
+  start_host_daemons "$name"
+  wait_host "$name"
+  log "host-revive: $name: up"
+}
+
+cut_rules() {
+  cat <<EOF
+table inet $CUT_TABLE {
+  chain in { type filter hook input priority -300; policy drop; iif "lo" accept; }
+  chain out { type filter hook output priority -300; policy drop; oif "lo" accept; }
+}
+EOF
+}
+
+cmd_link_cut() {
+  local name=${1:-} how=${2:-down}
+  [ -n "$name" ] || { usage; die "link-cut: NAME missing"; }
+  hosts_check_env link-cut
+  ha_host "$name"
+  case $how in
+    down) ip -n "$name" link set veth0 down ;;
+    drop)
+      need_cmd nft
+      ip netns exec "$name" nft list table inet "$CUT_TABLE" >/dev/null 2>&1 ||
+        cut_rules | ip netns exec "$name" nft -f - ;;
+    *) usage; die "link-cut: how must be 'down' or 'drop' (got '$how')" ;;
+  esac
+  log "link-cut: $name: cut ($how)"
+}
+
+cmd_link_restore() {
+  local name=${1:-}
+  [ -n "$name" ] || { usage; die "link-restore: NAME missing"; }
+  hosts_check_env link-restore
+  ha_host "$name"
+  if command -v nft >/dev/null 2>&1 && ip netns exec "$name" nft list table inet "$CUT_TABLE" >/dev/null 2>&1; then
+    ip netns exec "$name" nft delete table inet "$CUT_TABLE"
+  fi
+  ip -n "$name" link set veth0 up
+  log "link-restore: $name: restored"
 }
 
 # -------------------------------------------------------------- guest -------
@@ -854,6 +1087,10 @@ case $cmd in
   guest) cmd_guest "$@" ;;
   hosts-up) cmd_hosts_up "$@" ;;
   hosts-down) cmd_hosts_down ;;
+  host-kill) cmd_host_kill "$@" ;;
+  host-revive) cmd_host_revive "$@" ;;
+  link-cut) cmd_link_cut "$@" ;;
+  link-restore) cmd_link_restore "$@" ;;
   -h|--help|help) usage ;;
   *) usage; die "unknown subcommand '$cmd'" ;;
 esac

@@ -4,6 +4,19 @@
 //! over mutual-TLS QUIC. VMs are then created through the web API
 //! (`POST /v1/vms`), placed by the scheduler, and the demo waits until
 //! every agent runs what it was given.
+//!
+//! High availability: with N agents the demo also runs N - 1 HA VMs
+//! (`ha-1`…, one per host by anti-affinity, so one host is always free to
+//! take a lost host's HA VM). `--kill-host K` SIGKILLs the agent of
+//! `demo-host-K` once everything runs — its test-driver VMs die with it, as
+//! a test-driver host's state lives in its agent's process — and prints its
+//! HA VMs coming up on other hosts, with the time from the kill to each VM
+//! being placed elsewhere and running there, and its other VMs reported
+//! lost. The demo's hosts share no storage, so its HA VMs have no disks
+//! (an HA VM with disks needs a shared pool, or `ephemeral`, which
+//! recreates its disks empty on restart). The mass-failure ratio is 0.5 in
+//! the demo: one host of three is a third of the fleet, above the default
+//! 30 %, which would hold the restart as a suspected network failure.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,6 +50,11 @@ pub struct DemoArgs {
     /// The agent binary (default: `novacron-agent` next to this binary).
     #[arg(long)]
     agent_bin: Option<PathBuf>,
+    /// Once every VM runs, SIGKILL the agent of demo-host-K (its VMs die
+    /// with it) and show its HA VMs restarting on other hosts; without K
+    /// (or K = 0), the first host that runs an HA VM.
+    #[arg(long, value_name = "K", num_args = 0..=1, default_missing_value = "0")]
+    kill_host: Option<u32>,
 }
 
 /// A test-driver host description: `cpus`, `mem_gib` and a few domains.
@@ -75,6 +93,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .context("cannot locate this binary's directory")?
             .join("novacron-agent"),
     };
+    if let Some(k) = args.kill_host {
+        if k > args.agents || args.agents < 2 {
+            bail!(
+                "--kill-host {k}: needs 2 or more agents and K at most --agents ({})",
+                args.agents
+            );
+        }
+    }
     if !agent_bin.exists() {
         bail!(
             "{} is missing: build it with `cargo build --release --bins` (or pass --agent-bin)",
@@ -93,6 +119,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     cfg.quic.listen = args.quic;
     cfg.api.listen = args.api;
+    // One host of three may fail without holding (see the module header).
+    cfg.ha.mass_failure_ratio = 0.5;
     cfg.validate()?;
     let config_path = root.join("server.toml");
     std::fs::write(&config_path, toml::to_string(&cfg)?)?;
@@ -140,6 +168,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
         place_vms(&running, &report.admin_token).await?;
         print_summary(&running, &config_path, &root, &report.admin_token)?;
+        if let Some(k) = args.kill_host {
+            let i = match k {
+                0 => first_with_ha(&running, &report.admin_token, &agents).await?,
+                k => usize::try_from(k - 1)?,
+            };
+            let a = &mut agents[i];
+            kill_host(&running, &report.admin_token, &a.name, &mut a.child).await?;
+        }
         let stop = async {
             match duration {
                 Some(d) => tokio::time::sleep(d).await,
@@ -195,19 +231,29 @@ async fn place_vms(running: &crate::Running, token: &str) -> anyhow::Result<()> 
     let n = running.fleet.hosts()?.len();
     let mut ids = Vec::new();
     for i in 1..=n {
-        for (name, power, vcpus, mem, disk, group) in [
-            (format!("web-{i}"), "running", 1, 512, 2048, Some("web")),
-            (format!("db-{i}"), "stopped", 2, 1024, 4096, None),
-        ] {
+        let mut vms = vec![
+            (format!("web-{i}"), "running", 1, 512, Some(2048), Some("web")),
+            (format!("db-{i}"), "stopped", 2, 1024, Some(4096), None),
+        ];
+        // One host fewer than there are hosts: a free host for a restart.
+        if i < n {
+            vms.push((format!("ha-{i}"), "running", 1, 256, None, Some("ha")));
+        }
+        for (name, power, vcpus, mem, disk, group) in vms {
+            let ha = disk.is_none();
+            let mut spec = serde_json::json!({
+                "name": name,
+                "vcpus": vcpus,
+                "memory_mib": mem,
+                "labels": {"demo": "true"},
+                "ha": ha
+            });
+            if let Some(disk) = disk {
+                spec["disks"] = serde_json::json!([{"name": "root", "size_mib": disk}]);
+                spec["cloud_init"] = serde_json::json!({"user_data": "#cloud-config\nhostname: demo\n"});
+            }
             let body = serde_json::json!({
-                "spec": {
-                    "name": name,
-                    "vcpus": vcpus,
-                    "memory_mib": mem,
-                    "disks": [{"name": "root", "size_mib": disk}],
-                    "cloud_init": {"user_data": "#cloud-config\nhostname: demo\n"},
-                    "labels": {"demo": "true"}
-                },
+                "spec": spec,
                 "power": power,
                 "placement": {"anti_affinity": group}
             });
@@ -243,6 +289,145 @@ async fn place_vms(running: &crate::Running, token: &str) -> anyhow::Result<()> 
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    Ok(())
+}
+
+/// The index of the first demo agent whose host runs an HA VM.
+async fn first_with_ha(running: &crate::Running, token: &str, agents: &[AgentProc]) -> anyhow::Result<usize> {
+    let api = running.api_client(token)?;
+    let hosts = api.call(hyper::Method::GET, "/v1/hosts", None).await?;
+    let vms = api.call(hyper::Method::GET, "/v1/vms?limit=1000", None).await?;
+    let list = |v: &serde_json::Value, k: &str| v[k].as_array().cloned().unwrap_or_default();
+    for (i, a) in agents.iter().enumerate() {
+        let id = list(&hosts, "hosts")
+            .into_iter()
+            .find(|h| h["name"].as_str() == Some(a.name.as_str()))
+            .and_then(|h| h["id"].as_str().map(str::to_string));
+        let has_ha = list(&vms, "vms")
+            .iter()
+            .any(|v| v["vm"]["spec"]["ha"] == true && v["host"].as_str() == id.as_deref());
+        if has_ha {
+            return Ok(i);
+        }
+    }
+    bail!("no demo host runs an HA VM")
+}
+
+/// SIGKILLs the agent of host `name` (its test-driver VMs die with it) and
+/// prints its HA VMs coming up elsewhere, with the time from the kill to
+/// each being placed on another host and running there, and its other VMs
+/// reported lost.
+async fn kill_host(
+    running: &crate::Running,
+    token: &str,
+    name: &str,
+    child: &mut Child,
+) -> anyhow::Result<()> {
+    let api = running.api_client(token)?;
+    let hosts = api.call(hyper::Method::GET, "/v1/hosts", None).await?;
+    let names: std::collections::HashMap<String, String> = hosts["hosts"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|h| Some((h["id"].as_str()?.to_string(), h["name"].as_str()?.to_string())))
+        .collect();
+    let host = names
+        .iter()
+        .find(|(_, n)| n.as_str() == name)
+        .map(|(id, _)| id.clone())
+        .with_context(|| format!("no host named {name}"))?;
+    let all = api.call(hyper::Method::GET, "/v1/vms?limit=1000", None).await?;
+    let on_host: Vec<(String, String, bool)> = all["vms"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|v| v["host"].as_str() == Some(host.as_str()))
+        .filter_map(|v| {
+            Some((
+                v["vm"]["id"].as_str()?.to_string(),
+                v["vm"]["spec"]["name"].as_str()?.to_string(),
+                v["vm"]["spec"]["ha"].as_bool().unwrap_or(false),
+            ))
+        })
+        .collect();
+    let ha: Vec<&(String, String, bool)> = on_host.iter().filter(|v| v.2).collect();
+    println!();
+    println!(
+        "HA: killing {name} (SIGKILL to its agent; its test-driver VMs die with it): {} HA VM(s) on it: {}",
+        ha.len(),
+        ha.iter().map(|v| v.1.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    if ha.is_empty() {
+        println!("  (no HA VM runs there: try another --kill-host; its other VMs are reported lost)");
+    }
+    let clock = running.fleet.clock();
+    let t0 = clock.now();
+    child.start_kill()?;
+    child.wait().await?;
+    // VM id -> (placed elsewhere after, running after, lost after).
+    let mut seen: std::collections::HashMap<String, (Option<Duration>, Option<Duration>)> =
+        std::collections::HashMap::new();
+    let mut lost: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let deadline = Duration::from_secs(60);
+    let mut lease = String::from("online");
+    loop {
+        let elapsed = clock.since(t0);
+        let h = api
+            .call(hyper::Method::GET, &format!("/v1/hosts/{host}"), None)
+            .await?;
+        if let Some(l) = h["lease"].as_str().filter(|l| *l != lease) {
+            lease = l.to_string();
+            println!(
+                "  {name}: lease {} after {:.1}s",
+                lease.replace('_', " "),
+                elapsed.as_secs_f64()
+            );
+        }
+        for (id, vm_name, is_ha) in &on_host {
+            let v = api
+                .call(hyper::Method::GET, &format!("/v1/vms/{id}"), None)
+                .await?;
+            let now_on = v["host"].as_str().unwrap_or_default();
+            if *is_ha {
+                let e = seen.entry(id.clone()).or_default();
+                if e.0.is_none() && now_on != host {
+                    e.0 = Some(elapsed);
+                    println!(
+                        "  {vm_name}: placed on {} after {:.1}s (epoch {})",
+                        names.get(now_on).map_or(now_on, String::as_str),
+                        elapsed.as_secs_f64(),
+                        v["vm"]["epoch"].as_u64().unwrap_or(0)
+                    );
+                }
+                if e.0.is_some() && e.1.is_none() && v["observed"]["state"] == "running" {
+                    e.1 = Some(elapsed);
+                    println!("  {vm_name}: running there after {:.1}s", elapsed.as_secs_f64());
+                }
+            } else if !lost.contains(id) && v["ha"]["fenced"]["state"] == "lost" {
+                lost.insert(id.clone());
+                println!(
+                    "  {vm_name}: not HA, reported lost after {:.1}s (never moved)",
+                    elapsed.as_secs_f64()
+                );
+            }
+        }
+        let ha_done = seen.values().filter(|e| e.1.is_some()).count() == ha.len();
+        let lost_done = lost.len() == on_host.len() - ha.len();
+        if ha_done && lost_done {
+            break;
+        }
+        if elapsed > deadline {
+            println!(
+                "  not all of it within {}s; see GET /v1/vms and the server's events",
+                deadline.as_secs()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("  {name} stays down (its agent is not restarted); the demo runs on");
     Ok(())
 }
 
@@ -373,6 +558,7 @@ fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &s
         DataDir::new(root.join("server")).admin_token().display()
     );
     println!("  files and logs: {}", root.display());
+    println!("  HA: run the demo with --kill-host K (make demo DEMO_ARGS=\"--kill-host\": the first host with an HA VM) to kill demo-host-K's agent once everything runs and watch its HA VMs restart elsewhere");
     println!("Press Ctrl-C to stop.");
     Ok(())
 }
