@@ -26,6 +26,7 @@ pub const MAX_BODY: usize = 1024 * 1024;
 /// so the client, still sending, gets the 413 instead of a broken
 /// connection; past it the connection is closed.
 pub const MAX_DRAIN: usize = 4 * MAX_BODY;
+const _: () = assert!(MAX_BODY > 4 * novacron_shared::spec::MAX_USER_DATA);
 /// How often an idle event stream gets a keep-alive comment.
 pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 
@@ -323,8 +324,6 @@ mod tests {
             let e = read(n).await.err().map(|e| e.status);
             assert_eq!(e, Some(StatusCode::PAYLOAD_TOO_LARGE), "{n} bytes");
         }
-        // The limit fits the largest single VM spec field.
-        assert!(MAX_BODY > novacron_shared::spec::MAX_USER_DATA * 4);
     }
 
     #[test]
