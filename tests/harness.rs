@@ -326,6 +326,33 @@ impl Sse {
     }
 }
 
+/// `novacron-server -c CONFIG init`, then the admin token (from `data`)
+/// and the CA fingerprint.
+fn init_server(config: &Path, data: &Path) -> (String, String) {
+    let out = Command::new(bin("novacron-server"))
+        .arg("-c")
+        .arg(config)
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = std::fs::read_to_string(data.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let fp = Command::new(bin("novacron-server"))
+        .arg("-c")
+        .arg(config)
+        .args(["ca", "fingerprint"])
+        .output()
+        .unwrap();
+    (token, String::from_utf8_lossy(&fp.stdout).trim().to_string())
+}
+
 /// A server process with its own data directory.
 pub struct Server {
     /// Holds the data directory and logs.
@@ -363,28 +390,7 @@ impl Server {
             dir.path().join("data").display()
         );
         std::fs::write(&config, text).unwrap();
-        let out = Command::new(bin("novacron-server"))
-            .arg("-c")
-            .arg(&config)
-            .arg("init")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let token = std::fs::read_to_string(dir.path().join("data/admin.token"))
-            .unwrap()
-            .trim()
-            .to_string();
-        let fp = Command::new(bin("novacron-server"))
-            .arg("-c")
-            .arg(&config)
-            .args(["ca", "fingerprint"])
-            .output()
-            .unwrap();
-        let fingerprint = String::from_utf8_lossy(&fp.stdout).trim().to_string();
+        let (token, fingerprint) = init_server(&config, &dir.path().join("data"));
         let mut s = Server {
             dir,
             config,
@@ -427,28 +433,7 @@ impl Server {
             )
         };
         std::fs::write(&config, text(&format!("{quic_ip}:0"), "127.0.0.1:0")).unwrap();
-        let out = Command::new(bin("novacron-server"))
-            .arg("-c")
-            .arg(&config)
-            .arg("init")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let token = std::fs::read_to_string(dir.path().join("data/admin.token"))
-            .unwrap()
-            .trim()
-            .to_string();
-        let fp = Command::new(bin("novacron-server"))
-            .arg("-c")
-            .arg(&config)
-            .args(["ca", "fingerprint"])
-            .output()
-            .unwrap();
-        let fingerprint = String::from_utf8_lossy(&fp.stdout).trim().to_string();
+        let (token, fingerprint) = init_server(&config, &dir.path().join("data"));
         let mut s = Server {
             config: config.clone(),
             child: None,

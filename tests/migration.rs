@@ -10,7 +10,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use novacron_e2e::{assert_holds, guest_dir, testbed_command, wait_for, Agent, Server};
+use novacron_e2e::{
+    assert_holds, domstate as domstate_at, guest_dir, testbed_command, wait_for, Agent, Server,
+};
 use serde_json::{json, Value};
 
 /// One namespaced libvirt host.
@@ -63,61 +65,11 @@ impl Drop for Hosts {
     }
 }
 
-/// How a `virsh` command failed.
-#[derive(Debug)]
-struct VirshFailed {
-    /// The command line, for messages.
-    command: String,
-    /// Its exit status.
-    status: std::process::ExitStatus,
-    /// Its non-empty stderr lines.
-    errors: Vec<String>,
-}
-
-/// Runs `virsh -c URI ARGS…`: its stdout when it succeeds (a failure to run
-/// it at all fails the test).
-fn virsh(uri: &str, args: &[&str]) -> Result<String, VirshFailed> {
-    let out = Command::new("virsh")
-        .arg("-c")
-        .arg(uri)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run virsh: {e}"));
-    if out.status.success() {
-        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
-    }
-    Err(VirshFailed {
-        command: format!("virsh -c {uri} {}", args.join(" ")),
-        status: out.status,
-        errors: String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_string)
-            .collect(),
-    })
-}
-
 /// The domain's state on a host (`Some("running")`, `Some("shut off")`,
 /// ...), or `None` when that host's libvirtd answers that it has no such
-/// domain. Any other failure (the host's libvirtd unreachable, a bad URI)
-/// fails the test: "gone" must be libvirt's word, not a silence.
+/// domain; any other failure fails the test (`novacron_e2e::domstate`).
 fn domstate(h: &NsHost, uuid: &str) -> Option<String> {
     domstate_at(&h.local_uri, uuid)
-}
-
-fn domstate_at(uri: &str, uuid: &str) -> Option<String> {
-    match virsh(uri, &["domstate", uuid]) {
-        Ok(out) => Some(out.trim().to_string()),
-        // For VIR_ERR_NO_DOMAIN virsh drops libvirt's error and says only
-        // this; any other lookup failure adds libvirt's own error line.
-        Err(f) if f.errors == [format!("error: failed to get domain '{uuid}'")] => None,
-        Err(f) => panic!(
-            "cannot read the state of domain {uuid}: `{}` exited with {}: {}",
-            f.command,
-            f.status,
-            f.errors.join(" / ")
-        ),
-    }
 }
 
 /// The check above tells "no such domain" from "no answer": a missing
