@@ -2,7 +2,10 @@
 //! protocol (heartbeats, inventories, reconcile reports, VM events, command
 //! results and progress), certificate renewal and revocation, and one-off
 //! commands awaited by op id. Enrollment is in [`join`], the batched host
-//! status writer in [`status`].
+//! status writer in [`status`], one-off commands in [`commands`], and the
+//! API's host views in `views`. What stays here is one job, the life of a
+//! connection from accept to close; its message handling reads as one
+//! `match` in `session_loop` on purpose, next to the state it changes.
 //!
 //! One task per connection owns that connection's control stream. The
 //! session table maps host ids to the live connection so that a newer
@@ -41,6 +44,7 @@ use crate::warn_limited;
 pub mod commands;
 pub mod join;
 pub mod status;
+mod views;
 
 use commands::Pending;
 
@@ -230,32 +234,6 @@ impl Fleet {
 
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<HostId, Arc<LiveSession>>> {
         lock(&self.sessions.table)
-    }
-
-    /// All hosts with their live status.
-    pub fn hosts(&self) -> Result<Vec<HostView>, StoreError> {
-        let records = self.store.hosts()?;
-        let cordons = self.store.cordons()?;
-        let sessions = self.lock_sessions();
-        Ok(records
-            .into_iter()
-            .map(|r| {
-                let live = sessions.get(&r.id);
-                let cordoned = cordons.contains(&r.id);
-                let lease = self.lease_state(r.id);
-                view(r, live, cordoned, lease)
-            })
-            .collect())
-    }
-
-    /// One host with its live status.
-    pub fn host(&self, id: HostId) -> Result<Option<HostView>, StoreError> {
-        let Some(r) = self.store.host(id)? else {
-            return Ok(None);
-        };
-        let cordoned = self.store.cordons()?.contains(&id);
-        let sessions = self.lock_sessions();
-        Ok(Some(view(r, sessions.get(&id), cordoned, self.lease_state(id))))
     }
 
     /// Revokes a host: its certificates are refused from now on and its
@@ -726,41 +704,6 @@ impl Fleet {
         for s in self.lock_sessions().values() {
             close(&s.conn, ErrorCode::ShuttingDown, "server shutting down");
         }
-    }
-}
-
-fn view(
-    record: HostRecord,
-    live: Option<&Arc<LiveSession>>,
-    cordoned: bool,
-    lease: Option<crate::ha::lease::HostState>,
-) -> HostView {
-    let mut record = record;
-    if let Some(s) = live {
-        if let Some(inv) = s.inventory.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            record.capacity = inv.capacity;
-        }
-        record.last_seen_ms = record.last_seen_ms.max(s.last_seen_ms.load(Ordering::Relaxed));
-        if record.state != HostState::Revoked {
-            record.state = HostState::Online;
-        }
-    }
-    HostView {
-        connected: live.is_some(),
-        protocol_version: live.map(|s| s.version),
-        vm_count: live.and_then(|s| {
-            s.inventory
-                .lock()
-                .ok()
-                .and_then(|i| i.as_ref().map(|i| i.vms.len()))
-        }),
-        cordoned,
-        labels: live
-            .and_then(|s| lock(&s.inventory).as_ref().map(|i| i.labels.clone()))
-            .unwrap_or_default(),
-        shared_storage: live.and_then(|s| lock(&s.inventory).as_ref().and_then(|i| i.shared_storage.clone())),
-        lease,
-        record,
     }
 }
 

@@ -9,10 +9,10 @@
 //! and that wait covers the clock-rate drift bound, the fence time and a
 //! margin. This folder only ever declares a host fenced after that wait.
 //!
-//! Owns: the per-host lease view ([`lease`]), the mass-failure guard
-//! ([`guard`]) and the HA controller ([`controller`]), which decides which
+//! Owns: the per-host lease view ([`lease`](crate::ha::lease)), the mass-failure guard
+//! ([`guard`](crate::ha::guard)) and the HA controller ([`controller`](crate::ha::controller)), which decides which
 //! VMs of fenced hosts restart elsewhere — all pure: no I/O, no clock reads
-//! (`now` is passed in), no store, no sessions — and the [`driver`], the
+//! (`now` is passed in), no store, no sessions — and the [`driver`](crate::ha::driver), the
 //! one task that runs them against the live fleet (it ticks the fleet's
 //! lease view, which the session loop feeds, reads the fleet view, and acts
 //! only through the fleet's action channel). Must not touch: the session
