@@ -501,7 +501,7 @@ async fn an_inventory_with_a_hostile_migration_uri_and_labels_is_sanitised() {
     let (_ep, c) = raw_connect(server.quic, cfg).await.unwrap();
     let (mut send, _recv, m) = hello(&c, (1, 1)).await.unwrap();
     assert!(matches!(m, ServerMessage::Welcome(_)), "{m:?}");
-    let send_inv = |uri: &str, labels: Vec<(String, String)>| {
+    let send_inv = |uri: &str, labels: Vec<(String, String)>, shared: Option<&str>| {
         AgentMessage::Inventory(Inventory {
             capacity: Capacity {
                 cpus: 4,
@@ -512,7 +512,7 @@ async fn an_inventory_with_a_hostile_migration_uri_and_labels_is_sanitised() {
             vms: vec![],
             migration_uri: Some(uri.into()),
             labels: labels.into_iter().collect(),
-            shared_storage: None,
+            shared_storage: shared.map(str::to_string),
         })
     };
     let mut buf = Vec::new();
@@ -523,6 +523,7 @@ async fn an_inventory_with_a_hostile_migration_uri_and_labels_is_sanitised() {
             ("Bad Key".into(), "x".into()),
             ("ctl".into(), "a\u{7}b".into()),
         ],
+        Some("/srv/pool\n--inject"),
     );
     novacron_shared::framing::write_frame(&mut send, 1, &bad, &mut buf)
         .await
@@ -531,6 +532,10 @@ async fn an_inventory_with_a_hostile_migration_uri_and_labels_is_sanitised() {
         let h = server.host(&host);
         (h["capacity"]["cpus"] == 4).then_some(h)
     });
+    assert!(
+        h["shared_storage"].is_null(),
+        "the bad shared storage is dropped: {h}"
+    );
     let labels = h["labels"].as_object().unwrap();
     assert_eq!(labels.len(), 1, "only the valid label is kept: {h}");
     assert_eq!(labels["rack"], "r1");
@@ -541,7 +546,7 @@ async fn an_inventory_with_a_hostile_migration_uri_and_labels_is_sanitised() {
     );
     // Too many labels: none are trusted. A good URI is kept.
     let many = (0..100).map(|i| (format!("k{i}"), "v".to_string())).collect();
-    let msg = send_inv("qemu+tls://hv-9.example/system", many);
+    let msg = send_inv("qemu+tls://hv-9.example/system", many, Some("/srv/pool"));
     novacron_shared::framing::write_frame(&mut send, 1, &msg, &mut buf)
         .await
         .unwrap();
@@ -550,6 +555,11 @@ async fn an_inventory_with_a_hostile_migration_uri_and_labels_is_sanitised() {
         (inv["observed"]["migration_uri"] == "qemu+tls://hv-9.example/system").then_some(inv)
     });
     assert!(inv["observed"]["labels"].as_object().unwrap().is_empty(), "{inv}");
+    assert_eq!(
+        server.host(&host)["shared_storage"],
+        "/srv/pool",
+        "a good path is kept"
+    );
     assert!(
         server.host(&host)["connected"].as_bool().unwrap(),
         "the session goes on"

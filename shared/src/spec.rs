@@ -401,7 +401,9 @@ pub fn check_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-fn check_path(s: &str) -> Result<(), String> {
+/// Checks a path: absolute, at most 4096 bytes, no control characters,
+/// no `..`.
+pub fn check_path(s: &str) -> Result<(), String> {
     if !s.starts_with('/') {
         return Err(format!("{s:?} must be an absolute path"));
     }

@@ -578,6 +578,14 @@ impl Fleet {
                             inv.migration_uri = None;
                         }
                     }
+                    // The shared storage identity steers HA placement and
+                    // is shown in the API: a pool directory, checked.
+                    if let Some(p) = inv.shared_storage.as_deref() {
+                        if let Err(e) = novacron_shared::spec::check_path(p) {
+                            warn_limited!(self.sessions.limiter, host_id = %host_id, error = %e, "inventory's shared storage ignored");
+                            inv.shared_storage = None;
+                        }
+                    }
                     let before = inv.labels.len();
                     inv.labels
                         .retain(|k, v| novacron_shared::spec::check_label(k, v).is_ok());
