@@ -513,6 +513,8 @@ async fn an_inventory_with_a_hostile_migration_uri_and_labels_is_sanitised() {
             migration_uri: Some(uri.into()),
             labels: labels.into_iter().collect(),
             shared_storage: shared.map(str::to_string),
+            disk_locks: None,
+            witness: None,
         })
     };
     let mut buf = Vec::new();

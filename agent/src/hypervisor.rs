@@ -473,6 +473,8 @@ pub fn to_inventory(
         migration_uri,
         labels: Default::default(),
         shared_storage: None,
+        disk_locks: None,
+        witness: None,
         capacity,
         hypervisor: uri.to_string(),
         vms: vms

@@ -556,7 +556,7 @@ async fn serve(
                 if let Some(l) = &cfg.lease {
                     l.step(LeaseEvent::HeartbeatSent { seq });
                 }
-                framing::write_frame(&mut send, version, &AgentMessage::Heartbeat(Heartbeat { seq }), &mut buf).await?;
+                framing::write_frame(&mut send, version, &AgentMessage::Heartbeat(Heartbeat { seq, lease_left_ms: None }), &mut buf).await?;
                 if pending_key.is_none() && cfg.clock.wall() >= identity.validity.renew_at() {
                     let (key, csr_der) = pki::make_csr(&cfg.hostname)?;
                     tracing::info!(host_id = %identity.host_id, "certificate due for renewal; sending a CSR");
@@ -589,6 +589,10 @@ async fn serve(
                             l.set_ha_vms(ds.vms.iter().filter(|v| v.spec.ha).map(|v| v.id));
                         }
                         vm.desired.send_replace(Some(ds));
+                    }
+                    ServerMessage::Witness(w) => {
+                        // Wired by the witness part of the HA-guards work.
+                        tracing::debug!(peers = w.peers.len(), quorum = w.quorum, "witness terms from the server");
                     }
                     ServerMessage::CertificateRenewed(r) => {
                         let Some(key) = pending_key.take() else {

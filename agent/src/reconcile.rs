@@ -34,7 +34,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use novacron_shared::ids::{OpId, VmId};
-use novacron_shared::protocol::{Departed, Drift, VmState};
+use novacron_shared::protocol::{Departed, Drift, DriftKind, VmState};
 use novacron_shared::spec::{DesiredVm, Power};
 
 use crate::drift;
@@ -268,6 +268,7 @@ impl Reconciler {
                 // Contradictory; the safe reading is that it runs elsewhere.
                 plan.drift.push(Drift {
                     vm: d.spec.name.clone(),
+                    kind: DriftKind::Failed,
                     message: "listed both as desired and as departed; treated as departed".into(),
                 });
                 continue;
@@ -286,6 +287,7 @@ impl Reconciler {
             if let Some(seen) = seen.filter(|&s| d.epoch < s) {
                 plan.drift.push(Drift {
                     vm: d.spec.name.clone(),
+                    kind: DriftKind::Failed,
                     message: format!(
                         "stale epoch {} < {seen}: a newer placement exists; not defined or started here",
                         d.epoch
@@ -297,6 +299,7 @@ impl Reconciler {
                 if now < f.retry_at {
                     plan.drift.push(Drift {
                         vm: d.spec.name.clone(),
+                        kind: DriftKind::Failed,
                         message: format!(
                             "{} (attempt {}; retrying in {}s)",
                             f.message,
@@ -316,6 +319,7 @@ impl Reconciler {
                 match by_name.get(d.spec.name.as_str()) {
                     Some(other) => plan.drift.push(Drift {
                         vm: d.spec.name.clone(),
+                        kind: DriftKind::Failed,
                         message: format!(
                             "a different domain (UUID {}) already uses this name here; it is left alone",
                             other.uuid
@@ -328,6 +332,7 @@ impl Reconciler {
             let Some(managed) = &o.managed else {
                 plan.drift.push(Drift {
                     vm: d.spec.name.clone(),
+                    kind: DriftKind::Failed,
                     message:
                         "a domain with this VM's UUID exists but NovaCron did not define it; it is left alone"
                             .into(),
@@ -337,6 +342,7 @@ impl Reconciler {
             if o.name != d.spec.name {
                 plan.drift.push(Drift {
                     vm: d.spec.name.clone(),
+                    kind: DriftKind::Failed,
                     message: format!("defined here as {:?}; renaming is not supported", o.name),
                 });
                 continue;
@@ -364,6 +370,7 @@ impl Reconciler {
                 (_, s @ (VmState::Suspended | VmState::Unknown)) => {
                     plan.drift.push(Drift {
                         vm: d.spec.name.clone(),
+                        kind: DriftKind::Failed,
                         message: format!("the domain is {s:?}, which the agent does not change by itself"),
                     });
                     None
@@ -373,6 +380,7 @@ impl Reconciler {
             if starts && d.spec.ha && !gate.ha_allowed {
                 plan.drift.push(Drift {
                     vm: d.spec.name.clone(),
+                    kind: DriftKind::WaitingForLease,
                     message: format!("waiting for the HA lease (state {})", gate.lease),
                 });
                 continue;
@@ -390,6 +398,7 @@ impl Reconciler {
             if self.failures.get(&o.name).is_some_and(|f| now < f.retry_at) {
                 plan.drift.push(Drift {
                     vm: o.name.clone(),
+                    kind: DriftKind::Failed,
                     message: "no longer wanted here; removing it failed, will retry".into(),
                 });
                 continue;

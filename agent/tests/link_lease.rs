@@ -22,8 +22,8 @@ use novacron_shared::ids::{HostId, OpId, VmId};
 use novacron_shared::lease::LeaseTiming;
 use novacron_shared::pki::{self, FleetCa, Validity};
 use novacron_shared::protocol::{
-    AgentMessage, DesiredState, FenceStyle, HeartbeatAck, LeaseTerms, ServerMessage, Welcome,
-    HANDSHAKE_VERSION, PROTOCOL_VERSION_MAX,
+    AgentMessage, DesiredState, FenceStyle, HeartbeatAck, IsolationResponse, LeaseTerms, ServerMessage,
+    Welcome, HANDSHAKE_VERSION, PROTOCOL_VERSION_MAX,
 };
 use novacron_shared::spec::{DesiredVm, Power, VmSpec};
 
@@ -188,6 +188,7 @@ async fn the_session_feeds_the_lease_terms_heartbeats_acks_and_forgets_the_old_d
         lease_ms: 3_000,
         fence_time_ms: 1_000,
         fence: FenceStyle::ShutdownThenKill { grace_ms: 500 },
+        isolation: IsolationResponse::SelfFence,
     }))
     .await;
     // Out of range: refused, the terms above stay.
@@ -195,6 +196,7 @@ async fn the_session_feeds_the_lease_terms_heartbeats_acks_and_forgets_the_old_d
         lease_ms: 10,
         fence_time_ms: 1_000,
         fence: FenceStyle::Kill,
+        isolation: IsolationResponse::SelfFence,
     }))
     .await;
     s.send(ServerMessage::DesiredState(desired(2))).await;

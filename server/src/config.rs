@@ -160,6 +160,7 @@ impl HaConfig {
                     grace_ms: ms(self.fence_grace),
                 },
             },
+            isolation: novacron_shared::protocol::IsolationResponse::SelfFence,
         }
     }
 

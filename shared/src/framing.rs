@@ -238,7 +238,10 @@ mod tests {
                 agent_version: "0.1.0".into(),
                 hostname: "h1".into(),
             }),
-            AgentMessage::Heartbeat(Heartbeat { seq: 42 }),
+            AgentMessage::Heartbeat(Heartbeat {
+                seq: 42,
+                lease_left_ms: Some(4_200),
+            }),
             AgentMessage::Inventory(Inventory {
                 capacity: Capacity {
                     cpus: 8,
@@ -256,6 +259,8 @@ mod tests {
                 migration_uri: Some("qemu+tls://h1/system".into()),
                 labels: [("rack".to_string(), "r1".to_string())].into(),
                 shared_storage: Some("/srv/novacron/pool".into()),
+                disk_locks: Some("/srv/novacron/pool".into()),
+                witness: Some("10.0.0.1:7444".parse().unwrap()),
             }),
             AgentMessage::Progress(CommandProgress {
                 op_id: OpId(8),
@@ -366,7 +371,8 @@ mod tests {
                     hostname: h,
                 })
             }),
-            any::<u64>().prop_map(|seq| AgentMessage::Heartbeat(Heartbeat { seq })),
+            (any::<u64>(), any::<Option<u32>>())
+                .prop_map(|(seq, lease_left_ms)| AgentMessage::Heartbeat(Heartbeat { seq, lease_left_ms })),
             (
                 ".{0,64}",
                 proptest::collection::vec(any::<u8>(), 0..512),
@@ -428,6 +434,8 @@ mod tests {
                     migration_uri: None,
                     labels: Default::default(),
                     shared_storage: None,
+                    disk_locks: None,
+                    witness: None,
                 })),
         ]
     }

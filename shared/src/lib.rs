@@ -24,6 +24,7 @@ pub mod protocol;
 pub mod spec;
 #[cfg(feature = "quic")]
 pub mod tls;
+pub mod witness;
 
 /// The ALPN protocol name both ends of a NovaCron QUIC connection must offer.
 pub const ALPN: &[u8] = b"novacron/1";

@@ -68,6 +68,11 @@ pub enum ServerMessage {
     /// The HA lease terms; sent right after the welcome, before any
     /// heartbeat ack, and again whenever they change.
     LeaseTerms(LeaseTerms),
+    /// The peers this agent asks "do you still have the server?" when its
+    /// lease runs out, and how many must say no; sent after the lease
+    /// terms and whenever the fleet changes. Absent: no witness (fence as
+    /// the isolation response says).
+    Witness(WitnessTerms),
 }
 
 /// The agent's opening: which versions it speaks and what it is.
@@ -127,6 +132,13 @@ pub struct JoinReply {
 pub struct Heartbeat {
     /// Increases by one per heartbeat within a connection.
     pub seq: u64,
+    /// The agent's HA lease when it sent this heartbeat: how long it still
+    /// runs, ms; `None` when it holds none. The server counts a host whose
+    /// lease ran out as having lost it, even while it still hears the host
+    /// (acks lost one way, or withheld): the mass-failure guard must see
+    /// every host that could tell its peers it lost the server
+    /// (`novacron_shared::witness`).
+    pub lease_left_ms: Option<u32>,
 }
 
 /// The server's echo of a heartbeat.
@@ -248,7 +260,9 @@ pub enum FenceStyle {
 /// The HA lease the server grants: an acknowledged heartbeat keeps the
 /// lease for `lease_ms` from when the agent sent it; by then plus
 /// `fence_time_ms` the agent has stopped its HA VMs (see
-/// `novacron_shared::lease`).
+/// `novacron_shared::lease`) — unless `isolation` is
+/// [`IsolationResponse::KeepRunning`], or its peers confirm the server is
+/// lost to much of the fleet (`novacron_shared::witness`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseTerms {
     /// `L`, ms.
@@ -257,6 +271,47 @@ pub struct LeaseTerms {
     pub fence_time_ms: u32,
     /// How to fence.
     pub fence: FenceStyle,
+    /// What an agent does with its HA VMs when its lease runs out.
+    pub isolation: IsolationResponse,
+}
+
+/// What an isolated host (its lease ran out) does with its HA VMs; chosen
+/// per fleet in the server's `[ha]` config.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsolationResponse {
+    /// Stop them within the fence time (unless the peer witness confirms
+    /// the server is lost to much of the fleet); the server restarts them
+    /// elsewhere once the lease wait has passed.
+    #[default]
+    SelfFence,
+    /// Leave them running. The server restarts them elsewhere only once
+    /// the disk lock is free or the host's hardware fence confirmed it
+    /// off; the server refuses this mode without disk locks or a hardware
+    /// fence.
+    KeepRunning,
+}
+
+/// One peer an agent may ask about the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WitnessPeer {
+    /// Its host id: the name its certificate must carry.
+    pub host: HostId,
+    /// Where its witness endpoint listens (it reported this in its inventory).
+    pub addr: std::net::SocketAddr,
+}
+
+/// The peer witness an agent runs (see `novacron_shared::witness`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WitnessTerms {
+    /// Whom to ask; never this host itself.
+    pub peers: Vec<WitnessPeer>,
+    /// How many distinct peers must answer that they lost the server too
+    /// ([`crate::witness::quorum`] of the monitored hosts). When `peers`
+    /// holds fewer, the witness can never confirm: the agent fences as
+    /// without one.
+    pub quorum: u32,
 }
 
 /// The reconciler's account of one pass.
@@ -281,6 +336,25 @@ pub struct Drift {
     pub vm: String,
     /// What is wrong, for the operator.
     pub message: String,
+    /// Why, when it is an expected wait rather than a failure.
+    pub kind: DriftKind,
+}
+
+/// What kind of drift: most are failures; some are expected waits the
+/// agent retries by itself (with backoff) until they clear.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftKind {
+    /// Anything else: an error the operator may have to look at.
+    #[default]
+    Failed,
+    /// An HA VM waits for this host's HA lease.
+    WaitingForLease,
+    /// A disk of the VM is locked by another host (libvirt's lock manager,
+    /// or QEMU's image lock): another copy still runs, or its host has not
+    /// released the lock yet. Retried with backoff; never forced.
+    DiskLockHeld,
 }
 
 /// The host's full observed state.
@@ -303,6 +377,16 @@ pub struct Inventory {
     /// such host), its identity: the pool's directory. HA VMs with disks
     /// move only between hosts reporting the same value.
     pub shared_storage: Option<String>,
+    /// The lock space when libvirt guards the disks of running VMs with
+    /// its lock manager (agent config `vms.disk_locks`; `lockd` with
+    /// virtlockd): a second QEMU on any host sharing that lock space
+    /// cannot open a disk in use. Hosts reporting the same value exclude
+    /// each other.
+    pub disk_locks: Option<String>,
+    /// Where this agent's peer witness listens, as other hosts reach it;
+    /// absent when it runs none.
+    #[cfg_attr(feature = "schema", schema(value_type = Option<String>))]
+    pub witness: Option<std::net::SocketAddr>,
 }
 
 /// A command from the server; idempotent by `op_id`.

@@ -2,6 +2,7 @@
 
 use super::*;
 use novacron_shared::clock::TimeSource;
+use novacron_shared::protocol::IsolationResponse;
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -203,6 +204,7 @@ async fn new_terms_mid_lease_move_the_fence() {
         lease_ms: 3_000,
         fence_time_ms: 1_000,
         fence: FenceStyle::Kill,
+        isolation: IsolationResponse::SelfFence,
     };
     r.lease.apply_terms(&terms).unwrap();
     // 3 s from heartbeat 1's send, not from the terms' arrival.
@@ -227,6 +229,7 @@ async fn refused_terms_keep_the_old_ones() {
             lease_ms: bad.0,
             fence_time_ms: bad.1,
             fence: bad.2,
+            isolation: IsolationResponse::SelfFence,
         };
         let e = r.lease.apply_terms(&terms).unwrap_err();
         assert!(matches!(e, HaError::TermsRefused(_)), "{bad:?}: {e}");
@@ -236,6 +239,7 @@ async fn refused_terms_keep_the_old_ones() {
         lease_ms: 1_000,
         fence_time_ms: 100,
         fence: FenceStyle::ShutdownThenKill { grace_ms: 99 },
+        isolation: IsolationResponse::SelfFence,
     };
     r.lease.apply_terms(&ok).unwrap();
     assert_eq!(r.lease.timing().lease, ms(1_000));
@@ -329,6 +333,7 @@ fn terms_are_saved_and_loaded_and_bad_files_are_ignored() {
         lease_ms: 8_000,
         fence_time_ms: 1_500,
         fence: FenceStyle::ShutdownThenKill { grace_ms: 700 },
+        isolation: IsolationResponse::SelfFence,
     };
     save_terms(&path, &t).unwrap();
     assert_eq!(load_terms(&path), Some(t));
@@ -364,6 +369,7 @@ fn accepted_terms_are_written_through_the_handle() {
         lease_ms: 4_000,
         fence_time_ms: 1_000,
         fence: FenceStyle::Kill,
+        isolation: IsolationResponse::SelfFence,
     };
     h.apply_terms(&t).unwrap();
     assert_eq!(load_terms(&path), Some(t));

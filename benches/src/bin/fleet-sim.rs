@@ -613,7 +613,7 @@ async fn heartbeat(
         tokio::select! {
             _ = ticker.tick(), if sending => {
                 seq += 1;
-                let hb = AgentMessage::Heartbeat(Heartbeat { seq });
+                let hb = AgentMessage::Heartbeat(Heartbeat { seq, lease_left_ms: None });
                 framing::write_frame(&mut send, version, &hb, &mut buf).await.map_err(|e| frame_err("heartbeat", &e))?;
                 inflight.push_back((seq, Instant::now()));
                 rep.sent += 1;

@@ -63,7 +63,7 @@ fn main() {
                 6,
                 1,
                 &[
-                    AgentMessage::Heartbeat(Heartbeat { seq: 300 }),
+                    AgentMessage::Heartbeat(Heartbeat { seq: 300, lease_left_ms: None }),
                     AgentMessage::Inventory(Inventory {
                         capacity: Capacity {
                             cpus: 64,

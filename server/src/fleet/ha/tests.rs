@@ -632,7 +632,12 @@ async fn over_a_real_session_terms_come_first_and_acks_stop_when_fenced_until_re
         }
         m => panic!("then the desired state, got {m:?}"),
     }
-    let beat = |seq| AgentMessage::Heartbeat(Heartbeat { seq });
+    let beat = |seq| {
+        AgentMessage::Heartbeat(Heartbeat {
+            seq,
+            lease_left_ms: None,
+        })
+    };
     // A garbage renewal always gets an error reply: after a heartbeat it
     // shows whether an ack came first.
     let probe = || {
@@ -698,6 +703,8 @@ async fn over_a_real_session_terms_come_first_and_acks_stop_when_fenced_until_re
         migration_uri: None,
         labels: Default::default(),
         shared_storage: Some("/srv/pool".into()),
+        disk_locks: None,
+        witness: None,
     });
     let report = AgentMessage::Reconciled(novacron_shared::protocol::ReconcileReport {
         generation,
