@@ -175,7 +175,8 @@ pub fn session_idle_timeout(lease: Duration) -> Duration {
 }
 
 /// How hard a host with HA VMs reconnects while its HA lease is at stake
-/// (held, or the one a previous run may have held): attempts at most `lease / 10` apart, each
+/// (held, the one a previous run may have held, or lapsed with the HA VMs
+/// kept): attempts at most `lease / 10` apart, each
 /// given up after `lease / 5`, so a server back within the lease is
 /// reached before the lease runs out (a QUIC handshake whose first packets
 /// went to a dead server would otherwise wait for its retransmission
@@ -184,10 +185,13 @@ pub fn session_idle_timeout(lease: Duration) -> Duration {
 pub fn urgency(state: crate::lease::State, lease: Duration) -> Option<(Duration, Duration)> {
     use crate::lease::State;
     match state {
-        State::NoLease { .. } | State::Leased { .. } | State::Renewing { .. } => Some((
-            (lease / 10).max(Duration::from_millis(100)),
-            (lease / 5).clamp(Duration::from_millis(500), OPEN_TIMEOUT),
-        )),
+        // Lapsed: HA VMs run on without a lease; regaining one ends that.
+        State::NoLease { .. } | State::Leased { .. } | State::Renewing { .. } | State::Lapsed { .. } => {
+            Some((
+                (lease / 10).max(Duration::from_millis(100)),
+                (lease / 5).clamp(Duration::from_millis(500), OPEN_TIMEOUT),
+            ))
+        }
         State::SelfFencing { .. } | State::Fenced { .. } => None,
     }
 }
@@ -553,10 +557,9 @@ async fn serve(
                 seq += 1;
                 // Stamped before the frame leaves: the lease counts from
                 // no later than the server can have received it.
-                if let Some(l) = &cfg.lease {
-                    l.step(LeaseEvent::HeartbeatSent { seq });
-                }
-                framing::write_frame(&mut send, version, &AgentMessage::Heartbeat(Heartbeat { seq, lease_left_ms: None }), &mut buf).await?;
+                // It reports the lease left at that same instant.
+                let lease_left_ms = cfg.lease.as_ref().and_then(|l| l.heartbeat_sent(seq));
+                framing::write_frame(&mut send, version, &AgentMessage::Heartbeat(Heartbeat { seq, lease_left_ms }), &mut buf).await?;
                 if pending_key.is_none() && cfg.clock.wall() >= identity.validity.renew_at() {
                     let (key, csr_der) = pki::make_csr(&cfg.hostname)?;
                     tracing::info!(host_id = %identity.host_id, "certificate due for renewal; sending a CSR");
