@@ -4,8 +4,11 @@
 //!
 //! HA: the session feeds the lease ([`LinkConfig::lease`]): a session
 //! start when the welcome arrives (which also forgets the desired state),
-//! every heartbeat as it is sent (stamped before the frame is written),
-//! every ack, the lease terms, and the HA VMs of each desired state.
+//! every heartbeat as it is sent (stamped before the frame is written; the
+//! heartbeat reports the lease left at that instant), every ack, the lease
+//! terms, and the HA VMs of each desired state. It feeds the peer witness
+//! ([`LinkConfig::witness`]) its terms and renewed certificates, and
+//! reports where it listens in every inventory it sends.
 //!
 //! Time comes from the [`Clock`] in [`LinkConfig`]: the wall clock decides
 //! when the certificate is due for renewal, and [`Reconnect`] (pure, `now`
@@ -112,6 +115,9 @@ pub struct LinkConfig {
     /// The HA lease the session feeds (sessions, heartbeats, acks, terms,
     /// the HA VMs of each desired state); `None`: no HA (tools, tests).
     pub lease: Option<LeaseHandle>,
+    /// The peer witness (its terms, its address in the inventory, renewed
+    /// certificates); `None`: none runs.
+    pub witness: Option<crate::witness::WitnessHandle>,
 }
 
 impl LinkConfig {
@@ -125,6 +131,7 @@ impl LinkConfig {
             metrics: None,
             clock: Clock::system(),
             lease: None,
+            witness: None,
         }
     }
 }
@@ -518,11 +525,20 @@ async fn serve(
     }
     vm.desired.send_replace(None);
 
+    // Where peers reach this agent's witness, in every inventory sent.
+    let witness_addr = cfg.witness.as_ref().and_then(|w| w.advertised(conn.local_ip()));
+    if cfg.witness.is_some() && witness_addr.is_none() {
+        tracing::warn!("the witness address is unknown (no local IP for the server connection; set witness.advertise): peers cannot ask this host");
+    }
+    let mut witness_warn = crate::ha::WarnLimit::new(crate::ha::WARN_EVERY);
     // Whatever queued while disconnected is stale: the fresh inventory
     // below (and the server's desired state) supersede it.
     while vm.outbox.try_recv().is_ok() {}
     match hv.inventory().await {
-        Ok(inv) => framing::write_frame(&mut send, version, &AgentMessage::Inventory(inv), &mut buf).await?,
+        Ok(mut inv) => {
+            inv.witness = witness_addr;
+            framing::write_frame(&mut send, version, &AgentMessage::Inventory(inv), &mut buf).await?
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the inventory; the server will see it on the next change")
         }
@@ -550,7 +566,10 @@ async fn serve(
                     return Ok(());
                 }
             }
-            Some(msg) = vm.outbox.recv() => {
+            Some(mut msg) = vm.outbox.recv() => {
+                if let AgentMessage::Inventory(inv) = &mut msg {
+                    inv.witness = witness_addr;
+                }
                 framing::write_frame(&mut send, version, &msg, &mut buf).await?;
             }
             _ = ticker.tick() => {
@@ -594,8 +613,17 @@ async fn serve(
                         vm.desired.send_replace(Some(ds));
                     }
                     ServerMessage::Witness(w) => {
-                        // Wired by the witness part of the HA-guards work.
-                        tracing::debug!(peers = w.peers.len(), quorum = w.quorum, "witness terms from the server");
+                        let (peers, quorum) = (w.peers.len(), w.quorum);
+                        match &cfg.witness {
+                            Some(h) => {
+                                if let Err(e) = h.set_terms(w) {
+                                    if let Some(held) = witness_warn.allow(cfg.clock.now()) {
+                                        tracing::warn!(error = %e, suppressed = held, "the server's witness terms are refused; the old ones stay");
+                                    }
+                                }
+                            }
+                            None => tracing::debug!(peers, quorum, "witness terms from the server; no witness runs here"),
+                        }
                     }
                     ServerMessage::CertificateRenewed(r) => {
                         let Some(key) = pending_key.take() else {
@@ -605,6 +633,11 @@ async fn serve(
                         let next = identity.renewed(r.cert_der, key.0)?;
                         next.save(paths)?;
                         tracing::info!(host_id = %next.host_id, not_after = ?next.validity.not_after, "certificate renewed and saved");
+                        if let Some(w) = &cfg.witness {
+                            if let Err(e) = w.renewed(&next) {
+                                tracing::warn!(error = %error_chain(&e), "the witness keeps presenting the old certificate");
+                            }
+                        }
                         *identity = next;
                     }
                     ServerMessage::Error(e) => {
