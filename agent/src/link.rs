@@ -203,6 +203,21 @@ pub fn urgency(state: crate::lease::State, lease: Duration) -> Option<(Duration,
     }
 }
 
+/// The local IP this host reaches `peer` from (the route's source
+/// address; no packet is sent). quinn knows it only for connections it
+/// accepted, not for those it made.
+pub fn local_ip_towards(peer: SocketAddr) -> Option<std::net::IpAddr> {
+    let bind: SocketAddr = if peer.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let s = std::net::UdpSocket::bind(bind).ok()?;
+    s.connect(peer).ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
 /// Turns a closed connection into the clearest error we can give.
 fn closed_error(conn: &quinn::Connection, fallback: LinkError) -> LinkError {
     match conn.close_reason() {
@@ -526,9 +541,12 @@ async fn serve(
     vm.desired.send_replace(None);
 
     // Where peers reach this agent's witness, in every inventory sent.
-    let witness_addr = cfg.witness.as_ref().and_then(|w| w.advertised(conn.local_ip()));
+    let witness_addr = cfg
+        .witness
+        .as_ref()
+        .and_then(|w| w.advertised(local_ip_towards(conn.remote_address())));
     if cfg.witness.is_some() && witness_addr.is_none() {
-        tracing::warn!("the witness address is unknown (no local IP for the server connection; set witness.advertise): peers cannot ask this host");
+        tracing::warn!("the witness address is unknown (no local IP towards the server; set witness.advertise): peers cannot ask this host");
     }
     let mut witness_warn = crate::ha::WarnLimit::new(crate::ha::WARN_EVERY);
     // Whatever queued while disconnected is stale: the fresh inventory
