@@ -408,14 +408,14 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(!c.witness.enabled);
         assert_eq!(c.witness.advertise.map(|a| a.port()), Some(7500));
-        for bad in [
-            "advertise = \"0.0.0.0:7444\"",
-            "advertise = \"10.0.0.5:0\"",
-            "listen = \"nope\"",
-            "port = 1",
+        for (bad, says) in [
+            ("advertise = \"0.0.0.0:7444\"", "witness.advertise"),
+            ("advertise = \"10.0.0.5:0\"", "witness.advertise"),
+            ("listen = \"nope\"", "socket address"),
+            ("port = 1", "port"),
         ] {
             let e = AgentConfig::parse(&format!("[witness]\n{bad}\n"), "t").unwrap_err();
-            assert!(e.to_string().contains("witness"), "{bad}: {e}");
+            assert!(e.to_string().contains(says), "{bad}: {e}");
         }
     }
 

@@ -613,21 +613,43 @@ async fn an_agent_cut_off_from_its_peers_fences_at_the_lease_end() {
         })
         .collect();
     let (_s, end) = rig.leased(listed, 2).await;
-    // Every round from the stake to the end: no answer, no confirmation.
-    let first = end - (CONFIRMATION_VALID - ROUND_TIMEOUT);
-    for k in 0..3u32 {
-        let at = first + ROUND_EVERY * k;
-        rig.time.advance(at.saturating_duration_since(rig.clock.now()));
-        tokio::time::sleep(ROUND_TIMEOUT + Duration::from_millis(200)).await;
-        assert_eq!(rig.deadline(), Some(end), "nothing confirmed");
-        assert_eq!(rig.model.killed(), None);
+    rig.fences_at_the_lease_end(end).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_a_foreign_ca_certificate_does_not_count() {
+    let p = pki_for_tests();
+    let rig = start_agent(&p);
+    let other = pki_for_tests();
+    let (b, stranger) = (Peer::start(&p.ca, &rig.clock), Peer::start(&other.ca, &rig.clock));
+    let (_s, end) = rig.leased(vec![b.peer.clone(), stranger.peer.clone()], 2).await;
+    let lost = rig.clock.now();
+    b.says(LeaseView::Lost { since: lost });
+    stranger.says(LeaseView::Lost { since: lost });
+    rig.fences_at_the_lease_end(end).await;
+}
+
+impl Rig {
+    /// Steps through every round from the stake to the lease `end`: none
+    /// confirms, and the HA VM is fenced at the end.
+    async fn fences_at_the_lease_end(&self, end: Instant) {
+        let first = end - (CONFIRMATION_VALID - ROUND_TIMEOUT);
+        for k in 0..3u32 {
+            let at = first + ROUND_EVERY * k;
+            self.time.advance(at.saturating_duration_since(self.clock.now()));
+            // Past the round's timeout (real time: its answers, if any,
+            // would have come).
+            tokio::time::sleep(ROUND_TIMEOUT + Duration::from_millis(200)).await;
+            assert_eq!(self.deadline(), Some(end), "nothing confirmed");
+            assert_eq!(self.model.killed(), None);
+        }
+        self.time.advance(end.saturating_duration_since(self.clock.now()));
+        until("the fence", || self.model.killed().is_some()).await;
+        assert_eq!(
+            self.model.killed(),
+            Some(end),
+            "fenced at the lease end, as without a witness"
+        );
+        self.stop();
     }
-    rig.time.advance(end.saturating_duration_since(rig.clock.now()));
-    until("the fence", || rig.model.killed().is_some()).await;
-    assert_eq!(
-        rig.model.killed(),
-        Some(end),
-        "fenced at the lease end, as without a witness"
-    );
-    rig.stop();
 }

@@ -305,14 +305,14 @@ async fn work(
     log: Limited,
 ) {
     let name = peer.host.to_string();
-    let mut conn: Option<quinn::Connection> = None;
+    let mut link = PeerLink::default();
     while asks.changed().await.is_ok() {
         let Some(ask) = *asks.borrow_and_update() else {
             continue;
         };
         // Past the round's timeout an answer no longer counts.
         let left = (ask.started + ROUND_TIMEOUT).saturating_duration_since(clock.now());
-        let r = tokio::time::timeout(left, ask_peer(&ep, &mut conn, &peer, &name, ask.round)).await;
+        let r = tokio::time::timeout(left, ask_peer(&ep, &mut link, &peer, &name, ask.round)).await;
         match r {
             Ok(Ok((from, contact))) => {
                 let reply = Reply {
@@ -325,7 +325,6 @@ async fn work(
                 }
             }
             Ok(Err(e)) => {
-                conn = None;
                 if let Some(held) = log.allow() {
                     tracing::warn!(peer = %peer.host, addr = %peer.addr, error = %crate::link::error_chain(&e), suppressed = held, "witness: a peer did not answer");
                 }
@@ -337,16 +336,25 @@ async fn work(
     }
 }
 
+/// A worker's connection to its peer: the kept one, or a handshake in
+/// progress (kept across rounds: a round that times out during it does
+/// not start another, so a dead peer costs one handshake at a time).
+#[derive(Default)]
+struct PeerLink {
+    conn: Option<quinn::Connection>,
+    connecting: Option<quinn::Connecting>,
+}
+
 /// Asks `peer` once over the kept connection (made anew if there is none
 /// or it failed).
 async fn ask_peer(
     ep: &quinn::Endpoint,
-    conn: &mut Option<quinn::Connection>,
+    link: &mut PeerLink,
     peer: &WitnessPeer,
     name: &str,
     nonce: u64,
 ) -> Result<(HostId, Contact), WitnessError> {
-    if let Some(c) = conn.as_ref() {
+    if let Some(c) = link.conn.as_ref() {
         if c.close_reason().is_none() {
             match query(c, nonce).await {
                 Ok(contact) => return Ok((peer_host(c).ok_or(WitnessError::NoPeerId)?, contact)),
@@ -356,17 +364,25 @@ async fn ask_peer(
             }
         }
     }
-    *conn = None;
-    let c = ep
-        .connect(peer.addr, name)
-        .map_err(|source| WitnessError::Connect {
-            addr: peer.addr,
-            source,
-        })?
-        .await
-        .map_err(WitnessError::Connection)?;
+    link.conn = None;
+    let connecting = match &mut link.connecting {
+        Some(c) => c,
+        None => {
+            let c = ep
+                .connect(peer.addr, name)
+                .map_err(|source| WitnessError::Connect {
+                    addr: peer.addr,
+                    source,
+                })?;
+            link.connecting.insert(c)
+        }
+    };
+    // Cancelled by the round's timeout, the handshake stays for the next.
+    let done = connecting.await;
+    link.connecting = None;
+    let c = done.map_err(WitnessError::Connection)?;
     let from = peer_host(&c).ok_or(WitnessError::NoPeerId)?;
-    *conn = Some(c.clone());
+    link.conn = Some(c.clone());
     Ok((from, query(&c, nonce).await?))
 }
 
