@@ -19,8 +19,9 @@
 //! in [`msg`].
 //!
 //! [`WitnessHandle::advertised`] is where peers reach this agent, as the
-//! link reports it in the inventory: the configured address, else the
-//! local IP of the connection to the server with the listen port.
+//! link reports it in the inventory: the configured address, else this
+//! host's IP towards the server (the route's source address,
+//! `link::local_ip_towards`) with the listen port.
 
 pub mod net;
 
@@ -137,7 +138,7 @@ impl WitnessHandle {
     }
 
     /// Where peers reach this agent: the configured address, else
-    /// `local_ip` (of the connection to the server) with the listen port.
+    /// `local_ip` (this host's, towards the server) with the listen port.
     pub fn advertised(&self, local_ip: Option<IpAddr>) -> Option<SocketAddr> {
         self.advertise
             .or_else(|| local_ip.map(|ip| SocketAddr::new(ip, self.port)))
@@ -355,4 +356,66 @@ fn lost_server(view: LeaseView, now: Instant) -> bool {
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use novacron_shared::pki::{self, FleetCa, Validity};
+    use novacron_shared::protocol::WitnessPeer;
+
+    fn identity(host: HostId) -> Identity {
+        let wall = Clock::system().wall();
+        let ttl = Duration::from_secs(600);
+        let (ca, _) = FleetCa::generate("t", wall, ttl).unwrap();
+        let (key, csr) = pki::make_csr("h").unwrap();
+        let cert = ca
+            .sign_host_csr(&csr, host, Validity::for_ttl(wall, ttl))
+            .unwrap();
+        Identity::new(cert.to_vec(), key.serialize_pem(), ca.cert_der().to_vec()).unwrap()
+    }
+
+    fn peer(n: u128, port: u16) -> WitnessPeer {
+        WitnessPeer {
+            host: HostId(n),
+            addr: SocketAddr::from(([10, 0, 0, 1], port)),
+        }
+    }
+
+    #[tokio::test]
+    async fn terms_drop_this_host_and_duplicates_and_refuse_too_many_peers() {
+        let me = HostId(1);
+        let w = start(&identity(me), ([127, 0, 0, 1], 0).into(), None).unwrap();
+        let h = &w.handle;
+        h.set_terms(WitnessTerms {
+            peers: vec![peer(1, 1), peer(2, 2), peer(2, 3), peer(3, 4)],
+            quorum: 2,
+        })
+        .unwrap();
+        let got = w.terms.borrow().clone().unwrap();
+        assert_eq!(got.peers, vec![peer(2, 2), peer(3, 4)]);
+        assert_eq!(got.quorum, 2);
+        let many = WitnessTerms {
+            peers: (0..=MAX_PEERS as u128).map(|n| peer(n + 10, 1)).collect(),
+            quorum: 2,
+        };
+        assert!(matches!(h.set_terms(many), Err(WitnessError::TermsRefused(_))));
+        assert_eq!(w.terms.borrow().clone().unwrap(), got, "the old terms stay");
+    }
+
+    #[tokio::test]
+    async fn the_advertised_address_is_the_configured_one_else_the_ip_towards_the_server() {
+        let w = start(&identity(HostId(1)), ([127, 0, 0, 1], 0).into(), None).unwrap();
+        let port = w.endpoint.local_addr().unwrap().port();
+        let ip: IpAddr = [192, 168, 1, 9].into();
+        assert_eq!(w.handle.advertised(Some(ip)), Some(SocketAddr::new(ip, port)));
+        assert_eq!(w.handle.advertised(None), None);
+        let fixed: SocketAddr = "10.9.9.9:7444".parse().unwrap();
+        let w = start(&identity(HostId(1)), ([127, 0, 0, 1], 0).into(), Some(fixed)).unwrap();
+        assert_eq!(w.handle.advertised(Some(ip)), Some(fixed));
+        assert_eq!(
+            crate::link::local_ip_towards(([127, 0, 0, 1], 7443).into()),
+            Some([127, 0, 0, 1].into())
+        );
+    }
 }
