@@ -32,7 +32,7 @@
 //!   have held a lease until `start + L` (its heartbeats were all sent
 //!   before `start`), so without a new lease by then it fences too: HA VMs
 //!   left running by a killed agent are not left to outlive the server's
-//!   wait.
+//!   wait (unless keep-running or a confirmation keeps them, as below).
 //! - [`FenceMode::ShutdownThenKill`] must fit its grace inside `F`.
 //!
 //! Two things keep HA VMs past the lease end instead of fencing them (the
@@ -96,7 +96,8 @@ pub enum FenceMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Before the first ack since the agent started. HA VMs a previous run
-    /// left behind are fenced at `fence_at` unless a lease comes first.
+    /// left behind are fenced at `fence_at` unless a lease comes first
+    /// (or, as after a lease, keep-running or a confirmation keeps them).
     NoLease {
         /// When any lease a previous run held has ended for sure.
         fence_at: Instant,
