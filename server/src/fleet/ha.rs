@@ -33,7 +33,7 @@ use tokio::sync::watch;
 
 use super::{lock, request_for, Fleet, VmError};
 use crate::config::HaConfig;
-use crate::ha::lease::{HostLeases, HostState, LeaseError, Restored, Transition};
+use crate::ha::lease::{HostLeases, HostState, LeaseError, Loss, Restored, Transition};
 use crate::scheduler::SharedStorageNeed;
 use crate::store::{
     HostState as StoredState, RestartCommit, RestartRefusal, ReturnRefusal, Store, StoreError, VmRecord,
@@ -91,6 +91,44 @@ pub struct VmHa {
     pub since_ms: u64,
 }
 
+/// A host's hardware fence, as the driver last published it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFence {
+    /// Where it stands.
+    pub state: crate::ha::fence::FenceStatus,
+    /// The last attempt's error.
+    pub error: Option<String>,
+}
+
+/// A restarted HA VM whose start waits on its disk lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockWait {
+    /// The host it waits on (its new host).
+    pub host: HostId,
+    /// Since when, Unix ms.
+    pub since_ms: u64,
+}
+
+impl LockWait {
+    /// For people.
+    pub fn describe(&self) -> String {
+        format!("disk lock held (on host {})", self.host)
+    }
+}
+
+/// The witness terms last pushed to agents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WitnessStatus {
+    /// The peer witness is on (`[ha.witness] enabled`).
+    pub enabled: bool,
+    /// The quorum pushed (for the monitored hosts then).
+    pub quorum: u32,
+    /// Hosts reporting a witness address (peers pushed to each other).
+    pub peers: usize,
+    /// Terms pushed since the server started.
+    pub pushes: u64,
+}
+
 /// The HA driver's report for the API.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HaStatus {
@@ -100,6 +138,10 @@ pub struct HaStatus {
     pub releasing: bool,
     /// VMs of fenced hosts, by id.
     pub vms: BTreeMap<VmId, VmHa>,
+    /// Hosts whose hardware fence is not idle, by id.
+    pub fences: BTreeMap<HostId, HostFence>,
+    /// Restarted VMs waiting on a disk lock, by id.
+    pub lock_waits: BTreeMap<VmId, LockWait>,
 }
 
 /// The HA part's state.
@@ -202,6 +244,22 @@ impl Fleet {
     /// Every host's lease state, as the last tick reported it.
     pub fn lease_states(&self) -> std::collections::HashMap<HostId, HostState> {
         lock(&self.ha.leases).hosts().collect()
+    }
+
+    /// Every host's lease loss at `now` (under way, or the last one).
+    pub fn lease_losses(&self, now: Instant) -> std::collections::HashMap<HostId, Loss> {
+        let l = lock(&self.ha.leases);
+        let ids: Vec<HostId> = l.hosts().map(|(h, _)| h).collect();
+        ids.into_iter()
+            .filter_map(|h| l.loss(h, now).map(|x| (h, x)))
+            .collect()
+    }
+
+    /// `host`'s hardware fence confirmed it off at `at`: fenced at once.
+    pub fn fence_confirmed_off(&self, host: HostId, at: Instant) -> Result<(), HaError> {
+        lock(&self.ha.leases).confirmed_off(host, at)?;
+        self.bump_lease_changes();
+        Ok(())
     }
 
     /// When a frame from `host` last arrived in this run.
@@ -437,16 +495,25 @@ impl Fleet {
         self.bump_lease_changes();
     }
 
-    /// A frame from `host` arrived at `now`: recorded, then (under the same
-    /// lock) whether a heartbeat in it may be acknowledged.
+    /// A frame from `host` arrived at `now` (`lease_left`: a heartbeat,
+    /// with the lease it reported): recorded, then (under the same lock)
+    /// whether a heartbeat in it may be acknowledged.
     /// A host the leases do not track (forgotten at revocation while its
     /// session closes) is not tracked again, and gets no ack.
-    pub(super) fn ha_heard(&self, host: HostId, now: Instant) -> bool {
+    pub(super) fn ha_heard(
+        &self,
+        host: HostId,
+        now: Instant,
+        lease_left: Option<Option<std::time::Duration>>,
+    ) -> bool {
         let mut l = lock(&self.ha.leases);
         if l.state(host).is_none() {
             return false;
         }
-        l.heard(host, now);
+        match lease_left {
+            Some(left) => l.heartbeat(host, now, left),
+            None => l.heard(host, now),
+        }
         l.may_ack(host, now)
     }
 

@@ -560,7 +560,13 @@ impl Fleet {
             }
             // Every frame counts for the lease; an ack renews it, so it is
             // decided under the same lock, after the frame is recorded.
-            let may_ack = self.ha_heard(host_id, now);
+            let lease_left = match &msg {
+                AgentMessage::Heartbeat(hb) => {
+                    Some(hb.lease_left_ms.map(|ms| Duration::from_millis(u64::from(ms))))
+                }
+                _ => None,
+            };
+            let may_ack = self.ha_heard(host_id, now, lease_left);
             let reply = match msg {
                 AgentMessage::Heartbeat(hb) if may_ack => {
                     Some(ServerMessage::HeartbeatAck(HeartbeatAck { seq: hb.seq }))

@@ -20,5 +20,6 @@
 
 pub mod controller;
 pub mod driver;
+pub mod fence;
 pub mod guard;
 pub mod lease;

@@ -110,7 +110,7 @@ fn fence_h1(f: &Fleet, clock: &ManualClock) {
     let w = f.ha_config().timing().fenced_after();
     clock.advance(w + Duration::from_secs(1));
     let now = f.clock().now();
-    assert!(f.ha_heard(H2, now) && f.ha_heard(H3, now));
+    assert!(f.ha_heard(H2, now, None) && f.ha_heard(H3, now, None));
     let moves = f.tick_leases(now).unwrap();
     assert!(
         moves.iter().any(|t| t.host == H1 && t.to == HostState::Fenced),
@@ -291,7 +291,10 @@ async fn acks_are_withheld_from_a_fenced_host_until_it_returned_clean_even_acros
     let (f, clock) = fleet(store.clone(), HaConfig::default());
     let t0 = f.clock().now();
     f.ha_connected(H1, t0);
-    assert!(f.ha_heard(H1, t0), "an online host's heartbeat is acknowledged");
+    assert!(
+        f.ha_heard(H1, t0, None),
+        "an online host's heartbeat is acknowledged"
+    );
     clock.advance(f.ha_config().timing().fenced_after());
     f.tick_leases(f.clock().now()).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Fenced));
@@ -301,14 +304,14 @@ async fn acks_are_withheld_from_a_fenced_host_until_it_returned_clean_even_acros
         .iter()
         .any(|(h, r)| *h == H1 && r.must_return));
     clock.advance(Duration::from_millis(10));
-    assert!(!f.ha_heard(H1, f.clock().now()), "fenced: no ack");
+    assert!(!f.ha_heard(H1, f.clock().now(), None), "fenced: no ack");
     f.tick_leases(f.clock().now()).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Returning));
-    assert!(!f.ha_heard(H1, f.clock().now()), "returning: no ack");
+    assert!(!f.ha_heard(H1, f.clock().now(), None), "returning: no ack");
     let r = f.set_maintenance(H1, true);
     assert!(r.is_ok(), "{r:?}");
     assert!(
-        !f.ha_heard(H1, f.clock().now()),
+        !f.ha_heard(H1, f.clock().now(), None),
         "maintenance does not end the wait"
     );
     f.set_maintenance(H1, false).unwrap();
@@ -318,12 +321,12 @@ async fn acks_are_withheld_from_a_fenced_host_until_it_returned_clean_even_acros
     let (f, _clock) = fleet(store.clone(), HaConfig::default());
     let now = f.clock().now();
     f.ha_connected(H1, now);
-    assert!(!f.ha_heard(H1, now));
+    assert!(!f.ha_heard(H1, now, None));
     f.tick_leases(now).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Returning));
     // No session has reported it reconciled: refused, still no ack.
     assert!(matches!(f.returned_clean(H1), Err(HaError::NotReconciled(H1))));
-    assert!(!f.ha_heard(H1, now));
+    assert!(!f.ha_heard(H1, now, None));
     let generation = store.desired(H1).unwrap().map_or(0, |d| d.generation);
     let r = f.clear_returned(H1, generation + 1);
     assert!(
@@ -331,7 +334,7 @@ async fn acks_are_withheld_from_a_fenced_host_until_it_returned_clean_even_acros
         "reconciled to another generation: {r:?}"
     );
     f.clear_returned(H1, generation).unwrap();
-    assert!(f.ha_heard(H1, now), "reconciled: acks resume");
+    assert!(f.ha_heard(H1, now, None), "reconciled: acks resume");
     assert!(store.ha_hosts().unwrap().is_empty());
     f.tick_leases(now).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Online));
@@ -547,9 +550,9 @@ async fn a_revoked_host_is_forgotten_and_a_late_frame_does_not_track_it_again() 
     let (f, _) = fleet(store, HaConfig::default());
     let now = f.clock().now();
     f.ha_connected(H1, now);
-    assert!(f.ha_heard(H1, now));
+    assert!(f.ha_heard(H1, now, None));
     f.revoke(H1).unwrap();
-    assert!(!f.ha_heard(H1, now), "no ack for a revoked host");
+    assert!(!f.ha_heard(H1, now, None), "no ack for a revoked host");
     f.tick_leases(now).unwrap();
     assert_eq!(f.lease_state(H1), None);
 }
