@@ -40,7 +40,7 @@ mod usage;
 pub mod view;
 pub mod vms;
 
-pub use ha::{HaError, HaStatus, Held, VmHa, VmHaState};
+pub use ha::{HaError, HaStatus, Held, HostFence, LockWait, VmHa, VmHaState, WitnessStatus};
 pub use liveness::Liveness;
 pub use ops::migration::{whereabouts, Whereabouts};
 pub use sessions::commands::CommandError;
@@ -208,6 +208,7 @@ pub fn request_for(spec: &VmSpec, rules: &PlacementRules) -> scheduler::Request 
         affinity: rules.affinity.clone(),
         anti_affinity: rules.anti_affinity.clone(),
         shared_storage: None,
+        disk_locks: None,
     }
 }
 

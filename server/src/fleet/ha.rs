@@ -18,7 +18,11 @@
 //! `[ha] enabled = false` changes none of this: only the driver restarts
 //! nothing.
 //!
-//! Owns: the lease view, the HA status and the release requests. Must not
+//! The witness terms pushed to agents live in [`witness`]
+//! (`fleet/ha/witness.rs`).
+//!
+//! Owns: the lease view, the HA status, the release requests and the
+//! witness addresses and terms sent. Must not
 //! touch: session state but through the session part's methods, placement
 //! but through the `Placer`.
 
@@ -154,6 +158,11 @@ pub(super) struct Ha {
     /// Hosts declared fenced whose must-return flag is not stored yet
     /// (retried at every tick; a restart needs the stored flag).
     unstored: Mutex<std::collections::BTreeSet<HostId>>,
+    /// The peer witness's addresses and the terms sent.
+    witness: Mutex<witness::Witness>,
+    /// Each host's disk lock space, as its latest inventory in this run
+    /// reported it (kept while it is silent: its VMs restart within it).
+    lock_spaces: Mutex<BTreeMap<HostId, String>>,
 }
 
 impl Ha {
@@ -193,6 +202,8 @@ impl Ha {
             status: Mutex::new(HaStatus::default()),
             releases: watch::channel(0).0,
             unstored: Mutex::new(std::collections::BTreeSet::new()),
+            witness: Mutex::new(witness::Witness::default()),
+            lock_spaces: Mutex::new(BTreeMap::new()),
         })
     }
 }
@@ -313,6 +324,8 @@ impl Fleet {
         };
         self.bus.ha(Some(host), None, format!("host {host} {what}"));
         self.bump_lease_changes();
+        // The monitored hosts changed: so may the quorum.
+        self.push_witness_terms();
         Ok(())
     }
 
@@ -403,9 +416,24 @@ impl Fleet {
         }
         let on_shared = !rec.vm.spec.ephemeral && !rec.vm.spec.disks.is_empty();
         let mut req = request_for(&rec.vm.spec, &rec.rules);
+        let pool = if on_shared {
+            self.store.ha_vm(vm)?.and_then(|h| h.shared_storage)
+        } else {
+            None
+        };
         if on_shared {
-            let pool = self.store.ha_vm(vm)?.and_then(|h| h.shared_storage);
-            req.shared_storage = Some(pool.map_or(SharedStorageNeed::Any, SharedStorageNeed::Same));
+            req.shared_storage = Some(
+                pool.clone()
+                    .map_or(SharedStorageNeed::Any, SharedStorageNeed::Same),
+            );
+        }
+        if self.ha.config.disk_locks {
+            // Within the old host's lock space, so the new start waits on
+            // the lock while the old copy may run (keep-running). Not
+            // known in this run (the host never reported since the server
+            // started): the lock space is the pool the disks are on.
+            let space = lock(&self.ha.lock_spaces).get(&from).cloned().or(pool);
+            req.disk_locks = Some(space.map_or(SharedStorageNeed::Any, SharedStorageNeed::Same));
         }
         {
             let l = lock(&self.ha.leases);
@@ -484,6 +512,19 @@ impl Fleet {
         Ok(done.record)
     }
 
+    /// `host`'s inventory reported disk lock space `space`.
+    pub(super) fn note_lock_space(&self, host: HostId, space: Option<String>) {
+        let mut l = lock(&self.ha.lock_spaces);
+        match space {
+            Some(s) => {
+                l.insert(host, s);
+            }
+            None => {
+                l.remove(&host);
+            }
+        }
+    }
+
     /// Bumps [`Fleet::lease_changes`].
     pub(super) fn bump_lease_changes(&self) {
         self.ha.changes.send_modify(|n| *n = n.wrapping_add(1));
@@ -491,8 +532,11 @@ impl Fleet {
 
     /// `host` opened a session at `now`.
     pub(super) fn ha_connected(&self, host: HostId, now: Instant) {
+        self.witness_session_opens(host);
         lock(&self.ha.leases).connected(host, now);
         self.bump_lease_changes();
+        // A host new to this run changes the fleet the quorum counts.
+        self.push_witness_terms();
     }
 
     /// A frame from `host` arrived at `now` (`lease_left`: a heartbeat,
@@ -527,8 +571,10 @@ impl Fleet {
     pub(super) fn ha_forget(&self, host: HostId) {
         let _ = lock(&self.ha.leases).forget(host);
         self.bump_lease_changes();
+        self.witness_forget(host);
     }
 }
 
 #[cfg(test)]
 mod tests;
+mod witness;

@@ -205,6 +205,7 @@ impl Fleet {
                     used: scheduler::Usage::default(),
                     groups: HashSet::new(),
                     shared_storage: live.and_then(|s| s.shared_storage()),
+                    disk_locks: live.and_then(|s| s.disk_locks()),
                 }
             })
             .collect())
@@ -251,6 +252,10 @@ impl Fleet {
                 )));
             }
             r.shared_storage = Some(scheduler::SharedStorageNeed::Any);
+        }
+        if req.spec.ha && self.ha_config().disk_locks {
+            // `[ha] disk_locks`: only hosts whose libvirt locks the disks.
+            r.disk_locks = Some(scheduler::SharedStorageNeed::Any);
         }
         let created_ms = self.clock.unix_ms();
         // The claim is reserved under the placement lock; the commit runs
@@ -434,6 +439,7 @@ mod tests {
             used: scheduler::Usage::default(),
             groups: HashSet::new(),
             shared_storage: None,
+            disk_locks: None,
         }
     }
 

@@ -23,3 +23,4 @@ pub mod driver;
 pub mod fence;
 pub mod guard;
 pub mod lease;
+pub mod witness;
