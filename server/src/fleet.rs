@@ -247,6 +247,8 @@ pub struct HostView {
     pub lease: Option<crate::ha::lease::HostState>,
     /// The shared storage its agent reports (while connected).
     pub shared_storage: Option<String>,
+    /// The disk lock space its agent reports (while connected).
+    pub disk_locks: Option<String>,
 }
 
 /// A VM's HA history and, while its host is fenced, its state.
@@ -256,6 +258,8 @@ pub struct VmHaView {
     pub history: crate::store::HaVmRecord,
     /// Restarting, waiting or lost (while its host is fenced).
     pub status: Option<ha::VmHa>,
+    /// Restarted, its start waiting on its disk lock.
+    pub lock_wait: Option<ha::LockWait>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -368,7 +368,9 @@ impl Fleet {
         let observed = host
             .and_then(|h| self.live(h))
             .and_then(|s| s.observed(rec.vm.id));
-        let status = self.ha_status().vms.get(&rec.vm.id).cloned();
+        let ha_status = self.ha_status();
+        let status = ha_status.vms.get(&rec.vm.id).cloned();
+        let lock_wait = ha_status.lock_waits.get(&rec.vm.id).copied();
         let ha = if rec.vm.spec.ha || status.is_some() {
             let history = match self.store.ha_vm(rec.vm.id) {
                 Ok(h) => h.unwrap_or_default(),
@@ -377,7 +379,11 @@ impl Fleet {
                     Default::default()
                 }
             };
-            Some(super::VmHaView { history, status })
+            Some(super::VmHaView {
+                history,
+                status,
+                lock_wait,
+            })
         } else {
             None
         };

@@ -71,6 +71,7 @@ fn view(
                 i.vms.len(),
                 i.labels.clone(),
                 i.shared_storage.clone(),
+                i.disk_locks.clone(),
             )
         })
     });
@@ -83,9 +84,9 @@ fn view(
             record.state = HostState::Online;
         }
     }
-    let (vm_count, labels, shared_storage) = match inv {
-        Some((_, n, labels, shared)) => (Some(n), labels, shared),
-        None => (None, Default::default(), None),
+    let (vm_count, labels, shared_storage, disk_locks) = match inv {
+        Some((_, n, labels, shared, locks)) => (Some(n), labels, shared, locks),
+        None => (None, Default::default(), None, None),
     };
     HostView {
         connected: live.is_some(),
@@ -93,6 +94,7 @@ fn view(
         vm_count,
         cordoned,
         shared_storage,
+        disk_locks,
         labels,
         lease,
         record,
