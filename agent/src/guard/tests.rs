@@ -339,13 +339,17 @@ async fn a_restarted_agent_keeps_the_previous_targets_until_it_has_looked() {
     // loaded machine may take a while to deliver and reap it).
     let real = Clock::system();
     let since = real.now();
-    let mut status = None;
-    while real.since(since) < Duration::from_secs(10) {
-        status = qemu.try_wait().unwrap();
-        if status.is_some() {
-            break;
+    let status = loop {
+        let status = qemu.try_wait().unwrap();
+        if status.is_some() || real.since(since) >= Duration::from_secs(10) {
+            break status;
         }
         std::thread::yield_now();
+    };
+    if status.is_none() {
+        // Not killed: reap it before failing.
+        let _ = qemu.kill();
+        let _ = qemu.wait();
     }
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(
