@@ -531,7 +531,7 @@ impl Fleet {
     }
 
     /// `host` opened a session at `now`.
-    pub(super) fn ha_connected(&self, host: HostId, now: Instant) {
+    pub(crate) fn ha_connected(&self, host: HostId, now: Instant) {
         self.witness_session_opens(host);
         lock(&self.ha.leases).connected(host, now);
         self.bump_lease_changes();
@@ -544,7 +544,7 @@ impl Fleet {
     /// whether a heartbeat in it may be acknowledged.
     /// A host the leases do not track (forgotten at revocation while its
     /// session closes) is not tracked again, and gets no ack.
-    pub(super) fn ha_heard(
+    pub(crate) fn ha_heard(
         &self,
         host: HostId,
         now: Instant,
