@@ -18,7 +18,7 @@
 //! `[ha] enabled = false` changes none of this: only the driver restarts
 //! nothing.
 //!
-//! The witness terms pushed to agents live in [`witness`]
+//! The witness terms pushed to agents live in `witness`
 //! (`fleet/ha/witness.rs`).
 //!
 //! Owns: the lease view, the HA status, the release requests and the
