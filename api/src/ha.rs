@@ -94,7 +94,7 @@ pub struct HostLease {
     pub fence: HostFence,
 }
 
-/// Where a host's hardware fence stands (`[ha.fence]`).
+/// Where a host's hardware fence stands (`[ha.hardware_fence]`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FenceState {
@@ -224,7 +224,7 @@ pub struct HaOverview {
     /// (`[ha] disk_locks`).
     #[serde(default)]
     pub disk_locks: bool,
-    /// A hardware fence is configured (`[ha.fence]`).
+    /// A hardware fence is configured (`[ha.hardware_fence]`).
     #[serde(default)]
     pub hardware_fence: bool,
     /// Hosts whose hardware fence is not idle.

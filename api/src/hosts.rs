@@ -59,7 +59,7 @@ pub struct Host {
     /// Its agent reports a shared storage pool (its directory).
     #[serde(default)]
     pub shared_storage: Option<String>,
-    /// Its hardware fence (`[ha.fence]`).
+    /// Its hardware fence (`[ha.hardware_fence]`).
     #[serde(default)]
     pub fence: crate::ha::HostFence,
     /// What it does with its HA VMs when its lease runs out (the fleet's

@@ -185,7 +185,7 @@ pub enum HostsCommand {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
-    /// Run the host's hardware fence command now (`[ha.fence]` in the
+    /// Run the host's hardware fence command now (`[ha.hardware_fence]` in the
     /// server's config; admin): `status` reports its power state, `off`
     /// powers it off.
     Fence {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 mod ha;
 
-pub use ha::{FenceMode, FenceSetting, HaConfig, HardwareFence, WitnessConfig};
+pub use ha::{FenceMode, HaConfig, HardwareFence, WitnessConfig};
 pub use novacron_shared::config::{ConfigError, ConfigFile};
 use novacron_shared::duration::serde_human;
 use serde::{Deserialize, Serialize};

@@ -166,7 +166,7 @@ async fn fence(api: &Api, id: HostId, body: novacron_api::ha::FenceRequest) -> R
     let Some(hw) = api.fleet.ha_config().hardware_fence() else {
         return Err(ApiError::conflict(
             ErrorCode::Conflict,
-            "no hardware fence is configured ([ha.fence] command in the server's config)",
+            "no hardware fence is configured ([ha.hardware_fence] command in the server's config)",
         ));
     };
     let action = match body.action {

@@ -330,8 +330,7 @@ async fn the_hardware_fence_runs_on_demand_for_admins_and_the_overview_shows_the
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
         .unwrap_or_else(|e| panic!("{e}"));
     let ha = crate::config::HaConfig {
-        fence: crate::config::FenceSetting::Hardware(crate::config::HardwareFence {
-            style: Default::default(),
+        hardware_fence: Some(crate::config::HardwareFence {
             command: vec![script.display().to_string(), "{host}".into(), "{action}".into()],
             timeout: Duration::from_secs(20),
             retries: 2,

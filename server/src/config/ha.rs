@@ -2,9 +2,8 @@
 //! isolation response, disk locks, the hardware fence and the peer
 //! witness, each validated with the setting it concerns named.
 //!
-//! `fence` is either the agents' fence style (`fence = "kill"`, as
-//! before) or the `[ha.fence]` table of the hardware fence, which then
-//! carries the style as `style` (one key cannot be both in TOML).
+//! `fence` is how agents stop their own HA VMs; `[ha.hardware_fence]` is
+//! how the server powers a silent host off.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,7 +11,7 @@ use std::time::Duration;
 use novacron_shared::duration::serde_human;
 use novacron_shared::protocol::IsolationResponse;
 use novacron_shared::witness::WitnessTiming;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use super::{serde_human_opt, ConfigError};
 
@@ -45,10 +44,9 @@ pub struct HaConfig {
     /// `F`: how long an agent may take to stop its HA VMs after its lease ran out.
     #[serde(default = "default_fence_time", with = "serde_human")]
     pub fence_time: Duration,
-    /// How agents stop their HA VMs (`fence = "kill"`), or the hardware
-    /// fence (`[ha.fence]`, with the style as its `style`).
+    /// How agents stop their HA VMs when they fence themselves.
     #[serde(default)]
-    pub fence: FenceSetting,
+    pub fence: FenceMode,
     /// With `shutdown_then_kill`: the guests' time to shut down (less than `fence_time`).
     #[serde(default = "default_fence_grace", with = "serde_human")]
     pub fence_grace: Duration,
@@ -80,15 +78,16 @@ pub struct HaConfig {
     /// `[ha.witness]`: the agents' peer witness.
     #[serde(default)]
     pub witness: WitnessConfig,
+    /// `[ha.hardware_fence]`: power silent hosts off before restarting
+    /// their VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware_fence: Option<HardwareFence>,
 }
 
-/// `[ha.fence]`: the hardware fence (a BMC, or the test bed's stand-in).
+/// `[ha.hardware_fence]`: the hardware fence (a BMC, or the test bed's stand-in).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HardwareFence {
-    /// How the agents stop their HA VMs (as `fence = "..."` without a table).
-    #[serde(default)]
-    pub style: FenceMode,
     /// The argv template: absolute program, `{host}` (the host's name) and
     /// `{action}` (`on|off|status`) substituted.
     pub command: Vec<String>,
@@ -118,69 +117,6 @@ impl HardwareFence {
             hosts: self.hosts.clone(),
             timeout: self.timeout,
         }
-    }
-}
-
-/// `[ha] fence`: a style alone, or the hardware fence's table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FenceSetting {
-    /// `fence = "kill"`: no hardware fence.
-    Style(FenceMode),
-    /// `[ha.fence]`.
-    Hardware(HardwareFence),
-}
-
-impl Default for FenceSetting {
-    fn default() -> Self {
-        FenceSetting::Style(FenceMode::default())
-    }
-}
-
-impl FenceSetting {
-    /// How the agents stop their HA VMs.
-    pub fn style(&self) -> FenceMode {
-        match self {
-            FenceSetting::Style(m) => *m,
-            FenceSetting::Hardware(h) => h.style,
-        }
-    }
-
-    /// The hardware fence, when configured.
-    pub fn hardware(&self) -> Option<&HardwareFence> {
-        match self {
-            FenceSetting::Style(_) => None,
-            FenceSetting::Hardware(h) => Some(h),
-        }
-    }
-}
-
-impl Serialize for FenceSetting {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            FenceSetting::Style(m) => m.serialize(s),
-            FenceSetting::Hardware(h) => h.serialize(s),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for FenceSetting {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = FenceSetting;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a fence style (\"kill\" or \"shutdown_then_kill\") or an [ha.fence] table")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FenceSetting, E> {
-                FenceMode::deserialize(serde::de::value::StrDeserializer::<E>::new(v))
-                    .map(FenceSetting::Style)
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<FenceSetting, A::Error> {
-                HardwareFence::deserialize(serde::de::value::MapAccessDeserializer::new(m))
-                    .map(FenceSetting::Hardware)
-            }
-        }
-        d.deserialize_any(V)
     }
 }
 
@@ -240,7 +176,8 @@ impl Default for HaConfig {
             enabled: true,
             lease: default_lease(),
             fence_time: default_fence_time(),
-            fence: FenceSetting::default(),
+            fence: FenceMode::default(),
+            hardware_fence: None,
             fence_grace: default_fence_grace(),
             start_grace: None,
             mass_failure_ratio: default_mass_ratio(),
@@ -270,7 +207,7 @@ impl HaConfig {
         LeaseTerms {
             lease_ms: ms(self.lease),
             fence_time_ms: ms(self.fence_time),
-            fence: match self.fence.style() {
+            fence: match self.fence {
                 FenceMode::Kill => FenceStyle::Kill,
                 FenceMode::ShutdownThenKill => FenceStyle::ShutdownThenKill {
                     grace_ms: ms(self.fence_grace),
@@ -302,7 +239,7 @@ impl HaConfig {
 
     /// The hardware fence, when configured.
     pub fn hardware_fence(&self) -> Option<&HardwareFence> {
-        self.fence.hardware()
+        self.hardware_fence.as_ref()
     }
 
     /// Checks ranges and relations (`heartbeat` from `[agents]`).
@@ -324,7 +261,7 @@ impl HaConfig {
         if self.fence_time < Duration::from_millis(100) || self.fence_time > Duration::from_secs(300) {
             return invalid("ha.fence_time", "must be between 100ms and 5m".into());
         }
-        if self.fence.style() == FenceMode::ShutdownThenKill
+        if self.fence == FenceMode::ShutdownThenKill
             && (self.fence_grace.is_zero() || self.fence_grace >= self.fence_time)
         {
             return invalid(
@@ -375,7 +312,7 @@ impl HaConfig {
         {
             return invalid(
                 "ha.isolation",
-                "keep-running needs ha.disk_locks = true or a hardware fence ([ha.fence] command): \
+                "keep-running needs ha.disk_locks = true or a hardware fence ([ha.hardware_fence] command): \
                  otherwise an isolated host's copy keeps running while another starts"
                     .into(),
             );
@@ -428,15 +365,18 @@ impl HardwareFence {
             }
             Ok(())
         };
-        argv("ha.fence.command", &self.command)?;
+        argv("ha.hardware_fence.command", &self.command)?;
         for a in self.hosts.values() {
-            argv("ha.fence.hosts", a)?;
+            argv("ha.hardware_fence.hosts", a)?;
         }
         if self.timeout < Duration::from_millis(100) || self.timeout > Duration::from_secs(600) {
-            return invalid("ha.fence.timeout", "must be between 100ms and 10m".into());
+            return invalid(
+                "ha.hardware_fence.timeout",
+                "must be between 100ms and 10m".into(),
+            );
         }
         if self.retries > 10 {
-            return invalid("ha.fence.retries", "must be at most 10".into());
+            return invalid("ha.hardware_fence.retries", "must be at most 10".into());
         }
         Ok(())
     }
@@ -536,6 +476,13 @@ mod tests {
             "mass_failure_window",
             "release_step",
             "retry",
+            "isolation",
+            "disk_locks",
+            "max_peers",
+            "command",
+            "timeout",
+            "retries",
+            "hosts",
         ] {
             assert!(
                 text.contains(&format!("\n{key} =")) || text.contains(&format!("# {key} =")),
@@ -553,7 +500,7 @@ mod tests {
         assert_eq!(c.ha.witness.max_peers, 64);
         assert_eq!(c.ha.terms().isolation, IsolationResponse::SelfFence);
         let c = ServerConfig::parse(
-            "[ha]\nisolation = \"keep-running\"\ndisk_locks = true\n[ha.fence]\nstyle = \"shutdown_then_kill\"\ncommand = [\"/usr/sbin/fence\", \"--host\", \"{host}\", \"{action}\"]\ntimeout = \"3s\"\nretries = 1\nhosts = { h2 = [\"/bin/other\", \"{action}\", \"{host}\"] }\n[ha.witness]\nmax_peers = 8\n",
+            "[ha]\nisolation = \"keep-running\"\ndisk_locks = true\nfence = \"shutdown_then_kill\"\n[ha.hardware_fence]\ncommand = [\"/usr/sbin/fence\", \"--host\", \"{host}\", \"{action}\"]\ntimeout = \"3s\"\nretries = 1\nhosts = { h2 = [\"/bin/other\", \"{action}\", \"{host}\"] }\n[ha.witness]\nmax_peers = 8\n",
             "t",
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -578,15 +525,13 @@ mod tests {
         );
         assert_eq!(c.ha.witness.max_peers, 8);
         // The default fence timeout and retries.
-        let c = ServerConfig::parse("[ha.fence]\ncommand = [\"/f\", \"{action}\"]\n", "t")
+        let c = ServerConfig::parse("[ha.hardware_fence]\ncommand = [\"/f\", \"{action}\"]\n", "t")
             .unwrap_or_else(|e| panic!("{e}"));
         let f =
             c.ha.hardware_fence()
                 .unwrap_or_else(|| panic!("a hardware fence"));
-        assert_eq!(
-            (f.timeout, f.retries, f.style),
-            (Duration::from_secs(10), 2, FenceMode::Kill)
-        );
+        assert_eq!((f.timeout, f.retries), (Duration::from_secs(10), 2));
+        assert_eq!(c.ha.fence, FenceMode::Kill);
     }
 
     #[test]
@@ -599,29 +544,29 @@ mod tests {
             ),
             ("[ha]\nisolation = \"sometimes\"\n", "isolation", "sometimes"),
             (
-                "[ha.fence]\ncommand = [\"fence\", \"{action}\"]\n",
-                "ha.fence.command",
+                "[ha.hardware_fence]\ncommand = [\"fence\", \"{action}\"]\n",
+                "ha.hardware_fence.command",
                 "absolute",
             ),
             (
-                "[ha.fence]\ncommand = [\"/usr/sbin/fence\", \"{host}\"]\n",
-                "ha.fence.command",
+                "[ha.hardware_fence]\ncommand = [\"/usr/sbin/fence\", \"{host}\"]\n",
+                "ha.hardware_fence.command",
                 "{action}",
             ),
-            ("[ha.fence]\ncommand = []\n", "ha.fence.command", "program"),
+            ("[ha.hardware_fence]\ncommand = []\n", "ha.hardware_fence.command", "program"),
             (
-                "[ha.fence]\ncommand = [\"/f\", \"{action}\"]\nhosts = { h = [\"rel\", \"{action}\"] }\n",
-                "ha.fence.hosts",
+                "[ha.hardware_fence]\ncommand = [\"/f\", \"{action}\"]\nhosts = { h = [\"rel\", \"{action}\"] }\n",
+                "ha.hardware_fence.hosts",
                 "absolute",
             ),
             (
-                "[ha.fence]\ncommand = [\"/f\", \"{action}\"]\ntimeout = \"10ms\"\n",
-                "ha.fence.timeout",
+                "[ha.hardware_fence]\ncommand = [\"/f\", \"{action}\"]\ntimeout = \"10ms\"\n",
+                "ha.hardware_fence.timeout",
                 "100ms",
             ),
             (
-                "[ha.fence]\ncommand = [\"/f\", \"{action}\"]\nretries = 99\n",
-                "ha.fence.retries",
+                "[ha.hardware_fence]\ncommand = [\"/f\", \"{action}\"]\nretries = 99\n",
+                "ha.hardware_fence.retries",
                 "at most",
             ),
             (
@@ -648,7 +593,7 @@ mod tests {
         // Each is fine once its guard is there, or the witness is off.
         for toml in [
             "[ha]\nisolation = \"keep-running\"\ndisk_locks = true\n",
-            "[ha]\nisolation = \"keep-running\"\n[ha.fence]\ncommand = [\"/f\", \"{host}\", \"{action}\"]\n",
+            "[ha]\nisolation = \"keep-running\"\n[ha.hardware_fence]\ncommand = [\"/f\", \"{host}\", \"{action}\"]\n",
             "[ha]\nmass_failure_window = \"30s\"\nrelease_step = \"2s\"\nmass_failure_ratio = 0.6\n[ha.witness]\nenabled = false\n",
         ] {
             ServerConfig::parse(toml, "t").unwrap_or_else(|e| panic!("{toml}: {e}"));

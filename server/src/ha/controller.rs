@@ -68,7 +68,7 @@ pub struct Policy {
     /// Disks of HA VMs are guarded by libvirt's lock manager
     /// (`[ha] disk_locks`): restarts stay within one lock space.
     pub disk_locks: bool,
-    /// A hardware fence command is configured (`[ha.fence]`).
+    /// A hardware fence command is configured (`[ha.hardware_fence]`).
     pub hardware_fence: bool,
 }
 

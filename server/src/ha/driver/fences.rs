@@ -30,7 +30,7 @@ pub(super) struct Fences {
 }
 
 impl Fences {
-    /// The fences of `config` (none without `[ha.fence]`), and where their
+    /// The fences of `config` (none without `[ha.hardware_fence]`), and where their
     /// results arrive.
     pub(super) fn new(config: &HaConfig) -> (Self, mpsc::UnboundedReceiver<Done>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -198,7 +198,7 @@ mod tests {
     use novacron_shared::clock::{Clock, ManualClock};
 
     use super::*;
-    use crate::config::{FenceSetting, HardwareFence};
+    use crate::config::HardwareFence;
     use crate::store::{HostRecord, HostState as StoredState, Store};
 
     const H1: HostId = HostId(1);
@@ -223,8 +223,7 @@ mod tests {
         let (ca, _) = novacron_shared::pki::FleetCa::generate("t", clock.wall(), Duration::from_secs(3600))
             .unwrap_or_else(|e| panic!("{e}"));
         let ha = HaConfig {
-            fence: FenceSetting::Hardware(HardwareFence {
-                style: Default::default(),
+            hardware_fence: Some(HardwareFence {
                 command: vec![script.into(), "{host}".into(), "{action}".into()],
                 timeout: Duration::from_millis(500),
                 retries: 1,

@@ -134,8 +134,7 @@ async fn the_driver_powers_off_an_expired_host_and_it_is_fenced_before_the_lease
         .put_hosts(&[host_record(H1), host_record(H2), host_record(H3)])
         .unwrap();
     let ha = HaConfig {
-        fence: crate::config::FenceSetting::Hardware(crate::config::HardwareFence {
-            style: Default::default(),
+        hardware_fence: Some(crate::config::HardwareFence {
             command: vec![script.display().to_string(), "{host}".into(), "{action}".into()],
             timeout: Duration::from_secs(20),
             retries: 0,
