@@ -33,5 +33,5 @@ pub mod config;
 pub mod scenario;
 pub mod world;
 
-pub use config::{Broken, Config, CrashPoint, Fault, Profile, Timed};
+pub use config::{Bmc, Broken, Config, CrashPoint, Fault, Profile, Timed, Way};
 pub use world::{report, run, Checks, Outcome, Stats};

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::config::{Config, Profile, Timed};
 use crate::world::{run, Outcome};
 use novacron_shared::lease::MAX_DRIFT_PPM;
+use novacron_shared::protocol::IsolationResponse;
 
 /// A scenario file.
 #[derive(Debug, Clone, Deserialize)]
@@ -40,6 +41,19 @@ pub struct Scenario {
     /// it covers).
     #[serde(default = "yes")]
     pub fence_guard: bool,
+    /// The peer witness is on (the default, as in the product).
+    #[serde(default = "yes")]
+    pub witness: bool,
+    /// The isolation response: `self-fence` (the default) or
+    /// `keep-running`.
+    #[serde(default)]
+    pub isolation: IsolationResponse,
+    /// Hosts run virtlockd; restarts wait on the disk lock.
+    #[serde(default)]
+    pub disk_locks: bool,
+    /// The witness grace in ms (the simulation's default when absent).
+    #[serde(default)]
+    pub witness_grace_ms: Option<u64>,
     /// The faults.
     #[serde(default)]
     pub fault: Vec<Timed>,
@@ -131,6 +145,12 @@ impl Scenario {
         cfg.duration_ms = self.duration_ms;
         cfg.faults = self.fault.clone();
         cfg.fence_guard = self.fence_guard;
+        cfg.witness = self.witness;
+        cfg.isolation = self.isolation;
+        cfg.disk_locks = self.disk_locks;
+        if let Some(ms) = self.witness_grace_ms {
+            cfg.witness_grace = std::time::Duration::from_millis(ms);
+        }
         cfg.profile = match self.profile.as_deref() {
             None | Some("chaos") => Profile::Chaos,
             Some("benign") => Profile::Benign,

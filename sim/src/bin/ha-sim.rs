@@ -32,6 +32,7 @@ fn main() -> ExitCode {
     let mut scenario: Option<PathBuf> = None;
     let mut log = false;
     let mut broken: Option<u64> = None;
+    let mut grace: Option<u64> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> Option<u64> {
@@ -56,6 +57,10 @@ fn main() -> ExitCode {
             },
             "--broken-server-lease-ms" => match num("--broken-server-lease-ms") {
                 Some(n) => broken = Some(n),
+                None => return ExitCode::from(2),
+            },
+            "--witness-grace-ms" => match num("--witness-grace-ms") {
+                Some(n) => grace = Some(n),
                 None => return ExitCode::from(2),
             },
             "--scenario" => scenario = it.next().map(PathBuf::from),
@@ -101,7 +106,10 @@ fn main() -> ExitCode {
         };
     }
     let plan = |seed: u64| {
-        let cfg = Config::random(seed);
+        let mut cfg = Config::random(seed);
+        if let Some(ms) = grace {
+            cfg.witness_grace = std::time::Duration::from_millis(ms);
+        }
         match broken {
             Some(ms) => cfg.with_server_lease(std::time::Duration::from_millis(ms)),
             None => cfg,

@@ -41,6 +41,12 @@ impl World {
             last_rx: local,
             timer_at: None,
             fencing: false,
+            witness: Witness::new(),
+            witness_at: None,
+            loss_start: None,
+            witness_hold: false,
+            confirmed_once: false,
+            lock_wait: BTreeMap::new(),
         });
         self.schedule_agent_timer(host);
         self.guard_publish(host);
@@ -57,11 +63,22 @@ impl World {
         let h = &self.hosts[host];
         let Some(a) = h.agent.as_ref() else { return };
         let copies: Vec<u64> = h.copies.values().filter(|c| c.ha).map(|c| c.id).collect();
-        let view: GuardView = (
-            a.lease.deadline(),
-            copies,
-            matches!(a.lease.state(), State::Fenced { .. }),
-        );
+        let local = h.clock.local(self.now);
+        let view: GuardView = if self.cfg.isolation == IsolationResponse::KeepRunning {
+            // Keep-running: the guard holds no deadline.
+            (None, copies, true)
+        } else if a.witness_hold {
+            // Held on a confirmation (or within the grace): the guard
+            // fires at its end.
+            let _ = local;
+            (self.hold_deadline(host), copies, false)
+        } else {
+            (
+                a.lease.deadline(),
+                copies,
+                matches!(a.lease.state(), State::Fenced { .. }),
+            )
+        };
         if h.guard_view.as_ref() == Some(&view) {
             return;
         }
@@ -103,6 +120,11 @@ impl World {
             }
         }
         if !kills.is_empty() {
+            self.stats.guard_kills += 1;
+            self.stats.checks.keep_running += 1;
+            if self.cfg.isolation == IsolationResponse::KeepRunning {
+                self.violate(format!("keep-running: h{}'s fence guard killed HA VMs", host + 1));
+            }
             self.note(format!(
                 "h{} fence guard fires: kills {} HA QEMU(s)",
                 host + 1,
@@ -154,20 +176,49 @@ impl World {
         };
         for act in actions {
             match act {
-                Action::FenceHaVms { .. } => self.fence(host),
-                Action::LeaseAcquired { .. } => {}
-                Action::LeaseLost { .. } => self.note(format!("h{} lease lost", host + 1)),
+                Action::FenceHaVms { .. } => {
+                    if self.fence_due(host) {
+                        self.fence(host);
+                    }
+                }
+                Action::LeaseAcquired { .. } => {
+                    if let Some(a) = self.hosts[host].agent.as_mut() {
+                        if a.witness_hold {
+                            a.witness_hold = false;
+                            self.note(format!("h{} regains its lease", host + 1));
+                        }
+                    }
+                }
+                Action::LeaseLost { deadline } => {
+                    if let Some(a) = self.hosts[host].agent.as_mut() {
+                        a.loss_start = Some(deadline);
+                    }
+                    self.note(format!("h{} lease lost", host + 1));
+                }
                 Action::Renewing { .. } | Action::Renewed { .. } | Action::AckIgnored { .. } => {}
             }
         }
         self.schedule_agent_timer(host);
+        self.witness_sync(host);
         self.guard_publish(host);
     }
 
     pub(super) fn fence(&mut self, host: usize) {
+        self.fence_within(host, self.cfg.agent_timing.fence_time);
+    }
+
+    /// The agent's fence: every HA copy killed within `budget`.
+    pub(super) fn fence_within(&mut self, host: usize, budget: Duration) {
         self.stats.fences += 1;
+        self.stats.checks.keep_running += 1;
+        if self.cfg.isolation == IsolationResponse::KeepRunning {
+            self.violate(format!(
+                "keep-running: h{} fenced its HA VMs on a lease expiry",
+                host + 1
+            ));
+        }
         self.note(format!("h{} fences its HA VMs", host + 1));
-        let f = self.cfg.agent_timing.fence_time.as_nanos() as u64;
+        let f = budget.as_nanos() as u64;
         let now = self.now;
         let victims: Vec<(usize, u64)> = self.hosts[host]
             .copies
@@ -189,6 +240,7 @@ impl World {
     }
 
     pub(super) fn after_copy_gone(&mut self, host: usize) {
+        self.witness_sync(host);
         self.guard_publish(host);
         let ha_left = self.hosts[host].copies.values().any(|c| c.ha);
         let fencing = self.hosts[host].agent.as_ref().is_some_and(|a| a.fencing);
@@ -267,6 +319,12 @@ impl World {
         a.last_rx = local;
         match m {
             Down::Terms => {}
+            Down::Witness(t) => {
+                if self.cfg.witness {
+                    a.witness.set_terms(Some(t));
+                    self.witness_sync(host);
+                }
+            }
             Down::Desired(d) => {
                 a.desired = Some(d);
                 self.reconcile(host);
@@ -318,7 +376,13 @@ impl World {
                     if ha && !a.lease.may_start_ha(local) {
                         continue;
                     }
+                    if a.lock_wait.get(&vm).is_some_and(|&(_, next)| next > self.now) {
+                        continue;
+                    }
                     if !a.guard.admit(id, epoch) {
+                        continue;
+                    }
+                    if !self.lock_disk(host, vm) {
                         continue;
                     }
                     self.start_copy(host, vm, epoch);
@@ -369,6 +433,9 @@ impl World {
         }
         self.started_epoch.insert(vm, epoch.max(seen));
         self.hosts[host].copies.insert(vm, copy);
+        if self.cfg.disk_locks {
+            self.locks.insert(vm, (host, copy.id));
+        }
         if copy.ha {
             self.note(format!("h{} starts vm{vm} at epoch {epoch}", host + 1));
         }
@@ -382,6 +449,7 @@ impl World {
                 copy: copy.id,
             },
         );
+        self.witness_sync(host);
         self.guard_publish(host);
     }
 }

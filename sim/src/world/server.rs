@@ -55,6 +55,10 @@ impl World {
             self.server.last_rx.insert(host, self.now);
             self.server.leases.connected(id, local);
             self.send_down(sid, Down::Terms);
+            if self.cfg.witness {
+                let terms = self.witness_terms(host);
+                self.send_down(sid, Down::Witness(terms));
+            }
             self.push_desired(host);
             self.server_step();
             return;
@@ -227,7 +231,13 @@ impl World {
             .agent
             .as_ref()
             .is_some_and(|a| matches!(a.lease.state(), State::Leased { .. } | State::Renewing { .. }));
-        if old.up && (copy_left || may_run) {
+        // In keep-running the old copy may run on: the disk lock (or the
+        // hardware fence) is the guard there, checked at every step.
+        // So may a copy an operator's release judged down (with the
+        // witness on, its host may run it on a confirmation).
+        let keep = self.cfg.isolation == IsolationResponse::KeepRunning
+            || (self.operator_released && self.cfg.disk_locks);
+        if old.up && ((copy_left && !keep) || may_run) {
             self.violate(format!(
                 "restart of vm{v} decided while h{} can still run it (copy left: {copy_left}, lease: {:?})",
                 f + 1,
