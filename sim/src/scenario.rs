@@ -34,7 +34,8 @@ pub struct Scenario {
     #[serde(default)]
     pub worst_drift: bool,
     /// `benign` (nothing may fence or restart), `host_loss` (the recovery
-    /// bound is checked) or `chaos` (safety only; the default).
+    /// bound is checked), `outage` (a server outage: nothing may fence,
+    /// kill or restart) or `chaos` (safety only; the default).
     #[serde(default)]
     pub profile: Option<String>,
     /// Hosts run the agent's fence guard (the default; `false` shows what
@@ -92,7 +93,7 @@ pub enum ScenarioError {
         source: toml::de::Error,
     },
     /// An unknown profile name.
-    #[error("unknown profile {0:?} (benign, host_loss or chaos)")]
+    #[error("unknown profile {0:?} (benign, host_loss, outage or chaos)")]
     Profile(String),
     /// The run broke an invariant it was not expected to.
     #[error("scenario {name:?} broke an invariant: {violation}")]
@@ -155,6 +156,7 @@ impl Scenario {
             None | Some("chaos") => Profile::Chaos,
             Some("benign") => Profile::Benign,
             Some("host_loss") => Profile::HostLoss,
+            Some("outage") => Profile::Outage,
             Some(other) => return Err(ScenarioError::Profile(other.to_string())),
         };
         if self.worst_drift {

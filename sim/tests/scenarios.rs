@@ -89,6 +89,46 @@ fn an_agent_stopped_longer_than_the_wait_without_the_fence_guard_runs_a_vm_twice
 }
 
 #[test]
+fn server_down_60_s_with_three_hosts_kills_nothing() {
+    check("server-down-60s-3-hosts.toml");
+}
+
+#[test]
+fn server_down_60_s_with_ten_hosts_kills_nothing() {
+    check("server-down-60s-10-hosts.toml");
+}
+
+#[test]
+fn server_cut_from_20_percent_fails_over() {
+    check("split-20-percent.toml");
+}
+
+#[test]
+fn server_cut_from_40_percent_fences_and_holds() {
+    check("split-40-percent.toml");
+}
+
+#[test]
+fn server_cut_from_60_percent_kills_nothing() {
+    check("split-60-percent.toml");
+}
+
+#[test]
+fn server_cut_one_way_from_60_percent_kills_nothing() {
+    check("split-60-percent-one-way.toml");
+}
+
+#[test]
+fn a_host_cut_from_server_and_peers_fences_and_fails_over() {
+    check("host-cut-from-server-and-peers.toml");
+}
+
+#[test]
+fn keep_running_waits_on_the_disk_lock() {
+    check("keep-running-link-cut.toml");
+}
+
+#[test]
 fn every_scenario_file_is_tested_and_valid() {
     let mut files: Vec<String> = std::fs::read_dir(dir())
         .map(|d| {
@@ -99,7 +139,7 @@ fn every_scenario_file_is_tested_and_valid() {
         })
         .unwrap_or_default();
     files.sort();
-    assert_eq!(files.len(), 14, "scenario files: {files:?}");
+    assert_eq!(files.len(), 22, "scenario files: {files:?}");
     let me = include_str!("scenarios.rs");
     for f in &files {
         assert!(me.contains(&format!("check(\"{f}\")")), "{f} has no test");

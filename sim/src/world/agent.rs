@@ -107,7 +107,9 @@ impl World {
     }
 
     /// Steps the fence guard; the QEMUs it kills (by pid and start time:
-    /// only the very copy it was armed with) die within `F/2`.
+    /// only the very copy it was armed with) die within `F/2` (within
+    /// `(F − grace)/2` with the witness grace, which moves its firing
+    /// that much later).
     pub(super) fn guard_step(&mut self, host: usize, event: GuardEvent) {
         let h = &mut self.hosts[host];
         let local = h.clock.local(self.now);
@@ -131,7 +133,13 @@ impl World {
                 kills.len()
             ));
         }
-        let half = self.cfg.agent_timing.fence_time.as_nanos() as u64 / 2;
+        let f = self.cfg.agent_timing.fence_time;
+        let half = if self.cfg.witness && !self.cfg.witness_grace.is_zero() {
+            f.saturating_sub(self.cfg.witness_grace) / 2
+        } else {
+            f / 2
+        };
+        let half = half.as_nanos() as u64;
         for t in kills {
             let hit = self.hosts[host]
                 .copies

@@ -178,15 +178,14 @@ impl World {
 
     /// What the fence guard is armed with while HA VMs are kept past the
     /// lease (it fires `F/2` later): the confirmation's end, and within
-    /// the grace so that it fires at the grace's end.
+    /// the grace the lease end plus half the grace, so that it fires
+    /// halfway between the grace's end and `F`, behind the agent's own
+    /// fence.
     pub(super) fn hold_deadline(&self, host: usize) -> Option<Instant> {
         let h = &self.hosts[host];
         let a = h.agent.as_ref()?;
         let local = h.clock.local(self.now);
-        let half = self.cfg.agent_timing.fence_time / 2;
-        let grace = a
-            .loss_start
-            .map(|e| (e + self.cfg.witness_grace).checked_sub(half).unwrap_or(e));
+        let grace = a.loss_start.map(|e| e + self.cfg.witness_grace / 2);
         match (a.witness.confirmed_until(local), grace) {
             (Some(c), Some(g)) => Some(c.max(g)),
             (c, g) => c.or(g),
