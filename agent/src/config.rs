@@ -39,6 +39,57 @@ pub struct AgentConfig {
     /// Metric sampling and the spool.
     #[serde(default)]
     pub metrics: crate::metrics::MetricsSettings,
+    /// The peer witness (HA: agents ask each other whether they still
+    /// have the server before fencing).
+    #[serde(default)]
+    pub witness: WitnessSettings,
+}
+
+/// The `[witness]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessSettings {
+    /// Answer peers and ask them (mutual-TLS QUIC with the fleet's
+    /// certificates). Off, this host's HA VMs fence on every lease loss,
+    /// and it counts for no peer.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Where to listen for peers (UDP).
+    #[serde(default = "default_witness_listen")]
+    pub listen: std::net::SocketAddr,
+    /// The address peers reach this host at, reported to the server.
+    /// Unset: the local IP of the connection to the server, with the
+    /// listen port.
+    #[serde(default)]
+    pub advertise: Option<std::net::SocketAddr>,
+}
+
+fn default_witness_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 7444))
+}
+
+impl Default for WitnessSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: default_witness_listen(),
+            advertise: None,
+        }
+    }
+}
+
+impl WitnessSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(a) = self.advertise {
+            if a.ip().is_unspecified() || a.port() == 0 {
+                return Err(ConfigError::Invalid {
+                    key: "witness.advertise",
+                    message: format!("{a} is not an address peers can reach (no unspecified IP, no port 0)"),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The `[vms]` section.
@@ -77,6 +128,14 @@ pub struct VmConfig {
     /// hosts sharing it), and a volume another host created is reused.
     #[serde(default)]
     pub storage_shared: bool,
+    /// libvirt guards the disks of running VMs with its lock manager
+    /// (`lock_manager = "lockd"` in qemu.conf, virtlockd running; the
+    /// locks are taken on the disk files of the shared pool): reported to
+    /// the server, which may then restart an HA VM elsewhere while this
+    /// host is silent, since a second start fails at the lock. Needs
+    /// `storage_shared`.
+    #[serde(default)]
+    pub disk_locks: bool,
     /// Run the fence guard (a small process of this binary that kills the
     /// HA QEMUs at the lease deadline if the agent is killed or stopped
     /// and no agent renews the lease). Off, an agent stopped or killed for
@@ -127,6 +186,7 @@ impl Default for VmConfig {
             call_timeout: default_call_timeout(),
             migration_uri: None,
             storage_shared: false,
+            disk_locks: false,
             fence_guard: true,
             qemu_pid_dir: default_qemu_pid_dir(),
         }
@@ -152,6 +212,8 @@ impl VmConfig {
             console_dir: self.console_log_dir.to_string_lossy().into_owned(),
             migration_uri: self.migration_uri.clone(),
             labels: Default::default(),
+            host_name: String::new(),
+            disk_locks: self.disk_locks,
             virt_type: match self.virt_type.as_str() {
                 "kvm" => Some(VirtType::Kvm),
                 "qemu" => Some(VirtType::Qemu),
@@ -198,6 +260,13 @@ impl VmConfig {
                 message: "must be at least 1s".into(),
             });
         }
+        if self.disk_locks && !self.storage_shared {
+            return Err(ConfigError::Invalid {
+                key: "vms.disk_locks",
+                message: "needs vms.storage_shared = true: the locks guard disks that other hosts can open"
+                    .into(),
+            });
+        }
         Ok(())
     }
 }
@@ -220,6 +289,7 @@ impl Default for AgentConfig {
             vms: VmConfig::default(),
             labels: Default::default(),
             metrics: Default::default(),
+            witness: Default::default(),
         }
     }
 }
@@ -229,7 +299,18 @@ impl AgentConfig {
     pub fn host_setup(&self) -> crate::vmops::HostSetup {
         let mut s = self.vms.host_setup();
         s.labels = self.labels.clone();
+        s.host_name = self.host_name();
         s
+    }
+
+    /// The host's name: `hostname`, else the kernel's.
+    pub fn host_name(&self) -> String {
+        self.hostname.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "unknown".into())
+        })
     }
 }
 
@@ -275,6 +356,7 @@ impl ConfigFile for AgentConfig {
                 });
             }
         }
+        self.witness.validate()?;
         self.vms.validate()
     }
 }
@@ -322,6 +404,7 @@ mod tests {
             "storage_path = \"rel/dir\"",
             "storage_pool = \"a b\"",
             "migration_uri = \"not a uri\"",
+            "disk_locks = true",
         ] {
             let e = AgentConfig::parse(&format!("[vms]\n{bad}\n"), "t").unwrap_err();
             assert!(e.to_string().contains("vms."), "{bad}: {e}");
@@ -337,6 +420,38 @@ mod tests {
         assert_ne!(shared, text, "the example documents vms.storage_shared");
         let c = AgentConfig::parse(&shared, "t").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.vms.storage(), crate::vmops::Storage::Shared);
+        assert!(!c.vms.disk_locks);
+        let locked = shared.replace("disk_locks = false", "disk_locks = true");
+        assert_ne!(locked, shared, "the example documents vms.disk_locks");
+        let c = AgentConfig::parse(&locked, "t").unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.host_setup().disk_locks);
+    }
+
+    #[test]
+    fn the_witness_section_has_defaults_and_checks_the_advertised_address() {
+        let c = AgentConfig::parse("", "t").unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.witness.enabled);
+        assert_eq!(
+            c.witness.listen,
+            "0.0.0.0:7444".parse().unwrap_or_else(|e| panic!("{e}"))
+        );
+        assert_eq!(c.witness.advertise, None);
+        let c = AgentConfig::parse(
+            "[witness]\nenabled = false\nlisten = \"[::]:7500\"\nadvertise = \"10.0.0.5:7500\"\n",
+            "t",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!c.witness.enabled);
+        assert_eq!(c.witness.advertise.map(|a| a.port()), Some(7500));
+        for (bad, says) in [
+            ("advertise = \"0.0.0.0:7444\"", "witness.advertise"),
+            ("advertise = \"10.0.0.5:0\"", "witness.advertise"),
+            ("listen = \"nope\"", "socket address"),
+            ("port = 1", "port"),
+        ] {
+            let e = AgentConfig::parse(&format!("[witness]\n{bad}\n"), "t").unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]
