@@ -323,6 +323,10 @@ pub struct Config {
     pub hw_fence: bool,
     /// Host `i`'s BMC (missing: [`Bmc::Good`]).
     pub bmc: Vec<Bmc>,
+    /// A fence command running longer is killed (`[ha.fence] timeout`).
+    pub fence_timeout: Duration,
+    /// Attempts after the first (`[ha.fence] retries`).
+    pub fence_retries: u32,
     /// One-way delay range of witness queries and answers, ms.
     pub peer_delay_ms: (u64, u64),
     /// Witness queries and answers lost, percent.
@@ -350,6 +354,15 @@ pub struct Broken {
     pub witness_ignores_skew: bool,
     /// The server pushes a witness quorum of one peer whatever the fleet.
     pub quorum_of_one: bool,
+    /// The mass-failure guard counts expired leases only, not lost ones
+    /// over its memory (`GuardPolicy::memory` unset with the witness on).
+    pub guard_without_memory: bool,
+    /// A hardware fence is trusted after one "off" confirmation.
+    pub fence_trusts_one_confirmation: bool,
+    /// The server runs as if disk locks guarded the HA disks (restarting
+    /// keep-running hosts' VMs after the lease wait) while the hosts hold
+    /// none: keep-running without locks.
+    pub locks_assumed: bool,
 }
 
 impl Config {
@@ -382,6 +395,8 @@ impl Config {
             disk_locks: false,
             hw_fence: false,
             bmc: Vec::new(),
+            fence_timeout: Duration::from_secs(10),
+            fence_retries: 2,
             peer_delay_ms: (1, 50),
             peer_loss_percent: 0,
             witness_grace: Duration::from_millis(1_500),
@@ -467,9 +482,24 @@ impl Config {
         // keep-running only with disk locks (the server refuses it
         // otherwise), disk locks also under self-fencing.
         cfg.witness = cfg.profile == Profile::Outage || rng.random_bool(0.8);
+        cfg.hw_fence = rng.random_bool(0.3);
+        if cfg.hw_fence {
+            cfg.bmc = (0..cfg.hosts)
+                .map(|_| match rng.random_range(0..10) {
+                    0 => Bmc::Slow {
+                        ms: rng.random_range(1_000..15_000),
+                    },
+                    1 => Bmc::Lies,
+                    2 => Bmc::Hangs,
+                    3 => Bmc::Unreachable,
+                    _ => Bmc::Good,
+                })
+                .collect();
+        }
         if rng.random_bool(0.3) {
+            // Refused by the server without disk locks or a hardware fence.
             cfg.isolation = IsolationResponse::KeepRunning;
-            cfg.disk_locks = true;
+            cfg.disk_locks = !cfg.hw_fence || rng.random_bool(0.5);
         } else {
             cfg.disk_locks = rng.random_bool(0.3);
         }
@@ -520,6 +550,11 @@ impl Config {
             Profile::HostLoss => {
                 let host = rng.random_range(0..hosts);
                 let reboot_ms = rng.random_bool(0.5).then(|| rng.random_range(1_000..20_000));
+                if cfg.isolation == IsolationResponse::KeepRunning && !cfg.disk_locks {
+                    // Its BMC is the only guard: a failing one keeps the
+                    // VMs waiting (an alert), outside any bound.
+                    cfg.bmc[host] = Bmc::Good;
+                }
                 cfg.faults.push(Timed {
                     at_ms: rng.random_range(3_000..15_000),
                     fault: Fault::HostCrash { host, reboot_ms },
@@ -613,6 +648,8 @@ impl Config {
                     cfg.witness = true;
                     cfg.isolation = keep.isolation;
                     cfg.disk_locks = keep.disk_locks;
+                    cfg.hw_fence = keep.hw_fence;
+                    cfg.bmc = (0..hosts).map(|i| keep.bmc_of(i % keep.hosts)).collect();
                     cfg.ha_vms = rng.random_range(hosts..=hosts * 2);
                     cfg.plain_vms = keep.plain_vms;
                     cfg.drift_ppm = (0..=hosts).map(|_| rng.random_range(-rho..=rho)).collect();

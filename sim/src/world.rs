@@ -11,8 +11,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use novacron_agent::guard::{Guard as FenceGuard, GuardEvent, Target};
-use novacron_agent::lease::{Action, EpochGuard, Event, FenceMode, Lease, State};
+use novacron_agent::lease::{Action, EpochGuard, Event, FenceMode, GuardDuty, Lease, State};
 use novacron_server::ha::controller::{Controller, Decision, HostInput, Policy, VmInput};
+use novacron_server::ha::fence::{FenceAction, FenceMachine, FencePolicy, FenceStatus, Ran};
 use novacron_server::ha::guard::{GuardPolicy, GuardState};
 use novacron_server::ha::lease::{HostLeases, HostState, LeasePolicy, Restored, Transition};
 use novacron_server::scheduler;
@@ -24,6 +25,7 @@ use novacron_shared::witness::{self, Contact, LeaseView, Witness};
 use crate::config::{Config, CrashPoint, Fault, Nanos, Profile, Way, MS, SEC};
 
 mod agent;
+mod bmc;
 mod faults;
 mod invariants;
 mod locks;
@@ -71,7 +73,8 @@ impl NodeClock {
 #[derive(Debug, Clone)]
 enum Up {
     Hello,
-    Heartbeat(u64),
+    /// A heartbeat and the lease left when it was sent.
+    Heartbeat(u64, Option<Duration>),
     Converged(u64),
 }
 
@@ -152,10 +155,12 @@ struct Agent {
     witness_at: Option<Nanos>,
     /// When the lease this run held ended (its loss start).
     loss_start: Option<Instant>,
-    /// HA VMs kept past the lease on a witness confirmation.
-    witness_hold: bool,
-    /// The hold has been confirmed at least once.
-    confirmed_once: bool,
+    /// The confirmation last handed to the lease.
+    confirmation: Option<Instant>,
+    /// The HA VMs were kept past the lease (the lease lapsed).
+    lapsed: bool,
+    /// A lapse held by the peers' confirmation was logged.
+    confirmed_logged: bool,
     /// Starts that failed at the disk lock: per VM, attempts and when the
     /// next may be made (real time).
     lock_wait: BTreeMap<usize, (u32, Nanos)>,
@@ -227,6 +232,8 @@ struct Server {
     tick_at: Option<Nanos>,
     /// Armed crash points: killed right after the next one, for so long.
     crash_at: Vec<(CrashPoint, u64)>,
+    /// The hardware fences under way (the real `FenceMachine`), by host.
+    fences: BTreeMap<usize, FenceMachine>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -251,6 +258,7 @@ enum Ev {
     PeerUncut { host: usize },
     PeerNoiseEnd,
     LockRetry { host: usize, inc: u64 },
+    FenceDone { run: u64 },
 }
 
 /// A witness query or answer in flight between two agents.
@@ -345,6 +353,10 @@ pub struct Stats {
     pub witness_holds: u64,
     /// Starts refused at the disk lock.
     pub lock_refusals: u64,
+    /// Hosts powered off by their BMC.
+    pub bmc_offs: u64,
+    /// Hardware fences that failed (every attempt).
+    pub fence_failures: u64,
 }
 
 /// The outcome of one run.
@@ -400,15 +412,31 @@ pub struct World {
     locks: BTreeMap<usize, (usize, u64)>,
     /// An operator released *held* in this run.
     operator_released: bool,
+    /// Fence commands running: (host, server run, action, result).
+    fence_runs: BTreeMap<u64, (usize, u64, FenceAction, Ran)>,
+    /// A lying BMC's next `status` says off (after an `off` it ignored).
+    bmc_lie: BTreeSet<usize>,
 }
 
-/// The product's default HA policy, with the run's mass-failure ratio.
+/// The product's default HA policy, with the run's mass-failure ratio,
+/// guards and (with the witness on) the guard's memory, as the server's
+/// HA driver derives it from its config.
 fn policy(cfg: &Config) -> Policy {
+    let memory = (cfg.witness && !cfg.broken.guard_without_memory).then(|| {
+        witness::WitnessTiming {
+            lease: cfg.server_timing,
+        }
+        .guard_memory()
+    });
     Policy {
         guard: GuardPolicy {
             ratio: cfg.mass_failure_ratio,
+            memory,
             ..GuardPolicy::default()
         },
+        isolation: cfg.isolation,
+        disk_locks: cfg.disk_locks || cfg.broken.locks_assumed,
+        hardware_fence: cfg.hw_fence,
         ..Policy::default()
     }
 }
@@ -476,6 +504,7 @@ impl World {
             converged: BTreeMap::new(),
             tick_at: None,
             crash_at: Vec::new(),
+            fences: BTreeMap::new(),
         };
         let mut w = Self {
             cfg,
@@ -503,6 +532,8 @@ impl World {
             peer_noise: None,
             locks: BTreeMap::new(),
             operator_released: false,
+            fence_runs: BTreeMap::new(),
+            bmc_lie: BTreeSet::new(),
         };
         // Every VM already runs where it is placed, under a lease the
         // agent is about to renew: start each agent with its copies.
@@ -671,6 +702,7 @@ impl World {
             Ev::Peer { msg } => self.peer_deliver(msg),
             Ev::PeerUncut { host } => self.hosts[host].peer_cut = false,
             Ev::PeerNoiseEnd => self.peer_noise = None,
+            Ev::FenceDone { run } => self.fence_done(run),
             Ev::LockRetry { host, inc } => {
                 if self.agent_inc(host) == Some(inc) {
                     self.reconcile(host);
@@ -686,6 +718,7 @@ fn state_name(s: State) -> &'static str {
         State::NoLease { .. } => "no lease",
         State::Leased { .. } => "leased",
         State::Renewing { .. } => "renewing",
+        State::Lapsed { .. } => "lapsed",
         State::SelfFencing { .. } => "self-fencing",
         State::Fenced { .. } => "fenced",
     }

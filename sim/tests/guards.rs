@@ -128,7 +128,16 @@ fn keep_running_without_disk_locks_is_caught_running_a_vm_twice() {
     assert_eq!(good.violation, None, "{:#?}", good.log);
     assert_eq!(good.stats.fences, 0);
     assert!(good.stats.lock_refusals > 0, "{:?}", good.stats);
-    let bad = run(keep_running_cut(3, false));
+    // The server refuses keep-running without locks or a hardware fence:
+    // with neither it restarts nothing...
+    let refused = run(keep_running_cut(3, false));
+    assert_eq!(refused.violation, None, "{:#?}", refused.log);
+    assert_eq!(refused.stats.restarts, 0);
+    // ...and run as if locks guarded the disks while none do, it runs
+    // the VM twice.
+    let mut cfg = keep_running_cut(3, false);
+    cfg.broken.locks_assumed = true;
+    let bad = run(cfg);
     assert!(
         bad.violations.iter().any(|v| v.contains("runs twice")),
         "{:#?}\n{:#?}",

@@ -21,6 +21,25 @@ impl World {
             self.violate("the agent's lease refused its timing".into());
             return;
         };
+        // Saved terms: a previous run held a lease (the run begins with
+        // VMs running under one), and the isolation response it had.
+        lease.assume_prior_run();
+        let _ = lease.set_isolation(local, self.cfg.isolation);
+        if h.inc == 1 {
+            // The run begins in a steady state: the agent's first start
+            // holds the lease its last heartbeat earned (so its first
+            // heartbeats report one, as a running fleet's do).
+            let earned = lease
+                .step(local, Event::HeartbeatSent { seq: u64::MAX - 1 })
+                .and_then(|_| lease.step(local, Event::AckReceived { seq: u64::MAX - 1 }));
+            if let Err(e) = earned {
+                self.violate(format!(
+                    "h{} lease refused the lease it starts with: {e}",
+                    host + 1
+                ));
+                return;
+            }
+        }
         if self.cfg.fence_guard {
             // A previous run's deadline, as its guard holds it: it ended
             // half a fence time before the guard fires.
@@ -44,8 +63,9 @@ impl World {
             witness: Witness::new(),
             witness_at: None,
             loss_start: None,
-            witness_hold: false,
-            confirmed_once: false,
+            confirmation: None,
+            lapsed: false,
+            confirmed_logged: false,
             lock_wait: BTreeMap::new(),
         });
         self.schedule_agent_timer(host);
@@ -63,28 +83,17 @@ impl World {
         let h = &self.hosts[host];
         let Some(a) = h.agent.as_ref() else { return };
         let copies: Vec<u64> = h.copies.values().filter(|c| c.ha).map(|c| c.id).collect();
-        let local = h.clock.local(self.now);
-        let view: GuardView = if self.cfg.isolation == IsolationResponse::KeepRunning {
-            // Keep-running: the guard holds no deadline.
-            (None, copies, true)
-        } else if a.witness_hold {
-            // Held on a confirmation (or within the grace): the guard
-            // fires at its end.
-            let _ = local;
-            (self.hold_deadline(host), copies, false)
-        } else {
-            (
-                a.lease.deadline(),
-                copies,
-                matches!(a.lease.state(), State::Fenced { .. }),
-            )
+        let view: GuardView = match a.lease.guard_duty() {
+            GuardDuty::Arm { deadline } => (Some(self.guard_fire_at(host, deadline)), copies, false),
+            GuardDuty::Keep => (None, copies, false),
+            GuardDuty::StandDown => (None, copies, true),
         };
         if h.guard_view.as_ref() == Some(&view) {
             return;
         }
         let event = match &view {
-            (Some(d), copies, _) => GuardEvent::Arm {
-                fire_at: *d + self.cfg.agent_timing.fence_time / 2,
+            (Some(fire_at), copies, _) => GuardEvent::Arm {
+                fire_at: *fire_at,
                 targets: h
                     .copies
                     .iter()
@@ -182,17 +191,59 @@ impl World {
                 return;
             }
         };
+        self.lease_actions(host, actions);
+        self.schedule_agent_timer(host);
+        self.witness_sync(host);
+        self.guard_publish(host);
+    }
+
+    /// Carries out what the lease asked for.
+    pub(super) fn lease_actions(&mut self, host: usize, actions: Vec<Action>) {
+        let local = self.hosts[host].clock.local(self.now);
         for act in actions {
             match act {
                 Action::FenceHaVms { .. } => {
-                    if self.fence_due(host) {
-                        self.fence(host);
+                    // Within the witness grace the kill has what is left
+                    // of the fence time.
+                    let f = self.cfg.agent_timing.fence_time;
+                    let g = self.cfg.witness_grace;
+                    let in_grace = self.grace_on()
+                        && self.hosts[host]
+                            .agent
+                            .as_ref()
+                            .and_then(|a| a.loss_start)
+                            .is_some_and(|e| local <= e + g + Duration::from_millis(1));
+                    if self.hosts[host].agent.as_ref().is_some_and(|a| a.lapsed) {
+                        self.note(format!("h{} cannot confirm: fences", host + 1));
                     }
+                    if let Some(a) = self.hosts[host].agent.as_mut() {
+                        a.lapsed = false;
+                    }
+                    self.fence_within(host, if in_grace { f.saturating_sub(g) } else { f });
+                }
+                Action::HaVmsKept { until } => {
+                    let confirmed = self.hosts[host]
+                        .agent
+                        .as_ref()
+                        .is_some_and(|a| a.witness.confirmed_until(local).is_some());
+                    let line = match until {
+                        None => format!("h{} keeps running its HA VMs (keep-running)", host + 1),
+                        Some(_) if confirmed => {
+                            self.stats.witness_holds += 1;
+                            format!("h{} peers confirm the server is lost: keeps its HA VMs", host + 1)
+                        }
+                        Some(_) => format!("h{} waits the witness grace", host + 1),
+                    };
+                    if let Some(a) = self.hosts[host].agent.as_mut() {
+                        a.lapsed = true;
+                        a.confirmed_logged = confirmed;
+                    }
+                    self.note(line);
                 }
                 Action::LeaseAcquired { .. } => {
                     if let Some(a) = self.hosts[host].agent.as_mut() {
-                        if a.witness_hold {
-                            a.witness_hold = false;
+                        a.confirmation = None;
+                        if std::mem::take(&mut a.lapsed) {
                             self.note(format!("h{} regains its lease", host + 1));
                         }
                     }
@@ -206,13 +257,23 @@ impl World {
                 Action::Renewing { .. } | Action::Renewed { .. } | Action::AckIgnored { .. } => {}
             }
         }
-        self.schedule_agent_timer(host);
-        self.witness_sync(host);
-        self.guard_publish(host);
     }
 
-    pub(super) fn fence(&mut self, host: usize) {
-        self.fence_within(host, self.cfg.agent_timing.fence_time);
+    /// When the fence guard fires for a fence deadline: `F/2` after it;
+    /// for the witness grace's deadline, halfway between it and `F`
+    /// after the lease end (behind the agent's own fence).
+    pub(super) fn guard_fire_at(&self, host: usize, deadline: Instant) -> Instant {
+        let f = self.cfg.agent_timing.fence_time;
+        let g = self.cfg.witness_grace;
+        let provisional = self.grace_on()
+            && self.hosts[host].agent.as_ref().is_some_and(|a| {
+                a.confirmation == Some(deadline) && self.provisional(host) == Some(deadline)
+            });
+        if provisional {
+            deadline + f.saturating_sub(g) / 2
+        } else {
+            deadline + f / 2
+        }
     }
 
     /// The agent's fence: every HA copy killed within `budget`.
@@ -281,8 +342,9 @@ impl World {
         if let Some(sid) = a.session {
             a.seq += 1;
             let seq = a.seq;
+            let left = a.lease.lease_left(local);
             self.agent_event(host, Event::HeartbeatSent { seq });
-            self.send_up(sid, Up::Heartbeat(seq));
+            self.send_up(sid, Up::Heartbeat(seq, left));
         }
         self.reconcile(host);
         let next = clock.real_at(local + self.cfg.heartbeat);
@@ -326,7 +388,12 @@ impl World {
         }
         a.last_rx = local;
         match m {
-            Down::Terms => {}
+            Down::Terms => {
+                let actions = a.lease.set_isolation(local, self.cfg.isolation);
+                self.lease_actions(host, actions);
+                self.schedule_agent_timer(host);
+                self.guard_publish(host);
+            }
             Down::Witness(t) => {
                 if self.cfg.witness {
                     a.witness.set_terms(Some(t));
@@ -350,8 +417,9 @@ impl World {
                 if let Some(sid) = a.session {
                     a.seq += 1;
                     let seq = a.seq;
+                    let left = a.lease.lease_left(local);
                     self.agent_event(host, Event::HeartbeatSent { seq });
-                    self.send_up(sid, Up::Heartbeat(seq));
+                    self.send_up(sid, Up::Heartbeat(seq, left));
                 }
             }
         }

@@ -62,10 +62,10 @@ impl World {
         if self.cfg.profile == Profile::Outage {
             self.stats.checks.outage += 1;
             let s = self.stats;
-            if s.fences > 0 || s.guard_kills > 0 || s.restarts > 0 {
+            if s.fences > 0 || s.guard_kills > 0 || s.restarts > 0 || s.bmc_offs > 0 {
                 let msg = format!(
-                    "a server outage fenced {}, fired {} fence guard(s) and restarted {}",
-                    s.fences, s.guard_kills, s.restarts
+                    "a server outage fenced {}, fired {} fence guard(s), powered off {} and restarted {}",
+                    s.fences, s.guard_kills, s.bmc_offs, s.restarts
                 );
                 self.violate(msg);
             }

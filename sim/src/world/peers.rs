@@ -32,51 +32,52 @@ impl World {
         WitnessTerms { peers, quorum }
     }
 
-    /// What `host` answers a peer: its lease as it stands (`NeverLeased`
-    /// before it held one in this run of the agent, `Lost` since the end
-    /// of the one it held).
+    /// What `host` answers a peer: `Contact::of` its lease's peer view
+    /// (nothing while its agent is down: the endpoint lives in it).
     fn answer_of(&self, host: usize) -> Option<Contact> {
         let h = &self.hosts[host];
         let a = h.agent.as_ref()?;
-        let local = h.clock.local(self.now);
-        let view = match a.lease.state() {
-            State::NoLease { .. } => return Some(Contact::NeverLeased),
-            State::Leased { .. } | State::Renewing { .. } => LeaseView::Leased {
-                until: a.lease.deadline()?,
-            },
-            State::SelfFencing { .. } | State::Fenced { .. } => match a.loss_start {
-                Some(since) => LeaseView::Lost { since },
-                None => return Some(Contact::NeverLeased),
-            },
-        };
-        Some(Contact::of(view, local))
+        Some(Contact::of(a.lease.peer_view(), h.clock.local(self.now)))
     }
 
-    /// The lease view `host`'s own witness runs rounds for: a restarted
-    /// agent's no-lease deadline counts as a lease while it still has HA
-    /// VMs to defend; a host with nothing to defend is idle.
+    /// The lease view `host`'s own witness runs rounds for.
     fn round_view(&self, host: usize) -> LeaseView {
-        let h = &self.hosts[host];
-        let Some(a) = h.agent.as_ref() else {
-            return LeaseView::Idle;
-        };
-        let defends = h.copies.values().any(|c| c.ha && c.phase != Phase::Dying);
-        match a.lease.state() {
-            State::NoLease { fence_at } if defends => LeaseView::Leased { until: fence_at },
-            State::NoLease { .. } => LeaseView::Idle,
-            State::Leased { .. } | State::Renewing { .. } => match a.lease.deadline() {
-                Some(until) => LeaseView::Leased { until },
-                None => LeaseView::Idle,
-            },
-            State::SelfFencing { .. } | State::Fenced { .. } => match a.loss_start {
-                Some(since) if defends => LeaseView::Lost { since },
-                _ => LeaseView::Idle,
-            },
-        }
+        self.hosts[host]
+            .agent
+            .as_ref()
+            .map_or(LeaseView::Idle, |a| a.lease.witness_view())
     }
 
-    /// Brings `host`'s witness up to date with its lease and reschedules
-    /// its timer.
+    /// Whether the witness grace is in force.
+    pub(super) fn grace_on(&self) -> bool {
+        self.cfg.witness && !self.cfg.witness_grace.is_zero()
+    }
+
+    /// The witness grace's provisional confirmation for `host`: its
+    /// lease end (or no-lease deadline, or the end of the lease it lost)
+    /// plus the grace, while its witness is armed. Not in the agent's
+    /// core: the simulation's stand-in for it.
+    pub(super) fn provisional(&self, host: usize) -> Option<Instant> {
+        if !self.grace_on() {
+            return None;
+        }
+        let a = self.hosts[host].agent.as_ref()?;
+        if !a.witness.armed() {
+            return None;
+        }
+        let end = match a.lease.state() {
+            State::Lapsed { .. } => a.loss_start?,
+            _ => match a.lease.witness_view() {
+                LeaseView::Leased { until } => until,
+                LeaseView::Lost { since } => since,
+                LeaseView::Idle => return None,
+            },
+        };
+        Some(end + self.cfg.witness_grace)
+    }
+
+    /// Brings `host`'s witness up to date with its lease, hands its
+    /// confirmation to the lease, and reschedules its timer.
     pub(super) fn witness_sync(&mut self, host: usize) {
         if !self.cfg.witness {
             return;
@@ -84,19 +85,38 @@ impl World {
         let view = self.round_view(host);
         let clock = self.hosts[host].clock;
         let local = clock.local(self.now);
+        let provisional = self.provisional(host);
         let Some(a) = self.hosts[host].agent.as_mut() else {
             return;
         };
         a.witness.set_lease(view);
-        let mut next = a.witness.next_timer(local);
-        if a.witness_hold {
-            if let Some(g) = a.loss_start.map(|e| e + self.cfg.witness_grace) {
-                if !self.cfg.witness_grace.is_zero() && g > local {
-                    next = Some(next.map_or(g, |n| n.min(g)));
-                }
+        let real = a.witness.confirmed_until(local);
+        let confirmation = match (real, provisional.filter(|&p| p > local)) {
+            (Some(c), Some(p)) => Some(c.max(p)),
+            (c, p) => c.or(p),
+        };
+        if confirmation != a.confirmation {
+            a.confirmation = confirmation;
+            let actions = a.lease.set_confirmation(local, confirmation);
+            if real.is_some() && a.lapsed && !a.confirmed_logged {
+                a.confirmed_logged = true;
+                self.stats.witness_holds += 1;
+                self.note(format!(
+                    "h{} peers confirm the server is lost: keeps its HA VMs",
+                    host + 1
+                ));
             }
+            self.lease_actions(host, actions);
+            self.schedule_agent_timer(host);
+            self.guard_publish(host);
         }
-        let next = next.map(|i| clock.real_at(i).max(self.now));
+        let Some(a) = self.hosts[host].agent.as_mut() else {
+            return;
+        };
+        let next = a
+            .witness
+            .next_timer(local)
+            .map(|i| clock.real_at(i).max(self.now));
         if next != a.witness_at {
             a.witness_at = next;
             let inc = a.inc;
@@ -107,8 +127,7 @@ impl World {
     }
 
     /// The witness's timer: a round due is started (a query to every
-    /// listed peer), and a confirmation that lapsed without a lease ends
-    /// the hold: the agent fences.
+    /// listed peer); a lapsed confirmation is handed to the lease.
     pub(super) fn witness_tick(&mut self, host: usize) {
         let local = self.hosts[host].clock.local(self.now);
         let Some(a) = self.hosts[host].agent.as_mut() else {
@@ -130,66 +149,7 @@ impl World {
                 });
             }
         }
-        self.witness_lapse(host);
-        // Rearm.
-        if let Some(a) = self.hosts[host].agent.as_mut() {
-            a.witness_at = None;
-        }
         self.witness_sync(host);
-    }
-
-    /// A hold whose confirmation has lapsed, without a lease regained,
-    /// ends in the fence.
-    fn witness_lapse(&mut self, host: usize) {
-        let local = self.hosts[host].clock.local(self.now);
-        let Some(a) = self.hosts[host].agent.as_mut() else {
-            return;
-        };
-        if !a.witness_hold || a.witness.confirmed_until(local).is_some() {
-            return;
-        }
-        let grace_end = self.grace_end(host);
-        if grace_end.is_some_and(|g| local < g) {
-            return;
-        }
-        let Some(a) = self.hosts[host].agent.as_mut() else {
-            return;
-        };
-        a.witness_hold = false;
-        self.note(format!("h{} cannot confirm: fences", host + 1));
-        // After the grace the kill has the rest of the fence time.
-        let f = self.cfg.agent_timing.fence_time;
-        let budget = if grace_end.is_some() {
-            f.saturating_sub(self.cfg.witness_grace)
-        } else {
-            f
-        };
-        self.fence_within(host, budget);
-    }
-
-    /// The end of the grace an unconfirmed agent has after its lease end.
-    pub(super) fn grace_end(&self, host: usize) -> Option<Instant> {
-        if !self.cfg.witness || self.cfg.witness_grace.is_zero() {
-            return None;
-        }
-        let a = self.hosts[host].agent.as_ref()?;
-        a.loss_start.map(|e| e + self.cfg.witness_grace)
-    }
-
-    /// What the fence guard is armed with while HA VMs are kept past the
-    /// lease (it fires `F/2` later): the confirmation's end, and within
-    /// the grace the lease end plus half the grace, so that it fires
-    /// halfway between the grace's end and `F`, behind the agent's own
-    /// fence.
-    pub(super) fn hold_deadline(&self, host: usize) -> Option<Instant> {
-        let h = &self.hosts[host];
-        let a = h.agent.as_ref()?;
-        let local = h.clock.local(self.now);
-        let grace = a.loss_start.map(|e| e + self.cfg.witness_grace / 2);
-        match (a.witness.confirmed_until(local), grace) {
-            (Some(c), Some(g)) => Some(c.max(g)),
-            (c, g) => c.or(g),
-        }
     }
 
     /// Whether a message between `a` and `b` is lost on the way.
@@ -258,61 +218,9 @@ impl World {
                     },
                     (c, _) => c,
                 };
-                let confirmed = a.witness.answer(local, m.round, from, contact);
-                if confirmed && a.witness_hold && a.witness.confirmed_until(local).is_some() {
-                    let first = !a.confirmed_once;
-                    a.confirmed_once = true;
-                    if first {
-                        self.stats.witness_holds += 1;
-                        self.note(format!(
-                            "h{} peers confirm the server is lost: keeps its HA VMs",
-                            m.asker + 1
-                        ));
-                    }
-                }
+                a.witness.answer(local, m.round, from, contact);
                 self.witness_sync(m.asker);
-                self.guard_publish(m.asker);
             }
         }
-    }
-
-    /// The agent's fence was due (its lease ran out): with the witness
-    /// confirming, or in keep-running, its HA VMs stay. Returns whether
-    /// the fence goes ahead.
-    ///
-    /// Until the agent's core takes the confirmation itself, this stands
-    /// in for it the way the agent's HA task is specified to: the fence
-    /// deadline is the later of the lease end and the confirmation, and
-    /// the lease is let go (marked fenced) so that a later ack can grant
-    /// a new one while the VMs run on.
-    pub(super) fn fence_due(&mut self, host: usize) -> bool {
-        let local = self.hosts[host].clock.local(self.now);
-        let keep = self.cfg.isolation == IsolationResponse::KeepRunning;
-        let Some(a) = self.hosts[host].agent.as_mut() else {
-            return false;
-        };
-        let confirmed = self.cfg.witness && a.witness.confirmed_until(local).is_some();
-        let grace = self.cfg.witness && !self.cfg.witness_grace.is_zero() && a.witness.armed();
-        if !keep && !confirmed && !grace {
-            return true;
-        }
-        let stepped = a.lease.step(local, Event::HaVmsGone);
-        if !keep {
-            a.witness_hold = true;
-            a.confirmed_once = confirmed;
-        }
-        if let Err(e) = stepped {
-            self.violate(format!("h{} lease refused an event: {e}", host + 1));
-        }
-        if keep {
-            self.note(format!("h{} keeps running its HA VMs (keep-running)", host + 1));
-        } else if confirmed {
-            self.stats.witness_holds += 1;
-            self.note(format!(
-                "h{} peers confirm the server is lost: keeps its HA VMs",
-                host + 1
-            ));
-        }
-        false
     }
 }
