@@ -52,6 +52,12 @@ pub struct Scenario {
     /// Hosts run virtlockd; restarts wait on the disk lock.
     #[serde(default)]
     pub disk_locks: bool,
+    /// A hardware fence is configured.
+    #[serde(default)]
+    pub hw_fence: bool,
+    /// The hosts' BMCs, in host order (missing ones are good).
+    #[serde(default)]
+    pub bmc: Vec<crate::config::Bmc>,
     /// The witness grace in ms (the simulation's default when absent).
     #[serde(default)]
     pub witness_grace_ms: Option<u64>,
@@ -149,6 +155,8 @@ impl Scenario {
         cfg.witness = self.witness;
         cfg.isolation = self.isolation;
         cfg.disk_locks = self.disk_locks;
+        cfg.hw_fence = self.hw_fence;
+        cfg.bmc = self.bmc.clone();
         if let Some(ms) = self.witness_grace_ms {
             cfg.witness_grace = std::time::Duration::from_millis(ms);
         }

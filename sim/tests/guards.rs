@@ -4,7 +4,7 @@
 
 use novacron_shared::protocol::IsolationResponse;
 use novacron_shared::witness::{self, LOSS_SKEW};
-use novacron_sim::{run, Config, Fault, Outcome, Profile, Timed, Way};
+use novacron_sim::{run, Bmc, Config, Fault, Outcome, Profile, Timed, Way};
 
 fn at(at_ms: u64, fault: Fault) -> Timed {
     Timed { at_ms, fault }
@@ -186,4 +186,82 @@ fn without_the_witness_a_long_outage_fences_every_host() {
     let out = run(cfg);
     let v = out.violation.expect("every agent fences without the witness");
     assert!(v.contains("a server outage fenced"), "{v}");
+}
+
+/// Every host's acks lost for 10 s (their leases end, they confirm each
+/// other, the server hears them report no lease), one of them cut off
+/// altogether meanwhile: the others regain their leases, its confirmation
+/// lapses, and it fences only then.
+fn acks_lost_then_cut(seed: u64) -> Config {
+    let mut cfg = Config::base(seed, 5);
+    cfg.ha_vms = 5;
+    cfg.plain_vms = 0;
+    cfg.duration_ms = 50_000;
+    cfg.keep_going = true;
+    cfg.faults = vec![
+        at(
+            5_000,
+            Fault::Split {
+                hosts: vec![0, 1, 2, 3, 4],
+                for_ms: 10_000,
+                way: Way::Down,
+            },
+        ),
+        at(
+            10_500,
+            Fault::Partition {
+                host: 2,
+                for_ms: 15_000,
+            },
+        ),
+    ];
+    cfg
+}
+
+#[test]
+fn a_guard_without_the_memory_is_caught() {
+    let good = run(acks_lost_then_cut(5));
+    assert_eq!(good.violation, None, "{:#?}", good.log);
+    assert!(
+        good.log.iter().any(|l| l.contains("h3 peers confirm")),
+        "{:#?}",
+        good.log
+    );
+    let mut cfg = acks_lost_then_cut(5);
+    cfg.broken.guard_without_memory = true;
+    let bad = run(cfg);
+    assert!(unsafe_restart(&bad), "{:#?}\n{:#?}", bad.violations, bad.log);
+}
+
+/// Keep-running with a hardware fence and no disk locks; host 1's BMC
+/// lies (its `off` does nothing, its next `status` says off).
+fn lying_bmc(seed: u64) -> Config {
+    let mut cfg = Config::base(seed, 4);
+    cfg.ha_vms = 4;
+    cfg.plain_vms = 0;
+    cfg.duration_ms = 50_000;
+    cfg.keep_going = true;
+    cfg.isolation = IsolationResponse::KeepRunning;
+    cfg.hw_fence = true;
+    cfg.bmc = vec![Bmc::Lies];
+    cfg.faults = vec![at(
+        5_000,
+        Fault::Partition {
+            host: 0,
+            for_ms: 30_000,
+        },
+    )];
+    cfg
+}
+
+#[test]
+fn a_lying_fence_trusted_after_one_confirmation_is_caught() {
+    let good = run(lying_bmc(6));
+    assert_eq!(good.violation, None, "{:#?}", good.log);
+    assert_eq!(good.stats.restarts, 0);
+    assert!(good.stats.fence_failures > 0, "{:?}", good.stats);
+    let mut cfg = lying_bmc(6);
+    cfg.broken.fence_trusts_one_confirmation = true;
+    let bad = run(cfg);
+    assert!(unsafe_restart(&bad), "{:#?}\n{:#?}", bad.violations, bad.log);
 }

@@ -129,6 +129,31 @@ fn keep_running_waits_on_the_disk_lock() {
 }
 
 #[test]
+fn server_cut_one_way_from_60_percent_by_lost_acks_kills_nothing() {
+    check("split-60-percent-acks-lost.toml");
+}
+
+#[test]
+fn a_hardware_fence_finding_the_host_off_counts() {
+    check("fence-already-off.toml");
+}
+
+#[test]
+fn a_slow_hardware_fence_powers_off_then_restarts() {
+    check("fence-slow.toml");
+}
+
+#[test]
+fn a_lying_hardware_fence_is_caught_and_nothing_restarts() {
+    check("fence-lying.toml");
+}
+
+#[test]
+fn a_hanging_hardware_fence_falls_back_to_the_lease_wait() {
+    check("fence-timeout.toml");
+}
+
+#[test]
 fn every_scenario_file_is_tested_and_valid() {
     let mut files: Vec<String> = std::fs::read_dir(dir())
         .map(|d| {
@@ -139,7 +164,7 @@ fn every_scenario_file_is_tested_and_valid() {
         })
         .unwrap_or_default();
     files.sort();
-    assert_eq!(files.len(), 22, "scenario files: {files:?}");
+    assert_eq!(files.len(), 27, "scenario files: {files:?}");
     let me = include_str!("scenarios.rs");
     for f in &files {
         assert!(me.contains(&format!("check(\"{f}\")")), "{f} has no test");

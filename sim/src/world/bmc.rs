@@ -150,14 +150,21 @@ impl World {
         let Some(m) = self.server.fences.get_mut(&h) else {
             return;
         };
-        let next = m.done(local, action, &ran);
+        let mut next = m.done(local, action, &ran);
         let trusted = self.cfg.broken.fence_trusts_one_confirmation
             && matches!(m.phase(), Phase::Confirming { done } if *done >= 1);
-        let off = matches!(m.status(), FenceStatus::Off) || trusted;
         if trusted {
-            m.reset();
+            // Broken on purpose: the first confirmation stands for both.
+            let off = Ran {
+                exit: Exit::Code(2),
+                output: String::new(),
+            };
+            let rest = m.done(local, FenceAction::Status, &off);
+            next.run = rest.run;
+            next.events.extend(rest.events);
         }
-        self.fence_next(h, if trusted { Default::default() } else { next });
+        let off = matches!(m.status(), FenceStatus::Off);
+        self.fence_next(h, next);
         if off {
             let id = self.hosts[h].id;
             if let Err(e) = self.server.leases.confirmed_off(id, local) {
