@@ -333,10 +333,13 @@ pub struct Config {
     pub peer_loss_percent: u8,
     /// An agent whose lease ran out unconfirmed waits up to this long for
     /// a confirmation before it fences (then killing within the rest of
-    /// `F`; its fence guard fires at the grace's end): leases end up to a
-    /// heartbeat apart, so without it the first host to lose its lease in
-    /// a server outage finds no peer lost yet and fences. Zero: fence at
-    /// the lease end unless confirmed. At most `F`.
+    /// `F`; its fence guard fires halfway through that rest): leases end
+    /// up to a heartbeat apart, so without it the first host to lose its
+    /// lease in a server outage finds no peer lost yet and fences. Not in
+    /// the agent's core: the simulation's driver gives the lease a
+    /// provisional confirmation (lease end plus the grace) while the
+    /// witness is armed. Zero: the agent's core alone (fence at the lease
+    /// end unless confirmed). At most `F`.
     pub witness_grace: Duration,
 }
 

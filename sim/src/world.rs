@@ -1,7 +1,8 @@
-//! The simulated world: hosts (agent + hypervisor), the server (host
-//! leases, HA controller, store), the network and the clocks, stepped one
-//! event at a time from one seeded RNG, with the invariants checked after
-//! every step.
+//! The simulated world: hosts (agent with its witness, fence guard,
+//! hypervisor, lock service, BMC), the server (host leases, HA controller,
+//! hardware fences, store), the network (sessions and peer links) and the
+//! clocks, stepped one event at a time from one seeded RNG, with the
+//! invariants checked after every step.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;

@@ -18,6 +18,13 @@ fn run_range(from: u64, to: u64) {
             Profile::Chaos => 2,
             Profile::Outage => 3,
         }] += 1;
+        if cfg.profile == Profile::Outage {
+            assert!(
+                cfg.witness && cfg.faults.iter().all(|f| f.fault.is_outage(&cfg)),
+                "seed {seed}: an outage plan with another fault: {:?}",
+                cfg.faults
+            );
+        }
         let out = run(cfg.clone());
         assert!(out.stats.steps > 100, "seed {seed} barely ran: {:?}", out.stats);
         if out.violation.is_some() {
