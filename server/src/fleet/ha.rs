@@ -18,7 +18,7 @@
 //! `[ha] enabled = false` changes none of this: only the driver restarts
 //! nothing.
 //!
-//! The witness terms pushed to agents live in [`witness`]
+//! The witness terms pushed to agents live in `witness`
 //! (`fleet/ha/witness.rs`).
 //!
 //! Owns: the lease view, the HA status, the release requests and the
@@ -531,7 +531,7 @@ impl Fleet {
     }
 
     /// `host` opened a session at `now`.
-    pub(super) fn ha_connected(&self, host: HostId, now: Instant) {
+    pub(crate) fn ha_connected(&self, host: HostId, now: Instant) {
         self.witness_session_opens(host);
         lock(&self.ha.leases).connected(host, now);
         self.bump_lease_changes();
@@ -544,7 +544,7 @@ impl Fleet {
     /// whether a heartbeat in it may be acknowledged.
     /// A host the leases do not track (forgotten at revocation while its
     /// session closes) is not tracked again, and gets no ack.
-    pub(super) fn ha_heard(
+    pub(crate) fn ha_heard(
         &self,
         host: HostId,
         now: Instant,

@@ -22,7 +22,9 @@
 //!   VMs wait (*fencing*; a failed fence is an alert, retried).
 //! - **Hardware fence** (configured): a host whose lease expired (or that
 //!   is fenced by the wait) and whose restart the guard allows is fenced
-//!   ([`Decision::Fence`], once while its fence is idle). In `self-fence`
+//!   ([`Decision::Fence`], once while its fence is idle) — but not while
+//!   the guard would hold were the hosts now suspect expired too
+//!   ([`Guard::allows_fence`]): a power-off cannot be undone. In `self-fence`
 //!   a failed fence falls back to the lease wait.
 //! - A VM is restarted when it is HA and should be running; not while it
 //!   is in a live migration (the migration driver decides where it is
@@ -356,9 +358,10 @@ impl Controller {
             }
         }
         if self.policy.hardware_fence {
+            let leases = leases(hosts);
             for h in hosts {
                 let expired = matches!(h.lease, HostState::LeaseExpired | HostState::Fenced);
-                if expired && h.fence == FenceStatus::Idle && self.guard.allows(h.id) {
+                if expired && h.fence == FenceStatus::Idle && self.guard.allows_fence(now, h.id, &leases) {
                     out.push(Decision::Fence { host: h.id });
                 }
             }

@@ -4,7 +4,7 @@
 //! publishes the HA status the API shows.
 //!
 //! It also runs the hardware fences the controller asks for
-//! ([`fences`]: a host confirmed off is fenced in the lease view at once),
+//! (`fences`: a host confirmed off is fenced in the lease view at once),
 //! and shows restarted VMs whose start waits on a disk lock still held
 //! elsewhere (drift of kind `DiskLockHeld` on their new host: an expected
 //! wait, one event per wait).

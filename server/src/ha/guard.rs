@@ -235,6 +235,31 @@ impl Guard {
         }
     }
 
+    /// Whether `host` may be powered off by its hardware fence at `now`:
+    /// the guard allows its restart, and would still hold nothing if every
+    /// host now only suspect (heartbeats missed) turned out expired too.
+    /// Hosts cut off together pass their lease within a heartbeat of each
+    /// other, so when the first expires the others are suspect already: a
+    /// power-off is no undo-able restart, and waits for the count.
+    pub fn allows_fence(&self, now: Instant, host: HostId, hosts: &[HostLease]) -> bool {
+        if !self.allows(host) {
+            return false;
+        }
+        let mut counted = self.counted(now, hosts);
+        for h in hosts {
+            if h.lease == HostState::Suspect && !self.judged.contains(&h.id) {
+                let t = self.silent_since.get(&h.id).copied().unwrap_or(now);
+                counted.entry(h.id).or_insert(t);
+            }
+        }
+        let monitored = hosts.iter().filter(|h| h.lease != HostState::Maintenance).count();
+        let recent = counted
+            .values()
+            .filter(|t| now.saturating_duration_since(**t) <= self.policy.window)
+            .count();
+        !(recent >= 2 && (recent as f64) > self.policy.ratio * monitored as f64)
+    }
+
     /// An operator releases the guard: every fenced host may restart.
     pub fn release(&mut self, hosts: &[HostLease]) -> Option<GuardChange> {
         self.released.extend(
@@ -541,6 +566,41 @@ mod suspect_tests {
             None
         );
         assert!(g.allows(HostId(1)));
+    }
+}
+
+#[cfg(test)]
+mod fence_tests {
+    use super::*;
+    use novacron_shared::clock::Clock;
+    use HostState::{LeaseExpired, Online, Suspect};
+
+    #[test]
+    fn no_power_off_while_other_hosts_are_only_suspect_together() {
+        let (clock, _) = Clock::manual();
+        let t0 = clock.now();
+        let ids = [HostId(1), HostId(2), HostId(3)];
+        let mut g = Guard::new(GuardPolicy::default(), ids, t0);
+        let at = |states: [HostState; 3]| -> Vec<HostLease> {
+            ids.iter()
+                .zip(states)
+                .map(|(id, s)| HostLease::new(*id, s))
+                .collect()
+        };
+        g.observe(t0, &at([Online, Online, Online]));
+        let t1 = t0 + Duration::from_secs(3);
+        g.observe(t1, &at([Suspect, Suspect, Online]));
+        // Host 1 expired first; host 2 is a heartbeat behind: no fence yet
+        // (the guard itself does not hold: one expiry is a failover).
+        let t2 = t0 + Duration::from_secs(5);
+        let hosts = at([LeaseExpired, Suspect, Online]);
+        assert_eq!(g.observe(t2, &hosts), None);
+        assert!(g.allows(HostId(1)));
+        assert!(!g.allows_fence(t2, HostId(1), &hosts));
+        // Host 2 was only late: back online, host 1 may be powered off.
+        let hosts = at([LeaseExpired, Online, Online]);
+        g.observe(t2, &hosts);
+        assert!(g.allows_fence(t2, HostId(1), &hosts));
     }
 }
 

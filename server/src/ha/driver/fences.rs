@@ -189,3 +189,178 @@ impl Fences {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use novacron_shared::clock::{Clock, ManualClock};
+
+    use super::*;
+    use crate::config::{FenceSetting, HardwareFence};
+    use crate::store::{HostRecord, HostState as StoredState, Store};
+
+    const H1: HostId = HostId(1);
+
+    fn fleet(dir: &std::path::Path, script: &str, ha: HaConfig) -> (Arc<Fleet>, Arc<ManualClock>) {
+        let store = Store::open(&dir.join("db.redb")).unwrap_or_else(|e| panic!("{e}"));
+        store
+            .put_hosts(&[HostRecord {
+                id: H1,
+                name: "hv-1".into(),
+                addresses: vec![],
+                capacity: Default::default(),
+                agent_version: "0".into(),
+                first_seen_ms: 0,
+                last_seen_ms: 0,
+                state: StoredState::Offline,
+                cert_serial: "1".into(),
+                cert_not_after: 0,
+            }])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (clock, manual) = Clock::manual();
+        let (ca, _) = novacron_shared::pki::FleetCa::generate("t", clock.wall(), Duration::from_secs(3600))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ha = HaConfig {
+            fence: FenceSetting::Hardware(HardwareFence {
+                style: Default::default(),
+                command: vec![script.into(), "{host}".into(), "{action}".into()],
+                timeout: Duration::from_millis(500),
+                retries: 1,
+                hosts: Default::default(),
+            }),
+            ..ha
+        };
+        let f = Fleet::with_ha(
+            store,
+            ca,
+            crate::config::AgentPolicy::default(),
+            crate::scheduler::Policy::default(),
+            crate::config::MigrationPolicy::default(),
+            ha,
+            clock,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        (f, manual)
+    }
+
+    fn script(dir: &std::path::Path, body: &str) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join("fence");
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+        p.display().to_string()
+    }
+
+    /// Feeds results back until no command is left running.
+    async fn drive(f: &Fleet, fences: &mut Fences, rx: &mut mpsc::UnboundedReceiver<Done>) {
+        while fences.status(H1).0 == FenceStatus::Fencing {
+            let done = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("a fence command never reported"))
+                .unwrap_or_else(|| panic!("channel closed"));
+            fences.done(f, f.clock().now(), done);
+        }
+    }
+
+    fn expired(f: &Fleet) -> Vec<(HostId, HostState, String)> {
+        vec![(H1, f.lease_state(H1).unwrap_or(HostState::Suspect), "hv-1".into())]
+    }
+
+    #[tokio::test]
+    async fn a_host_the_fence_finds_on_is_powered_off_confirmed_and_fenced_at_once() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        // A BMC stand-in: on until `off` runs, then off.
+        let state = dir.path().join("power");
+        let s = script(
+            dir.path(),
+            &format!(
+                "case $2 in off) touch {p}; exit 0;; status) [ -e {p} ] && exit 2; exit 0;; esac; exit 1",
+                p = state.display()
+            ),
+        );
+        let (f, clock) = fleet(dir.path(), &s, HaConfig::default());
+        let mut events = f.bus.subscribe();
+        let t0 = f.clock().now();
+        f.ha_connected(H1, t0);
+        clock.advance(f.ha_config().timing().fenced_after() + Duration::from_secs(1));
+        f.ha_heard(H1, f.clock().now(), Some(Some(Duration::from_secs(5))));
+        f.tick_leases(f.clock().now()).unwrap_or_else(|e| panic!("{e}"));
+        clock.advance(f.ha_config().lease + Duration::from_millis(10));
+        f.tick_leases(f.clock().now()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(f.lease_state(H1), Some(HostState::LeaseExpired));
+
+        let (mut fences, mut rx) = Fences::new(f.ha_config());
+        fences.settle(&f, &expired(&f));
+        fences.start(&f, H1);
+        assert_eq!(fences.status(H1).0, FenceStatus::Fencing);
+        drive(&f, &mut fences, &mut rx).await;
+        assert_eq!(fences.status(H1).0, FenceStatus::Off);
+        assert!(state.exists(), "off ran");
+        let moves = f.tick_leases(f.clock().now()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            moves.iter().any(|t| t.host == H1 && t.to == HostState::Fenced),
+            "fenced without the lease wait: {moves:?}"
+        );
+        let mut texts = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            texts.push(e.message.clone());
+        }
+        for want in ["started", "status", "off →", "powered off and confirmed off"] {
+            assert!(texts.iter().any(|t| t.contains(want)), "{want} in {texts:?}");
+        }
+        // Heard again (powered on): returning, and the fence is forgotten.
+        clock.advance(Duration::from_millis(1));
+        f.ha_connected(H1, f.clock().now());
+        f.tick_leases(f.clock().now()).unwrap_or_else(|e| panic!("{e}"));
+        fences.settle(&f, &expired(&f));
+        assert_eq!(fences.status(H1).0, FenceStatus::Idle);
+    }
+
+    #[tokio::test]
+    async fn a_hanging_fence_in_keep_running_without_locks_fails_with_an_alert_and_is_retried() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = script(dir.path(), "sleep 30");
+        let ha = HaConfig {
+            isolation: novacron_shared::protocol::IsolationResponse::KeepRunning,
+            ..HaConfig::default()
+        };
+        let ha = HaConfig {
+            retry: Duration::from_secs(5),
+            ..ha
+        };
+        let (f, clock) = fleet(dir.path(), &s, ha);
+        let mut events = f.bus.subscribe();
+        let (mut fences, mut rx) = Fences::new(f.ha_config());
+        fences.settle(&f, &[(H1, HostState::LeaseExpired, "hv-1".into())]);
+        fences.start(&f, H1);
+        drive(&f, &mut fences, &mut rx).await;
+        let (state, error) = fences.status(H1);
+        assert_eq!(state, FenceStatus::Failed);
+        assert!(error.is_some_and(|e| e.contains("timed out")));
+        let mut alert = None;
+        while let Ok(e) = events.try_recv() {
+            if e.message.starts_with("ALERT") {
+                alert = Some(e.message.clone());
+            }
+        }
+        let alert = alert.unwrap_or_else(|| panic!("an alert event"));
+        assert!(
+            alert.contains("stays fencing") && alert.contains("retried"),
+            "{alert}"
+        );
+        // Retried every `ha.retry`.
+        let at = fences.next_wakeup().unwrap_or_else(|| panic!("a retry is due"));
+        assert_eq!(at, f.clock().now() + f.ha_config().retry);
+        clock.advance(f.ha_config().retry);
+        fences.poll(&f, f.clock().now());
+        assert_eq!(fences.status(H1).0, FenceStatus::Fencing);
+        // Not in self-fence: there the lease wait is the fallback.
+        std::fs::create_dir_all(dir.path().join("2")).unwrap_or_else(|e| panic!("{e}"));
+        let (f2, _) = fleet(&dir.path().join("2"), &s, HaConfig::default());
+        let (fences2, _) = Fences::new(f2.ha_config());
+        assert_eq!(fences2.policy.retry, None);
+    }
+}
