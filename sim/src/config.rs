@@ -8,6 +8,8 @@ use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
 use novacron_shared::lease::{LeaseTiming, DEFAULT_FENCE_TIME, DEFAULT_LEASE, MAX_DRIFT_PPM};
+use novacron_shared::protocol::IsolationResponse;
+use novacron_shared::witness;
 
 /// Simulated real time, in nanoseconds since the run began.
 pub type Nanos = u64;
@@ -123,6 +125,56 @@ pub enum Fault {
     },
     /// An operator releases *held*.
     Release,
+    /// The server is partitioned from `hosts` for `for_ms`, the other hosts
+    /// keep it: both ways, or one way (`up`: their heartbeats are lost;
+    /// `down`: the server's frames to them are lost).
+    Split {
+        /// Host indexes cut off.
+        hosts: Vec<usize>,
+        /// How long.
+        for_ms: u64,
+        /// Which way.
+        #[serde(default)]
+        way: Way,
+    },
+    /// The host is cut from its peers (their witness links) for `for_ms`;
+    /// its link to the server is left alone.
+    PeerCut {
+        /// Host index.
+        host: usize,
+        /// How long.
+        for_ms: u64,
+    },
+    /// The host is cut from the server and from its peers for `for_ms`.
+    Cut {
+        /// Host index.
+        host: usize,
+        /// How long.
+        for_ms: u64,
+    },
+    /// Witness queries and answers between peers are lost with
+    /// probability `percent` % and delayed up to `max_ms` for `for_ms`.
+    PeerNoise {
+        /// Loss, percent.
+        percent: u8,
+        /// Largest one-way delay.
+        max_ms: u64,
+        /// How long.
+        for_ms: u64,
+    },
+}
+
+/// Which way a [`Fault::Split`] cuts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Way {
+    /// Both ways.
+    #[default]
+    Both,
+    /// Agent-to-server frames only.
+    Up,
+    /// Server-to-agent frames only.
+    Down,
 }
 
 impl Fault {
@@ -141,6 +193,27 @@ impl Fault {
             Fault::Delay { max_ms, .. } => max_ms <= cfg.normal_delay_ms.1,
             Fault::SessionLoss { .. } => true,
             Fault::HostCrash { .. } | Fault::ServerCrashAfter { .. } | Fault::Release => false,
+            Fault::Split { for_ms, .. } | Fault::Cut { for_ms, .. } => for_ms <= tol,
+            // Peers matter only while a lease is gone.
+            Fault::PeerCut { .. } | Fault::PeerNoise { .. } => true,
+        }
+    }
+
+    /// Whether this fault is a server outage that the witness must make
+    /// harmless for `cfg`: the server killed, unreachable from every
+    /// host, or cut off from at least [`witness::needed`] hosts (which
+    /// keep their peers), for any length.
+    pub fn is_outage(&self, cfg: &Config) -> bool {
+        match self {
+            Fault::ServerCrash { .. } | Fault::Isolate { .. } => true,
+            Fault::Split { hosts, .. } => {
+                let mut h = hosts.clone();
+                h.sort_unstable();
+                h.dedup();
+                h.len() >= witness::needed(cfg.hosts)
+            }
+            Fault::PeerNoise { .. } | Fault::SessionLoss { .. } => true,
+            _ => false,
         }
     }
 }
@@ -165,6 +238,31 @@ pub enum Profile {
     HostLoss,
     /// Anything: the safety invariants only.
     Chaos,
+    /// Server outages of any length ([`Fault::is_outage`]) with the
+    /// witness on and no host otherwise faulty: nothing fences, nothing
+    /// restarts, in either isolation mode.
+    Outage,
+}
+
+/// The hardware fence (a BMC per host) the server may run, and how each
+/// host's BMC misbehaves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bmc {
+    /// Answers within a second, tells the truth.
+    #[default]
+    Good,
+    /// Takes `ms` per command (it may exceed the fence timeout).
+    Slow {
+        /// Per command.
+        ms: u64,
+    },
+    /// Says off while the host is on, and does nothing on `off`.
+    Lies,
+    /// Hangs until the command's timeout kills it.
+    Hangs,
+    /// Fails at once (unreachable: connection refused).
+    Unreachable,
 }
 
 /// One run.
@@ -214,6 +312,35 @@ pub struct Config {
     /// Simulated server behaviour broken on purpose (test-only knobs of
     /// the simulation, not of the product).
     pub broken: Broken,
+    /// The peer witness is on (`[ha.witness] enabled`, the product's
+    /// default).
+    pub witness: bool,
+    /// What an isolated host does with its HA VMs.
+    pub isolation: IsolationResponse,
+    /// Hosts run virtlockd and the server restarts within the lock space.
+    pub disk_locks: bool,
+    /// A hardware fence is configured; `bmc[i]` is host `i`'s BMC.
+    pub hw_fence: bool,
+    /// Host `i`'s BMC (missing: [`Bmc::Good`]).
+    pub bmc: Vec<Bmc>,
+    /// A fence command running longer is killed (`[ha.fence] timeout`).
+    pub fence_timeout: Duration,
+    /// Attempts after the first (`[ha.fence] retries`).
+    pub fence_retries: u32,
+    /// One-way delay range of witness queries and answers, ms.
+    pub peer_delay_ms: (u64, u64),
+    /// Witness queries and answers lost, percent.
+    pub peer_loss_percent: u8,
+    /// An agent whose lease ran out unconfirmed waits up to this long for
+    /// a confirmation before it fences (then killing within the rest of
+    /// `F`; its fence guard fires halfway through that rest): leases end
+    /// up to a heartbeat apart, so without it the first host to lose its
+    /// lease in a server outage finds no peer lost yet and fences. Not in
+    /// the agent's core: the simulation's driver gives the lease a
+    /// provisional confirmation (lease end plus the grace) while the
+    /// witness is armed. Zero: the agent's core alone (fence at the lease
+    /// end unless confirmed). At most `F`.
+    pub witness_grace: Duration,
 }
 
 /// Ways to break the simulated server on purpose, to prove the checker
@@ -225,6 +352,20 @@ pub struct Broken {
     pub skip_old_host_push: bool,
     /// Heartbeats of fenced and returning hosts are acknowledged too.
     pub ack_fenced_hosts: bool,
+    /// The agents' witness counts a peer's loss however far its start
+    /// lies from its own (the [`witness::LOSS_SKEW`] test dropped).
+    pub witness_ignores_skew: bool,
+    /// The server pushes a witness quorum of one peer whatever the fleet.
+    pub quorum_of_one: bool,
+    /// The mass-failure guard counts expired leases only, not lost ones
+    /// over its memory (`GuardPolicy::memory` unset with the witness on).
+    pub guard_without_memory: bool,
+    /// A hardware fence is trusted after one "off" confirmation.
+    pub fence_trusts_one_confirmation: bool,
+    /// The server runs as if disk locks guarded the HA disks (restarting
+    /// keep-running hosts' VMs after the lease wait) while the hosts hold
+    /// none: keep-running without locks.
+    pub locks_assumed: bool,
 }
 
 impl Config {
@@ -252,6 +393,34 @@ impl Config {
             keep_going: false,
             fence_guard: true,
             broken: Broken::default(),
+            witness: true,
+            isolation: IsolationResponse::SelfFence,
+            disk_locks: false,
+            hw_fence: false,
+            bmc: Vec::new(),
+            fence_timeout: Duration::from_secs(10),
+            fence_retries: 2,
+            peer_delay_ms: (1, 50),
+            peer_loss_percent: 0,
+            witness_grace: Duration::from_millis(1_500),
+        }
+    }
+
+    /// Host `host`'s BMC.
+    pub fn bmc_of(&self, host: usize) -> Bmc {
+        self.bmc.get(host).copied().unwrap_or_default()
+    }
+
+    /// Which guard lets the server restart a lost host's VMs first:
+    /// the hardware fence, else (keep-running) the disk lock, else the
+    /// lease wait.
+    pub fn guard_name(&self) -> &'static str {
+        if self.hw_fence {
+            "hardware hook"
+        } else if self.isolation == IsolationResponse::KeepRunning {
+            "disk lock"
+        } else {
+            "lease wait"
         }
     }
 
@@ -306,11 +475,41 @@ impl Config {
             }
         }
         cfg.profile = match rng.random_range(0..10) {
-            0..=2 => Profile::Benign,
-            3..=4 => Profile::HostLoss,
-            _ => Profile::Chaos,
+            0..=1 => Profile::Benign,
+            2..=3 => Profile::HostLoss,
+            4..=7 => Profile::Chaos,
+            _ => Profile::Outage,
         };
         cfg.duration_ms = 45_000;
+        // The guards in force: the witness mostly on (the default),
+        // keep-running only with disk locks (the server refuses it
+        // otherwise), disk locks also under self-fencing.
+        cfg.witness = cfg.profile == Profile::Outage || rng.random_bool(0.8);
+        cfg.hw_fence = rng.random_bool(0.3);
+        if cfg.hw_fence {
+            cfg.bmc = (0..cfg.hosts)
+                .map(|_| match rng.random_range(0..10) {
+                    0 => Bmc::Slow {
+                        ms: rng.random_range(1_000..15_000),
+                    },
+                    1 => Bmc::Lies,
+                    2 => Bmc::Hangs,
+                    3 => Bmc::Unreachable,
+                    _ => Bmc::Good,
+                })
+                .collect();
+        }
+        if rng.random_bool(0.3) {
+            // Refused by the server without disk locks or a hardware fence.
+            cfg.isolation = IsolationResponse::KeepRunning;
+            cfg.disk_locks = !cfg.hw_fence || rng.random_bool(0.5);
+        } else {
+            cfg.disk_locks = rng.random_bool(0.3);
+        }
+        if cfg.profile == Profile::Chaos && rng.random_bool(0.3) {
+            cfg.peer_loss_percent = rng.random_range(0..=50);
+            cfg.peer_delay_ms = (1, rng.random_range(50..=600));
+        }
         let tol = cfg.tolerance().as_millis() as u64;
         match cfg.profile {
             Profile::Benign => {
@@ -354,6 +553,11 @@ impl Config {
             Profile::HostLoss => {
                 let host = rng.random_range(0..hosts);
                 let reboot_ms = rng.random_bool(0.5).then(|| rng.random_range(1_000..20_000));
+                if cfg.isolation == IsolationResponse::KeepRunning && !cfg.disk_locks {
+                    // Its BMC is the only guard: a failing one keeps the
+                    // VMs waiting (an alert), outside any bound.
+                    cfg.bmc[host] = Bmc::Good;
+                }
                 cfg.faults.push(Timed {
                     at_ms: rng.random_range(3_000..15_000),
                     fault: Fault::HostCrash { host, reboot_ms },
@@ -367,7 +571,7 @@ impl Config {
                     let short = rng.random_range(100..=tol);
                     let long = rng.random_range(tol..20_000);
                     let for_ms = if rng.random_bool(0.5) { short } else { long };
-                    let fault = match rng.random_range(0..13) {
+                    let fault = match rng.random_range(0..17) {
                         0 => Fault::Partition { host, for_ms },
                         1 => Fault::DropAcks { host, for_ms },
                         2 => Fault::DropBeats { host, for_ms },
@@ -401,13 +605,90 @@ impl Config {
                             for_ms,
                         },
                         9 => Fault::Isolate { for_ms },
-                        10 => Fault::Release,
+                        // An operator's release judges the silent hosts
+                        // down; with the witness on they may run on, and
+                        // only the disk lock covers that.
+                        10 if !cfg.witness || cfg.disk_locks => Fault::Release,
                         11 => Fault::SessionLoss { host },
+                        12 => {
+                            let k = rng.random_range(2..=hosts);
+                            let first = rng.random_range(0..hosts);
+                            let hosts_cut = (0..k).map(|i| (first + i) % hosts).collect();
+                            let way = [Way::Both, Way::Up, Way::Down][rng.random_range(0..3)];
+                            Fault::Split {
+                                hosts: hosts_cut,
+                                for_ms,
+                                way,
+                            }
+                        }
+                        13 => Fault::PeerCut { host, for_ms: long },
+                        14 => Fault::Cut { host, for_ms },
+                        15 => Fault::PeerNoise {
+                            percent: rng.random_range(10..=100),
+                            max_ms: rng.random_range(50..=1_000),
+                            for_ms: long,
+                        },
                         _ => Fault::Partition { host, for_ms: long },
                     };
                     cfg.faults.push(Timed { at_ms, fault });
                 }
                 cfg.faults.sort_by_key(|t| t.at_ms);
+            }
+            Profile::Outage => {
+                // A larger fleet sometimes, outages of any length one
+                // after another: the server killed, unreachable, or cut
+                // off (one way or both) from enough hosts that they
+                // confirm each other.
+                let hosts = if rng.random_bool(0.1) {
+                    rng.random_range(6..=10)
+                } else {
+                    hosts
+                };
+                if hosts != cfg.hosts {
+                    let keep = cfg.clone();
+                    cfg = Self::base(seed, hosts);
+                    cfg.profile = keep.profile;
+                    cfg.witness = true;
+                    cfg.isolation = keep.isolation;
+                    cfg.disk_locks = keep.disk_locks;
+                    cfg.hw_fence = keep.hw_fence;
+                    cfg.bmc = (0..hosts).map(|i| keep.bmc_of(i % keep.hosts)).collect();
+                    cfg.ha_vms = rng.random_range(hosts..=hosts * 2);
+                    cfg.plain_vms = keep.plain_vms;
+                    cfg.drift_ppm = (0..=hosts).map(|_| rng.random_range(-rho..=rho)).collect();
+                }
+                let n = rng.random_range(1..=2);
+                let mut at = rng.random_range(3_000..8_000);
+                for _ in 0..n {
+                    let for_ms = match rng.random_range(0..3) {
+                        0 => rng.random_range(100..=tol),
+                        1 => rng.random_range(tol..20_000),
+                        _ => rng.random_range(20_000..60_000),
+                    };
+                    let fault = match rng.random_range(0..4) {
+                        0 => Fault::ServerCrash { for_ms },
+                        1 => Fault::Isolate { for_ms },
+                        _ => {
+                            let k = rng.random_range(witness::needed(hosts)..=hosts);
+                            let mut all: Vec<usize> = (0..hosts).collect();
+                            for i in 0..k {
+                                let j = rng.random_range(i..hosts);
+                                all.swap(i, j);
+                            }
+                            let mut cut = all[..k].to_vec();
+                            cut.sort_unstable();
+                            let way = [Way::Both, Way::Up, Way::Down][rng.random_range(0..3)];
+                            Fault::Split {
+                                hosts: cut,
+                                for_ms,
+                                way,
+                            }
+                        }
+                    };
+                    cfg.faults.push(Timed { at_ms: at, fault });
+                    at += for_ms + rng.random_range(12_000..20_000);
+                }
+                cfg.duration_ms = at.max(cfg.duration_ms);
             }
         }
         cfg

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::config::{Config, Profile, Timed};
 use crate::world::{run, Outcome};
 use novacron_shared::lease::MAX_DRIFT_PPM;
+use novacron_shared::protocol::IsolationResponse;
 
 /// A scenario file.
 #[derive(Debug, Clone, Deserialize)]
@@ -33,13 +34,33 @@ pub struct Scenario {
     #[serde(default)]
     pub worst_drift: bool,
     /// `benign` (nothing may fence or restart), `host_loss` (the recovery
-    /// bound is checked) or `chaos` (safety only; the default).
+    /// bound is checked), `outage` (a server outage: nothing may fence,
+    /// kill or restart) or `chaos` (safety only; the default).
     #[serde(default)]
     pub profile: Option<String>,
     /// Hosts run the agent's fence guard (the default; `false` shows what
     /// it covers).
     #[serde(default = "yes")]
     pub fence_guard: bool,
+    /// The peer witness is on (the default, as in the product).
+    #[serde(default = "yes")]
+    pub witness: bool,
+    /// The isolation response: `self-fence` (the default) or
+    /// `keep-running`.
+    #[serde(default)]
+    pub isolation: IsolationResponse,
+    /// Hosts run virtlockd; restarts wait on the disk lock.
+    #[serde(default)]
+    pub disk_locks: bool,
+    /// A hardware fence is configured.
+    #[serde(default)]
+    pub hw_fence: bool,
+    /// The hosts' BMCs, in host order (missing ones are good).
+    #[serde(default)]
+    pub bmc: Vec<crate::config::Bmc>,
+    /// The witness grace in ms (the simulation's default when absent).
+    #[serde(default)]
+    pub witness_grace_ms: Option<u64>,
     /// The faults.
     #[serde(default)]
     pub fault: Vec<Timed>,
@@ -78,7 +99,7 @@ pub enum ScenarioError {
         source: toml::de::Error,
     },
     /// An unknown profile name.
-    #[error("unknown profile {0:?} (benign, host_loss or chaos)")]
+    #[error("unknown profile {0:?} (benign, host_loss, outage or chaos)")]
     Profile(String),
     /// The run broke an invariant it was not expected to.
     #[error("scenario {name:?} broke an invariant: {violation}")]
@@ -131,10 +152,19 @@ impl Scenario {
         cfg.duration_ms = self.duration_ms;
         cfg.faults = self.fault.clone();
         cfg.fence_guard = self.fence_guard;
+        cfg.witness = self.witness;
+        cfg.isolation = self.isolation;
+        cfg.disk_locks = self.disk_locks;
+        cfg.hw_fence = self.hw_fence;
+        cfg.bmc = self.bmc.clone();
+        if let Some(ms) = self.witness_grace_ms {
+            cfg.witness_grace = std::time::Duration::from_millis(ms);
+        }
         cfg.profile = match self.profile.as_deref() {
             None | Some("chaos") => Profile::Chaos,
             Some("benign") => Profile::Benign,
             Some("host_loss") => Profile::HostLoss,
+            Some("outage") => Profile::Outage,
             Some(other) => return Err(ScenarioError::Profile(other.to_string())),
         };
         if self.worst_drift {

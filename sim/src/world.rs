@@ -1,7 +1,8 @@
-//! The simulated world: hosts (agent + hypervisor), the server (host
-//! leases, HA controller, store), the network and the clocks, stepped one
-//! event at a time from one seeded RNG, with the invariants checked after
-//! every step.
+//! The simulated world: hosts (agent with its witness, fence guard,
+//! hypervisor, lock service, BMC), the server (host leases, HA controller,
+//! hardware fences, store), the network (sessions and peer links) and the
+//! clocks, stepped one event at a time from one seeded RNG, with the
+//! invariants checked after every step.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
@@ -11,20 +12,26 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use novacron_agent::guard::{Guard as FenceGuard, GuardEvent, Target};
-use novacron_agent::lease::{Action, EpochGuard, Event, FenceMode, Lease, State};
+use novacron_agent::lease::{Action, EpochGuard, Event, FenceMode, GuardDuty, Lease, State};
 use novacron_server::ha::controller::{Controller, Decision, HostInput, Policy, VmInput};
+use novacron_server::ha::fence::{FenceAction, FenceMachine, FencePolicy, FenceStatus, Ran};
 use novacron_server::ha::guard::{GuardPolicy, GuardState};
 use novacron_server::ha::lease::{HostLeases, HostState, LeasePolicy, Restored, Transition};
 use novacron_server::scheduler;
 use novacron_shared::clock::Clock;
 use novacron_shared::ids::{HostId, VmId};
+use novacron_shared::protocol::{IsolationResponse, WitnessPeer, WitnessTerms};
+use novacron_shared::witness::{self, Contact, LeaseView, Witness};
 
-use crate::config::{Config, CrashPoint, Fault, Nanos, Profile, MS, SEC};
+use crate::config::{Config, CrashPoint, Fault, Nanos, Profile, Way, MS, SEC};
 
 mod agent;
+mod bmc;
 mod faults;
 mod invariants;
+mod locks;
 mod net;
+mod peers;
 mod server;
 
 /// Steps after which a run counts as stuck (a run takes about a thousand).
@@ -67,7 +74,8 @@ impl NodeClock {
 #[derive(Debug, Clone)]
 enum Up {
     Hello,
-    Heartbeat(u64),
+    /// A heartbeat and the lease left when it was sent.
+    Heartbeat(u64, Option<Duration>),
     Converged(u64),
 }
 
@@ -75,6 +83,7 @@ enum Up {
 #[derive(Debug, Clone)]
 enum Down {
     Terms,
+    Witness(WitnessTerms),
     Desired(Desired),
     Ack(u64),
     Reset,
@@ -141,6 +150,21 @@ struct Agent {
     last_rx: Instant,
     timer_at: Option<Nanos>,
     fencing: bool,
+    /// The peer witness (the real `novacron_shared::witness::Witness`).
+    witness: Witness,
+    /// When its timer is due.
+    witness_at: Option<Nanos>,
+    /// When the lease this run held ended (its loss start).
+    loss_start: Option<Instant>,
+    /// The confirmation last handed to the lease.
+    confirmation: Option<Instant>,
+    /// The HA VMs were kept past the lease (the lease lapsed).
+    lapsed: bool,
+    /// A lapse held by the peers' confirmation was logged.
+    confirmed_logged: bool,
+    /// Starts that failed at the disk lock: per VM, attempts and when the
+    /// next may be made (real time).
+    lock_wait: BTreeMap<usize, (u32, Nanos)>,
 }
 
 #[derive(Debug)]
@@ -160,6 +184,8 @@ struct Host {
     guard_view: Option<GuardView>,
     /// When the guard's timer is due.
     guard_timer: Option<Nanos>,
+    /// Cut from its peers (witness links both ways).
+    peer_cut: bool,
 }
 
 /// What the agent tells its fence guard: the lease deadline, the running
@@ -207,6 +233,8 @@ struct Server {
     tick_at: Option<Nanos>,
     /// Armed crash points: killed right after the next one, for so long.
     crash_at: Vec<(CrashPoint, u64)>,
+    /// The hardware fences under way (the real `FenceMachine`), by host.
+    fences: BTreeMap<usize, FenceMachine>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -226,6 +254,27 @@ enum Ev {
     DelayEnd { host: usize },
     Fault { index: usize },
     RecoveryCheck { index: usize },
+    WitnessTimer { host: usize, inc: u64 },
+    Peer { msg: u64 },
+    PeerUncut { host: usize },
+    PeerNoiseEnd,
+    LockRetry { host: usize, inc: u64 },
+    FenceDone { run: u64 },
+}
+
+/// A witness query or answer in flight between two agents.
+#[derive(Debug, Clone, Copy)]
+struct PeerMsg {
+    /// The asker.
+    asker: usize,
+    /// The asker's agent run.
+    asker_inc: u64,
+    /// The peer asked.
+    peer: usize,
+    /// The round (the query's nonce).
+    round: u64,
+    /// `None` for the query, the peer's answer on the way back.
+    answer: Option<Contact>,
 }
 
 /// Invariant evaluations made, per invariant.
@@ -247,12 +296,29 @@ pub struct Checks {
     /// Every HA VM of a lost host runs again within the bound (per VM, at
     /// the bound).
     pub recovery: u64,
+    /// A server outage fences, kills and restarts nothing (after every
+    /// step of an outage run).
+    pub outage: u64,
+    /// With disk locks, every copy holds its disk's lock and no disk has
+    /// two holders (after every step).
+    pub disk_lock: u64,
+    /// In keep-running nothing is killed by a lease expiry (at every
+    /// fence and fence-guard kill).
+    pub keep_running: u64,
 }
 
 impl Checks {
     /// All of them.
     pub fn total(&self) -> u64 {
-        self.single_copy + self.epochs + self.tolerance + self.restart_after_fence + self.held + self.recovery
+        self.single_copy
+            + self.epochs
+            + self.tolerance
+            + self.restart_after_fence
+            + self.held
+            + self.recovery
+            + self.outage
+            + self.disk_lock
+            + self.keep_running
     }
 
     /// Adds `o` to these.
@@ -263,6 +329,9 @@ impl Checks {
         self.restart_after_fence += o.restart_after_fence;
         self.held += o.held;
         self.recovery += o.recovery;
+        self.outage += o.outage;
+        self.disk_lock += o.disk_lock;
+        self.keep_running += o.keep_running;
     }
 }
 
@@ -277,6 +346,18 @@ pub struct Stats {
     pub restarts: u64,
     /// Fences started by agents.
     pub fences: u64,
+    /// Fence-guard firings that killed something.
+    pub guard_kills: u64,
+    /// Witness rounds started.
+    pub rounds: u64,
+    /// Agents that kept their HA VMs past the lease on a confirmation.
+    pub witness_holds: u64,
+    /// Starts refused at the disk lock.
+    pub lock_refusals: u64,
+    /// Hosts powered off by their BMC.
+    pub bmc_offs: u64,
+    /// Hardware fences that failed (every attempt).
+    pub fence_failures: u64,
 }
 
 /// The outcome of one run.
@@ -323,15 +404,40 @@ pub struct World {
     crashes: Vec<(usize, Nanos, Vec<usize>)>,
     /// From a host crash to each of its HA VMs running again, ms.
     recoveries_ms: Vec<u64>,
+    /// Witness messages in flight.
+    peer_msgs: BTreeMap<u64, PeerMsg>,
+    /// Peer links lossy and slow: (loss percent, largest delay ms).
+    peer_noise: Option<(u8, u64)>,
+    /// Disk locks (virtlockd, one lock space): per VM, the host and copy
+    /// holding it.
+    locks: BTreeMap<usize, (usize, u64)>,
+    /// An operator released *held* in this run.
+    operator_released: bool,
+    /// Fence commands running: (host, server run, action, result).
+    fence_runs: BTreeMap<u64, (usize, u64, FenceAction, Ran)>,
+    /// A lying BMC's next `status` says off (after an `off` it ignored).
+    bmc_lie: BTreeSet<usize>,
 }
 
-/// The product's default HA policy, with the run's mass-failure ratio.
+/// The product's default HA policy, with the run's mass-failure ratio,
+/// guards and (with the witness on) the guard's memory, as the server's
+/// HA driver derives it from its config.
 fn policy(cfg: &Config) -> Policy {
+    let memory = (cfg.witness && !cfg.broken.guard_without_memory).then(|| {
+        witness::WitnessTiming {
+            lease: cfg.server_timing,
+        }
+        .guard_memory()
+    });
     Policy {
         guard: GuardPolicy {
             ratio: cfg.mass_failure_ratio,
+            memory,
             ..GuardPolicy::default()
         },
+        isolation: cfg.isolation,
+        disk_locks: cfg.disk_locks || cfg.broken.locks_assumed,
+        hardware_fence: cfg.hw_fence,
         ..Policy::default()
     }
 }
@@ -365,6 +471,7 @@ impl World {
                 guard: FenceGuard::default(),
                 guard_view: None,
                 guard_timer: None,
+                peer_cut: false,
             })
             .collect();
         let mut vms = Vec::new();
@@ -398,6 +505,7 @@ impl World {
             converged: BTreeMap::new(),
             tick_at: None,
             crash_at: Vec::new(),
+            fences: BTreeMap::new(),
         };
         let mut w = Self {
             cfg,
@@ -421,6 +529,12 @@ impl World {
             started_epoch: BTreeMap::new(),
             crashes: Vec::new(),
             recoveries_ms: Vec::new(),
+            peer_msgs: BTreeMap::new(),
+            peer_noise: None,
+            locks: BTreeMap::new(),
+            operator_released: false,
+            fence_runs: BTreeMap::new(),
+            bmc_lie: BTreeSet::new(),
         };
         // Every VM already runs where it is placed, under a lease the
         // agent is about to renew: start each agent with its copies.
@@ -428,6 +542,9 @@ impl World {
             let Some(h) = w.store.vms[v].host else { continue };
             let copy = w.new_copy(v, Phase::Running);
             w.hosts[h].copies.insert(v, copy);
+            if w.cfg.disk_locks {
+                w.locks.insert(v, (h, copy.id));
+            }
             w.started_epoch.insert(v, 1);
         }
         for h in 0..w.hosts.len() {
@@ -543,6 +660,7 @@ impl World {
             Ev::CopyGone { host, vm, copy } => {
                 if self.hosts[host].copies.get(&vm).is_some_and(|c| c.id == copy) {
                     self.hosts[host].copies.remove(&vm);
+                    self.unlock_disk(vm, host, copy);
                     self.after_copy_gone(host);
                 }
             }
@@ -573,6 +691,24 @@ impl World {
             Ev::DelayEnd { host } => self.hosts[host].delay_max_ms = None,
             Ev::Fault { index } => self.fault(index),
             Ev::RecoveryCheck { index } => self.recovery_check(index),
+            Ev::WitnessTimer { host, inc } => {
+                let due = self.hosts[host].agent.as_ref().and_then(|a| a.witness_at);
+                if self.agent_inc(host) == Some(inc) && due == Some(self.now) {
+                    if let Some(a) = self.hosts[host].agent.as_mut() {
+                        a.witness_at = None;
+                    }
+                    self.witness_tick(host);
+                }
+            }
+            Ev::Peer { msg } => self.peer_deliver(msg),
+            Ev::PeerUncut { host } => self.hosts[host].peer_cut = false,
+            Ev::PeerNoiseEnd => self.peer_noise = None,
+            Ev::FenceDone { run } => self.fence_done(run),
+            Ev::LockRetry { host, inc } => {
+                if self.agent_inc(host) == Some(inc) {
+                    self.reconcile(host);
+                }
+            }
         }
     }
 }
@@ -583,6 +719,7 @@ fn state_name(s: State) -> &'static str {
         State::NoLease { .. } => "no lease",
         State::Leased { .. } => "leased",
         State::Renewing { .. } => "renewing",
+        State::Lapsed { .. } => "lapsed",
         State::SelfFencing { .. } => "self-fencing",
         State::Fenced { .. } => "fenced",
     }

@@ -89,6 +89,71 @@ fn an_agent_stopped_longer_than_the_wait_without_the_fence_guard_runs_a_vm_twice
 }
 
 #[test]
+fn server_down_60_s_with_three_hosts_kills_nothing() {
+    check("server-down-60s-3-hosts.toml");
+}
+
+#[test]
+fn server_down_60_s_with_ten_hosts_kills_nothing() {
+    check("server-down-60s-10-hosts.toml");
+}
+
+#[test]
+fn server_cut_from_20_percent_fails_over() {
+    check("split-20-percent.toml");
+}
+
+#[test]
+fn server_cut_from_40_percent_fences_and_holds() {
+    check("split-40-percent.toml");
+}
+
+#[test]
+fn server_cut_from_60_percent_kills_nothing() {
+    check("split-60-percent.toml");
+}
+
+#[test]
+fn server_cut_one_way_from_60_percent_kills_nothing() {
+    check("split-60-percent-one-way.toml");
+}
+
+#[test]
+fn a_host_cut_from_server_and_peers_fences_and_fails_over() {
+    check("host-cut-from-server-and-peers.toml");
+}
+
+#[test]
+fn keep_running_waits_on_the_disk_lock() {
+    check("keep-running-link-cut.toml");
+}
+
+#[test]
+fn server_cut_one_way_from_60_percent_by_lost_acks_kills_nothing() {
+    check("split-60-percent-acks-lost.toml");
+}
+
+#[test]
+fn a_hardware_fence_finding_the_host_off_counts() {
+    check("fence-already-off.toml");
+}
+
+#[test]
+fn a_slow_hardware_fence_powers_off_then_restarts() {
+    check("fence-slow.toml");
+}
+
+#[test]
+fn a_lying_hardware_fence_is_caught_and_nothing_restarts() {
+    check("fence-lying.toml");
+}
+
+#[test]
+fn a_hanging_hardware_fence_falls_back_to_the_lease_wait() {
+    check("fence-timeout.toml");
+}
+
+#[test]
 fn every_scenario_file_is_tested_and_valid() {
     let mut files: Vec<String> = std::fs::read_dir(dir())
         .map(|d| {
@@ -99,7 +164,7 @@ fn every_scenario_file_is_tested_and_valid() {
         })
         .unwrap_or_default();
     files.sort();
-    assert_eq!(files.len(), 14, "scenario files: {files:?}");
+    assert_eq!(files.len(), 27, "scenario files: {files:?}");
     let me = include_str!("scenarios.rs");
     for f in &files {
         assert!(me.contains(&format!("check(\"{f}\")")), "{f} has no test");

@@ -9,14 +9,22 @@ const SEEDS: u64 = 10_000;
 
 fn run_range(from: u64, to: u64) {
     let mut failures = Vec::new();
-    let mut profiles = [0u64; 3];
+    let mut profiles = [0u64; 4];
     for seed in from..to {
         let cfg = Config::random(seed);
         profiles[match cfg.profile {
             Profile::Benign => 0,
             Profile::HostLoss => 1,
             Profile::Chaos => 2,
+            Profile::Outage => 3,
         }] += 1;
+        if cfg.profile == Profile::Outage {
+            assert!(
+                cfg.witness && cfg.faults.iter().all(|f| f.fault.is_outage(&cfg)),
+                "seed {seed}: an outage plan with another fault: {:?}",
+                cfg.faults
+            );
+        }
         let out = run(cfg.clone());
         assert!(out.stats.steps > 100, "seed {seed} barely ran: {:?}", out.stats);
         if out.violation.is_some() {
@@ -103,12 +111,14 @@ fn withheld_acks_cover_a_lost_push_to_the_old_host() {
     let lost_push = Broken {
         skip_old_host_push: true,
         ack_fenced_hosts: false,
+        ..Broken::default()
     };
     assert_eq!(failures(lost_push, 1_000), (0, 0));
     // ...and acking it anyway runs the VM twice.
     let also_acked = Broken {
         skip_old_host_push: true,
         ack_fenced_hosts: true,
+        ..Broken::default()
     };
     let (failed, double) = failures(also_acked, 1_000);
     assert!(double > 0, "{failed} failed, none ran a VM twice");

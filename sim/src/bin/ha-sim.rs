@@ -32,6 +32,7 @@ fn main() -> ExitCode {
     let mut scenario: Option<PathBuf> = None;
     let mut log = false;
     let mut broken: Option<u64> = None;
+    let mut grace: Option<u64> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> Option<u64> {
@@ -56,6 +57,10 @@ fn main() -> ExitCode {
             },
             "--broken-server-lease-ms" => match num("--broken-server-lease-ms") {
                 Some(n) => broken = Some(n),
+                None => return ExitCode::from(2),
+            },
+            "--witness-grace-ms" => match num("--witness-grace-ms") {
+                Some(n) => grace = Some(n),
                 None => return ExitCode::from(2),
             },
             "--scenario" => scenario = it.next().map(PathBuf::from),
@@ -101,7 +106,10 @@ fn main() -> ExitCode {
         };
     }
     let plan = |seed: u64| {
-        let cfg = Config::random(seed);
+        let mut cfg = Config::random(seed);
+        if let Some(ms) = grace {
+            cfg.witness_grace = std::time::Duration::from_millis(ms);
+        }
         match broken {
             Some(ms) => cfg.with_server_lease(std::time::Duration::from_millis(ms)),
             None => cfg,
@@ -128,13 +136,22 @@ fn main() -> ExitCode {
     let mut total = Stats::default();
     let mut failed = 0u64;
     let mut double_runs = 0u64;
-    let mut recoveries: Vec<u64> = Vec::new();
+    let mut recoveries: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+    let mut profiles: std::collections::BTreeMap<String, u64> = Default::default();
     for seed in from..from + seeds {
         let cfg = plan(seed);
         let out = run(cfg.clone());
         total.steps += out.stats.steps;
         total.checks.add(&out.stats.checks);
-        recoveries.extend(&out.recoveries_ms);
+        recoveries
+            .entry(cfg.guard_name())
+            .or_default()
+            .extend(&out.recoveries_ms);
+        *profiles.entry(format!("{:?}", cfg.profile)).or_default() += 1;
+        total.guard_kills += out.stats.guard_kills;
+        total.rounds += out.stats.rounds;
+        total.witness_holds += out.stats.witness_holds;
+        total.lock_refusals += out.stats.lock_refusals;
         total.restarts += out.stats.restarts;
         total.fences += out.stats.fences;
         if out.violation.is_some() {
@@ -149,21 +166,28 @@ fn main() -> ExitCode {
     }
     let secs = clock.since(started).as_secs_f64().max(1e-9);
     println!(
-        "seeds run: {seeds} (from {from}), failed: {failed} (with a double run: {double_runs})\nsteps: {} ({:.0} steps/s, {:.1} s)\ninvariant checks: {} ({:?})\nrestarts: {}, agent fences: {}",
+        "seeds run: {seeds} (from {from}), failed: {failed} (with a double run: {double_runs})\nprofiles: {profiles:?}\nsteps: {} ({:.0} steps/s, {:.1} s)\ninvariant checks: {} ({:?})\nrestarts: {}, agent fences: {}, fence-guard kills: {}\nwitness rounds: {}, HA VMs kept on a confirmation: {} hosts, starts refused at the disk lock: {}",
         total.steps,
         total.steps as f64 / secs,
         secs,
         total.checks.total(),
         total.checks,
         total.restarts,
-        total.fences
+        total.fences,
+        total.guard_kills,
+        total.rounds,
+        total.witness_holds,
+        total.lock_refusals
     );
-    recoveries.sort_unstable();
-    if !recoveries.is_empty() {
-        let at = |q: f64| recoveries[((recoveries.len() - 1) as f64 * q).round() as usize];
+    for (guard, r) in &mut recoveries {
+        r.sort_unstable();
+        if r.is_empty() {
+            continue;
+        }
+        let at = |q: f64| r[((r.len() - 1) as f64 * q).round() as usize];
         println!(
-            "host loss -> HA VM running again ({} VMs): median {} ms, p99 {} ms, max {} ms (bound {} ms)",
-            recoveries.len(),
+            "host loss -> HA VM running again, by {guard} ({} VMs): median {} ms, p99 {} ms, max {} ms (bound {} ms)",
+            r.len(),
             at(0.5),
             at(0.99),
             at(1.0),

@@ -21,6 +21,25 @@ impl World {
             self.violate("the agent's lease refused its timing".into());
             return;
         };
+        // Saved terms: a previous run held a lease (the run begins with
+        // VMs running under one), and the isolation response it had.
+        lease.assume_prior_run();
+        let _ = lease.set_isolation(local, self.cfg.isolation);
+        if h.inc == 1 {
+            // The run begins in a steady state: the agent's first start
+            // holds the lease its last heartbeat earned (so its first
+            // heartbeats report one, as a running fleet's do).
+            let earned = lease
+                .step(local, Event::HeartbeatSent { seq: u64::MAX - 1 })
+                .and_then(|_| lease.step(local, Event::AckReceived { seq: u64::MAX - 1 }));
+            if let Err(e) = earned {
+                self.violate(format!(
+                    "h{} lease refused the lease it starts with: {e}",
+                    host + 1
+                ));
+                return;
+            }
+        }
         if self.cfg.fence_guard {
             // A previous run's deadline, as its guard holds it: it ended
             // half a fence time before the guard fires.
@@ -41,6 +60,13 @@ impl World {
             last_rx: local,
             timer_at: None,
             fencing: false,
+            witness: Witness::new(),
+            witness_at: None,
+            loss_start: None,
+            confirmation: None,
+            lapsed: false,
+            confirmed_logged: false,
+            lock_wait: BTreeMap::new(),
         });
         self.schedule_agent_timer(host);
         self.guard_publish(host);
@@ -57,17 +83,17 @@ impl World {
         let h = &self.hosts[host];
         let Some(a) = h.agent.as_ref() else { return };
         let copies: Vec<u64> = h.copies.values().filter(|c| c.ha).map(|c| c.id).collect();
-        let view: GuardView = (
-            a.lease.deadline(),
-            copies,
-            matches!(a.lease.state(), State::Fenced { .. }),
-        );
+        let view: GuardView = match a.lease.guard_duty() {
+            GuardDuty::Arm { deadline } => (Some(self.guard_fire_at(host, deadline)), copies, false),
+            GuardDuty::Keep => (None, copies, false),
+            GuardDuty::StandDown => (None, copies, true),
+        };
         if h.guard_view.as_ref() == Some(&view) {
             return;
         }
         let event = match &view {
-            (Some(d), copies, _) => GuardEvent::Arm {
-                fire_at: *d + self.cfg.agent_timing.fence_time / 2,
+            (Some(fire_at), copies, _) => GuardEvent::Arm {
+                fire_at: *fire_at,
                 targets: h
                     .copies
                     .iter()
@@ -90,7 +116,9 @@ impl World {
     }
 
     /// Steps the fence guard; the QEMUs it kills (by pid and start time:
-    /// only the very copy it was armed with) die within `F/2`.
+    /// only the very copy it was armed with) die within `F/2` (within
+    /// `(F − grace)/2` with the witness grace, which moves its firing
+    /// that much later).
     pub(super) fn guard_step(&mut self, host: usize, event: GuardEvent) {
         let h = &mut self.hosts[host];
         let local = h.clock.local(self.now);
@@ -103,13 +131,24 @@ impl World {
             }
         }
         if !kills.is_empty() {
+            self.stats.guard_kills += 1;
+            self.stats.checks.keep_running += 1;
+            if self.cfg.isolation == IsolationResponse::KeepRunning {
+                self.violate(format!("keep-running: h{}'s fence guard killed HA VMs", host + 1));
+            }
             self.note(format!(
                 "h{} fence guard fires: kills {} HA QEMU(s)",
                 host + 1,
                 kills.len()
             ));
         }
-        let half = self.cfg.agent_timing.fence_time.as_nanos() as u64 / 2;
+        let f = self.cfg.agent_timing.fence_time;
+        let half = if self.cfg.witness && !self.cfg.witness_grace.is_zero() {
+            f.saturating_sub(self.cfg.witness_grace) / 2
+        } else {
+            f / 2
+        };
+        let half = half.as_nanos() as u64;
         for t in kills {
             let hit = self.hosts[host]
                 .copies
@@ -152,22 +191,103 @@ impl World {
                 return;
             }
         };
-        for act in actions {
-            match act {
-                Action::FenceHaVms { .. } => self.fence(host),
-                Action::LeaseAcquired { .. } => {}
-                Action::LeaseLost { .. } => self.note(format!("h{} lease lost", host + 1)),
-                Action::Renewing { .. } | Action::Renewed { .. } | Action::AckIgnored { .. } => {}
-            }
-        }
+        self.lease_actions(host, actions);
         self.schedule_agent_timer(host);
+        self.witness_sync(host);
         self.guard_publish(host);
     }
 
-    pub(super) fn fence(&mut self, host: usize) {
+    /// Carries out what the lease asked for.
+    pub(super) fn lease_actions(&mut self, host: usize, actions: Vec<Action>) {
+        let local = self.hosts[host].clock.local(self.now);
+        for act in actions {
+            match act {
+                Action::FenceHaVms { .. } => {
+                    // Within the witness grace the kill has what is left
+                    // of the fence time.
+                    let f = self.cfg.agent_timing.fence_time;
+                    let g = self.cfg.witness_grace;
+                    let in_grace = self.grace_on()
+                        && self.hosts[host]
+                            .agent
+                            .as_ref()
+                            .and_then(|a| a.loss_start)
+                            .is_some_and(|e| local <= e + g + Duration::from_millis(1));
+                    if self.hosts[host].agent.as_ref().is_some_and(|a| a.lapsed) {
+                        self.note(format!("h{} cannot confirm: fences", host + 1));
+                    }
+                    if let Some(a) = self.hosts[host].agent.as_mut() {
+                        a.lapsed = false;
+                    }
+                    self.fence_within(host, if in_grace { f.saturating_sub(g) } else { f });
+                }
+                Action::HaVmsKept { until } => {
+                    let confirmed = self.hosts[host]
+                        .agent
+                        .as_ref()
+                        .is_some_and(|a| a.witness.confirmed_until(local).is_some());
+                    let line = match until {
+                        None => format!("h{} keeps running its HA VMs (keep-running)", host + 1),
+                        Some(_) if confirmed => {
+                            self.stats.witness_holds += 1;
+                            format!("h{} peers confirm the server is lost: keeps its HA VMs", host + 1)
+                        }
+                        Some(_) => format!("h{} waits the witness grace", host + 1),
+                    };
+                    if let Some(a) = self.hosts[host].agent.as_mut() {
+                        a.lapsed = true;
+                        a.confirmed_logged = confirmed;
+                    }
+                    self.note(line);
+                }
+                Action::LeaseAcquired { .. } => {
+                    if let Some(a) = self.hosts[host].agent.as_mut() {
+                        a.confirmation = None;
+                        if std::mem::take(&mut a.lapsed) {
+                            self.note(format!("h{} regains its lease", host + 1));
+                        }
+                    }
+                }
+                Action::LeaseLost { deadline } => {
+                    if let Some(a) = self.hosts[host].agent.as_mut() {
+                        a.loss_start = Some(deadline);
+                    }
+                    self.note(format!("h{} lease lost", host + 1));
+                }
+                Action::Renewing { .. } | Action::Renewed { .. } | Action::AckIgnored { .. } => {}
+            }
+        }
+    }
+
+    /// When the fence guard fires for a fence deadline: `F/2` after it;
+    /// for the witness grace's deadline, halfway between it and `F`
+    /// after the lease end (behind the agent's own fence).
+    pub(super) fn guard_fire_at(&self, host: usize, deadline: Instant) -> Instant {
+        let f = self.cfg.agent_timing.fence_time;
+        let g = self.cfg.witness_grace;
+        let provisional = self.grace_on()
+            && self.hosts[host].agent.as_ref().is_some_and(|a| {
+                a.confirmation == Some(deadline) && self.provisional(host) == Some(deadline)
+            });
+        if provisional {
+            deadline + f.saturating_sub(g) / 2
+        } else {
+            deadline + f / 2
+        }
+    }
+
+    /// The agent's fence: every HA copy killed within `budget`.
+    pub(super) fn fence_within(&mut self, host: usize, budget: Duration) {
         self.stats.fences += 1;
+        self.stats.checks.keep_running += 1;
+        if self.cfg.isolation == IsolationResponse::KeepRunning {
+            self.violate(format!(
+                "keep-running: h{} fenced its HA VMs on a lease expiry",
+                host + 1
+            ));
+        }
         self.note(format!("h{} fences its HA VMs", host + 1));
-        let f = self.cfg.agent_timing.fence_time.as_nanos() as u64;
+        let f = budget.as_nanos() as u64;
         let now = self.now;
         let victims: Vec<(usize, u64)> = self.hosts[host]
             .copies
@@ -189,6 +309,7 @@ impl World {
     }
 
     pub(super) fn after_copy_gone(&mut self, host: usize) {
+        self.witness_sync(host);
         self.guard_publish(host);
         let ha_left = self.hosts[host].copies.values().any(|c| c.ha);
         let fencing = self.hosts[host].agent.as_ref().is_some_and(|a| a.fencing);
@@ -221,8 +342,9 @@ impl World {
         if let Some(sid) = a.session {
             a.seq += 1;
             let seq = a.seq;
+            let left = a.lease.lease_left(local);
             self.agent_event(host, Event::HeartbeatSent { seq });
-            self.send_up(sid, Up::Heartbeat(seq));
+            self.send_up(sid, Up::Heartbeat(seq, left));
         }
         self.reconcile(host);
         let next = clock.real_at(local + self.cfg.heartbeat);
@@ -266,7 +388,18 @@ impl World {
         }
         a.last_rx = local;
         match m {
-            Down::Terms => {}
+            Down::Terms => {
+                let actions = a.lease.set_isolation(local, self.cfg.isolation);
+                self.lease_actions(host, actions);
+                self.schedule_agent_timer(host);
+                self.guard_publish(host);
+            }
+            Down::Witness(t) => {
+                if self.cfg.witness {
+                    a.witness.set_terms(Some(t));
+                    self.witness_sync(host);
+                }
+            }
             Down::Desired(d) => {
                 a.desired = Some(d);
                 self.reconcile(host);
@@ -284,8 +417,9 @@ impl World {
                 if let Some(sid) = a.session {
                     a.seq += 1;
                     let seq = a.seq;
+                    let left = a.lease.lease_left(local);
                     self.agent_event(host, Event::HeartbeatSent { seq });
-                    self.send_up(sid, Up::Heartbeat(seq));
+                    self.send_up(sid, Up::Heartbeat(seq, left));
                 }
             }
         }
@@ -318,7 +452,13 @@ impl World {
                     if ha && !a.lease.may_start_ha(local) {
                         continue;
                     }
+                    if a.lock_wait.get(&vm).is_some_and(|&(_, next)| next > self.now) {
+                        continue;
+                    }
                     if !a.guard.admit(id, epoch) {
+                        continue;
+                    }
+                    if !self.lock_disk(host, vm) {
                         continue;
                     }
                     self.start_copy(host, vm, epoch);
@@ -369,6 +509,9 @@ impl World {
         }
         self.started_epoch.insert(vm, epoch.max(seen));
         self.hosts[host].copies.insert(vm, copy);
+        if self.cfg.disk_locks {
+            self.locks.insert(vm, (host, copy.id));
+        }
         if copy.ha {
             self.note(format!("h{} starts vm{vm} at epoch {epoch}", host + 1));
         }
@@ -382,6 +525,7 @@ impl World {
                 copy: copy.id,
             },
         );
+        self.witness_sync(host);
         self.guard_publish(host);
     }
 }

@@ -76,6 +76,7 @@ impl World {
                 h.guard = FenceGuard::default();
                 h.guard_view = None;
                 h.guard_timer = None;
+                self.locks_die_with(host);
                 if let Some(ms) = reboot_ms {
                     self.at(now + ms * MS, Ev::HostBoot { host });
                 }
@@ -116,9 +117,52 @@ impl World {
                 self.isolated = true;
                 self.at(now + for_ms * MS, Ev::UnIsolate);
             }
+            Fault::Split { hosts, for_ms, way } => {
+                let (up, down, how) = match way {
+                    Way::Both => (true, true, "both ways"),
+                    Way::Up => (true, false, "their heartbeats lost"),
+                    Way::Down => (false, true, "its frames to them lost"),
+                };
+                let names: Vec<String> = hosts.iter().map(|h| format!("h{}", h + 1)).collect();
+                self.note(format!(
+                    "fault: server cut from {} ({how}) for {for_ms} ms",
+                    names.join(",")
+                ));
+                for h in hosts {
+                    if h < self.hosts.len() {
+                        self.block(h, up, down, for_ms);
+                    }
+                }
+            }
+            Fault::PeerCut { host, for_ms } => {
+                self.note(format!("fault: h{} cut from its peers for {for_ms} ms", host + 1));
+                self.hosts[host].peer_cut = true;
+                self.at(now + for_ms * MS, Ev::PeerUncut { host });
+            }
+            Fault::Cut { host, for_ms } => {
+                self.note(format!(
+                    "fault: h{} cut from the server and its peers for {for_ms} ms",
+                    host + 1
+                ));
+                self.hosts[host].peer_cut = true;
+                self.at(now + for_ms * MS, Ev::PeerUncut { host });
+                self.block(host, true, true, for_ms);
+            }
+            Fault::PeerNoise {
+                percent,
+                max_ms,
+                for_ms,
+            } => {
+                self.note(format!(
+                    "fault: peer links lose {percent}% and delay up to {max_ms} ms for {for_ms} ms"
+                ));
+                self.peer_noise = Some((percent.min(100), max_ms));
+                self.at(now + for_ms * MS, Ev::PeerNoiseEnd);
+            }
             Fault::Release => {
                 if self.server.alive && self.held() {
                     self.note("operator releases held".into());
+                    self.operator_released = true;
                     let hosts = self.host_inputs();
                     if let Some(d) = self.server.ctl.release(&hosts) {
                         self.apply(d);

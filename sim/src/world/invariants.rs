@@ -57,6 +57,20 @@ impl World {
             );
             self.violate(msg);
         }
+        // A server outage of any length, with the witness on, kills and
+        // restarts nothing.
+        if self.cfg.profile == Profile::Outage {
+            self.stats.checks.outage += 1;
+            let s = self.stats;
+            if s.fences > 0 || s.guard_kills > 0 || s.restarts > 0 || s.bmc_offs > 0 {
+                let msg = format!(
+                    "a server outage fenced {}, fired {} fence guard(s), powered off {} and restarted {}",
+                    s.fences, s.guard_kills, s.bmc_offs, s.restarts
+                );
+                self.violate(msg);
+            }
+        }
+        self.check_locks();
     }
 
     pub(super) fn recovery_check(&mut self, index: usize) {

@@ -55,6 +55,10 @@ impl World {
             self.server.last_rx.insert(host, self.now);
             self.server.leases.connected(id, local);
             self.send_down(sid, Down::Terms);
+            if self.cfg.witness {
+                let terms = self.witness_terms(host);
+                self.send_down(sid, Down::Witness(terms));
+            }
             self.push_desired(host);
             self.server_step();
             return;
@@ -65,10 +69,13 @@ impl World {
             return;
         }
         self.server.last_rx.insert(host, self.now);
-        self.server.leases.heard(id, local);
+        match m {
+            Up::Heartbeat(_, left) => self.server.leases.heartbeat(id, local, left),
+            _ => self.server.leases.heard(id, local),
+        }
         match m {
             Up::Hello => {}
-            Up::Heartbeat(seq) => {
+            Up::Heartbeat(seq, _) => {
                 // Recorded, then under the same lock whether it may be acked.
                 if self.cfg.broken.ack_fenced_hosts || self.server.leases.may_ack(id, local) {
                     self.send_down(sid, Down::Ack(seq));
@@ -127,6 +134,7 @@ impl World {
         if fenced && self.crash_point(CrashPoint::Fenced) {
             return;
         }
+        self.fences_settle();
         let hosts = self.host_inputs();
         let vms: Vec<VmInput> = self
             .store
@@ -154,6 +162,7 @@ impl World {
     }
 
     pub(super) fn host_inputs(&self) -> Vec<HostInput> {
+        let local = self.server.clock.local(self.now);
         self.server
             .leases
             .hosts()
@@ -163,6 +172,12 @@ impl World {
                     id,
                     lease,
                     reconciled: self.server.converged.get(&h) == Some(&self.store.hosts[h].gen),
+                    loss: self.server.leases.loss(id, local),
+                    fence: self
+                        .server
+                        .fences
+                        .get(&h)
+                        .map_or(FenceStatus::Idle, FenceMachine::status),
                 }
             })
             .collect()
@@ -176,6 +191,11 @@ impl World {
     pub(super) fn apply(&mut self, d: Decision) {
         match d {
             Decision::Restart { vm, from, epoch } => self.restart(vm, from, epoch),
+            Decision::Fence { host } => {
+                if let Some(h) = self.host_index(host) {
+                    self.fence_start(h);
+                }
+            }
             Decision::ReturnedClean { host } => {
                 let Some(h) = self.host_index(host) else { return };
                 // Stored first (departed and must-return cleared), then the
@@ -227,7 +247,13 @@ impl World {
             .agent
             .as_ref()
             .is_some_and(|a| matches!(a.lease.state(), State::Leased { .. } | State::Renewing { .. }));
-        if old.up && (copy_left || may_run) {
+        // In keep-running the old copy may run on: the disk lock (or the
+        // hardware fence) is the guard there, checked at every step.
+        // So may a copy an operator's release judged down (with the
+        // witness on, its host may run it on a confirmation).
+        let keep = (self.cfg.disk_locks || self.cfg.broken.locks_assumed)
+            && (self.cfg.isolation == IsolationResponse::KeepRunning || self.operator_released);
+        if old.up && ((copy_left && !keep) || may_run) {
             self.violate(format!(
                 "restart of vm{v} decided while h{} can still run it (copy left: {copy_left}, lease: {:?})",
                 f + 1,
@@ -259,6 +285,7 @@ impl World {
                     used,
                     groups: Default::default(),
                     shared_storage: Some("pool".into()),
+                    disk_locks: self.cfg.disk_locks.then(|| "pool".into()),
                 }
             })
             .collect();
@@ -328,6 +355,15 @@ impl World {
         if let Some(w) = self.server.ctl.next_wakeup() {
             next = Some(next.map_or(w, |n| n.min(w)));
         }
+        if let Some(w) = self
+            .server
+            .fences
+            .values()
+            .filter_map(FenceMachine::next_wakeup)
+            .min()
+        {
+            next = Some(next.map_or(w, |n| n.min(w)));
+        }
         let mut t = next.map(|i| self.server.clock.real_at(i).max(self.now));
         let idle = self.cfg.idle_timeout.as_nanos() as u64;
         for (h, _) in self.server.sessions.iter() {
@@ -377,6 +413,7 @@ impl World {
         self.server.leases = HostLeases::restored(lease_policy(&self.cfg), restored, local);
         self.server.ctl = Controller::new(policy(&self.cfg), known, local);
         self.server.sched = scheduler::Scheduler::default();
+        self.server.fences.clear();
         self.server.last_rx.clear();
         self.server.converged.clear();
         self.note("server starts".into());
