@@ -120,11 +120,22 @@ pub struct WitnessHandle {
     port: u16,
 }
 
+/// The longest witness grace an agent accepts: the server derives it from
+/// the heartbeat interval (one interval plus a round: 1.5 s for 1 s
+/// heartbeats), and its longest heartbeat interval is 60 s.
+pub const MAX_GRACE_MS: u32 = 61_000;
+
 impl WitnessHandle {
     /// Terms from the server: this host is dropped from the peers, a peer
-    /// listed twice counts once; more than [`MAX_PEERS`] are refused (the
-    /// old terms stay).
+    /// listed twice counts once; more than [`MAX_PEERS`], or a grace above
+    /// [`MAX_GRACE_MS`], are refused (the old terms stay).
     pub fn set_terms(&self, mut t: WitnessTerms) -> Result<(), WitnessError> {
+        if t.grace_ms > MAX_GRACE_MS {
+            return Err(WitnessError::TermsRefused(format!(
+                "a grace of {} ms; at most {MAX_GRACE_MS} ms",
+                t.grace_ms
+            )));
+        }
         if t.peers.len() > MAX_PEERS {
             return Err(WitnessError::TermsRefused(format!(
                 "{} peers; at most {MAX_PEERS}",
@@ -253,7 +264,8 @@ async fn drive(
         }
         if let Some(r) = round.as_ref().filter(|r| now >= r.started + ROUND_TIMEOUT) {
             if lost_server(view, now) {
-                let outcome = match (confirmed, lease.isolation()) {
+                // The grace alone is no confirmation: only the peers' counts.
+                let outcome = match (core.peer_confirmation(now), lease.isolation()) {
                     (Some(_), _) => msg::KEEPING,
                     (None, IsolationResponse::KeepRunning) => msg::UNCONFIRMED,
                     (None, IsolationResponse::SelfFence) => msg::FENCING,
@@ -390,6 +402,7 @@ mod tests {
         h.set_terms(WitnessTerms {
             peers: vec![peer(1, 1), peer(2, 2), peer(2, 3), peer(3, 4)],
             quorum: 2,
+            grace_ms: 1_500,
         })
         .unwrap();
         let got = w.terms.borrow().clone().unwrap();
@@ -398,8 +411,15 @@ mod tests {
         let many = WitnessTerms {
             peers: (0..=MAX_PEERS as u128).map(|n| peer(n + 10, 1)).collect(),
             quorum: 2,
+            grace_ms: 1_500,
         };
         assert!(matches!(h.set_terms(many), Err(WitnessError::TermsRefused(_))));
+        let endless = WitnessTerms {
+            peers: vec![peer(2, 2)],
+            quorum: 1,
+            grace_ms: MAX_GRACE_MS + 1,
+        };
+        assert!(matches!(h.set_terms(endless), Err(WitnessError::TermsRefused(_))));
         assert_eq!(w.terms.borrow().clone().unwrap(), got, "the old terms stay");
     }
 

@@ -467,7 +467,17 @@ impl Rig {
     /// pushes the terms (`peers` plus this host itself, which the agent
     /// drops) and acks one heartbeat: the lease runs until the returned
     /// instant. The heartbeats before and after report the lease left.
-    async fn leased(&self, mut listed: Vec<WitnessPeer>, quorum: u32) -> (Session, Instant) {
+    async fn leased(&self, listed: Vec<WitnessPeer>, quorum: u32) -> (Session, Instant) {
+        self.leased_with_grace(listed, quorum, Duration::ZERO).await
+    }
+
+    /// [`Rig::leased`] with terms that give `grace` past the lease end.
+    async fn leased_with_grace(
+        &self,
+        mut listed: Vec<WitnessPeer>,
+        quorum: u32,
+        grace: Duration,
+    ) -> (Session, Instant) {
         let mut s = Session::accept(&self.ep, self.host_id).await;
         let inv = loop {
             if let AgentMessage::Inventory(i) = s.next().await {
@@ -493,6 +503,7 @@ impl Rig {
         s.send(ServerMessage::Witness(WitnessTerms {
             peers: listed,
             quorum,
+            grace_ms: ok(u32::try_from(grace.as_millis())),
         }))
         .await;
         let h = s.heartbeat_msg().await;
@@ -614,6 +625,38 @@ async fn an_agent_cut_off_from_its_peers_fences_at_the_lease_end() {
         .collect();
     let (_s, end) = rig.leased(listed, 2).await;
     rig.fences_at_the_lease_end(end).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_grace_an_agent_cut_off_from_its_peers_fences_at_its_end() {
+    let p = pki_for_tests();
+    let rig = start_agent(&p);
+    let holes: Vec<std::net::UdpSocket> = (0..2)
+        .map(|_| ok(std::net::UdpSocket::bind("127.0.0.1:0")))
+        .collect();
+    let listed = holes
+        .iter()
+        .map(|h| WitnessPeer {
+            host: HostId::random(),
+            addr: ok(h.local_addr()),
+        })
+        .collect();
+    let grace = Duration::from_millis(1_500);
+    let (_s, end) = rig.leased_with_grace(listed, 2, grace).await;
+    // The grace is a provisional confirmation: the fence (and the fence
+    // guard's deadline) moves to the lease end plus the grace.
+    until("the grace", || rig.deadline() == Some(end + grace)).await;
+    rig.time.advance(end.saturating_duration_since(rig.clock.now()));
+    tokio::time::sleep(ROUND_TIMEOUT + Duration::from_millis(200)).await;
+    assert_eq!(rig.model.killed(), None, "kept through the grace");
+    rig.time.advance(grace);
+    until("the fence", || rig.model.killed().is_some()).await;
+    assert_eq!(
+        rig.model.killed(),
+        Some(end + grace),
+        "fenced when the grace ended"
+    );
+    rig.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

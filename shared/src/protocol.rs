@@ -312,6 +312,11 @@ pub struct WitnessTerms {
     /// holds fewer, the witness can never confirm: the agent fences as
     /// without one.
     pub quorum: u32,
+    /// How long past its lease end the agent waits for its peers' answers
+    /// before it fences (the fleet's leases end up to a heartbeat apart:
+    /// the first to end must not find every peer still leased). The
+    /// server's fence wait includes it ([`crate::witness::grace`]).
+    pub grace_ms: u32,
 }
 
 /// The reconciler's account of one pass.

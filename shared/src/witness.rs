@@ -22,6 +22,13 @@
 //!   agent keeps its HA VMs while it holds a lease or a confirmation; when
 //!   it holds neither it fences within `F`, as without a witness. It never
 //!   *starts* an HA VM on a confirmation: only a lease allows that.
+//! - **A grace.** The leases of hosts cut off together end up to a
+//!   heartbeat apart, so the first to end would find every peer still
+//!   leased. With terms that can confirm, an agent keeps its HA VMs until
+//!   [`grace`] past its lease end before it fences — a provisional
+//!   confirmation — and the server's fence wait `W` is computed for the
+//!   lease plus that grace, so the lease argument of `crate::lease`
+//!   covers it unchanged; the argument below concerns only the time after.
 //! - **The server** counts a host as having *lost* its lease from the
 //!   host's lease end as far as it can tell (the earlier of its last
 //!   receipt plus `L`, and its last heartbeat's receipt plus the
@@ -116,6 +123,12 @@ pub const CONFIRMATION_VALID: Duration = Duration::from_secs(2);
 /// (`ω`): silences far apart are independent failures, which the server's
 /// guard does not hold for either.
 pub const LOSS_SKEW: Duration = Duration::from_secs(20);
+
+/// The witness grace for heartbeats every `heartbeat_interval`: one
+/// interval (the spread of the fleet's lease ends) plus a round.
+pub fn grace(heartbeat_interval: Duration) -> Duration {
+    heartbeat_interval + ROUND_TIMEOUT
+}
 
 /// The hosts (the agent itself included) that must have lost the server
 /// for an agent to skip its fence, of `monitored` hosts: at least two and
@@ -381,10 +394,26 @@ impl Witness {
         false
     }
 
-    /// Until when the agent may keep its HA VMs without a lease, if a
-    /// confirmation holds at `now`.
-    pub fn confirmed_until(&self, now: Instant) -> Option<Instant> {
+    /// Until when the peers' confirmation alone holds, if it holds at
+    /// `now` (without the grace; for logs).
+    pub fn peer_confirmation(&self, now: Instant) -> Option<Instant> {
         self.confirmed_until.filter(|&u| u > now)
+    }
+
+    /// Until when the agent may keep its HA VMs without a lease, if a
+    /// confirmation (or, while armed, the grace past the lease end) holds
+    /// at `now`.
+    pub fn confirmed_until(&self, now: Instant) -> Option<Instant> {
+        let grace = self
+            .terms
+            .as_ref()
+            .filter(|t| t.grace_ms > 0 && self.armed())
+            .and_then(|t| Some(self.lease.loss_start()? + Duration::from_millis(u64::from(t.grace_ms))));
+        let until = match (self.confirmed_until, grace) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        until.filter(|&u| u > now)
     }
 
     /// When time alone can change something: the next round, or the end of

@@ -440,11 +440,15 @@ impl Config {
 
     /// From a host crash to every HA VM it ran running (booted) elsewhere,
     /// outside *held*, with capacity and a quiet network:
-    /// `W·(1 + ρ)` (the server's wait, on its clock) `+ d` (the push) `+
+    /// `W·(1 + ρ)` (the server's wait, on its clock: the lease plus the
+    /// witness grace when the witness is on) `+ d` (the push) `+
     /// heartbeat + 2·d` (the new host's next renewal, if its lease is past
     /// a third) `+ boot`, plus 100 ms of slack.
     pub fn recovery_bound(&self) -> Duration {
-        let w = self.server_timing.fenced_after().as_millis() as u64;
+        let w = crate::world::lease_policy(self)
+            .wait_timing()
+            .fenced_after()
+            .as_millis() as u64;
         let w = w + w * MAX_DRIFT_PPM / 1_000_000 + 1;
         let d = self.normal_delay_ms.1;
         let h = self.heartbeat.as_millis() as u64;

@@ -442,8 +442,15 @@ fn policy(cfg: &Config) -> Policy {
     }
 }
 
-fn lease_policy(cfg: &Config) -> LeasePolicy {
-    LeasePolicy::new(cfg.server_timing, cfg.heartbeat)
+/// The server's lease policy of `cfg`: with the witness on, its wait covers the grace.
+pub(crate) fn lease_policy(cfg: &Config) -> LeasePolicy {
+    let mut p = LeasePolicy::new(cfg.server_timing, cfg.heartbeat);
+    if cfg.witness {
+        p.witness_grace = cfg.witness_grace;
+        let w = p.wait_timing().fenced_after();
+        p.start_grace = p.start_grace.max(w);
+    }
+    p
 }
 
 impl World {

@@ -129,6 +129,12 @@ fn the_stated_bounds_follow_from_the_timing() {
     let cfg = Config::base(0, 4);
     // L = 5 s, heartbeat 1 s, delays up to 50 ms: 5000 − 2000 − 200 − 6.
     assert_eq!(cfg.tolerance(), Duration::from_millis(2_700));
-    // W = 7513 ms (·1.001 → 7521) + 3·50 + 1000 + 3000 (boot) + 100.
-    assert_eq!(cfg.recovery_bound(), Duration::from_millis(11_771));
+    // With the witness on, W is that of the lease plus the 1.5 s grace:
+    // 9016 ms (·1.001 → 9026) + 3·50 + 1000 + 3000 (boot) + 100.
+    assert!(cfg.witness);
+    assert_eq!(cfg.recovery_bound(), Duration::from_millis(13_276));
+    // Without it: 7513 ms (·1.001 → 7521) + the same.
+    let mut off = cfg.clone();
+    off.witness = false;
+    assert_eq!(off.recovery_bound(), Duration::from_millis(11_771));
 }

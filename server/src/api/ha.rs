@@ -64,7 +64,7 @@ fn overview(api: &Api) -> Result<HaOverview, ApiError> {
         enabled: cfg.enabled,
         lease_ms: ms(timing.lease),
         fence_time_ms: ms(timing.fence_time),
-        fenced_after_ms: ms(timing.fenced_after()),
+        fenced_after_ms: ms(f.ha_fence_wait()),
         guard: match (&status.held, status.releasing) {
             (Some(_), _) => GuardState::Held,
             (None, true) => GuardState::Releasing,

@@ -217,7 +217,11 @@ async fn ha_overview_release_and_maintenance() {
     assert_eq!(v["guard"], "normal");
     assert_eq!(v["enabled"], true);
     assert_eq!(v["lease_ms"], timing.lease.as_millis() as u64);
-    assert_eq!(v["fenced_after_ms"], timing.fenced_after().as_millis() as u64);
+    assert_eq!(v["fenced_after_ms"], fleet.ha_fence_wait().as_millis() as u64);
+    assert!(
+        fleet.ha_fence_wait() > timing.fenced_after(),
+        "the witness grace is part of the wait"
+    );
 
     let mut releases = fleet.release_requests();
     releases.borrow_and_update();

@@ -217,19 +217,36 @@ impl HaConfig {
         }
     }
 
+    /// With the witness on, how long past its lease end an agent waits for
+    /// its peers (`witness::grace` of the heartbeat interval); else zero.
+    pub fn witness_grace(&self, heartbeat_interval: Duration) -> Duration {
+        if self.witness.enabled {
+            novacron_shared::witness::grace(heartbeat_interval)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// The timing the fence wait `W` is computed for: the lease plus the
+    /// witness grace, the fence time (what the store keeps as the largest
+    /// terms ever granted).
+    pub fn wait_timing(&self, heartbeat_interval: Duration) -> novacron_shared::lease::LeaseTiming {
+        self.policy(heartbeat_interval).wait_timing()
+    }
+
     /// The start grace: the configured one, never shorter than `W`.
-    pub fn start_grace(&self) -> Duration {
-        let w = self.timing().fenced_after();
+    pub fn start_grace(&self, heartbeat_interval: Duration) -> Duration {
+        let w = self.wait_timing(heartbeat_interval).fenced_after();
         self.start_grace.map_or(w, |g| g.max(w))
     }
 
     /// The server's lease policy for agents beating every `heartbeat_interval`.
     pub fn policy(&self, heartbeat_interval: Duration) -> crate::ha::lease::LeasePolicy {
-        crate::ha::lease::LeasePolicy {
-            timing: self.timing(),
-            heartbeat_interval,
-            start_grace: self.start_grace(),
-        }
+        let mut p = crate::ha::lease::LeasePolicy::new(self.timing(), heartbeat_interval);
+        p.witness_grace = self.witness_grace(heartbeat_interval);
+        let w = p.wait_timing().fenced_after();
+        p.start_grace = self.start_grace.map_or(w, |g| g.max(w));
+        p
     }
 
     /// The witness's timing bounds for these lease terms.
@@ -272,7 +289,7 @@ impl HaConfig {
                 ),
             );
         }
-        let w = self.timing().fenced_after();
+        let w = self.wait_timing(heartbeat).fenced_after();
         if let Some(g) = self.start_grace {
             if g < w {
                 return invalid(
@@ -397,7 +414,12 @@ mod tests {
             (ha.lease, ha.fence_time),
             (Duration::from_secs(5), Duration::from_secs(2))
         );
-        assert_eq!(ha.start_grace(), ha.timing().fenced_after());
+        let hb = Duration::from_secs(1);
+        // With the witness on (the default) the fence wait covers the lease
+        // plus the witness grace.
+        assert_eq!(ha.witness_grace(hb), Duration::from_millis(1_500));
+        assert_eq!(ha.start_grace(hb), ha.wait_timing(hb).fenced_after());
+        assert!(ha.wait_timing(hb).fenced_after() > ha.timing().fenced_after());
         let t = ha.terms();
         assert_eq!((t.lease_ms, t.fence_time_ms), (5_000, 2_000));
         assert_eq!(t.fence, novacron_shared::protocol::FenceStyle::Kill);
@@ -407,7 +429,7 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(!c.ha.enabled);
-        assert_eq!(c.ha.start_grace(), Duration::from_secs(60));
+        assert_eq!(c.ha.start_grace(Duration::from_secs(1)), Duration::from_secs(60));
         assert_eq!(
             c.ha.terms().fence,
             novacron_shared::protocol::FenceStyle::ShutdownThenKill { grace_ms: 1_500 }

@@ -163,6 +163,8 @@ pub(super) struct Ha {
     /// Each host's disk lock space, as its latest inventory in this run
     /// reported it (kept while it is silent: its VMs restart within it).
     lock_spaces: Mutex<BTreeMap<HostId, String>>,
+    /// The witness grace pushed in the witness terms (zero: witness off).
+    witness_grace: std::time::Duration,
 }
 
 impl Ha {
@@ -176,8 +178,9 @@ impl Ha {
         config: HaConfig,
         heartbeat_interval: std::time::Duration,
     ) -> Result<Self, StoreError> {
-        let max = store.raise_ha_terms(config.timing())?;
+        let max = store.raise_ha_terms(config.wait_timing(heartbeat_interval))?;
         let mut policy = config.policy(heartbeat_interval);
+        let policy_grace = policy.witness_grace;
         policy.start_grace = policy.start_grace.max(max.fenced_after());
         let flags: BTreeMap<HostId, crate::store::HaHostRecord> = store.ha_hosts()?.into_iter().collect();
         let known: Vec<(HostId, Restored)> = store
@@ -204,6 +207,7 @@ impl Ha {
             unstored: Mutex::new(std::collections::BTreeSet::new()),
             witness: Mutex::new(witness::Witness::default()),
             lock_spaces: Mutex::new(BTreeMap::new()),
+            witness_grace: policy_grace,
         })
     }
 }
@@ -212,6 +216,21 @@ impl Fleet {
     /// The `[ha]` config.
     pub fn ha_config(&self) -> &HaConfig {
         &self.ha.config
+    }
+
+    /// The fence wait `W` in force: silent this long, a host counts as
+    /// fenced (the lease plus the witness grace, drift-corrected).
+    pub fn ha_fence_wait(&self) -> std::time::Duration {
+        self.ha
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fenced_after()
+    }
+
+    /// The witness grace the agents are given (zero with the witness off).
+    pub fn ha_witness_grace(&self) -> std::time::Duration {
+        self.ha.witness_grace
     }
 
     /// Derives every host's lease state at `now` and returns the changes.

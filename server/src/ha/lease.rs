@@ -164,18 +164,33 @@ pub struct LeasePolicy {
     /// How often agents send heartbeats.
     pub heartbeat_interval: Duration,
     /// From the server's start, how long before any lease can count as
-    /// expired; raised to `timing.fenced_after()` when shorter.
+    /// expired; raised to the fence wait when shorter.
     pub start_grace: Duration,
+    /// With the peer witness on: how long past its lease end an agent
+    /// waits for its peers before it fences (`novacron_shared::witness::grace`);
+    /// the fence wait is that of a lease this much longer. Zero without
+    /// the witness.
+    pub witness_grace: Duration,
 }
 
 impl LeasePolicy {
-    /// `timing` with heartbeats every `heartbeat_interval` and the shortest
-    /// safe start grace (`timing.fenced_after()`).
+    /// `timing` with heartbeats every `heartbeat_interval`, no witness
+    /// grace, and the shortest safe start grace (`timing.fenced_after()`).
     pub fn new(timing: LeaseTiming, heartbeat_interval: Duration) -> Self {
         Self {
             timing,
             heartbeat_interval,
             start_grace: timing.fenced_after(),
+            witness_grace: Duration::ZERO,
+        }
+    }
+
+    /// The timing the fence wait `W` is computed for: the lease plus the
+    /// witness grace (the agent fences at the end of both), the fence time.
+    pub fn wait_timing(&self) -> LeaseTiming {
+        LeaseTiming {
+            lease: self.timing.lease + self.witness_grace,
+            fence_time: self.timing.fence_time,
         }
     }
 }
@@ -255,7 +270,7 @@ impl HostLeases {
     /// The leases of a server that started at `now`, knowing `known` hosts
     /// (from the store): each is suspect, and silent since `now`.
     pub fn new(policy: LeasePolicy, known: impl IntoIterator<Item = HostId>, now: Instant) -> Self {
-        let fenced_after = policy.timing.fenced_after();
+        let fenced_after = policy.wait_timing().fenced_after();
         let grace = policy.start_grace.max(fenced_after);
         Self {
             rules: Rules {

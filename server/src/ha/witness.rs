@@ -45,7 +45,8 @@ pub struct Terms {
 }
 
 /// The terms of every member, by host.
-pub fn terms(members: &[Member], max_peers: usize) -> BTreeMap<HostId, Terms> {
+pub fn terms(members: &[Member], max_peers: usize, grace: std::time::Duration) -> BTreeMap<HostId, Terms> {
+    let grace_ms = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX);
     let mut sorted: Vec<Member> = members.to_vec();
     sorted.sort_by_key(|m| m.id);
     sorted.dedup_by_key(|m| m.id);
@@ -63,7 +64,11 @@ pub fn terms(members: &[Member], max_peers: usize) -> BTreeMap<HostId, Terms> {
         out.insert(
             me.id,
             Terms {
-                terms: WitnessTerms { peers, quorum },
+                terms: WitnessTerms {
+                    peers,
+                    quorum,
+                    grace_ms,
+                },
                 unreachable,
             },
         );
@@ -96,9 +101,13 @@ mod tests {
             member(4, false, false),
             member(5, false, true),
         ];
-        let t = terms(&members, 64);
+        let t = terms(&members, 64, std::time::Duration::from_millis(1_500));
         // Four monitored (3 is in maintenance): needed(4) = 3, quorum 2.
         assert!(t.values().all(|x| x.terms.quorum == witness::quorum(4)));
+        assert!(
+            t.values().all(|x| x.terms.grace_ms == 1_500),
+            "the grace is pushed"
+        );
         assert_eq!(witness::quorum(4), 2);
         assert_eq!(
             peer_ids(&t[&HostId(1)]),
@@ -122,15 +131,15 @@ mod tests {
     #[test]
     fn a_cap_below_the_quorum_is_reported_unreachable() {
         let members: Vec<Member> = (1..=10).map(|i| member(i, false, true)).collect();
-        let t = terms(&members, 3);
+        let t = terms(&members, 3, std::time::Duration::ZERO);
         // needed(10) = 6: quorum 5 > 3 peers.
         assert_eq!(t[&HostId(9)].terms.quorum, 5);
         assert_eq!(peer_ids(&t[&HostId(9)]), [10, 1, 2]);
         assert!(t.values().all(|x| x.unreachable));
-        let t = terms(&members, 64);
+        let t = terms(&members, 64, std::time::Duration::from_millis(1_500));
         assert!(t.values().all(|x| !x.unreachable && x.terms.peers.len() == 9));
         // Two hosts: needed is two, quorum one, each the other's peer.
-        let t = terms(&members[..2], 64);
+        let t = terms(&members[..2], 64, std::time::Duration::ZERO);
         assert_eq!(t[&HostId(1)].terms.quorum, 1);
         assert_eq!(peer_ids(&t[&HostId(1)]), [2]);
     }

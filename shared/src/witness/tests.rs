@@ -14,6 +14,7 @@ fn terms(n: usize, quorum: u32) -> WitnessTerms {
     WitnessTerms {
         peers: peers(n),
         quorum,
+        grace_ms: 0,
     }
 }
 
@@ -209,4 +210,33 @@ fn the_default_guard_fits_the_witness_and_tighter_settings_are_refused() {
     // The memory covers a confirmation, a round, the fence and the report delay.
     assert!(t.guard_memory() > CONFIRMATION_VALID + ROUND_TIMEOUT + t.lease.fence_time + t.report_delay());
     assert!(t.min_release_step() > CONFIRMATION_VALID + ROUND_TIMEOUT + t.lease.fence_time);
+}
+
+#[test]
+fn an_armed_witness_keeps_the_vms_for_the_grace_past_the_lease_end() {
+    let t0 = base();
+    let end = t0 + Duration::from_secs(5);
+    let grace = grace(Duration::from_secs(1));
+    assert_eq!(grace, Duration::from_millis(1_500));
+    let mut w = Witness::new();
+    w.set_lease(LeaseView::Leased { until: end });
+    let mut t = terms(2, 1);
+    t.grace_ms = grace.as_millis() as u32;
+    w.set_terms(Some(t.clone()));
+    assert_eq!(w.confirmed_until(t0), Some(end + grace));
+    w.set_lease(LeaseView::Lost { since: end });
+    assert_eq!(w.confirmed_until(end), Some(end + grace));
+    assert_eq!(w.confirmed_until(end + grace), None, "the grace ends");
+    // Not armed (too few peers for the quorum): no grace.
+    t.quorum = 3;
+    w.set_terms(Some(t));
+    assert_eq!(w.confirmed_until(end), None);
+    // A real confirmation past the grace wins.
+    let mut t = terms(1, 1);
+    t.grace_ms = 100;
+    let p = t.peers[0].host;
+    w.set_terms(Some(t));
+    let r = w.poll(end).unwrap();
+    assert!(w.answer(end, r.id, p, lost(0)));
+    assert_eq!(w.confirmed_until(end), Some(end + CONFIRMATION_VALID));
 }

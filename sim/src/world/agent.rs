@@ -142,13 +142,7 @@ impl World {
                 kills.len()
             ));
         }
-        let f = self.cfg.agent_timing.fence_time;
-        let half = if self.cfg.witness && !self.cfg.witness_grace.is_zero() {
-            f.saturating_sub(self.cfg.witness_grace) / 2
-        } else {
-            f / 2
-        };
-        let half = half.as_nanos() as u64;
+        let half = (self.cfg.agent_timing.fence_time / 2).as_nanos() as u64;
         for t in kills {
             let hit = self.hosts[host]
                 .copies
@@ -203,29 +197,22 @@ impl World {
         for act in actions {
             match act {
                 Action::FenceHaVms { .. } => {
-                    // Within the witness grace the kill has what is left
-                    // of the fence time.
+                    // The whole fence time: the server's wait covers the
+                    // lease plus the witness grace, then the fence time.
                     let f = self.cfg.agent_timing.fence_time;
-                    let g = self.cfg.witness_grace;
-                    let in_grace = self.grace_on()
-                        && self.hosts[host]
-                            .agent
-                            .as_ref()
-                            .and_then(|a| a.loss_start)
-                            .is_some_and(|e| local <= e + g + Duration::from_millis(1));
                     if self.hosts[host].agent.as_ref().is_some_and(|a| a.lapsed) {
                         self.note(format!("h{} cannot confirm: fences", host + 1));
                     }
                     if let Some(a) = self.hosts[host].agent.as_mut() {
                         a.lapsed = false;
                     }
-                    self.fence_within(host, if in_grace { f.saturating_sub(g) } else { f });
+                    self.fence_within(host, f);
                 }
                 Action::HaVmsKept { until } => {
                     let confirmed = self.hosts[host]
                         .agent
                         .as_ref()
-                        .is_some_and(|a| a.witness.confirmed_until(local).is_some());
+                        .is_some_and(|a| a.witness.peer_confirmation(local).is_some());
                     let line = match until {
                         None => format!("h{} keeps running its HA VMs (keep-running)", host + 1),
                         Some(_) if confirmed => {
@@ -259,21 +246,10 @@ impl World {
         }
     }
 
-    /// When the fence guard fires for a fence deadline: `F/2` after it;
-    /// for the witness grace's deadline, halfway between it and `F`
-    /// after the lease end (behind the agent's own fence).
-    pub(super) fn guard_fire_at(&self, host: usize, deadline: Instant) -> Instant {
-        let f = self.cfg.agent_timing.fence_time;
-        let g = self.cfg.witness_grace;
-        let provisional = self.grace_on()
-            && self.hosts[host].agent.as_ref().is_some_and(|a| {
-                a.confirmation == Some(deadline) && self.provisional(host) == Some(deadline)
-            });
-        if provisional {
-            deadline + f.saturating_sub(g) / 2
-        } else {
-            deadline + f / 2
-        }
+    /// When the fence guard fires for a fence deadline: `F/2` after it
+    /// (behind the agent's own fence).
+    pub(super) fn guard_fire_at(&self, _host: usize, deadline: Instant) -> Instant {
+        deadline + self.cfg.agent_timing.fence_time / 2
     }
 
     /// The agent's fence: every HA copy killed within `budget`.

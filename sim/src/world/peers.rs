@@ -29,7 +29,16 @@ impl World {
         } else {
             witness::quorum(self.hosts.len())
         };
-        WitnessTerms { peers, quorum }
+        let grace_ms = if self.cfg.witness {
+            u32::try_from(self.cfg.witness_grace.as_millis()).unwrap_or(u32::MAX)
+        } else {
+            0
+        };
+        WitnessTerms {
+            peers,
+            quorum,
+            grace_ms,
+        }
     }
 
     /// What `host` answers a peer: `Contact::of` its lease's peer view
@@ -48,34 +57,6 @@ impl World {
             .map_or(LeaseView::Idle, |a| a.lease.witness_view())
     }
 
-    /// Whether the witness grace is in force.
-    pub(super) fn grace_on(&self) -> bool {
-        self.cfg.witness && !self.cfg.witness_grace.is_zero()
-    }
-
-    /// The witness grace's provisional confirmation for `host`: its
-    /// lease end (or no-lease deadline, or the end of the lease it lost)
-    /// plus the grace, while its witness is armed. Not in the agent's
-    /// core: the simulation's stand-in for it.
-    pub(super) fn provisional(&self, host: usize) -> Option<Instant> {
-        if !self.grace_on() {
-            return None;
-        }
-        let a = self.hosts[host].agent.as_ref()?;
-        if !a.witness.armed() {
-            return None;
-        }
-        let end = match a.lease.state() {
-            State::Lapsed { .. } => a.loss_start?,
-            _ => match a.lease.witness_view() {
-                LeaseView::Leased { until } => until,
-                LeaseView::Lost { since } => since,
-                LeaseView::Idle => return None,
-            },
-        };
-        Some(end + self.cfg.witness_grace)
-    }
-
     /// Brings `host`'s witness up to date with its lease, hands its
     /// confirmation to the lease, and reschedules its timer.
     pub(super) fn witness_sync(&mut self, host: usize) {
@@ -85,16 +66,13 @@ impl World {
         let view = self.round_view(host);
         let clock = self.hosts[host].clock;
         let local = clock.local(self.now);
-        let provisional = self.provisional(host);
         let Some(a) = self.hosts[host].agent.as_mut() else {
             return;
         };
         a.witness.set_lease(view);
-        let real = a.witness.confirmed_until(local);
-        let confirmation = match (real, provisional.filter(|&p| p > local)) {
-            (Some(c), Some(p)) => Some(c.max(p)),
-            (c, p) => c.or(p),
-        };
+        // The core's confirmation, its grace past the lease end included.
+        let confirmation = a.witness.confirmed_until(local);
+        let real = a.witness.peer_confirmation(local);
         if confirmation != a.confirmation {
             a.confirmation = confirmation;
             let actions = a.lease.set_confirmation(local, confirmation);

@@ -113,7 +113,7 @@ fn fence_h1(f: &Fleet, clock: &ManualClock) {
     for h in [H1, H2, H3] {
         f.ha_connected(h, t0);
     }
-    let w = f.ha_config().timing().fenced_after();
+    let w = f.ha_fence_wait();
     clock.advance(w + Duration::from_secs(1));
     let now = f.clock().now();
     assert!(f.ha_heard(H2, now, None) && f.ha_heard(H3, now, None));
@@ -268,7 +268,7 @@ async fn the_start_grace_is_the_fence_wait_of_the_longest_lease_ever_granted() {
     let long = LeaseTiming::new(Duration::from_secs(20));
     store.raise_ha_terms(long).unwrap();
     let (f, clock) = fleet(store.clone(), HaConfig::default());
-    let short = f.ha_config().timing().fenced_after();
+    let short = f.ha_fence_wait();
     assert!(short < long.fenced_after());
     clock.advance(short + Duration::from_secs(1));
     f.tick_leases(f.clock().now()).unwrap();
@@ -301,7 +301,7 @@ async fn acks_are_withheld_from_a_fenced_host_until_it_returned_clean_even_acros
         f.ha_heard(H1, t0, None),
         "an online host's heartbeat is acknowledged"
     );
-    clock.advance(f.ha_config().timing().fenced_after());
+    clock.advance(f.ha_fence_wait());
     f.tick_leases(f.clock().now()).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Fenced));
     assert!(store

@@ -49,7 +49,7 @@ impl Fleet {
                 witness: w.addrs.get(id).copied(),
             })
             .collect();
-        terms(&members, self.ha.config.witness.max_peers)
+        terms(&members, self.ha.config.witness.max_peers, self.ha.witness_grace)
     }
 
     /// The witness terms to send `host` right after its lease terms

@@ -284,7 +284,7 @@ mod tests {
         let mut events = f.bus.subscribe();
         let t0 = f.clock().now();
         f.ha_connected(H1, t0);
-        clock.advance(f.ha_config().timing().fenced_after() + Duration::from_secs(1));
+        clock.advance(f.ha_fence_wait() + Duration::from_secs(1));
         f.ha_heard(H1, f.clock().now(), Some(Some(Duration::from_secs(5))));
         f.tick_leases(f.clock().now()).unwrap_or_else(|e| panic!("{e}"));
         clock.advance(f.ha_config().lease + Duration::from_millis(10));

@@ -81,7 +81,7 @@ async fn a_host_confirmed_off_by_its_fence_is_fenced_at_once() {
     }
     // Past the start grace, every host heard; then H1 goes silent just
     // past its lease.
-    let w = f.ha_config().timing().fenced_after();
+    let w = f.ha_fence_wait();
     clock.advance(w + Duration::from_secs(1));
     for h in [H1, H2, H3] {
         f.ha_heard(h, f.clock().now(), Some(Some(Duration::from_secs(5))));
@@ -151,7 +151,7 @@ async fn the_driver_powers_off_an_expired_host_and_it_is_fenced_before_the_lease
     // Every host beats with a full lease past the start grace (no loss:
     // lost leases would hold the guard, and no host would be powered off).
     let beat = |h| f.ha_heard(h, f.clock().now(), Some(Some(Duration::from_secs(5))));
-    while f.clock().now() < t0 + f.ha_config().timing().fenced_after() + Duration::from_secs(1) {
+    while f.clock().now() < t0 + f.ha_fence_wait() + Duration::from_secs(1) {
         for h in [H1, H2, H3] {
             beat(h);
         }
@@ -170,7 +170,7 @@ async fn the_driver_powers_off_an_expired_host_and_it_is_fenced_before_the_lease
             beat(h);
         }
     }
-    assert!(f.clock().now() < silent_from + f.ha_config().timing().fenced_after());
+    assert!(f.clock().now() < silent_from + f.ha_fence_wait());
     f.set_maintenance(H2, false).unwrap(); // wakes the driver
     let fenced = tokio::time::timeout(Duration::from_secs(20), async {
         loop {

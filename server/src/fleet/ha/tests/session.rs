@@ -85,7 +85,8 @@ async fn over_a_real_session_terms_come_first_and_acks_stop_when_fenced_until_re
             w,
             WitnessTerms {
                 peers: vec![],
-                quorum
+                quorum,
+                grace_ms: 1_500,
             }
         ),
         m => panic!("the witness terms come right after the lease terms, got {m:?}"),
@@ -104,7 +105,8 @@ async fn over_a_real_session_terms_come_first_and_acks_stop_when_fenced_until_re
             w,
             WitnessTerms {
                 peers: vec![WitnessPeer { host: H2, addr }],
-                quorum
+                quorum,
+                grace_ms: 1_500,
             }
         ),
         m => panic!("new witness terms when a peer's address changes, got {m:?}"),
@@ -137,7 +139,7 @@ async fn over_a_real_session_terms_come_first_and_acks_stop_when_fenced_until_re
     assert!(matches!(next_frame(&mut recv).await, ServerMessage::Error(_)));
 
     // Silent past the fence wait: declared fenced; heartbeats go unanswered.
-    manual.advance(f.ha_config().timing().fenced_after() + Duration::from_millis(100));
+    manual.advance(f.ha_fence_wait() + Duration::from_millis(100));
     f.tick_leases(f.clock().now()).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Fenced));
     // A snapshot revert (which may start the HA VM) is refused while the
