@@ -262,6 +262,13 @@ impl FenceMachine {
         self.last_error.as_deref()
     }
 
+    /// Whether `off` has gone out and is not confirmed yet: the host is
+    /// going down whatever it says meanwhile, so the fence must run on to
+    /// its confirmation rather than be abandoned when the host is heard.
+    pub fn committed(&self) -> bool {
+        matches!(self.phase, Phase::PoweringOff | Phase::Confirming { .. })
+    }
+
     /// Whether a command of this machine is running.
     pub fn busy(&self) -> bool {
         self.status() == FenceStatus::Fencing

@@ -33,21 +33,23 @@ impl World {
         self.fence_next(h, next);
     }
 
-    /// Drops the fences of hosts no longer expired or fenced, and runs
-    /// failed fences whose retry is due.
+    /// Drops the fences of hosts no longer expired or fenced (unless `off`
+    /// went out: `FenceMachine::committed`), and runs failed fences whose
+    /// retry is due.
     pub(super) fn fences_settle(&mut self) {
         let local = self.server.clock.local(self.now);
         let gone: Vec<usize> = self
             .server
             .fences
-            .keys()
-            .copied()
-            .filter(|&h| {
-                !matches!(
-                    self.server.leases.state(self.hosts[h].id),
-                    Some(HostState::LeaseExpired | HostState::Fenced)
-                )
+            .iter()
+            .filter(|(&h, m)| {
+                !m.committed()
+                    && !matches!(
+                        self.server.leases.state(self.hosts[h].id),
+                        Some(HostState::LeaseExpired | HostState::Fenced)
+                    )
             })
+            .map(|(&h, _)| h)
             .collect();
         for h in gone {
             if self.server.fences.remove(&h).is_some_and(|m| m.busy()) {

@@ -71,17 +71,26 @@ impl Fences {
     }
 
     /// Forgets the fences of hosts whose lease neither expired nor was
-    /// fenced (heard again, in maintenance, or gone).
+    /// fenced (heard again, in maintenance, or gone) — unless `off` has
+    /// gone out already: the host is going down whatever it said last, so
+    /// its fence runs on to the confirmation (then it counts as fenced
+    /// until heard again) instead of leaving a powered-off host unfenced.
     pub(super) fn settle(&mut self, fleet: &Fleet, hosts: &[(HostId, HostState, String)]) {
         for (id, _, name) in hosts {
             self.names.insert(*id, name.clone());
         }
-        let keep = |h: &HostId| {
-            hosts
-                .iter()
-                .any(|(id, s, _)| id == h && matches!(s, HostState::LeaseExpired | HostState::Fenced))
+        let keep = |h: &HostId, m: &FenceMachine| {
+            m.committed()
+                || hosts
+                    .iter()
+                    .any(|(id, s, _)| id == h && matches!(s, HostState::LeaseExpired | HostState::Fenced))
         };
-        let gone: Vec<HostId> = self.machines.keys().filter(|h| !keep(h)).copied().collect();
+        let gone: Vec<HostId> = self
+            .machines
+            .iter()
+            .filter(|(h, m)| !keep(h, m))
+            .map(|(h, _)| *h)
+            .collect();
         for h in gone {
             if let Some(m) = self.machines.remove(&h) {
                 if m.busy() {

@@ -51,6 +51,23 @@ fn on_host_is_powered_off_then_confirmed_off_twice() {
 }
 
 #[test]
+fn a_fence_is_committed_from_the_off_until_its_confirmation() {
+    let (clock, _) = Clock::manual();
+    let t = clock.now();
+    let mut m = machine(2, None);
+    m.start();
+    assert!(!m.committed(), "checking only: may be abandoned");
+    m.done(t, FenceAction::Status, &code(ON));
+    assert!(m.committed(), "off is running: the host goes down");
+    m.done(t, FenceAction::Off, &code(0));
+    assert!(m.committed(), "confirming");
+    m.done(t, FenceAction::Status, &code(OFF));
+    m.done(t, FenceAction::Status, &code(OFF));
+    assert_eq!(m.status(), FenceStatus::Off);
+    assert!(!m.committed(), "confirmed: done");
+}
+
+#[test]
 fn already_off_counts_as_the_first_confirmation() {
     let (clock, _) = Clock::manual();
     let t = clock.now();
