@@ -846,6 +846,8 @@ pub async fn close_code(conn: &quinn::Connection) -> Option<novacron_shared::pro
     }
 }
 
+#[path = "harness/stamps.rs"]
+pub mod stamps;
 #[path = "harness/testbed.rs"]
 mod testbed;
 pub use testbed::*;
