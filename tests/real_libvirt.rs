@@ -74,6 +74,8 @@ impl Scratch {
             virt_type: Some(VirtType::Qemu),
             migration_uri: None,
             labels: Default::default(),
+            host_name: "real-host".into(),
+            disk_locks: false,
         }
     }
 

@@ -77,6 +77,14 @@ pub struct VmConfig {
     /// hosts sharing it), and a volume another host created is reused.
     #[serde(default)]
     pub storage_shared: bool,
+    /// libvirt guards the disks of running VMs with its lock manager
+    /// (`lock_manager = "lockd"` in qemu.conf, virtlockd running; the
+    /// locks are taken on the disk files of the shared pool): reported to
+    /// the server, which may then restart an HA VM elsewhere while this
+    /// host is silent, since a second start fails at the lock. Needs
+    /// `storage_shared`.
+    #[serde(default)]
+    pub disk_locks: bool,
     /// Run the fence guard (a small process of this binary that kills the
     /// HA QEMUs at the lease deadline if the agent is killed or stopped
     /// and no agent renews the lease). Off, an agent stopped or killed for
@@ -127,6 +135,7 @@ impl Default for VmConfig {
             call_timeout: default_call_timeout(),
             migration_uri: None,
             storage_shared: false,
+            disk_locks: false,
             fence_guard: true,
             qemu_pid_dir: default_qemu_pid_dir(),
         }
@@ -152,6 +161,8 @@ impl VmConfig {
             console_dir: self.console_log_dir.to_string_lossy().into_owned(),
             migration_uri: self.migration_uri.clone(),
             labels: Default::default(),
+            host_name: String::new(),
+            disk_locks: self.disk_locks,
             virt_type: match self.virt_type.as_str() {
                 "kvm" => Some(VirtType::Kvm),
                 "qemu" => Some(VirtType::Qemu),
@@ -198,6 +209,13 @@ impl VmConfig {
                 message: "must be at least 1s".into(),
             });
         }
+        if self.disk_locks && !self.storage_shared {
+            return Err(ConfigError::Invalid {
+                key: "vms.disk_locks",
+                message: "needs vms.storage_shared = true: the locks guard disks that other hosts can open"
+                    .into(),
+            });
+        }
         Ok(())
     }
 }
@@ -229,7 +247,18 @@ impl AgentConfig {
     pub fn host_setup(&self) -> crate::vmops::HostSetup {
         let mut s = self.vms.host_setup();
         s.labels = self.labels.clone();
+        s.host_name = self.host_name();
         s
+    }
+
+    /// The host's name: `hostname`, else the kernel's.
+    pub fn host_name(&self) -> String {
+        self.hostname.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "unknown".into())
+        })
     }
 }
 
@@ -322,6 +351,7 @@ mod tests {
             "storage_path = \"rel/dir\"",
             "storage_pool = \"a b\"",
             "migration_uri = \"not a uri\"",
+            "disk_locks = true",
         ] {
             let e = AgentConfig::parse(&format!("[vms]\n{bad}\n"), "t").unwrap_err();
             assert!(e.to_string().contains("vms."), "{bad}: {e}");
@@ -337,6 +367,11 @@ mod tests {
         assert_ne!(shared, text, "the example documents vms.storage_shared");
         let c = AgentConfig::parse(&shared, "t").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.vms.storage(), crate::vmops::Storage::Shared);
+        assert!(!c.vms.disk_locks);
+        let locked = shared.replace("disk_locks = false", "disk_locks = true");
+        assert_ne!(locked, shared, "the example documents vms.disk_locks");
+        let c = AgentConfig::parse(&locked, "t").unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.host_setup().disk_locks);
     }
 
     #[test]

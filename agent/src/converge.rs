@@ -18,15 +18,16 @@ use std::time::{Duration, Instant};
 use novacron_shared::clock::Clock;
 use novacron_shared::ids::OpId;
 use novacron_shared::protocol::{
-    AgentMessage, CommandKind, CommandOutcome, CommandProgress, CommandResult, DesiredState, ReconcileReport,
-    VmEvent,
+    AgentMessage, CommandKind, CommandOutcome, CommandProgress, CommandResult, DesiredState, DriftKind,
+    ReconcileReport, VmEvent,
 };
 use tokio::sync::{mpsc, watch};
 
+use crate::error::HvError;
 use crate::events::LifecycleEvent;
 use crate::ha::LeaseHandle;
 use crate::hypervisor::Hypervisor;
-use crate::reconcile::{Action, Gate, Reconciler};
+use crate::reconcile::{Action, ActionError, Gate, Reconciler};
 use crate::vmops::ObservedVm;
 
 /// Settings for the VM loop.
@@ -299,9 +300,13 @@ async fn pass(
                     tracing::info!(action = %line, "reconciled");
                     done.push(line);
                 }
+                Err(e) if e.kind == DriftKind::DiskLockHeld => {
+                    tracing::info!(action = %line, error = %e.message, "not started: a disk is locked by another host; retrying");
+                    done.push(format!("{line}: waiting: {}", e.message));
+                }
                 Err(e) => {
-                    tracing::warn!(action = %line, error = %e, "reconcile action failed");
-                    done.push(format!("{line}: failed: {e}"));
+                    tracing::warn!(action = %line, error = %e.message, "reconcile action failed");
+                    done.push(format!("{line}: failed: {}", e.message));
                 }
             }
             rec.record(clock.now(), &name, r);
@@ -344,7 +349,7 @@ async fn pass(
     true
 }
 
-async fn act(hv: &Hypervisor, cfg: &ConvergeConfig, a: Action) -> Result<(), String> {
+async fn act(hv: &Hypervisor, cfg: &ConvergeConfig, a: Action) -> Result<(), ActionError> {
     let r = match a {
         Action::Define(vm) | Action::Redefine(vm) => hv.define(vm).await.map(|_| ()),
         Action::Start(t) => hv.start_vm(t.id).await,
@@ -355,7 +360,13 @@ async fn act(hv: &Hypervisor, cfg: &ConvergeConfig, a: Action) -> Result<(), Str
         Action::Retag(vm) => hv.retag(vm).await,
         Action::Depart { uuid, keep_disks, .. } => hv.depart(uuid, keep_disks).await.map(|_| ()),
     };
-    r.map_err(|e| e.to_string())
+    r.map_err(|e| ActionError {
+        kind: match e {
+            HvError::DiskLocked(_) => DriftKind::DiskLockHeld,
+            _ => DriftKind::Failed,
+        },
+        message: e.to_string(),
+    })
 }
 
 /// Outcomes of recent commands, so a retried op id is answered without

@@ -147,6 +147,8 @@ pub struct Placement {
     pub seed_path: Option<String>,
     /// The serial console log file.
     pub console_log: String,
+    /// The defining host's name, for the guest's SMBIOS (empty: none).
+    pub host_name: String,
 }
 
 /// What NovaCron records in a domain's metadata.
@@ -233,6 +235,21 @@ pub fn domain(vm: &DesiredVm, p: &Placement) -> String {
     x.close();
     x.text("memory", &[("unit", "MiB")], &spec.memory_mib.to_string());
     x.text("vcpu", &[("placement", "static")], &spec.vcpus.to_string());
+    let smbios = !p.host_name.is_empty() && p.virt_type != VirtType::Test;
+    if smbios {
+        // What the guest reads in /sys/class/dmi/id: the host that defined
+        // this domain (product_serial) and the placement epoch
+        // (product_sku), so a guest (or a test's stamp) tells copies apart.
+        x.open("sysinfo", &[("type", "smbios")])
+            .open("system", &[])
+            .text("entry", &[("name", "manufacturer")], "NovaCron")
+            .text("entry", &[("name", "product")], "NovaCron VM")
+            .text("entry", &[("name", "serial")], &p.host_name)
+            .text("entry", &[("name", "sku")], &vm.epoch.to_string())
+            .text("entry", &[("name", "family")], "novacron")
+            .close()
+            .close();
+    }
 
     x.open("os", &[]);
     let machine = match p.virt_type {
@@ -256,6 +273,9 @@ pub fn domain(vm: &DesiredVm, p: &Placement) -> String {
         None => {
             x.empty("boot", &[("dev", "hd")]);
         }
+    }
+    if smbios {
+        x.empty("smbios", &[("mode", "sysinfo")]);
     }
     x.close();
 
@@ -443,6 +463,7 @@ pub(crate) mod tests {
             ],
             seed_path: seed.then(|| "/var/lib/novacron/pool/web-1.cidata.iso".into()),
             console_log: "/var/log/libvirt/qemu/web-1.console.log".into(),
+            host_name: "hv-1".into(),
         }
     }
 

@@ -33,4 +33,9 @@ pub enum HvError {
     /// The driver thread is gone.
     #[error("the libvirt driver thread stopped")]
     Gone,
+    /// A disk of the domain is locked by another QEMU (libvirt's lock
+    /// manager, or QEMU's own image lock): another copy runs, or its host
+    /// has not released the lock yet. An expected wait, never forced.
+    #[error("a disk is locked by another host: {0}")]
+    DiskLocked(String),
 }

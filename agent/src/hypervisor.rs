@@ -239,6 +239,8 @@ impl Hypervisor {
         let mut inv = to_inventory(&self.uri, self.setup.migration_uri.clone(), capacity, vms);
         inv.labels = self.setup.labels.clone();
         inv.shared_storage = (self.storage == Storage::Shared).then(|| self.setup.pool_path.clone());
+        // The locks live on the shared pool's files: its path is the lock space.
+        inv.disk_locks = inv.shared_storage.clone().filter(|_| self.setup.disk_locks);
         inv
     }
 
@@ -503,6 +505,8 @@ mod tests {
             virt_type: None,
             migration_uri: None,
             labels: Default::default(),
+            host_name: "test-host".into(),
+            disk_locks: false,
         };
         Hypervisor::start(uri, timeout, setup).unwrap_or_else(|e| panic!("{e}"))
     }

@@ -200,6 +200,27 @@ struct Failure {
     count: u32,
     retry_at: Instant,
     message: String,
+    kind: DriftKind,
+}
+
+/// Why an action failed, as the reconciler keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActionError {
+    /// For the operator.
+    pub message: String,
+    /// [`DriftKind::DiskLockHeld`] for a start refused by a disk lock (an
+    /// expected wait, retried on its own schedule); else
+    /// [`DriftKind::Failed`].
+    pub kind: DriftKind,
+}
+
+impl From<&str> for ActionError {
+    fn from(message: &str) -> Self {
+        Self {
+            message: message.to_string(),
+            kind: DriftKind::Failed,
+        }
+    }
 }
 
 /// The reconciler's memory between passes: failures and their backoff,
@@ -216,6 +237,11 @@ pub struct Reconciler {
 pub const RETRY_BASE: Duration = Duration::from_secs(2);
 /// Longest retry delay.
 pub const RETRY_MAX: Duration = Duration::from_secs(300);
+/// First retry delay after a start refused by a disk lock: the other copy
+/// may be gone in a moment (its host was just killed, or just fenced).
+pub const LOCK_RETRY_BASE: Duration = Duration::from_secs(1);
+/// Longest retry delay for a disk lock: a failover waits on it.
+pub const LOCK_RETRY_MAX: Duration = Duration::from_secs(15);
 
 impl Reconciler {
     /// Plans one pass with the HA gate closed and nothing departed (HA
@@ -299,7 +325,7 @@ impl Reconciler {
                 if now < f.retry_at {
                     plan.drift.push(Drift {
                         vm: d.spec.name.clone(),
-                        kind: DriftKind::Failed,
+                        kind: f.kind,
                         message: format!(
                             "{} (attempt {}; retrying in {}s)",
                             f.message,
@@ -419,22 +445,25 @@ impl Reconciler {
     }
 
     /// Records an action's outcome.
-    pub fn record(&mut self, now: Instant, vm: &str, result: Result<(), String>) {
+    pub fn record(&mut self, now: Instant, vm: &str, result: Result<(), ActionError>) {
         match result {
             Ok(()) => {
                 self.failures.remove(vm);
             }
-            Err(message) => {
+            Err(ActionError { message, kind }) => {
                 let count = self.failures.get(vm).map_or(1, |f| f.count + 1);
-                let delay = RETRY_BASE
-                    .saturating_mul(1u32 << (count - 1).min(16))
-                    .min(RETRY_MAX);
+                let (base, max) = match kind {
+                    DriftKind::DiskLockHeld => (LOCK_RETRY_BASE, LOCK_RETRY_MAX),
+                    DriftKind::Failed | DriftKind::WaitingForLease => (RETRY_BASE, RETRY_MAX),
+                };
+                let delay = base.saturating_mul(1u32 << (count - 1).min(16)).min(max);
                 self.failures.insert(
                     vm.to_string(),
                     Failure {
                         count,
                         retry_at: now + delay,
                         message,
+                        kind,
                     },
                 );
             }

@@ -40,6 +40,11 @@ pub struct HostSetup {
     pub migration_uri: Option<String>,
     /// The host's labels, reported with the inventory.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The host's name, written into each domain it defines (SMBIOS
+    /// system serial) so the guest can tell where it was started.
+    pub host_name: String,
+    /// libvirt's lock manager guards the disks (`vms.disk_locks`).
+    pub disk_locks: bool,
 }
 
 /// A domain as the reconciler sees it.
@@ -339,6 +344,7 @@ pub fn define_on(
             disk_paths,
             seed_path,
             console_log: format!("{}/{}.console.log", setup.console_dir, vm.spec.name),
+            host_name: setup.host_name.clone(),
         };
         let xml = domxml::domain(vm, &placement);
         conn.define_domain_xml_flags(&xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
@@ -376,8 +382,29 @@ pub fn start(conn: &Connect, id: VmId) -> Result<(), HvError> {
     match state(&d)? {
         VmState::Running | VmState::ShuttingDown => Ok(()),
         VmState::Paused => d.resume().map(|_| ()).map_err(call("resume")),
-        _ => d.create().map(|_| ()).map_err(call("start")),
+        _ => d.create().map(|_| ()).map_err(|e| {
+            let message = e.to_string();
+            if is(&e, ErrorNumber::ResourceBusy) || is_disk_lock_message(&message) {
+                HvError::DiskLocked(message)
+            } else {
+                HvError::Call { op: "start", message }
+            }
+        }),
     }
+}
+
+/// Whether a failed start's message says a disk is locked elsewhere:
+/// virtlockd (libvirt's `lockd` lock manager) refuses with "resource
+/// busy: Lockspace resource '…' is locked"; QEMU's own image locking with
+/// `Failed to get "write" lock` / "Is another process using the image".
+pub fn is_disk_lock_message(message: &str) -> bool {
+    const SIGNS: [&str; 4] = [
+        "Lockspace resource",
+        "Failed to get \"write\" lock",
+        "Failed to get shared \"write\" lock",
+        "another process using the image",
+    ];
+    SIGNS.iter().any(|s| message.contains(s))
 }
 
 /// Asks the guest to shut down (ACPI power button). A paused VM is resumed

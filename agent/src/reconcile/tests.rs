@@ -201,6 +201,53 @@ fn failures_back_off_exponentially_and_show_as_drift() {
     assert_eq!(acts(&r), 1, "the count started over after the success");
 }
 
+#[test]
+fn a_disk_lock_is_an_expected_wait_retried_quickly_and_capped() {
+    let (clock, time) = Clock::manual();
+    let mut r = Reconciler::default();
+    let d = desired("a", 1, Power::Running);
+    let plan = |r: &Reconciler| r.plan(clock.now(), std::slice::from_ref(&d), &[]);
+    let locked = || ActionError {
+        message: "a disk is locked by another host: resource busy".into(),
+        kind: DriftKind::DiskLockHeld,
+    };
+    r.record(clock.now(), "a", Err(locked()));
+    let p = plan(&r);
+    assert!(p.actions.is_empty());
+    assert_eq!(p.drift[0].kind, DriftKind::DiskLockHeld, "{:?}", p.drift);
+    assert!(p.drift[0].message.contains("locked"), "{:?}", p.drift);
+    time.advance(LOCK_RETRY_BASE);
+    assert_eq!(plan(&r).actions.len(), 1, "retried after the lock's base delay");
+    for _ in 0..20 {
+        r.record(clock.now(), "a", Err(locked()));
+    }
+    time.advance(LOCK_RETRY_MAX - Duration::from_millis(1));
+    assert!(plan(&r).actions.is_empty());
+    time.advance(Duration::from_millis(1));
+    assert_eq!(
+        plan(&r).actions.len(),
+        1,
+        "a failover never waits longer than the cap"
+    );
+    // Any other failure is drift of kind Failed.
+    r.record(clock.now(), "a", Err("no space".into()));
+    assert_eq!(plan(&r).drift[0].kind, DriftKind::Failed);
+}
+
+#[test]
+fn lock_refusals_are_recognised_from_libvirt_and_qemu() {
+    use crate::vmops::is_disk_lock_message;
+    assert!(is_disk_lock_message(
+        "resource busy: Lockspace resource '/srv/pool/web-1.qcow2' is locked"
+    ));
+    assert!(is_disk_lock_message(
+        "internal error: qemu unexpectedly closed the monitor: Failed to get \"write\" lock\nIs another process using the image [/srv/pool/a.qcow2]?"
+    ));
+    assert!(!is_disk_lock_message(
+        "Cannot access storage file '/srv/pool/a.qcow2': No such file or directory"
+    ));
+}
+
 fn ha(name: &str, id: u128, power: Power, epoch: u64) -> DesiredVm {
     let mut d = desired(name, id, power);
     d.spec.ha = true;

@@ -58,6 +58,8 @@ pub fn setup_in(dir: &std::path::Path) -> HostSetup {
         virt_type: None,
         migration_uri: None,
         labels: Default::default(),
+        host_name: "test-host".into(),
+        disk_locks: false,
     }
 }
 

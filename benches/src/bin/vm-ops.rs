@@ -339,6 +339,7 @@ impl Guest {
                 disk_paths: vec![format!("{POOL_PATH}/{volume}")],
                 seed_path: None,
                 console_log: format!("{CONSOLE_DIR}/{name}.console.log"),
+                host_name: "bench-host".into(),
             },
         );
         let xml_file = dir.join(format!("{name}.xml"));
@@ -654,6 +655,7 @@ fn kvm_works(conn: &Connect, dir: &Path) -> anyhow::Result<Result<(), String>> {
             disk_paths: Vec::new(),
             seed_path: None,
             console_log: format!("{CONSOLE_DIR}/{}.console.log", g.name),
+            host_name: "bench-host".into(),
         },
     );
     let dom = match conn.define_domain_xml_flags(&xml, sys::VIR_DOMAIN_DEFINE_VALIDATE) {
@@ -732,6 +734,8 @@ fn ops_bench(args: &Args, rt: &Runtime) -> anyhow::Result<()> {
         virt_type: Some(virt_type),
         migration_uri: None,
         labels: Default::default(),
+        host_name: "test-host".into(),
+        disk_locks: false,
     };
     let (hv, mut events) = {
         let _guard = rt.enter();
@@ -882,6 +886,8 @@ fn inventory_bench(args: &Args) -> anyhow::Result<()> {
         virt_type: None,
         migration_uri: None,
         labels: Default::default(),
+        host_name: "test-host".into(),
+        disk_locks: false,
     };
     let desired: Vec<DesiredVm> = (0..n)
         .map(|i| {
