@@ -408,6 +408,33 @@ pub fn check(image: &[u8]) -> Result<Report, StampError> {
     Ok(Report { boots, torn })
 }
 
+/// How many slots of a raw image hold something (the next boot's first
+/// slot): where a window for [`largest_gap_from`] starts.
+pub fn used_slots(image: &[u8]) -> usize {
+    slots(image).len()
+}
+
+/// The largest gap (guest uptime, ms) between consecutive stamps of one
+/// boot among the slots from `from_slot` on: the longest the guest stopped
+/// stamping in that window (a guest that stopped for good shows no gap
+/// here: count its stamps too).
+pub fn largest_gap_from(image: &[u8], from_slot: usize) -> u64 {
+    let stamps: Vec<Stamp> = slots(image)
+        .into_iter()
+        .skip(from_slot)
+        .filter_map(|s| match s {
+            Some(Slot::Stamp(st)) => Some(st),
+            _ => None,
+        })
+        .collect();
+    stamps
+        .windows(2)
+        .filter(|w| w[0].boot == w[1].boot)
+        .map(|w| w[1].up_ms.saturating_sub(w[0].up_ms))
+        .max()
+        .unwrap_or(0)
+}
+
 /// Reads a disk image as raw bytes: a raw image as it is, a qcow2 one
 /// through `qemu-img convert -U` (which reads it while a QEMU runs it).
 pub fn read_image(path: &Path) -> Result<Vec<u8>, StampError> {
@@ -524,6 +551,17 @@ mod tests {
         s.push(stamp_line("a", "h1", "1", 3, 3200 + 1700, 1_000_000).into_bytes());
         let r = check(&image(&s)).unwrap();
         assert_eq!(r.max_gap_ms(), 1700);
+    }
+
+    #[test]
+    fn the_largest_gap_of_a_window_ignores_what_came_before() {
+        let mut s = run("a", "h1", 1, 3);
+        s.push(stamp_line("a", "h1", "1", 3, 3200 + 1700, 1_000_000).into_bytes());
+        s.extend((4..8).map(|c| stamp_line("a", "h1", "1", c, 4900 + (c - 3) * 100, 0).into_bytes()));
+        let img = image(&s);
+        assert_eq!(used_slots(&img), 8);
+        assert_eq!(largest_gap_from(&img, 0), 1700);
+        assert_eq!(largest_gap_from(&img, 3), 100);
     }
 
     #[test]
