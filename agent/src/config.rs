@@ -39,6 +39,57 @@ pub struct AgentConfig {
     /// Metric sampling and the spool.
     #[serde(default)]
     pub metrics: crate::metrics::MetricsSettings,
+    /// The peer witness (HA: agents ask each other whether they still
+    /// have the server before fencing).
+    #[serde(default)]
+    pub witness: WitnessSettings,
+}
+
+/// The `[witness]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessSettings {
+    /// Answer peers and ask them (mutual-TLS QUIC with the fleet's
+    /// certificates). Off, this host's HA VMs fence on every lease loss,
+    /// and it counts for no peer.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Where to listen for peers (UDP).
+    #[serde(default = "default_witness_listen")]
+    pub listen: std::net::SocketAddr,
+    /// The address peers reach this host at, reported to the server.
+    /// Unset: the local IP of the connection to the server, with the
+    /// listen port.
+    #[serde(default)]
+    pub advertise: Option<std::net::SocketAddr>,
+}
+
+fn default_witness_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 7444))
+}
+
+impl Default for WitnessSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: default_witness_listen(),
+            advertise: None,
+        }
+    }
+}
+
+impl WitnessSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(a) = self.advertise {
+            if a.ip().is_unspecified() || a.port() == 0 {
+                return Err(ConfigError::Invalid {
+                    key: "witness.advertise",
+                    message: format!("{a} is not an address peers can reach (no unspecified IP, no port 0)"),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The `[vms]` section.
@@ -238,6 +289,7 @@ impl Default for AgentConfig {
             vms: VmConfig::default(),
             labels: Default::default(),
             metrics: Default::default(),
+            witness: Default::default(),
         }
     }
 }
@@ -304,6 +356,7 @@ impl ConfigFile for AgentConfig {
                 });
             }
         }
+        self.witness.validate()?;
         self.vms.validate()
     }
 }
@@ -372,6 +425,33 @@ mod tests {
         assert_ne!(locked, shared, "the example documents vms.disk_locks");
         let c = AgentConfig::parse(&locked, "t").unwrap_or_else(|e| panic!("{e}"));
         assert!(c.host_setup().disk_locks);
+    }
+
+    #[test]
+    fn the_witness_section_has_defaults_and_checks_the_advertised_address() {
+        let c = AgentConfig::parse("", "t").unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.witness.enabled);
+        assert_eq!(
+            c.witness.listen,
+            "0.0.0.0:7444".parse().unwrap_or_else(|e| panic!("{e}"))
+        );
+        assert_eq!(c.witness.advertise, None);
+        let c = AgentConfig::parse(
+            "[witness]\nenabled = false\nlisten = \"[::]:7500\"\nadvertise = \"10.0.0.5:7500\"\n",
+            "t",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!c.witness.enabled);
+        assert_eq!(c.witness.advertise.map(|a| a.port()), Some(7500));
+        for (bad, says) in [
+            ("advertise = \"0.0.0.0:7444\"", "witness.advertise"),
+            ("advertise = \"10.0.0.5:0\"", "witness.advertise"),
+            ("listen = \"nope\"", "socket address"),
+            ("port = 1", "port"),
+        ] {
+            let e = AgentConfig::parse(&format!("[witness]\n{bad}\n"), "t").unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //! connects to it and takes its deadline as its own no-lease deadline.
 //!
 //! - [`Guard`] is the pure state machine (`now` in, kills out): armed with a
-//!   fire instant and the targets, re-armed by every renewal, disarmed when
-//!   the agent has fenced; it fires once at the fire instant.
+//!   fire instant and the targets, re-armed by every renewal (and every
+//!   peer-witness confirmation that moves the fence deadline), disarmed
+//!   when the agent has fenced or while the isolation response is
+//!   keep-running; it fires once at the fire instant.
 //! - The agent arms it with `deadline + F/2` (half the fence time after the
 //!   lease deadline): the agent's own fence (libvirt destroy) comes first,
 //!   the guard is the backstop, and both land within `F` of the deadline,
@@ -435,8 +437,11 @@ async fn connect_or_start(cfg: &GuardConfig, clock: &Clock) -> Result<UnixStream
 
 /// The agent's side: connects to the guard (starting it if none answers),
 /// takes its deadline as the lease's no-lease deadline, then keeps it armed
-/// with every new deadline (`deadline + F/2`) and the running HA QEMUs, and
-/// disarms it once the agent has fenced. Reconnects when the guard goes.
+/// with every new deadline (`deadline + F/2`; the lease's fence deadline,
+/// which a peer witness confirmation extends) and the running HA QEMUs,
+/// and disarms it once the agent has fenced or while keep-running is in
+/// force (re-armed when the terms switch back). Reconnects when the guard
+/// goes.
 pub async fn run_client(
     cfg: GuardConfig,
     lease: LeaseHandle,
@@ -487,7 +492,7 @@ async fn session(
     }
     let mut changes = lease.watch_guard();
     loop {
-        let (deadline, names, fenced) = changes.borrow_and_update().clone();
+        let (deadline, names, stand_down) = changes.borrow_and_update().clone();
         let msg = match (deadline, names) {
             // Until the VM loop has looked, the running HA QEMUs are not
             // known: the guard keeps what the previous run told it.
@@ -504,7 +509,8 @@ async fn session(
                     targets,
                 })
             }
-            (None, _) if fenced => Some(ToGuard::Disarm),
+            // Fenced, or keep-running: no deadline to hold.
+            (None, _) if stand_down => Some(ToGuard::Disarm),
             // Fencing: the guard keeps the last deadline as the backstop.
             (None, _) => None,
         };

@@ -17,7 +17,14 @@
 //! Terms: [`terms_to_timing`] validates what the server sends (refused
 //! terms leave the old ones in force); accepted terms are applied to the
 //! lease at once and saved ([`save_terms`]) so the next start counts its
-//! no-lease deadline with the saved lease length ([`initial_timing`]).
+//! no-lease deadline with the saved lease length ([`initial_timing`]) and
+//! keeps the saved isolation response ([`LeaseHandle::resume_saved`]).
+//!
+//! The peer witness (`crate::witness`) talks to the lease through this
+//! handle only: it watches [`LeaseViews`] ([`LeaseHandle::watch_views`])
+//! and hands back its confirmation ([`LeaseHandle::set_confirmation`]);
+//! the fence guard watches [`GuardView`], whose deadline follows the
+//! confirmation and which stands down under keep-running.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -29,11 +36,12 @@ use novacron_shared::clock::Clock;
 use novacron_shared::ids::VmId;
 use novacron_shared::lease::{LeaseTiming, DEFAULT_FENCE_TIME, DEFAULT_LEASE};
 use novacron_shared::protocol::{FenceStyle, LeaseTerms, VmState};
+use novacron_shared::witness::LeaseView;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::error::HvError;
 use crate::hypervisor::Hypervisor;
-use crate::lease::{Action, Event, FenceMode, Lease, LeaseError, State};
+use crate::lease::{Action, Event, FenceMode, GuardDuty, Lease, LeaseError, State};
 use crate::reconcile::Gate;
 use crate::vmops::ObservedVm;
 
@@ -53,6 +61,9 @@ pub mod msg {
     pub const VM_KILLED: &str = "HA VM killed";
     /// Every HA VM is gone.
     pub const FENCED: &str = "HA fence done";
+    /// The lease ended and the HA VMs stay (keep-running, or the peer
+    /// witness confirms).
+    pub const KEPT: &str = "HA lease lost; HA VMs kept running";
     /// New terms are in force.
     pub const TERMS: &str = "HA lease terms applied";
 }
@@ -228,30 +239,53 @@ struct Inner {
     /// before its first look.
     running_ha: Option<Vec<String>>,
     /// What the fence guard is told: the deadline, the running HA domains,
-    /// whether fenced; bumped when it changes.
+    /// whether to stand down; bumped when it changes.
     guard: watch::Sender<GuardView>,
+    /// What the peer witness is told; bumped when it changes.
+    views: watch::Sender<LeaseViews>,
 }
 
-/// What the fence guard needs: the deadline, the running HA domains
-/// (`None` until the VM loop first looked), and whether the agent has
-/// fenced.
+/// What the fence guard needs: the deadline to arm (`None`: keep the last
+/// one while fencing, or stand down), the running HA domains (`None` until
+/// the VM loop first looked), and whether to stand down (the agent has
+/// fenced, or keep-running is in force: no deadline to hold).
 pub type GuardView = (Option<Instant>, Option<Vec<String>>, bool);
+
+/// The lease as the peer witness needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseViews {
+    /// For its own rounds ([`Lease::witness_view`]).
+    pub rounds: LeaseView,
+    /// What peers are told ([`Lease::peer_view`]).
+    pub peers: LeaseView,
+}
+
+fn send_changed<T: PartialEq>(tx: &watch::Sender<T>, value: T) {
+    tx.send_if_modified(|v| {
+        if *v == value {
+            false
+        } else {
+            *v = value;
+            true
+        }
+    });
+}
 
 impl Inner {
     fn publish(&mut self) {
-        let view = (
-            self.lease.deadline(),
-            self.running_ha.clone(),
-            matches!(self.lease.state(), State::Fenced { .. }),
+        let (deadline, stand_down) = match self.lease.guard_duty() {
+            GuardDuty::Arm { deadline } => (Some(deadline), false),
+            GuardDuty::Keep => (None, false),
+            GuardDuty::StandDown => (None, true),
+        };
+        send_changed(&self.guard, (deadline, self.running_ha.clone(), stand_down));
+        send_changed(
+            &self.views,
+            LeaseViews {
+                rounds: self.lease.witness_view(),
+                peers: self.lease.peer_view(),
+            },
         );
-        self.guard.send_if_modified(|v| {
-            if *v == view {
-                false
-            } else {
-                *v = view;
-                true
-            }
-        });
     }
 }
 
@@ -298,6 +332,11 @@ impl LeaseHandle {
                 opened: watch::channel(0).0,
                 running_ha: None,
                 guard: watch::channel((None, None, false)).0,
+                views: watch::channel(LeaseViews {
+                    rounds: LeaseView::Idle,
+                    peers: LeaseView::Idle,
+                })
+                .0,
             })),
             wake: Arc::new(Notify::new()),
             clock,
@@ -313,13 +352,70 @@ impl LeaseHandle {
     pub fn step(&self, event: Event) {
         let now = self.clock.now();
         let mut g = self.lock();
+        self.step_locked(&mut g, now, event);
+        drop(g);
+        self.wake.notify_one();
+    }
+
+    fn step_locked(&self, g: &mut Inner, now: Instant, event: Event) {
         match g.lease.step(now, event) {
-            Ok(actions) => self.perform(&mut g, now, &actions),
+            Ok(actions) => self.perform(g, now, &actions),
             Err(e) => tracing::error!(error = %e, ?event, "HA lease event refused"),
         }
         g.publish();
+    }
+
+    /// Steps the lease with [`Event::HeartbeatSent`] now and returns what
+    /// that heartbeat reports: the lease left at that instant, ms (`None`
+    /// without a lease).
+    pub fn heartbeat_sent(&self, seq: u64) -> Option<u32> {
+        let now = self.clock.now();
+        let mut g = self.lock();
+        self.step_locked(&mut g, now, Event::HeartbeatSent { seq });
+        let left = g.lease.lease_left(now);
         drop(g);
         self.wake.notify_one();
+        left.map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
+    }
+
+    /// The peer witness's confirmation (see [`Lease::set_confirmation`]).
+    pub fn set_confirmation(&self, until: Option<Instant>) {
+        let now = self.clock.now();
+        let mut g = self.lock();
+        let actions = g.lease.set_confirmation(now, until);
+        self.perform(&mut g, now, &actions);
+        g.publish();
+        drop(g);
+        self.wake.notify_one();
+    }
+
+    /// The agent started with `saved` terms: a previous run may have held
+    /// a lease under them (the witness defends the no-lease deadline), and
+    /// their isolation response is in force until the server says again.
+    pub fn resume_saved(&self, saved: &LeaseTerms) {
+        let now = self.clock.now();
+        let mut g = self.lock();
+        g.lease.assume_prior_run();
+        let actions = g.lease.set_isolation(now, saved.isolation);
+        self.perform(&mut g, now, &actions);
+        g.publish();
+        drop(g);
+        self.wake.notify_one();
+    }
+
+    /// Changes whenever what the peer witness needs changes.
+    pub fn watch_views(&self) -> watch::Receiver<LeaseViews> {
+        self.lock().views.subscribe()
+    }
+
+    /// What the peer witness needs now.
+    pub fn views(&self) -> LeaseViews {
+        *self.lock().views.borrow()
+    }
+
+    /// The isolation response in force.
+    pub fn isolation(&self) -> novacron_shared::protocol::IsolationResponse {
+        self.lock().lease.isolation()
     }
 
     /// Applies terms from the server (validated; refused ones leave the old
@@ -334,7 +430,7 @@ impl LeaseHandle {
                 .map_err(HaError::TermsLease)
                 .map(|a| (timing, mode, a))
         });
-        let (timing, mode, actions) = match applied {
+        let (timing, mode, mut actions) = match applied {
             Ok(x) => x,
             Err(e) => {
                 if let Some(held) = g.warn.allow(now) {
@@ -343,7 +439,8 @@ impl LeaseHandle {
                 return Err(e);
             }
         };
-        tracing::info!(at_ms = self.clock.unix_ms(), lease = ?timing.lease, fence_time = ?timing.fence_time, ?mode, "{}", msg::TERMS);
+        actions.extend(g.lease.set_isolation(now, terms.isolation));
+        tracing::info!(at_ms = self.clock.unix_ms(), lease = ?timing.lease, fence_time = ?timing.fence_time, ?mode, isolation = ?terms.isolation, "{}", msg::TERMS);
         self.perform(&mut g, now, &actions);
         g.publish();
         let file = g.terms_file.clone();
@@ -473,6 +570,15 @@ impl LeaseHandle {
                         tracing::error!(at_ms, "the HA driver is gone; cannot fence");
                     }
                 }
+                Action::HaVmsKept { until } => match until {
+                    Some(u) => tracing::warn!(
+                        at_ms,
+                        confirmed_for_ms = left(u),
+                        "{} (the peer witness confirms the server is lost to much of the fleet)",
+                        msg::KEPT
+                    ),
+                    None => tracing::warn!(at_ms, "{} (isolation response: keep-running)", msg::KEPT),
+                },
                 Action::AckIgnored { seq, why } => tracing::debug!(seq, ?why, "heartbeat ack ignored"),
             }
         }

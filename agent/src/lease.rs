@@ -32,8 +32,29 @@
 //!   have held a lease until `start + L` (its heartbeats were all sent
 //!   before `start`), so without a new lease by then it fences too: HA VMs
 //!   left running by a killed agent are not left to outlive the server's
-//!   wait.
+//!   wait (unless keep-running or a confirmation keeps them, as below).
 //! - [`FenceMode::ShutdownThenKill`] must fit its grace inside `F`.
+//!
+//! Two things keep HA VMs past the lease end instead of fencing them (the
+//! lease is [`State::Lapsed`] then; [`Action::LeaseLost`] is still
+//! emitted, and no HA VM may *start* — only a lease allows that):
+//!
+//! - the isolation response [`IsolationResponse::KeepRunning`]
+//!   ([`Lease::set_isolation`], from the lease terms): no fence at all, and
+//!   no deadline for the fence guard ([`Lease::guard_duty`]); switching
+//!   back to self-fence fences at once a lease already gone;
+//! - a confirmation of the peer witness ([`Lease::set_confirmation`], the
+//!   `confirmed_until` of `novacron_shared::witness::Witness`): the fence
+//!   deadline is `max(lease end, confirmed until)`, and the fence guard's
+//!   deadline follows it. When the confirmation lapses without a new one,
+//!   the lease fences at once. The safety argument for it is in
+//!   `novacron_shared::witness`; this module only never lets a
+//!   confirmation start anything or outlast its `until`.
+//!
+//! Either way a lease regained (an ack of a heartbeat sent less than `L`
+//! ago) ends the lapse. What the witness needs of the lease is
+//! [`Lease::witness_view`] (for its own rounds) and [`Lease::peer_view`]
+//! (what peers are told).
 //!
 //! Only [`Instant`]s are used: the wall clock can jump without effect.
 //!
@@ -46,6 +67,8 @@ use std::time::{Duration, Instant};
 
 use novacron_shared::ids::VmId;
 use novacron_shared::lease::LeaseTiming;
+pub use novacron_shared::protocol::IsolationResponse;
+use novacron_shared::witness::LeaseView;
 
 /// Most heartbeats kept in flight (awaiting their ack); older ones are
 /// forgotten first.
@@ -73,7 +96,8 @@ pub enum FenceMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Before the first ack since the agent started. HA VMs a previous run
-    /// left behind are fenced at `fence_at` unless a lease comes first.
+    /// left behind are fenced at `fence_at` unless a lease comes first
+    /// (or, as after a lease, keep-running or a confirmation keeps them).
     NoLease {
         /// When any lease a previous run held has ended for sure.
         fence_at: Instant,
@@ -88,6 +112,14 @@ pub enum State {
     Renewing {
         /// When the newest acknowledged heartbeat was sent.
         renewed_from: Instant,
+    },
+    /// The lease (or a previous run's) ended at `since`, and the HA VMs
+    /// keep running: the isolation response is keep-running, or the peer
+    /// witness confirms the server is lost to much of the fleet. No HA VM
+    /// starts; a renewal ends it.
+    Lapsed {
+        /// When the lease ended.
+        since: Instant,
     },
     /// The deadline passed: the HA VMs are being stopped.
     SelfFencing {
@@ -108,6 +140,7 @@ impl State {
             State::NoLease { .. } => "no lease",
             State::Leased { .. } => "leased",
             State::Renewing { .. } => "renewing",
+            State::Lapsed { .. } => "lapsed",
             State::SelfFencing { .. } => "self-fencing",
             State::Fenced { .. } => "fenced",
         }
@@ -165,6 +198,13 @@ pub enum Action {
         /// How to stop them.
         mode: FenceMode,
     },
+    /// The lease ended but the HA VMs stay (the lease is
+    /// [`State::Lapsed`]); log it.
+    HaVmsKept {
+        /// Until when the peer witness's confirmation holds them; `None`:
+        /// the isolation response is keep-running.
+        until: Option<Instant>,
+    },
     /// An ack changed nothing; for debug logs.
     AckIgnored {
         /// The sequence number it named.
@@ -212,6 +252,21 @@ pub enum LeaseError {
     },
 }
 
+/// What the fence guard process must hold ([`Lease::guard_duty`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardDuty {
+    /// Armed: the HA VMs must be gone by `deadline` (plus the guard's
+    /// slack) unless the agent renews it.
+    Arm {
+        /// The fence deadline: [`Lease::deadline`].
+        deadline: Instant,
+    },
+    /// Fencing: keep the last deadline as the backstop.
+    Keep,
+    /// Nothing to kill at any deadline: fenced, or keep-running.
+    StandDown,
+}
+
 /// The agent's lease.
 #[derive(Debug, Clone)]
 pub struct Lease {
@@ -230,6 +285,15 @@ pub struct Lease {
     /// When this lease (the agent) started: the no-lease deadline counts
     /// from it.
     started: Instant,
+    /// What a lost lease does to the HA VMs.
+    isolation: IsolationResponse,
+    /// The peer witness's confirmation, as last set.
+    confirmed_until: Option<Instant>,
+    /// When the last lease held in this run ended, while not regained.
+    lost_since: Option<Instant>,
+    /// A previous run may have held a lease (saved terms, or a fence
+    /// guard holding its deadline): the no-lease deadline is at stake.
+    prior: bool,
 }
 
 impl Lease {
@@ -247,7 +311,113 @@ impl Lease {
             newest_acked: None,
             sent_before_fence: None,
             started: now,
+            isolation: IsolationResponse::SelfFence,
+            confirmed_until: None,
+            lost_since: None,
+            prior: false,
         })
+    }
+
+    /// A previous run may have held a lease (the agent found saved
+    /// terms): the peer witness defends the no-lease deadline as a lease
+    /// (see [`Lease::witness_view`]).
+    pub fn assume_prior_run(&mut self) {
+        self.prior = true;
+    }
+
+    /// The isolation response in force.
+    pub fn isolation(&self) -> IsolationResponse {
+        self.isolation
+    }
+
+    /// Sets the isolation response at `now` (from the lease terms), then
+    /// applies time: a lease already gone under keep-running is fenced at
+    /// once when self-fence comes back (unless a confirmation holds).
+    /// Fencing or fenced, nothing but the setting changes.
+    pub fn set_isolation(&mut self, now: Instant, isolation: IsolationResponse) -> Vec<Action> {
+        self.isolation = isolation;
+        let mut out = Vec::new();
+        self.advance(now, &mut out);
+        out
+    }
+
+    /// The peer witness's confirmation at `now` (`Witness::confirmed_until`):
+    /// the HA VMs stay past the lease end until `until`. `None`, or an
+    /// `until` already past, fences a lapsed lease at once (self-fence).
+    pub fn set_confirmation(&mut self, now: Instant, until: Option<Instant>) -> Vec<Action> {
+        self.confirmed_until = until;
+        let mut out = Vec::new();
+        self.advance(now, &mut out);
+        out
+    }
+
+    /// The confirmation in force at `now`.
+    fn confirmed(&self, now: Instant) -> Option<Instant> {
+        self.confirmed_until.filter(|&c| c > now)
+    }
+
+    /// When the lease held now ends: `None` without one.
+    pub fn lease_end(&self) -> Option<Instant> {
+        match self.state {
+            State::Leased { renewed_from } | State::Renewing { renewed_from } => {
+                Some(self.deadline_from(renewed_from))
+            }
+            State::NoLease { .. }
+            | State::Lapsed { .. }
+            | State::SelfFencing { .. }
+            | State::Fenced { .. } => None,
+        }
+    }
+
+    /// What a heartbeat sent at `now` reports: the lease left, if any.
+    pub fn lease_left(&self, now: Instant) -> Option<Duration> {
+        self.lease_end().filter(|&end| end > now).map(|end| end - now)
+    }
+
+    /// The lease as the peer witness's own rounds need it: the no-lease
+    /// deadline counts as a lease when a previous run may have held one
+    /// (so a restarted agent defends the HA VMs it found), a lapse as lost;
+    /// fencing or fenced there is nothing to defend.
+    pub fn witness_view(&self) -> LeaseView {
+        match self.state {
+            State::NoLease { fence_at } if self.prior => LeaseView::Leased { until: fence_at },
+            State::NoLease { .. } => LeaseView::Idle,
+            State::Leased { renewed_from } | State::Renewing { renewed_from } => LeaseView::Leased {
+                until: self.deadline_from(renewed_from),
+            },
+            State::Lapsed { since } => LeaseView::Lost { since },
+            State::SelfFencing { .. } | State::Fenced { .. } => LeaseView::Idle,
+        }
+    }
+
+    /// The lease as peers are told it (`Contact::of`): only a lease held
+    /// in this run counts, so a restarted agent vouches for nothing until
+    /// it holds one; once lost it stays lost (fenced or not) until
+    /// regained.
+    pub fn peer_view(&self) -> LeaseView {
+        match self.state {
+            State::Leased { renewed_from } | State::Renewing { renewed_from } => LeaseView::Leased {
+                until: self.deadline_from(renewed_from),
+            },
+            State::NoLease { .. } => LeaseView::Idle,
+            State::Lapsed { .. } | State::SelfFencing { .. } | State::Fenced { .. } => self
+                .lost_since
+                .map_or(LeaseView::Idle, |since| LeaseView::Lost { since }),
+        }
+    }
+
+    /// What the fence guard must hold: the fence deadline while one
+    /// stands; nothing under keep-running or once fenced; the last one
+    /// while fencing.
+    pub fn guard_duty(&self) -> GuardDuty {
+        match self.state {
+            State::SelfFencing { .. } => GuardDuty::Keep,
+            State::Fenced { .. } => GuardDuty::StandDown,
+            _ => match self.deadline() {
+                Some(deadline) => GuardDuty::Arm { deadline },
+                None => GuardDuty::StandDown,
+            },
+        }
     }
 
     /// Brings the no-lease deadline forward to `at` (never later): a
@@ -255,6 +425,7 @@ impl Lease {
     /// Does nothing once a lease was held.
     pub fn limit_no_lease(&mut self, at: Instant) {
         if let State::NoLease { fence_at } = self.state {
+            self.prior = true;
             self.state = State::NoLease {
                 fence_at: fence_at.min(at),
             };
@@ -299,6 +470,7 @@ impl Lease {
             }
             State::Leased { .. }
             | State::Renewing { .. }
+            | State::Lapsed { .. }
             | State::SelfFencing { .. }
             | State::Fenced { .. } => {}
         }
@@ -316,16 +488,23 @@ impl Lease {
         self.mode
     }
 
-    /// When the HA VMs are fenced unless a renewal comes first; `None`
-    /// while fencing or fenced.
+    /// When the HA VMs are fenced unless a renewal comes first: the lease
+    /// end (or the no-lease deadline), or the witness's confirmation if
+    /// later; `None` while fencing or fenced, and under keep-running
+    /// (nothing is fenced).
     pub fn deadline(&self) -> Option<Instant> {
-        match self.state {
-            State::NoLease { fence_at } => Some(fence_at),
-            State::Leased { renewed_from } | State::Renewing { renewed_from } => {
-                Some(self.deadline_from(renewed_from))
-            }
-            State::SelfFencing { .. } | State::Fenced { .. } => None,
+        if self.isolation == IsolationResponse::KeepRunning {
+            return None;
         }
+        let end = match self.state {
+            State::NoLease { fence_at } => fence_at,
+            State::Leased { renewed_from } | State::Renewing { renewed_from } => {
+                self.deadline_from(renewed_from)
+            }
+            State::Lapsed { .. } => return self.confirmed_until,
+            State::SelfFencing { .. } | State::Fenced { .. } => return None,
+        };
+        Some(self.confirmed_until.map_or(end, |c| c.max(end)))
     }
 
     /// When the driver must step the lease with [`Event::Tick`] next, if
@@ -335,7 +514,8 @@ impl Lease {
             State::NoLease { fence_at } => Some(fence_at),
             State::Leased { renewed_from } => Some(self.renewing_from(renewed_from)),
             State::Renewing { renewed_from } => Some(self.deadline_from(renewed_from)),
-            State::SelfFencing { .. } | State::Fenced { .. } => None,
+            State::Lapsed { .. } if self.isolation == IsolationResponse::SelfFence => self.confirmed_until,
+            State::Lapsed { .. } | State::SelfFencing { .. } | State::Fenced { .. } => None,
         }
     }
 
@@ -348,6 +528,7 @@ impl Lease {
             State::Leased { renewed_from } => now < self.renewing_from(renewed_from),
             State::NoLease { .. }
             | State::Renewing { .. }
+            | State::Lapsed { .. }
             | State::SelfFencing { .. }
             | State::Fenced { .. } => false,
         }
@@ -397,13 +578,14 @@ impl Lease {
         match self.state {
             State::NoLease { fence_at } => {
                 if now >= fence_at {
-                    self.fence(now, fence_at, out);
+                    self.lapse(now, fence_at, out);
                 }
             }
             State::Leased { renewed_from } | State::Renewing { renewed_from } => {
                 let deadline = self.deadline_from(renewed_from);
                 if now >= deadline {
-                    self.fence(now, deadline, out);
+                    self.lost_since = Some(deadline);
+                    self.lapse(now, deadline, out);
                 } else if matches!(self.state, State::Leased { .. })
                     && now >= self.renewing_from(renewed_from)
                 {
@@ -411,14 +593,35 @@ impl Lease {
                     out.push(Action::Renewing { deadline });
                 }
             }
+            State::Lapsed { .. } => {
+                if self.isolation == IsolationResponse::SelfFence && self.confirmed(now).is_none() {
+                    self.fence(now, out);
+                }
+            }
             State::SelfFencing { .. } | State::Fenced { .. } => {}
         }
     }
 
-    fn fence(&mut self, now: Instant, deadline: Instant, out: &mut Vec<Action>) {
+    /// The lease (or a previous run's) ended at `deadline`: keep the HA
+    /// VMs when keep-running or confirmed, else fence.
+    fn lapse(&mut self, now: Instant, deadline: Instant, out: &mut Vec<Action>) {
+        out.push(Action::LeaseLost { deadline });
+        let kept = match self.isolation {
+            IsolationResponse::KeepRunning => Some(None),
+            IsolationResponse::SelfFence => self.confirmed(now).map(Some),
+        };
+        match kept {
+            Some(until) => {
+                self.state = State::Lapsed { since: deadline };
+                out.push(Action::HaVmsKept { until });
+            }
+            None => self.fence(now, out),
+        }
+    }
+
+    fn fence(&mut self, now: Instant, out: &mut Vec<Action>) {
         self.state = State::SelfFencing { since: now };
         self.in_flight.clear();
-        out.push(Action::LeaseLost { deadline });
         out.push(Action::FenceHaVms { mode: self.mode });
     }
 
@@ -450,7 +653,7 @@ impl Lease {
             return;
         }
         let (renewed_from, was_renewing, acquired) = match self.state {
-            State::NoLease { .. } | State::Fenced { .. } => (sent, false, true),
+            State::NoLease { .. } | State::Lapsed { .. } | State::Fenced { .. } => (sent, false, true),
             State::Leased { renewed_from } => (renewed_from.max(sent), false, false),
             State::Renewing { renewed_from } => (renewed_from.max(sent), true, false),
             // Handled above; kept exhaustive.
@@ -464,6 +667,9 @@ impl Lease {
             State::Leased { renewed_from }
         };
         if acquired {
+            // A new lease: the next loss needs confirmations of its own.
+            self.lost_since = None;
+            self.confirmed_until = None;
             out.push(Action::LeaseAcquired { deadline });
             if renewing {
                 out.push(Action::Renewing { deadline });

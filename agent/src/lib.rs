@@ -43,6 +43,7 @@ pub mod reconcile;
 pub mod seed;
 pub mod spool;
 pub mod vmops;
+pub mod witness;
 
 /// This agent's build version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -4,8 +4,11 @@
 //!
 //! HA: the session feeds the lease ([`LinkConfig::lease`]): a session
 //! start when the welcome arrives (which also forgets the desired state),
-//! every heartbeat as it is sent (stamped before the frame is written),
-//! every ack, the lease terms, and the HA VMs of each desired state.
+//! every heartbeat as it is sent (stamped before the frame is written; the
+//! heartbeat reports the lease left at that instant), every ack, the lease
+//! terms, and the HA VMs of each desired state. It feeds the peer witness
+//! ([`LinkConfig::witness`]) its terms and renewed certificates, and
+//! reports where it listens in every inventory it sends.
 //!
 //! Time comes from the [`Clock`] in [`LinkConfig`]: the wall clock decides
 //! when the certificate is due for renewal, and [`Reconnect`] (pure, `now`
@@ -112,6 +115,9 @@ pub struct LinkConfig {
     /// The HA lease the session feeds (sessions, heartbeats, acks, terms,
     /// the HA VMs of each desired state); `None`: no HA (tools, tests).
     pub lease: Option<LeaseHandle>,
+    /// The peer witness (its terms, its address in the inventory, renewed
+    /// certificates); `None`: none runs.
+    pub witness: Option<crate::witness::WitnessHandle>,
 }
 
 impl LinkConfig {
@@ -125,6 +131,7 @@ impl LinkConfig {
             metrics: None,
             clock: Clock::system(),
             lease: None,
+            witness: None,
         }
     }
 }
@@ -175,7 +182,8 @@ pub fn session_idle_timeout(lease: Duration) -> Duration {
 }
 
 /// How hard a host with HA VMs reconnects while its HA lease is at stake
-/// (held, or the one a previous run may have held): attempts at most `lease / 10` apart, each
+/// (held, the one a previous run may have held, or lapsed with the HA VMs
+/// kept): attempts at most `lease / 10` apart, each
 /// given up after `lease / 5`, so a server back within the lease is
 /// reached before the lease runs out (a QUIC handshake whose first packets
 /// went to a dead server would otherwise wait for its retransmission
@@ -184,12 +192,30 @@ pub fn session_idle_timeout(lease: Duration) -> Duration {
 pub fn urgency(state: crate::lease::State, lease: Duration) -> Option<(Duration, Duration)> {
     use crate::lease::State;
     match state {
-        State::NoLease { .. } | State::Leased { .. } | State::Renewing { .. } => Some((
-            (lease / 10).max(Duration::from_millis(100)),
-            (lease / 5).clamp(Duration::from_millis(500), OPEN_TIMEOUT),
-        )),
+        // Lapsed: HA VMs run on without a lease; regaining one ends that.
+        State::NoLease { .. } | State::Leased { .. } | State::Renewing { .. } | State::Lapsed { .. } => {
+            Some((
+                (lease / 10).max(Duration::from_millis(100)),
+                (lease / 5).clamp(Duration::from_millis(500), OPEN_TIMEOUT),
+            ))
+        }
         State::SelfFencing { .. } | State::Fenced { .. } => None,
     }
+}
+
+/// The local IP this host reaches `peer` from (the route's source
+/// address; no packet is sent). quinn knows it only for connections it
+/// accepted, not for those it made.
+pub fn local_ip_towards(peer: SocketAddr) -> Option<std::net::IpAddr> {
+    let bind: SocketAddr = if peer.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let s = std::net::UdpSocket::bind(bind).ok()?;
+    s.connect(peer).ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
 }
 
 /// Turns a closed connection into the clearest error we can give.
@@ -514,11 +540,23 @@ async fn serve(
     }
     vm.desired.send_replace(None);
 
+    // Where peers reach this agent's witness, in every inventory sent.
+    let witness_addr = cfg
+        .witness
+        .as_ref()
+        .and_then(|w| w.advertised(local_ip_towards(conn.remote_address())));
+    if cfg.witness.is_some() && witness_addr.is_none() {
+        tracing::warn!("the witness address is unknown (no local IP towards the server; set witness.advertise): peers cannot ask this host");
+    }
+    let mut witness_warn = crate::ha::WarnLimit::new(crate::ha::WARN_EVERY);
     // Whatever queued while disconnected is stale: the fresh inventory
     // below (and the server's desired state) supersede it.
     while vm.outbox.try_recv().is_ok() {}
     match hv.inventory().await {
-        Ok(inv) => framing::write_frame(&mut send, version, &AgentMessage::Inventory(inv), &mut buf).await?,
+        Ok(mut inv) => {
+            inv.witness = witness_addr;
+            framing::write_frame(&mut send, version, &AgentMessage::Inventory(inv), &mut buf).await?
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the inventory; the server will see it on the next change")
         }
@@ -546,17 +584,19 @@ async fn serve(
                     return Ok(());
                 }
             }
-            Some(msg) = vm.outbox.recv() => {
+            Some(mut msg) = vm.outbox.recv() => {
+                if let AgentMessage::Inventory(inv) = &mut msg {
+                    inv.witness = witness_addr;
+                }
                 framing::write_frame(&mut send, version, &msg, &mut buf).await?;
             }
             _ = ticker.tick() => {
                 seq += 1;
                 // Stamped before the frame leaves: the lease counts from
                 // no later than the server can have received it.
-                if let Some(l) = &cfg.lease {
-                    l.step(LeaseEvent::HeartbeatSent { seq });
-                }
-                framing::write_frame(&mut send, version, &AgentMessage::Heartbeat(Heartbeat { seq, lease_left_ms: None }), &mut buf).await?;
+                // It reports the lease left at that same instant.
+                let lease_left_ms = cfg.lease.as_ref().and_then(|l| l.heartbeat_sent(seq));
+                framing::write_frame(&mut send, version, &AgentMessage::Heartbeat(Heartbeat { seq, lease_left_ms }), &mut buf).await?;
                 if pending_key.is_none() && cfg.clock.wall() >= identity.validity.renew_at() {
                     let (key, csr_der) = pki::make_csr(&cfg.hostname)?;
                     tracing::info!(host_id = %identity.host_id, "certificate due for renewal; sending a CSR");
@@ -591,8 +631,17 @@ async fn serve(
                         vm.desired.send_replace(Some(ds));
                     }
                     ServerMessage::Witness(w) => {
-                        // Wired by the witness part of the HA-guards work.
-                        tracing::debug!(peers = w.peers.len(), quorum = w.quorum, "witness terms from the server");
+                        let (peers, quorum) = (w.peers.len(), w.quorum);
+                        match &cfg.witness {
+                            Some(h) => {
+                                if let Err(e) = h.set_terms(w) {
+                                    if let Some(held) = witness_warn.allow(cfg.clock.now()) {
+                                        tracing::warn!(error = %e, suppressed = held, "the server's witness terms are refused; the old ones stay");
+                                    }
+                                }
+                            }
+                            None => tracing::debug!(peers, quorum, "witness terms from the server; no witness runs here"),
+                        }
                     }
                     ServerMessage::CertificateRenewed(r) => {
                         let Some(key) = pending_key.take() else {
@@ -602,6 +651,11 @@ async fn serve(
                         let next = identity.renewed(r.cert_der, key.0)?;
                         next.save(paths)?;
                         tracing::info!(host_id = %next.host_id, not_after = ?next.validity.not_after, "certificate renewed and saved");
+                        if let Some(w) = &cfg.witness {
+                            if let Err(e) = w.renewed(&next) {
+                                tracing::warn!(error = %error_chain(&e), "the witness keeps presenting the old certificate");
+                            }
+                        }
                         *identity = next;
                     }
                     ServerMessage::Error(e) => {

@@ -222,7 +222,35 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             let (timing, mode) = ha::initial_timing(saved.as_ref());
             let (lease, lease_driver) =
                 ha::LeaseHandle::new(timing, mode, clock.clone(), Some(paths.lease_terms()))?;
-            tracing::info!(lease = ?timing.lease, fence_time = ?timing.fence_time, ?mode, saved = saved.is_some(), "HA lease: none yet");
+            if let Some(t) = &saved {
+                // A previous run may have held a lease under these terms,
+                // and their isolation response holds until the server
+                // says again.
+                lease.resume_saved(t);
+            }
+            tracing::info!(lease = ?timing.lease, fence_time = ?timing.fence_time, ?mode, isolation = ?lease.isolation(), saved = saved.is_some(), "HA lease: none yet");
+            // The peer witness. Without it (off, or its port taken) the
+            // host fences on every lease loss: the safe side.
+            let witness_task = if cfg.witness.enabled {
+                match novacron_agent::witness::start(&identity, cfg.witness.listen, cfg.witness.advertise) {
+                    Ok(w) => {
+                        tracing::info!(listen = %cfg.witness.listen, port = w.endpoint.local_addr().map(|a| a.port()).unwrap_or(0), "peer witness listening");
+                        link_cfg.witness = Some(w.handle.clone());
+                        Some(tokio::spawn(novacron_agent::witness::run(
+                            w,
+                            lease.clone(),
+                            clock.clone(),
+                            rx.clone(),
+                        )))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %link::error_chain(&e), "the peer witness cannot start; HA VMs fence on every lease loss");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
             let ha_task = tokio::spawn(ha::run(lease.clone(), lease_driver, hv.clone(), rx.clone()));
             link_cfg.lease = Some(lease.clone());
             let guard_task = cfg.vms.fence_guard.then(|| {
@@ -275,6 +303,9 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             let _ = tokio::time::timeout(Duration::from_secs(5), link).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), vms).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), ha_task).await;
+            if let Some(w) = witness_task {
+                let _ = tokio::time::timeout(Duration::from_secs(1), w).await;
+            }
             if let Some(g) = guard_task {
                 let _ = tokio::time::timeout(Duration::from_secs(1), g).await;
             }

@@ -59,6 +59,16 @@ pub struct Host {
     /// Its agent reports a shared storage pool (its directory).
     #[serde(default)]
     pub shared_storage: Option<String>,
+    /// Its hardware fence (`[ha.fence]`).
+    #[serde(default)]
+    pub fence: crate::ha::HostFence,
+    /// What it does with its HA VMs when its lease runs out (the fleet's
+    /// `[ha] isolation`).
+    #[serde(default)]
+    pub isolation: crate::ha::IsolationResponse,
+    /// Its agent reports disk locks (the lock space), if it does.
+    #[serde(default)]
+    pub disk_locks: Option<String>,
 }
 
 /// `GET /v1/hosts`.

@@ -185,6 +185,16 @@ pub enum HostsCommand {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
+    /// Run the host's hardware fence command now (`[ha.fence]` in the
+    /// server's config; admin): `status` reports its power state, `off`
+    /// powers it off.
+    Fence {
+        /// Host id or name.
+        host: String,
+        /// status or off.
+        #[arg(value_parser = ["status", "off"])]
+        action: String,
+    },
 }
 
 /// `drain H [--wait]`

@@ -55,6 +55,26 @@ fn status(v: &HaOverview, now: u64) -> String {
                 (g, _) => word(g),
             },
         ),
+        ("isolation", word(&v.isolation)),
+        (
+            "guards",
+            format!(
+                "disk locks {}, hardware fence {}",
+                if v.disk_locks { "on" } else { "off" },
+                if v.hardware_fence { "on" } else { "off" }
+            ),
+        ),
+        (
+            "witness",
+            if v.witness.enabled {
+                format!(
+                    "on: quorum {} of {} host(s) reporting a witness; {} push(es)",
+                    v.witness.quorum, v.witness.peers, v.witness.pushes
+                )
+            } else {
+                "off".to_string()
+            },
+        ),
         ("lease", format!("{} ms", v.lease_ms)),
         (
             "fenced after",
@@ -64,12 +84,17 @@ fn status(v: &HaOverview, now: u64) -> String {
             ),
         ),
     ]);
-    let mut hosts = Table::new(&["HOST", "NAME", "LEASE"]);
+    let mut hosts = Table::new(&["HOST", "NAME", "LEASE", "FENCE"]);
     let mut unusual = 0;
     for h in &v.hosts {
-        if h.lease != novacron_api::ha::LeaseState::Online {
+        let fencing = h.fence.state != novacron_api::ha::FenceState::Idle;
+        if h.lease != novacron_api::ha::LeaseState::Online || fencing {
             unusual += 1;
-            hosts.row(vec![h.id.to_string(), h.name.clone(), word(&h.lease)]);
+            let fence = match &h.fence.error {
+                Some(e) => format!("{} ({e})", word(&h.fence.state)),
+                None => word(&h.fence.state),
+            };
+            hosts.row(vec![h.id.to_string(), h.name.clone(), word(&h.lease), fence]);
         }
     }
     out.push('\n');
@@ -98,6 +123,21 @@ fn status(v: &HaOverview, now: u64) -> String {
                 "{lost} VM(s) lost: not HA (or not meant to run); they come back with their host\n"
             ));
         }
+    }
+    if !v.lock_waits.is_empty() {
+        out.push('\n');
+        let mut t = Table::new(&["VM", "NAME", "HOST", "SINCE", "WAITING"]);
+        for w in &v.lock_waits {
+            t.row(vec![
+                w.id.to_string(),
+                w.name.clone(),
+                w.host.to_string(),
+                ago(w.since_ms, now),
+                w.waiting.clone(),
+            ]);
+        }
+        out.push_str(&t.render());
+        out.push_str("an expected wait: the start is retried until the old copy is gone\n");
     }
     out
 }
@@ -133,6 +173,40 @@ mod tests {
         assert!(!out.contains("hv-2"), "an online host is not listed: {out}");
         assert!(out.contains("db") && out.contains("waiting"), "{out}");
         assert!(out.contains("1 VM(s) lost"), "{out}");
+        assert!(out.contains("isolation:") && out.contains("self-fence"), "{out}");
+    }
+
+    #[test]
+    fn fencing_hosts_lock_waits_and_the_witness_show() {
+        let mut v = overview();
+        v.hosts[1].fence = novacron_api::ha::HostFence {
+            state: novacron_api::ha::FenceState::Fencing,
+            error: None,
+        };
+        v.witness = novacron_api::ha::WitnessOverview {
+            enabled: true,
+            quorum: 2,
+            peers: 3,
+            pushes: 7,
+        };
+        v.lock_waits.push(novacron_api::ha::LockWait {
+            id: novacron_shared::ids::VmId(12),
+            name: "pg".into(),
+            host: novacron_shared::ids::HostId(2),
+            waiting: "disk lock held (on host h2)".into(),
+            since_ms: 1_700_000_000_000,
+        });
+        let out = status(&v, 1_700_000_010_000);
+        assert!(
+            out.contains("hv-2") && out.contains("fencing"),
+            "a fencing host is listed: {out}"
+        );
+        assert!(out.contains("quorum 2 of 3"), "{out}");
+        assert!(
+            out.contains("pg") && out.contains("disk lock held (on host h2)"),
+            "{out}"
+        );
+        assert!(out.contains("expected wait"), "{out}");
     }
 
     #[test]

@@ -32,6 +32,44 @@ pub async fn run(ctx: &mut Ctx, command: HostsCommand) -> Result<(), CliError> {
         HostsCommand::Uncordon { host } => cordon(ctx, &host, false).await,
         HostsCommand::Drain(args) => drain(ctx, args).await,
         HostsCommand::Maintenance { host, state } => maintenance(ctx, &host, state == "on").await,
+        HostsCommand::Fence { host, action } => fence(ctx, &host, &action).await,
+    }
+}
+
+async fn fence(ctx: &mut Ctx, host: &str, action: &str) -> Result<(), CliError> {
+    use novacron_api::ha::{FenceAction, FenceReply, FenceRequest};
+    let id = ctx.host_id(host).await?;
+    let action = if action == "off" {
+        FenceAction::Off
+    } else {
+        FenceAction::Status
+    };
+    let v: FenceReply = ctx
+        .post(&format!("/v1/hosts/{id}/fence"), &FenceRequest { action })
+        .await?;
+    ctx.report(&v, || fence_reply(host, &v))
+}
+
+/// The fence command's answer, for people.
+fn fence_reply(host: &str, v: &novacron_api::ha::FenceReply) -> String {
+    use novacron_api::ha::PowerState;
+    let exit = match (v.exit_code, v.timed_out) {
+        (_, true) => "timed out (killed)".to_string(),
+        (Some(c), false) => format!("exit {c}"),
+        (None, false) => "did not run".to_string(),
+    };
+    let said = match (v.power, v.done) {
+        (Some(PowerState::On), _) => format!("host {host} is on"),
+        (Some(PowerState::Off), _) => format!("host {host} is off"),
+        (Some(PowerState::Unknown), _) => format!("host {host}'s power state is unknown"),
+        (None, Some(true)) => format!("host {host} powered off"),
+        (None, _) => format!("the fence could not power host {host} off"),
+    };
+    let output = v.output.trim_end();
+    if output.is_empty() {
+        format!("{said} ({exit})")
+    } else {
+        format!("{said} ({exit})\n{output}")
     }
 }
 
@@ -94,6 +132,10 @@ fn host_state(h: &Host) -> String {
         s.push(',');
         s.push_str(&word(&h.lease));
     }
+    if h.fence.state != novacron_api::ha::FenceState::Idle {
+        s.push_str(",fence-");
+        s.push_str(&word(&h.fence.state));
+    }
     s
 }
 
@@ -148,10 +190,19 @@ fn show(h: &Host, now: u64) -> String {
         ("connected", h.connected.to_string()),
         ("cordoned", h.cordoned.to_string()),
         ("ha lease", word(&h.lease)),
+        ("isolation", word(&h.isolation)),
+        (
+            "hardware fence",
+            match &h.fence.error {
+                Some(e) => format!("{} (last error: {e})", word(&h.fence.state)),
+                None => word(&h.fence.state),
+            },
+        ),
         (
             "shared storage",
             h.shared_storage.clone().unwrap_or_else(|| "-".into()),
         ),
+        ("disk locks", h.disk_locks.clone().unwrap_or_else(|| "-".into())),
         ("vms", opt(h.vm_count)),
         ("cpus", cap.cpus.to_string()),
         ("memory", human_mib(cap.memory_mib)),
@@ -224,5 +275,50 @@ mod tests {
         let out = list(std::slice::from_ref(&h), 0);
         assert!(out.contains("online,lease-expired"), "{out}");
         assert!(show(&h, 0).contains("lease-expired"));
+    }
+
+    #[test]
+    fn a_fence_under_way_and_its_error_show() {
+        let mut h = host();
+        h.fence = novacron_api::ha::HostFence {
+            state: novacron_api::ha::FenceState::Failed,
+            error: Some("status unknown (timed out)".into()),
+        };
+        assert!(list(std::slice::from_ref(&h), 0).contains("online,fence-failed"));
+        let shown = show(&h, 0);
+        assert!(
+            shown.contains("failed (last error: status unknown (timed out))"),
+            "{shown}"
+        );
+        assert!(shown.contains("self-fence"), "{shown}");
+    }
+
+    #[test]
+    fn a_fence_reply_says_what_the_command_found() {
+        use novacron_api::ha::{FenceAction, FenceReply, PowerState};
+        let off = FenceReply {
+            action: FenceAction::Status,
+            exit_code: Some(2),
+            timed_out: false,
+            power: Some(PowerState::Off),
+            done: None,
+            output: "Chassis Power is off\n".into(),
+        };
+        assert_eq!(
+            fence_reply("hv-1", &off),
+            "host hv-1 is off (exit 2)\nChassis Power is off"
+        );
+        let hung = FenceReply {
+            action: FenceAction::Off,
+            exit_code: None,
+            timed_out: true,
+            power: None,
+            done: Some(false),
+            output: String::new(),
+        };
+        assert_eq!(
+            fence_reply("hv-1", &hung),
+            "the fence could not power host hv-1 off (timed out (killed))"
+        );
     }
 }

@@ -190,7 +190,17 @@ fn show(v: &Vm, host: &str, now: u64) -> String {
         ("disks", disks),
         ("nics", nics),
         ("machine", spec.machine.as_str().to_string()),
-        ("ha", spec.ha.to_string()),
+        (
+            "ha",
+            match v.ha.as_ref() {
+                Some(h) => match (&h.waiting, &h.fenced) {
+                    (Some(w), _) => format!("{} (waiting: {w})", spec.ha),
+                    (None, Some(f)) => format!("{} ({}: {})", spec.ha, word(&f.state), f.why),
+                    (None, None) => format!("{} (epoch {}, {} restart(s))", spec.ha, h.epoch, h.restarts),
+                },
+                None => spec.ha.to_string(),
+            },
+        ),
         ("labels", pairs(&spec.labels)),
         ("placement", joined(placement)),
         (

@@ -357,6 +357,7 @@ impl Api {
             | Op::UncordonHost
             | Op::DrainHost
             | Op::SetMaintenance
+            | Op::FenceHost
             | Op::GetHostVms
             | Op::PutHostVms
             | Op::HostCommand => hosts::handle(self, call).await,

@@ -40,7 +40,7 @@ mod usage;
 pub mod view;
 pub mod vms;
 
-pub use ha::{HaError, HaStatus, Held, VmHa, VmHaState};
+pub use ha::{HaError, HaStatus, Held, HostFence, LockWait, VmHa, VmHaState, WitnessStatus};
 pub use liveness::Liveness;
 pub use ops::migration::{whereabouts, Whereabouts};
 pub use sessions::commands::CommandError;
@@ -208,6 +208,7 @@ pub fn request_for(spec: &VmSpec, rules: &PlacementRules) -> scheduler::Request 
         affinity: rules.affinity.clone(),
         anti_affinity: rules.anti_affinity.clone(),
         shared_storage: None,
+        disk_locks: None,
     }
 }
 
@@ -246,6 +247,8 @@ pub struct HostView {
     pub lease: Option<crate::ha::lease::HostState>,
     /// The shared storage its agent reports (while connected).
     pub shared_storage: Option<String>,
+    /// The disk lock space its agent reports (while connected).
+    pub disk_locks: Option<String>,
 }
 
 /// A VM's HA history and, while its host is fenced, its state.
@@ -255,6 +258,8 @@ pub struct VmHaView {
     pub history: crate::store::HaVmRecord,
     /// Restarting, waiting or lost (while its host is fenced).
     pub status: Option<ha::VmHa>,
+    /// Restarted, its start waiting on its disk lock.
+    pub lock_wait: Option<ha::LockWait>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

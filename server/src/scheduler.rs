@@ -120,6 +120,8 @@ pub struct Host {
     pub groups: HashSet<String>,
     /// The shared storage its agent reports (the pool's identity), if any.
     pub shared_storage: Option<String>,
+    /// The disk lock space its agent reports (`Inventory.disk_locks`).
+    pub disk_locks: Option<String>,
 }
 
 /// Resources claimed on a host.
@@ -150,6 +152,9 @@ pub struct Request {
     pub anti_affinity: Option<String>,
     /// The shared storage the host must report (None: any host).
     pub shared_storage: Option<SharedStorageNeed>,
+    /// The disk lock space the host must report (`[ha] disk_locks`: HA
+    /// VMs only on such hosts, restarts within the same space).
+    pub disk_locks: Option<SharedStorageNeed>,
 }
 
 /// Which shared storage a VM needs its host to report.
@@ -175,6 +180,10 @@ pub enum Filter {
     SharedStorage,
     /// Reports shared storage other than the one the VM's disks are on.
     OtherSharedStorage,
+    /// Reports no disk locks, and the VM needs them (`[ha] disk_locks`).
+    DiskLocks,
+    /// Reports a disk lock space other than the VM's.
+    OtherLockSpace,
     /// Runs a VM of the anti-affinity group.
     AntiAffinity,
     /// Not enough CPU under the overcommit ratio.
@@ -193,6 +202,8 @@ impl Filter {
             Filter::Labels => "missing required labels",
             Filter::SharedStorage => "with no shared storage",
             Filter::OtherSharedStorage => "with other shared storage",
+            Filter::DiskLocks => "without disk locks",
+            Filter::OtherLockSpace => "in another disk lock space",
             Filter::AntiAffinity => "excluded by anti-affinity",
             Filter::Cpu => "exhausted CPU",
             Filter::Memory => "exhausted memory",
@@ -252,6 +263,14 @@ pub fn check(p: &Policy, h: &Host, r: &Request) -> Option<Filter> {
         (Some(_), None) => return Some(Filter::SharedStorage),
         (Some(SharedStorageNeed::Same(want)), Some(has)) if want != has => {
             return Some(Filter::OtherSharedStorage)
+        }
+        (Some(_), Some(_)) => {}
+    }
+    match (&r.disk_locks, &h.disk_locks) {
+        (None, _) => {}
+        (Some(_), None) => return Some(Filter::DiskLocks),
+        (Some(SharedStorageNeed::Same(want)), Some(has)) if want != has => {
+            return Some(Filter::OtherLockSpace)
         }
         (Some(_), Some(_)) => {}
     }
@@ -385,6 +404,7 @@ mod tests {
             used: Usage::default(),
             groups: HashSet::new(),
             shared_storage: None,
+            disk_locks: None,
         }
     }
 
@@ -427,6 +447,32 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "no host fits: 1 host with no shared storage, 1 host with other shared storage"
+        );
+    }
+
+    #[test]
+    fn disk_locks_need_a_host_reporting_them_and_restarts_the_same_lock_space() {
+        let mut hosts = vec![host(1, 8, 16384), host(2, 8, 16384), host(3, 8, 16384)];
+        hosts[1].disk_locks = Some("/srv/a".into());
+        hosts[2].disk_locks = Some("/srv/b".into());
+        let p = all_hosts();
+        let any = Request {
+            disk_locks: Some(SharedStorageNeed::Any),
+            ..req(1, 1024)
+        };
+        assert_eq!(check(&p, &hosts[0], &any), Some(Filter::DiskLocks));
+        assert_eq!(check(&p, &hosts[1], &any), None);
+        let same = Request {
+            disk_locks: Some(SharedStorageNeed::Same("/srv/a".into())),
+            ..req(1, 1024)
+        };
+        assert_eq!(check(&p, &hosts[2], &same), Some(Filter::OtherLockSpace));
+        assert_eq!(Scheduler::default().place(&p, &hosts, &same), Ok(HostId(2)));
+        hosts.remove(1);
+        let e = Scheduler::default().place(&p, &hosts, &same).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no host fits: 1 host without disk locks, 1 host in another disk lock space"
         );
     }
 

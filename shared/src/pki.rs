@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -191,7 +191,10 @@ impl FleetCa {
     }
 
     /// Signs a host's CSR. Only the CSR's public key is used: the subject is
-    /// replaced by the host id and the usage is fixed to client auth.
+    /// replaced by the host id, the one DNS name is the host id, and the
+    /// usage is fixed to client auth (the link to the server) and server
+    /// auth (the peer witness, where other hosts verify "this is host X"
+    /// with standard server verification against the fleet CA).
     pub fn sign_host_csr(
         &self,
         csr_der: &[u8],
@@ -204,7 +207,18 @@ impl FleetCa {
         dn.push(DnType::CommonName, host_id.to_string());
         dn.push(DnType::OrganizationName, "NovaCron hosts");
         params.distinguished_name = dn;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let name = host_id
+            .to_string()
+            .try_into()
+            .map_err(|source| PkiError::Generate {
+                what: "host certificate name",
+                source,
+            })?;
+        params.subject_alt_names = vec![SanType::DnsName(name)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
@@ -385,6 +399,53 @@ mod tests {
         let info = CertInfo::parse(&der).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(info.host_id().ok(), Some(id));
         assert_eq!(info.not_after - info.not_before, 66);
+    }
+
+    #[test]
+    fn a_host_certificate_serves_as_that_host_to_its_peers() {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::{ServerName, UnixTime};
+        let (ca, _) = ca();
+        let (_key, csr) = make_csr("h1").unwrap_or_else(|e| panic!("{e}"));
+        let id = HostId(0x2a);
+        let now = crate::clock::Clock::system().wall();
+        let der = ca
+            .sign_host_csr(&csr, id, Validity::for_ttl(now, Duration::from_secs(60)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap_or_else(|e| panic!("{e}"));
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let at = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+        let name = |s: &str| ServerName::try_from(s.to_string()).unwrap_or_else(|e| panic!("{s}: {e}"));
+        // Server auth for its own id (a DNS name), not for another host's.
+        verifier
+            .verify_server_cert(&der, &[], &name(&id.to_string()), &[], at)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(verifier
+            .verify_server_cert(&der, &[], &name(&HostId(0x2b).to_string()), &[], at)
+            .is_err());
+        // And still a client certificate: both usages, one DNS name.
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap_or_else(|e| panic!("{e}"));
+        let eku = cert
+            .extended_key_usage()
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("no EKU"))
+            .value;
+        assert!(eku.client_auth && eku.server_auth, "{eku:?}");
+        let san = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("no SAN"))
+            .value;
+        assert_eq!(
+            san.general_names,
+            vec![x509_parser::extensions::GeneralName::DNSName(&id.to_string())]
+        );
     }
 
     #[test]

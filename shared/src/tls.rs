@@ -1,8 +1,12 @@
-//! QUIC and TLS configuration for both ends of the link.
+//! QUIC and TLS configuration for both ends of the link, and for the peer
+//! witness between agents.
 //!
 //! Only TLS 1.3 with the ring provider, ALPN `novacron/1`. The server accepts
 //! clients with no certificate only so that they can enroll; the session
-//! layer refuses anything but a join from them.
+//! layer refuses anything but a join from them. The peer witness
+//! ([`witness_server_config`], [`witness_client_config`]; ALPN
+//! [`crate::witness::ALPN`]) is mutual TLS both ways against the fleet CA:
+//! no certificate, no answer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -153,6 +157,66 @@ impl rustls::server::ResolvesServerCert for ReloadableCert {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
         Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
+}
+
+/// As a client certificate (the peer witness): the current one, whatever
+/// the server asks for.
+impl rustls::client::ResolvesClientCert for ReloadableCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// An agent's peer-witness endpoint: presents whatever host certificate
+/// `cert` holds (renewals apply from the next handshake) and accepts only
+/// clients with a certificate the fleet CA `ca` signed; ALPN
+/// [`crate::witness::ALPN`].
+pub fn witness_server_config(
+    ca: CertificateDer<'static>,
+    cert: Arc<ReloadableCert>,
+    idle_timeout: Duration,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    roots.add(ca)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    tls.alpn_protocols = vec![crate::witness::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport(idle_timeout, None));
+    Ok(cfg)
+}
+
+/// An agent asking its peers: verifies the answering host's certificate
+/// against the fleet CA `ca` with standard server verification (the name
+/// dialled is the peer's host id, which its certificate carries as a DNS
+/// name), and presents the host certificate `cert` holds; ALPN
+/// [`crate::witness::ALPN`].
+pub fn witness_client_config(
+    ca: CertificateDer<'static>,
+    cert: Arc<ReloadableCert>,
+    idle_timeout: Duration,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(cert);
+    tls.alpn_protocols = vec![crate::witness::ALPN.to_vec()];
+    finish_client(tls, idle_timeout)
 }
 
 /// An enrolled agent's config: trusts only the fleet CA, presents its own

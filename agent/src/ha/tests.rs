@@ -389,3 +389,89 @@ fn warnings_are_rate_limited() {
     time.advance(ms(1));
     assert_eq!(w.allow(clock.now()), Some(2));
 }
+
+fn terms(isolation: IsolationResponse) -> LeaseTerms {
+    LeaseTerms {
+        lease_ms: 6_000,
+        fence_time_ms: 2_000,
+        fence: FenceStyle::Kill,
+        isolation,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn keep_running_stands_the_fence_guard_down_and_self_fence_rearms_it() {
+    let r = rig(Model::with(&[(1, true, true)]), FenceMode::Kill);
+    leased(&r).await;
+    let deadline = (r.t0 + ms(1_000) + L).into_std();
+    r.lease.note_observed(&[]);
+    assert_eq!(r.lease.guard_view(), (Some(deadline), Some(vec![]), false));
+    r.lease
+        .apply_terms(&terms(IsolationResponse::KeepRunning))
+        .unwrap();
+    assert_eq!(
+        r.lease.guard_view(),
+        (None, Some(vec![]), true),
+        "no deadline to hold"
+    );
+    // Long past the lease end: nothing fenced, nothing startable.
+    at(r.t0 + ms(60_000)).await;
+    assert!(r.model.stops().is_empty(), "{:?}", r.model.stops());
+    assert!(
+        matches!(r.lease.state(), State::Lapsed { .. }),
+        "{:?}",
+        r.lease.state()
+    );
+    assert!(!r.lease.may_start_ha(r.lease.clock.now()));
+    assert_eq!(r.lease.views().peers, LeaseView::Lost { since: deadline });
+    // Back to self-fence: the lease is long gone, so the fence runs now.
+    r.lease.apply_terms(&terms(IsolationResponse::SelfFence)).unwrap();
+    at(r.t0 + ms(60_100)).await;
+    assert_eq!(r.model.stops(), vec![(VmId(1), r.t0 + ms(60_000), "kill")]);
+    assert!(r.lease.guard_view().2, "fenced: stand down");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renewal_under_self_fence_rearms_the_guard_after_keep_running() {
+    let r = rig(Model::with(&[(1, true, true)]), FenceMode::Kill);
+    leased(&r).await;
+    r.lease
+        .apply_terms(&terms(IsolationResponse::KeepRunning))
+        .unwrap();
+    r.lease.apply_terms(&terms(IsolationResponse::SelfFence)).unwrap();
+    let deadline = (r.t0 + ms(1_000) + L).into_std();
+    assert_eq!(r.lease.guard_view().0, Some(deadline));
+    assert!(!r.lease.guard_view().2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn saved_keep_running_terms_hold_across_a_restart() {
+    let r = rig(Model::with(&[(1, true, true)]), FenceMode::Kill);
+    r.lease.resume_saved(&terms(IsolationResponse::KeepRunning));
+    assert_eq!(r.lease.isolation(), IsolationResponse::KeepRunning);
+    // The witness defends the no-lease deadline; peers hear nothing.
+    let fence_at = (r.t0 + L).into_std();
+    assert_eq!(r.lease.views().rounds, LeaseView::Leased { until: fence_at });
+    assert_eq!(r.lease.views().peers, LeaseView::Idle);
+    at(r.t0 + L + ms(10_000)).await;
+    assert!(r.model.stops().is_empty(), "a previous run's HA VMs are kept");
+    assert!(!r.lease.may_start_ha(r.lease.clock.now()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_report_the_lease_left_and_a_confirmation_moves_the_fence() {
+    let r = rig(Model::with(&[(1, true, true)]), FenceMode::Kill);
+    r.lease.step(Event::SessionStarted);
+    assert_eq!(r.lease.heartbeat_sent(1), None);
+    r.lease.step(Event::AckReceived { seq: 1 });
+    at(r.t0 + ms(2_000)).await;
+    assert_eq!(r.lease.heartbeat_sent(2), Some(4_000));
+    // A confirmation until 1 s past the lease end: the fence waits for it.
+    let end = r.t0 + L;
+    r.lease.set_confirmation(Some((end + ms(1_000)).into_std()));
+    assert_eq!(r.lease.guard_view().0, Some((end + ms(1_000)).into_std()));
+    at(end + ms(999)).await;
+    assert!(r.model.stops().is_empty());
+    at(end + ms(1_100)).await;
+    assert_eq!(r.model.stops(), vec![(VmId(1), end + ms(1_000), "kill")]);
+}

@@ -29,7 +29,27 @@ pub fn host(v: HostView) -> api::hosts::Host {
         // A host the lease view does not track (revoked) holds no lease.
         lease: v.lease.map_or(api::ha::LeaseState::Suspect, lease_state),
         shared_storage: v.shared_storage,
+        // The fence and the isolation response are filled by the caller,
+        // which knows the HA status and config.
+        fence: api::ha::HostFence::default(),
+        isolation: api::ha::IsolationResponse::default(),
+        disk_locks: v.disk_locks,
     }
+}
+
+/// A host's hardware fence for the API (idle when absent).
+pub fn host_fence(f: Option<&crate::fleet::HostFence>) -> api::ha::HostFence {
+    use crate::ha::fence::FenceStatus as S;
+    use api::ha::FenceState as A;
+    f.map_or_else(api::ha::HostFence::default, |f| api::ha::HostFence {
+        state: match f.state {
+            S::Idle => A::Idle,
+            S::Fencing => A::Fencing,
+            S::Off => A::Off,
+            S::Failed => A::Failed,
+        },
+        error: f.error.clone(),
+    })
 }
 
 /// A lease state for the API.
@@ -164,6 +184,7 @@ pub fn vm(v: VmView) -> api::vms::Vm {
                 s,
             )
         }),
+        waiting: h.lock_wait.map(|w| w.describe()),
     });
     out
 }

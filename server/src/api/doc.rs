@@ -173,8 +173,15 @@ fn doc(route: &Route, c: &mut Components) -> OpDoc {
             200,
             json_content(c.add::<api::hosts::Host>()),
         ),
+        Op::FenceHost => (
+            "Run the host's hardware fence command now (status or off; admin, audited); the answer carries its exit and output",
+            vec![],
+            c.body::<api::ha::FenceRequest>(),
+            200,
+            json_content(c.add::<api::ha::FenceReply>()),
+        ),
         Op::GetHa => (
-            "High availability: every host's lease, the VMs of fenced hosts (restarting, waiting or lost) and the mass-failure guard",
+            "High availability: every host's lease and hardware fence, the VMs of fenced hosts (restarting, waiting or lost), restarted VMs waiting on their disk lock, the mass-failure guard and the peer witness",
             vec![],
             None,
             200,

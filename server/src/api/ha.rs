@@ -1,7 +1,7 @@
 //! High availability: `/v1/ha` and releasing *held*.
 
 use hyper::StatusCode;
-use novacron_api::ha::{FencedVm, GuardState, HaOverview, HostLease};
+use novacron_api::ha::{FencedVm, GuardState, HaOverview, HostLease, LockWait, WitnessOverview};
 use novacron_api::Empty;
 use novacron_shared::ids::{HostId, VmId};
 
@@ -34,6 +34,7 @@ fn overview(api: &Api) -> Result<HaOverview, ApiError> {
                 id: h.record.id,
                 name: h.record.name.clone(),
                 lease: convert::lease_state(h.lease?),
+                fence: convert::host_fence(status.fences.get(&h.record.id)),
             })
         })
         .collect();
@@ -41,6 +42,23 @@ fn overview(api: &Api) -> Result<HaOverview, ApiError> {
     for (id, s) in &status.vms {
         vms.push(fenced_vm(api, *id, s)?);
     }
+    let fencing: Vec<HostLease> = host_leases
+        .iter()
+        .filter(|h| status.fences.contains_key(&h.id))
+        .cloned()
+        .collect();
+    let mut lock_waits = Vec::with_capacity(status.lock_waits.len());
+    for (id, w) in &status.lock_waits {
+        let rec = f.store().vm(*id).map_err(|e| ApiError::internal(&e))?;
+        lock_waits.push(LockWait {
+            id: *id,
+            name: rec.map_or_else(String::new, |r| r.vm.spec.name),
+            host: w.host,
+            waiting: w.describe(),
+            since_ms: w.since_ms,
+        });
+    }
+    let w = f.witness_status();
     let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     Ok(HaOverview {
         enabled: cfg.enabled,
@@ -55,6 +73,17 @@ fn overview(api: &Api) -> Result<HaOverview, ApiError> {
         held: status.held.as_ref().map(convert::held),
         hosts: host_leases,
         vms,
+        isolation: cfg.isolation,
+        disk_locks: cfg.disk_locks,
+        hardware_fence: cfg.hardware_fence().is_some(),
+        fencing,
+        lock_waits,
+        witness: WitnessOverview {
+            enabled: w.enabled,
+            quorum: w.quorum,
+            peers: w.peers as u64,
+            pushes: w.pushes,
+        },
     })
 }
 

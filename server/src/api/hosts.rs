@@ -1,4 +1,5 @@
-//! Hosts: list, show, revoke, cordon, drain, desired VMs and commands.
+//! Hosts: list, show, revoke, cordon, drain, maintenance, the hardware
+//! fence on demand, desired VMs and commands.
 
 use hyper::StatusCode;
 use novacron_api::hosts::{CommandReply, HostCommand, HostList, PutHostVms};
@@ -24,10 +25,11 @@ pub(super) fn no_host(id: HostId) -> ApiError {
 pub(super) async fn handle(api: &Api, call: Call) -> Result<Resp, ApiError> {
     if call.op == Op::ListHosts {
         let hosts = api.fleet.hosts().map_err(|e| ApiError::internal(&e))?;
+        let status = api.fleet.ha_status();
         return reply(
             StatusCode::OK,
             &HostList {
-                hosts: hosts.into_iter().map(convert::host).collect(),
+                hosts: hosts.into_iter().map(|h| host_out(api, &status, h)).collect(),
             },
         );
     }
@@ -68,6 +70,10 @@ pub(super) async fn handle(api: &Api, call: Call) -> Result<Resp, ApiError> {
                 Err(crate::fleet::HaError::UnknownHost(_)) => Err(no_host(id)),
                 Err(e) => Err(ApiError::internal(&e)),
             }
+        }
+        Op::FenceHost => {
+            let body: novacron_api::ha::FenceRequest = read_json(call.req).await?;
+            fence(api, id, body).await
         }
         Op::GetHostVms => match api.fleet.host_vms(id).map_err(|e| ApiError::internal(&e))? {
             Some(v) => reply(StatusCode::OK, &convert::host_vms(v)),
@@ -132,9 +138,76 @@ fn command_kind(c: HostCommand) -> Result<CommandKind, ApiError> {
 
 fn show(api: &Api, id: HostId) -> Result<Resp, ApiError> {
     match api.fleet.host(id).map_err(|e| ApiError::internal(&e))? {
-        Some(h) => reply(StatusCode::OK, &convert::host(h)),
+        Some(h) => reply(StatusCode::OK, &host_out(api, &api.fleet.ha_status(), h)),
         None => Err(no_host(id)),
     }
+}
+
+/// A host for the API, with its hardware fence and the isolation response.
+fn host_out(
+    api: &Api,
+    status: &crate::fleet::HaStatus,
+    h: crate::fleet::HostView,
+) -> novacron_api::hosts::Host {
+    let id = h.record.id;
+    let mut out = convert::host(h);
+    out.fence = convert::host_fence(status.fences.get(&id));
+    out.isolation = api.fleet.ha_config().isolation;
+    out
+}
+
+/// Runs the host's hardware fence command (`status` or `off`) now.
+async fn fence(api: &Api, id: HostId, body: novacron_api::ha::FenceRequest) -> Result<Resp, ApiError> {
+    use crate::ha::fence::{Exit, FenceAction as F, Power};
+    use novacron_api::ha::{FenceAction, FenceReply, PowerState};
+    let Some(host) = api.fleet.host(id).map_err(|e| ApiError::internal(&e))? else {
+        return Err(no_host(id));
+    };
+    let Some(hw) = api.fleet.ha_config().hardware_fence() else {
+        return Err(ApiError::conflict(
+            ErrorCode::Conflict,
+            "no hardware fence is configured ([ha.fence] command in the server's config)",
+        ));
+    };
+    let action = match body.action {
+        FenceAction::Status => F::Status,
+        FenceAction::Off => F::Off,
+    };
+    let cmd = hw.command();
+    let name = host.record.name.clone();
+    tracing::warn!(host = %id, name = %name, action = action.as_str(), "hardware fence run on demand");
+    let ran = crate::ha::fence::run(&cmd.argv_for(&name, action), cmd.timeout).await;
+    api.fleet.bus.ha(
+        Some(id),
+        None,
+        format!(
+            "hardware fence of host {name} run on demand: {} → {}",
+            action.as_str(),
+            ran.describe()
+        ),
+    );
+    let exit_code = match ran.exit {
+        Exit::Code(c) => Some(c),
+        _ => None,
+    };
+    reply(
+        StatusCode::OK,
+        &FenceReply {
+            action: body.action,
+            exit_code,
+            timed_out: ran.exit == Exit::TimedOut,
+            power: (action == F::Status).then(|| match Power::of(&ran) {
+                Power::On => PowerState::On,
+                Power::Off => PowerState::Off,
+                Power::Unknown => PowerState::Unknown,
+            }),
+            done: (action == F::Off).then_some(exit_code == Some(0)),
+            output: match &ran.exit {
+                Exit::Error(e) if ran.output.is_empty() => e.clone(),
+                _ => ran.output,
+            },
+        },
+    )
 }
 
 /// Runs a command on a host's agent and answers with its outcome.

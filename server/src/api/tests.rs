@@ -44,6 +44,15 @@ async fn serve_fleet(
     dir: &std::path::Path,
     audit: Option<Arc<dyn AuditSink>>,
 ) -> (ApiClient, Store, Arc<Fleet>) {
+    serve_fleet_ha(dir, audit, crate::config::HaConfig::default()).await
+}
+
+/// [`serve_fleet`] with an `[ha]` config.
+async fn serve_fleet_ha(
+    dir: &std::path::Path,
+    audit: Option<Arc<dyn AuditSink>>,
+    ha: crate::config::HaConfig,
+) -> (ApiClient, Store, Arc<Fleet>) {
     std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
     let store = Store::open(&dir.join("db.redb")).unwrap_or_else(|e| panic!("{e}"));
     let hash = crate::secrets::hash(TOKEN);
@@ -58,12 +67,13 @@ async fn serve_fleet(
     let clock = Clock::system();
     let (ca, _) = novacron_shared::pki::FleetCa::generate("test", clock.wall(), Duration::from_secs(3600))
         .unwrap_or_else(|e| panic!("{e}"));
-    let fleet = Fleet::new(
+    let fleet = Fleet::with_ha(
         store.clone(),
         ca,
         AgentPolicy::default(),
         crate::scheduler::Policy::default(),
         MigrationPolicy::default(),
+        ha,
         clock.clone(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -302,4 +312,109 @@ async fn an_oversized_body_gets_a_readable_413_and_a_full_spec_fits() {
         Some((409, Some(ErrorCode::NoCapacity))),
         "read and checked, not refused for its size"
     );
+}
+
+/// `POST /v1/hosts/{host}/fence` runs the configured fence command now
+/// (admin only, audited) and answers with what it said; `GET /v1/ha`
+/// shows the guards' settings and the witness.
+#[tokio::test]
+async fn the_hardware_fence_runs_on_demand_for_admins_and_the_overview_shows_the_guards() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let script = tmp.path().join("fence");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho \"bmc $1 $2\"\ncase $2 in status) exit 2;; off) exit 0;; esac\nexit 1\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ha = crate::config::HaConfig {
+        fence: crate::config::FenceSetting::Hardware(crate::config::HardwareFence {
+            style: Default::default(),
+            command: vec![script.display().to_string(), "{host}".into(), "{action}".into()],
+            timeout: Duration::from_secs(20),
+            retries: 2,
+            hosts: Default::default(),
+        }),
+        ..Default::default()
+    };
+    let (api, store, _fleet) = serve_fleet_ha(&tmp.path().join("d"), None, ha).await;
+    let v = api
+        .call(Method::GET, "/v1/ha", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(v["isolation"], "self-fence", "{v}");
+    assert_eq!(v["hardware_fence"], true);
+    assert_eq!(v["disk_locks"], false);
+    assert_eq!(v["witness"]["enabled"], true);
+    assert_eq!(v["fencing"], json!([]));
+    assert_eq!(v["lock_waits"], json!([]));
+
+    let path = "/v1/hosts/00000000-0000-0000-0000-000000000001/fence";
+    let r = api.call(Method::POST, path, Some(json!({"action": "off"}))).await;
+    assert_eq!(r.map_err(refusal).err().map(|r| r.0), Some(404));
+    let h = crate::store::HostRecord {
+        id: novacron_shared::ids::HostId(1),
+        name: "h1".into(),
+        addresses: vec![],
+        capacity: Default::default(),
+        agent_version: "0".into(),
+        first_seen_ms: 0,
+        last_seen_ms: 0,
+        state: crate::store::HostState::Offline,
+        cert_serial: "1".into(),
+        cert_not_after: 0,
+    };
+    store.put_hosts(&[h]).unwrap_or_else(|e| panic!("{e}"));
+    let operator = "nca_test_operator";
+    store
+        .put_api_token(
+            &crate::secrets::hash(operator),
+            &ApiTokenRecord {
+                name: "op".into(),
+                role: Role::Operator,
+                created_ms: 0,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let as_operator = ApiClient::new(api.base().clone(), Some(operator.into()));
+    let r = as_operator
+        .call(Method::POST, path, Some(json!({"action": "off"})))
+        .await;
+    assert_eq!(r.map_err(refusal).err().map(|r| r.0), Some(403), "admins only");
+    let r = api.call(Method::POST, path, Some(json!({"action": "on"}))).await;
+    assert_eq!(
+        r.map_err(refusal).err().map(|r| r.0),
+        Some(400),
+        "on is not offered"
+    );
+    let status = api
+        .call(Method::POST, path, Some(json!({"action": "status"})))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status["power"], "off", "{status}");
+    assert_eq!(status["exit_code"], 2);
+    assert_eq!(status["output"], "bmc h1 status\n");
+    let off = api
+        .call(Method::POST, path, Some(json!({"action": "off"})))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(off["done"], true, "{off}");
+    assert_eq!(off["timed_out"], false);
+    let audit = store.audit(None, 50).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        audit.iter().filter(|a| a.path.ends_with("/fence")).count() >= 3,
+        "every fence request is audited: {audit:?}"
+    );
+    let host = api
+        .call(
+            Method::GET,
+            "/v1/hosts/00000000-0000-0000-0000-000000000001",
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(host["fence"]["state"], "idle", "{host}");
+    assert_eq!(host["isolation"], "self-fence");
 }

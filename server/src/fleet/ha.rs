@@ -18,7 +18,11 @@
 //! `[ha] enabled = false` changes none of this: only the driver restarts
 //! nothing.
 //!
-//! Owns: the lease view, the HA status and the release requests. Must not
+//! The witness terms pushed to agents live in [`witness`]
+//! (`fleet/ha/witness.rs`).
+//!
+//! Owns: the lease view, the HA status, the release requests and the
+//! witness addresses and terms sent. Must not
 //! touch: session state but through the session part's methods, placement
 //! but through the `Placer`.
 
@@ -33,7 +37,7 @@ use tokio::sync::watch;
 
 use super::{lock, request_for, Fleet, VmError};
 use crate::config::HaConfig;
-use crate::ha::lease::{HostLeases, HostState, LeaseError, Restored, Transition};
+use crate::ha::lease::{HostLeases, HostState, LeaseError, Loss, Restored, Transition};
 use crate::scheduler::SharedStorageNeed;
 use crate::store::{
     HostState as StoredState, RestartCommit, RestartRefusal, ReturnRefusal, Store, StoreError, VmRecord,
@@ -91,6 +95,44 @@ pub struct VmHa {
     pub since_ms: u64,
 }
 
+/// A host's hardware fence, as the driver last published it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFence {
+    /// Where it stands.
+    pub state: crate::ha::fence::FenceStatus,
+    /// The last attempt's error.
+    pub error: Option<String>,
+}
+
+/// A restarted HA VM whose start waits on its disk lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockWait {
+    /// The host it waits on (its new host).
+    pub host: HostId,
+    /// Since when, Unix ms.
+    pub since_ms: u64,
+}
+
+impl LockWait {
+    /// For people.
+    pub fn describe(&self) -> String {
+        format!("disk lock held (on host {})", self.host)
+    }
+}
+
+/// The witness terms last pushed to agents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WitnessStatus {
+    /// The peer witness is on (`[ha.witness] enabled`).
+    pub enabled: bool,
+    /// The quorum pushed (for the monitored hosts then).
+    pub quorum: u32,
+    /// Hosts reporting a witness address (peers pushed to each other).
+    pub peers: usize,
+    /// Terms pushed since the server started.
+    pub pushes: u64,
+}
+
 /// The HA driver's report for the API.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HaStatus {
@@ -100,6 +142,10 @@ pub struct HaStatus {
     pub releasing: bool,
     /// VMs of fenced hosts, by id.
     pub vms: BTreeMap<VmId, VmHa>,
+    /// Hosts whose hardware fence is not idle, by id.
+    pub fences: BTreeMap<HostId, HostFence>,
+    /// Restarted VMs waiting on a disk lock, by id.
+    pub lock_waits: BTreeMap<VmId, LockWait>,
 }
 
 /// The HA part's state.
@@ -112,6 +158,11 @@ pub(super) struct Ha {
     /// Hosts declared fenced whose must-return flag is not stored yet
     /// (retried at every tick; a restart needs the stored flag).
     unstored: Mutex<std::collections::BTreeSet<HostId>>,
+    /// The peer witness's addresses and the terms sent.
+    witness: Mutex<witness::Witness>,
+    /// Each host's disk lock space, as its latest inventory in this run
+    /// reported it (kept while it is silent: its VMs restart within it).
+    lock_spaces: Mutex<BTreeMap<HostId, String>>,
 }
 
 impl Ha {
@@ -151,6 +202,8 @@ impl Ha {
             status: Mutex::new(HaStatus::default()),
             releases: watch::channel(0).0,
             unstored: Mutex::new(std::collections::BTreeSet::new()),
+            witness: Mutex::new(witness::Witness::default()),
+            lock_spaces: Mutex::new(BTreeMap::new()),
         })
     }
 }
@@ -204,6 +257,22 @@ impl Fleet {
         lock(&self.ha.leases).hosts().collect()
     }
 
+    /// Every host's lease loss at `now` (under way, or the last one).
+    pub fn lease_losses(&self, now: Instant) -> std::collections::HashMap<HostId, Loss> {
+        let l = lock(&self.ha.leases);
+        let ids: Vec<HostId> = l.hosts().map(|(h, _)| h).collect();
+        ids.into_iter()
+            .filter_map(|h| l.loss(h, now).map(|x| (h, x)))
+            .collect()
+    }
+
+    /// `host`'s hardware fence confirmed it off at `at`: fenced at once.
+    pub fn fence_confirmed_off(&self, host: HostId, at: Instant) -> Result<(), HaError> {
+        lock(&self.ha.leases).confirmed_off(host, at)?;
+        self.bump_lease_changes();
+        Ok(())
+    }
+
     /// When a frame from `host` last arrived in this run.
     pub fn lease_last_heard(&self, host: HostId) -> Option<Instant> {
         lock(&self.ha.leases).last_heard(host)
@@ -255,6 +324,8 @@ impl Fleet {
         };
         self.bus.ha(Some(host), None, format!("host {host} {what}"));
         self.bump_lease_changes();
+        // The monitored hosts changed: so may the quorum.
+        self.push_witness_terms();
         Ok(())
     }
 
@@ -345,9 +416,24 @@ impl Fleet {
         }
         let on_shared = !rec.vm.spec.ephemeral && !rec.vm.spec.disks.is_empty();
         let mut req = request_for(&rec.vm.spec, &rec.rules);
+        let pool = if on_shared {
+            self.store.ha_vm(vm)?.and_then(|h| h.shared_storage)
+        } else {
+            None
+        };
         if on_shared {
-            let pool = self.store.ha_vm(vm)?.and_then(|h| h.shared_storage);
-            req.shared_storage = Some(pool.map_or(SharedStorageNeed::Any, SharedStorageNeed::Same));
+            req.shared_storage = Some(
+                pool.clone()
+                    .map_or(SharedStorageNeed::Any, SharedStorageNeed::Same),
+            );
+        }
+        if self.ha.config.disk_locks {
+            // Within the old host's lock space, so the new start waits on
+            // the lock while the old copy may run (keep-running). Not
+            // known in this run (the host never reported since the server
+            // started): the lock space is the pool the disks are on.
+            let space = lock(&self.ha.lock_spaces).get(&from).cloned().or(pool);
+            req.disk_locks = Some(space.map_or(SharedStorageNeed::Any, SharedStorageNeed::Same));
         }
         {
             let l = lock(&self.ha.leases);
@@ -426,6 +512,19 @@ impl Fleet {
         Ok(done.record)
     }
 
+    /// `host`'s inventory reported disk lock space `space`.
+    pub(super) fn note_lock_space(&self, host: HostId, space: Option<String>) {
+        let mut l = lock(&self.ha.lock_spaces);
+        match space {
+            Some(s) => {
+                l.insert(host, s);
+            }
+            None => {
+                l.remove(&host);
+            }
+        }
+    }
+
     /// Bumps [`Fleet::lease_changes`].
     pub(super) fn bump_lease_changes(&self) {
         self.ha.changes.send_modify(|n| *n = n.wrapping_add(1));
@@ -433,20 +532,32 @@ impl Fleet {
 
     /// `host` opened a session at `now`.
     pub(super) fn ha_connected(&self, host: HostId, now: Instant) {
+        self.witness_session_opens(host);
         lock(&self.ha.leases).connected(host, now);
         self.bump_lease_changes();
+        // A host new to this run changes the fleet the quorum counts.
+        self.push_witness_terms();
     }
 
-    /// A frame from `host` arrived at `now`: recorded, then (under the same
-    /// lock) whether a heartbeat in it may be acknowledged.
+    /// A frame from `host` arrived at `now` (`lease_left`: a heartbeat,
+    /// with the lease it reported): recorded, then (under the same lock)
+    /// whether a heartbeat in it may be acknowledged.
     /// A host the leases do not track (forgotten at revocation while its
     /// session closes) is not tracked again, and gets no ack.
-    pub(super) fn ha_heard(&self, host: HostId, now: Instant) -> bool {
+    pub(super) fn ha_heard(
+        &self,
+        host: HostId,
+        now: Instant,
+        lease_left: Option<Option<std::time::Duration>>,
+    ) -> bool {
         let mut l = lock(&self.ha.leases);
         if l.state(host).is_none() {
             return false;
         }
-        l.heard(host, now);
+        match lease_left {
+            Some(left) => l.heartbeat(host, now, left),
+            None => l.heard(host, now),
+        }
         l.may_ack(host, now)
     }
 
@@ -460,8 +571,10 @@ impl Fleet {
     pub(super) fn ha_forget(&self, host: HostId) {
         let _ = lock(&self.ha.leases).forget(host);
         self.bump_lease_changes();
+        self.witness_forget(host);
     }
 }
 
 #[cfg(test)]
 mod tests;
+mod witness;

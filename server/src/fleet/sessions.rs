@@ -142,6 +142,11 @@ impl LiveSession {
             .and_then(|i| i.shared_storage.clone())
     }
 
+    /// The disk lock space the latest inventory reports.
+    pub fn disk_locks(&self) -> Option<String> {
+        lock(&self.inventory).as_ref().and_then(|i| i.disk_locks.clone())
+    }
+
     /// Whether the agent is reconciled to `generation`: its latest
     /// reconcile report answers it and is converged, and its latest
     /// inventory holds none of the `departed` VMs.
@@ -446,6 +451,12 @@ impl Fleet {
             greeting = framing::write_frame(&mut send, version, &terms, &mut wbuf).await;
         }
         if greeting.is_ok() {
+            // The witness terms right after the lease terms.
+            if let Some(w) = self.witness_greeting(host_id) {
+                greeting = framing::write_frame(&mut send, version, &w, &mut wbuf).await;
+            }
+        }
+        if greeting.is_ok() {
             // The desired state goes next, so the agent can converge at once.
             match self.store.desired(host_id) {
                 Ok(Some(d)) => {
@@ -560,7 +571,13 @@ impl Fleet {
             }
             // Every frame counts for the lease; an ack renews it, so it is
             // decided under the same lock, after the frame is recorded.
-            let may_ack = self.ha_heard(host_id, now);
+            let lease_left = match &msg {
+                AgentMessage::Heartbeat(hb) => {
+                    Some(hb.lease_left_ms.map(|ms| Duration::from_millis(u64::from(ms))))
+                }
+                _ => None,
+            };
+            let may_ack = self.ha_heard(host_id, now, lease_left);
             let reply = match msg {
                 AgentMessage::Heartbeat(hb) if may_ack => {
                     Some(ServerMessage::HeartbeatAck(HeartbeatAck { seq: hb.seq }))
@@ -606,7 +623,20 @@ impl Fleet {
                         }
                     }
                     tracing::debug!(host_id = %host_id, vms = inv.vms.len(), "inventory");
+                    let witness = inv.witness.filter(|a| !a.ip().is_unspecified() && a.port() != 0);
+                    if inv.witness.is_some() && witness.is_none() {
+                        warn_limited!(self.sessions.limiter, host_id = %host_id, "inventory's witness address ignored (unspecified address or port 0)");
+                    }
+                    inv.witness = witness;
+                    if let Some(l) = inv.disk_locks.as_deref() {
+                        if let Err(e) = novacron_shared::spec::check_path(l) {
+                            warn_limited!(self.sessions.limiter, host_id = %host_id, error = %e, "inventory's disk lock space ignored");
+                            inv.disk_locks = None;
+                        }
+                    }
+                    self.note_lock_space(host_id, inv.disk_locks.clone());
                     *session.inventory.lock().unwrap_or_else(|p| p.into_inner()) = Some(inv);
+                    self.witness_address(host_id, witness);
                     self.bump_lease_changes();
                     None
                 }

@@ -205,6 +205,7 @@ impl Fleet {
                     used: scheduler::Usage::default(),
                     groups: HashSet::new(),
                     shared_storage: live.and_then(|s| s.shared_storage()),
+                    disk_locks: live.and_then(|s| s.disk_locks()),
                 }
             })
             .collect())
@@ -251,6 +252,10 @@ impl Fleet {
                 )));
             }
             r.shared_storage = Some(scheduler::SharedStorageNeed::Any);
+        }
+        if req.spec.ha && self.ha_config().disk_locks {
+            // `[ha] disk_locks`: only hosts whose libvirt locks the disks.
+            r.disk_locks = Some(scheduler::SharedStorageNeed::Any);
         }
         let created_ms = self.clock.unix_ms();
         // The claim is reserved under the placement lock; the commit runs
@@ -363,7 +368,9 @@ impl Fleet {
         let observed = host
             .and_then(|h| self.live(h))
             .and_then(|s| s.observed(rec.vm.id));
-        let status = self.ha_status().vms.get(&rec.vm.id).cloned();
+        let ha_status = self.ha_status();
+        let status = ha_status.vms.get(&rec.vm.id).cloned();
+        let lock_wait = ha_status.lock_waits.get(&rec.vm.id).copied();
         let ha = if rec.vm.spec.ha || status.is_some() {
             let history = match self.store.ha_vm(rec.vm.id) {
                 Ok(h) => h.unwrap_or_default(),
@@ -372,7 +379,11 @@ impl Fleet {
                     Default::default()
                 }
             };
-            Some(super::VmHaView { history, status })
+            Some(super::VmHaView {
+                history,
+                status,
+                lock_wait,
+            })
         } else {
             None
         };
@@ -434,6 +445,7 @@ mod tests {
             used: scheduler::Usage::default(),
             groups: HashSet::new(),
             shared_storage: None,
+            disk_locks: None,
         }
     }
 

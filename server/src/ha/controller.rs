@@ -10,8 +10,20 @@
 //!
 //! - Only a host whose lease state is `Fenced` has its VMs restarted: the
 //!   server's lease view says so only after the host's agent must have
-//!   killed its HA VMs (`novacron_shared::lease`). Never while the
-//!   mass-failure guard ([`super::guard`]) holds that host.
+//!   killed its HA VMs (`novacron_shared::lease`), or once its hardware
+//!   fence confirmed it off. Never while the mass-failure guard
+//!   ([`super::guard`]) holds that host.
+//! - **Isolation response** `keep-running`: an agent keeps its VMs past
+//!   its lease, so the lease wait alone proves nothing. A fenced host's
+//!   VMs restart only when its hardware fence confirmed it off, or — with
+//!   disk locks (`ha.disk_locks`) — after the lease wait, onto a host of
+//!   the same lock space, where the start waits on the lock until the old
+//!   copy is gone. Without either (a fence still running, or failed) the
+//!   VMs wait (*fencing*; a failed fence is an alert, retried).
+//! - **Hardware fence** (configured): a host whose lease expired (or that
+//!   is fenced by the wait) and whose restart the guard allows is fenced
+//!   ([`Decision::Fence`], once while its fence is idle). In `self-fence`
+//!   a failed fence falls back to the lease wait.
 //! - A VM is restarted when it is HA and should be running; not while it
 //!   is in a live migration (the migration driver decides where it is
 //!   first). Restarts are proposed higher `ha_priority` first, then oldest
@@ -33,8 +45,11 @@ use std::time::{Duration, Instant};
 
 use novacron_shared::ids::{HostId, VmId};
 
+use novacron_shared::protocol::IsolationResponse;
+
+use super::fence::FenceStatus;
 use super::guard::{Guard, GuardChange, GuardPolicy, GuardState, HostLease};
-use super::lease::HostState;
+use super::lease::{HostState, Loss};
 
 /// How the controller acts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -46,6 +61,13 @@ pub struct Policy {
     pub guard: GuardPolicy,
     /// A VM that did not fit is proposed again after this.
     pub retry: Duration,
+    /// What isolated agents do with their HA VMs (`[ha] isolation`).
+    pub isolation: IsolationResponse,
+    /// Disks of HA VMs are guarded by libvirt's lock manager
+    /// (`[ha] disk_locks`): restarts stay within one lock space.
+    pub disk_locks: bool,
+    /// A hardware fence command is configured (`[ha.fence]`).
+    pub hardware_fence: bool,
 }
 
 impl Default for Policy {
@@ -54,6 +76,9 @@ impl Default for Policy {
             enabled: true,
             guard: GuardPolicy::default(),
             retry: Duration::from_secs(5),
+            isolation: IsolationResponse::SelfFence,
+            disk_locks: false,
+            hardware_fence: false,
         }
     }
 }
@@ -68,6 +93,23 @@ pub struct HostInput {
     /// Its agent has reconciled to its current desired state, and none of
     /// the VMs that departed from it is still defined there.
     pub reconciled: bool,
+    /// Its lease loss under way or the last one (the lease view's).
+    pub loss: Option<Loss>,
+    /// Its hardware fence (idle when none is configured).
+    pub fence: FenceStatus,
+}
+
+impl HostInput {
+    /// A host with no loss recorded and an idle fence.
+    pub fn new(id: HostId, lease: HostState, reconciled: bool) -> Self {
+        Self {
+            id,
+            lease,
+            reconciled,
+            loss: None,
+            fence: FenceStatus::Idle,
+        }
+    }
 }
 
 /// One VM, as the controller needs it.
@@ -102,6 +144,12 @@ pub enum Decision {
         from: HostId,
         /// Its epoch as seen; the fleet raises it by one.
         epoch: u64,
+    },
+    /// Power `host` off through its hardware fence (its lease expired and
+    /// the guard allows its restart).
+    Fence {
+        /// The host.
+        host: HostId,
     },
     /// Returning `host` is reconciled: it may hold a lease again.
     ReturnedClean {
@@ -150,6 +198,13 @@ pub enum Waiting {
     Migrating,
     /// HA restarts are off (`[ha] enabled = false`).
     Disabled,
+    /// `keep-running` without disk locks: its host must be confirmed off
+    /// by the hardware fence first (`failed`: the last round failed; it is
+    /// retried).
+    Fencing {
+        /// The fence's last round failed.
+        failed: bool,
+    },
 }
 
 impl Waiting {
@@ -166,6 +221,12 @@ impl Waiting {
                 .into(),
             Waiting::Migrating => "a live migration of it is under way".into(),
             Waiting::Disabled => "HA restarts are off ([ha] enabled = false)".into(),
+            Waiting::Fencing { failed: false } => {
+                "fencing: its host keeps running its copy (keep-running); waiting for the hardware fence to confirm it off".into()
+            }
+            Waiting::Fencing { failed: true } => {
+                "fencing failed: the hardware fence could not confirm its host off; retried (keep-running, no disk locks)".into()
+            }
         }
     }
 }
@@ -287,11 +348,19 @@ impl Controller {
                 _ if !self.policy.enabled => Some(Waiting::Disabled),
                 _ if v.migrating => Some(Waiting::Migrating),
                 _ if !self.guard.allows(host) => Some(Waiting::Held),
-                _ => None,
+                _ => self.fence_wait(host, hosts),
             };
             match wait {
                 Some(w) => self.set_waiting(v.id, host, now, w),
                 None => candidates.push(v),
+            }
+        }
+        if self.policy.hardware_fence {
+            for h in hosts {
+                let expired = matches!(h.lease, HostState::LeaseExpired | HostState::Fenced);
+                if expired && h.fence == FenceStatus::Idle && self.guard.allows(h.id) {
+                    out.push(Decision::Fence { host: h.id });
+                }
             }
         }
         candidates.sort_by_key(|v| (std::cmp::Reverse(v.priority), v.created_ms, v.id));
@@ -326,6 +395,20 @@ impl Controller {
         out
     }
 
+    /// In `keep-running`, what a restart from fenced `host` still waits
+    /// for (module header).
+    fn fence_wait(&self, host: HostId, hosts: &[HostInput]) -> Option<Waiting> {
+        if self.policy.isolation == IsolationResponse::SelfFence || self.policy.disk_locks {
+            return None;
+        }
+        let fence = hosts.iter().find(|h| h.id == host).map(|h| h.fence);
+        match fence {
+            Some(FenceStatus::Off) => None,
+            Some(FenceStatus::Failed) => Some(Waiting::Fencing { failed: true }),
+            _ => Some(Waiting::Fencing { failed: false }),
+        }
+    }
+
     fn set_waiting(&mut self, vm: VmId, host: HostId, now: Instant, w: Waiting) {
         match self.vms.get_mut(&vm) {
             Some(s) if s.waiting.as_ref() == Some(&w) && s.host == host => {}
@@ -354,6 +437,7 @@ fn leases(hosts: &[HostInput]) -> Vec<HostLease> {
         .map(|h| HostLease {
             id: h.id,
             lease: h.lease,
+            loss: h.loss,
         })
         .collect()
 }

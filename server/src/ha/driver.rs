@@ -3,11 +3,20 @@
 //! the controller's decisions out through the fleet's action channel, and
 //! publishes the HA status the API shows.
 //!
+//! It also runs the hardware fences the controller asks for
+//! ([`fences`]: a host confirmed off is fenced in the lease view at once),
+//! and shows restarted VMs whose start waits on a disk lock still held
+//! elsewhere (drift of kind `DiskLockHeld` on their new host: an expected
+//! wait, one event per wait).
+//!
 //! One task; it holds no lock of the fleet across an await. It wakes when
 //! the lease view can change by time alone, when the controller has a
-//! retry or a release step due, when a host's facts change (connect,
-//! disconnect, report, inventory, maintenance), when an operator releases
-//! *held*, and at least every [`MAX_SLEEP`].
+//! retry or a release step due, when a fence command ends or a failed
+//! fence is due again, when a host's facts change (connect, disconnect,
+//! report, inventory, maintenance), when an operator releases *held*, and
+//! at least every [`MAX_SLEEP`].
+
+mod fences;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +27,7 @@ use novacron_shared::spec::Power;
 use super::controller::{Controller, Decision, HostInput, Policy, VmInput};
 use super::guard::{GuardPolicy, GuardState};
 use super::lease::HostState;
-use crate::fleet::ha::{HaStatus, Held, VmHa, VmHaState};
+use crate::fleet::ha::{HaStatus, Held, HostFence, LockWait, VmHa, VmHaState};
 use crate::fleet::view::{Action, ActionError, Outcome};
 use crate::fleet::{Fleet, VmError};
 use crate::telemetry::TELEMETRY;
@@ -29,7 +38,9 @@ pub const MAX_SLEEP: Duration = Duration::from_secs(1);
 /// Who the operation log names for the driver's actions.
 const ACTOR: &str = "ha-controller";
 
-/// The controller's policy from the server's `[ha]` config.
+/// The controller's policy from the server's `[ha]` config. With the
+/// witness on, lost leases count for the guard's memory
+/// (`WitnessTiming::guard_memory`).
 pub fn policy(c: &crate::config::HaConfig) -> Policy {
     Policy {
         enabled: c.enabled,
@@ -37,8 +48,12 @@ pub fn policy(c: &crate::config::HaConfig) -> Policy {
             ratio: c.mass_failure_ratio,
             window: c.mass_failure_window,
             release_step: c.release_step,
+            memory: c.witness.enabled.then(|| c.witness_timing().guard_memory()),
         },
         retry: c.retry,
+        isolation: c.isolation,
+        disk_locks: c.disk_locks,
+        hardware_fence: c.hardware_fence().is_some(),
     }
 }
 
@@ -58,6 +73,8 @@ pub async fn run(fleet: Arc<Fleet>) {
     releases.borrow_and_update();
     let actions = fleet.actions();
     let mut names = std::collections::HashMap::new();
+    let (mut fences, mut fence_done) = fences::Fences::new(fleet.ha_config());
+    let mut lock_waits = LockWaits::default();
     loop {
         let now = clock.now();
         match fleet.tick_leases(now) {
@@ -85,6 +102,14 @@ pub async fn run(fleet: Arc<Fleet>) {
                 continue;
             }
         };
+        let named: Vec<(HostId, HostState, String)> = view
+            .hosts
+            .iter()
+            .map(|h| (h.id, h.lease, h.name.clone()))
+            .collect();
+        fences.settle(&fleet, &named);
+        fences.poll(&fleet, now);
+        let losses = fleet.lease_losses(now);
         let hosts: Vec<HostInput> = view
             .hosts
             .iter()
@@ -92,6 +117,8 @@ pub async fn run(fleet: Arc<Fleet>) {
                 id: h.id,
                 lease: h.lease,
                 reconciled: h.reconciled,
+                loss: losses.get(&h.id).copied(),
+                fence: fences.status(h.id).0,
             })
             .collect();
         let vms: Vec<VmInput> = view
@@ -117,20 +144,30 @@ pub async fn run(fleet: Arc<Fleet>) {
         }
         decisions.extend(ctl.step(now, &hosts, &vms));
         for d in decisions {
+            if let Decision::Fence { host } = d {
+                fences.start(&fleet, host);
+                continue;
+            }
             carry_out(&fleet, &actions, &mut ctl, d, &names).await;
         }
-        publish(&fleet, &ctl, &hosts, now);
+        lock_waits.observe(&fleet, &view, now);
+        publish(&fleet, &ctl, &hosts, &fences, &lock_waits, now);
 
         let now = clock.now();
-        let wake = [fleet.next_lease_tick(now), ctl.next_wakeup()]
-            .into_iter()
-            .flatten()
-            .min()
-            .map_or(MAX_SLEEP, |t| t.saturating_duration_since(now).min(MAX_SLEEP));
+        let wake = [
+            fleet.next_lease_tick(now),
+            ctl.next_wakeup(),
+            fences.next_wakeup(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map_or(MAX_SLEEP, |t| t.saturating_duration_since(now).min(MAX_SLEEP));
         tokio::select! {
             () = tokio::time::sleep(wake) => {}
             r = changes.changed() => if r.is_err() { return },
             r = releases.changed() => if r.is_err() { return },
+            Some(done) = fence_done.recv() => fences.done(&fleet, clock.now(), done),
         }
     }
 }
@@ -200,6 +237,8 @@ async fn carry_out(
                 }
             }
         }
+        // Run by the driver's fences (`run`), never reaches here.
+        Decision::Fence { .. } => {}
         Decision::ReturnedClean { host } => {
             match actions.submit(Action::ReturnedClean { host }, ACTOR).await {
                 Ok(_) => {
@@ -256,8 +295,54 @@ async fn carry_out(
     }
 }
 
+/// Restarted VMs whose start waits on a disk lock held elsewhere.
+#[derive(Default)]
+struct LockWaits {
+    /// By VM: the host it waits on, since when.
+    waits: std::collections::BTreeMap<VmId, (HostId, Instant)>,
+}
+
+impl LockWaits {
+    /// Reads the hosts' latest reconcile reports: an HA VM placed on a
+    /// host reporting drift of kind `DiskLockHeld` for it waits; one event
+    /// when a wait begins.
+    fn observe(&mut self, fleet: &Fleet, view: &crate::fleet::view::FleetView, now: Instant) {
+        let held = fleet.disk_lock_waits();
+        let mut seen = std::collections::BTreeSet::new();
+        for v in view.vms.iter().filter(|v| v.ha) {
+            let Some(host) = v.placement.host() else {
+                continue;
+            };
+            if !held.get(&host).is_some_and(|names| names.contains(&v.name)) {
+                continue;
+            }
+            seen.insert(v.id);
+            if self.waits.get(&v.id).is_none_or(|(h, _)| *h != host) {
+                self.waits.insert(v.id, (host, now));
+                tracing::info!(vm = %v.name, id = %v.id, host = %host, "HA: VM waits for its disk lock (another copy, or its old host, still holds it)");
+                fleet.bus.ha(
+                    Some(host),
+                    Some(v.id),
+                    format!(
+                        "VM {} waits on host {host}: disk lock held elsewhere (the old copy is not gone yet); retried, not an error",
+                        v.name
+                    ),
+                );
+            }
+        }
+        self.waits.retain(|vm, _| seen.contains(vm));
+    }
+}
+
 /// Publishes the controller's state for the API.
-fn publish(fleet: &Fleet, ctl: &Controller, hosts: &[HostInput], now: Instant) {
+fn publish(
+    fleet: &Fleet,
+    ctl: &Controller,
+    hosts: &[HostInput],
+    fences: &fences::Fences,
+    lock_waits: &LockWaits,
+    now: Instant,
+) {
     for state in crate::telemetry::LEASE_STATES {
         let n = hosts.iter().filter(|h| h.lease == state).count();
         TELEMETRY
@@ -305,9 +390,29 @@ fn publish(fleet: &Fleet, ctl: &Controller, hosts: &[HostInput], now: Instant) {
             )
         })
         .collect();
+    let fences = fences
+        .all()
+        .into_iter()
+        .map(|(h, (state, error))| (h, HostFence { state, error }))
+        .collect();
+    let lock_waits = lock_waits
+        .waits
+        .iter()
+        .map(|(vm, (host, since))| {
+            (
+                *vm,
+                LockWait {
+                    host: *host,
+                    since_ms: to_ms(*since),
+                },
+            )
+        })
+        .collect();
     fleet.publish_ha_status(HaStatus {
         held,
         releasing: matches!(ctl.guard(), GuardState::Releasing { .. }),
         vms,
+        fences,
+        lock_waits,
     });
 }

@@ -10,9 +10,16 @@
 //! at the first step that saw it so; a host not heard since the server
 //! started went silent at the start):
 //!
-//! - **Enter held** when the hosts whose lease has expired (`LeaseExpired`
-//!   or `Fenced`) and that went silent within the last `window` are at
-//!   least two and more than `ratio · monitored`. A host only suspect (late
+//! A host *counts* when its lease has expired (`LeaseExpired` or
+//! `Fenced`), or — with the peer witness on (`memory` set) — when it lost
+//! its lease (the lease view's [`Loss`], heard or not) at any instant of
+//! the last `memory` ([`WitnessTiming::guard_memory`]); a host counted by
+//! its loss went silent at the loss's start (the later of the two starts
+//! when both apply). Lost hosts in maintenance count too (they can
+//! confirm a peer's loss); `monitored` does not include them.
+//!
+//! - **Enter held** when the counted hosts that went silent within the
+//!   last `window` are at least two and more than `ratio · monitored`. A host only suspect (late
 //!   heartbeats on a busy machine) does not count: hosts cut off together
 //!   all pass their lease within a heartbeat of each other, before the
 //!   first of them is fenced. One host alone never holds: in a
@@ -21,8 +28,8 @@
 //! - **While held** no fenced host is released, whatever its age: the
 //!   window only decides entry, so a long outage of the server's network
 //!   does not age into restarts.
-//! - **Leave held** by itself when the hosts whose lease is still expired
-//!   are no longer more than the share (or fewer than two): the guard turns *releasing*
+//! - **Leave held** by itself when the hosts still counted are no longer
+//!   more than the share (or fewer than two): the guard turns *releasing*
 //!   and releases the fenced hosts it held back one per `release_step`
 //!   (the first a step after leaving held), longest silent first; hosts fenced while releasing queue behind them.
 //!   It is normal again when the queue is empty. If the share is exceeded
@@ -32,14 +39,23 @@
 //!   longer count towards a new hold (the operator judged them) until they
 //!   are heard again.
 //!
+//! With the witness on, these are the guard's side of the argument in
+//! `novacron_shared::witness` (its thresholds are checked against
+//! [`WitnessTiming::check`] when the config is read): a host whose peers
+//! confirm its loss is counted together with them, so the guard holds
+//! before any of their VMs could be restarted.
+//!
 //! Pure: `now` and the hosts' lease states in, decisions out.
+//!
+//! [`WitnessTiming::guard_memory`]: novacron_shared::witness::WitnessTiming::guard_memory
+//! [`WitnessTiming::check`]: novacron_shared::witness::WitnessTiming::check
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use novacron_shared::ids::HostId;
 
-use super::lease::HostState;
+use super::lease::{HostState, Loss};
 
 /// The guard's thresholds.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -50,14 +66,19 @@ pub struct GuardPolicy {
     pub window: Duration,
     /// While releasing, one more fenced host per step.
     pub release_step: Duration,
+    /// With the peer witness on: hosts that lost their lease count for
+    /// this long after their loss ended (`WitnessTiming::guard_memory`).
+    /// `None`: losses are not counted, only expired leases.
+    pub memory: Option<Duration>,
 }
 
 impl Default for GuardPolicy {
     fn default() -> Self {
         Self {
-            ratio: 0.3,
+            ratio: novacron_shared::witness::DEFAULT_MASS_FAILURE_RATIO,
             window: Duration::from_secs(60),
             release_step: Duration::from_secs(10),
+            memory: None,
         }
     }
 }
@@ -109,6 +130,20 @@ pub struct HostLease {
     pub id: HostId,
     /// Its lease state, as the server's lease view last reported it.
     pub lease: HostState,
+    /// Its loss of the lease under way, or the last one that ended
+    /// ([`super::lease::HostLeases::loss`]).
+    pub loss: Option<Loss>,
+}
+
+impl HostLease {
+    /// A host with no loss recorded.
+    pub fn new(id: HostId, lease: HostState) -> Self {
+        Self {
+            id,
+            lease,
+            loss: None,
+        }
+    }
 }
 
 /// The guard (pure).
@@ -122,6 +157,8 @@ pub struct Guard {
     released: BTreeSet<HostId>,
     /// Silent hosts an operator released: not counted for a new hold.
     judged: BTreeSet<HostId>,
+    /// When a counted loss leaves the memory next.
+    forget_at: Option<Instant>,
 }
 
 fn is_silent(s: HostState) -> bool {
@@ -141,7 +178,33 @@ impl Guard {
             silent_since: known.into_iter().map(|h| (h, now)).collect(),
             released: BTreeSet::new(),
             judged: BTreeSet::new(),
+            forget_at: None,
         }
+    }
+
+    /// The hosts counted at `now` (module header), each with its silence
+    /// start; judged hosts left out.
+    fn counted(&self, now: Instant, hosts: &[HostLease]) -> BTreeMap<HostId, Instant> {
+        let mut out = BTreeMap::new();
+        for h in hosts {
+            if self.judged.contains(&h.id) {
+                continue;
+            }
+            let lapsed = matches!(h.lease, HostState::LeaseExpired | HostState::Fenced)
+                .then(|| self.silent_since.get(&h.id).copied().unwrap_or(now));
+            let lost = self.policy.memory.and_then(|m| {
+                let from = now.checked_sub(m).unwrap_or(now);
+                h.loss.filter(|l| l.overlaps(from, now)).map(|l| l.since)
+            });
+            let start = match (lapsed, lost) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(t) = start {
+                out.insert(h.id, t);
+            }
+        }
+        out
     }
 
     /// Where it stands.
@@ -149,7 +212,8 @@ impl Guard {
         &self.state
     }
 
-    /// Whether the VMs of fenced `host` may be restarted now.
+    /// Whether the VMs of fenced `host` may be restarted now (and so
+    /// whether a host whose lease expired may be fenced by hardware).
     pub fn allows(&self, host: HostId) -> bool {
         match self.state {
             GuardState::Normal => true,
@@ -158,11 +222,16 @@ impl Guard {
         }
     }
 
-    /// When time alone can change the guard next.
+    /// When time alone can change the guard next (a release step, or a
+    /// counted loss leaving the memory).
     pub fn next_wakeup(&self) -> Option<Instant> {
-        match self.state {
+        let step = match self.state {
             GuardState::Releasing { next } => Some(next),
             GuardState::Normal | GuardState::Held { .. } => None,
+        };
+        match (step, self.forget_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -174,8 +243,12 @@ impl Guard {
                 .filter(|h| h.lease == HostState::Fenced)
                 .map(|h| h.id),
         );
-        self.judged
-            .extend(hosts.iter().filter(|h| is_silent(h.lease)).map(|h| h.id));
+        self.judged.extend(
+            hosts
+                .iter()
+                .filter(|h| is_silent(h.lease) || h.loss.is_some_and(|l| l.until.is_none()))
+                .map(|h| h.id),
+        );
         if self.state == GuardState::Normal {
             return None;
         }
@@ -189,12 +262,15 @@ impl Guard {
         self.silent_since.retain(|h, _| known.contains(h));
         self.released.retain(|h| known.contains(h));
         self.judged.retain(|h| known.contains(h));
+        let lost_now = |h: &HostLease| h.loss.is_some_and(|l| l.until.is_none());
         for h in hosts {
             if is_silent(h.lease) {
                 self.silent_since.entry(h.id).or_insert(now);
             } else {
                 self.silent_since.remove(&h.id);
-                self.judged.remove(&h.id);
+                if !(self.policy.memory.is_some() && lost_now(h)) {
+                    self.judged.remove(&h.id);
+                }
             }
             if h.lease != HostState::Fenced {
                 // Released for one fence only: fenced again, judged again.
@@ -202,25 +278,24 @@ impl Guard {
             }
         }
         let monitored = hosts.iter().filter(|h| h.lease != HostState::Maintenance).count();
-        // Counted: hosts whose lease expired. A host only late with its
-        // heartbeats (suspect: a busy machine, a slow link) is no sign of
+        // Counted: hosts whose lease expired (a host only late with its
+        // heartbeats — suspect: a busy machine, a slow link — is no sign of
         // a mass failure; hosts cut off together all pass their lease
-        // within a heartbeat of each other, before the first is fenced.
-        let lapsed: BTreeSet<HostId> = hosts
-            .iter()
-            .filter(|h| matches!(h.lease, HostState::LeaseExpired | HostState::Fenced))
-            .map(|h| h.id)
-            .collect();
-        let silent_now = lapsed.iter().filter(|h| !self.judged.contains(h)).count();
-        let expired = !lapsed.is_empty();
-        let recent = self
-            .silent_since
-            .iter()
-            .filter(|(h, t)| {
-                lapsed.contains(h)
-                    && !self.judged.contains(h)
-                    && now.saturating_duration_since(**t) <= self.policy.window
-            })
+        // within a heartbeat of each other, before the first is fenced),
+        // and with the witness, hosts that lost their lease lately.
+        let counted = self.counted(now, hosts);
+        self.forget_at = self.policy.memory.and_then(|m| {
+            hosts
+                .iter()
+                .filter_map(|h| h.loss?.until?.checked_add(m + Duration::from_nanos(1)))
+                .filter(|t| *t > now)
+                .min()
+        });
+        let silent_now = counted.len();
+        let expired = !counted.is_empty();
+        let recent = counted
+            .values()
+            .filter(|t| now.saturating_duration_since(**t) <= self.policy.window)
             .count();
         let too_many = |n: usize| n >= 2 && (n as f64) > self.policy.ratio * monitored as f64;
         match self.state {
@@ -293,10 +368,7 @@ mod tests {
         states
             .iter()
             .enumerate()
-            .map(|(i, s)| HostLease {
-                id: HostId(i as u128 + 1),
-                lease: *s,
-            })
+            .map(|(i, s)| HostLease::new(HostId(i as u128 + 1), *s))
             .collect()
     }
 
@@ -459,7 +531,7 @@ mod suspect_tests {
         let at = |states: [HostState; 3]| -> Vec<HostLease> {
             ids.iter()
                 .zip(states)
-                .map(|(id, lease)| HostLease { id: *id, lease })
+                .map(|(id, lease)| HostLease::new(*id, lease))
                 .collect()
         };
         g.observe(t0, &at([Online, Online, Online]));
@@ -469,5 +541,168 @@ mod suspect_tests {
             None
         );
         assert!(g.allows(HostId(1)));
+    }
+}
+
+#[cfg(test)]
+mod witness_tests {
+    //! The guard's steps of the witness argument (`novacron_shared::witness`).
+    use super::*;
+    use novacron_shared::clock::Clock;
+    use HostState::{Fenced, Online};
+
+    const S: Duration = Duration::from_secs(1);
+    const MEMORY: Duration = Duration::from_secs(10);
+
+    fn policy() -> GuardPolicy {
+        GuardPolicy {
+            memory: Some(MEMORY),
+            ..GuardPolicy::default()
+        }
+    }
+
+    fn host(id: u128, lease: HostState, loss: Option<Loss>) -> HostLease {
+        HostLease {
+            id: HostId(id),
+            lease,
+            loss,
+        }
+    }
+
+    fn lost(since: Instant, until: Option<Instant>) -> Option<Loss> {
+        Some(Loss { since, until })
+    }
+
+    #[test]
+    fn a_one_way_partition_where_the_server_hears_hosts_that_report_no_lease_holds() {
+        // Hosts 1 and 2 still reach the server, but its acks do not reach
+        // them: they report no lease and may confirm each other's loss.
+        // The server hears them (online) and must hold all the same.
+        let (clock, _) = Clock::manual();
+        let t0 = clock.now();
+        let mut g = Guard::new(policy(), (1..=3).map(HostId), t0);
+        g.observe(
+            t0,
+            &[
+                host(1, Online, None),
+                host(2, Online, None),
+                host(3, Online, None),
+            ],
+        );
+        let t1 = t0 + 5 * S;
+        let hosts = [
+            host(1, Online, lost(t1, None)),
+            host(2, Online, lost(t1 + S, None)),
+            host(3, Fenced, None),
+        ];
+        assert_eq!(
+            g.observe(t1 + 2 * S, &hosts),
+            Some(GuardChange::Held {
+                silent: 3,
+                monitored: 3
+            })
+        );
+        assert!(!g.allows(HostId(3)), "host 3's VMs wait");
+        // Without the witness the same losses do not count.
+        let mut plain = Guard::new(GuardPolicy::default(), (1..=3).map(HostId), t0);
+        plain.observe(
+            t0,
+            &[
+                host(1, Online, None),
+                host(2, Online, None),
+                host(3, Online, None),
+            ],
+        );
+        assert_eq!(plain.observe(t1 + 2 * S, &hosts), None);
+        assert!(plain.allows(HostId(3)));
+    }
+
+    #[test]
+    fn a_host_that_regained_its_lease_still_counts_for_the_memory() {
+        let (clock, _) = Clock::manual();
+        let t0 = clock.now();
+        let mut g = Guard::new(policy(), (1..=3).map(HostId), t0);
+        g.observe(
+            t0,
+            &[
+                host(1, Online, None),
+                host(2, Online, None),
+                host(3, Online, None),
+            ],
+        );
+        let t1 = t0 + 5 * S;
+        let back = t1 + 2 * S;
+        let hosts = |now_lost: bool| {
+            let until = (!now_lost).then_some(back);
+            [
+                host(1, Online, lost(t1, until)),
+                host(2, Online, lost(t1, until)),
+                host(3, Online, None),
+            ]
+        };
+        assert!(matches!(
+            g.observe(t1 + S, &hosts(true)),
+            Some(GuardChange::Held { silent: 2, .. })
+        ));
+        // Both regained their lease at `back`: counted until back + memory.
+        assert_eq!(g.observe(back + S, &hosts(false)), None);
+        assert_eq!(
+            g.next_wakeup(),
+            Some(back + MEMORY + Duration::from_nanos(1)),
+            "wakes when the memory ends"
+        );
+        assert_eq!(g.observe(back + MEMORY, &hosts(false)), None);
+        assert!(matches!(g.state(), GuardState::Held { .. }));
+        assert_eq!(
+            g.observe(back + MEMORY + S, &hosts(false)),
+            Some(GuardChange::Releasing)
+        );
+        // Even a fresh hold can come from the memory: a loss that ended
+        // counts at entry too.
+        let mut g = Guard::new(policy(), (1..=3).map(HostId), t0);
+        g.observe(
+            t0,
+            &[
+                host(1, Online, None),
+                host(2, Online, None),
+                host(3, Online, None),
+            ],
+        );
+        assert!(matches!(
+            g.observe(back + S, &hosts(false)),
+            Some(GuardChange::Held { silent: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn a_loss_outside_the_window_does_not_enter() {
+        let (clock, _) = Clock::manual();
+        let t0 = clock.now();
+        let p = policy();
+        let mut g = Guard::new(p, (1..=3).map(HostId), t0);
+        g.observe(
+            t0,
+            &[
+                host(1, Online, None),
+                host(2, Online, None),
+                host(3, Online, None),
+            ],
+        );
+        // Host 1 lost its lease long ago (and is still lost); host 2 now.
+        let now = t0 + p.window + 20 * S;
+        let hosts = [
+            host(1, Online, lost(t0 + S, None)),
+            host(2, Online, lost(now - S, None)),
+            host(3, Online, None),
+        ];
+        assert_eq!(g.observe(now, &hosts), None, "one recent loss is no mass failure");
+        assert_eq!(g.state(), &GuardState::Normal);
+        // A loss that ended before the memory does not count either.
+        let old = [
+            host(1, Online, lost(now - 2 * MEMORY, Some(now - MEMORY - S))),
+            host(2, Online, lost(now - S, None)),
+            host(3, Online, None),
+        ];
+        assert_eq!(g.observe(now, &old), None);
     }
 }

@@ -25,6 +25,11 @@
 //! - [`HostState::Maintenance`]: set by an operator; never fenced while
 //!   in it. Leaving it applies the rules above at once.
 //!
+//! - **Hardware fence**: a host the server's fence command confirmed off
+//!   ([`HostLeases::confirmed_off`]) is `Fenced` at once (no lease wait)
+//!   while nothing was heard from it since the confirmation; heard again,
+//!   it is returning as after any fence.
+//!
 //! Any frame counts, not only heartbeats: the last frame received arrived
 //! no earlier than the last heartbeat received, so it is no earlier than the
 //! send of any heartbeat whose ack the agent holds, which is all the
@@ -33,6 +38,20 @@
 //! A host heard again before it was declared fenced goes back to online
 //! (through suspect while disconnected): nothing moved, so nothing needs
 //! undoing.
+//!
+//! # Lost leases (the peer witness)
+//!
+//! Apart from the states, the view counts when each host has *lost* its
+//! lease, whether or not the server still hears it (acks lost one way, or
+//! withheld), as `novacron_shared::witness` says: the host's lease end as
+//! far as the server can tell is the earlier of its last receipt plus `L`
+//! and its last heartbeat's receipt plus the lease left that heartbeat
+//! reported ([`HostLeases::heartbeat`]; at most `L`); from then, or from a
+//! heartbeat that reports no lease if that comes first, the host is lost
+//! until a heartbeat reporting a lease arrives. Frames in between do not
+//! end it. [`HostLeases::loss`] gives the ongoing loss or the last one
+//! that ended, for the mass-failure guard's memory. A host not heard in
+//! this run counts from the server's start, as above.
 //!
 //! # Server start
 //!
@@ -46,7 +65,8 @@
 //!
 //! # Driving it
 //!
-//! Inputs ([`HostLeases::heard`], [`HostLeases::connected`],
+//! Inputs ([`HostLeases::heard`], [`HostLeases::heartbeat`],
+//! [`HostLeases::confirmed_off`], [`HostLeases::connected`],
 //! [`HostLeases::disconnected`], [`HostLeases::set_maintenance`],
 //! [`HostLeases::returned_clean`], [`HostLeases::forget`]) only record
 //! facts. [`HostLeases::tick`] derives every host's state at `now` and
@@ -110,6 +130,22 @@ pub enum LeaseError {
     },
 }
 
+/// A host's loss of its lease, as the server counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loss {
+    /// When it began (the lease end as far as the server can tell).
+    pub since: Instant,
+    /// When a heartbeat reporting a lease ended it; `None`: still lost.
+    pub until: Option<Instant>,
+}
+
+impl Loss {
+    /// Whether the host was lost at some instant of `[from, to]`.
+    pub fn overlaps(&self, from: Instant, to: Instant) -> bool {
+        self.since <= to && self.until.is_none_or(|u| u >= from)
+    }
+}
+
 /// What the store remembers of a host across server restarts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Restored {
@@ -164,6 +200,16 @@ struct Host {
     must_return: bool,
     /// What the last tick said.
     reported: HostState,
+    /// The lease end the last heartbeat reporting a lease implies
+    /// (receipt plus the lease left, at most `L`).
+    lease_end: Option<Instant>,
+    /// Lost since then, latched (by a heartbeat reporting no lease, or a
+    /// frame after the lease end) until a heartbeat reports a lease.
+    lost_since: Option<Instant>,
+    /// The last loss that a heartbeat reporting a lease ended.
+    last_loss: Option<Loss>,
+    /// When the hardware fence confirmed the host off.
+    off_at: Option<Instant>,
 }
 
 impl Host {
@@ -174,6 +220,10 @@ impl Host {
             maintenance: false,
             must_return: false,
             reported: HostState::Suspect,
+            lease_end: None,
+            lost_since: None,
+            last_loss: None,
+            off_at: None,
         }
     }
 }
@@ -293,10 +343,69 @@ impl HostLeases {
     }
 
     /// A frame (heartbeat or any other) from `host` arrived at `now`. An
-    /// unknown host (enrolled while the server runs) becomes known.
+    /// unknown host (enrolled while the server runs) becomes known. A loss
+    /// under way is latched: a frame does not end it.
     pub fn heard(&mut self, host: HostId, now: Instant) {
+        let rules = self.rules;
         let h = self.hosts.entry(host).or_insert_with(Host::unheard);
+        if h.lost_since.is_none() {
+            let end = rules.lease_end(h);
+            if end <= now {
+                h.lost_since = Some(end);
+            }
+        }
         h.last_heard = Some(h.last_heard.map_or(now, |t| t.max(now)));
+    }
+
+    /// A heartbeat from `host` arrived at `now`, reporting the lease it
+    /// had left when it was sent (`None`: it held none). Records the frame
+    /// as [`HostLeases::heard`] does, and the loss bookkeeping of the
+    /// module header.
+    pub fn heartbeat(&mut self, host: HostId, now: Instant, lease_left: Option<Duration>) {
+        let rules = self.rules;
+        let h = self.hosts.entry(host).or_insert_with(Host::unheard);
+        let end = rules.lease_end(h);
+        let ongoing = h.lost_since.or((end <= now).then_some(end));
+        match lease_left {
+            Some(left) => {
+                if let Some(since) = ongoing {
+                    h.last_loss = Some(Loss {
+                        since,
+                        until: Some(now),
+                    });
+                }
+                h.lost_since = None;
+                // The latest report is the agent's lease as it stands.
+                h.lease_end = Some(now.checked_add(left.min(rules.lease)).unwrap_or(now));
+            }
+            None => {
+                if h.lost_since.is_none() {
+                    h.lost_since = Some(ongoing.unwrap_or(now).min(now));
+                }
+            }
+        }
+        h.last_heard = Some(h.last_heard.map_or(now, |t| t.max(now)));
+    }
+
+    /// `host`'s loss at `now`: the one under way, else the last one that
+    /// ended (`None`: not lost in this run).
+    pub fn loss(&self, host: HostId, now: Instant) -> Option<Loss> {
+        let h = self.hosts.get(&host)?;
+        self.rules.loss(h, now)
+    }
+
+    /// The hardware fence confirmed `host` off at `at`: fenced at once,
+    /// as long as nothing is heard from it after `at`.
+    pub fn confirmed_off(&mut self, host: HostId, at: Instant) -> Result<(), LeaseError> {
+        let h = self.hosts.get_mut(&host).ok_or(LeaseError::UnknownHost(host))?;
+        h.off_at = Some(h.off_at.map_or(at, |t| t.max(at)));
+        Ok(())
+    }
+
+    /// Whether `host` is fenced because its hardware fence confirmed it
+    /// off (and it was not heard since), not only by the lease wait.
+    pub fn off(&self, host: HostId) -> bool {
+        self.hosts.get(&host).is_some_and(Rules::off)
     }
 
     /// Tracks `host` (enrolled while the server runs) as not heard yet, if
@@ -388,8 +497,10 @@ impl HostLeases {
             }
             let r = &self.rules;
             let since = r.silent_since(h);
+            let loss_start = (h.lost_since.is_none()).then(|| r.lease_end(h));
             let thresholds = [
                 r.grace_end,
+                loss_start,
                 since.checked_add(r.suspect_after),
                 since
                     .checked_add(r.lease)
@@ -411,10 +522,44 @@ impl Rules {
         h.last_heard.map_or(self.started, |t| t.max(self.started))
     }
 
+    /// The lease end as far as the server can tell: the earlier of the
+    /// last receipt plus `L` and what the last leased heartbeat implied.
+    fn lease_end(&self, h: &Host) -> Instant {
+        let by_receipt = self.silent_since(h).checked_add(self.lease);
+        match (by_receipt, h.lease_end) {
+            (Some(a), Some(b)) => a.min(b),
+            (None, Some(b)) => b,
+            (Some(a), None) => a,
+            // `L` past the last receipt is beyond the clock's range: the
+            // receipt itself (the earliest the loss can count from).
+            (None, None) => self.silent_since(h),
+        }
+    }
+
+    /// The loss under way at `now`, else the last one that ended.
+    fn loss(&self, h: &Host, now: Instant) -> Option<Loss> {
+        let since = h.lost_since.or_else(|| {
+            let end = self.lease_end(h);
+            (end <= now).then_some(end)
+        });
+        match since {
+            Some(since) => Some(Loss { since, until: None }),
+            None => h.last_loss,
+        }
+    }
+
+    /// Confirmed off by the hardware fence and not heard since.
+    fn off(h: &Host) -> bool {
+        h.off_at.is_some_and(|at| h.last_heard.is_none_or(|t| t <= at))
+    }
+
     /// A host's state at `now` from its facts (the rules in the module header).
     fn derive(&self, h: &Host, now: Instant) -> HostState {
         if h.maintenance {
             return HostState::Maintenance;
+        }
+        if Self::off(h) {
+            return HostState::Fenced;
         }
         let silent = now.saturating_duration_since(self.silent_since(h));
         let in_grace = self.grace_end.is_none_or(|end| now < end);

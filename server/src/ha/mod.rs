@@ -20,5 +20,7 @@
 
 pub mod controller;
 pub mod driver;
+pub mod fence;
 pub mod guard;
 pub mod lease;
+pub mod witness;

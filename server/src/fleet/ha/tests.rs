@@ -85,6 +85,10 @@ fn ha_vm(id: u128, on: HostId) -> VmRecord {
 }
 
 fn candidate(id: HostId, pool: Option<&str>) -> crate::scheduler::Host {
+    candidate_locked(id, pool, None)
+}
+
+fn candidate_locked(id: HostId, pool: Option<&str>, locks: Option<&str>) -> crate::scheduler::Host {
     crate::scheduler::Host {
         id,
         up: true,
@@ -97,6 +101,7 @@ fn candidate(id: HostId, pool: Option<&str>) -> crate::scheduler::Host {
         used: crate::scheduler::Usage::default(),
         groups: HashSet::new(),
         shared_storage: pool.map(str::to_string),
+        disk_locks: locks.map(str::to_string),
     }
 }
 
@@ -110,7 +115,7 @@ fn fence_h1(f: &Fleet, clock: &ManualClock) {
     let w = f.ha_config().timing().fenced_after();
     clock.advance(w + Duration::from_secs(1));
     let now = f.clock().now();
-    assert!(f.ha_heard(H2, now) && f.ha_heard(H3, now));
+    assert!(f.ha_heard(H2, now, None) && f.ha_heard(H3, now, None));
     let moves = f.tick_leases(now).unwrap();
     assert!(
         moves.iter().any(|t| t.host == H1 && t.to == HostState::Fenced),
@@ -291,7 +296,10 @@ async fn acks_are_withheld_from_a_fenced_host_until_it_returned_clean_even_acros
     let (f, clock) = fleet(store.clone(), HaConfig::default());
     let t0 = f.clock().now();
     f.ha_connected(H1, t0);
-    assert!(f.ha_heard(H1, t0), "an online host's heartbeat is acknowledged");
+    assert!(
+        f.ha_heard(H1, t0, None),
+        "an online host's heartbeat is acknowledged"
+    );
     clock.advance(f.ha_config().timing().fenced_after());
     f.tick_leases(f.clock().now()).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Fenced));
@@ -301,14 +309,14 @@ async fn acks_are_withheld_from_a_fenced_host_until_it_returned_clean_even_acros
         .iter()
         .any(|(h, r)| *h == H1 && r.must_return));
     clock.advance(Duration::from_millis(10));
-    assert!(!f.ha_heard(H1, f.clock().now()), "fenced: no ack");
+    assert!(!f.ha_heard(H1, f.clock().now(), None), "fenced: no ack");
     f.tick_leases(f.clock().now()).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Returning));
-    assert!(!f.ha_heard(H1, f.clock().now()), "returning: no ack");
+    assert!(!f.ha_heard(H1, f.clock().now(), None), "returning: no ack");
     let r = f.set_maintenance(H1, true);
     assert!(r.is_ok(), "{r:?}");
     assert!(
-        !f.ha_heard(H1, f.clock().now()),
+        !f.ha_heard(H1, f.clock().now(), None),
         "maintenance does not end the wait"
     );
     f.set_maintenance(H1, false).unwrap();
@@ -318,12 +326,12 @@ async fn acks_are_withheld_from_a_fenced_host_until_it_returned_clean_even_acros
     let (f, _clock) = fleet(store.clone(), HaConfig::default());
     let now = f.clock().now();
     f.ha_connected(H1, now);
-    assert!(!f.ha_heard(H1, now));
+    assert!(!f.ha_heard(H1, now, None));
     f.tick_leases(now).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Returning));
     // No session has reported it reconciled: refused, still no ack.
     assert!(matches!(f.returned_clean(H1), Err(HaError::NotReconciled(H1))));
-    assert!(!f.ha_heard(H1, now));
+    assert!(!f.ha_heard(H1, now, None));
     let generation = store.desired(H1).unwrap().map_or(0, |d| d.generation);
     let r = f.clear_returned(H1, generation + 1);
     assert!(
@@ -331,7 +339,7 @@ async fn acks_are_withheld_from_a_fenced_host_until_it_returned_clean_even_acros
         "reconciled to another generation: {r:?}"
     );
     f.clear_returned(H1, generation).unwrap();
-    assert!(f.ha_heard(H1, now), "reconciled: acks resume");
+    assert!(f.ha_heard(H1, now, None), "reconciled: acks resume");
     assert!(store.ha_hosts().unwrap().is_empty());
     f.tick_leases(now).unwrap();
     assert_eq!(f.lease_state(H1), Some(HostState::Online));
@@ -547,9 +555,9 @@ async fn a_revoked_host_is_forgotten_and_a_late_frame_does_not_track_it_again() 
     let (f, _) = fleet(store, HaConfig::default());
     let now = f.clock().now();
     f.ha_connected(H1, now);
-    assert!(f.ha_heard(H1, now));
+    assert!(f.ha_heard(H1, now, None));
     f.revoke(H1).unwrap();
-    assert!(!f.ha_heard(H1, now), "no ack for a revoked host");
+    assert!(!f.ha_heard(H1, now, None), "no ack for a revoked host");
     f.tick_leases(now).unwrap();
     assert_eq!(f.lease_state(H1), None);
 }
@@ -569,7 +577,8 @@ async fn next_frame(
 async fn over_a_real_session_terms_come_first_and_acks_stop_when_fenced_until_returned_clean() {
     use novacron_shared::framing::{self, FramedRecv, MAX_FRAME_LEN};
     use novacron_shared::protocol::{
-        AgentMessage, Heartbeat, HeartbeatAck, Hello, RenewRequest, ServerMessage, HANDSHAKE_VERSION,
+        AgentMessage, Heartbeat, HeartbeatAck, Hello, RenewRequest, ServerMessage, WitnessPeer, WitnessTerms,
+        HANDSHAKE_VERSION,
     };
 
     let dir = tempfile::tempdir().unwrap();
@@ -586,7 +595,7 @@ async fn over_a_real_session_terms_come_first_and_acks_stop_when_fenced_until_re
     data.init(&cfg, clock.wall()).unwrap();
     {
         let store = Store::open(&data.db()).unwrap();
-        store.put_hosts(&[host_record(H1)]).unwrap();
+        store.put_hosts(&[host_record(H1), host_record(H2)]).unwrap();
         store.put_vm(&ha_vm(7, H1)).unwrap().unwrap();
     }
     let ca = data.load_ca().unwrap();
@@ -626,12 +635,43 @@ async fn over_a_real_session_terms_come_first_and_acks_stop_when_fenced_until_re
         ServerMessage::LeaseTerms(t) => assert_eq!(t, f.ha_config().terms()),
         m => panic!("the lease terms come right after the welcome, got {m:?}"),
     }
+    // The witness terms right after: H2 (enrolled, silent) reports no
+    // witness address yet, so no peer; quorum of two monitored hosts.
+    let quorum = novacron_shared::witness::quorum(2);
+    match next_frame(&mut recv).await {
+        ServerMessage::Witness(w) => assert_eq!(
+            w,
+            WitnessTerms {
+                peers: vec![],
+                quorum
+            }
+        ),
+        m => panic!("the witness terms come right after the lease terms, got {m:?}"),
+    }
     match next_frame(&mut recv).await {
         ServerMessage::DesiredState(d) => {
             assert_eq!(d.vms.iter().map(|v| v.id).collect::<Vec<_>>(), [VmId(7)])
         }
         m => panic!("then the desired state, got {m:?}"),
     }
+    // H2 reports a witness address: H1 is pushed new terms with it.
+    let addr: std::net::SocketAddr = "10.0.0.2:7300".parse().unwrap();
+    f.witness_address(H2, Some(addr));
+    match next_frame(&mut recv).await {
+        ServerMessage::Witness(w) => assert_eq!(
+            w,
+            WitnessTerms {
+                peers: vec![WitnessPeer { host: H2, addr }],
+                quorum
+            }
+        ),
+        m => panic!("new witness terms when a peer's address changes, got {m:?}"),
+    }
+    // The same address again changes nothing (no frame: the probe's
+    // error reply comes first below).
+    f.witness_address(H2, Some(addr));
+    assert_eq!(f.witness_status().peers, 1);
+    assert!(f.witness_status().enabled && f.witness_status().pushes >= 1);
     let beat = |seq| {
         AgentMessage::Heartbeat(Heartbeat {
             seq,
@@ -737,5 +777,153 @@ async fn over_a_real_session_terms_come_first_and_acks_stop_when_fenced_until_re
         next_frame(&mut recv).await,
         ServerMessage::HeartbeatAck(HeartbeatAck { seq: 4 })
     );
+
+    // The HA VM's start waits on its disk lock: an expected wait, shown
+    // in the HA status (and so on the VM), not an error.
+    let mut events = f.bus.subscribe();
+    let report = AgentMessage::Reconciled(novacron_shared::protocol::ReconcileReport {
+        generation: generation + 1,
+        converged: false,
+        actions: vec![],
+        drift: vec![novacron_shared::protocol::Drift {
+            vm: "v7".into(),
+            message: "Failed to acquire lock: resource busy".into(),
+            kind: novacron_shared::protocol::DriftKind::DiskLockHeld,
+        }],
+    });
+    framing::write_frame(&mut send, 1, &report, &mut buf)
+        .await
+        .unwrap();
+    let wait = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(w) = f.ha_status().lock_waits.get(&VmId(7)).copied() {
+                return w;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the driver shows the lock wait");
+    assert_eq!(wait.host, H1);
+    assert_eq!(wait.describe(), format!("disk lock held (on host {H1})"));
+    let event = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let e = events.recv().await.unwrap();
+            if e.vm == Some(VmId(7)) && e.message.contains("disk lock") {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("one event when the wait begins");
+    assert!(event.message.contains("not an error"), "{}", event.message);
     running.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_disk_locks_a_restart_stays_in_the_old_hosts_lock_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir);
+    store
+        .put_hosts(&[host_record(H1), host_record(H2), host_record(H3)])
+        .unwrap();
+    store.put_vm(&ha_vm(7, H1)).unwrap().unwrap();
+    store.set_vm_storage(VmId(7), Some("/pool".into())).unwrap();
+    store.put_vm(&ha_vm(8, H1)).unwrap().unwrap();
+    store.set_vm_storage(VmId(8), Some("/pool".into())).unwrap();
+    let ha = HaConfig {
+        disk_locks: true,
+        ..HaConfig::default()
+    };
+    let (f, clock) = fleet(store.clone(), ha);
+    f.note_lock_space(H1, Some("/locks/a".into()));
+    fence_h1(&f, &clock);
+    // H2 is in another lock space, H3 reports none: nothing fits.
+    let r = f.restart_among(
+        VmId(7),
+        H1,
+        0,
+        vec![
+            candidate_locked(H2, Some("/pool"), Some("/locks/b")),
+            candidate_locked(H3, Some("/pool"), None),
+        ],
+    );
+    match r {
+        Err(VmError::NoFit(n)) => {
+            assert_eq!(n.excluded.get(&Filter::OtherLockSpace), Some(&1));
+            assert_eq!(n.excluded.get(&Filter::DiskLocks), Some(&1));
+        }
+        other => panic!("{other:?}"),
+    }
+    let rec = f
+        .restart_among(
+            VmId(7),
+            H1,
+            0,
+            vec![
+                candidate_locked(H2, Some("/pool"), Some("/locks/b")),
+                candidate_locked(H3, Some("/pool"), Some("/locks/a")),
+            ],
+        )
+        .unwrap();
+    assert_eq!(rec.placement, Placement::Host(H3));
+    // A host whose lock space this run never heard: the disks' pool is
+    // the lock space.
+    f.note_lock_space(H1, None);
+    let rec = f
+        .restart_among(
+            VmId(8),
+            H1,
+            0,
+            vec![
+                candidate_locked(H2, Some("/pool"), Some("/locks/b")),
+                candidate_locked(H3, Some("/pool"), Some("/pool")),
+            ],
+        )
+        .unwrap();
+    assert_eq!(rec.placement, Placement::Host(H3));
+}
+
+#[tokio::test]
+async fn a_host_confirmed_off_by_its_fence_is_fenced_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir);
+    store
+        .put_hosts(&[host_record(H1), host_record(H2), host_record(H3)])
+        .unwrap();
+    let (f, clock) = fleet(store.clone(), HaConfig::default());
+    let t0 = f.clock().now();
+    for h in [H1, H2, H3] {
+        f.ha_connected(h, t0);
+    }
+    // Past the start grace, every host heard; then H1 goes silent just
+    // past its lease.
+    let w = f.ha_config().timing().fenced_after();
+    clock.advance(w + Duration::from_secs(1));
+    for h in [H1, H2, H3] {
+        f.ha_heard(h, f.clock().now(), Some(Some(Duration::from_secs(5))));
+    }
+    f.tick_leases(f.clock().now()).unwrap();
+    clock.advance(f.ha_config().lease + Duration::from_millis(10));
+    for h in [H2, H3] {
+        f.ha_heard(h, f.clock().now(), Some(Some(Duration::from_secs(5))));
+    }
+    f.tick_leases(f.clock().now()).unwrap();
+    assert_eq!(f.lease_state(H1), Some(HostState::LeaseExpired));
+    f.fence_confirmed_off(H1, f.clock().now()).unwrap();
+    let moves = f.tick_leases(f.clock().now()).unwrap();
+    assert!(
+        moves.iter().any(|t| t.host == H1 && t.to == HostState::Fenced),
+        "{moves:?}"
+    );
+    assert!(store
+        .ha_hosts()
+        .unwrap()
+        .iter()
+        .any(|(h, r)| *h == H1 && r.must_return));
+    assert!(matches!(
+        f.fence_confirmed_off(HostId(99), f.clock().now()),
+        Err(HaError::Lease(LeaseError::UnknownHost(_)))
+    ));
 }

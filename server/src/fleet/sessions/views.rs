@@ -1,6 +1,6 @@
 //! The API's read side of the session part: each host's stored record
 //! merged with its live session (capacity, last seen, labels, shared
-//! storage) and its HA lease.
+//! storage) and its HA lease; the disk-lock waits the hosts report.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,6 +36,25 @@ impl Fleet {
         let sessions = self.lock_sessions();
         Ok(Some(view(r, sessions.get(&id), cordoned, self.lease_state(id))))
     }
+
+    /// By host, the VM names its latest reconcile report says wait on a
+    /// disk lock held elsewhere (drift of kind `DiskLockHeld`).
+    pub fn disk_lock_waits(&self) -> std::collections::BTreeMap<HostId, Vec<String>> {
+        let sessions = self.lock_sessions();
+        sessions
+            .iter()
+            .filter_map(|(h, s)| {
+                let r = s.report()?;
+                let names: Vec<String> = r
+                    .drift
+                    .into_iter()
+                    .filter(|d| d.kind == novacron_shared::protocol::DriftKind::DiskLockHeld)
+                    .map(|d| d.vm)
+                    .collect();
+                (!names.is_empty()).then_some((*h, names))
+            })
+            .collect()
+    }
 }
 
 fn view(
@@ -52,6 +71,7 @@ fn view(
                 i.vms.len(),
                 i.labels.clone(),
                 i.shared_storage.clone(),
+                i.disk_locks.clone(),
             )
         })
     });
@@ -64,9 +84,9 @@ fn view(
             record.state = HostState::Online;
         }
     }
-    let (vm_count, labels, shared_storage) = match inv {
-        Some((_, n, labels, shared)) => (Some(n), labels, shared),
-        None => (None, Default::default(), None),
+    let (vm_count, labels, shared_storage, disk_locks) = match inv {
+        Some((_, n, labels, shared, locks)) => (Some(n), labels, shared, locks),
+        None => (None, Default::default(), None, None),
     };
     HostView {
         connected: live.is_some(),
@@ -74,6 +94,7 @@ fn view(
         vm_count,
         cordoned,
         shared_storage,
+        disk_locks,
         labels,
         lease,
         record,

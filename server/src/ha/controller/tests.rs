@@ -1,14 +1,11 @@
 use super::*;
 use novacron_shared::clock::Clock;
+use novacron_shared::protocol::IsolationResponse;
 
 use HostState::{Fenced, LeaseExpired, Online, Returning};
 
 fn host(id: u128, lease: HostState) -> HostInput {
-    HostInput {
-        id: HostId(id),
-        lease,
-        reconciled: false,
-    }
+    HostInput::new(HostId(id), lease, false)
 }
 
 fn vm(id: u128, host: u128, ha: bool) -> VmInput {
@@ -168,11 +165,7 @@ fn a_returning_host_is_clean_only_when_reconciled_and_no_restart_is_in_flight() 
     c.restart_done(VmId(1));
     // VM 1 moved; VM 2's restart is still in flight when host 1 returns.
     let vms = [vm(1, 2, true), vm(2, 1, true)];
-    hosts[0] = HostInput {
-        id: HostId(1),
-        lease: Returning,
-        reconciled: true,
-    };
+    hosts[0] = HostInput::new(HostId(1), Returning, true);
     let d = c.step(t + Duration::from_secs(1), &hosts, &vms);
     assert!(!d.contains(&Decision::ReturnedClean { host: HostId(1) }), "{d:?}");
     c.restart_failed(VmId(2), t + Duration::from_secs(1), "changed".into());
@@ -195,4 +188,134 @@ fn a_vm_that_left_the_fenced_host_is_forgotten() {
     assert!(c.vms().contains_key(&VmId(1)));
     c.step(t, &hosts, &[vm(1, 2, false)]);
     assert!(c.vms().is_empty());
+}
+
+fn with_policy(n: u128, p: Policy) -> (Controller, Instant) {
+    let (clock, _) = Clock::manual();
+    let now = clock.now();
+    (Controller::new(p, (1..=n).map(HostId), now), now)
+}
+
+fn fences(d: &[Decision]) -> Vec<u128> {
+    d.iter()
+        .filter_map(|d| match d {
+            Decision::Fence { host } => Some(host.0),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn keep_running_without_disk_locks_restarts_only_once_the_fence_confirmed_off() {
+    let (mut c, t) = with_policy(
+        3,
+        Policy {
+            isolation: IsolationResponse::KeepRunning,
+            hardware_fence: true,
+            ..Policy::default()
+        },
+    );
+    let vms = [vm(1, 1, true)];
+    let mut hosts = [host(1, LeaseExpired), host(2, Online), host(3, Online)];
+    // Lease expired: fence it (once while its fence is idle).
+    let d = c.step(t, &hosts, &vms);
+    assert_eq!(fences(&d), [1]);
+    hosts[0].fence = FenceStatus::Fencing;
+    assert!(fences(&c.step(t, &hosts, &vms)).is_empty());
+    // Fenced by the lease wait alone: the agent keeps running; wait.
+    hosts[0].lease = Fenced;
+    let d = c.step(t + Duration::from_secs(8), &hosts, &vms);
+    assert!(restarts(&d).is_empty(), "{d:?}");
+    assert_eq!(
+        c.vms()[&VmId(1)].waiting,
+        Some(Waiting::Fencing { failed: false })
+    );
+    // A failed fence: still waiting, shown as failed (an alert, retried).
+    hosts[0].fence = FenceStatus::Failed;
+    assert!(restarts(&c.step(t + Duration::from_secs(9), &hosts, &vms)).is_empty());
+    assert_eq!(c.vms()[&VmId(1)].waiting, Some(Waiting::Fencing { failed: true }));
+    assert!(c.vms()[&VmId(1)]
+        .waiting
+        .as_ref()
+        .is_some_and(|w| w.describe(t).contains("fencing failed")));
+    // Confirmed off: restarted.
+    hosts[0].fence = FenceStatus::Off;
+    assert_eq!(restarts(&c.step(t + Duration::from_secs(10), &hosts, &vms)), [1]);
+}
+
+#[test]
+fn keep_running_with_disk_locks_restarts_after_the_lease_wait_under_the_lock() {
+    let (mut c, t) = with_policy(
+        3,
+        Policy {
+            isolation: IsolationResponse::KeepRunning,
+            disk_locks: true,
+            ..Policy::default()
+        },
+    );
+    let vms = [vm(1, 1, true)];
+    let mut hosts = [host(1, LeaseExpired), host(2, Online), host(3, Online)];
+    let d = c.step(t, &hosts, &vms);
+    assert!(
+        d.is_empty(),
+        "no hardware fence configured: nothing to fence: {d:?}"
+    );
+    hosts[0].lease = Fenced;
+    assert_eq!(restarts(&c.step(t + Duration::from_secs(8), &hosts, &vms)), [1]);
+}
+
+#[test]
+fn self_fence_with_a_hardware_fence_restarts_by_the_wait_even_if_the_fence_failed() {
+    let (mut c, t) = with_policy(
+        3,
+        Policy {
+            hardware_fence: true,
+            ..Policy::default()
+        },
+    );
+    let vms = [vm(1, 1, true)];
+    let mut hosts = [host(1, Fenced), host(2, Online), host(3, Online)];
+    hosts[0].fence = FenceStatus::Failed;
+    assert_eq!(restarts(&c.step(t, &hosts, &vms)), [1]);
+}
+
+#[test]
+fn no_fence_while_the_guard_holds() {
+    let (mut c, t) = with_policy(
+        3,
+        Policy {
+            hardware_fence: true,
+            ..Policy::default()
+        },
+    );
+    c.step(t, &[host(1, Online), host(2, Online), host(3, Online)], &[]);
+    let hosts = [host(1, LeaseExpired), host(2, LeaseExpired), host(3, Online)];
+    let d = c.step(t + Duration::from_secs(6), &hosts, &[]);
+    assert!(d.iter().any(|d| matches!(d, Decision::Held { .. })), "{d:?}");
+    assert!(fences(&d).is_empty(), "held: nobody is powered off: {d:?}");
+}
+
+#[test]
+fn lost_leases_of_heard_hosts_hold_with_the_witness_memory() {
+    // Two of three hosts are heard (online) but report no lease: with the
+    // witness on they count, and the third host's fence restarts nothing.
+    let mut p = Policy::default();
+    p.guard.memory = Some(Duration::from_secs(10));
+    let (mut c, t) = with_policy(3, p);
+    let vms = [vm(1, 3, true)];
+    c.step(t, &[host(1, Online), host(2, Online), host(3, Online)], &vms);
+    let lost = Some(crate::ha::lease::Loss {
+        since: t + Duration::from_secs(1),
+        until: None,
+    });
+    let mut hosts = [host(1, Online), host(2, Online), host(3, Fenced)];
+    hosts[0].loss = lost;
+    hosts[1].loss = lost;
+    let d = c.step(t + Duration::from_secs(8), &hosts, &vms);
+    assert!(
+        d.iter().any(|d| matches!(d, Decision::Held { silent: 3, .. })),
+        "{d:?}"
+    );
+    assert!(restarts(&d).is_empty());
+    assert_eq!(c.vms()[&VmId(1)].waiting, Some(Waiting::Held));
 }

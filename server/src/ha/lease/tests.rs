@@ -574,3 +574,111 @@ fn a_tracked_host_is_known_but_not_heard() {
     assert_eq!(l.last_heard(A), Some(t0), "tracking a known host changes nothing");
     assert!(l.may_ack(A, t0));
 }
+
+const S: Duration = Duration::from_secs(1);
+
+/// Like [`online_past_grace`], A beating every second with a full lease
+/// from the start (no loss in this run), the last beat at the instant
+/// returned.
+fn leased_past_grace() -> (HostLeases, Instant) {
+    let t0 = base();
+    let mut l = started(t0);
+    l.forget(B).expect("B is known");
+    l.connected(A, t0);
+    let mut t = t0;
+    loop {
+        l.heartbeat(A, t, Some(5 * S));
+        if t >= t0 + l.fenced_after() + S {
+            break;
+        }
+        t += S;
+    }
+    l.tick(t);
+    assert_eq!(l.state(A), Some(Online));
+    assert_eq!(l.loss(A, t), None);
+    (l, t)
+}
+
+#[test]
+fn the_loss_starts_at_the_reported_lease_end_and_frames_do_not_end_it() {
+    let (mut l, t) = leased_past_grace();
+    l.heartbeat(A, t, Some(3 * S));
+    assert_eq!(l.loss(A, t + 3 * S - MS), None, "still leased");
+    // Frames keep coming (acks lost one way): the lease end stands.
+    l.heard(A, t + 2 * S);
+    let lost = Some(Loss {
+        since: t + 3 * S,
+        until: None,
+    });
+    assert_eq!(l.loss(A, t + 3 * S), lost, "lost at receipt + lease left");
+    l.heard(A, t + 4 * S);
+    l.heartbeat(A, t + 5 * S, None);
+    assert_eq!(l.loss(A, t + 6 * S), lost, "no lease reported: still lost");
+    assert_eq!(l.state(A), Some(Online), "the state machine is unchanged");
+    // A heartbeat reporting a lease ends it; the loss is remembered.
+    l.heartbeat(A, t + 7 * S, Some(5 * S));
+    assert_eq!(
+        l.loss(A, t + 8 * S),
+        Some(Loss {
+            since: t + 3 * S,
+            until: Some(t + 7 * S)
+        })
+    );
+}
+
+#[test]
+fn the_loss_starts_at_the_earlier_of_receipt_plus_lease_and_the_report() {
+    let (mut l, t) = leased_past_grace();
+    // A lease left above L counts as L.
+    l.heartbeat(A, t, Some(60 * S));
+    assert_eq!(l.loss(A, t + 5 * S).map(|x| x.since), Some(t + 5 * S));
+    // A heartbeat that reports no lease before that starts it at once.
+    let (mut l, t) = leased_past_grace();
+    l.heartbeat(A, t, Some(4 * S));
+    l.heartbeat(A, t + S, None);
+    assert_eq!(l.loss(A, t + S).map(|x| x.since), Some(t + S));
+    // A silent host: from its last receipt plus L, as its lease.
+    let (l, t) = leased_past_grace();
+    assert_eq!(l.loss(A, t + 5 * S - MS), None);
+    assert_eq!(l.loss(A, t + 5 * S).map(|x| x.since), Some(t + 5 * S));
+    // The next tick comes when a loss starts.
+    assert!(
+        l.next_tick(t).is_some_and(|n| n <= t + 3 * S + S),
+        "suspect first"
+    );
+}
+
+#[test]
+fn a_host_not_heard_since_the_start_is_lost_from_the_start_plus_the_lease() {
+    let t0 = base();
+    let mut l = started(t0);
+    assert_eq!(l.loss(A, t0 + 5 * S - MS), None);
+    assert_eq!(l.loss(A, t0 + 5 * S).map(|x| x.since), Some(t0 + 5 * S));
+    // It comes back with no lease: the loss was latched at its hello.
+    l.connected(A, t0 + 20 * S);
+    l.heartbeat(A, t0 + 21 * S, None);
+    assert_eq!(l.loss(A, t0 + 21 * S).map(|x| x.since), Some(t0 + 5 * S));
+    assert!(l.loss(A, t0 + 21 * S).is_some_and(|x| x.until.is_none()));
+}
+
+#[test]
+fn a_host_confirmed_off_is_fenced_at_once_and_returns_when_heard() {
+    let (mut l, t) = leased_past_grace();
+    let t1 = t + 6 * S;
+    assert_eq!(moves(&mut l, t1), vec![(A, Online, LeaseExpired)]);
+    assert!(!l.off(A));
+    l.confirmed_off(A, t1).expect("known");
+    assert!(l.off(A));
+    assert_eq!(l.next_tick(t1), Some(t1), "news at once");
+    assert_eq!(moves(&mut l, t1), vec![(A, LeaseExpired, Fenced)]);
+    assert!(l.fenced_after() > 6 * S, "well before the lease wait");
+    assert!(!l.may_ack(A, t1));
+    // Powered on again and heard: returning, as after any fence.
+    l.connected(A, t1 + S);
+    assert!(!l.off(A));
+    assert_eq!(moves(&mut l, t1 + S), vec![(A, Fenced, Returning)]);
+    assert_eq!(
+        l.confirmed_off(HostId(99), t1),
+        Err(LeaseError::UnknownHost(HostId(99)))
+    );
+}
