@@ -1,7 +1,10 @@
 //! The HA guards on real hosts: the stamp checker against real QEMUs, the
 //! disk locks of the test bed's `--ha` hosts (libvirt's lockd lock manager,
-//! a virtlockd per host), and the test bed's stand-in for a BMC
-//! (`packaging/dev/fence-testbed`).
+//! a virtlockd per host), the test bed's stand-in for a BMC
+//! (`packaging/dev/fence-testbed`), and then with NovaCron at work: the
+//! keep-running isolation response under disk locks, the hardware fence
+//! hook (powering off, already off, hanging), and the peer witness (a
+//! 60 s server outage stops nothing; a host cut from everything fences).
 //!
 //! The guest writes a stamp every 100 ms to its first disk when booted
 //! with `novacron.stamp=1` (the harness's `stamps` module explains the
@@ -22,7 +25,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use novacron_e2e::stamps::{self, StampError};
-use novacron_e2e::{domstate, guest_dir, testbed, virsh, wait_for, HaBed, NsHost};
+use novacron_e2e::{domstate, guest_dir, testbed, virsh, wait_for, Agent, Cut, HaBed, NsHost, Server};
+use serde_json::json;
 
 /// The tests share the test bed: one at a time.
 static BED: Mutex<()> = Mutex::new(());
@@ -405,4 +409,488 @@ fn the_bmc_stand_in_powers_a_host_off_and_on_and_can_hang_lie_or_fail() {
         names.iter().any(|n| n == "virtlockd"),
         "virtlockd is back: {names:?}"
     );
+}
+
+// ------------------------------------------------------------ NovaCron --
+//
+// The guards with NovaCron at work: the server in the bed's server
+// namespace, an agent inside each host's namespace, HA guests with a disk
+// in the shared pool, stamping.
+
+/// Heartbeats every 500 ms; a session silent for 3 s is closed.
+const AGENTS_TOML: &str = "heartbeat_interval = \"500ms\"\nsession_timeout = \"3s\"";
+/// The lease terms of these tests (as tests/ha.rs: 5 s lease, 2 s fence
+/// time, one host of three failing is a host failure, not a mass one).
+const HA_TOML: &str = "[ha]\nlease = \"5s\"\nfence_time = \"2s\"\nmass_failure_ratio = 0.5\n";
+
+/// The server, one agent per host, the shared pool, and every HA event
+/// the server published since the start.
+struct Fleet {
+    bed: HaBed,
+    server: Server,
+    agents: Vec<Agent>,
+    consoles: Vec<PathBuf>,
+    pool: PathBuf,
+    events: std::sync::Arc<Mutex<Vec<String>>>,
+    _scratch: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// `n` hosts; `ha_extra` goes into the server's `[ha]` (after
+    /// [`HA_TOML`]), `tables` after it, `vms_extra` into every agent's
+    /// `[vms]`.
+    fn start(n: usize, ha_extra: &str, tables: &str, vms_extra: &str) -> Fleet {
+        let bed = HaBed::up(n);
+        let pool = bed.shared_dir("guards-pool-");
+        let scratch = scratch("nc-guards-");
+        let server = Server::start_in_netns(
+            &bed.server_ns,
+            &bed.server_ip,
+            AGENTS_TOML,
+            &format!("{HA_TOML}{ha_extra}\n{tables}"),
+        );
+        let mut agents = Vec::new();
+        let mut consoles = Vec::new();
+        for h in &bed.hosts {
+            let console = scratch.path().join(format!("console-{}", h.name));
+            std::fs::create_dir_all(&console).unwrap();
+            Command::new("chmod").arg("0755").arg(&console).status().unwrap();
+            let vms = format!(
+                "virt_type = \"qemu\"\nmigration_uri = \"{}\"\nconsole_log_dir = \"{}\"\nstorage_path = \"{}\"\nstorage_shared = true\n{vms_extra}",
+                h.migration_uri,
+                console.display(),
+                pool.display()
+            );
+            let mut a = Agent::in_netns(&h.name, &h.name, &h.local_uri, &vms);
+            a.join(&server);
+            a.start(&[]);
+            agents.push(a);
+            consoles.push(console);
+        }
+        for a in &agents {
+            server.wait_connected(&a.host_id, true);
+        }
+        let events = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let mut stream = novacron_e2e::sse(server.api, &server.token, "/v1/events");
+        std::thread::spawn(move || loop {
+            match stream.next_event(Duration::from_secs(3600)) {
+                Some((_, data)) => sink.lock().unwrap().push(data),
+                None => return,
+            }
+        });
+        Fleet {
+            bed,
+            server,
+            agents,
+            consoles,
+            pool,
+            events,
+            _scratch: scratch,
+        }
+    }
+
+    fn host(&self, i: usize) -> &NsHost {
+        &self.bed.hosts[i]
+    }
+
+    fn console(&self, i: usize, name: &str) -> PathBuf {
+        self.consoles[i].join(format!("{name}.console.log"))
+    }
+
+    fn disk(&self, name: &str) -> PathBuf {
+        self.pool.join(format!("{name}.root.qcow2"))
+    }
+
+    fn vm(&self, id: &str) -> serde_json::Value {
+        self.server.get(&format!("/v1/vms/{id}"))
+    }
+
+    fn index_of(&self, host_id: &str) -> usize {
+        self.agents
+            .iter()
+            .position(|a| a.host_id == host_id)
+            .unwrap_or_else(|| panic!("no agent with host id {host_id}"))
+    }
+
+    fn placed_on(&self, id: &str) -> usize {
+        let v = self.vm(id);
+        self.index_of(
+            v["host"]
+                .as_str()
+                .unwrap_or_else(|| panic!("VM without a host: {v}")),
+        )
+    }
+
+    /// The hosts (but `dead` ones) whose libvirt runs domain `id`.
+    fn running_on(&self, id: &str, dead: &[usize]) -> Vec<usize> {
+        (0..self.bed.hosts.len())
+            .filter(|i| !dead.contains(i))
+            .filter(|&i| domstate(&self.host(i).local_uri, id).as_deref() == Some("running"))
+            .collect()
+    }
+
+    /// Creates a stamping HA VM (on host `on` if given) and waits until it
+    /// stamps; returns its id and host.
+    fn ha_vm(&self, name: &str, on: Option<usize>) -> (String, usize) {
+        let g = guest_dir();
+        let placement = on.map_or_else(|| json!({}), |i| json!({"host": self.agents[i].host_id}));
+        let (s, v) = self.server.send(
+            "POST",
+            "/v1/vms",
+            &json!({"spec": {
+                "name": name, "vcpus": 1, "memory_mib": 128, "ha": true,
+                "disks": [{"name": "root", "size_mib": 64}],
+                "boot": {"kernel": g.join("vmlinuz"), "initrd": g.join("initrd.img"),
+                         "cmdline": "console=ttyS0 panic=-1 novacron.stamp=1"}
+            }, "placement": placement}),
+        );
+        assert_eq!(s, 201, "{v}");
+        let id = v["vm"]["id"].as_str().unwrap().to_string();
+        let i = wait_for(&format!("{name} to be placed"), Duration::from_secs(30), || {
+            self.vm(&id)["host"].as_str().map(|h| self.index_of(h))
+        });
+        wait_stamping(&self.console(i, name), &self.disk(name), 1, 5);
+        (id, i)
+    }
+
+    /// Waits until VM `id` is placed on a host other than `from` and runs
+    /// there (only there, among the hosts not `dead`); returns that host.
+    fn wait_running_elsewhere(&self, id: &str, from: usize, dead: &[usize]) -> usize {
+        let to = wait_for("the VM to be placed elsewhere", Duration::from_secs(120), || {
+            let i = self.placed_on(id);
+            (i != from).then_some(i)
+        });
+        wait_for(
+            &format!("the VM to run on {} alone", self.host(to).name),
+            Duration::from_secs(120),
+            || (self.running_on(id, dead) == [to]).then_some(()),
+        );
+        to
+    }
+
+    /// The HA events so far that contain `words`.
+    fn events_with(&self, words: &[&str]) -> Vec<String> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| words.iter().all(|w| e.contains(w)))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until the stamps of VM `name` show boots on `hosts` (indices),
+    /// in order, with no interleave (failing at once on one).
+    fn check_stamps(&self, name: &str, hosts: &[usize]) -> stamps::Report {
+        let disk = self.disk(name);
+        let want: Vec<&str> = hosts.iter().map(|&i| self.host(i).name.as_str()).collect();
+        let r = wait_for(
+            &format!("{name}'s stamps to show boots on {want:?}"),
+            Duration::from_secs(60),
+            || {
+                let r = stamps::check_image(&disk).unwrap_or_else(|e| {
+                    panic!("stamp check of {name}: {e}\nserver log:\n{}", self.server.logs())
+                });
+                (r.boots.len() >= want.len()).then_some(r)
+            },
+        );
+        eprintln!("stamps of {name}: {r}");
+        assert_eq!(r.hosts(), want, "{name}'s boots: {r}");
+        r
+    }
+
+    /// The events and the server's HA log lines, for failure messages.
+    fn story(&self) -> String {
+        let log = self.server.logs();
+        let ha: Vec<&str> = log.lines().filter(|l| l.contains("HA")).collect();
+        format!(
+            "events:\n{}\nserver HA log:\n{}",
+            self.events.lock().unwrap().join("\n"),
+            ha.join("\n")
+        )
+    }
+}
+
+/// Keep-running with disk locks: the server's `[ha]` and the agents'.
+const KEEP_LOCKS: (&str, &str) = (
+    "isolation = \"keep-running\"\ndisk_locks = true\n",
+    "disk_locks = true",
+);
+
+/// Keep-running, one host's link cut: its guest keeps running (and
+/// stamping); after the lease wait the server restarts it on another host,
+/// whose start waits on the disk lock (shown in `GET /v1/ha`) while the old
+/// copy runs. The link restored, the old host destroys its copy (the VM
+/// departed from it), the lock frees and the new start succeeds. The
+/// stamps: one boot on the old host, then one on the new, never both.
+#[test]
+fn keep_running_a_cut_host_keeps_its_guest_and_the_restart_waits_on_the_lock_until_it_returns() {
+    let _bed = take_bed();
+    let f = Fleet::start(3, KEEP_LOCKS.0, "", KEEP_LOCKS.1);
+    let (id, x) = f.ha_vm("kr-a", None);
+    let console = f.console(x, "kr-a");
+    let boot_x = stamp_boots(&console)[0].clone();
+    f.bed.cut(f.host(x), Cut::Drop);
+
+    let to = wait_for(
+        "the restart elsewhere to wait on the disk lock",
+        Duration::from_secs(120),
+        || {
+            let ha = f.server.get("/v1/ha");
+            let waits = ha["lock_waits"].as_array().cloned().unwrap_or_default();
+            waits.iter().find(|w| w["id"] == id.as_str()).map(|w| {
+                eprintln!("lock wait: {w}");
+                f.index_of(w["host"].as_str().unwrap())
+            })
+        },
+    );
+    assert_ne!(to, x);
+    // The old copy keeps running and stamping; the new one does not start.
+    let n = stamps_of(&f.disk("kr-a"), &boot_x);
+    novacron_e2e::assert_holds("the old copy alone runs", Duration::from_secs(8), || {
+        let on = f.running_on(&id, &[]);
+        (on == [x])
+            .then_some(())
+            .ok_or(format!("running on {on:?}\n{}", f.story()))
+    });
+    assert!(
+        stamps_of(&f.disk("kr-a"), &boot_x) >= n + 40,
+        "the cut host's guest stopped stamping"
+    );
+    let v = f.vm(&id);
+    eprintln!("VM while waiting: {}", v["ha"]);
+
+    f.bed.restore(f.host(x));
+    let now = f.wait_running_elsewhere(&id, x, &[]);
+    assert_eq!(now, to);
+    wait_for(
+        "the returning host to remove its copy",
+        Duration::from_secs(60),
+        || domstate(&f.host(x).local_uri, &id).is_none().then_some(()),
+    );
+    f.check_stamps("kr-a", &[x, to]);
+}
+
+/// Keep-running with disk locks: the restart waits on the lock while the
+/// cut host's copy runs, and succeeds once that host dies (every process
+/// killed: its virtlockd's lock goes with it). No interleave.
+#[test]
+fn keep_running_the_restart_under_the_lock_succeeds_when_the_old_copy_dies() {
+    let _bed = take_bed();
+    let f = Fleet::start(3, KEEP_LOCKS.0, "", KEEP_LOCKS.1);
+    let (id, x) = f.ha_vm("kr-b", None);
+    f.bed.cut(f.host(x), Cut::Drop);
+    wait_for(
+        "the restart to wait on the disk lock",
+        Duration::from_secs(120),
+        || {
+            let ha = f.server.get("/v1/ha");
+            ha["lock_waits"]
+                .as_array()
+                .is_some_and(|w| w.iter().any(|w| w["id"] == id.as_str()))
+                .then_some(())
+        },
+    );
+    assert_eq!(f.running_on(&id, &[]), [x], "the old copy runs, the new waits");
+    f.bed.kill_host(f.host(x));
+    let to = f.wait_running_elsewhere(&id, x, &[x]);
+    f.check_stamps("kr-b", &[x, to]);
+}
+
+/// The server's hardware fence hook: the test bed's BMC stand-in.
+fn fence_table(timeout: &str, retries: u32) -> String {
+    format!(
+        "[ha.fence]\ncommand = [\"{}\", \"{{host}}\", \"{{action}}\"]\ntimeout = \"{timeout}\"\nretries = {retries}\n",
+        fence_testbed().display()
+    )
+}
+
+/// Keep-running with the hardware hook (no disk locks): a cut host is
+/// powered off by the hook (every process of it gone) and its HA guest
+/// restarted elsewhere; then a host that lost power by itself is "already
+/// off" to the hook, which counts as done: its guest restarts too.
+#[test]
+fn the_hook_powers_a_silent_host_off_and_already_off_counts() {
+    let _bed = take_bed();
+    let mut f = Fleet::start(3, "isolation = \"keep-running\"\n", &fence_table("20s", 2), "");
+    let (id, x) = f.ha_vm("hook-a", None);
+    f.bed.cut(f.host(x), Cut::Drop);
+    let y = f.wait_running_elsewhere(&id, x, &[x]);
+    assert_eq!(
+        f.bed.pids(f.host(x)),
+        Vec::<u32>::new(),
+        "the hook left processes on the host"
+    );
+    let name_x = f.host(x).name.clone();
+    assert!(
+        !f.events_with(&[&name_x, "powered off and confirmed off"])
+            .is_empty(),
+        "{}",
+        f.story()
+    );
+
+    // Back: link, power, agent.
+    f.bed.restore(f.host(x));
+    assert_eq!(fence(&name_x, "on", Duration::from_secs(60)), Some(0));
+    f.agents[x].start(&[]);
+    wait_for(
+        "the powered-on host to hold its lease again",
+        Duration::from_secs(90),
+        || (f.server.host(&f.agents[x].host_id)["lease"] == "online").then_some(()),
+    );
+
+    // Power lost by itself: the hook finds it off already.
+    f.bed.kill_host(f.host(y));
+    let z = f.wait_running_elsewhere(&id, y, &[y]);
+    let name_y = f.host(y).name.clone();
+    assert!(
+        !f.events_with(&[&name_y, "it was off already"]).is_empty(),
+        "{}",
+        f.story()
+    );
+    f.check_stamps("hook-a", &[x, y, z]);
+}
+
+/// A hook that hangs (the BMC never answers): each attempt is killed at
+/// its timeout, the fence fails with an alert event, the host stays
+/// *fencing* and its guest is not restarted (keep-running, no disk locks:
+/// nothing else proves it off) and keeps running. Healed, the retry
+/// powers it off and the guest restarts elsewhere.
+#[test]
+fn a_hanging_hook_leaves_the_host_fencing_with_an_alert_and_restarts_nothing() {
+    let _bed = take_bed();
+    let f = Fleet::start(3, "isolation = \"keep-running\"\n", &fence_table("2s", 1), "");
+    let (id, x) = f.ha_vm("hook-b", None);
+    let name_x = f.host(x).name.clone();
+    let fault = f.host(x).libvirt_log_dir().parent().unwrap().join("bmc-fault");
+    std::fs::write(&fault, "hang\n").unwrap();
+    f.bed.cut(f.host(x), Cut::Drop);
+    wait_for(
+        "the fence to fail with an alert",
+        Duration::from_secs(120),
+        || (!f.events_with(&["ALERT", &name_x]).is_empty()).then_some(()),
+    );
+    let ha = f.server.get("/v1/ha");
+    let fencing = ha["fencing"].as_array().cloned().unwrap_or_default();
+    assert!(
+        fencing.iter().any(|h| h["id"] == f.agents[x].host_id.as_str()),
+        "the host is not listed as fencing: {ha:#}"
+    );
+    novacron_e2e::assert_holds(
+        "nothing restarted while the fence hangs",
+        Duration::from_secs(10),
+        || {
+            if f.placed_on(&id) != x {
+                return Err(format!("moved while its host is not proven off\n{}", f.story()));
+            }
+            let on = f.running_on(&id, &[]);
+            (on == [x]).then_some(()).ok_or(format!("running on {on:?}"))
+        },
+    );
+
+    std::fs::remove_file(&fault).unwrap();
+    let y = f.wait_running_elsewhere(&id, x, &[x]);
+    assert_eq!(f.bed.pids(f.host(x)), Vec::<u32>::new());
+    f.check_stamps("hook-b", &[x, y]);
+}
+
+/// The peer witness: the server SIGKILLed for 60 s (twelve leases) with
+/// one HA guest on each of three hosts: no guest stops (same QEMU, no new
+/// boot), their stamps never pause for more than a second, and once the
+/// server is back nothing is restarted. Then one host is cut from the
+/// server and its peers alike: it cannot confirm, fences, and its guest
+/// restarts elsewhere.
+#[test]
+fn with_the_peer_witness_a_server_outage_stops_nothing_and_a_host_cut_from_all_fences() {
+    let _bed = take_bed();
+    let mut f = Fleet::start(3, "", "", "");
+    let names = ["wit-1", "wit-2", "wit-3"];
+    let vms: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let (id, on) = f.ha_vm(n, Some(i));
+            assert_eq!(on, i);
+            id
+        })
+        .collect();
+    let witness = f.server.get("/v1/ha")["witness"].clone();
+    eprintln!("witness: {witness}");
+    let pids: Vec<u32> = vms
+        .iter()
+        .enumerate()
+        .map(|(i, id)| qemu_pid(f.host(i), id))
+        .collect();
+    let from: Vec<usize> = names
+        .iter()
+        .map(|n| stamps::used_slots(&stamps::read_image(&f.disk(n)).unwrap()))
+        .collect();
+
+    f.server.kill9();
+    let check = |what: &str| -> Result<(), String> {
+        for (i, id) in vms.iter().enumerate() {
+            let h = &f.bed.hosts[i];
+            if domstate(&h.local_uri, id).as_deref() != Some("running") {
+                return Err(format!("{what}: {} stopped on {}", names[i], h.name));
+            }
+            if qemu_pid(h, id) != pids[i] {
+                return Err(format!("{what}: {} has a new QEMU", names[i]));
+            }
+        }
+        Ok(())
+    };
+    novacron_e2e::assert_holds(
+        "no guest stops while the server is down",
+        Duration::from_secs(60),
+        || check("server down"),
+    );
+    f.server.restart();
+    for a in &f.agents {
+        f.server.wait_connected(&a.host_id, true);
+    }
+    novacron_e2e::assert_holds(
+        "nothing restarted after the server is back",
+        Duration::from_secs(15),
+        || check("server back"),
+    );
+    let log = f.server.logs();
+    assert!(!log.contains("HA VM restarted elsewhere"), "{log}");
+    for (i, n) in names.iter().enumerate() {
+        let img = stamps::read_image(&f.disk(n)).unwrap();
+        let r = stamps::check(&img).unwrap_or_else(|e| panic!("{n}: {e}"));
+        assert_eq!(r.boots.len(), 1, "{n}: {r}");
+        let gap = stamps::largest_gap_from(&img, from[i]);
+        let during = stamps::used_slots(&img) - from[i];
+        eprintln!("{n}: {during} stamps since the outage began, largest gap {gap} ms");
+        assert!(gap <= 1000, "{n}'s stamps paused for {gap} ms");
+        assert!(during >= 600, "{n} wrote only {during} stamps in 75 s");
+    }
+    let agents_log: String = f.agents.iter().map(Agent::logs).collect();
+    assert!(!agents_log.contains("HA fencing started"), "an agent fenced");
+
+    // Cut from everything: no lease, no peer to confirm: it fences.
+    f.bed.cut(f.host(0), Cut::Drop);
+    wait_for("the cut host to fence its guest", Duration::from_secs(60), || {
+        (domstate(&f.host(0).local_uri, &vms[0]).as_deref() != Some("running")).then_some(())
+    });
+    let to = f.wait_running_elsewhere(&vms[0], 0, &[]);
+    f.check_stamps("wit-1", &[0, to]);
+    f.check_stamps("wit-2", &[1]);
+    f.check_stamps("wit-3", &[2]);
+}
+
+/// The pid of the QEMU running domain `dom` (name or UUID) on `h`.
+fn qemu_pid(h: &NsHost, dom: &str) -> u32 {
+    let name = virsh(&h.local_uri, &["domname", dom]).unwrap_or_else(|e| panic!("{e:?}"));
+    let file = h
+        .libvirt_log_dir()
+        .parent()
+        .unwrap()
+        .join(format!("run/qemu/{}.pid", name.trim()));
+    std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()))
+        .trim()
+        .parse()
+        .unwrap()
 }

@@ -174,7 +174,7 @@ fn server_toml(args: &Args) -> String {
 }
 
 /// The server's table of the hardware fence hook.
-const FENCE_TABLE: &str = "ha.hardware_fence";
+const FENCE_TABLE: &str = "ha.fence";
 
 /// The bed: three hosts, the server, their agents.
 struct Fleet {
