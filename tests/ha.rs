@@ -638,7 +638,11 @@ fn a_cut_host_fences_its_ha_guest_before_the_server_restarts_it_and_keeps_no_cop
 #[test]
 fn a_server_kill9_within_the_lease_changes_nothing_and_a_longer_one_restarts_each_ha_vm_once() {
     let _bed = take_bed();
-    let mut f = Fleet::start(3, &format!("{HA_TOML}[ha.witness]\nenabled = false\n"), SHARED_TOML);
+    let mut f = Fleet::start(
+        3,
+        &format!("{HA_TOML}[ha.witness]\nenabled = false\n"),
+        SHARED_TOML,
+    );
     let vms: Vec<(String, String, usize)> = ["ha-c1", "ha-c2"]
         .iter()
         .map(|n| {

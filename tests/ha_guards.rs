@@ -554,9 +554,13 @@ impl Fleet {
         (id, i)
     }
 
-    /// Waits until VM `id` is placed on a host other than `from` and runs
-    /// there (only there, among the hosts not `dead`); returns that host.
-    fn wait_running_elsewhere(&self, id: &str, from: usize, dead: &[usize]) -> usize {
+    /// Waits until VM `id` (named `name`) is placed on a host other than
+    /// `from`, runs there (only there, among the hosts not `dead`) and
+    /// stamps from a new boot there; returns that host.
+    fn wait_running_elsewhere(&self, id: &str, name: &str, from: usize, dead: &[usize]) -> usize {
+        let before: Vec<usize> = (0..self.bed.hosts.len())
+            .map(|i| stamp_boots(&self.console(i, name)).len())
+            .collect();
         let to = wait_for("the VM to be placed elsewhere", Duration::from_secs(120), || {
             let i = self.placed_on(id);
             (i != from).then_some(i)
@@ -566,6 +570,7 @@ impl Fleet {
             Duration::from_secs(120),
             || (self.running_on(id, dead) == [to]).then_some(()),
         );
+        wait_stamping(&self.console(to, name), &self.disk(name), before[to] + 1, 3);
         to
     }
 
@@ -585,16 +590,29 @@ impl Fleet {
     fn check_stamps(&self, name: &str, hosts: &[usize]) -> stamps::Report {
         let disk = self.disk(name);
         let want: Vec<&str> = hosts.iter().map(|&i| self.host(i).name.as_str()).collect();
-        let r = wait_for(
-            &format!("{name}'s stamps to show boots on {want:?}"),
-            Duration::from_secs(60),
-            || {
-                let r = stamps::check_image(&disk).unwrap_or_else(|e| {
-                    panic!("stamp check of {name}: {e}\nserver log:\n{}", self.server.logs())
-                });
-                (r.boots.len() >= want.len()).then_some(r)
-            },
-        );
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        let r = loop {
+            let r = stamps::check_image(&disk)
+                .unwrap_or_else(|e| panic!("stamp check of {name}: {e}\n{}", self.story()));
+            if r.boots.len() >= want.len() {
+                break r;
+            }
+            if std::time::Instant::now() > end {
+                let consoles: Vec<String> = (0..self.bed.hosts.len())
+                    .map(|i| {
+                        let c = std::fs::read_to_string(self.console(i, name)).unwrap_or_default();
+                        let tail: Vec<&str> = c.lines().filter(|l| l.contains("NOVACRON")).collect();
+                        format!("{}: {}", self.host(i).name, tail.join(" | "))
+                    })
+                    .collect();
+                panic!(
+                    "{name}'s stamps show {r} but not boots on {want:?}\nconsoles:\n{}\n{}",
+                    consoles.join("\n"),
+                    self.story()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
         eprintln!("stamps of {name}: {r}");
         assert_eq!(r.hosts(), want, "{name}'s boots: {r}");
         r
@@ -662,7 +680,7 @@ fn keep_running_a_cut_host_keeps_its_guest_and_the_restart_waits_on_the_lock_unt
     eprintln!("VM while waiting: {}", v["ha"]);
 
     f.bed.restore(f.host(x));
-    let now = f.wait_running_elsewhere(&id, x, &[]);
+    let now = f.wait_running_elsewhere(&id, "kr-a", x, &[]);
     assert_eq!(now, to);
     wait_for(
         "the returning host to remove its copy",
@@ -694,7 +712,7 @@ fn keep_running_the_restart_under_the_lock_succeeds_when_the_old_copy_dies() {
     );
     assert_eq!(f.running_on(&id, &[]), [x], "the old copy runs, the new waits");
     f.bed.kill_host(f.host(x));
-    let to = f.wait_running_elsewhere(&id, x, &[x]);
+    let to = f.wait_running_elsewhere(&id, "kr-b", x, &[x]);
     f.check_stamps("kr-b", &[x, to]);
 }
 
@@ -716,7 +734,7 @@ fn the_hook_powers_a_silent_host_off_and_already_off_counts() {
     let mut f = Fleet::start(3, "isolation = \"keep-running\"\n", &fence_table("20s", 2), "");
     let (id, x) = f.ha_vm("hook-a", None);
     f.bed.cut(f.host(x), Cut::Drop);
-    let y = f.wait_running_elsewhere(&id, x, &[x]);
+    let y = f.wait_running_elsewhere(&id, "hook-a", x, &[x]);
     assert_eq!(
         f.bed.pids(f.host(x)),
         Vec::<u32>::new(),
@@ -742,7 +760,7 @@ fn the_hook_powers_a_silent_host_off_and_already_off_counts() {
 
     // Power lost by itself: the hook finds it off already.
     f.bed.kill_host(f.host(y));
-    let z = f.wait_running_elsewhere(&id, y, &[y]);
+    let z = f.wait_running_elsewhere(&id, "hook-a", y, &[y]);
     let name_y = f.host(y).name.clone();
     assert!(
         !f.events_with(&[&name_y, "it was off already"]).is_empty(),
@@ -790,7 +808,7 @@ fn a_hanging_hook_leaves_the_host_fencing_with_an_alert_and_restarts_nothing() {
     );
 
     std::fs::remove_file(&fault).unwrap();
-    let y = f.wait_running_elsewhere(&id, x, &[x]);
+    let y = f.wait_running_elsewhere(&id, "hook-b", x, &[x]);
     assert_eq!(f.bed.pids(f.host(x)), Vec::<u32>::new());
     f.check_stamps("hook-b", &[x, y]);
 }
@@ -874,7 +892,7 @@ fn with_the_peer_witness_a_server_outage_stops_nothing_and_a_host_cut_from_all_f
     wait_for("the cut host to fence its guest", Duration::from_secs(60), || {
         (domstate(&f.host(0).local_uri, &vms[0]).as_deref() != Some("running")).then_some(())
     });
-    let to = f.wait_running_elsewhere(&vms[0], 0, &[]);
+    let to = f.wait_running_elsewhere(&vms[0], "wit-1", 0, &[]);
     f.check_stamps("wit-1", &[0, to]);
     f.check_stamps("wit-2", &[1]);
     f.check_stamps("wit-3", &[2]);
