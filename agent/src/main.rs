@@ -117,15 +117,6 @@ fn real_main() -> anyhow::Result<()> {
     runtime.block_on(run(cli.command, cfg))
 }
 
-fn hostname(cfg: &AgentConfig) -> String {
-    cfg.hostname.clone().unwrap_or_else(|| {
-        nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "unknown".into())
-    })
-}
-
 async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
     let paths = Paths::new(&cfg.data_dir);
     match command {
@@ -156,7 +147,7 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             }
             let (host, _) = split_host_port(&server).map_err(anyhow::Error::msg)?;
             let server_name = server_name.unwrap_or(host);
-            let link_cfg = LinkConfig::new(server.clone(), server_name.clone(), hostname(&cfg));
+            let link_cfg = LinkConfig::new(server.clone(), server_name.clone(), cfg.host_name());
             let clock = Clock::system();
             let started = clock.now();
             let identity = link::join(&link_cfg, &token, &ca_fingerprint, novacron_agent::VERSION)
@@ -188,7 +179,7 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             };
             // The one clock every part with timeouts, deadlines or backoff reads.
             let clock = Clock::system();
-            let mut link_cfg = LinkConfig::new(server, server_name, hostname(&cfg));
+            let mut link_cfg = LinkConfig::new(server, server_name, cfg.host_name());
             link_cfg.clock = clock.clone();
             if let Some(v) = protocol_versions {
                 link_cfg.versions = v;

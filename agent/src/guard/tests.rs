@@ -335,13 +335,21 @@ async fn a_restarted_agent_keeps_the_previous_targets_until_it_has_looked() {
     };
     tokio::spawn(run_client(cfg, lease, clock.clone(), stop_rx));
     tokio::time::sleep(ms(2_100)).await;
-    let mut status = None;
-    for _ in 0..500 {
-        status = qemu.try_wait().unwrap();
-        if status.is_some() {
-            break;
+    // A real signal to a real process: wait for it on the real clock (a
+    // loaded machine may take a while to deliver and reap it).
+    let real = Clock::system();
+    let since = real.now();
+    let status = loop {
+        let status = qemu.try_wait().unwrap();
+        if status.is_some() || real.since(since) >= Duration::from_secs(10) {
+            break status;
         }
         std::thread::yield_now();
+    };
+    if status.is_none() {
+        // Not killed: reap it before failing.
+        let _ = qemu.kill();
+        let _ = qemu.wait();
     }
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(

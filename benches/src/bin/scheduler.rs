@@ -73,6 +73,7 @@ fn fleet(n: usize) -> Vec<Host> {
                 used: Usage::default(),
                 groups: HashSet::new(),
                 shared_storage: None,
+                disk_locks: None,
             }
         })
         .collect()
