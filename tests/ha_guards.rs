@@ -618,15 +618,24 @@ impl Fleet {
         r
     }
 
-    /// The events and the server's HA log lines, for failure messages.
+    /// The events, the server's HA log lines and the agents' HA and
+    /// witness lines, for failure messages.
     fn story(&self) -> String {
-        let log = self.server.logs();
-        let ha: Vec<&str> = log.lines().filter(|l| l.contains("HA")).collect();
-        format!(
-            "events:\n{}\nserver HA log:\n{}",
+        let pick = |log: String| -> String {
+            log.lines()
+                .filter(|l| l.contains("HA") || l.contains("witness") || l.contains("lease"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let mut out = format!(
+            "events:\n{}\nserver HA log:\n{}\n",
             self.events.lock().unwrap().join("\n"),
-            ha.join("\n")
-        )
+            pick(self.server.logs())
+        );
+        for (h, a) in self.bed.hosts.iter().zip(&self.agents) {
+            out.push_str(&format!("agent on {}:\n{}\n", h.name, pick(a.logs())));
+        }
+        out
     }
 }
 
@@ -846,11 +855,16 @@ fn with_the_peer_witness_a_server_outage_stops_nothing_and_a_host_cut_from_all_f
         .collect();
 
     f.server.kill9();
-    let check = |what: &str| -> Result<(), String> {
+    let check = |f: &Fleet, what: &str| -> Result<(), String> {
         for (i, id) in vms.iter().enumerate() {
             let h = &f.bed.hosts[i];
             if domstate(&h.local_uri, id).as_deref() != Some("running") {
-                return Err(format!("{what}: {} stopped on {}", names[i], h.name));
+                return Err(format!(
+                    "{what}: {} stopped on {}\n{}",
+                    names[i],
+                    h.name,
+                    f.story()
+                ));
             }
             if qemu_pid(h, id) != pids[i] {
                 return Err(format!("{what}: {} has a new QEMU", names[i]));
@@ -861,7 +875,7 @@ fn with_the_peer_witness_a_server_outage_stops_nothing_and_a_host_cut_from_all_f
     novacron_e2e::assert_holds(
         "no guest stops while the server is down",
         Duration::from_secs(60),
-        || check("server down"),
+        || check(&f, "server down"),
     );
     f.server.restart();
     for a in &f.agents {
@@ -870,7 +884,7 @@ fn with_the_peer_witness_a_server_outage_stops_nothing_and_a_host_cut_from_all_f
     novacron_e2e::assert_holds(
         "nothing restarted after the server is back",
         Duration::from_secs(15),
-        || check("server back"),
+        || check(&f, "server back"),
     );
     let log = f.server.logs();
     assert!(!log.contains("HA VM restarted elsewhere"), "{log}");
