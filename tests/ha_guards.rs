@@ -623,7 +623,11 @@ impl Fleet {
     fn story(&self) -> String {
         let pick = |log: String| -> String {
             log.lines()
-                .filter(|l| l.contains("HA") || l.contains("witness") || l.contains("lease"))
+                .filter(|l| {
+                    ["HA", "witness", "lease", "server lost", "peer"]
+                        .iter()
+                        .any(|w| l.contains(w))
+                })
                 .collect::<Vec<_>>()
                 .join("\n")
         };
