@@ -299,8 +299,16 @@ fn main() -> anyhow::Result<()> {
     }
     println!("ha-failover: {}", machine_description());
     println!(
-        "guard {:?}; terms: heartbeat {}, lease {}, fence time {}, mass-failure ratio 0.5",
-        args.guard, args.heartbeat, args.lease, args.fence_time
+        "guard {:?}; terms: heartbeat {}, lease {}, fence time {}; {}",
+        args.guard,
+        args.heartbeat,
+        args.lease,
+        args.fence_time,
+        if args.outage.is_some() {
+            "mass-failure ratio 0.5, peer witness on"
+        } else {
+            "mass-failure ratio 0.7, peer witness off"
+        }
     );
     let mut f = Fleet::start(&args)?;
     match &args.outage {
@@ -324,6 +332,14 @@ fn host_losses(f: &mut Fleet, args: &Args, trial_timeout: Duration) -> anyhow::R
     let mut trials = Vec::new();
     for n in 1..=args.trials {
         let from = on;
+        // The current boot has stamped (the proof needs one run per boot).
+        let disk = f.disk("bench-ha");
+        poll("the current boot to stamp", trial_timeout, || {
+            Ok(stamps::check_image(&disk)
+                .ok()
+                .filter(|r| r.boots.len() >= path.len())
+                .map(|_| ()))
+        })?;
         let lost = f.bed.hosts[from].clone();
         let lost = &lost;
         let host_id = f.agents[from].host_id.clone();
