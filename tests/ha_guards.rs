@@ -55,10 +55,12 @@ fn stamps_of(disk: &Path, boot: &str) -> usize {
         .count()
 }
 
-/// The boot ids of every `NOVACRON-GUEST-STAMPS` line of a console log.
+/// The boot ids of every complete `NOVACRON-GUEST-STAMPS` line of a
+/// console log (a line still being written is not one yet).
 fn stamp_boots(console: &Path) -> Vec<String> {
-    std::fs::read_to_string(console)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .lines()
         .filter(|l| l.contains("NOVACRON-GUEST-STAMPS "))
         .filter_map(|l| l.split(" boot=").nth(1))
