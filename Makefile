@@ -21,10 +21,15 @@ demo: deps
 	$(TARGET_DIR)/release/novacron-server demo $(DEMO_ARGS)
 
 ## HA failover figures on the real test bed (root): host loss -> the HA
-## guest running on another host, 20 trials, median and p99 per phase.
+## guest running on another host, 20 trials per guard (lease wait, hardware
+## hook, disk lock), median and p99 per phase; then a 60 s server outage
+## (guests stopped, stamp pauses).
 bench-ha: deps testbed
 	$(CARGO) build --release --locked -p novacron-server -p novacron-agent -p novacron-bench --bins
-	$(TARGET_DIR)/release/ha-failover --guest-dir $(GUEST_DIR) $(BENCH_HA_ARGS)
+	for g in lease hook lock; do \
+	  $(TARGET_DIR)/release/ha-failover --guest-dir $(GUEST_DIR) --guard $$g $(BENCH_HA_ARGS) || exit 1; \
+	done
+	$(TARGET_DIR)/release/ha-failover --guest-dir $(GUEST_DIR) --outage 60s
 
 ## Unit, property and end-to-end tests (the e2e tests start real processes,
 ## and drive a real libvirtd with QEMU guests: run as root).

@@ -640,7 +640,17 @@ impl Agent {
     /// A new agent on libvirt `uri`, with `vms_toml` appended to its
     /// `[vms]` table (its storage pool and console logs live in its own
     /// directory unless `vms_toml` says otherwise).
+    ///
+    /// Its peer witness listens on an ephemeral loopback port: several
+    /// agents share this network namespace, and only one could bind the
+    /// default port.
     pub fn on(name: &str, uri: &str, vms_toml: &str) -> Agent {
+        Agent::with_witness(name, uri, vms_toml, "\n[witness]\nlisten = \"127.0.0.1:0\"\n")
+    }
+
+    /// [`Agent::on`] with `witness_toml` (a `[witness]` table, or nothing
+    /// for its defaults) at the end of the config.
+    fn with_witness(name: &str, uri: &str, vms_toml: &str, witness_toml: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("agent.toml");
         let mut vms = String::from(vms_toml);
@@ -656,7 +666,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{}\"\nlibvirt_uri = \"{uri}\"\nhostname = \"{name}\"\n[vms]\n{vms}\n",
+                "data_dir = \"{}\"\nlibvirt_uri = \"{uri}\"\nhostname = \"{name}\"\n[vms]\n{vms}\n{witness_toml}",
                 dir.path().join("data").display()
             ),
         )
@@ -674,8 +684,9 @@ impl Agent {
     /// Like [`Agent::on`], for an agent that joins and runs inside the
     /// network namespace `netns` (a test-bed host's: `ip netns pids` lists
     /// it with that host's daemons, and cutting the host's link cuts it).
+    /// Its peer witness listens on the default port, on the host's address.
     pub fn in_netns(netns: &str, name: &str, uri: &str, vms_toml: &str) -> Agent {
-        let mut a = Agent::on(name, uri, vms_toml);
+        let mut a = Agent::with_witness(name, uri, vms_toml, "");
         a.netns = Some(netns.to_string());
         a
     }
@@ -846,6 +857,8 @@ pub async fn close_code(conn: &quinn::Connection) -> Option<novacron_shared::pro
     }
 }
 
+#[path = "harness/stamps.rs"]
+pub mod stamps;
 #[path = "harness/testbed.rs"]
 mod testbed;
 pub use testbed::*;

@@ -16,10 +16,14 @@
 #                             namespace ncb-srv (10.231.0.254) on the bridge and
 #                             a directory pool shared by all hosts; prints two
 #                             more lines: "server-ns<TAB>ncb-srv<TAB>10.231.0.254"
-#                             and "shared-pool<TAB>PATH"
+#                             and "shared-pool<TAB>PATH"; each host runs libvirt
+#                             with the lockd lock manager (its own virtlockd)
 #   testbed.sh host-kill NAME     SIGKILL every process of host NAME (by pid)
 #   testbed.sh host-revive NAME   boot a killed host again (its /run emptied,
 #                             its libvirt definitions and disks kept)
+#   testbed.sh host-power NAME on|off|status   the host's power as a BMC
+#                             sees it (off = host-kill, on = host-revive;
+#                             status exits 0 on, 2 off); see fence-testbed
 #   testbed.sh link-cut NAME [down|drop]   cut host NAME's link (veth0 down,
 #                             or an nft DROP of all but loopback inside it)
 #   testbed.sh link-restore NAME  undo link-cut
@@ -36,7 +40,7 @@ SOCK=$LIBVIRT_RUN/libvirt-sock
 WAIT_SECS=60
 # Bump when the guest's layout or /init changes in a way the script hash
 # would not catch (the stamp also includes the hash of this file).
-GUEST_FORMAT=1
+GUEST_FORMAT=2
 # Modules the guest loads if the kernel has them as modules (=m). Their
 # dependencies are added automatically; built-in ones (=y) are skipped.
 GUEST_MODULES=(virtio_pci virtio_blk virtio_scsi virtio_net virtio_balloon sd_mod button evdev)
@@ -70,7 +74,8 @@ self_path() {
 usage() {
   cat >&2 <<EOF
 usage: $0 install | start | stop | libvirtd-pid | guest DIR | hosts-up N [--ha] | hosts-down
-          | host-kill NAME | host-revive NAME | link-cut NAME [down|drop] | link-restore NAME
+          | host-kill NAME | host-revive NAME | host-power NAME on|off|status
+          | link-cut NAME [down|drop] | link-restore NAME
   install       install qemu-system-x86 (qemu-utils pinned to 1:7.2), libvirt-daemon-system,
                 libvirt-clients, libvirt-dev, busybox-static, genisoimage, iproute2, nftables if missing
   start         start virtlogd and libvirtd if not running (pids in $RUN_DIR),
@@ -90,7 +95,10 @@ usage: $0 install | start | stop | libvirtd-pid | guest DIR | hosts-up N [--ha] 
                 $SHARED_DIR that every host sees at the same path (o+x parents,
                 owned by libvirt-qemu; override with NOVACRON_TESTBED_SHARED_DIR); after
                 the host lines it prints "server-ns<TAB>$SERVER_NS<TAB>$SERVER_IP" and
-                "shared-pool<TAB>$SHARED_DIR"
+                "shared-pool<TAB>$SHARED_DIR"; each host's qemu.conf has lock_manager = "lockd"
+                and its own virtlockd runs before its libvirtd (disk locks held outside QEMU,
+                on the disk files themselves); a host up without --ha is recreated with it
+                (and the other way round)
   host-kill NAME
                 SIGKILL every process in host NAME's network namespace ('ip netns pids',
                 each checked to live there): libvirtd, virtlogd, QEMUs, an agent run
@@ -99,6 +107,10 @@ usage: $0 install | start | stop | libvirtd-pid | guest DIR | hosts-up N [--ha] 
                 boot a killed host again: its /run/libvirt emptied (as a reboot does),
                 its /etc/libvirt (persistent domains) and /var/lib/libvirt kept, its
                 daemons started; refuses while any process of it still runs
+  host-power NAME on|off|status
+                the host's power as a BMC sees it: 'off' = host-kill (no error when already
+                off), 'on' = host-revive (no error when already on), 'status' prints on/off
+                and exits 0 (on: some process of the host runs) or 2 (off)
   link-cut NAME [down|drop]
                 cut host NAME off the bridge: 'down' (default) sets its veth0 down;
                 'drop' adds an nft table $CUT_TABLE inside it dropping every packet
@@ -431,6 +443,7 @@ host_healthy() {
   [ -n "$nsid" ] && [ "$(netns_id "$name")" = "$nsid" ] || return 1
   pid_is "$(read_pid "$b/libvirtd.pid")" libvirtd "$nsid" || return 1
   pid_is "$(read_pid "$b/virtlogd.pid")" virtlogd "$nsid" || return 1
+  if [ -e "$b/ha" ]; then pid_is "$(read_pid "$b/virtlockd.pid")" virtlockd "$nsid" || return 1; fi
   [ -S "$b/run/libvirt-sock" ] && host_virsh_ok "$name"
 }
 
@@ -471,7 +484,7 @@ cleanup_host() {
         log "hosts: $name: destroy $dom failed; its QEMU is killed below"
     done < <(timeout 20 virsh -q -c "$uri" list --name 2>/dev/null || true)
   fi
-  for n in libvirtd virtlogd; do
+  for n in libvirtd virtlogd virtlockd; do
     p=$(read_pid "$b/$n.pid")
     if pid_is "$p" "$n" "$nsid"; then
       log "hosts: $name: stopping $n (pid $p)"
@@ -507,9 +520,10 @@ cleanup_host() {
   done
 }
 
-# prepare_host NAME IP: fresh state dirs and a private /etc/libvirt.
+# prepare_host NAME IP HA: fresh state dirs and a private /etc/libvirt; with
+# HA=1 also the lockd lock manager (marker file "ha" in the host dir).
 prepare_host() {
-  local name=$1 ip=$2 b lib
+  local name=$1 ip=$2 ha=$3 b lib
   b=$(host_base "$name")
   lib=$(host_lib "$name")
   mkdir -p "$HOSTS_DIR" "$HOSTS_LIB_DIR/$name"
@@ -530,6 +544,13 @@ prepare_host() {
   set_conf "$b/etc/libvirtd.conf" host_uuid "\"$uuid\""
   set_conf "$b/etc/qemu.conf" cgroup_controllers '[ ]'
   set_conf "$b/etc/qemu.conf" migration_host "\"$ip\""
+  if [ "$ha" -eq 1 ]; then
+    # Disk locks held by virtlockd on the disk files themselves (the
+    # defaults of qemu-lockd.conf: automatic leases, no lockspace dir), so
+    # two hosts that share a pool cannot run one disk twice.
+    set_conf "$b/etc/qemu.conf" lock_manager '"lockd"'
+    : >"$b/ha"
+  fi
   # Reuse the main daemon's QEMU capability cache (libvirt re-validates it
   # and re-probes if stale): saves the 8-10 s probe per host.
   if compgen -G '/var/cache/libvirt/qemu/capabilities/*.xml' >/dev/null; then
@@ -539,6 +560,9 @@ prepare_host() {
   echo "$ip" >"$b/ip"
   echo "$uuid" >"$b/uuid"
 }
+
+# host_is_ha NAME: the host was prepared for HA (lockd, virtlockd).
+host_is_ha() { [ -e "$(host_base "$1")/ha" ]; }
 
 # launch_host NAME IP: namespace, link and daemons; does not wait.
 launch_host() {
@@ -551,12 +575,13 @@ launch_host() {
   start_host_daemons "$name"
 }
 
-# start_host_daemons NAME: virtlogd + libvirtd in NAME's namespace, inside
-# private mount + UTS namespaces; does not wait.
+# start_host_daemons NAME: virtlogd (+ virtlockd for an HA host) + libvirtd
+# in NAME's namespace, inside private mount + UTS namespaces; does not wait.
 start_host_daemons() {
-  local name=$1 b lib
+  local name=$1 b lib lockd=0
   b=$(host_base "$name")
   lib=$(host_lib "$name")
+  if host_is_ha "$name"; then lockd=1; fi
   # shellcheck disable=SC2016
   bare ip netns exec "$name" unshare --mount --uts --propagation private -- bash -c '
     set -e
@@ -567,7 +592,15 @@ start_host_daemons() {
     mount --bind "$2/log" /var/log/libvirt
     mount --bind "$2/cache" /var/cache/libvirt
     virtlogd -d -p "$2/virtlogd.pid"
-    libvirtd -d --listen -p "$2/libvirtd.pid"' novacron-host "$name" "$b" "$lib" \
+    if [ "$4" = 1 ]; then
+      virtlockd -d -p "$2/virtlockd.pid"
+      i=0
+      until [ -S /run/libvirt/virtlockd-sock ]; do
+        i=$((i + 1)); [ $i -lt 150 ] || { echo "virtlockd made no socket in 15 s" >&2; exit 1; }
+        sleep 0.1
+      done
+    fi
+    libvirtd -d --listen -p "$2/libvirtd.pid"' novacron-host "$name" "$b" "$lib" "$lockd" \
     </dev/null >>"$b/daemons.log" 2>&1 ||
     { cat "$b/daemons.log" >&2; die "hosts: $name: starting its daemons failed"; }
 }
@@ -644,6 +677,12 @@ cmd_hosts_up() {
   for ((i = 1; i <= n; i++)); do
     name=$(host_name "$i")
     ip=$(host_ip "$i")
+    local was_ha=0
+    if host_is_ha "$name"; then was_ha=1; fi
+    if [ $was_ha -ne $ha ] && host_healthy "$name"; then
+      log "hosts: $name: up, but $([ $ha -eq 1 ] && echo without || echo with) the HA lock manager; recreating it"
+      cleanup_host "$name"
+    fi
     if host_healthy "$name"; then
       if ! host_link_ok "$name" "$ip"; then
         log "hosts: $name: daemons healthy but its link is gone; recreating veth0"
@@ -659,7 +698,7 @@ cmd_hosts_up() {
       log "hosts: $name: half-up or stale; cleaning it"
     fi
     cleanup_host "$name"
-    prepare_host "$name" "$ip"
+    prepare_host "$name" "$ip" "$ha"
     launch_host "$name" "$ip"
     started+=("$name")
   done
@@ -830,7 +869,7 @@ cmd_host_revive() {
   local name=${1:-}
   [ -n "$name" ] || { usage; die "host-revive: NAME missing"; }
   hosts_check_env host-revive
-  for c in unshare libvirtd virtlogd virsh; do need_cmd "$c"; done
+  for c in unshare libvirtd virtlogd virtlockd virsh; do need_cmd "$c"; done
   take_hosts_lock
   ha_host "$name"
   netns_empty "$name" "$NSID" ||
@@ -838,11 +877,33 @@ cmd_host_revive() {
   # A reboot empties /run: sockets, pid files, QEMU status files.
   no_mounts_under "$B/run" || die "host-revive: something is mounted under $B/run"
   find "$B/run" -mindepth 1 -delete
-  rm -f "$B/libvirtd.pid" "$B/virtlogd.pid"
-  log "host-revive: $name: starting virtlogd + libvirtd again"
+  rm -f "$B/libvirtd.pid" "$B/virtlogd.pid" "$B/virtlockd.pid"
+  log "host-revive: $name: starting its daemons again"
   start_host_daemons "$name"
   wait_host "$name"
   log "host-revive: $name: up"
+}
+
+# host-power NAME on|off|status: the host's power as a BMC would report and
+# switch it (packaging/dev/fence-testbed wraps this with fence agent exit
+# codes and faults): on = some process of the host runs.
+cmd_host_power() {
+  local name=${1:-} action=${2:-}
+  [ -n "$name" ] || { usage; die "host-power: NAME missing"; }
+  hosts_check_env host-power
+  ha_host "$name"
+  case $action in
+    status)
+      if netns_empty "$name" "$NSID"; then echo off; exit 2; fi
+      echo on ;;
+    off)
+      if netns_empty "$name" "$NSID"; then log "host-power: $name: already off"; return 0; fi
+      cmd_host_kill "$name" ;;
+    on)
+      if ! netns_empty "$name" "$NSID"; then log "host-power: $name: already on"; return 0; fi
+      cmd_host_revive "$name" ;;
+    *) usage; die "host-power: action must be on, off or status (got '$action')" ;;
+  esac
 }
 
 cut_rules() {
@@ -945,6 +1006,94 @@ for b in /sys/block/*; do
   [ -e "$b" ] && disks="$disks $n"
 done
 echo "NOVACRON-GUEST-DISKS$disks"
+
+# novacron.stamp=1: every 100 ms a stamp on the first disk, the proof that
+# no two copies of the guest ever ran at once (packaging/dev/README.md,
+# "Stamps"). Slot i is the 512-byte sector STAMP_BASE + i; a stamp is one
+# text line, zero-padded to the sector:
+#   NCSTAMP1 boot=ID host=H epoch=E ctr=N up_ms=U wall_ms=W crc=C
+# (ID the kernel's boot id, H and E the SMBIOS system serial and sku the
+# agent sets to the host id and the VM's epoch, "unknown" if absent; N
+# counts from 0 per boot; U the guest's uptime, W its wall clock; C the
+# CRC-32 of everything before " crc=", so a torn write shows). A boot
+# starts after the last used slot (the used slots are a prefix: found by
+# bisection).
+STAMP_BASE=8
+stamp_field() {
+  v=$(tr -cd 'A-Za-z0-9._:-' <"$1" 2>/dev/null | head -c 64)
+  [ -n "$v" ] || v=unknown
+  echo "$v"
+}
+stamp_used() {
+  [ "$(dd if="$1" bs=512 skip=$((STAMP_BASE + $2)) count=1 iflag=direct 2>/dev/null | head -c 8)" = NCSTAMP1 ]
+}
+uptime_ms() {
+  read -r up _ </proc/uptime
+  cs=${up#*.}
+  cs=${cs#0}
+  up_ms=$((${up%.*} * 1000 + cs * 10))
+}
+stamper() {
+  dev=/dev/$1
+  boot=$(stamp_field /proc/sys/kernel/random/boot_id)
+  host=$(stamp_field /sys/class/dmi/id/product_serial)
+  epoch=$(stamp_field /sys/class/dmi/id/product_sku)
+  sectors=$(cat "/sys/block/$1/size" 2>/dev/null || echo 0)
+  slots=$((sectors - STAMP_BASE))
+  if [ "$slots" -le 0 ]; then
+    echo "NOVACRON-GUEST-STAMP-ERROR $1 has no room for stamps"
+    return
+  fi
+  lo=0
+  hi=$slots
+  while [ "$lo" -lt "$hi" ]; do
+    mid=$(((lo + hi) / 2))
+    if stamp_used "$dev" "$mid"; then lo=$((mid + 1)); else hi=$mid; fi
+  done
+  slot=$lo
+  t=$(adjtimex 2>/dev/null)
+  s=${t##*tv_sec:}
+  s=${s%%time.tv_usec*}
+  us=${t##*tv_usec:}
+  us=${us%%return*}
+  s=$(echo "$s" | tr -cd 0-9)
+  us=$(echo "$us" | tr -cd 0-9 | sed 's/^0*//')
+  uptime_ms
+  wall0=$((${s:-0} * 1000 + ${us:-0} / 1000 - up_ms))
+  echo "NOVACRON-GUEST-STAMPS dev=$1 from=$slot boot=$boot host=$host epoch=$epoch"
+  ctr=0
+  next=$up_ms
+  while [ "$slot" -lt "$slots" ]; do
+    uptime_ms
+    body="NCSTAMP1 boot=$boot host=$host epoch=$epoch ctr=$ctr up_ms=$up_ms wall_ms=$((wall0 + up_ms))"
+    crc=$(printf '%s' "$body" | crc32)
+    printf '%s crc=%s\n' "$body" "$crc" |
+      dd of="$dev" bs=512 seek=$((STAMP_BASE + slot)) count=1 iflag=fullblock oflag=direct \
+        conv=sync,notrunc,fsync 2>/dev/null ||
+      echo "NOVACRON-GUEST-STAMP-ERROR write of slot $slot failed"
+    slot=$((slot + 1))
+    ctr=$((ctr + 1))
+    next=$((next + 100))
+    uptime_ms
+    d=$((next - up_ms))
+    if [ "$d" -gt 0 ]; then
+      usleep $((d * 1000))
+    elif [ "$d" -lt -1000 ]; then
+      next=$up_ms
+    fi
+  done
+  echo "NOVACRON-GUEST-STAMP-ERROR $1 is full after $slot slots"
+}
+case "$cmdline" in *" novacron.stamp=1 "*)
+  first=${disks# }
+  first=${first%% *}
+  if [ -n "$first" ]; then
+    stamper "$first" &
+  else
+    echo "NOVACRON-GUEST-STAMP-ERROR no disk to stamp"
+  fi ;;
+esac
+
 echo NOVACRON-GUEST-BOOTED
 
 # PID 1 must never exit.
@@ -1089,6 +1238,7 @@ case $cmd in
   hosts-down) cmd_hosts_down ;;
   host-kill) cmd_host_kill "$@" ;;
   host-revive) cmd_host_revive "$@" ;;
+  host-power) cmd_host_power "$@" ;;
   link-cut) cmd_link_cut "$@" ;;
   link-restore) cmd_link_restore "$@" ;;
   -h|--help|help) usage ;;
