@@ -734,7 +734,7 @@ fn keep_running_the_restart_under_the_lock_succeeds_when_the_old_copy_dies() {
 /// The server's hardware fence hook: the test bed's BMC stand-in.
 fn fence_table(timeout: &str, retries: u32) -> String {
     format!(
-        "[ha.fence]\ncommand = [\"{}\", \"{{host}}\", \"{{action}}\"]\ntimeout = \"{timeout}\"\nretries = {retries}\n",
+        "[ha.hardware_fence]\ncommand = [\"{}\", \"{{host}}\", \"{{action}}\"]\ntimeout = \"{timeout}\"\nretries = {retries}\n",
         fence_testbed().display()
     )
 }

@@ -183,7 +183,7 @@ fn server_toml(args: &Args) -> String {
 }
 
 /// The server's table of the hardware fence hook.
-const FENCE_TABLE: &str = "ha.fence";
+const FENCE_TABLE: &str = "ha.hardware_fence";
 
 /// The bed: three hosts, the server, their agents.
 struct Fleet {
