@@ -607,13 +607,10 @@ async fn a_peer_confirmation_keeps_the_ha_vm_past_the_lease_and_its_lapse_fences
     rig.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_cut_off_from_its_peers_fences_at_the_lease_end() {
-    let p = pki_for_tests();
-    let rig = start_agent(&p);
-    // Two listed peers that never answer: their sockets swallow every
-    // packet (cut off), as the server does.
-    let holes: Vec<std::net::UdpSocket> = (0..2)
+/// `n` listed peers that never answer: their sockets swallow every packet
+/// (cut off), as the server does. Keep the sockets while the test runs.
+fn unreachable_peers(n: usize) -> (Vec<std::net::UdpSocket>, Vec<WitnessPeer>) {
+    let holes: Vec<std::net::UdpSocket> = (0..n)
         .map(|_| ok(std::net::UdpSocket::bind("127.0.0.1:0")))
         .collect();
     let listed = holes
@@ -623,6 +620,14 @@ async fn an_agent_cut_off_from_its_peers_fences_at_the_lease_end() {
             addr: ok(h.local_addr()),
         })
         .collect();
+    (holes, listed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cut_off_from_its_peers_fences_at_the_lease_end() {
+    let p = pki_for_tests();
+    let rig = start_agent(&p);
+    let (_holes, listed) = unreachable_peers(2);
     let (_s, end) = rig.leased(listed, 2).await;
     rig.fences_at_the_lease_end(end).await;
 }
@@ -631,16 +636,7 @@ async fn an_agent_cut_off_from_its_peers_fences_at_the_lease_end() {
 async fn with_a_grace_an_agent_cut_off_from_its_peers_fences_at_its_end() {
     let p = pki_for_tests();
     let rig = start_agent(&p);
-    let holes: Vec<std::net::UdpSocket> = (0..2)
-        .map(|_| ok(std::net::UdpSocket::bind("127.0.0.1:0")))
-        .collect();
-    let listed = holes
-        .iter()
-        .map(|h| WitnessPeer {
-            host: HostId::random(),
-            addr: ok(h.local_addr()),
-        })
-        .collect();
+    let (_holes, listed) = unreachable_peers(2);
     let grace = Duration::from_millis(1_500);
     let (_s, end) = rig.leased_with_grace(listed, 2, grace).await;
     // The grace is a provisional confirmation: the fence (and the fence
