@@ -14,6 +14,13 @@
 //! Needs root, QEMU, libvirt and the guest files (`.ci/run` provides
 //! them); fails loudly without. Run one at a time with the other
 //! real-libvirt tests.
+//!
+//! Over 900 lines as one file: the test-bed checks and the NovaCron
+//! tests share the bed's lock and the stamp helpers (scratch pools,
+//! waiting for a boot to stamp, counting a boot's stamps), and each
+//! NovaCron test is the bed check it builds on plus the product. Its
+//! `Fleet` repeats part of `tests/ha.rs`'s; both belong in one harness
+//! module, which is the way to split this file (a follow-up).
 
 #![allow(clippy::unwrap_used)]
 // Real processes keep real time: the guests stamp in real time.
