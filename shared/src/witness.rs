@@ -408,7 +408,11 @@ impl Witness {
             .terms
             .as_ref()
             .filter(|t| t.grace_ms > 0 && self.armed())
-            .and_then(|t| Some(self.lease.loss_start()? + Duration::from_millis(u64::from(t.grace_ms))));
+            .and_then(|t| {
+                self.lease
+                    .loss_start()?
+                    .checked_add(Duration::from_millis(u64::from(t.grace_ms)))
+            });
         let until = match (self.confirmed_until, grace) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
