@@ -6,6 +6,7 @@
 //! lowercase or snake_case in JSON.
 
 pub mod audit;
+pub mod burst;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod error;

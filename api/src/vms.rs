@@ -24,6 +24,14 @@ pub struct PlacementRules {
     /// Never share a host with another VM of this group.
     #[serde(default)]
     pub anti_affinity: Option<String>,
+    /// When no host fits: keep it pending (placed as soon as a host fits)
+    /// instead of refusing it with the scheduler's reasons. A burstable VM
+    /// always waits.
+    #[serde(default)]
+    pub wait: bool,
+    /// It may run in the cloud (the server's `[burst]`) when no host fits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<novacron_shared::placement::BurstRule>,
 }
 
 /// `POST /v1/vms`.
@@ -41,7 +49,7 @@ pub struct CreateVm {
 }
 
 /// A VM: what it should be, where it is, and what its host last reported.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Vm {
     /// The VM, as its host's agent gets it.
     pub vm: DesiredVm,
@@ -60,10 +68,13 @@ pub struct Vm {
     /// Its HA history and state (HA VMs only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ha: Option<crate::ha::VmHa>,
+    /// Its cloud side (burst VMs only): instance, state, cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<crate::burst::VmCloud>,
 }
 
 /// `GET /v1/vms`: a page of VMs by id.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmList {
     /// The VMs.
     pub vms: Vec<Vm>,
@@ -72,7 +83,7 @@ pub struct VmList {
 }
 
 /// `DELETE /v1/vms/{vm}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeletedVm {
     /// The VM as it was.
     pub deleted: Vm,

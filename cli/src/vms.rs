@@ -262,6 +262,7 @@ async fn body_from_flags(ctx: &mut Ctx, a: CreateArgs) -> Result<CreateVm, CliEr
             required_labels: a.require_labels.into_iter().collect(),
             affinity: a.affinity,
             anti_affinity: a.anti_affinity,
+            ..PlacementRules::default()
         },
     })
 }

@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod burst;
 mod ha;
 
+pub use burst::{AwsConfig, BurstConfig, Caps, Secret};
 pub use ha::{FenceMode, HaConfig, HardwareFence, WitnessConfig};
 pub use novacron_shared::config::{ConfigError, ConfigFile};
 use novacron_shared::duration::serde_human;
@@ -43,6 +45,9 @@ pub struct ServerConfig {
     /// High availability: host leases, fencing and restarts.
     #[serde(default)]
     pub ha: HaConfig,
+    /// Cloud burst.
+    #[serde(default)]
+    pub burst: BurstConfig,
 }
 
 /// `Option<Duration>` in the human form of `serde_human` (`"10s"`).
@@ -277,6 +282,7 @@ impl Default for ServerConfig {
             metrics: MetricsSettings::default(),
             agents: AgentPolicy::default(),
             ha: HaConfig::default(),
+            burst: BurstConfig::default(),
         }
     }
 }
@@ -364,6 +370,7 @@ impl ConfigFile for ServerConfig {
             });
         }
         self.ha.validate(hb)?;
+        self.burst.validate()?;
         let ttl = self.agents.cert_ttl;
         if ttl < Duration::from_secs(5) || ttl > Duration::from_secs(10 * 365 * 86_400) {
             return Err(ConfigError::Invalid {

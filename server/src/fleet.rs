@@ -58,6 +58,7 @@ pub struct Fleet {
     policy: AgentPolicy,
     migration: MigrationPolicy,
     metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
+    burst: std::sync::OnceLock<Arc<crate::burst::Shared>>,
     /// The event stream.
     pub bus: crate::bus::Bus,
     sessions: sessions::Sessions,
@@ -118,6 +119,7 @@ impl Fleet {
             policy,
             migration,
             metrics: std::sync::OnceLock::new(),
+            burst: std::sync::OnceLock::new(),
             sessions,
             ha,
             actions,
@@ -142,6 +144,16 @@ impl Fleet {
     /// Metric ingest, once attached.
     pub fn metrics(&self) -> Option<&Arc<crate::metrics::Metrics>> {
         self.metrics.get()
+    }
+
+    /// Attaches the burst side (once, at start).
+    pub fn set_burst(&self, b: Arc<crate::burst::Shared>) {
+        let _ = self.burst.set(b);
+    }
+
+    /// The burst side, once attached.
+    pub fn burst(&self) -> Option<&Arc<crate::burst::Shared>> {
+        self.burst.get()
     }
 
     /// The server's one clock (monotonic and wall time).
@@ -196,6 +208,8 @@ pub struct VmView {
     pub observed: Option<novacron_shared::protocol::VmObserved>,
     /// HA VMs (and VMs lost with a fenced host): HA history and state.
     pub ha: Option<VmHaView>,
+    /// Burst VMs: the cloud side (instance, state, cost).
+    pub cloud: Option<crate::store::CloudRecord>,
 }
 
 /// The scheduler's request for a VM.
@@ -262,6 +276,6 @@ pub struct VmHaView {
     pub lock_wait: Option<ha::LockWait>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

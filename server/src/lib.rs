@@ -3,6 +3,7 @@
 //! `main.rs` only parses the command line; [`start`] wires the parts.
 
 pub mod api;
+pub mod burst;
 pub mod bus;
 pub mod client;
 pub mod config;

@@ -17,9 +17,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+mod burst;
 mod ha;
 mod journal;
 mod vms;
+pub use burst::{CloudInstance, CloudRecord, CloudRefusal, CloudState, Repatriation, Spend};
 pub use ha::{
     DepartedRecord, HaHostRecord, HaTermsRecord, HaVmRecord, LastRestart, RestartCommit, RestartRefusal,
     Restarted, ReturnRefusal,
@@ -376,6 +378,8 @@ impl Store {
             tx.open_table(ha::HA_HOSTS)?;
             tx.open_table(ha::DEPARTED)?;
             tx.open_table(ha::HA_VMS)?;
+            tx.open_table(burst::CLOUD_VMS)?;
+            tx.open_table(burst::BURST_SPEND)?;
         }
         tx.commit()?;
         Ok(Self { db: Arc::new(db) })

@@ -38,6 +38,33 @@ impl Placement {
     }
 }
 
+/// A VM's cloud-burst rule: it may run in the cloud when no host fits.
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BurstRule {
+    /// Wait this long (ms) for a host before bursting; the server's
+    /// `[burst] burst_after` when absent (0: burst as soon as no host fits).
+    #[serde(default)]
+    pub after_ms: Option<u64>,
+    /// Bring it home (start it on a host, then terminate the instance) when
+    /// a host fits again. Its disks are not copied back: a VM made from
+    /// templates is recreated from them.
+    #[serde(default = "yes")]
+    pub repatriate: bool,
+    /// The instance types it may run as (any type in the table when empty).
+    #[serde(default)]
+    pub instance_types: Vec<String>,
+    /// The key of the image map (`[burst.aws.images]`) to launch it from;
+    /// the template of its first disk when absent.
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

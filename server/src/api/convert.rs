@@ -152,6 +152,8 @@ fn rules_in(r: api::vms::PlacementRules) -> PlacementRules {
         required_labels: r.required_labels,
         affinity: r.affinity,
         anti_affinity: r.anti_affinity,
+        wait: r.wait,
+        burst: r.burst,
     }
 }
 
@@ -161,6 +163,8 @@ fn rules_out(r: PlacementRules) -> api::vms::PlacementRules {
         required_labels: r.required_labels,
         affinity: r.affinity,
         anti_affinity: r.anti_affinity,
+        wait: r.wait,
+        burst: r.burst,
     }
 }
 
@@ -186,6 +190,7 @@ pub fn vm(v: VmView) -> api::vms::Vm {
         }),
         waiting: h.lock_wait.map(|w| w.describe()),
     });
+    out.cloud = v.cloud.map(|c| vm_cloud(c, Some(name.clone())));
     out
 }
 
@@ -199,6 +204,47 @@ pub fn vm_record(r: VmRecord) -> api::vms::Vm {
         created_ms: r.created_ms,
         observed: None,
         ha: None,
+        cloud: None,
+    }
+}
+
+/// A VM's cloud side, with its name (absent once deleted).
+pub fn vm_cloud(r: store::CloudRecord, name: Option<String>) -> api::burst::VmCloud {
+    use api::burst::CloudState as A;
+    use store::CloudState as S;
+    let instance = r.instance;
+    api::burst::VmCloud {
+        vm: r.vm,
+        name,
+        provider: r.provider,
+        launch_id: r.launch_id,
+        state: match r.state {
+            S::Launching => A::Launching,
+            S::Running => A::Running,
+            S::Stopping => A::Stopping,
+            S::Stopped => A::Stopped,
+            S::Starting => A::Starting,
+            S::Terminating => A::Terminating,
+        },
+        instance: instance.as_ref().map(|i| i.id.clone()),
+        instance_type: r.instance_type,
+        image: r.image,
+        provider_state: instance.as_ref().map(|i| i.provider_state.clone()),
+        private_ip: instance.as_ref().and_then(|i| i.private_ip.clone()),
+        public_ip: instance.as_ref().and_then(|i| i.public_ip.clone()),
+        usd_per_hour: r.per_hour.dollars(),
+        accrued_usd: r.accrued.dollars(),
+        decided_ms: r.decided_ms,
+        reasons: r.reasons,
+        attempts: r.attempts,
+        last_error: r.last_error,
+        retry_at_ms: r.retry_at_ms,
+        repatriation: r.repatriation.map(|p| api::burst::Repatriation {
+            host: p.host,
+            started_ms: p.started_ms,
+            running_ms: p.running_ms,
+        }),
+        deleted: r.deleted,
     }
 }
 

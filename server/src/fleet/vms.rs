@@ -387,10 +387,18 @@ impl Fleet {
         } else {
             None
         };
+        let cloud = match self.store.cloud_record(rec.vm.id) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(vm = %rec.vm.id, error = %e, "cannot read a VM's cloud record");
+                None
+            }
+        };
         VmView {
             record: rec,
             observed,
             ha,
+            cloud,
         }
     }
 

@@ -39,6 +39,30 @@ fn put_vm(tx: &redb::WriteTransaction, v: &VmRecord) -> Result<Result<(), NameTa
     Ok(Ok(()))
 }
 
+/// Writes a VM inside `tx`, moving it off the host it was on (if its
+/// placement changed) and bumping the generations of the hosts involved.
+pub(super) fn put_vm_moved(
+    tx: &redb::WriteTransaction,
+    v: &VmRecord,
+) -> Result<Result<(), NameTaken>, StoreError> {
+    let old = tx
+        .open_table(VMS)?
+        .get(v.vm.id.0)?
+        .map(|x| VmRecord::decode(x.value()))
+        .transpose()?;
+    if let Err(e) = put_vm(tx, v)? {
+        return Ok(Err(e));
+    }
+    if let Some(old_host) = old.and_then(|o| o.host()).filter(|h| Some(*h) != v.host()) {
+        tx.open_table(HOST_VMS)?.remove((old_host.0, v.vm.id.0))?;
+        bump_generation(tx, old_host)?;
+    }
+    if let Some(h) = v.host() {
+        bump_generation(tx, h)?;
+    }
+    Ok(Ok(()))
+}
+
 fn remove_vm(tx: &redb::WriteTransaction, id: u128) -> Result<Option<VmRecord>, StoreError> {
     let old = tx
         .open_table(VMS)?
@@ -99,7 +123,8 @@ impl Record for VmRecord {
     /// 2: `host` became `placement` (a host, a cloud provider, or pending).
     /// 3: the VM gained its HA epoch, and its spec `ephemeral` and
     /// `ha_priority`.
-    const VERSION: u8 = 3;
+    /// 4: the placement rules gained `wait` and `burst`.
+    const VERSION: u8 = 4;
 
     fn decode_old(version: u8, body: &[u8]) -> Result<Self, StoreError> {
         match version {
@@ -108,7 +133,7 @@ impl Record for VmRecord {
                 Ok(VmRecord {
                     vm: v1.vm.into(),
                     placement: Placement::Host(v1.host),
-                    rules: v1.rules,
+                    rules: v1.rules.into(),
                     created_ms: v1.created_ms,
                 })
             }
@@ -117,8 +142,17 @@ impl Record for VmRecord {
                 Ok(VmRecord {
                     vm: v2.vm.into(),
                     placement: v2.placement,
-                    rules: v2.rules,
+                    rules: v2.rules.into(),
                     created_ms: v2.created_ms,
+                })
+            }
+            3 => {
+                let v3: VmRecordV3 = codec::decode(body).map_err(Self::corrupt)?;
+                Ok(VmRecord {
+                    vm: v3.vm,
+                    placement: v3.placement,
+                    rules: v3.rules.into(),
+                    created_ms: v3.created_ms,
                 })
             }
             _ => codec::decode(body).map_err(Self::corrupt),
@@ -131,7 +165,7 @@ impl Record for VmRecord {
 struct VmRecordV1 {
     vm: DesiredVmV2,
     host: HostId,
-    rules: PlacementRules,
+    rules: PlacementRulesV3,
     created_ms: u64,
 }
 
@@ -140,7 +174,16 @@ struct VmRecordV1 {
 struct VmRecordV2 {
     vm: DesiredVmV2,
     placement: Placement,
-    rules: PlacementRules,
+    rules: PlacementRulesV3,
+    created_ms: u64,
+}
+
+/// [`VmRecord`] as version 3 stored it (the older placement rules).
+#[derive(Deserialize)]
+struct VmRecordV3 {
+    vm: DesiredVm,
+    placement: Placement,
+    rules: PlacementRulesV3,
     created_ms: u64,
 }
 
@@ -211,6 +254,35 @@ pub struct PlacementRules {
     /// Never share a host with another VM of this group.
     #[serde(default)]
     pub anti_affinity: Option<String>,
+    /// When no host fits: keep it pending (placed when a host fits) instead
+    /// of refusing it. A burstable VM always waits.
+    #[serde(default)]
+    pub wait: bool,
+    /// It may run in the cloud when no host fits.
+    #[serde(default)]
+    pub burst: Option<novacron_shared::placement::BurstRule>,
+}
+
+/// [`PlacementRules`] as record versions 1 to 3 stored them.
+#[derive(Serialize, Deserialize)]
+struct PlacementRulesV3 {
+    host: Option<HostId>,
+    required_labels: std::collections::BTreeMap<String, String>,
+    affinity: Option<String>,
+    anti_affinity: Option<String>,
+}
+
+impl From<PlacementRulesV3> for PlacementRules {
+    fn from(r: PlacementRulesV3) -> Self {
+        PlacementRules {
+            host: r.host,
+            required_labels: r.required_labels,
+            affinity: r.affinity,
+            anti_affinity: r.anti_affinity,
+            wait: false,
+            burst: None,
+        }
+    }
 }
 
 impl PlacementRules {
@@ -305,22 +377,8 @@ impl Store {
     /// bumped as well).
     pub fn put_vm(&self, v: &VmRecord) -> Result<Result<Option<DesiredRecord>, NameTaken>, StoreError> {
         let tx = self.db.begin_write()?;
-        {
-            let old = tx
-                .open_table(VMS)?
-                .get(v.vm.id.0)?
-                .map(|x| VmRecord::decode(x.value()))
-                .transpose()?;
-            if let Err(e) = put_vm(&tx, v)? {
-                return Ok(Err(e));
-            }
-            if let Some(old_host) = old.and_then(|o| o.host()).filter(|h| Some(*h) != v.host()) {
-                tx.open_table(HOST_VMS)?.remove((old_host.0, v.vm.id.0))?;
-                bump_generation(&tx, old_host)?;
-            }
-            if let Some(h) = v.host() {
-                bump_generation(&tx, h)?;
-            }
+        if let Err(e) = put_vm_moved(&tx, v)? {
+            return Ok(Err(e));
         }
         tx.commit()?;
         match v.host() {
@@ -334,6 +392,7 @@ impl Store {
         let tx = self.db.begin_write()?;
         let old = remove_vm(&tx, id.0)?;
         super::ha::forget_vm(&tx, id)?;
+        super::burst::vm_deleted(&tx, id)?;
         if let Some(h) = old.as_ref().and_then(VmRecord::host) {
             bump_generation(&tx, h)?;
         }
@@ -422,10 +481,44 @@ mod tests {
         }
     }
 
+    /// `r` in the layout of record versions 1 to 3 (`wait` and `burst` at
+    /// their defaults).
+    fn legacy_rules(r: &PlacementRules) -> PlacementRulesV3 {
+        assert!(!r.wait && r.burst.is_none());
+        PlacementRulesV3 {
+            host: r.host,
+            required_labels: r.required_labels.clone(),
+            affinity: r.affinity.clone(),
+            anti_affinity: r.anti_affinity.clone(),
+        }
+    }
+
+    #[test]
+    fn a_version_3_vm_record_decodes_without_wait_or_burst() {
+        #[derive(Serialize)]
+        struct V3<'a>(&'a DesiredVm, &'a Placement, &'a PlacementRulesV3, u64);
+        let mut current = vm(5, Placement::Host(HostId(9)));
+        current.vm.epoch = 3;
+        current.rules.affinity = Some("db".into());
+        let mut bytes = vec![3u8];
+        codec::encode_into(
+            &V3(&current.vm, &current.placement, &legacy_rules(&current.rules), 5),
+            &mut bytes,
+        )
+        .unwrap();
+        assert_eq!(VmRecord::decode(&bytes).unwrap(), current);
+        let mut as_current = bytes.clone();
+        as_current[0] = VmRecord::VERSION;
+        assert!(
+            VmRecord::decode(&as_current).is_err(),
+            "the migration is what makes it readable"
+        );
+    }
+
     #[test]
     fn a_version_2_vm_record_decodes_with_epoch_zero_and_default_ha_options() {
         #[derive(Serialize)]
-        struct V2<'a>(&'a DesiredVmV2, &'a Placement, &'a PlacementRules, u64);
+        struct V2<'a>(&'a DesiredVmV2, &'a Placement, &'a PlacementRulesV3, u64);
         let mut current = vm(
             4,
             Placement::Pending {
@@ -436,7 +529,12 @@ mod tests {
         current.vm.spec.labels.insert("tier".into(), "db".into());
         let mut bytes = vec![2u8];
         codec::encode_into(
-            &V2(&legacy(&current.vm), &current.placement, &current.rules, 5),
+            &V2(
+                &legacy(&current.vm),
+                &current.placement,
+                &legacy_rules(&current.rules),
+                5,
+            ),
             &mut bytes,
         )
         .unwrap();
@@ -453,14 +551,18 @@ mod tests {
     fn a_version_1_vm_record_decodes_as_placed_on_its_host() {
         // Version 1's exact layout: the VM, then its host id.
         #[derive(Serialize)]
-        struct V1<'a>(&'a DesiredVmV2, HostId, &'a PlacementRules, u64);
+        struct V1<'a>(&'a DesiredVmV2, HostId, &'a PlacementRulesV3, u64);
         let current = vm(3, Placement::Host(HostId(42)));
         let rules = PlacementRules {
             anti_affinity: Some("web".into()),
             ..PlacementRules::default()
         };
         let mut bytes = vec![1u8];
-        codec::encode_into(&V1(&legacy(&current.vm), HostId(42), &rules, 77), &mut bytes).unwrap();
+        codec::encode_into(
+            &V1(&legacy(&current.vm), HostId(42), &legacy_rules(&rules), 77),
+            &mut bytes,
+        )
+        .unwrap();
         let r = VmRecord::decode(&bytes).unwrap();
         assert_eq!(r.placement, Placement::Host(HostId(42)));
         assert_eq!(r.vm, current.vm);
@@ -479,10 +581,14 @@ mod tests {
         s.put_vm(&vm(1, Placement::Host(HostId(7)))).unwrap().unwrap();
         // Overwrite the stored value with version 1's bytes for the same VM.
         #[derive(Serialize)]
-        struct V1<'a>(&'a DesiredVmV2, HostId, &'a PlacementRules, u64);
+        struct V1<'a>(&'a DesiredVmV2, HostId, &'a PlacementRulesV3, u64);
         let v = vm(1, Placement::Host(HostId(7)));
         let mut bytes = vec![1u8];
-        codec::encode_into(&V1(&legacy(&v.vm), HostId(7), &v.rules, 5), &mut bytes).unwrap();
+        codec::encode_into(
+            &V1(&legacy(&v.vm), HostId(7), &legacy_rules(&v.rules), 5),
+            &mut bytes,
+        )
+        .unwrap();
         {
             let tx = s.db.begin_write().unwrap();
             tx.open_table(VMS).unwrap().insert(1, bytes.as_slice()).unwrap();

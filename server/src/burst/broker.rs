@@ -1,0 +1,1 @@
+//! The burst broker's driver task (being written).
