@@ -32,6 +32,7 @@ use crate::config::{AgentPolicy, HaConfig, MigrationPolicy};
 use crate::scheduler;
 use crate::store::{DesiredRecord, HostRecord, PlacementRules, Store, StoreError, VmRecord};
 
+mod burst;
 pub mod ha;
 mod liveness;
 pub mod ops;

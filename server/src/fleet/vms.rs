@@ -257,27 +257,39 @@ impl Fleet {
             // `[ha] disk_locks`: only hosts whose libvirt locks the disks.
             r.disk_locks = Some(scheduler::SharedStorageNeed::Any);
         }
+        self.check_burst_rule(&req)?;
         let created_ms = self.clock.unix_ms();
+        let record = |placement: Placement, req: CreateVm| VmRecord {
+            vm: DesiredVm {
+                id: VmId::random(),
+                op_id: OpId::random(),
+                spec: req.spec,
+                power: req.power,
+                epoch: 0,
+            },
+            placement,
+            rules: req.placement,
+            created_ms,
+        };
+        let waits = req.placement.wait || req.placement.burst.is_some();
         // The claim is reserved under the placement lock; the commit runs
         // outside it, so placements do not queue behind fsyncs.
-        let (_, rec) = self
-            .placer
-            .place_and_reserve(&self.store, hosts, &r, |host| {
-                let rec = VmRecord {
-                    vm: DesiredVm {
-                        id: VmId::random(),
-                        op_id: OpId::random(),
-                        spec: req.spec,
-                        power: req.power,
-                        epoch: 0,
-                    },
-                    placement: Placement::Host(host),
-                    rules: req.placement,
-                    created_ms,
-                };
-                (rec, None)
-            })?
-            .map_err(VmError::NoFit)?;
+        let keep = waits.then(|| req.clone());
+        let placed = self.placer.place_and_reserve(&self.store, hosts, &r, |host| {
+            (record(Placement::Host(host), req), None)
+        })?;
+        let rec = match placed {
+            Ok((_, rec)) => rec,
+            Err(nofit) => match keep {
+                Some(req) => {
+                    let pending = Placement::Pending {
+                        reason: nofit.to_string(),
+                    };
+                    return self.store_pending(record(pending, req));
+                }
+                None => return Err(VmError::NoFit(nofit)),
+            },
+        };
         let committed = self.store.put_vm(&rec);
         let desired = match committed {
             Ok(Ok(d)) => {

@@ -126,9 +126,12 @@ pub enum CloudRefusal {
     /// The VM already has a cloud record.
     #[error("the VM already has a cloud launch ({0})")]
     AlreadyBursting(String),
-    /// The VM has no cloud record (or another launch's).
-    #[error("the VM has no such cloud launch")]
+    /// The VM has no cloud record.
+    #[error("the VM has no cloud launch")]
     NoRecord,
+    /// The record changed since it was read (the VM was deleted meanwhile).
+    #[error("the VM's cloud record changed since it was read")]
+    Changed,
 }
 
 fn decode_opt<R: Record>(v: Option<redb::AccessGuard<'_, &[u8]>>) -> Result<Option<R>, StoreError> {
@@ -214,11 +217,14 @@ impl Store {
         Ok(Ok(()))
     }
 
-    /// Updates a record (same launch id), adding `spend` to its month, and
-    /// sets the VM's placement to `placement` when given (the VM may be
-    /// gone: then only the record is written).
+    /// Replaces the record `old` (compare-and-set: it must be stored
+    /// exactly so, or the update is refused with `Changed`) by `rec`,
+    /// adding `spend` to its month, and sets the VM's placement to
+    /// `placement` when given (the VM may be gone: then only the record is
+    /// written). Returns the host the VM was placed on and its desired state.
     pub fn cloud_update(
         &self,
+        old: &CloudRecord,
         rec: &CloudRecord,
         spend: Option<Spend>,
         placement: Option<Placement>,
@@ -228,8 +234,9 @@ impl Store {
         {
             let mut cloud = tx.open_table(CLOUD_VMS)?;
             match decode_opt::<CloudRecord>(cloud.get(rec.vm.0)?)? {
-                Some(old) if old.launch_id == rec.launch_id => {}
-                _ => return Ok(Err(CloudRefusal::NoRecord)),
+                Some(now) if now == *old => {}
+                Some(_) => return Ok(Err(CloudRefusal::Changed)),
+                None => return Ok(Err(CloudRefusal::NoRecord)),
             }
             cloud.insert(rec.vm.0, rec.encode()?.as_slice())?;
             if let Some(s) = spend.filter(|s| s.amount.0 > 0) {
@@ -258,23 +265,25 @@ impl Store {
         }
     }
 
-    /// Forgets a record (its instance is gone), adding `spend`; the VM, if it
-    /// still exists and `pending` is given, becomes pending with that
-    /// reason. Returns the host the VM left, if it was on one.
+    /// Forgets the record `old` (compare-and-set, as in
+    /// [`Self::cloud_update`]; its instance is gone), adding `spend`; the
+    /// VM, if it still exists and `pending` is given, becomes pending with
+    /// that reason. Returns the host the VM left, if it was on one.
     pub fn cloud_forget(
         &self,
-        vm: VmId,
-        launch_id: &str,
+        old: &CloudRecord,
         spend: Option<Spend>,
         pending: Option<String>,
     ) -> Result<Result<Option<HostId>, CloudRefusal>, StoreError> {
+        let vm = old.vm;
         let tx = self.db.begin_write()?;
         let mut left = None;
         {
             let mut cloud = tx.open_table(CLOUD_VMS)?;
             match decode_opt::<CloudRecord>(cloud.get(vm.0)?)? {
-                Some(old) if old.launch_id == launch_id => {}
-                _ => return Ok(Err(CloudRefusal::NoRecord)),
+                Some(now) if now == *old => {}
+                Some(_) => return Ok(Err(CloudRefusal::Changed)),
+                None => return Ok(Err(CloudRefusal::NoRecord)),
             }
             cloud.remove(vm.0)?;
             if let Some(s) = spend.filter(|s| s.amount.0 > 0) {
@@ -295,6 +304,39 @@ impl Store {
         }
         tx.commit()?;
         Ok(Ok(left))
+    }
+}
+
+impl Store {
+    /// Places a waiting VM on `host` (compare-and-set: it must still be
+    /// pending, with no cloud record), with a new operation id. Returns the
+    /// VM as stored and the host's desired state.
+    pub fn place_pending(
+        &self,
+        vm: VmId,
+        host: HostId,
+        op_id: novacron_shared::ids::OpId,
+    ) -> Result<Result<(VmRecord, DesiredRecord), CloudRefusal>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let v = {
+            let Some(mut v) = decode_opt::<VmRecord>(tx.open_table(VMS)?.get(vm.0)?)? else {
+                return Ok(Err(CloudRefusal::NoVm));
+            };
+            if !matches!(v.placement, Placement::Pending { .. }) {
+                return Ok(Err(CloudRefusal::NotPending(v.placement)));
+            }
+            if let Some(r) = decode_opt::<CloudRecord>(tx.open_table(CLOUD_VMS)?.get(vm.0)?)? {
+                return Ok(Err(CloudRefusal::AlreadyBursting(r.launch_id)));
+            }
+            v.placement = Placement::Host(host);
+            v.vm.op_id = op_id;
+            if put_vm_moved(&tx, &v)?.is_err() {
+                return Ok(Err(CloudRefusal::NoVm));
+            }
+            v
+        };
+        tx.commit()?;
+        Ok(Ok((v, self.desired(host)?.unwrap_or_default())))
     }
 }
 

@@ -89,8 +89,9 @@ fn a_claim_needs_a_pending_vm_without_a_launch_and_is_stored_before_the_launch()
 fn a_launch_answered_places_the_vm_in_the_cloud_and_spend_adds_up_by_month() {
     let (_d, s) = store();
     s.put_vm(&vm(1, pending())).unwrap().unwrap();
-    let mut r = rec(1, "L1");
-    s.cloud_claim(&r, "launching".into()).unwrap().unwrap();
+    let claimed = rec(1, "L1");
+    s.cloud_claim(&claimed, "launching".into()).unwrap().unwrap();
+    let mut r = claimed.clone();
     r.state = CloudState::Running;
     let cloud = Placement::Cloud {
         provider: "aws".into(),
@@ -101,16 +102,20 @@ fn a_launch_answered_places_the_vm_in_the_cloud_and_spend_adds_up_by_month() {
         amount: MicroUsd(500),
     };
     assert_eq!(
-        s.cloud_update(&r, Some(spend), Some(cloud.clone())).unwrap(),
+        s.cloud_update(&claimed, &r, Some(spend), Some(cloud.clone())).unwrap(),
         Ok(None)
     );
-    s.cloud_update(&r, Some(spend), None).unwrap().unwrap();
+    assert_eq!(
+        s.cloud_update(&claimed, &r, Some(spend), None).unwrap(),
+        Err(CloudRefusal::Changed),
+        "a stale copy cannot overwrite the record"
+    );
+    s.cloud_update(&r, &r, Some(spend), None).unwrap().unwrap();
     assert_eq!(s.vm(VmId(1)).unwrap().unwrap().placement, cloud);
     assert_eq!(s.burst_spend(202612).unwrap(), MicroUsd(1000));
     assert_eq!(s.burst_spend(202611).unwrap(), MicroUsd(0));
-    // Another launch's update is refused: it cannot overwrite this one.
     assert_eq!(
-        s.cloud_update(&rec(1, "L9"), None, None).unwrap(),
+        s.cloud_update(&rec(2, "L9"), &rec(2, "L9"), None, None).unwrap(),
         Err(CloudRefusal::NoRecord)
     );
 }
@@ -122,14 +127,14 @@ fn a_move_home_puts_the_vm_on_its_host_and_a_forget_can_send_it_back_to_pending(
     let r = rec(1, "L1");
     s.cloud_claim(&r, "launching".into()).unwrap().unwrap();
     let (h, d) = s
-        .cloud_update(&r, None, Some(Placement::Host(HostId(4))))
+        .cloud_update(&r, &r, None, Some(Placement::Host(HostId(4))))
         .unwrap()
         .unwrap()
         .unwrap();
     assert_eq!(h, HostId(4));
     assert_eq!(d.vms.len(), 1, "the host's desired state lists it");
     let left = s
-        .cloud_forget(VmId(1), "L1", None, Some("instance vanished".into()))
+        .cloud_forget(&r, None, Some("instance vanished".into()))
         .unwrap()
         .unwrap();
     assert_eq!(left, Some(HostId(4)));
@@ -141,11 +146,38 @@ fn a_move_home_puts_the_vm_on_its_host_and_a_forget_can_send_it_back_to_pending(
 fn deleting_a_burst_vm_keeps_its_record_to_terminate_the_instance() {
     let (_d, s) = store();
     s.put_vm(&vm(1, pending())).unwrap().unwrap();
-    s.cloud_claim(&rec(1, "L1"), "launching".into()).unwrap().unwrap();
+    let claimed = rec(1, "L1");
+    s.cloud_claim(&claimed, "launching".into()).unwrap().unwrap();
     s.delete_vm(VmId(1)).unwrap().unwrap();
     let r = s.cloud_record(VmId(1)).unwrap().unwrap();
     assert!(r.deleted);
     assert_eq!(r.state, CloudState::Terminating);
-    s.cloud_forget(VmId(1), "L1", None, None).unwrap().unwrap();
+    assert_eq!(
+        s.cloud_update(&claimed, &claimed, None, None).unwrap(),
+        Err(CloudRefusal::Changed),
+        "the broker's copy from before the delete cannot undo it"
+    );
+    s.cloud_forget(&r, None, None).unwrap().unwrap();
     assert!(s.cloud_records().unwrap().is_empty());
+}
+
+#[test]
+fn a_waiting_vm_is_placed_only_while_it_is_pending_without_a_launch() {
+    let (_d, s) = store();
+    s.put_vm(&vm(1, pending())).unwrap().unwrap();
+    let (v, d) = s.place_pending(VmId(1), HostId(2), OpId(9)).unwrap().unwrap();
+    assert_eq!(v.placement, Placement::Host(HostId(2)));
+    assert_eq!(d.vms[0].op_id, OpId(9));
+    assert!(matches!(
+        s.place_pending(VmId(1), HostId(3), OpId(10)).unwrap(),
+        Err(CloudRefusal::NotPending(_))
+    ));
+    s.put_vm(&vm(2, pending())).unwrap().unwrap();
+    s.cloud_claim(&rec(2, "L2"), "launching".into()).unwrap().unwrap();
+    assert!(matches!(
+        s.place_pending(VmId(2), HostId(3), OpId(11)).unwrap(),
+        Err(CloudRefusal::NotPending(_)) | Err(CloudRefusal::AlreadyBursting(_))
+    ));
+    s.delete_vm(VmId(1)).unwrap();
+    assert_eq!(s.place_pending(VmId(1), HostId(2), OpId(12)).unwrap(), Err(CloudRefusal::NoVm));
 }
