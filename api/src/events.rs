@@ -21,6 +21,9 @@ pub enum EventKind {
     /// another host or lost with its host, the mass-failure guard held or
     /// released.
     Ha,
+    /// Cloud burst: a VM burst, came home or its instance vanished; an
+    /// orphan instance; a budget at 80 % or 100 %.
+    Burst,
 }
 
 impl EventKind {
@@ -31,6 +34,7 @@ impl EventKind {
             Self::Host => "host",
             Self::Operation => "operation",
             Self::Ha => "ha",
+            Self::Burst => "burst",
         }
     }
 }

@@ -124,5 +124,9 @@ async fn subject(ctx: &mut Ctx, e: &Event) -> String {
             (None, Some(h)) => format!("ha host {}", ctx.host_label(h).await),
             (None, None) => "ha fleet".into(),
         },
+        EventKind::Burst => match e.vm {
+            Some(vm) => format!("burst vm {}", ctx.vm_label(vm).await),
+            None => "burst fleet".into(),
+        },
     }
 }

@@ -29,6 +29,9 @@ pub enum EventKind {
     /// High availability: a host fenced or returned, a VM restarted
     /// elsewhere or waiting, the server held or released.
     Ha,
+    /// Cloud burst: a VM burst, came home or its instance vanished; an
+    /// orphan instance; a budget at 80 % or 100 %.
+    Burst,
 }
 
 impl EventKind {
@@ -39,6 +42,7 @@ impl EventKind {
             Self::Host => "host",
             Self::Operation => "operation",
             Self::Ha => "ha",
+            Self::Burst => "burst",
         }
     }
 }
@@ -112,6 +116,11 @@ impl Bus {
     /// An HA event about a host and/or a VM.
     pub fn ha(&self, host: Option<HostId>, vm: Option<VmId>, message: String) {
         self.publish(FleetEvent::new(EventKind::Ha, host, vm, message));
+    }
+
+    /// A cloud burst event about a VM, or the fleet.
+    pub fn burst(&self, vm: Option<VmId>, message: String) {
+        self.publish(FleetEvent::new(EventKind::Burst, None, vm, message));
     }
 
     /// An operation event.

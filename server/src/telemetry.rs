@@ -6,7 +6,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Every server health metric.
@@ -52,6 +53,25 @@ pub struct Telemetry {
     pub ha_held: IntGauge,
     /// From a fenced host's last frame to its VM's restart being placed.
     pub ha_restart_seconds: Histogram,
+    /// Burst launches by outcome (`launched`, `adopted`, `failed`).
+    pub burst_launches: IntCounterVec,
+    /// Provider call errors by kind (`throttled`, `transient`, `permanent`).
+    pub burst_errors: IntCounterVec,
+    /// Cloud VMs per state (set by the broker, zeros included).
+    pub burst_instances: IntGaugeVec,
+    /// Cost accrued per burst VM, USD (one series per cloud VM: bounded by
+    /// `[burst] max_instances` and the VMs being terminated).
+    pub burst_vm_cost: GaugeVec,
+    /// The fleet's cloud spend this month, USD.
+    pub burst_month_spend: Gauge,
+    /// The summed hourly price of the counted instances, USD.
+    pub burst_hourly_rate: Gauge,
+    /// Instances tagged with this fleet that no VM owns.
+    pub burst_orphans: IntGauge,
+    /// Instances the store knows that the provider no longer has (found).
+    pub burst_vanished: IntCounter,
+    /// A burst decision → RunInstances issued.
+    pub burst_decision_seconds: Histogram,
 }
 
 /// The `outcome` label of `novacron_ha_restarts_total`.
@@ -217,10 +237,81 @@ impl Telemetry {
                 )
                 .buckets(vec![1.0, 2.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0])
             )),
+            burst_launches: reg!(IntCounterVec::new(
+                Opts::new(
+                    "novacron_burst_launches_total",
+                    "Cloud burst launches by outcome (launched, adopted after a lookup by tag, failed)."
+                ),
+                &["outcome"]
+            )),
+            burst_errors: reg!(IntCounterVec::new(
+                Opts::new(
+                    "novacron_burst_provider_errors_total",
+                    "Cloud provider call errors by kind (throttled, transient, permanent)."
+                ),
+                &["kind"]
+            )),
+            burst_instances: reg!(IntGaugeVec::new(
+                Opts::new("novacron_burst_vms", "VMs with a cloud side, per state."),
+                &["state"]
+            )),
+            burst_vm_cost: reg!(GaugeVec::new(
+                Opts::new(
+                    "novacron_burst_vm_cost_dollars",
+                    "Cost accrued in the cloud per burst VM, USD."
+                ),
+                &["vm"]
+            )),
+            burst_month_spend: reg!(Gauge::new(
+                "novacron_burst_month_spend_dollars",
+                "The fleet's cloud spend in the current calendar month (UTC), USD."
+            )),
+            burst_hourly_rate: reg!(Gauge::new(
+                "novacron_burst_hourly_rate_dollars",
+                "The summed hourly price of the fleet's counted cloud instances, USD per hour."
+            )),
+            burst_orphans: reg!(IntGauge::new(
+                "novacron_burst_orphans",
+                "Instances tagged with this fleet that no VM owns."
+            )),
+            burst_vanished: reg!(IntCounter::new(
+                "novacron_burst_vanished_instances_total",
+                "Instances the store knew that the provider no longer had (their VMs went back to pending)."
+            )),
+            burst_decision_seconds: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "novacron_burst_decision_to_launch_seconds",
+                    "From a VM's burst decision to its RunInstances call."
+                )
+                .buckets(delay_buckets())
+            )),
             registry,
         }
     }
 }
+
+/// The `state` label of `novacron_burst_vms`.
+pub fn cloud_state_label(s: crate::store::CloudState) -> &'static str {
+    use crate::store::CloudState as S;
+    match s {
+        S::Launching => "launching",
+        S::Running => "running",
+        S::Stopping => "stopping",
+        S::Stopped => "stopped",
+        S::Starting => "starting",
+        S::Terminating => "terminating",
+    }
+}
+
+/// Every cloud state, for the broker to set each gauge (zeros included).
+pub const CLOUD_STATES: [crate::store::CloudState; 6] = [
+    crate::store::CloudState::Launching,
+    crate::store::CloudState::Running,
+    crate::store::CloudState::Stopping,
+    crate::store::CloudState::Stopped,
+    crate::store::CloudState::Starting,
+    crate::store::CloudState::Terminating,
+];
 
 /// The process's telemetry.
 pub static TELEMETRY: LazyLock<Telemetry> = LazyLock::new(Telemetry::new);

@@ -188,6 +188,16 @@ impl Store {
         ))
     }
 
+    /// The fleet's spend over every month.
+    pub fn burst_spend_total(&self) -> Result<MicroUsd, StoreError> {
+        let tx = self.db.begin_read()?;
+        let mut total = 0u64;
+        for row in tx.open_table(BURST_SPEND)?.iter()? {
+            total = total.saturating_add(row?.1.value());
+        }
+        Ok(MicroUsd(total))
+    }
+
     /// Commits a burst decision before the launch: the VM must still be
     /// pending with no cloud record; it stays pending with `reason`
     /// (launching …) and `rec` is stored with its launch id.
@@ -337,6 +347,30 @@ impl Store {
         };
         tx.commit()?;
         Ok(Ok((v, self.desired(host)?.unwrap_or_default())))
+    }
+}
+
+impl Store {
+    /// Sets a pending VM's reason (only while it is pending; `false` when
+    /// it is not, or gone).
+    pub fn set_pending_reason(&self, vm: VmId, reason: &str) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut vms = tx.open_table(VMS)?;
+            let Some(mut v) = decode_opt::<VmRecord>(vms.get(vm.0)?)? else {
+                return Ok(false);
+            };
+            match &v.placement {
+                Placement::Pending { reason: r } if r != reason => {}
+                _ => return Ok(false),
+            }
+            v.placement = Placement::Pending {
+                reason: reason.to_string(),
+            };
+            vms.insert(vm.0, v.encode()?.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(true)
     }
 }
 
