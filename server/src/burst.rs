@@ -29,6 +29,7 @@ use crate::store::CloudRecord;
 pub mod broker;
 pub mod cost;
 pub mod policy;
+mod provider;
 
 /// A VM waiting for a host or for a burst.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,4 +168,17 @@ pub fn default_fleet_tag(ca_der: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, ca_der);
     let hex: String = d.as_ref().iter().take(8).map(|b| format!("{b:02x}")).collect();
     format!("nc-{hex}")
+}
+
+/// The burst side for `cfg`: with the provider built when bursting is on
+/// (its credentials resolved now, so a missing one fails the start with a
+/// clear error).
+pub fn start(cfg: &BurstConfig, ca_der: &[u8]) -> Result<Shared, crate::StartError> {
+    let tag = cfg.fleet.clone().unwrap_or_else(|| default_fleet_tag(ca_der));
+    let provider = if cfg.enabled {
+        Some(provider::build(cfg).map_err(crate::StartError::Burst)?)
+    } else {
+        None
+    };
+    Ok(Shared::new(cfg.clone(), tag, provider))
 }

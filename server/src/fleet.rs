@@ -147,6 +147,11 @@ impl Fleet {
         self.metrics.get()
     }
 
+    /// The fleet CA certificate (DER).
+    pub fn ca_der(&self) -> &[u8] {
+        self.ca.cert_der().as_ref()
+    }
+
     /// Attaches the burst side (once, at start).
     pub fn set_burst(&self, b: Arc<crate::burst::Shared>) {
         let _ = self.burst.set(b);

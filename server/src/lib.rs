@@ -50,6 +50,9 @@ pub enum StartError {
     /// The server certificate could not be loaded, mended or renewed.
     #[error("server certificate")]
     Https(#[from] https::HttpsError),
+    /// The cloud burst provider could not be set up.
+    #[error("cloud burst ([burst.aws]): {0}")]
+    Burst(String),
     /// A socket could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -195,11 +198,16 @@ pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Runnin
     )?;
     let metrics = metrics::Metrics::open(&dir.metrics_db(), cfg.metrics.to_config(), clock)?;
     fleet.set_metrics(metrics);
+    let burst = Arc::new(burst::start(&cfg.burst, fleet.ca_der())?);
+    fleet.set_burst(burst.clone());
     tokio::spawn(fleet.clone().serve(endpoint.clone()));
     fleet.clone().resume_operations();
     tokio::spawn(api::Api::new(fleet.clone(), store, cfg.api.clone()).serve_on(listener, api_tls.clone()));
     tokio::spawn(renewer.run());
     tokio::spawn(ha::driver::run(fleet.clone()));
+    if burst.enabled() {
+        tokio::spawn(burst::broker::run(fleet.clone(), burst));
+    }
     let api_url = if api_tls.is_some() {
         client::ApiUrl::from(api_addr)
     } else {

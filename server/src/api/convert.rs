@@ -330,6 +330,7 @@ pub fn event(e: &FleetEvent) -> api::events::Event {
             EventKind::Host => api::events::EventKind::Host,
             EventKind::Operation => api::events::EventKind::Operation,
             EventKind::Ha => api::events::EventKind::Ha,
+            EventKind::Burst => api::events::EventKind::Burst,
         },
         at_ms: e.at_ms,
         host: e.host,

@@ -32,6 +32,8 @@ use crate::store::{CloudRecord, CloudState, VmRecord};
 use crate::telemetry::TELEMETRY;
 
 mod lifecycle;
+#[cfg(test)]
+mod tests;
 
 /// A launch failed for good holds its VM from bursting again this long.
 const HOLD_AFTER_FAILURE_MS: u64 = 10 * 60 * 1000;
@@ -79,19 +81,8 @@ pub struct Broker {
 
 /// Runs the broker until the process ends.
 pub async fn run(fleet: Arc<Fleet>, shared: Arc<Shared>) {
-    let Some(provider) = shared.provider.clone() else {
+    let Some(mut b) = Broker::new(fleet, shared) else {
         return;
-    };
-    let mut b = Broker {
-        clock: fleet.clock().clone(),
-        fleet,
-        provider,
-        fresh: HashSet::new(),
-        held: HashMap::new(),
-        orphans: HashMap::new(),
-        levels: (policy::Level::Below, policy::Level::Below),
-        crash_at: CrashPoint::from_env(),
-        shared,
     };
     tracing::info!(
         provider = b.provider.name(),
@@ -110,6 +101,23 @@ pub async fn run(fleet: Arc<Fleet>, shared: Arc<Shared>) {
 }
 
 impl Broker {
+    /// A broker for `shared`'s provider (none when bursting is off); it
+    /// reads the time from the fleet's clock.
+    pub fn new(fleet: Arc<Fleet>, shared: Arc<Shared>) -> Option<Self> {
+        let provider = shared.provider.clone()?;
+        Some(Broker {
+            clock: fleet.clock().clone(),
+            fleet,
+            provider,
+            fresh: HashSet::new(),
+            held: HashMap::new(),
+            orphans: HashMap::new(),
+            levels: (policy::Level::Below, policy::Level::Below),
+            crash_at: CrashPoint::from_env(),
+            shared,
+        })
+    }
+
     /// One pass over records, waiting VMs, repatriation and orphans.
     pub async fn tick(&mut self) {
         let records = match self.fleet.store().cloud_records() {
@@ -157,7 +165,8 @@ impl Broker {
     /// policy says so, else their reason is updated. Returns what waits.
     async fn place_or_burst(&mut self) -> Vec<PendingView> {
         let now = self.now_ms();
-        let store = self.fleet.store();
+        let fleet = self.fleet.clone();
+        let store = fleet.store();
         let pending = match self.fleet.pending_vms() {
             Ok(p) => p,
             Err(e) => {
