@@ -7,8 +7,9 @@
 #                     silent when moto is already there
 #   moto.sh path      print the path of `moto_server`
 #
-# The venv is ${NOVACRON_MOTO_VENV:-/var/tmp/novacron-moto}. Needs python3
-# with the venv module (Debian: python3-venv) and access to PyPI.
+# The venv is ${NOVACRON_MOTO_VENV:-/var/tmp/novacron-moto}. Needs access to
+# PyPI, and python3 with its venv module (installed from Debian's python3-venv
+# when missing).
 set -euo pipefail
 
 MOTO_VERSION=5.2.5
@@ -28,6 +29,13 @@ install() {
   # Another caller may have installed it while this one waited.
   installed && return 0
   echo "moto.sh: installing moto $MOTO_VERSION into $venv" >&2
+  if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    echo "moto.sh: installing python3-venv" >&2
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
+  fi
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
