@@ -862,3 +862,7 @@ pub mod stamps;
 #[path = "harness/testbed.rs"]
 mod testbed;
 pub use testbed::*;
+#[path = "harness/faultproxy.rs"]
+pub mod faultproxy;
+#[path = "harness/moto.rs"]
+pub mod moto;

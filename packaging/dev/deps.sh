@@ -21,3 +21,6 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# moto, the EC2 emulator the cloud-burst tests run against (a venv of its own).
+bash "$(dirname "${BASH_SOURCE[0]}")/moto.sh" install
