@@ -163,7 +163,7 @@ pub fn smallest_fit<'a>(
     types
         .iter()
         .filter(|t| t.vcpus >= vcpus && t.memory_mib >= memory_mib)
-        .filter(|t| allowed.is_empty() || allowed.iter().any(|a| *a == t.name))
+        .filter(|t| allowed.is_empty() || allowed.contains(&t.name))
         .min_by(|a, b| {
             (a.per_hour, a.vcpus, a.memory_mib, &a.name).cmp(&(b.per_hour, b.vcpus, b.memory_mib, &b.name))
         })

@@ -216,29 +216,32 @@ async fn a_restarted_broker_looks_the_launch_up_before_launching() {
 #[tokio::test]
 async fn throttles_back_off_are_shown_then_succeed() {
     let mut b = bed(|c| c.retry_max = Duration::from_secs(8));
-    for _ in 0..3 {
-        b.cloud.fault(Call::List, Fault::Fail(throttled()));
-    }
+    // The first launch is throttled; each retry looks its tag up first,
+    // and the next two lookups are throttled too.
     b.cloud.fault(Call::Launch, Fault::Fail(throttled()));
+    b.cloud.fault(Call::LookupLaunch, Fault::Fail(throttled()));
+    b.cloud.fault(Call::LookupLaunch, Fault::Fail(throttled()));
     let vm = b.burstable("web");
     b.broker.tick().await;
     let mut waits = Vec::new();
-    for _ in 0..3 {
-        let r = b.record(vm).unwrap();
-        assert_eq!(r.state, CloudState::Launching);
+    while let Some(r) = b.record(vm).filter(|r| r.state == CloudState::Launching) {
         assert!(r.last_error.as_deref().unwrap_or("").contains("RequestLimitExceeded"));
+        assert_eq!(r.attempts as usize, waits.len() + 1, "each try is counted on the VM");
         let wait = r.retry_at_ms.unwrap() - b.fleet.clock().unix_ms();
         waits.push(wait);
-        b.tick_after(Duration::from_millis(wait)).await;
+        assert!(waits.len() <= 3, "{waits:?}");
+        // Just before the retry is due nothing is tried.
+        let calls = b.cloud.count(Call::LookupLaunch);
+        b.tick_after(Duration::from_millis(wait - 1)).await;
+        assert_eq!(b.cloud.count(Call::LookupLaunch), calls);
+        b.tick_after(Duration::from_millis(1)).await;
     }
-    assert!(waits.windows(2).all(|w| w[1] >= w[0] / 2), "{waits:?}");
+    assert_eq!(waits.len(), 3, "{waits:?}");
     assert!(waits.iter().all(|w| *w <= 8000), "capped: {waits:?}");
-    let r = b.record(vm).unwrap();
-    let wait = r.retry_at_ms.unwrap() - b.fleet.clock().unix_ms();
-    b.tick_after(Duration::from_millis(wait)).await;
+    assert!(waits[2] >= 2000, "the backoff grows: {waits:?}");
     let r = b.record(vm).unwrap();
     assert_eq!((r.state, r.attempts, r.last_error.clone()), (CloudState::Running, 0, None));
-    assert_eq!(b.cloud.live().len(), 1);
+    assert_eq!((b.cloud.count(Call::Launch), b.cloud.live().len()), (2, 1));
 }
 
 #[tokio::test]

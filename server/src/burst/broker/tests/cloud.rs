@@ -16,6 +16,9 @@ use novacron_cloud::{Instance, InstanceState, InstanceType, LaunchSpec, Provider
 pub enum Call {
     Launch,
     Describe,
+    /// `list_by_tag` for a launch id.
+    LookupLaunch,
+    /// `list_by_tag` for anything else (the fleet's orphans).
     List,
     Start,
     Stop,
@@ -163,7 +166,12 @@ impl Provider for ScriptedCloud {
     }
     fn list_by_tag<'a>(&'a self, key: &'a str, value: &'a str) -> ProviderFuture<'a, Vec<Instance>> {
         Box::pin(async move {
-            self.run(Call::List, || {
+            let call = if key == novacron_cloud::TAG_LAUNCH {
+                Call::LookupLaunch
+            } else {
+                Call::List
+            };
+            self.run(call, || {
                 lock(&self.instances)
                     .values()
                     .filter(|i| i.tags.get(key).is_some_and(|v| v == value))
