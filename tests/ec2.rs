@@ -97,7 +97,10 @@ async fn describe_list_start_stop_and_terminate() {
     want.sort_unstable();
     assert_eq!(ids, want);
     assert!(got.iter().all(|i| i.state == InstanceState::Running), "{got:?}");
-    assert_eq!(ec2.describe(&[unknown.clone()]).await.unwrap(), Vec::new());
+    assert_eq!(
+        ec2.describe(std::slice::from_ref(&unknown)).await.unwrap(),
+        Vec::new()
+    );
 
     let mut fleet: Vec<String> = ec2
         .list_by_tag(TAG_FLEET, "fleet-a")
