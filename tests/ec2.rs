@@ -145,6 +145,30 @@ async fn describe_list_start_stop_and_terminate() {
 }
 
 #[tokio::test]
+async fn a_listing_walks_every_page() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(moto.addr());
+    let ec2 = driver(&moto, &proxy.endpoint()).page_size(5);
+    let mut want: Vec<String> = (0..12)
+        .map(|_| moto.create_instance(&[(TAG_FLEET, "fleet-p")]))
+        .collect();
+    moto.create_instance(&[(TAG_FLEET, "fleet-q")]);
+    let mut got: Vec<String> = ec2
+        .list_by_tag(TAG_FLEET, "fleet-p")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    assert_eq!(proxy.seen("DescribeInstances"), 3, "12 instances, 5 a page");
+    // describe by ids pages the same way.
+    assert_eq!(ec2.describe(&want).await.unwrap().len(), 12);
+}
+
+#[tokio::test]
 async fn a_bad_image_is_permanent_with_ec2s_code() {
     let moto = Moto::start();
     let ec2 = driver(&moto, &moto.endpoint());
