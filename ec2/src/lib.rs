@@ -95,6 +95,7 @@ pub struct Ec2 {
     region: String,
     endpoint: Option<String>,
     instance_types: Vec<InstanceType>,
+    page_size: Option<i32>,
     client: aws_sdk_ec2::Client,
 }
 
@@ -184,8 +185,17 @@ impl Ec2 {
             region: settings.region,
             endpoint: settings.endpoint,
             instance_types: settings.instance_types,
+            page_size: None,
             client: aws_sdk_ec2::Client::from_conf(config.build()),
         })
+    }
+
+    /// Asks for at most `n` instances per DescribeInstances page (clamped
+    /// to EC2's 5–1000; EC2's own page size otherwise): lets tests walk
+    /// several pages of a listing.
+    pub fn page_size(mut self, n: i32) -> Self {
+        self.page_size = Some(n.clamp(5, 1000));
+        self
     }
 
     /// The SDK client this driver calls through, for tools and tests that
@@ -231,6 +241,7 @@ impl Ec2 {
                 .client
                 .describe_instances()
                 .filters(filter.clone())
+                .set_max_results(self.page_size)
                 .set_next_token(token.take())
                 .send()
                 .await

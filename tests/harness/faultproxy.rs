@@ -134,6 +134,8 @@ impl FaultProxy {
                 Client::builder(TokioExecutor::new()).build_http();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
+                    // Out of descriptors, say: try again shortly.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     continue;
                 };
                 let (client, st, upstream) = (client.clone(), st.clone(), upstream.clone());
