@@ -5,13 +5,23 @@
 //! fails the test).
 
 #![allow(clippy::unwrap_used)]
+// The harness times real processes (see harness.rs).
+#![allow(clippy::disallowed_methods)]
+
+// Included here, not in the harness library: they link the EC2 SDK.
+#[allow(dead_code)]
+#[path = "harness/faultproxy.rs"]
+mod faultproxy;
+#[allow(dead_code)]
+#[path = "harness/moto.rs"]
+mod moto;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use novacron_cloud::{InstanceState, LaunchSpec, Provider, ProviderError, TAG_FLEET, TAG_LAUNCH, TAG_VM};
-use novacron_e2e::faultproxy::{Fault, FaultProxy};
-use novacron_e2e::moto::{self, Moto, SECRET_ACCESS_KEY};
+use faultproxy::{Fault, FaultProxy};
+use moto::{Moto, SECRET_ACCESS_KEY};
 use novacron_ec2::credentials::{self, CredentialSource};
 use novacron_ec2::Ec2;
 

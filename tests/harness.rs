@@ -862,7 +862,7 @@ pub mod stamps;
 #[path = "harness/testbed.rs"]
 mod testbed;
 pub use testbed::*;
-#[path = "harness/faultproxy.rs"]
-pub mod faultproxy;
-#[path = "harness/moto.rs"]
-pub mod moto;
+// The moto harness and the fault proxy (`harness/moto.rs`,
+// `harness/faultproxy.rs`) are not modules of this library: they link the
+// EC2 SDK, so only the test binaries that need them include them
+// (`#[path]` modules in `ec2.rs` and `burst.rs`).
