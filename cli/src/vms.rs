@@ -94,6 +94,16 @@ fn placed(v: &Vm, hosts: &BTreeMap<HostId, String>) -> String {
     }
 }
 
+/// A VM's state for people: what its host reports, else its cloud
+/// instance's state (`cloud running`), else `-`.
+fn vm_state(v: &Vm) -> String {
+    match (&v.observed, &v.cloud) {
+        (Some(o), _) => word(&o.state),
+        (None, Some(c)) => format!("cloud {}", word(&c.state)),
+        (None, None) => "-".into(),
+    }
+}
+
 /// The VM table; `hosts` maps host ids to names.
 fn table(vms: &[Vm], hosts: &BTreeMap<HostId, String>, now: u64) -> String {
     let mut t = Table::new(&[
@@ -106,7 +116,7 @@ fn table(vms: &[Vm], hosts: &BTreeMap<HostId, String>, now: u64) -> String {
             spec.name.clone(),
             placed(v, hosts),
             word(&v.vm.power),
-            v.observed.as_ref().map_or_else(|| "-".into(), |o| word(&o.state)),
+            vm_state(v),
             spec.vcpus.to_string(),
             human_mib(spec.memory_mib),
             disk_total(spec),
@@ -136,11 +146,13 @@ fn joined(parts: Vec<String>) -> String {
 /// image debian, stays in the cloud)`.
 fn burst_rule(b: &BurstRule) -> String {
     let mut parts = Vec::new();
-    if let Some(ms) = b.after_ms {
-        parts.push(format!(
+    match b.after_ms {
+        Some(0) => parts.push("at once".into()),
+        Some(ms) => parts.push(format!(
             "after {}",
             novacron_shared::duration::format(std::time::Duration::from_millis(ms))
-        ));
+        )),
+        None => {}
     }
     if !b.instance_types.is_empty() {
         parts.push(format!("types {}", b.instance_types.join(", ")));
@@ -224,9 +236,10 @@ fn show(v: &Vm, host: &str, hosts: &BTreeMap<HostId, String>, now: u64) -> Strin
         ("power", word(&v.vm.power)),
         (
             "state",
-            match &v.observed {
-                None => "unknown (not reported by its host yet)".into(),
-                Some(o) => word(&o.state),
+            match (&v.observed, &v.cloud) {
+                (Some(o), _) => word(&o.state),
+                (None, Some(c)) => format!("in the cloud, {} (see cloud below)", word(&c.state)),
+                (None, None) => "unknown (not reported by its host yet)".into(),
             },
         ),
         ("vcpus", spec.vcpus.to_string()),
@@ -382,7 +395,7 @@ async fn power(ctx: &mut Ctx, vm: &str, action: &str) -> Result<(), CliError> {
         format!(
             "VM {name}: power set to {} (now {}); its host converges to it",
             word(&v.vm.power),
-            v.observed.as_ref().map_or_else(|| "-".into(), |o| word(&o.state)),
+            vm_state(&v),
         )
     })
 }
@@ -526,6 +539,7 @@ mod tests {
         let launching = cloud_vm(pending.clone(), "launching", None);
         let mut waiting = vm();
         waiting["placement"] = pending;
+        waiting["observed"] = serde_json::Value::Null;
         let out = table(&[cloud, launching, typed(waiting)], &hosts, 1_700_000_060_000);
         let cells: Vec<&str> = out
             .lines()
@@ -533,6 +547,12 @@ mod tests {
             .map(|l| l.split_whitespace().nth(2).unwrap_or_default())
             .collect();
         assert_eq!(cells, ["aws:i-0123", "launching", "pending"], "\n{out}");
+        let states: Vec<String> = out
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().skip(4).take(2).collect::<Vec<_>>().join(" "))
+            .collect();
+        assert_eq!(states, ["cloud running", "cloud launching", "- 2"], "\n{out}");
     }
 
     #[test]
@@ -546,6 +566,7 @@ mod tests {
         let out = show(&v, "-", &hosts, 1_700_000_060_000);
         for want in [
             "host:          cloud aws, instance i-0123",
+            "state:         in the cloud, running (see cloud below)",
             "placement:     waits for a host, burst (after 5m; types t3.micro, m5.large; image debian; stays in the cloud)",
             "cloud:         aws i-0123 (t3.micro), running",
             "cloud ips:     private 10.0.0.7, public 54.1.2.3",
@@ -559,6 +580,17 @@ mod tests {
             !show(&typed(vm()), "hv-1", &hosts, 0).contains("cloud"),
             "no cloud side, no cloud lines"
         );
+        let mut at_once = v.rules.burst.clone().unwrap_or_default();
+        at_once.after_ms = Some(0);
+        assert_eq!(
+            burst_rule(&at_once),
+            "burst (at once; types t3.micro, m5.large; image debian; stays in the cloud)"
+        );
+        let plain = BurstRule {
+            repatriate: true,
+            ..BurstRule::default()
+        };
+        assert_eq!(burst_rule(&plain), "burst");
     }
 
     #[test]
