@@ -2,7 +2,8 @@
 //! `novacron` CLI and the admin subcommands of `novacron-server`.
 //!
 //! [`ApiClient`] makes typed calls ([`ApiClient::get`], [`ApiClient::send`]:
-//! bodies and replies are this crate's types) and untyped ones
+//! bodies and replies are this crate's types; named ones such as
+//! [`ApiClient::burst`] fix the path and the reply type) and untyped ones
 //! ([`ApiClient::call`]: JSON values), and opens server-sent-event streams;
 //! [`SseParser`] is the sans-IO parser behind [`EventStream`].
 //!
@@ -423,6 +424,12 @@ impl ApiClient {
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let (status, bytes) = self.exchange(Method::GET, path, None).await?;
         decode_typed(status, &bytes)
+    }
+
+    /// `GET /v1/burst`: the cloud burst caps, spend, instances, waiting VMs
+    /// and orphans.
+    pub async fn burst(&self) -> Result<crate::burst::BurstStatus, ClientError> {
+        self.get("/v1/burst").await
     }
 
     /// `method path` with the typed request `body` (none: no body), read

@@ -6,8 +6,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::units;
 
-/// NovaCron operator CLI: hosts, VMs, migrations, operations, tokens and
-/// the live event stream, through the server's API.
+/// NovaCron operator CLI: hosts, VMs, migrations, operations, tokens, HA,
+/// cloud burst and the live event stream, through the server's API.
 #[derive(Parser, Debug)]
 #[command(name = "novacron", version)]
 pub struct Cli {
@@ -95,6 +95,9 @@ pub enum Command {
         #[command(subcommand)]
         command: Option<HaCommand>,
     },
+    /// Cloud burst: the caps and what is used of them, VMs running in the
+    /// cloud with their cost, VMs waiting with the reason, and orphans.
+    Burst,
 }
 
 /// `ha ...`
@@ -295,7 +298,7 @@ pub struct CreateArgs {
     /// "placement"}`), from a JSON file (`-` for stdin).
     #[arg(long, short, value_name = "FILE", conflicts_with_all = [
         "name", "vcpus", "memory", "disks", "host", "anti_affinity", "affinity",
-        "labels", "require_labels", "stopped",
+        "labels", "require_labels", "stopped", "wait", "burst",
     ])]
     pub file: Option<PathBuf>,
     /// The VM's name (a-z, 0-9, -).
@@ -329,6 +332,35 @@ pub struct CreateArgs {
     /// Define it but leave it shut off.
     #[arg(long)]
     pub stopped: bool,
+    /// When no host fits, keep it pending (placed as soon as one fits)
+    /// instead of refusing it.
+    #[arg(long)]
+    pub wait: bool,
+    /// It may run in the cloud (the server's `[burst]`) when no host fits;
+    /// it waits (pending) until then.
+    #[arg(long)]
+    pub burst: bool,
+    /// The instance types it may run as, comma-separated (e.g.
+    /// t3.micro,m5.large) [default: any type in the server's table].
+    #[arg(long, value_name = "TYPES", value_delimiter = ',', requires = "burst")]
+    pub burst_types: Vec<String>,
+    /// The image key (`[burst.aws.images]` in the server's config) to
+    /// launch it from [default: its first disk's template].
+    #[arg(long, value_name = "KEY", requires = "burst")]
+    pub burst_image: Option<String>,
+    /// Wait this long for a host before bursting (e.g. 5m; 0s: at once)
+    /// [default: the server's `[burst] burst_after`].
+    #[arg(long, value_name = "DURATION", value_parser = parse_wait, requires = "burst")]
+    pub burst_after: Option<std::time::Duration>,
+    /// Keep it in the cloud when a host fits again (by default it is
+    /// brought home: started on the host, then the instance terminated).
+    #[arg(long, requires = "burst")]
+    pub no_repatriate: bool,
+}
+
+/// A wait: a duration with its unit (`0s` and up).
+fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
+    novacron_shared::duration::parse(s).map_err(|e| e.to_string())
 }
 
 /// `vms snapshot ...`
@@ -462,5 +494,55 @@ mod tests {
         ]);
         assert!(ok.is_ok(), "{ok:?}");
         assert!(Cli::try_parse_from(["novacron", "vms", "create", "-f", "-"]).is_ok());
+    }
+
+    fn create(extra: &[&str]) -> Result<CreateArgs, clap::Error> {
+        let mut argv = vec![
+            "novacron", "vms", "create", "--name", "a", "--vcpus", "2", "--memory", "1GiB",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Vms {
+                command: VmsCommand::Create(a),
+            } => Ok(*a),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn burst_flags_parse_and_need_burst() {
+        let a = create(&[
+            "--burst",
+            "--burst-types",
+            "t3.micro,m5.large",
+            "--burst-image",
+            "debian-12",
+            "--burst-after",
+            "5m",
+            "--no-repatriate",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(a.burst && a.no_repatriate && !a.wait);
+        assert_eq!(a.burst_types, ["t3.micro", "m5.large"]);
+        assert_eq!(a.burst_image.as_deref(), Some("debian-12"));
+        assert_eq!(a.burst_after, Some(std::time::Duration::from_secs(300)));
+        let a = create(&["--burst", "--burst-after", "0s"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.burst_after, Some(std::time::Duration::ZERO));
+        assert!(create(&["--wait"]).is_ok_and(|a| a.wait && !a.burst));
+        for alone in [
+            &["--burst-types", "t3.micro"][..],
+            &["--burst-image", "k"],
+            &["--burst-after", "5m"],
+            &["--no-repatriate"],
+        ] {
+            assert!(create(alone).is_err(), "{alone:?} without --burst");
+        }
+        assert!(create(&["--burst", "--burst-after", "5 minutes"]).is_err());
+        assert!(
+            create(&["--burst", "--burst-after", "5"]).is_err(),
+            "a unit is needed"
+        );
+        assert!(Cli::try_parse_from(["novacron", "vms", "create", "-f", "x.json", "--burst"]).is_err());
+        assert!(Cli::try_parse_from(["novacron", "burst"]).is_ok());
     }
 }

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod burst;
 mod ctx;
 mod events;
 mod ha;
@@ -238,5 +239,6 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Top(a) => metrics::top(&mut ctx, a).await,
         Command::Metrics(a) => metrics::metrics(&mut ctx, a).await,
         Command::Ha { command } => ha::run(&mut ctx, command.unwrap_or(args::HaCommand::Status)).await,
+        Command::Burst => burst::run(&mut ctx).await,
     }
 }

@@ -3,9 +3,11 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
+use novacron_api::burst::CloudState;
 use novacron_api::hosts::CommandReply;
 use novacron_api::vms::{CreateSnapshot, CreateVm, DeletedVm, PlacementRules, Vm, VmList};
 use novacron_shared::ids::HostId;
+use novacron_shared::placement::BurstRule;
 use novacron_shared::protocol::CommandOutcome;
 use novacron_shared::spec::{DiskSpec, NicAttach, Power, VmSpec};
 
@@ -25,7 +27,12 @@ pub async fn run(ctx: &mut Ctx, command: VmsCommand) -> Result<(), CliError> {
                 return ctx.print_json(&v);
             }
             let host = ctx.vm_host_label(&v).await;
-            ctx.emit(&show(&v, &host, now_ms()))
+            let mut hosts = BTreeMap::new();
+            if let Some(r) = v.cloud.as_ref().and_then(|c| c.repatriation.as_ref()) {
+                let label = ctx.host_label(r.host).await;
+                hosts.insert(r.host, label);
+            }
+            ctx.emit(&show(&v, &host, &hosts, now_ms()))
         }
         VmsCommand::Create(args) => create(ctx, *args).await,
         VmsCommand::Delete { vm } => {
@@ -73,13 +80,27 @@ async fn list(ctx: &mut Ctx, args: VmListArgs) -> Result<(), CliError> {
 }
 
 /// Where a VM is, for people: its host's name (`hosts` maps ids to
-/// names), its cloud instance, or why it is pending.
+/// names), its cloud instance (`aws:i-…`), `launching` while its
+/// instance is being launched, or `pending`.
 fn placed(v: &Vm, hosts: &BTreeMap<HostId, String>) -> String {
     use novacron_shared::placement::Placement;
     match &v.placement {
         Placement::Host(h) => hosts.get(h).cloned().unwrap_or_else(|| h.to_string()),
         Placement::Cloud { provider, instance } => format!("{provider}:{instance}"),
+        Placement::Pending { .. } if v.cloud.as_ref().is_some_and(|c| c.state == CloudState::Launching) => {
+            "launching".into()
+        }
         Placement::Pending { .. } => "pending".into(),
+    }
+}
+
+/// A VM's state for people: what its host reports, else its cloud
+/// instance's state (`cloud running`), else `-`.
+fn vm_state(v: &Vm) -> String {
+    match (&v.observed, &v.cloud) {
+        (Some(o), _) => word(&o.state),
+        (None, Some(c)) => format!("cloud {}", word(&c.state)),
+        (None, None) => "-".into(),
     }
 }
 
@@ -95,7 +116,7 @@ fn table(vms: &[Vm], hosts: &BTreeMap<HostId, String>, now: u64) -> String {
             spec.name.clone(),
             placed(v, hosts),
             word(&v.vm.power),
-            v.observed.as_ref().map_or_else(|| "-".into(), |o| word(&o.state)),
+            vm_state(v),
             spec.vcpus.to_string(),
             human_mib(spec.memory_mib),
             disk_total(spec),
@@ -121,8 +142,37 @@ fn joined(parts: Vec<String>) -> String {
     }
 }
 
-/// One VM, as `key: value` lines; `host` is its host's name.
-fn show(v: &Vm, host: &str, now: u64) -> String {
+/// A burst rule for people: `burst (after 5m, types t3.micro, m5.large,
+/// image debian, stays in the cloud)`.
+fn burst_rule(b: &BurstRule) -> String {
+    let mut parts = Vec::new();
+    match b.after_ms {
+        Some(0) => parts.push("at once".into()),
+        Some(ms) => parts.push(format!(
+            "after {}",
+            novacron_shared::duration::format(std::time::Duration::from_millis(ms))
+        )),
+        None => {}
+    }
+    if !b.instance_types.is_empty() {
+        parts.push(format!("types {}", b.instance_types.join(", ")));
+    }
+    if let Some(i) = &b.image {
+        parts.push(format!("image {i}"));
+    }
+    if !b.repatriate {
+        parts.push("stays in the cloud".into());
+    }
+    if parts.is_empty() {
+        "burst".into()
+    } else {
+        format!("burst ({})", parts.join("; "))
+    }
+}
+
+/// One VM, as `key: value` lines; `host` is its host's name, `hosts`
+/// names the host a cloud VM goes home to.
+fn show(v: &Vm, host: &str, hosts: &BTreeMap<HostId, String>, now: u64) -> String {
     let spec = &v.vm.spec;
     let disks = joined(
         spec.disks
@@ -166,6 +216,12 @@ fn show(v: &Vm, host: &str, now: u64) -> String {
     if !rules.required_labels.is_empty() {
         placement.push(format!("labels {}", pairs(&rules.required_labels)));
     }
+    if rules.wait {
+        placement.push("waits for a host".into());
+    }
+    if let Some(b) = &rules.burst {
+        placement.push(burst_rule(b));
+    }
     let where_ = match &v.placement {
         novacron_shared::placement::Placement::Host(h) => format!("{host} ({h})"),
         novacron_shared::placement::Placement::Cloud { provider, instance } => {
@@ -173,16 +229,17 @@ fn show(v: &Vm, host: &str, now: u64) -> String {
         }
         novacron_shared::placement::Placement::Pending { reason } => format!("pending: {reason}"),
     };
-    fields(&[
+    let mut lines = vec![
         ("id", v.vm.id.to_string()),
         ("name", spec.name.clone()),
         ("host", where_),
         ("power", word(&v.vm.power)),
         (
             "state",
-            match &v.observed {
-                None => "unknown (not reported by its host yet)".into(),
-                Some(o) => word(&o.state),
+            match (&v.observed, &v.cloud) {
+                (Some(o), _) => word(&o.state),
+                (None, Some(c)) => format!("in the cloud, {} (see cloud below)", word(&c.state)),
+                (None, None) => "unknown (not reported by its host yet)".into(),
             },
         ),
         ("vcpus", spec.vcpus.to_string()),
@@ -214,7 +271,11 @@ fn show(v: &Vm, host: &str, now: u64) -> String {
         ),
         ("created", when(v.created_ms, now)),
         ("last op", v.vm.op_id.to_string()),
-    ])
+    ];
+    if let Some(c) = &v.cloud {
+        lines.extend(crate::burst::vm_fields(c, hosts, now));
+    }
+    fields(&lines)
 }
 
 /// The `POST /v1/vms` body from the flags.
@@ -262,7 +323,15 @@ async fn body_from_flags(ctx: &mut Ctx, a: CreateArgs) -> Result<CreateVm, CliEr
             required_labels: a.require_labels.into_iter().collect(),
             affinity: a.affinity,
             anti_affinity: a.anti_affinity,
-            ..PlacementRules::default()
+            wait: a.wait,
+            burst: a.burst.then(|| BurstRule {
+                after_ms: a
+                    .burst_after
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                repatriate: !a.no_repatriate,
+                instance_types: a.burst_types,
+                image: a.burst_image,
+            }),
         },
     })
 }
@@ -297,13 +366,26 @@ async fn create(ctx: &mut Ctx, a: CreateArgs) -> Result<(), CliError> {
         return ctx.print_json(&v);
     }
     let host = ctx.vm_host_label(&v).await;
-    let host_id = v.placement.host().map_or_else(|| "-".into(), |h| h.to_string());
-    ctx.emit(&format!(
-        "created VM {} ({}) on host {host} ({host_id}), power {}\n",
+    ctx.emit(&created(&v, &host))
+}
+
+/// The line `vms create` prints; `host` is its host's name.
+fn created(v: &Vm, host: &str) -> String {
+    use novacron_shared::placement::Placement;
+    let at = match &v.placement {
+        Placement::Host(h) => format!("on host {host} ({h})"),
+        Placement::Cloud { provider, instance } => format!("in the cloud ({provider}:{instance})"),
+        Placement::Pending { reason } if v.rules.burst.is_some() => {
+            format!("pending (it bursts to the cloud unless a host fits first): {reason}")
+        }
+        Placement::Pending { reason } => format!("pending (placed when a host fits): {reason}"),
+    };
+    format!(
+        "created VM {} ({}) {at}, power {}\n",
         v.vm.spec.name,
         v.vm.id,
         word(&v.vm.power),
-    ))
+    )
 }
 
 async fn power(ctx: &mut Ctx, vm: &str, action: &str) -> Result<(), CliError> {
@@ -313,7 +395,7 @@ async fn power(ctx: &mut Ctx, vm: &str, action: &str) -> Result<(), CliError> {
         format!(
             "VM {name}: power set to {} (now {}); its host converges to it",
             word(&v.vm.power),
-            v.observed.as_ref().map_or_else(|| "-".into(), |o| word(&o.state)),
+            vm_state(&v),
         )
     })
 }
@@ -406,7 +488,7 @@ mod tests {
 
     #[test]
     fn show_lists_everything_people_ask_about() {
-        let out = show(&typed(vm()), "hv-1", 1_700_000_060_000);
+        let out = show(&typed(vm()), "hv-1", &BTreeMap::new(), 1_700_000_060_000);
         for want in [
             "host:       hv-1 (00000000-0000-0000-0000-000000000001)",
             "state:      running",
@@ -420,6 +502,114 @@ mod tests {
         }
         let mut unknown = vm();
         unknown["observed"] = serde_json::Value::Null;
-        assert!(show(&typed(unknown), "hv-1", 0).contains("unknown (not reported"));
+        assert!(show(&typed(unknown), "hv-1", &BTreeMap::new(), 0).contains("unknown (not reported"));
+    }
+
+    /// web-1 as a burst VM: in the cloud (or launching, or pending), with
+    /// its cloud side.
+    fn cloud_vm(placement: serde_json::Value, state: &str, instance: Option<&str>) -> Vm {
+        let mut v = vm();
+        v["placement"] = placement;
+        v["host"] = serde_json::Value::Null;
+        v["observed"] = serde_json::Value::Null;
+        v["rules"] = serde_json::json!({"wait": true, "burst": {"after_ms": 300_000, "repatriate": false,
+                                        "instance_types": ["t3.micro", "m5.large"], "image": "debian"}});
+        v["cloud"] = serde_json::json!({
+            "vm": "00000000-0000-0000-0000-0000000000aa", "name": "web-1", "provider": "aws",
+            "launch_id": "l-1", "state": state, "instance": instance, "instance_type": "t3.micro",
+            "image": "ami-1", "private_ip": "10.0.0.7", "public_ip": "54.1.2.3",
+            "usd_per_hour": 0.0104, "accrued_usd": 0.25, "decided_ms": 1_700_000_000_000u64,
+            "reasons": "no host has 2 free vCPUs", "attempts": 1,
+            "last_error": "provider unavailable: 503",
+            "repatriation": {"host": "00000000-0000-0000-0000-000000000001", "started_ms": 1_700_000_000_000u64,
+                             "running_ms": 1_700_000_030_000u64}
+        });
+        typed(v)
+    }
+
+    #[test]
+    fn the_table_shows_cloud_launching_and_pending_vms() {
+        let hosts = BTreeMap::new();
+        let cloud = cloud_vm(
+            serde_json::json!({"cloud": {"provider": "aws", "instance": "i-0123"}}),
+            "running",
+            Some("i-0123"),
+        );
+        let pending = serde_json::json!({"pending": {"reason": "full"}});
+        let launching = cloud_vm(pending.clone(), "launching", None);
+        let mut waiting = vm();
+        waiting["placement"] = pending;
+        waiting["observed"] = serde_json::Value::Null;
+        let out = table(&[cloud, launching, typed(waiting)], &hosts, 1_700_000_060_000);
+        let cells: Vec<&str> = out
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().nth(2).unwrap_or_default())
+            .collect();
+        assert_eq!(cells, ["aws:i-0123", "launching", "pending"], "\n{out}");
+        let states: Vec<String> = out
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().skip(4).take(2).collect::<Vec<_>>().join(" "))
+            .collect();
+        assert_eq!(states, ["cloud running", "cloud launching", "- 2"], "\n{out}");
+    }
+
+    #[test]
+    fn show_has_the_cloud_side_and_the_burst_rule() {
+        let v = cloud_vm(
+            serde_json::json!({"cloud": {"provider": "aws", "instance": "i-0123"}}),
+            "running",
+            Some("i-0123"),
+        );
+        let hosts = BTreeMap::from([(HostId(1), "hv-1".to_string())]);
+        let out = show(&v, "-", &hosts, 1_700_000_060_000);
+        for want in [
+            "host:          cloud aws, instance i-0123",
+            "state:         in the cloud, running (see cloud below)",
+            "placement:     waits for a host, burst (after 5m; types t3.micro, m5.large; image debian; stays in the cloud)",
+            "cloud:         aws i-0123 (t3.micro), running",
+            "cloud ips:     private 10.0.0.7, public 54.1.2.3",
+            "cloud cost:    $0.0104/h, $0.25 accrued",
+            "cloud error:   provider unavailable: 503 (attempt 1)",
+            "repatriation:  going home to hv-1: runs there since 30s ago, terminating the instance",
+        ] {
+            assert!(out.contains(want), "{want:?} in\n{out}");
+        }
+        assert!(
+            !show(&typed(vm()), "hv-1", &hosts, 0).contains("cloud"),
+            "no cloud side, no cloud lines"
+        );
+        let mut at_once = v.rules.burst.clone().unwrap_or_default();
+        at_once.after_ms = Some(0);
+        assert_eq!(
+            burst_rule(&at_once),
+            "burst (at once; types t3.micro, m5.large; image debian; stays in the cloud)"
+        );
+        let plain = BurstRule {
+            repatriate: true,
+            ..BurstRule::default()
+        };
+        assert_eq!(burst_rule(&plain), "burst");
+    }
+
+    #[test]
+    fn create_says_where_the_vm_went() {
+        let out = created(&typed(vm()), "hv-1");
+        assert_eq!(
+            out,
+            "created VM web-1 (00000000-0000-0000-0000-0000000000aa) on host hv-1 (00000000-0000-0000-0000-000000000001), power running\n"
+        );
+        let pending = serde_json::json!({"pending": {"reason": "no host has 2 free vCPUs"}});
+        let out = created(&cloud_vm(pending.clone(), "launching", None), "-");
+        assert!(
+            out.contains(
+                "pending (it bursts to the cloud unless a host fits first): no host has 2 free vCPUs"
+            ),
+            "{out}"
+        );
+        let mut plain = vm();
+        plain["placement"] = pending;
+        assert!(created(&typed(plain), "-").contains("pending (placed when a host fits)"));
     }
 }

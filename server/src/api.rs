@@ -36,6 +36,7 @@ use crate::store::{AuditRecord, Role, Store};
 use crate::{secrets, warn_limited};
 
 pub mod audit;
+mod burst;
 pub mod convert;
 pub mod doc;
 pub mod error;
@@ -381,6 +382,7 @@ impl Api {
             }
             Op::ListAudit => audit::handle(self, &call),
             Op::GetHa | Op::ReleaseHa => ha::handle(self, call).await,
+            Op::GetBurst => burst::handle(self, &call),
             Op::QueryMetrics | Op::LatestMetrics | Op::StreamMetrics | Op::MetricStreams => {
                 metrics::handle(self, &call).await
             }

@@ -145,3 +145,63 @@ fn an_event_past_its_size_cap_is_dropped_whole_and_the_stream_goes_on() {
     assert_eq!((ev.event.as_str(), ev.data.as_str()), ("op", "small"));
     assert!(p.next_event().is_none(), "the oversized event is not delivered");
 }
+
+/// Answers one HTTP request on loopback with `status` and `body`; returns
+/// the address and the request line it got.
+async fn answer_once(status: &'static str, body: String) -> (SocketAddr, tokio::task::JoinHandle<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the client closed before its request ended");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let reply = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(reply.as_bytes()).await.unwrap();
+        let text = String::from_utf8_lossy(&got).into_owned();
+        text.lines().next().unwrap_or_default().to_string()
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn burst_gets_v1_burst_into_its_type_and_passes_refusals_on() {
+    let body = serde_json::json!({
+        "enabled": true, "provider": "aws", "region": "us-east-1", "fleet": "nc-1",
+        "budget": {"max_instances": 4, "instances": 1, "max_usd_per_hour": 2.0, "usd_per_hour": 0.0104,
+                   "max_usd_per_month": 500.0, "month_usd": 1.25, "month": "2026-12"},
+        "instances": [], "pending": [], "orphans": [], "total_usd": 3.5
+    });
+    let (addr, seen) = answer_once("200 OK", body.to_string()).await;
+    let c = ApiClient::new(ApiUrl::plain(addr), Some("t".into()));
+    let v = c.burst().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(seen.await.unwrap(), "GET /v1/burst HTTP/1.1");
+    assert!(v.enabled);
+    assert_eq!(v.budget.month, "2026-12");
+    assert_eq!(v.budget.instances, 1);
+    assert_eq!(v.total_usd, 3.5);
+
+    // A reply that is not a burst status is an error, not an empty one.
+    let (addr, _seen) = answer_once("200 OK", "{\"enabled\": true}".into()).await;
+    let e = ApiClient::new(ApiUrl::plain(addr), None)
+        .burst()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Json { status: 200, .. }), "{e}");
+
+    let refusal = r#"{"error":{"code":"unauthenticated","message":"no token"}}"#;
+    let (addr, _seen) = answer_once("401 Unauthorized", refusal.into()).await;
+    let e = ApiClient::new(ApiUrl::plain(addr), None)
+        .burst()
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unauthenticated), "{e}");
+}

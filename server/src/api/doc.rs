@@ -194,6 +194,13 @@ fn doc(route: &Route, c: &mut Components) -> OpDoc {
             200,
             json_content(c.add::<api::ha::HaOverview>()),
         ),
+        Op::GetBurst => (
+            "Cloud burst: the caps and what is used of them (instances, $/h, this month's spend), every VM with a cloud side (instance, state, cost, last error, repatriation), the VMs waiting with their reasons, and instances of this fleet no VM owns",
+            vec![],
+            None,
+            200,
+            json_content(c.add::<api::burst::BurstStatus>()),
+        ),
         Op::GetHostVms => ("A host's VMs: desired, observed, the last reconcile report and recent events", vec![], None, 200, json_content(c.add::<api::hosts::HostVms>())),
         Op::PutHostVms => (
             "Replace a host's desired VMs",

@@ -29,6 +29,7 @@ pub enum Op {
     FenceHost,
     GetHa,
     ReleaseHa,
+    GetBurst,
     GetHostVms,
     PutHostVms,
     HostCommand,
@@ -182,6 +183,7 @@ pub static ROUTES: &[Route] = &[
     ),
     r("GET", "/v1/ha", VIEWER, Op::GetHa, "getHa"),
     r("POST", "/v1/ha/release", ADMIN, Op::ReleaseHa, "releaseHa"),
+    r("GET", "/v1/burst", VIEWER, Op::GetBurst, "getBurst"),
     r(
         "GET",
         "/v1/hosts/{host}/vms",

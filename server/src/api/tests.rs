@@ -1,5 +1,6 @@
 //! Request-pipeline tests over a real store and a real listener: audit
-//! before mutation, and 405 with `Allow`.
+//! before mutation, and 405 with `Allow`; one file per resource beside it
+//! ([`burst`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,8 @@ use super::Api;
 use crate::config::{AgentPolicy, ApiConfig, MigrationPolicy};
 use crate::fleet::Fleet;
 use crate::store::{ApiTokenRecord, AuditRecord, Role, Store, StoreError};
+
+mod burst;
 
 /// A test double: an audit log that cannot be written (a full disk, say).
 #[derive(Debug)]
