@@ -19,9 +19,9 @@ mod moto;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use novacron_cloud::{InstanceState, LaunchSpec, Provider, ProviderError, TAG_FLEET, TAG_LAUNCH, TAG_VM};
 use faultproxy::{Fault, FaultProxy};
 use moto::{Moto, SECRET_ACCESS_KEY};
+use novacron_cloud::{InstanceState, LaunchSpec, Provider, ProviderError, TAG_FLEET, TAG_LAUNCH, TAG_VM};
 use novacron_ec2::credentials::{self, CredentialSource};
 use novacron_ec2::Ec2;
 

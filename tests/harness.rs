@@ -372,6 +372,8 @@ pub struct Server {
     starts: u32,
     /// The network namespace it runs in (`None`: this process's).
     netns: Option<String>,
+    /// Extra environment for the next runs (see [`Server::restart_with_env`]).
+    env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -402,6 +404,7 @@ impl Server {
             fingerprint,
             starts: 0,
             netns: None,
+            env: Vec::new(),
         };
         s.spawn();
         // Pin the ports so that restarts come back on the same addresses.
@@ -444,6 +447,7 @@ impl Server {
             fingerprint,
             starts: 0,
             netns: Some(netns.to_string()),
+            env: Vec::new(),
             dir,
         };
         s.spawn();
@@ -485,6 +489,7 @@ impl Server {
             .arg(&self.config)
             .arg("run")
             .env("RUST_LOG", "info,novacron_server=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -518,6 +523,13 @@ impl Server {
 
     /// Starts the server again after [`Server::kill9`].
     pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    /// Starts the server again after [`Server::kill9`] with `env` set (and
+    /// only it: an empty `env` clears what an earlier call set).
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         self.spawn();
     }
 

@@ -303,7 +303,11 @@ impl Broker {
         tracing::info!(vm = %vm.vm.spec.name, %launch_id, instance_type = %t.name, %reasons, "burst decided");
         self.fleet.bus.burst(
             Some(vm.vm.id),
-            format!("VM {} bursts to {}: {reasons}; {why}", vm.vm.spec.name, self.provider.name()),
+            format!(
+                "VM {} bursts to {}: {reasons}; {why}",
+                vm.vm.spec.name,
+                self.provider.name()
+            ),
         );
         self.fresh.insert(launch_id);
         self.step(rec, None).await;
@@ -318,7 +322,11 @@ impl Broker {
                 b.per_hour = b.per_hour.plus(r.per_hour);
             }
         }
-        b.month_spent = self.fleet.store().burst_spend(cost::month_of(now)).unwrap_or_default();
+        b.month_spent = self
+            .fleet
+            .store()
+            .burst_spend(cost::month_of(now))
+            .unwrap_or_default();
         b
     }
 
@@ -394,19 +402,22 @@ impl Broker {
             seen.insert(i.id.clone());
             let entry = self.orphans.entry(i.id.clone()).or_insert_with(|| {
                 tracing::warn!(instance = %i.id, "burst: an instance of this fleet belongs to no VM");
-                self.fleet.bus.burst(None, format!(
-                    "ALERT: instance {} ({}) in {} is tagged with this fleet but belongs to no VM{}",
-                    i.id,
-                    i.instance_type,
-                    self.provider.name(),
-                    match grace {
-                        Some(g) => format!(
-                            "; it is terminated in {}",
-                            novacron_shared::duration::format(Duration::from_millis(g))
-                        ),
-                        None => "; only reported ([burst] orphan_terminate_after is not set)".into(),
-                    }
-                ));
+                self.fleet.bus.burst(
+                    None,
+                    format!(
+                        "ALERT: instance {} ({}) in {} is tagged with this fleet but belongs to no VM{}",
+                        i.id,
+                        i.instance_type,
+                        self.provider.name(),
+                        match grace {
+                            Some(g) => format!(
+                                "; it is terminated in {}",
+                                novacron_shared::duration::format(Duration::from_millis(g))
+                            ),
+                            None => "; only reported ([burst] orphan_terminate_after is not set)".into(),
+                        }
+                    ),
+                );
                 OrphanView {
                     instance: i.id.clone(),
                     instance_type: i.instance_type.clone(),
@@ -421,10 +432,10 @@ impl Broker {
                 match self.provider.terminate(&i.id).await {
                     Ok(()) => {
                         tracing::warn!(instance = %i.id, "burst: orphan terminated");
-                        self.fleet.bus.burst(None, format!(
-                            "orphan instance {} terminated after its grace period",
-                            i.id
-                        ));
+                        self.fleet.bus.burst(
+                            None,
+                            format!("orphan instance {} terminated after its grace period", i.id),
+                        );
                         seen.remove(&i.id);
                     }
                     Err(e) => {

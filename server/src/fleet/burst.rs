@@ -24,12 +24,18 @@ impl Fleet {
         };
         let invalid = |m: String| Err(VmError::Invalid(format!("placement.burst: {m}")));
         let Some(b) = self.burst().filter(|b| b.enabled()) else {
-            return invalid("cloud burst is off on this server (set [burst] enabled = true with [burst.aws])".into());
+            return invalid(
+                "cloud burst is off on this server (set [burst] enabled = true with [burst.aws])".into(),
+            );
         };
         if let Err(why) = b.image_for(&req.spec, rule) {
             return invalid(format!("VM {:?} cannot burst: {why}", req.spec.name));
         }
-        let types = b.provider.as_ref().map(|p| p.instance_types()).unwrap_or_default();
+        let types = b
+            .provider
+            .as_ref()
+            .map(|p| p.instance_types())
+            .unwrap_or_default();
         for t in &rule.instance_types {
             if !types.iter().any(|x| x.name == *t) {
                 return invalid(format!(
@@ -150,7 +156,10 @@ impl Fleet {
             started_ms: now_ms,
             running_ms: None,
         });
-        match self.store.cloud_update(cloud, &next, None, Some(Placement::Host(host))) {
+        match self
+            .store
+            .cloud_update(cloud, &next, None, Some(Placement::Host(host)))
+        {
             Ok(Ok(moved)) => {
                 self.placer.confirm(rec.vm.id);
                 // The record was written with a fresh op id: the index is
@@ -162,7 +171,10 @@ impl Fleet {
                 self.bus.vm(
                     Some(host),
                     rec.vm.id,
-                    format!("VM {} is coming home to host {host} (its instance runs until the host's copy does)", rec.vm.spec.name),
+                    format!(
+                        "VM {} is coming home to host {host} (its instance runs until the host's copy does)",
+                        rec.vm.spec.name
+                    ),
                 );
                 Ok(Ok(host))
             }

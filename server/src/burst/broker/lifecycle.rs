@@ -86,7 +86,10 @@ impl Broker {
         };
         let mut tags = BTreeMap::new();
         tags.insert(novacron_cloud::TAG_VM.to_string(), rec.vm.to_string());
-        tags.insert(novacron_cloud::TAG_FLEET.to_string(), self.shared.fleet_tag.clone());
+        tags.insert(
+            novacron_cloud::TAG_FLEET.to_string(),
+            self.shared.fleet_tag.clone(),
+        );
         tags.insert(novacron_cloud::TAG_LAUNCH.to_string(), rec.launch_id.clone());
         tags.insert("Name".to_string(), vm.vm.spec.name.clone());
         let aws = self.shared.cfg.aws.as_ref();
@@ -152,11 +155,15 @@ impl Broker {
             Err(e) => return tracing::error!(vm = %name, error = %e, "burst: cannot release a failed launch"),
         }
         TELEMETRY.burst_launches.with_label_values(&["failed"]).inc();
-        self.held.insert(rec.vm, (now.saturating_add(HOLD_AFTER_FAILURE_MS), why.clone()));
+        self.held
+            .insert(rec.vm, (now.saturating_add(HOLD_AFTER_FAILURE_MS), why.clone()));
         tracing::warn!(vm = %name, launch = %rec.launch_id, error = %why, "burst: launch failed");
         self.fleet.bus.burst(
             Some(rec.vm),
-            format!("ALERT: VM {name}'s launch in {} failed: {why}; its budget is released and it waits", rec.provider),
+            format!(
+                "ALERT: VM {name}'s launch in {} failed: {why}; its budget is released and it waits",
+                rec.provider
+            ),
         );
     }
 
@@ -203,7 +210,9 @@ impl Broker {
                 return;
             }
             Ok(Err(r)) => return tracing::warn!(vm = %name, %r, "burst: launched instance not recorded"),
-            Err(e) => return tracing::error!(vm = %name, error = %e, "burst: cannot record a launched instance"),
+            Err(e) => {
+                return tracing::error!(vm = %name, error = %e, "burst: cannot record a launched instance")
+            }
         }
         TELEMETRY.burst_launches.with_label_values(&[how]).inc();
         tracing::info!(vm = %name, instance = %i.id, instance_type = %rec.instance_type, how, "burst: instance recorded");
@@ -278,7 +287,10 @@ impl Broker {
                     new.step_started_ms = now;
                     self.fleet.bus.burst(
                         Some(rec.vm),
-                        format!("VM {name} runs on host {}: terminating its instance {}", rp.host, inst.id),
+                        format!(
+                            "VM {name} runs on host {}: terminating its instance {}",
+                            rp.host, inst.id
+                        ),
                     );
                 } else if now.saturating_sub(rp.started_ms) > ms(self.shared.cfg.repatriate_timeout) {
                     left = Some(rp.host);
@@ -301,16 +313,18 @@ impl Broker {
         } else if let Some(vm) = &vm {
             use novacron_shared::spec::Power;
             match (vm.vm.power, new.state) {
-                (Power::Stopped | Power::Paused, CloudState::Running) => match self.provider.stop(&inst.id).await {
-                    Ok(()) => {
-                        new.state = CloudState::Stopping;
-                        new.last_error = None;
+                (Power::Stopped | Power::Paused, CloudState::Running) => {
+                    match self.provider.stop(&inst.id).await {
+                        Ok(()) => {
+                            new.state = CloudState::Stopping;
+                            new.last_error = None;
+                        }
+                        Err(e) => {
+                            count_error(&e);
+                            new.last_error = Some(e.to_string());
+                        }
                     }
-                    Err(e) => {
-                        count_error(&e);
-                        new.last_error = Some(e.to_string());
-                    }
-                },
+                }
                 (Power::Running, CloudState::Stopped) => match self.provider.start(&inst.id).await {
                     Ok(()) => {
                         new.state = CloudState::Starting;
@@ -363,7 +377,9 @@ impl Broker {
         match self.fleet.store().cloud_forget(&rec, spend, pending) {
             Ok(Ok(left)) => self.fleet.left_host(left),
             Ok(Err(r)) => return tracing::debug!(vm = %name, %r, "burst: record changed meanwhile"),
-            Err(e) => return tracing::error!(vm = %name, error = %e, "burst: cannot forget a vanished instance"),
+            Err(e) => {
+                return tracing::error!(vm = %name, error = %e, "burst: cannot forget a vanished instance")
+            }
         }
         TELEMETRY.burst_vanished.inc();
         tracing::warn!(vm = %name, instance = %id, "burst: the instance is gone from the provider");
@@ -401,11 +417,14 @@ impl Broker {
             month: cost::month_of(now),
             amount: spend,
         });
-        let pending = (!rec.deleted && rec.repatriation.is_none()).then(|| "its instance was terminated".to_string());
+        let pending =
+            (!rec.deleted && rec.repatriation.is_none()).then(|| "its instance was terminated".to_string());
         match self.fleet.store().cloud_forget(&rec, spend, pending) {
             Ok(Ok(left)) => self.fleet.left_host(left),
             Ok(Err(r)) => return tracing::debug!(vm = %name, %r, "burst: record changed meanwhile"),
-            Err(e) => return tracing::error!(vm = %name, error = %e, "burst: cannot forget a terminated instance"),
+            Err(e) => {
+                return tracing::error!(vm = %name, error = %e, "burst: cannot forget a terminated instance")
+            }
         }
         let what = match (&rec.repatriation, rec.deleted) {
             (_, true) => "the VM was deleted".to_string(),
@@ -417,7 +436,11 @@ impl Broker {
             Some(rec.vm),
             format!(
                 "instance {} of VM {name} terminated ({what}); it cost {total}",
-                if ids.is_empty() { "(none was launched)".to_string() } else { ids.join(", ") }
+                if ids.is_empty() {
+                    "(none was launched)".to_string()
+                } else {
+                    ids.join(", ")
+                }
             ),
         );
     }

@@ -59,7 +59,8 @@ fn bed(edit: impl FnOnce(&mut BurstConfig)) -> Bed {
     let (clock, manual) = Clock::manual();
     // Wall time on 2026-12-10, so months are real months.
     manual.jump_wall(Duration::from_millis(1_796_860_800_000), true);
-    let (ca, _) = novacron_shared::pki::FleetCa::generate("t", clock.wall(), Duration::from_secs(3600)).unwrap();
+    let (ca, _) =
+        novacron_shared::pki::FleetCa::generate("t", clock.wall(), Duration::from_secs(3600)).unwrap();
     let fleet = Fleet::new(
         store,
         ca,
@@ -113,7 +114,11 @@ impl Bed {
                 },
             })
             .unwrap();
-        assert!(matches!(rec.placement, Placement::Pending { .. }), "{:?}", rec.placement);
+        assert!(
+            matches!(rec.placement, Placement::Pending { .. }),
+            "{:?}",
+            rec.placement
+        );
         rec.vm.id
     }
 
@@ -146,7 +151,10 @@ async fn a_burstable_vm_launches_once_with_its_type_tags_and_user_data() {
     assert_eq!(i.instance_type, "t3.medium");
     assert_eq!(i.image, "ami-1");
     assert_eq!(i.tags.get(novacron_cloud::TAG_VM), Some(&vm.to_string()));
-    assert_eq!(i.tags.get(novacron_cloud::TAG_FLEET).map(String::as_str), Some("nc-test"));
+    assert_eq!(
+        i.tags.get(novacron_cloud::TAG_FLEET).map(String::as_str),
+        Some("nc-test")
+    );
     let rec = b.record(vm).unwrap();
     assert_eq!(i.tags.get(novacron_cloud::TAG_LAUNCH), Some(&rec.launch_id));
     assert_eq!(rec.state, CloudState::Running);
@@ -166,8 +174,10 @@ async fn a_burstable_vm_launches_once_with_its_type_tags_and_user_data() {
 #[tokio::test]
 async fn a_lost_launch_answer_is_found_by_tag_not_launched_again() {
     let mut b = bed(|_| {});
-    b.cloud
-        .fault(Call::Launch, Fault::Lost(ProviderError::Transient("HTTP 500: InternalError".into())));
+    b.cloud.fault(
+        Call::Launch,
+        Fault::Lost(ProviderError::Transient("HTTP 500: InternalError".into())),
+    );
     let vm = b.burstable("web");
     b.broker.tick().await;
     let rec = b.record(vm).unwrap();
@@ -178,7 +188,8 @@ async fn a_lost_launch_answer_is_found_by_tag_not_launched_again() {
     // Before the backoff ends nothing is tried.
     b.broker.tick().await;
     assert_eq!(b.cloud.count(Call::Launch), 1);
-    b.clock.advance(Duration::from_millis(retry_at - b.fleet.clock().unix_ms() + 1));
+    b.clock
+        .advance(Duration::from_millis(retry_at - b.fleet.clock().unix_ms() + 1));
     b.broker.tick().await;
     assert_eq!(b.cloud.count(Call::Launch), 1, "the lookup found the instance");
     assert_eq!(b.cloud.live().len(), 1);
@@ -204,7 +215,11 @@ async fn a_restarted_broker_looks_the_launch_up_before_launching() {
     reset.attempts = 0;
     reset.retry_at_ms = None;
     reset.last_error = None;
-    b.fleet.store().cloud_update(&claimed, &reset, None, None).unwrap().unwrap();
+    b.fleet
+        .store()
+        .cloud_update(&claimed, &reset, None, None)
+        .unwrap()
+        .unwrap();
     let shared = b.fleet.burst().unwrap().clone();
     let mut fresh = Broker::new(b.fleet.clone(), shared).unwrap();
     fresh.tick().await;
@@ -225,8 +240,16 @@ async fn throttles_back_off_are_shown_then_succeed() {
     b.broker.tick().await;
     let mut waits = Vec::new();
     while let Some(r) = b.record(vm).filter(|r| r.state == CloudState::Launching) {
-        assert!(r.last_error.as_deref().unwrap_or("").contains("RequestLimitExceeded"));
-        assert_eq!(r.attempts as usize, waits.len() + 1, "each try is counted on the VM");
+        assert!(r
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("RequestLimitExceeded"));
+        assert_eq!(
+            r.attempts as usize,
+            waits.len() + 1,
+            "each try is counted on the VM"
+        );
         let wait = r.retry_at_ms.unwrap() - b.fleet.clock().unix_ms();
         waits.push(wait);
         assert!(waits.len() <= 3, "{waits:?}");
@@ -240,7 +263,10 @@ async fn throttles_back_off_are_shown_then_succeed() {
     assert!(waits.iter().all(|w| *w <= 8000), "capped: {waits:?}");
     assert!(waits[2] >= 2000, "the backoff grows: {waits:?}");
     let r = b.record(vm).unwrap();
-    assert_eq!((r.state, r.attempts, r.last_error.clone()), (CloudState::Running, 0, None));
+    assert_eq!(
+        (r.state, r.attempts, r.last_error.clone()),
+        (CloudState::Running, 0, None)
+    );
     assert_eq!((b.cloud.count(Call::Launch), b.cloud.live().len()), (2, 1));
 }
 
@@ -268,7 +294,11 @@ async fn a_permanent_error_ends_the_launch_and_releases_the_budget() {
     b.broker.tick().await;
     assert_eq!(b.record(other).map(|r| r.state), Some(CloudState::Running));
     let s = b.fleet.burst().unwrap().status();
-    assert!(s.pending.iter().any(|p| p.vm == vm && p.reason.contains("held")), "{:?}", s.pending);
+    assert!(
+        s.pending.iter().any(|p| p.vm == vm && p.reason.contains("held")),
+        "{:?}",
+        s.pending
+    );
 }
 
 #[tokio::test]
@@ -279,7 +309,10 @@ async fn retries_past_the_launch_timeout_end_the_launch_when_nothing_was_made() 
     });
     let vm = b.burstable("web");
     for _ in 0..20 {
-        b.cloud.fault(Call::Launch, Fault::Fail(ProviderError::Transient("HTTP 503".into())));
+        b.cloud.fault(
+            Call::Launch,
+            Fault::Fail(ProviderError::Transient("HTTP 503".into())),
+        );
     }
     b.broker.tick().await;
     for _ in 0..10 {
@@ -307,7 +340,11 @@ async fn deleting_a_burst_vm_terminates_its_instance_and_frees_its_share() {
     assert!(b.record(vm).unwrap().deleted);
     b.broker.tick().await;
     assert!(b.record(vm).is_none());
-    assert_eq!(b.cloud.live().len(), 1, "the deleted VM's instance is gone, the waiting VM's runs");
+    assert_eq!(
+        b.cloud.live().len(),
+        1,
+        "the deleted VM's instance is gone, the waiting VM's runs"
+    );
     assert!(b.record(waiting).is_some());
 }
 
@@ -319,7 +356,11 @@ async fn cost_accrues_per_second_while_running_with_a_minute_at_least() {
     let per_hour = b.record(vm).unwrap().per_hour;
     assert_eq!(per_hour, MicroUsd(41_600));
     b.tick_after(Duration::from_secs(1800)).await;
-    assert_eq!(b.record(vm).unwrap().accrued, MicroUsd(20_800), "half an hour of $0.0416/h");
+    assert_eq!(
+        b.record(vm).unwrap().accrued,
+        MicroUsd(20_800),
+        "half an hour of $0.0416/h"
+    );
     // Stopped: the run ends, billing stops.
     b.fleet.set_power(vm, Power::Stopped).unwrap();
     b.tick_after(Duration::from_secs(10)).await;
@@ -329,7 +370,11 @@ async fn cost_accrues_per_second_while_running_with_a_minute_at_least() {
     assert_eq!(r.state, CloudState::Stopped);
     let at_stop = r.accrued;
     b.tick_after(Duration::from_secs(3600)).await;
-    assert_eq!(b.record(vm).unwrap().accrued, at_stop, "nothing accrues while stopped");
+    assert_eq!(
+        b.record(vm).unwrap().accrued,
+        at_stop,
+        "nothing accrues while stopped"
+    );
     // Started again for 5 s, then deleted: billed a minute.
     b.fleet.set_power(vm, Power::Running).unwrap();
     b.tick_after(Duration::from_secs(1)).await;
@@ -338,8 +383,16 @@ async fn cost_accrues_per_second_while_running_with_a_minute_at_least() {
     b.tick_after(Duration::from_secs(5)).await;
     b.fleet.delete_vm(vm).unwrap();
     b.broker.tick().await;
-    let month = b.fleet.store().burst_spend(cost::month_of(b.fleet.clock().unix_ms())).unwrap();
-    assert_eq!(month, at_stop.plus(per_hour.for_ms(60_000)), "the second run is billed its minute");
+    let month = b
+        .fleet
+        .store()
+        .burst_spend(cost::month_of(b.fleet.clock().unix_ms()))
+        .unwrap();
+    assert_eq!(
+        month,
+        at_stop.plus(per_hour.for_ms(60_000)),
+        "the second run is billed its minute"
+    );
 }
 
 #[tokio::test]
@@ -372,7 +425,10 @@ async fn an_orphan_is_reported_then_terminated_after_its_grace() {
     let other_fleet = b.cloud.add(&[(novacron_cloud::TAG_FLEET, "nc-other")]);
     b.broker.tick().await;
     let s = b.fleet.burst().unwrap().status();
-    assert_eq!(s.orphans.iter().map(|o| o.instance.as_str()).collect::<Vec<_>>(), [stray.as_str()]);
+    assert_eq!(
+        s.orphans.iter().map(|o| o.instance.as_str()).collect::<Vec<_>>(),
+        [stray.as_str()]
+    );
     b.tick_after(Duration::from_secs(30)).await;
     assert_eq!(b.cloud.live().len(), 2, "within the grace it is only reported");
     b.tick_after(Duration::from_secs(31)).await;
@@ -408,11 +464,46 @@ async fn the_budget_events_fire_once_at_80_and_100_percent() {
         }
     }
     assert_eq!(alerts.len(), 1, "{alerts:?}");
-    assert!(alerts[0].contains("hourly") && alerts[0].contains("80 %"), "{alerts:?}");
+    assert!(
+        alerts[0].contains("hourly") && alerts[0].contains("80 %"),
+        "{alerts:?}"
+    );
     // A second VM would pass the cap: it waits with that reason.
     let second = b.burstable("db");
     b.broker.tick().await;
     let s = b.fleet.burst().unwrap().status();
     let p = s.pending.iter().find(|p| p.vm == second).unwrap();
     assert!(p.reason.contains("hourly cap"), "{}", p.reason);
+}
+
+/// The one-instance check of these tests (and of `tests/burst.rs`): the
+/// live instances a VM's tag finds.
+fn instances_of(cloud: &ScriptedCloud, vm: VmId) -> usize {
+    cloud
+        .live()
+        .iter()
+        .filter(|i| i.tags.get(novacron_cloud::TAG_VM) == Some(&vm.to_string()))
+        .count()
+}
+
+#[tokio::test]
+async fn the_one_instance_check_catches_a_broker_that_skips_the_lookup() {
+    // The broken variant: after a lost answer the retry is treated as a
+    // first launch (no lookup by tag), as a broker trusting client tokens
+    // would. The check must see the second instance.
+    let mut b = bed(|_| {});
+    b.cloud.fault(
+        Call::Launch,
+        Fault::Lost(ProviderError::Transient("HTTP 500: InternalError".into())),
+    );
+    let vm = b.burstable("web");
+    b.broker.tick().await;
+    assert_eq!(instances_of(&b.cloud, vm), 1);
+    let rec = b.record(vm).unwrap();
+    b.broker.fresh.insert(rec.launch_id.clone());
+    b.clock.advance(Duration::from_millis(
+        rec.retry_at_ms.unwrap() - b.fleet.clock().unix_ms(),
+    ));
+    b.broker.tick().await;
+    assert_eq!(instances_of(&b.cloud, vm), 2, "the check finds the double launch");
 }

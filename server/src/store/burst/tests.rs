@@ -102,7 +102,8 @@ fn a_launch_answered_places_the_vm_in_the_cloud_and_spend_adds_up_by_month() {
         amount: MicroUsd(500),
     };
     assert_eq!(
-        s.cloud_update(&claimed, &r, Some(spend), Some(cloud.clone())).unwrap(),
+        s.cloud_update(&claimed, &r, Some(spend), Some(cloud.clone()))
+            .unwrap(),
         Ok(None)
     );
     assert_eq!(
@@ -179,5 +180,8 @@ fn a_waiting_vm_is_placed_only_while_it_is_pending_without_a_launch() {
         Err(CloudRefusal::NotPending(_)) | Err(CloudRefusal::AlreadyBursting(_))
     ));
     s.delete_vm(VmId(1)).unwrap();
-    assert_eq!(s.place_pending(VmId(1), HostId(2), OpId(12)).unwrap(), Err(CloudRefusal::NoVm));
+    assert_eq!(
+        s.place_pending(VmId(1), HostId(2), OpId(12)).unwrap(),
+        Err(CloudRefusal::NoVm)
+    );
 }

@@ -9,7 +9,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
-use novacron_cloud::{Instance, InstanceState, InstanceType, LaunchSpec, Provider, ProviderError, ProviderFuture};
+use novacron_cloud::{
+    Instance, InstanceState, InstanceType, LaunchSpec, Provider, ProviderError, ProviderFuture,
+};
 
 /// Which call a scripted fault answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
