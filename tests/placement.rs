@@ -306,3 +306,54 @@ fn a_server_killed_right_after_a_create_keeps_the_vm_and_its_audit_entry_and_run
         "the create's audit entry survived the kill: {audit:#}"
     );
 }
+
+#[test]
+fn a_vm_asked_to_wait_is_pending_until_a_host_fits_then_runs() {
+    let server = Server::start("heartbeat_interval = \"300ms\"");
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Agent::on("h1", &node(dir.path(), "h1", 2, 4), "");
+    a.join(&server);
+    a.start(&[]);
+    server.wait_connected(&a.host_id, true);
+    wait_for("the host's capacity", Duration::from_secs(20), || {
+        (server.host(&a.host_id)["capacity"]["memory_mib"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0)
+        .then_some(())
+    });
+    let (s, v) = server.send("POST", "/v1/vms", &json!({"spec": vm("big", 1, 3500)}));
+    assert_eq!(s, 201, "{v}");
+    let big = v["vm"]["id"].as_str().unwrap().to_string();
+    let (s, v) = server.send(
+        "POST",
+        "/v1/vms",
+        &json!({"spec": vm("later", 1, 2048), "placement": {"wait": true}}),
+    );
+    assert_eq!(s, 201, "{v}");
+    let later = v["vm"]["id"].as_str().unwrap().to_string();
+    let reason = v["placement"]["pending"]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(reason.starts_with("no host fits"), "the scheduler's reasons: {v}");
+    novacron_e2e::assert_holds(
+        "it waits while the host is full",
+        Duration::from_secs(1),
+        || match server.get(&format!("/v1/vms/{later}"))["placement"]["pending"].is_object() {
+            true => Ok(()),
+            false => Err("placed on a full host".into()),
+        },
+    );
+    let (s, v) = server.send("DELETE", &format!("/v1/vms/{big}"), &json!({}));
+    assert_eq!(s, 200, "{v}");
+    wait_for(
+        "the waiting VM placed and running",
+        Duration::from_secs(30),
+        || {
+            let v = server.get(&format!("/v1/vms/{later}"));
+            (v["placement"]["host"] == a.host_id.as_str() && v["observed"]["state"] == "running")
+                .then_some(())
+        },
+    );
+}

@@ -205,9 +205,8 @@ pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Runnin
     tokio::spawn(api::Api::new(fleet.clone(), store, cfg.api.clone()).serve_on(listener, api_tls.clone()));
     tokio::spawn(renewer.run());
     tokio::spawn(ha::driver::run(fleet.clone()));
-    if burst.enabled() {
-        tokio::spawn(burst::broker::run(fleet.clone(), burst));
-    }
+    // Also without bursting: it places waiting VMs when a host fits.
+    tokio::spawn(burst::broker::run(fleet.clone(), burst));
     let api_url = if api_tls.is_some() {
         client::ApiUrl::from(api_addr)
     } else {

@@ -79,10 +79,11 @@ pub struct Broker {
     crash_at: Option<CrashPoint>,
 }
 
-/// Runs the broker until the process ends.
+/// Runs the broker until the process ends; with bursting off, only the
+/// placement of waiting VMs (`placement.wait`) when a host fits.
 pub async fn run(fleet: Arc<Fleet>, shared: Arc<Shared>) {
-    let Some(mut b) = Broker::new(fleet, shared) else {
-        return;
+    let Some(mut b) = Broker::new(fleet.clone(), shared.clone()) else {
+        return run_waiting(fleet, shared).await;
     };
     tracing::info!(
         provider = b.provider.name(),
@@ -98,6 +99,60 @@ pub async fn run(fleet: Arc<Fleet>, shared: Arc<Shared>) {
             () = b.shared.wake.notified() => {}
         }
     }
+}
+
+/// Places waiting VMs when a host fits them (bursting off), and keeps
+/// their reasons current.
+async fn run_waiting(fleet: Arc<Fleet>, shared: Arc<Shared>) {
+    loop {
+        let waiting = place_waiting(&fleet, &HashSet::new());
+        let pending = waiting
+            .into_iter()
+            .map(|(vm, reason)| {
+                if let Err(e) = fleet.store().set_pending_reason(vm.vm.id, &reason) {
+                    tracing::warn!(vm = %vm.vm.id, error = %e, "cannot record a waiting VM's reason");
+                }
+                PendingView {
+                    vm: vm.vm.id,
+                    name: vm.vm.spec.name,
+                    burstable: false,
+                    reason,
+                }
+            })
+            .collect();
+        shared.publish(Status {
+            pending,
+            ..Status::default()
+        });
+        tokio::select! {
+            () = tokio::time::sleep(shared.cfg.interval) => {}
+            () = shared.wake.notified() => {}
+        }
+    }
+}
+
+/// Places every waiting VM (but those in `skip`) that a host fits now;
+/// returns the others with the scheduler's reasons.
+fn place_waiting(fleet: &Fleet, skip: &HashSet<VmId>) -> Vec<(VmRecord, String)> {
+    let pending = match fleet.pending_vms() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list the waiting VMs");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for vm in pending {
+        if skip.contains(&vm.vm.id) {
+            continue;
+        }
+        match fleet.place_waiting(&vm) {
+            Ok(Ok(_)) => {}
+            Ok(Err(nofit)) => out.push((vm, nofit.to_string())),
+            Err(e) => tracing::debug!(vm = %vm.vm.spec.name, error = %e, "waiting VM not placed"),
+        }
+    }
+    out
 }
 
 impl Broker {
@@ -167,13 +222,6 @@ impl Broker {
         let now = self.now_ms();
         let fleet = self.fleet.clone();
         let store = fleet.store();
-        let pending = match self.fleet.pending_vms() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, "burst: cannot list the waiting VMs");
-                return Vec::new();
-            }
-        };
         let bursting: HashSet<VmId> = match store.cloud_records() {
             Ok(r) => r.into_iter().map(|r| r.vm).collect(),
             Err(e) => {
@@ -184,18 +232,7 @@ impl Broker {
         self.held.retain(|_, (until, _)| *until > now);
         let mut candidates = Vec::new();
         let mut by_id: HashMap<VmId, VmRecord> = HashMap::new();
-        for vm in pending {
-            if bursting.contains(&vm.vm.id) {
-                continue;
-            }
-            let nofit = match self.fleet.place_waiting(&vm) {
-                Ok(Ok(_)) => continue,
-                Ok(Err(nofit)) => nofit.to_string(),
-                Err(e) => {
-                    tracing::debug!(vm = %vm.vm.spec.name, error = %e, "burst: waiting VM not placed");
-                    continue;
-                }
-            };
+        for (vm, nofit) in place_waiting(&fleet, &bursting) {
             let rule = vm.rules.burst.clone();
             let image = match &rule {
                 Some(r) => self.shared.image_for(&vm.vm.spec, r),

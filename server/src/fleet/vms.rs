@@ -343,6 +343,10 @@ impl Fleet {
             if let (Some(h), Some(d)) = (rec.host(), desired) {
                 self.push_desired(h, d);
             }
+            // A cloud VM's power is the broker's to change.
+            if let (None, Some(b)) = (rec.host(), self.burst()) {
+                b.wake.notify_one();
+            }
         }
         Ok(rec)
     }
@@ -363,6 +367,10 @@ impl Fleet {
         self.not_migrating(id)?;
         let rec = self.store.delete_vm(id)?.ok_or(VmError::NotFound(id))?;
         self.placer.forget(id);
+        // Room on a host for a waiting VM, or an instance to terminate.
+        if let Some(b) = self.burst() {
+            b.wake.notify_one();
+        }
         self.bus
             .vm(rec.host(), id, format!("VM {} deleted", rec.vm.spec.name));
         if let Some(h) = rec.host() {
