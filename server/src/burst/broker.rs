@@ -232,8 +232,13 @@ impl Broker {
         self.held.retain(|_, (until, _)| *until > now);
         let mut candidates = Vec::new();
         let mut by_id: HashMap<VmId, VmRecord> = HashMap::new();
-        for (vm, nofit) in place_waiting(&fleet, &bursting) {
-            let rule = vm.rules.burst.clone();
+        for (vm, mut nofit) in place_waiting(&fleet, &bursting) {
+            // A VM that should not run is not worth an instance.
+            let runs = vm.vm.power == novacron_shared::spec::Power::Running;
+            if !runs && vm.rules.burst.is_some() {
+                nofit.push_str("; not burst while it should not run");
+            }
+            let rule = vm.rules.burst.clone().filter(|_| runs);
             let image = match &rule {
                 Some(r) => self.shared.image_for(&vm.vm.spec, r),
                 None => Err(String::new()),
@@ -383,7 +388,8 @@ impl Broker {
             let Ok(Some(vm)) = self.fleet.store().vm(rec.vm) else {
                 continue;
             };
-            let wants = vm.rules.burst.as_ref().is_some_and(|r| r.repatriate);
+            let wants = vm.rules.burst.as_ref().is_some_and(|r| r.repatriate)
+                && vm.vm.power == novacron_shared::spec::Power::Running;
             if !wants || !matches!(vm.placement, Placement::Cloud { .. }) {
                 continue;
             }

@@ -136,6 +136,14 @@ impl Bed {
     }
 }
 
+/// The next launch takes effect but its answer is lost.
+fn lose_next_launch_answer(cloud: &ScriptedCloud) {
+    cloud.fault(
+        Call::Launch,
+        Fault::Lost(ProviderError::Transient("HTTP 500: InternalError".into())),
+    );
+}
+
 fn throttled() -> ProviderError {
     ProviderError::Throttled("RequestLimitExceeded: Request limit exceeded.".into())
 }
@@ -174,10 +182,7 @@ async fn a_burstable_vm_launches_once_with_its_type_tags_and_user_data() {
 #[tokio::test]
 async fn a_lost_launch_answer_is_found_by_tag_not_launched_again() {
     let mut b = bed(|_| {});
-    b.cloud.fault(
-        Call::Launch,
-        Fault::Lost(ProviderError::Transient("HTTP 500: InternalError".into())),
-    );
+    lose_next_launch_answer(&b.cloud);
     let vm = b.burstable("web");
     b.broker.tick().await;
     let rec = b.record(vm).unwrap();
@@ -492,10 +497,7 @@ async fn the_one_instance_check_catches_a_broker_that_skips_the_lookup() {
     // first launch (no lookup by tag), as a broker trusting client tokens
     // would. The check must see the second instance.
     let mut b = bed(|_| {});
-    b.cloud.fault(
-        Call::Launch,
-        Fault::Lost(ProviderError::Transient("HTTP 500: InternalError".into())),
-    );
+    lose_next_launch_answer(&b.cloud);
     let vm = b.burstable("web");
     b.broker.tick().await;
     assert_eq!(instances_of(&b.cloud, vm), 1);
@@ -506,4 +508,20 @@ async fn the_one_instance_check_catches_a_broker_that_skips_the_lookup() {
     ));
     b.broker.tick().await;
     assert_eq!(instances_of(&b.cloud, vm), 2, "the check finds the double launch");
+}
+
+#[tokio::test]
+async fn a_vm_that_should_not_run_waits_for_a_host_instead_of_bursting() {
+    let mut b = bed(|_| {});
+    let vm = b.burstable("web");
+    b.fleet.set_power(vm, Power::Stopped).unwrap();
+    b.broker.tick().await;
+    assert!(b.cloud.live().is_empty());
+    let Placement::Pending { reason } = b.placement(vm) else {
+        panic!("pending")
+    };
+    assert!(reason.contains("not burst while it should not run"), "{reason}");
+    b.fleet.set_power(vm, Power::Running).unwrap();
+    b.broker.tick().await;
+    assert_eq!(instances_of(&b.cloud, vm), 1);
 }

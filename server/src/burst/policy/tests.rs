@@ -14,6 +14,15 @@ fn caps(instances: u32, per_hour: u64, per_month: u64) -> Caps {
     }
 }
 
+/// Caps nothing in these tests reaches, no wait before a burst.
+fn roomy(t: &[InstanceType]) -> Settings<'_> {
+    Settings {
+        caps: caps(10, 5_000_000, 1_000_000_000),
+        burst_after_ms: 0,
+        types: t,
+    }
+}
+
 fn cand(id: u128, since_ms: u64) -> Candidate {
     Candidate {
         vm: VmId(id),
@@ -54,11 +63,7 @@ fn reason(d: &[Decision], id: u128) -> String {
 #[test]
 fn a_burstable_vm_launches_as_the_smallest_type_with_the_schedulers_reasons() {
     let t = types();
-    let s = Settings {
-        caps: caps(10, 5_000_000, 1_000_000_000),
-        burst_after_ms: 0,
-        types: &t,
-    };
+    let s = roomy(&t);
     let d = decide(&s, 1000, Budget::default(), &[cand(1, 0)]);
     assert_eq!(launched(&d), vec![(VmId(1), "t3.medium".into())]);
     let Decision::Launch { reasons, image, .. } = &d[0] else {
@@ -71,11 +76,7 @@ fn a_burstable_vm_launches_as_the_smallest_type_with_the_schedulers_reasons() {
 #[test]
 fn a_vm_without_a_burst_rule_waits_with_the_schedulers_reasons() {
     let t = types();
-    let s = Settings {
-        caps: caps(10, 5_000_000, 1_000_000_000),
-        burst_after_ms: 0,
-        types: &t,
-    };
+    let s = roomy(&t);
     let mut c = cand(1, 0);
     c.rule = None;
     let d = decide(&s, 1000, Budget::default(), &[c]);
@@ -173,11 +174,7 @@ fn a_vm_waits_its_burst_after_and_a_held_vm_waits_until_then() {
 #[test]
 fn type_limits_and_missing_images_are_reasons_not_launches() {
     let t = types();
-    let s = Settings {
-        caps: caps(10, 5_000_000, 1_000_000_000),
-        burst_after_ms: 0,
-        types: &t,
-    };
+    let s = roomy(&t);
     let mut c = cand(1, 0);
     if let Some(r) = c.rule.as_mut() {
         r.instance_types = vec!["t3.micro".into()];
