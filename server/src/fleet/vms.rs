@@ -332,9 +332,13 @@ impl Fleet {
         let mut rec = self.store.vm(id)?.ok_or(VmError::NotFound(id))?;
         if rec.vm.power != power {
             self.not_migrating(id)?;
-            rec.vm.power = power;
-            rec.vm.op_id = OpId::random();
-            let desired = self.store.put_vm(&rec)?.map_err(|e| VmError::NameTaken(e.0))?;
+            // One transaction: a restart or burst that moved the VM since
+            // it was read is kept.
+            let (now, desired) = self
+                .store
+                .set_vm_power(id, power, OpId::random())?
+                .ok_or(VmError::NotFound(id))?;
+            rec = now;
             self.bus.vm(
                 rec.host(),
                 id,

@@ -387,6 +387,38 @@ impl Store {
         }
     }
 
+    /// Sets a VM's power and operation id in one transaction, keeping
+    /// whatever placement and epoch it has now (a restart or a burst may
+    /// have moved it since the caller read it). Returns the VM as stored
+    /// and its host's desired state; `None` when there is no such VM.
+    pub fn set_vm_power(
+        &self,
+        id: VmId,
+        power: novacron_shared::spec::Power,
+        op_id: novacron_shared::ids::OpId,
+    ) -> Result<Option<(VmRecord, Option<DesiredRecord>)>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let rec = {
+            let mut vms = tx.open_table(VMS)?;
+            let Some(mut v) = vms.get(id.0)?.map(|x| VmRecord::decode(x.value())).transpose()? else {
+                return Ok(None);
+            };
+            v.vm.power = power;
+            v.vm.op_id = op_id;
+            vms.insert(id.0, v.encode()?.as_slice())?;
+            v
+        };
+        if let Some(h) = rec.host() {
+            bump_generation(&tx, h)?;
+        }
+        tx.commit()?;
+        let desired = match rec.host() {
+            Some(h) => Some(self.desired(h)?.unwrap_or_default()),
+            None => None,
+        };
+        Ok(Some((rec, desired)))
+    }
+
     /// Deletes a VM; returns its record (and so its placement) if it existed.
     pub fn delete_vm(&self, id: VmId) -> Result<Option<VmRecord>, StoreError> {
         let tx = self.db.begin_write()?;

@@ -185,3 +185,27 @@ fn a_waiting_vm_is_placed_only_while_it_is_pending_without_a_launch() {
         Err(CloudRefusal::NoVm)
     );
 }
+
+#[test]
+fn a_power_change_keeps_a_placement_made_since_the_vm_was_read() {
+    let (_d, s) = store();
+    s.put_vm(&vm(1, pending())).unwrap().unwrap();
+    // Read as pending, then placed by someone else, then powered off.
+    let (_, before) = s.place_pending(VmId(1), HostId(2), OpId(9)).unwrap().unwrap();
+    let (v, desired) = s
+        .set_vm_power(VmId(1), Power::Stopped, OpId(10))
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.placement, Placement::Host(HostId(2)));
+    assert_eq!(v.vm.power, Power::Stopped);
+    let d = desired.unwrap();
+    assert!(
+        d.generation > before.generation,
+        "the host's desired state changed"
+    );
+    assert_eq!(d.vms[0].power, Power::Stopped);
+    assert!(s
+        .set_vm_power(VmId(7), Power::Stopped, OpId(11))
+        .unwrap()
+        .is_none());
+}
