@@ -23,6 +23,8 @@
 #![allow(clippy::disallowed_methods)]
 
 // Included here, not in the harness library: they link the EC2 SDK.
+#[path = "cli_common.rs"]
+mod cli_common;
 #[allow(dead_code)]
 #[path = "harness/faultproxy.rs"]
 mod faultproxy;
@@ -224,6 +226,23 @@ fn a_full_fleet_bursts_a_burstable_vm_and_a_waiting_vm_stays_pending() {
     );
     let status = b.server.get("/v1/burst");
     assert_eq!(status["budget"]["instances"], 1, "{status}");
+    // The operator's view: `novacron burst` and `vms show`.
+    let out = cli_common::run(&b.server, &["burst"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in ["web", id, "t3.small", "plain", "no host fits"] {
+        assert!(text.contains(want), "`novacron burst` lacks {want:?}:\n{text}");
+    }
+    let out = cli_common::run(&b.server, &["vms", "show", "web"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(id) && text.contains("t3.small"),
+        "{text}"
+    );
     assert!(status["pending"]
         .as_array()
         .unwrap()
