@@ -386,3 +386,30 @@ async fn main() -> anyhow::Result<()> {
     println!("moto: {instances} instances, exactly one per VM");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "# HELP novacron_burst_decision_to_launch_seconds From a VM's burst decision to its RunInstances call.
+# TYPE novacron_burst_decision_to_launch_seconds histogram
+novacron_burst_decision_to_launch_seconds_bucket{le=\"0.1\"} 2
+novacron_burst_decision_to_launch_seconds_bucket{le=\"0.5\"} 9
+novacron_burst_decision_to_launch_seconds_bucket{le=\"1\"} 10
+novacron_burst_decision_to_launch_seconds_bucket{le=\"+Inf\"} 10
+novacron_burst_decision_to_launch_seconds_sum 2.5
+novacron_burst_decision_to_launch_seconds_count 10
+novacron_burst_orphans 0
+";
+
+    #[test]
+    fn the_histogram_is_read_from_the_exposition_and_bounds_its_percentiles() {
+        let (count, sum, buckets) = histogram(TEXT, "novacron_burst_decision_to_launch_seconds");
+        assert_eq!((count, sum), (10, 2.5));
+        assert_eq!(buckets, vec![(0.1, 2), (0.5, 9), (1.0, 10), (f64::INFINITY, 10)]);
+        assert_eq!(bucket_percentile(&buckets, count, 50.0), 0.5);
+        assert_eq!(bucket_percentile(&buckets, count, 10.0), 0.1);
+        assert_eq!(bucket_percentile(&buckets, count, 99.0), 1.0);
+        assert_eq!(histogram(TEXT, "novacron_other").0, 0);
+    }
+}

@@ -386,3 +386,39 @@ pub(super) async fn live_line(api: &ApiClient) -> Option<String> {
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigFile;
+
+    #[test]
+    fn the_demo_burst_config_validates_and_survives_its_toml_file() {
+        let mut cfg = ServerConfig::default();
+        configure(&mut cfg, "http://127.0.0.1:5000", "ami-0123456789abcdef0");
+        cfg.validate().unwrap_or_else(|e| panic!("{e}"));
+        // The demo writes its config to server.toml: the file must load.
+        let text = toml::to_string(&cfg).unwrap_or_else(|e| panic!("{e}"));
+        let back = ServerConfig::parse(&text, "server.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert!(back.burst.enabled);
+        assert_eq!(back.burst.interval, Duration::from_secs(1));
+        let aws = back
+            .burst
+            .aws
+            .unwrap_or_else(|| panic!("no [burst.aws] in {text}"));
+        assert_eq!(aws.endpoint.as_deref(), Some("http://127.0.0.1:5000"));
+        assert_eq!(aws.region, REGION);
+        assert_eq!(
+            aws.images.get(IMAGE_KEY).map(String::as_str),
+            Some("ami-0123456789abcdef0")
+        );
+        assert_eq!(aws.secret_access_key, Some(Secret(SECRET_ACCESS_KEY.into())));
+    }
+
+    #[test]
+    fn moto_sh_is_found_from_inside_the_checkout() {
+        let found = find_moto_sh().unwrap_or_else(|| panic!("packaging/dev/moto.sh not found"));
+        assert!(found.ends_with("packaging/dev/moto.sh"), "{}", found.display());
+        assert!(found.is_file());
+    }
+}
