@@ -137,13 +137,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.ha.mass_failure_ratio = 0.5;
     let mut moto = None;
     if args.burst {
-        let m = burst::start_moto(&root, args.moto.as_deref()).await?;
-        println!(
-            "moto (EC2 emulator) up: {} (log: {})",
-            m.endpoint,
-            m.log.display()
-        );
-        let ami = burst::register_image(&m.endpoint).await?;
+        let started = async {
+            let m = burst::start_moto(&root, args.moto.as_deref()).await?;
+            println!(
+                "moto (EC2 emulator) up: {} (log: {})",
+                m.endpoint,
+                m.log.display()
+            );
+            let ami = burst::register_image(&m.endpoint).await?;
+            anyhow::Ok((m, ami))
+        }
+        .await;
+        let (m, ami) = match started {
+            Ok(v) => v,
+            Err(e) => {
+                if temporary {
+                    let _ = std::fs::remove_dir_all(&root);
+                }
+                return Err(e);
+            }
+        };
         burst::configure(&mut cfg, &m.endpoint, &ami);
         moto = Some(m);
     }
