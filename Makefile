@@ -2,7 +2,7 @@
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: deps testbed demo bench-ha test lint fuzz sim
+.PHONY: deps testbed demo bench-ha bench-burst test lint fuzz sim
 
 GUEST_DIR ?= /var/tmp/novacron-guest
 
@@ -30,6 +30,15 @@ bench-ha: deps testbed
 	  $(TARGET_DIR)/release/ha-failover --guest-dir $(GUEST_DIR) --guard $$g $(BENCH_HA_ARGS) || exit 1; \
 	done
 	$(TARGET_DIR)/release/ha-failover --guest-dir $(GUEST_DIR) --outage 60s
+
+## Cloud-burst figures against moto (a local EC2 emulator; installed into a
+## venv the first time, from PyPI): N burstable VMs (default 50) on a fleet
+## with no hosts, create -> decided -> RunInstances -> running in the API,
+## median and p99, and launches per second; BENCH_BURST_ARGS="--vms 200" or
+## "--proxy-throttle 5" (about every 5th RunInstances throttled).
+bench-burst: deps
+	$(CARGO) build --release --locked -p novacron-bench --bin burst
+	$(TARGET_DIR)/release/burst $(BENCH_BURST_ARGS)
 
 ## Unit, property and end-to-end tests (the e2e tests start real processes,
 ## and drive a real libvirtd with QEMU guests: run as root).

@@ -17,6 +17,9 @@
 //! recreates its disks empty on restart). The mass-failure ratio is 0.5 in
 //! the demo: one host of three is a third of the fleet, above the default
 //! 30 %, which would hold the restart as a suspected network failure.
+//!
+//! Cloud burst: `--burst` adds a local EC2 emulator (moto) and a burstable
+//! VM that no host fits once the demo hosts are full; see [`burst`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +30,8 @@ use tokio::process::{Child, Command};
 
 use crate::config::{ConfigFile, ServerConfig};
 use crate::datadir::DataDir;
+
+mod burst;
 
 /// Arguments of `novacron-server demo`.
 #[derive(clap::Args, Debug)]
@@ -55,6 +60,15 @@ pub struct DemoArgs {
     /// (or K = 0), the first host that runs an HA VM.
     #[arg(long, value_name = "K", num_args = 0..=1, default_missing_value = "0")]
     kill_host: Option<u32>,
+    /// Show cloud burst: start a local EC2 emulator (moto; installed into a
+    /// venv when missing), fill the demo hosts, and burst one VM to it,
+    /// printing its instance id, type and accrued cost.
+    #[arg(long)]
+    burst: bool,
+    /// The `moto_server` to run with `--burst` (default: the one
+    /// `packaging/dev/moto.sh` installs).
+    #[arg(long, value_name = "PATH", requires = "burst")]
+    moto: Option<PathBuf>,
 }
 
 /// A test-driver host description: `cpus`, `mem_gib` and a few domains.
@@ -121,6 +135,31 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.api.listen = args.api;
     // One host of three may fail without holding (see the module header).
     cfg.ha.mass_failure_ratio = 0.5;
+    let mut moto = None;
+    if args.burst {
+        let started = async {
+            let m = burst::start_moto(&root, args.moto.as_deref()).await?;
+            println!(
+                "moto (EC2 emulator) up: {} (log: {})",
+                m.endpoint,
+                m.log.display()
+            );
+            let ami = burst::register_image(&m.endpoint).await?;
+            anyhow::Ok((m, ami))
+        }
+        .await;
+        let (m, ami) = match started {
+            Ok(v) => v,
+            Err(e) => {
+                if temporary {
+                    let _ = std::fs::remove_dir_all(&root);
+                }
+                return Err(e);
+            }
+        };
+        burst::configure(&mut cfg, &m.endpoint, &ami);
+        moto = Some(m);
+    }
     cfg.validate()?;
     let config_path = root.join("server.toml");
     std::fs::write(&config_path, toml::to_string(&cfg)?)?;
@@ -167,7 +206,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         place_vms(&running, &report.admin_token).await?;
-        print_summary(&running, &config_path, &root, &report.admin_token)?;
+        if let Some(m) = &moto {
+            burst::show(
+                &running.api_client(&report.admin_token)?,
+                m,
+                Duration::from_secs(5),
+            )
+            .await?;
+        }
+        print_summary(&running, &config_path, &root, &report.admin_token, moto.is_some())?;
         if let Some(k) = args.kill_host {
             let i = match k {
                 0 => first_with_ha(&running, &report.admin_token, &agents).await?,
@@ -185,12 +232,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::pin!(stop);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut live = tokio::time::interval(Duration::from_secs(5));
+        let live_api = running.api_client(&report.admin_token)?;
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
                 _ = &mut stop => break,
-                _ = live.tick() => print_live(&running),
+                _ = live.tick() => {
+                    print_live(&running);
+                    if moto.is_some() {
+                        if let Some(line) = burst::live_line(&live_api).await {
+                            println!("{line}");
+                        }
+                    }
+                }
             }
         }
         Ok(())
@@ -216,6 +271,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     running.shutdown().await;
+    if let Some(m) = &mut moto {
+        m.stop().await;
+    }
     if temporary {
         let _ = std::fs::remove_dir_all(&root);
     }
@@ -481,7 +539,13 @@ fn print_live(running: &crate::Running) {
     }
 }
 
-fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &str) -> anyhow::Result<()> {
+fn print_summary(
+    running: &crate::Running,
+    config: &Path,
+    root: &Path,
+    token: &str,
+    burst: bool,
+) -> anyhow::Result<()> {
     println!();
     println!(
         "{:<38} {:<14} {:<8} {:>4} {:>8} {:>4}",
@@ -557,7 +621,18 @@ fn print_summary(running: &crate::Running, config: &Path, root: &Path, token: &s
         running.api_url,
         DataDir::new(root.join("server")).admin_token().display()
     );
+    if burst {
+        println!(
+            "  novacron --api {} --ca-file {ca} --token-file {} burst   (cloud burst: caps, spend, instances; also vms show burst-1)",
+            running.api_url,
+            DataDir::new(root.join("server")).admin_token().display()
+        );
+        println!("  moto's log: {}", root.join("moto.log").display());
+    }
     println!("  files and logs: {}", root.display());
+    if !burst {
+        println!("  cloud burst: run the demo with --burst (make demo DEMO_ARGS=--burst) to fill the hosts and burst a VM to a local EC2 emulator (moto)");
+    }
     println!("  HA: run the demo with --kill-host K (make demo DEMO_ARGS=\"--kill-host\": the first host with an HA VM) to kill demo-host-K's agent once everything runs and watch its HA VMs restart elsewhere");
     println!("Press Ctrl-C to stop.");
     Ok(())
