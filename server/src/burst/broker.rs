@@ -264,6 +264,7 @@ impl Broker {
             types: self.provider.instance_types(),
         };
         let mut waiting = Vec::new();
+        let mut fresh = Vec::new();
         for d in policy::decide(&settings, now, budget, &candidates) {
             match d {
                 policy::Decision::Wait { vm, reason } => {
@@ -286,23 +287,26 @@ impl Broker {
                     reasons,
                 } => {
                     let Some(rec) = by_id.get(&vm) else { continue };
-                    self.claim(rec, &instance_type, image, reasons, now).await;
+                    if let Some(claimed) = self.claim(rec, &instance_type, image, reasons, now) {
+                        fresh.push(claimed);
+                    }
                 }
             }
         }
+        self.launch_fresh(fresh, now).await;
         waiting
     }
 
-    /// Commits a burst decision (the launch id before any launch), then
-    /// launches at once.
-    async fn claim(
+    /// Commits a burst decision (the launch id before any launch); returns
+    /// the record to launch.
+    fn claim(
         &mut self,
         vm: &VmRecord,
         t: &novacron_cloud::InstanceType,
         image: String,
         reasons: String,
         now: u64,
-    ) {
+    ) -> Option<CloudRecord> {
         let launch_id = format!("nc-{}", novacron_shared::ids::OpId::random());
         let rec = CloudRecord {
             vm: vm.vm.id,
@@ -335,11 +339,11 @@ impl Broker {
             Ok(Ok(())) => {}
             Ok(Err(refused)) => {
                 tracing::info!(vm = %vm.vm.spec.name, %refused, "burst: not claimed");
-                return;
+                return None;
             }
             Err(e) => {
                 tracing::error!(vm = %vm.vm.spec.name, error = %e, "burst: cannot commit the burst decision");
-                return;
+                return None;
             }
         }
         tracing::info!(vm = %vm.vm.spec.name, %launch_id, instance_type = %t.name, %reasons, "burst decided");
@@ -352,7 +356,7 @@ impl Broker {
             ),
         );
         self.fresh.insert(launch_id);
-        self.step(rec, None).await;
+        Some(rec)
     }
 
     /// What the counted instances use of the caps now.

@@ -27,6 +27,16 @@ use crate::burst::cost;
 use crate::store::{CloudInstance, CloudRecord, CloudRefusal, CloudState, Spend};
 use crate::telemetry::TELEMETRY;
 
+/// RunInstances calls in flight at once for one tick's new decisions.
+pub(super) const LAUNCH_CONCURRENCY: usize = 16;
+
+/// Records the decision → RunInstances delay of a first attempt.
+fn observe_decision(rec: &CloudRecord, now: u64) {
+    TELEMETRY
+        .burst_decision_seconds
+        .observe(now.saturating_sub(rec.decided_ms) as f64 / 1000.0);
+}
+
 fn ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -80,9 +90,71 @@ impl Broker {
             }
         }
         self.crash_point(CrashPoint::LaunchStored).await;
-        let Ok(Some(vm)) = self.fleet.store().vm(rec.vm) else {
+        let Some(spec) = self.launch_spec(&rec) else {
             // Deleted: the delete set the record to terminate; nothing to do.
             return;
+        };
+        if rec.attempts == 0 {
+            observe_decision(&rec, now);
+        }
+        match self.provider.launch(&spec).await {
+            Ok(i) => {
+                self.crash_point(CrashPoint::LaunchAnswered).await;
+                self.adopt(rec, i, now, "launched").await;
+            }
+            Err(e) => self.launch_failed(rec, e, now).await,
+        }
+    }
+
+    /// Launches records this tick's decisions committed, up to
+    /// [`LAUNCH_CONCURRENCY`] RunInstances at once (no lookup: nothing can
+    /// have launched them), then commits each answer in turn.
+    pub(super) async fn launch_fresh(&mut self, recs: Vec<CloudRecord>, now: u64) {
+        for r in &recs {
+            self.fresh.remove(&r.launch_id);
+        }
+        if recs.is_empty() {
+            return;
+        }
+        self.crash_point(CrashPoint::LaunchStored).await;
+        for chunk in recs.chunks(LAUNCH_CONCURRENCY) {
+            let mut calls = tokio::task::JoinSet::new();
+            for rec in chunk {
+                let Some(spec) = self.launch_spec(rec) else {
+                    continue;
+                };
+                observe_decision(rec, now);
+                let (provider, rec) = (self.provider.clone(), rec.clone());
+                calls.spawn(async move {
+                    let answer = provider.launch(&spec).await;
+                    (rec, answer)
+                });
+            }
+            let mut answers = Vec::with_capacity(chunk.len());
+            while let Some(joined) = calls.join_next().await {
+                match joined {
+                    Ok(a) => answers.push(a),
+                    // The record stays launching; its next try looks its
+                    // tag up first.
+                    Err(e) => tracing::error!(error = %e, "burst: a launch task failed"),
+                }
+            }
+            if !answers.is_empty() {
+                self.crash_point(CrashPoint::LaunchAnswered).await;
+            }
+            for (rec, answer) in answers {
+                match answer {
+                    Ok(i) => self.adopt(rec, i, now, "launched").await,
+                    Err(e) => self.launch_failed(rec, e, now).await,
+                }
+            }
+        }
+    }
+
+    /// What to launch for `rec` (`None` when its VM is gone).
+    fn launch_spec(&self, rec: &CloudRecord) -> Option<LaunchSpec> {
+        let Ok(Some(vm)) = self.fleet.store().vm(rec.vm) else {
+            return None;
         };
         let mut tags = BTreeMap::new();
         tags.insert(novacron_cloud::TAG_VM.to_string(), rec.vm.to_string());
@@ -93,7 +165,7 @@ impl Broker {
         tags.insert(novacron_cloud::TAG_LAUNCH.to_string(), rec.launch_id.clone());
         tags.insert("Name".to_string(), vm.vm.spec.name.clone());
         let aws = self.shared.cfg.aws.as_ref();
-        let spec = LaunchSpec {
+        Some(LaunchSpec {
             launch_id: rec.launch_id.clone(),
             instance_type: rec.instance_type.clone(),
             image: rec.image.clone(),
@@ -102,19 +174,7 @@ impl Broker {
             security_groups: aws.map(|a| a.security_group_ids.clone()).unwrap_or_default(),
             key_name: aws.and_then(|a| a.key_name.clone()),
             tags,
-        };
-        if rec.attempts == 0 {
-            TELEMETRY
-                .burst_decision_seconds
-                .observe(now.saturating_sub(rec.decided_ms) as f64 / 1000.0);
-        }
-        match self.provider.launch(&spec).await {
-            Ok(i) => {
-                self.crash_point(CrashPoint::LaunchAnswered).await;
-                self.adopt(rec, i, now, "launched").await;
-            }
-            Err(e) => self.launch_failed(rec, e, now).await,
-        }
+        })
     }
 
     async fn launch_failed(&mut self, rec: CloudRecord, e: ProviderError, now: u64) {

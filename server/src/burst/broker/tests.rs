@@ -525,3 +525,29 @@ async fn a_vm_that_should_not_run_waits_for_a_host_instead_of_bursting() {
     b.broker.tick().await;
     assert_eq!(instances_of(&b.cloud, vm), 1);
 }
+
+#[tokio::test]
+async fn one_ticks_decisions_launch_in_parallel_batches_once_each() {
+    let mut b = bed(|c| c.max_instances = 40);
+    // More than one batch of LAUNCH_CONCURRENCY, one answer lost.
+    lose_next_launch_answer(&b.cloud);
+    let vms: Vec<VmId> = (0..20).map(|i| b.burstable(&format!("web-{i}"))).collect();
+    b.broker.tick().await;
+    assert_eq!(b.cloud.count(Call::Launch), 20);
+    let launching: Vec<VmId> = vms
+        .iter()
+        .copied()
+        .filter(|v| b.record(*v).is_some_and(|r| r.state == CloudState::Launching))
+        .collect();
+    assert_eq!(launching.len(), 1, "the lost answer waits for its lookup");
+    b.tick_after(Duration::from_secs(2)).await;
+    for v in &vms {
+        assert_eq!(instances_of(&b.cloud, *v), 1, "VM {v}");
+        assert_eq!(b.record(*v).map(|r| r.state), Some(CloudState::Running));
+    }
+    assert_eq!(
+        b.cloud.count(Call::Launch),
+        20,
+        "the lost one was adopted, not launched again"
+    );
+}
