@@ -111,8 +111,13 @@ echo "== schemathesis: $cases cases per operation against $api" >&2
 # revoking the one host would only make every later host call a 404.
 status=0
 # Run from the temporary directory: schemathesis keeps its cache there.
+# One connection per request: the server closes a keep-alive connection
+# idle for its header timeout (10 s), and schemathesis, pausing longer than
+# that to generate cases on a loaded machine, would send its next request
+# into that close and report the EOF as a network error.
 (cd "$work" && "$venv/bin/schemathesis" --config-file "$root/packaging/dev/api-fuzz.toml" run "$api/v1/openapi.json" \
   --header "Authorization: Bearer $token" \
+  --header "Connection: close" \
   --tls-verify "$ca" \
   --checks all \
   --max-examples "$cases" \
