@@ -95,7 +95,7 @@ impl Broker {
             return;
         };
         if rec.attempts == 0 {
-            observe_decision(&rec, now);
+            observe_decision(&rec, self.now_ms());
         }
         match self.provider.launch(&spec).await {
             Ok(i) => {
@@ -123,7 +123,7 @@ impl Broker {
                 let Some(spec) = self.launch_spec(rec) else {
                     continue;
                 };
-                observe_decision(rec, now);
+                observe_decision(rec, self.now_ms());
                 let (provider, rec) = (self.provider.clone(), rec.clone());
                 calls.spawn(async move {
                     let answer = provider.launch(&spec).await;
