@@ -343,6 +343,9 @@ pub fn driver_settings(endpoint: &str) -> Settings {
     }
 }
 
+/// Reads an instance back from the SDK's own types, not through
+/// `novacron_ec2::convert`: the EC2 tests check that conversion against
+/// this independent reading.
 async fn read_one(c: &Client, i: &ec2::Instance) -> MotoInstance {
     let id = i.instance_id().unwrap().to_owned();
     let attr = c

@@ -169,18 +169,12 @@ async fn main() -> anyhow::Result<()> {
         max_usd_per_hour: 1_000_000.0,
         max_usd_per_month: 1_000_000_000.0,
         aws: Some(AwsConfig {
-            region: moto::REGION.into(),
             endpoint: Some(endpoint),
             access_key_id: Some(moto::ACCESS_KEY_ID.into()),
             secret_access_key: Some(Secret(moto::SECRET_ACCESS_KEY.into())),
-            session_token: None,
-            profile: None,
-            subnet_id: None,
-            security_group_ids: Vec::new(),
-            key_name: None,
-            instance_types: None,
             call_timeout: Duration::from_secs(10),
             images: [(IMAGE_KEY.to_owned(), image)].into(),
+            ..AwsConfig::new(moto::REGION)
         }),
         ..BurstConfig::default()
     };

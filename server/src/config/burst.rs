@@ -182,6 +182,28 @@ fn default_call_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
+impl AwsConfig {
+    /// `region` with everything else at its default (AWS's endpoint, the
+    /// standard credentials, no network settings, the shipped table, no
+    /// images); set the rest with struct update syntax.
+    pub fn new(region: &str) -> Self {
+        Self {
+            region: region.to_string(),
+            endpoint: None,
+            access_key_id: None,
+            secret_access_key: None,
+            session_token: None,
+            profile: None,
+            subnet_id: None,
+            security_group_ids: Vec::new(),
+            key_name: None,
+            instance_types: None,
+            call_timeout: default_call_timeout(),
+            images: BTreeMap::new(),
+        }
+    }
+}
+
 /// The burst caps, in micro-dollars.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caps {

@@ -228,18 +228,12 @@ pub(super) fn configure(cfg: &mut ServerConfig, endpoint: &str, ami: &str) {
         max_usd_per_hour: 1.0,
         max_usd_per_month: 50.0,
         aws: Some(AwsConfig {
-            region: REGION.into(),
             endpoint: Some(endpoint.to_owned()),
             access_key_id: Some(ACCESS_KEY_ID.into()),
             secret_access_key: Some(Secret(SECRET_ACCESS_KEY.into())),
-            session_token: None,
-            profile: None,
-            subnet_id: None,
-            security_group_ids: Vec::new(),
-            key_name: None,
-            instance_types: None,
             call_timeout: Duration::from_secs(10),
             images: [(IMAGE_KEY.to_owned(), ami.to_owned())].into(),
+            ..AwsConfig::new(REGION)
         }),
         ..BurstConfig::default()
     };

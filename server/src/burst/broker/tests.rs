@@ -34,18 +34,9 @@ fn config(edit: impl FnOnce(&mut BurstConfig)) -> BurstConfig {
     let mut c = BurstConfig {
         enabled: true,
         aws: Some(AwsConfig {
-            region: "us-east-1".into(),
-            endpoint: None,
-            access_key_id: None,
-            secret_access_key: None,
-            session_token: None,
-            profile: None,
-            subnet_id: None,
-            security_group_ids: vec![],
-            key_name: None,
-            instance_types: None,
             call_timeout: Duration::from_secs(5),
             images: [("debian.qcow2".to_string(), "ami-1".to_string())].into(),
+            ..AwsConfig::new("us-east-1")
         }),
         ..BurstConfig::default()
     };
