@@ -42,6 +42,8 @@ pub struct ConvergeConfig {
     /// The HA lease that gates starting HA VMs; `None`: HA VMs are never
     /// started.
     pub lease: Option<LeaseHandle>,
+    /// The loop's watchdog heartbeat; `None`: unwatched.
+    pub beat: Option<std::sync::Arc<novacron_shared::notify::Beat>>,
 }
 
 impl Default for ConvergeConfig {
@@ -51,6 +53,7 @@ impl Default for ConvergeConfig {
             resync_every: Duration::from_secs(30),
             ping_every: Duration::from_secs(2),
             lease: None,
+            beat: None,
         }
     }
 }
@@ -132,6 +135,9 @@ pub async fn run(
     let mut dirty = true;
     let mut lease_opened = cfg.lease.as_ref().map(LeaseHandle::subscribe);
     loop {
+        if let Some(b) = &cfg.beat {
+            b.beat().await;
+        }
         let opened = async {
             match lease_opened.as_mut() {
                 Some(rx) => {

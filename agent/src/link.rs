@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use novacron_shared::backoff::Backoff;
 use novacron_shared::clock::Clock;
 use novacron_shared::framing::{self, FrameError, FramedRecv, MAX_FRAME_LEN};
+use novacron_shared::notify::Beat;
 use novacron_shared::pki;
 use novacron_shared::protocol::{
     AgentMessage, DesiredState, ErrorCode, Heartbeat, Hello, JoinReply, JoinRequest, RenewRequest,
@@ -118,6 +119,12 @@ pub struct LinkConfig {
     /// The peer witness (its terms, its address in the inventory, renewed
     /// certificates); `None`: none runs.
     pub witness: Option<crate::witness::WitnessHandle>,
+    /// The link's watchdog heartbeat (beats at every reconnect attempt and
+    /// every heartbeat tick of a session); `None`: unwatched.
+    pub beat: Option<Arc<Beat>>,
+    /// Notified once the first attempt is over: linked (welcome received)
+    /// or retrying. The agent tells systemd it is ready then.
+    pub settled: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl LinkConfig {
@@ -132,6 +139,20 @@ impl LinkConfig {
             clock: Clock::system(),
             lease: None,
             witness: None,
+            beat: None,
+            settled: None,
+        }
+    }
+
+    async fn beat(&self) {
+        if let Some(b) = &self.beat {
+            b.beat().await;
+        }
+    }
+
+    fn settled(&self) {
+        if let Some(n) = &self.settled {
+            n.notify_one();
         }
     }
 }
@@ -384,6 +405,7 @@ pub async fn run(
     let mut reconnect = Reconnect::default();
     let mut endpoint: Option<quinn::Endpoint> = None;
     loop {
+        cfg.beat().await;
         let attempt = session(
             &cfg,
             &mut identity,
@@ -416,6 +438,8 @@ pub async fn run(
         {
             delay = delay.min(cap);
         }
+        // Linked and lost, or never linked: retrying either way.
+        cfg.settled();
         match attempt {
             Ok(()) => tracing::warn!(retry_in = ?delay, "session ended; reconnecting"),
             Err(e) if e.needs_operator() => {
@@ -423,12 +447,29 @@ pub async fn run(
             }
             Err(e) => tracing::warn!(error = %error_chain(&e), retry_in = ?delay, "link down; reconnecting"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => {}
+        // Waiting by design is not being stuck: the wait beats every few
+        // seconds.
+        let until = cfg.clock.now() + delay;
+        loop {
+            let left = until.saturating_duration_since(cfg.clock.now());
+            if left.is_zero() || *shutdown.borrow() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(left.min(WAIT_BEAT)) => {}
+                _ = shutdown.changed() => {}
+            }
+            cfg.beat().await;
         }
     }
 }
+
+/// How often a reconnect wait beats the watchdog.
+const WAIT_BEAT: Duration = Duration::from_secs(5);
+
+/// The longest the link loop goes without a beat when healthy: a connect
+/// attempt (the open timeout, resolving, the handshake) or a wait step.
+pub const LOOP_GAP: Duration = Duration::from_secs(30);
 
 /// An error with its sources, on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -571,6 +612,8 @@ async fn serve(
             }
         }))
     });
+    // Linked: the agent is serving.
+    cfg.settled();
     let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -591,6 +634,7 @@ async fn serve(
                 framing::write_frame(&mut send, version, &msg, &mut buf).await?;
             }
             _ = ticker.tick() => {
+                cfg.beat().await;
                 seq += 1;
                 // Stamped before the frame leaves: the lease counts from
                 // no later than the server can have received it.

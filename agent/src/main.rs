@@ -1,6 +1,7 @@
 //! `novacron-agent`: parses the command line and wires the parts together.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,6 +12,7 @@ use novacron_agent::hypervisor::Hypervisor;
 use novacron_agent::identity::{Enrollment, Identity, IdentityError, Paths};
 use novacron_agent::link::{self, LinkConfig};
 use novacron_shared::clock::Clock;
+use novacron_shared::notify::{spawn_watchdog, Liveness, Notifier};
 
 /// The NovaCron host agent: runs the VMs the server wants on this host's
 /// libvirt and streams the host's state to the server over mutual TLS.
@@ -179,6 +181,7 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             };
             // The one clock every part with timeouts, deadlines or backoff reads.
             let clock = Clock::system();
+            let server_for_status = server.clone();
             let mut link_cfg = LinkConfig::new(server, server_name, cfg.host_name());
             link_cfg.clock = clock.clone();
             if let Some(v) = protocol_versions {
@@ -205,6 +208,13 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             } else {
                 None
             };
+            // systemd: READY once the link is up or retrying; the watchdog
+            // watches the link and the converge loops.
+            let notifier = Arc::new(Notifier::from_env()?);
+            let liveness = Liveness::from_env(clock.clone()).map_err(anyhow::Error::msg)?;
+            link_cfg.beat = Some(Arc::new(liveness.register("link", link::LOOP_GAP)));
+            let settled = Arc::new(tokio::sync::Notify::new());
+            link_cfg.settled = Some(settled.clone());
             let (tx, rx) = tokio::sync::watch::channel(false);
             tracing::info!(host_id = %identity.host_id, server = %link_cfg.server, libvirt = %cfg.libvirt_uri, "novacron-agent starting");
             // The HA lease: without a lease within the saved lease length,
@@ -265,6 +275,13 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             let converge_cfg = novacron_agent::converge::ConvergeConfig {
                 shutdown_grace: cfg.vms.shutdown_timeout,
                 lease: Some(lease),
+                // A round waits for its libvirt calls (each bounded by
+                // `[vms] call_timeout`) and at most one guest's shutdown
+                // grace.
+                beat: Some(Arc::new(liveness.register(
+                    "converge",
+                    cfg.vms.shutdown_timeout + cfg.vms.call_timeout * 8 + Duration::from_secs(30),
+                ))),
                 ..Default::default()
             };
             let vms = tokio::spawn(novacron_agent::converge::run(
@@ -277,6 +294,15 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
                 rx.clone(),
             ));
             let link = tokio::spawn(link::run(link_cfg, identity, paths, hv, channels, rx));
+            {
+                let notifier = notifier.clone();
+                let server = server_for_status.clone();
+                tokio::spawn(async move {
+                    settled.notified().await;
+                    notifier.ready(&format!("serving; link to {server} up or retrying"));
+                });
+            }
+            spawn_watchdog(notifier.clone(), liveness)?;
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 r = tokio::signal::ctrl_c() => r?,
@@ -290,6 +316,7 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             if let Some(m) = &metrics {
                 m.stop();
             }
+            notifier.stopping();
             let _ = tx.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(5), link).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), vms).await;

@@ -22,8 +22,10 @@ pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use novacron_shared::clock::Clock;
+use novacron_shared::notify::Liveness;
 
 use config::ServerConfig;
 use datadir::{DataDir, DataDirError};
@@ -35,6 +37,9 @@ pub use novacron_shared::clock::unix_ms;
 /// Starting the server failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A malformed test fault (`NOVACRON_FREEZE`).
+    #[error("{0}")]
+    Fault(String),
     /// The data directory is missing or broken.
     #[error(transparent)]
     DataDir(#[from] DataDirError),
@@ -79,7 +84,12 @@ pub struct Running {
     pub api_url: client::ApiUrl,
     /// The fleet CA the API's default certificate chains to.
     pub ca_file: std::path::PathBuf,
+    /// The main loops, for the systemd watchdog.
+    pub liveness: Liveness,
 }
+
+/// The least gap a main loop may take before the watchdog calls it stuck.
+const LOOP_GAP: Duration = Duration::from_secs(10);
 
 impl Running {
     /// A client of this server's API with `token`, trusting the fleet CA.
@@ -149,6 +159,7 @@ pub async fn start(cfg: &ServerConfig) -> Result<Running, StartError> {
 /// Like [`start`], with every part reading the time from `clock` (the one
 /// clock of the server: sessions, operations, metrics, events).
 pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Running, StartError> {
+    let liveness = Liveness::from_env(clock.clone()).map_err(StartError::Fault)?;
     let dir = DataDir::new(&cfg.data_dir);
     let ca = dir.load_ca()?;
     let store = Store::open(&dir.db())?;
@@ -204,9 +215,17 @@ pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Runnin
     fleet.clone().resume_operations();
     tokio::spawn(api::Api::new(fleet.clone(), store, cfg.api.clone()).serve_on(listener, api_tls.clone()));
     tokio::spawn(renewer.run());
-    tokio::spawn(ha::driver::run(fleet.clone()));
+    // The main loops the systemd watchdog watches: the HA driver ticks at
+    // least every second; the broker every `[burst] interval`, plus the
+    // cloud calls a tick waits for (each bounded by its timeout).
+    let ha_beat = liveness.register("ha-driver", LOOP_GAP.max(ha::driver::MAX_SLEEP * 10));
+    let broker_beat = liveness.register(
+        "burst-broker",
+        (cfg.burst.interval * 4 + cfg.burst.launch_timeout).max(LOOP_GAP),
+    );
+    tokio::spawn(ha::driver::run(fleet.clone(), ha_beat));
     // Also without bursting: it places waiting VMs when a host fits.
-    tokio::spawn(burst::broker::run(fleet.clone(), burst));
+    tokio::spawn(burst::broker::run(fleet.clone(), burst, broker_beat));
     let api_url = if api_tls.is_some() {
         client::ApiUrl::from(api_addr)
     } else {
@@ -220,5 +239,6 @@ pub async fn start_with_clock(cfg: &ServerConfig, clock: Clock) -> Result<Runnin
         api_addr,
         api_url,
         ca_file: dir.ca_cert(),
+        liveness,
     })
 }

@@ -1,6 +1,7 @@
 //! `novacron-server`: parses the command line and wires the parts together.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -8,6 +9,7 @@ use hyper::Method;
 use novacron_server::config::{self, ConfigFile, ServerConfig};
 use novacron_server::datadir::DataDir;
 use novacron_server::{client, demo};
+use novacron_shared::notify::{spawn_watchdog, Notifier};
 
 /// The NovaCron server: fleet state, agent sessions and the web API.
 #[derive(Parser, Debug)]
@@ -146,9 +148,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Run => {
+            let notifier = Arc::new(Notifier::from_env()?);
             let running = novacron_server::start(&cfg).await?;
+            // Both listeners are bound and the store is open: serving.
+            notifier.ready(&format!(
+                "serving: agents on {}, API on {}",
+                running.quic_addr, running.api_url
+            ));
+            spawn_watchdog(notifier.clone(), running.liveness.clone())?;
             wait_for_signal().await?;
             tracing::info!("shutting down");
+            notifier.stopping();
             running.shutdown().await;
         }
         Command::Ca {

@@ -17,6 +17,7 @@ pub mod framing;
 pub mod ids;
 pub mod lease;
 pub mod metrics;
+pub mod notify;
 #[cfg(feature = "quic")]
 pub mod pki;
 pub mod placement;

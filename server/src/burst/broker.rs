@@ -81,9 +81,10 @@ pub struct Broker {
 
 /// Runs the broker until the process ends; with bursting off, only the
 /// placement of waiting VMs (`placement.wait`) when a host fits.
-pub async fn run(fleet: Arc<Fleet>, shared: Arc<Shared>) {
+/// `beat` is this loop's watchdog heartbeat (see [`novacron_shared::notify`]).
+pub async fn run(fleet: Arc<Fleet>, shared: Arc<Shared>, beat: novacron_shared::notify::Beat) {
     let Some(mut b) = Broker::new(fleet.clone(), shared.clone()) else {
-        return run_waiting(fleet, shared).await;
+        return run_waiting(fleet, shared, beat).await;
     };
     tracing::info!(
         provider = b.provider.name(),
@@ -92,6 +93,7 @@ pub async fn run(fleet: Arc<Fleet>, shared: Arc<Shared>) {
         "burst broker started"
     );
     loop {
+        beat.beat().await;
         b.tick().await;
         let interval = b.shared.cfg.interval;
         tokio::select! {
@@ -103,8 +105,9 @@ pub async fn run(fleet: Arc<Fleet>, shared: Arc<Shared>) {
 
 /// Places waiting VMs when a host fits them (bursting off), and keeps
 /// their reasons current.
-async fn run_waiting(fleet: Arc<Fleet>, shared: Arc<Shared>) {
+async fn run_waiting(fleet: Arc<Fleet>, shared: Arc<Shared>, beat: novacron_shared::notify::Beat) {
     loop {
+        beat.beat().await;
         let waiting = place_waiting(&fleet, &HashSet::new());
         let pending = waiting
             .into_iter()

@@ -58,7 +58,8 @@ pub fn policy(c: &crate::config::HaConfig) -> Policy {
 }
 
 /// Runs for the life of the server.
-pub async fn run(fleet: Arc<Fleet>) {
+/// `beat` is this loop's watchdog heartbeat (see [`novacron_shared::notify`]).
+pub async fn run(fleet: Arc<Fleet>, beat: novacron_shared::notify::Beat) {
     let clock = fleet.clock().clone();
     let known: Vec<HostId> = match fleet.store().hosts() {
         Ok(h) => h.into_iter().map(|h| h.id).collect(),
@@ -76,6 +77,7 @@ pub async fn run(fleet: Arc<Fleet>) {
     let (mut fences, mut fence_done) = fences::Fences::new(fleet.ha_config());
     let mut lock_waits = LockWaits::default();
     loop {
+        beat.beat().await;
         let now = clock.now();
         match fleet.tick_leases(now) {
             Ok(moves) => {

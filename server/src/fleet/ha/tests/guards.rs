@@ -161,7 +161,11 @@ async fn the_driver_powers_off_an_expired_host_and_it_is_fenced_before_the_lease
         beat(h);
     }
     f.tick_leases(f.clock().now()).unwrap();
-    let driver = tokio::spawn(crate::ha::driver::run(f.clone()));
+    let driver = tokio::spawn(crate::ha::driver::run(
+        f.clone(),
+        novacron_shared::notify::Liveness::new(f.clock().clone(), None)
+            .register("ha-driver", Duration::from_secs(3600)),
+    ));
     // H1 goes silent; the others keep beating until its lease is past.
     let silent_from = f.clock().now();
     while f.clock().now() <= silent_from + f.ha_config().lease {
