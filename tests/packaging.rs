@@ -134,3 +134,32 @@ fn demo_brings_up_an_enrolled_connected_fleet_and_stops_by_itself() {
         "the demo says where to look: {stdout}"
     );
 }
+
+/// `systemd-analyze security --offline=true` scores each shipped unit;
+/// `--threshold` makes it fail above the bound. The bounds can be lowered,
+/// never raised without saying why: the server needs nothing of the host
+/// but its ports and state directory (1.1 when this was written); the
+/// agent runs as root for libvirt and the host's /proc (2.2).
+#[test]
+fn systemd_units_stay_under_their_exposure_thresholds() {
+    for (unit, max) in [("novacron-server.service", 20), ("novacron-agent.service", 25)] {
+        // The threshold is in tenths of the printed score (20 = 2.0).
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", &format!("--threshold={max}")])
+            .arg(repo().join("systemd").join(unit))
+            .output()
+            .expect("systemd-analyze is required (apt-get install systemd; make test installs it)");
+        // The table goes to stdout, the score line to stderr.
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let score = text
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or_else(|| panic!("{unit}: no score in {text}"));
+        eprintln!("{score}");
+        assert!(out.status.success(), "{unit} is above {max}/10: {score}");
+    }
+}
