@@ -15,6 +15,11 @@ use std::time::{Duration, Instant};
 
 use novacron_e2e::{bin, Agent, Server};
 
+/// Real time: these tests watch real processes.
+fn now() -> Instant {
+    novacron_shared::clock::Clock::system().now()
+}
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -78,17 +83,17 @@ impl Notify {
     /// Reads until `done` holds for what arrived, or `timeout` (then panics
     /// with `what` and everything received).
     fn until(&mut self, what: &str, timeout: Duration, done: impl Fn(&[(Instant, String)]) -> bool) {
-        let end = Instant::now() + timeout;
+        let end = now() + timeout;
         let mut buf = [0u8; 4096];
         while !done(&self.got) {
             assert!(
-                Instant::now() < end,
+                now() < end,
                 "{what}: not within {timeout:?}; received {:?}",
                 self.got.iter().map(|(_, m)| m).collect::<Vec<_>>()
             );
             if let Ok(n) = self.sock.recv(&mut buf) {
                 self.got
-                    .push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+                    .push((now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
             }
         }
     }
@@ -149,9 +154,9 @@ fn check_watchdog(notify: &mut Notify, ready: Instant, frozen: &str, gap: Durati
         |g| g.iter().any(|(_, m)| *m == want),
     );
     // Nothing more for four periods: the pings stopped.
-    let end = Instant::now() + Duration::from_secs(2);
+    let end = now() + Duration::from_secs(2);
     let mut buf = [0u8; 4096];
-    while Instant::now() < end {
+    while now() < end {
         if let Ok(n) = notify.sock.recv(&mut buf) {
             assert_ne!(&buf[..n], b"WATCHDOG=1", "a watchdog ping after {frozen} froze");
         }
@@ -166,7 +171,7 @@ fn server_unit_signals_ready_and_a_frozen_loop_stops_the_watchdog() {
     let dir = tempfile::tempdir().unwrap();
     let mut notify = Notify::bind(dir.path());
     let log = dir.path().join("server.log");
-    let started = Instant::now();
+    let started = now();
     let mut child = start_unit(
         "novacron-server.service",
         &server.config,
