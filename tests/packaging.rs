@@ -163,3 +163,28 @@ fn systemd_units_stay_under_their_exposure_thresholds() {
         assert!(out.status.success(), "{unit} is above {max}/10: {score}");
     }
 }
+
+/// The shipped Prometheus rules load (`promtool check rules`) and their
+/// unit tests pass: each alert fires for its condition and stays silent on
+/// a healthy fleet (`promtool test rules`).
+#[test]
+fn prometheus_rules_check_and_their_unit_tests_pass() {
+    let dir = repo().join("packaging").join("prometheus");
+    for args in [
+        vec!["check", "rules", "novacron.rules.yml"],
+        vec!["test", "rules", "tests/novacron.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool is required (Debian package prometheus; make test installs it)");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
