@@ -149,6 +149,11 @@ impl Renewer {
             }
             _ => (fleet.clone(), None),
         };
+        crate::telemetry::set_cert("server", &fleet_info);
+        match CertInfo::parse(ca.cert_der()) {
+            Ok(info) => crate::telemetry::set_cert("ca", &info),
+            Err(e) => tracing::warn!(error = %e, "cannot read the fleet CA's validity for the metrics"),
+        }
         Ok(Self {
             dir,
             ca,
@@ -180,6 +185,7 @@ impl Renewer {
             self.certs.fleet.replace(chain, key)?;
             tracing::info!(serial = %info.serial, not_after = info.not_after, "server certificate renewed");
             out.renewed = Some(info.serial.clone());
+            crate::telemetry::set_cert("server", &info);
             self.fleet_info = info;
         }
         if let Some(f) = &mut self.api_files {

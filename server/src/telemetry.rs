@@ -66,8 +66,17 @@ pub struct Telemetry {
     pub burst_month_spend: Gauge,
     /// The summed hourly price of the counted instances, USD.
     pub burst_hourly_rate: Gauge,
+    /// `[burst] max_usd_per_hour`, for alerts on the hourly rate.
+    pub burst_hourly_cap: Gauge,
+    /// `[burst] max_usd_per_month`, for alerts on the month's spend.
+    pub burst_month_cap: Gauge,
     /// Instances tagged with this fleet that no VM owns.
     pub burst_orphans: IntGauge,
+    /// The server's certificates' `not_after`, Unix seconds, by `cert`
+    /// (`ca`, `server`, `api`).
+    pub cert_expiry: GaugeVec,
+    /// Their `not_before`.
+    pub cert_issued: GaugeVec,
     /// Instances the store knows that the provider no longer has (found).
     pub burst_vanished: IntCounter,
     /// A burst decision → RunInstances issued.
@@ -91,6 +100,18 @@ impl RestartOutcome {
             Self::NoFit => "no_fit",
         }
     }
+}
+
+/// Exposes a certificate's validity as `cert`.
+pub fn set_cert(cert: &str, info: &novacron_shared::pki::CertInfo) {
+    TELEMETRY
+        .cert_expiry
+        .with_label_values(&[cert])
+        .set(info.not_after as f64);
+    TELEMETRY
+        .cert_issued
+        .with_label_values(&[cert])
+        .set(info.not_before as f64);
 }
 
 /// The `state` label of `novacron_ha_hosts` for a lease state.
@@ -270,6 +291,28 @@ impl Telemetry {
                 "novacron_burst_hourly_rate_dollars",
                 "The summed hourly price of the fleet's counted cloud instances, USD per hour."
             )),
+            burst_hourly_cap: reg!(Gauge::new(
+                "novacron_burst_hourly_cap_dollars",
+                "The configured cap on the summed hourly price of cloud instances ([burst] max_usd_per_hour), USD per hour."
+            )),
+            burst_month_cap: reg!(Gauge::new(
+                "novacron_burst_month_cap_dollars",
+                "The configured cap on the month's cloud spend ([burst] max_usd_per_month), USD."
+            )),
+            cert_expiry: reg!(GaugeVec::new(
+                Opts::new(
+                    "novacron_certificate_expiry_timestamp_seconds",
+                    "When a certificate of the server stops being valid (not_after), Unix seconds."
+                ),
+                &["cert"]
+            )),
+            cert_issued: reg!(GaugeVec::new(
+                Opts::new(
+                    "novacron_certificate_issued_timestamp_seconds",
+                    "When a certificate of the server became valid (not_before), Unix seconds."
+                ),
+                &["cert"]
+            )),
             burst_orphans: reg!(IntGauge::new(
                 "novacron_burst_orphans",
                 "Instances tagged with this fleet that no VM owns."
@@ -336,6 +379,30 @@ mod tests {
             .expect("encode");
         assert!(out.contains("novacron_metrics_batches_total"));
         assert!(out.contains("operation=\"listVms\""));
+    }
+
+    #[test]
+    fn certificate_validity_and_burst_caps_are_exposed() {
+        let info = novacron_shared::pki::CertInfo {
+            serial: "01".into(),
+            common_name: "server".into(),
+            not_before: 1_000,
+            not_after: 4_600,
+        };
+        set_cert("server", &info);
+        TELEMETRY.burst_hourly_cap.set(5.0);
+        let mut out = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&TELEMETRY.registry.gather(), &mut out)
+            .unwrap();
+        for line in [
+            "novacron_certificate_expiry_timestamp_seconds{cert=\"server\"} 4600",
+            "novacron_certificate_issued_timestamp_seconds{cert=\"server\"} 1000",
+            "novacron_burst_hourly_cap_dollars 5",
+            "novacron_burst_month_cap_dollars 0",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing in {out}");
+        }
     }
 
     #[test]

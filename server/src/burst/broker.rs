@@ -541,6 +541,8 @@ impl Broker {
             .burst_orphans
             .set(i64::try_from(s.orphans.len()).unwrap_or(i64::MAX));
         let caps = self.shared.caps;
+        TELEMETRY.burst_hourly_cap.set(caps.per_hour.dollars());
+        TELEMETRY.burst_month_cap.set(caps.per_month.dollars());
         let hourly = policy::level(s.per_hour, caps.per_hour);
         let monthly = policy::level(s.month_spent, caps.per_month);
         for (what, before, now_level, used, cap) in [
