@@ -181,7 +181,6 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             };
             // The one clock every part with timeouts, deadlines or backoff reads.
             let clock = Clock::system();
-            let server_for_status = server.clone();
             let mut link_cfg = LinkConfig::new(server, server_name, cfg.host_name());
             link_cfg.clock = clock.clone();
             if let Some(v) = protocol_versions {
@@ -275,9 +274,9 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
             let converge_cfg = novacron_agent::converge::ConvergeConfig {
                 shutdown_grace: cfg.vms.shutdown_timeout,
                 lease: Some(lease),
-                // A round waits for its libvirt calls (each bounded by
-                // `[vms] call_timeout`) and at most one guest's shutdown
-                // grace.
+                // A round may wait on libvirt calls (each bounded by
+                // `[vms] call_timeout`) and on a guest's shutdown grace:
+                // the gap allows both, generously.
                 beat: Some(Arc::new(liveness.register(
                     "converge",
                     cfg.vms.shutdown_timeout + cfg.vms.call_timeout * 8 + Duration::from_secs(30),
@@ -293,15 +292,15 @@ async fn run(command: Command, cfg: AgentConfig) -> anyhow::Result<()> {
                 channels.outbox_tx.clone(),
                 rx.clone(),
             ));
-            let link = tokio::spawn(link::run(link_cfg, identity, paths, hv, channels, rx));
             {
                 let notifier = notifier.clone();
-                let server = server_for_status.clone();
+                let server = link_cfg.server.clone();
                 tokio::spawn(async move {
                     settled.notified().await;
                     notifier.ready(&format!("serving; link to {server} up or retrying"));
                 });
             }
+            let link = tokio::spawn(link::run(link_cfg, identity, paths, hv, channels, rx));
             spawn_watchdog(notifier.clone(), liveness)?;
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {

@@ -73,7 +73,7 @@ pub struct Telemetry {
     /// Instances tagged with this fleet that no VM owns.
     pub burst_orphans: IntGauge,
     /// The server's certificates' `not_after`, Unix seconds, by `cert`
-    /// (`ca`, `server`, `api`).
+    /// (`ca`, `server`).
     pub cert_expiry: GaugeVec,
     /// Their `not_before`.
     pub cert_issued: GaugeVec,

@@ -92,6 +92,9 @@ pub async fn run(fleet: Arc<Fleet>, shared: Arc<Shared>, beat: novacron_shared::
         fleet = %b.shared.fleet_tag,
         "burst broker started"
     );
+    // The caps are config: exposed once, for the budget alert.
+    TELEMETRY.burst_hourly_cap.set(b.shared.caps.per_hour.dollars());
+    TELEMETRY.burst_month_cap.set(b.shared.caps.per_month.dollars());
     loop {
         beat.beat().await;
         b.tick().await;
@@ -541,8 +544,6 @@ impl Broker {
             .burst_orphans
             .set(i64::try_from(s.orphans.len()).unwrap_or(i64::MAX));
         let caps = self.shared.caps;
-        TELEMETRY.burst_hourly_cap.set(caps.per_hour.dollars());
-        TELEMETRY.burst_month_cap.set(caps.per_month.dollars());
         let hourly = policy::level(s.per_hour, caps.per_hour);
         let monthly = policy::level(s.month_spent, caps.per_month);
         for (what, before, now_level, used, cap) in [
